@@ -1,0 +1,26 @@
+"""`medlvr ...`: argument parsing and dispatch only; the library never imports this."""
+
+from __future__ import annotations
+
+import typer
+
+from medlvr.cli import data, demo, explain, model, predict, serve, train
+from medlvr.cli import eval as eval_cmd
+
+app = typer.Typer(
+    name="medlvr",
+    help="Latent visual reasoning for medical VQA: build, train (ROI-SFT, VLPO), evaluate, explain.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(model.app, name="model")
+app.add_typer(data.app, name="data")
+app.add_typer(train.app, name="train")
+app.add_typer(eval_cmd.app, name="eval")
+for command in (predict, demo, explain, serve):
+    command.register(app)
+
+
+def main() -> None:
+    app()

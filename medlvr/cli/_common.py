@@ -1,0 +1,33 @@
+"""Shared command-line plumbing: user errors become one red line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+err_console = Console(stderr=True)
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Errors that mean "bad input", never a bug: shown without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, OSError)
+
+
+def user_errors(fn: F) -> F:
+    """Wrap a command so that bad input prints `error: ...` and exits with code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except USER_ERRORS as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,9 @@
+"""`medlvr predict`."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `medlvr predict` to the main app (added by its issue)."""

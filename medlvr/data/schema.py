@@ -1,0 +1,234 @@
+"""One record type for every benchmark: `VQASample`, stored as JSONL.
+
+Image paths in a JSONL file are absolute or relative to the file's folder;
+`read_jsonl` resolves them to absolute paths so a loaded sample never depends
+on the working directory, and `write_jsonl` writes them back relative where
+they live under the file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+AnswerType = Literal["closed", "open", "choice"]
+LETTERS = "ABCDEFGHIJ"
+
+
+class ROI(BaseModel):
+    """A region of interest: a box `[x0, y0, x1, y1]` in original pixels of image `image`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    box: tuple[float, float, float, float]
+    image: int = 0
+    label: str | None = None
+
+    @field_validator("box")
+    @classmethod
+    def _ordered(cls, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = box
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"empty or inverted box {list(box)}: need x1 > x0 and y1 > y0")
+        return box
+
+
+class VQASample(BaseModel):
+    """One visual question with its gold answer, evidence regions and metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    dataset: str = Field(min_length=1)
+    split: str = Field(min_length=1)
+    images: list[str] = Field(default_factory=list)
+    question: str = Field(min_length=1)
+    options: dict[str, str] = Field(default_factory=dict)
+    """Letter -> option text, in letter order; empty for open and yes/no questions."""
+    answer: str
+    """Gold answer text (for choice questions, the text of the correct option)."""
+    answer_letter: str | None = None
+    answer_type: AnswerType
+    rois: list[ROI] = Field(default_factory=list)
+    modality: str | None = None
+    organ: str | None = None
+    question_type: str | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("answer", mode="before")
+    @classmethod
+    def _answer_text(cls, value: Any) -> str:
+        # Several releases store integer answers (VQA-RAD "2"); keep one type.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VQASample:
+        if self.answer_type == "choice":
+            if len(self.options) < 2:
+                raise ValueError("a choice question needs at least 2 options")
+            if self.answer_letter is None:
+                raise ValueError("a choice question needs answer_letter")
+            if self.answer_letter not in self.options:
+                raise ValueError(
+                    f"gold letter {self.answer_letter!r} is not among the options {sorted(self.options)}"
+                )
+        for letter in self.options:
+            if letter not in LETTERS:
+                raise ValueError(f"option key {letter!r} is not a capital letter A-J")
+        for roi in self.rois:
+            if roi.image >= max(len(self.images), 1):
+                raise ValueError(f"ROI refers to image {roi.image} but the sample has {len(self.images)} image(s)")
+        return self
+
+    @property
+    def gold(self) -> str:
+        """What the scorer compares against: the letter for choice questions, else the answer text."""
+        return self.answer_letter if self.answer_type == "choice" else self.answer
+
+
+@dataclass
+class RecordProblem:
+    """One problem found in a JSONL file, located by file, line and field."""
+
+    path: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DataError(ValueError):
+    """Raised when a dataset file has problems; carries every problem found."""
+
+    def __init__(self, problems: list[RecordProblem]):
+        self.problems = problems
+        head = "\n".join(str(p) for p in problems[:20])
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"{len(problems)} problem(s) in the data:\n{head}{more}")
+
+
+@dataclass
+class LoadReport:
+    """What a tolerant load kept and what it skipped (nothing is dropped silently)."""
+
+    samples: list[VQASample] = field(default_factory=list)
+    problems: list[RecordProblem] = field(default_factory=list)
+
+
+def _parse_line(text: str, path: str, lineno: int, base: Path) -> tuple[VQASample | None, list[RecordProblem]]:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, [RecordProblem(path, lineno, "", f"malformed JSON: {err.msg} at column {err.colno}")]
+    if not isinstance(raw, dict):
+        return None, [RecordProblem(path, lineno, "", "a record must be a JSON object")]
+    try:
+        sample = VQASample.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "record"
+            problems.append(RecordProblem(path, lineno, loc, e["msg"]))
+        return None, problems
+    sample.images = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in sample.images]
+    return sample, []
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, VQASample | None, list[RecordProblem]]]:
+    """Yield `(line number, sample or None, problems)` for every non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    base = path.parent
+    with path.open(encoding="utf-8") as fh:
+        for lineno, text in enumerate(fh, start=1):
+            if text.strip():
+                yield (lineno, *_parse_line(text, str(path), lineno, base))
+
+
+def check_samples(
+    rows: Iterable[tuple[int, VQASample]], path: str, check_images: bool = True
+) -> list[RecordProblem]:
+    """Problems that span records or touch the disk: duplicate ids, missing or unreadable images."""
+    problems: list[RecordProblem] = []
+    seen: dict[str, int] = {}
+    for lineno, sample in rows:
+        if sample.id in seen:
+            problems.append(RecordProblem(path, lineno, "id", f"duplicate id {sample.id!r} (first at line {seen[sample.id]})"))
+        else:
+            seen[sample.id] = lineno
+        if check_images:
+            for i, img in enumerate(sample.images):
+                p = Path(img)
+                if not p.is_file():
+                    problems.append(RecordProblem(path, lineno, f"images.{i}", f"image not found: {img}"))
+                elif p.stat().st_size == 0:
+                    problems.append(RecordProblem(path, lineno, f"images.{i}", f"image file is empty: {img}"))
+    return problems
+
+
+def load_jsonl(
+    path: str | Path, *, skip_bad: bool = False, check_images: bool = True
+) -> LoadReport:
+    """Read and validate a JSONL file.
+
+    By default the first bad file fails fast with a `DataError` that lists every
+    problem; with `skip_bad=True` bad records are skipped and reported in the
+    returned `LoadReport.problems`.
+    """
+    report = LoadReport()
+    good: list[tuple[int, VQASample]] = []
+    for lineno, sample, problems in iter_jsonl(path):
+        report.problems.extend(problems)
+        if sample is not None:
+            good.append((lineno, sample))
+    cross = check_samples(good, str(path), check_images=check_images)
+    report.problems.extend(cross)
+    bad_lines = {p.line for p in cross}
+    report.samples = [s for ln, s in good if ln not in bad_lines]
+    report.problems.sort(key=lambda p: p.line)
+    if report.problems and not skip_bad:
+        raise DataError(report.problems)
+    return report
+
+
+def read_jsonl(path: str | Path, **kwargs: Any) -> list[VQASample]:
+    """Samples of a JSONL file (fails fast on any problem unless `skip_bad=True`)."""
+    return load_jsonl(path, **kwargs).samples
+
+
+def write_jsonl(samples: Iterable[VQASample], path: str | Path) -> int:
+    """Write samples as JSONL, image paths relative to the file's folder when below it. Returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.parent.resolve()
+    n = 0
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for sample in samples:
+            record = sample.model_dump(mode="json", exclude_defaults=False)
+            record["images"] = [_relative(p, base) for p in sample.images]
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)  # never leave a half-written file behind
+    return n
+
+
+def _relative(image: str, base: Path) -> str:
+    p = Path(image)
+    if not p.is_absolute():
+        return image
+    try:
+        return str(p.resolve().relative_to(base))
+    except ValueError:
+        return str(p)
