@@ -22,5 +22,5 @@ VQA_RAD = SHARED / "datasets" / "vqa-rad"
 @pytest.fixture(scope="session")
 def vqa_rad_root() -> Path:
     if not VQA_RAD.is_dir():
-        pytest.skip(f"VQA-RAD not found at {VQA_RAD}")
+        pytest.fail(f"VQA-RAD not found at {VQA_RAD}: CI always has ../shared beside the repo")
     return VQA_RAD
