@@ -1,0 +1,534 @@
+"""LatentVLM: a backbone composed (never patched) with a segment of continuous latent steps.
+
+Sequence: `[chat prompt with image tokens] <|latent_start|> z_1 .. z_K <|latent_end|> answer <eos>`.
+With K = 0 there is no latent segment at all, and decoding is the backbone's own.
+
+Inference prefills the prompt once, then feeds `z_k = proj(h_{k-1})` (h = the
+last-layer hidden state at the previous position) as one new position per step
+on the same KV cache, then `<|latent_end|>`, then decodes the answer. Training
+runs the same recurrence with gradients through the chain (Coconut-style), or
+recomputes full passes when gradient checkpointing drops the cache. The
+backbone is driven only through `inputs_embeds`, `position_ids`,
+`attention_mask`, `past_key_values` and `output_hidden_states`; everything
+family-specific comes from the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+
+from medlvr.config import LatentConfig
+from medlvr.errors import MedlvrError
+from medlvr.model.backbones import (
+    LATENT_END,
+    LATENT_PAD,
+    LATENT_START,
+    BackboneAdapter,
+    PositionState,
+    detect_family,
+    ensure_latent_tokens,
+    get_adapter,
+)
+
+LATENT_CONFIG_FILE = "medlvr_latent.json"
+PROJECTOR_FILE = "latent_projector.safetensors"
+
+
+class LatentProjector(nn.Module):
+    """Maps the fed-back hidden state `h [.., d]` to the next input embedding `z [.., d]`."""
+
+    def __init__(self, kind: str, d: int, embed_rms: float = 1.0):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.linear = nn.Linear(d, d)
+            nn.init.eye_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+        elif kind == "mlp":
+            # Residual MLP whose output layer starts at zero: identity at initialisation.
+            self.up = nn.Linear(d, 2 * d)
+            self.down = nn.Linear(2 * d, d)
+            nn.init.zeros_(self.down.weight)
+            nn.init.zeros_(self.down.bias)
+        elif kind == "norm":
+            # RMS-normalise, then scale to the typical token-embedding RMS (learned).
+            self.scale = nn.Parameter(torch.tensor(float(embed_rms)))
+        elif kind != "none":
+            raise MedlvrError(f"unknown projector {kind!r}")
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return h
+        if self.kind == "linear":
+            return self.linear(h)
+        if self.kind == "mlp":
+            return h + self.down(F.gelu(self.up(h)))
+        rms = h.float().pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+        return (h.float() * rms).to(h.dtype) * self.scale.to(h.dtype)
+
+
+@dataclass
+class GenerationOutput:
+    """What `LatentVLM.generate` returns."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # answer tokens per row, stop token excluded
+    latents: torch.Tensor  # [B*G, K, d] the fed latent inputs z_k
+    latent_means: torch.Tensor  # [B*G, K, d] proj(h_{k-1}), the mean z_k was sampled around
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+
+@dataclass
+class ForwardOutput:
+    """What the training forward returns."""
+
+    loss: torch.Tensor  # answer cross-entropy (mean over answer tokens)
+    logits: torch.Tensor  # [B, T, V] logits predicting answer_ids[:, t]
+    latents: torch.Tensor  # [B, K, d] latent inputs z_k
+    latent_means: torch.Tensor  # [B, K, d] proj(h_{k-1}) (equal to latents unless latents were given)
+    visual_tokens: list[torch.Tensor]  # per sample [N_i, d], all its images' visual tokens, prompt order
+    token_logprobs: torch.Tensor | None = None  # [B, T] log p(answer_ids[:, t]) (0 on padding)
+
+
+@dataclass
+class _Prefix:
+    cache: DynamicCache | None
+    attention_mask: torch.Tensor  # [B, L]
+    state: PositionState
+    last_hidden: torch.Tensor  # [B, d] hidden state at the last prefix position
+    last_logits: torch.Tensor  # [B, V]
+    visual: list[torch.Tensor]  # per image [n, d]
+    embeds: torch.Tensor  # [B, L, d]
+    position_ids: torch.Tensor
+
+
+class LatentVLM(nn.Module):
+    """A VLM backbone plus the latent segment: batched generation and a training forward."""
+
+    def __init__(self, backbone: PreTrainedModel, processor: Any, family: str, latent: LatentConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.family = family
+        self.adapter: BackboneAdapter = get_adapter(family)
+        self.latent = latent or LatentConfig()
+        ensure_latent_tokens(backbone, self.tokenizer)
+        self.latent_start_id = self._token_id(LATENT_START)
+        self.latent_pad_id = self._token_id(LATENT_PAD)
+        self.latent_end_id = self._token_id(LATENT_END)
+        self.image_token_id = self.adapter.image_token_id(backbone)
+        self.stop_ids = self.adapter.stop_token_ids(self.tokenizer)
+        d = self.hidden_size
+        self.projector = LatentProjector(self.latent.projector, d, embed_rms=self._embed_rms())
+        self.projector.to(device=self.device, dtype=self.backbone.dtype)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        latent: LatentConfig | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+    ) -> LatentVLM:
+        """Load a model folder: a tiny one from `medlvr model init-tiny`, a medlvr checkpoint or a real one."""
+        path = Path(path)
+        family = detect_family(path)
+        adapter = get_adapter(family)
+        saved = _read_latent_config(path)
+        latent = latent or saved or LatentConfig()
+        try:
+            processor = adapter.load_processor(path)
+            backbone = adapter.model_class.from_pretrained(str(path), dtype=dtype or "auto")
+        except OSError as err:
+            raise MedlvrError(f"cannot load a model from {path}: {err}") from None
+        model = cls(backbone, processor, family, latent)
+        proj_file = path / PROJECTOR_FILE
+        if proj_file.is_file() and saved is not None and saved.projector == latent.projector:
+            model.projector.load_state_dict(load_file(str(proj_file)))
+        if device is not None:
+            model.to(device)
+        model.eval()
+        return model
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
+        """A model folder that loads in `LatentVLM.from_pretrained` and in plain transformers."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(path), **kwargs)
+        self.processor.save_pretrained(str(path))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
+        if state:
+            save_file(state, str(path / PROJECTOR_FILE))
+        (path / LATENT_CONFIG_FILE).write_text(json.dumps(asdict(self.latent), indent=2))
+        return path
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.get_input_embeddings().weight.shape[1])
+
+    def _token_id(self, token: str) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise MedlvrError(f"tokenizer has no {token}")
+        return int(tid)
+
+    @torch.no_grad()
+    def _embed_rms(self) -> float:
+        w = self.backbone.get_input_embeddings().weight.float()
+        return float(w.pow(2).mean(-1).sqrt().mean())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # The backbone's own embedding module (Gemma's scales by sqrt(d) inside it).
+        return self.backbone.get_input_embeddings()(ids)
+
+    def _steps(self, latent_steps: int | None) -> int:
+        k = self.latent.steps if latent_steps is None else int(latent_steps)
+        if k < 0:
+            raise MedlvrError(f"latent steps must be >= 0, got {k}")
+        return k
+
+    def _check_batch(self, batch: dict[str, Any]) -> None:
+        ids = batch.get("input_ids")
+        if ids is None or batch.get("attention_mask") is None:
+            raise MedlvrError("a batch needs input_ids and attention_mask")
+        if ids.shape != batch["attention_mask"].shape:
+            raise MedlvrError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(batch['attention_mask'].shape)} differ")
+        if bool((batch["attention_mask"][:, -1] == 0).any()):
+            raise MedlvrError("prompts must be left-padded (the last column has padding)")
+        n_img_tokens = int((ids == self.image_token_id).sum())
+        has_pixels = batch.get("pixel_values") is not None
+        if n_img_tokens and not has_pixels:
+            raise MedlvrError("the prompt has image tokens but the batch has no images")
+        if has_pixels and not n_img_tokens:
+            raise MedlvrError("the batch has images but the prompt has no image tokens")
+
+    def _forward(self, embeds, attention_mask, position_ids, cache=None, logits_to_keep=0, **extra):
+        out = self.backbone(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            output_hidden_states=True,
+            logits_to_keep=logits_to_keep,
+            **extra,
+        )
+        return out.logits, out.hidden_states[-1]
+
+    # ------------------------------------------------------------------ phases
+    def _prefill(self, batch: dict[str, Any], with_latent_start: bool, use_cache: bool = True) -> _Prefix:
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        if with_latent_start:
+            col = torch.full_like(ids[:, :1], self.latent_start_id)
+            batch = dict(batch)
+            batch["input_ids"] = ids = torch.cat([ids, col], 1)
+            batch["attention_mask"] = am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+            if batch.get("mm_token_type_ids") is not None:
+                mm = batch["mm_token_type_ids"]
+                batch["mm_token_type_ids"] = torch.cat([mm, torch.zeros_like(mm[:, :1])], 1)
+            if batch.get("token_type_ids") is not None:
+                tt = batch["token_type_ids"]
+                batch["token_type_ids"] = torch.cat([tt, torch.zeros_like(tt[:, :1])], 1)
+        visual = self.adapter.image_features(self.backbone, batch)
+        embeds = self.embed(ids)
+        if visual:
+            mask = (ids == self.image_token_id).unsqueeze(-1)
+            feats = torch.cat(visual, 0).to(embeds.dtype)
+            if int(mask.sum()) != feats.shape[0]:
+                raise MedlvrError(f"{int(mask.sum())} image tokens in the prompt but {feats.shape[0]} visual features")
+            embeds = embeds.masked_scatter(mask, feats)
+        position_ids, state = self.adapter.prefix_position_ids(self.backbone, batch)
+        cache = DynamicCache(config=self.backbone.config) if use_cache else None
+        logits, hidden = self._forward(
+            embeds, am, position_ids, cache, logits_to_keep=1, **self.adapter.prefill_kwargs(batch)
+        )
+        return _Prefix(cache, am, state, hidden[:, -1], logits[:, -1], visual, embeds, position_ids)
+
+    def _append(self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None = None, logits_to_keep: int = 1):
+        """Feed `embeds [B, T, d]` after everything so far, on the cache; advances the state."""
+        b, t = embeds.shape[:2]
+        mask = torch.ones(b, t, dtype=pre.attention_mask.dtype, device=embeds.device) if mask is None else mask
+        pre.attention_mask = torch.cat([pre.attention_mask, mask.to(pre.attention_mask.dtype)], 1)
+        pos = self.adapter.appended_position_ids(pre.state, t)
+        pre.state.next_pos = pre.state.next_pos + t
+        return self._forward(embeds, pre.attention_mask, pos, pre.cache, logits_to_keep=logits_to_keep)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, Any],
+        latent_steps: int | None = None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        latent_sigma: float = 0.0,
+        group_size: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> GenerationOutput:
+        """Prefill, K latent steps, `<|latent_end|>`, then greedy or sampled decoding on one KV cache.
+
+        `group_size` G > 1 prefills each prompt once and shares its cache among G
+        rollouts (rows `b*G .. b*G+G-1` belong to prompt b). `latent_sigma` > 0
+        samples `z_k ~ N(proj(h_{k-1}), sigma^2 I)` (VLPO exploration).
+        """
+        self._check_batch(batch)
+        k_steps = self._steps(latent_steps)
+        if max_new_tokens < 1:
+            raise MedlvrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if group_size < 1:
+            raise MedlvrError(f"group_size must be >= 1, got {group_size}")
+        timings: dict[str, float] = {}
+        tick = _Clock(self.device)
+        pre = self._prefill(batch, with_latent_start=k_steps > 0)
+        if group_size > 1:
+            pre.cache.batch_repeat_interleave(group_size)
+            pre.attention_mask = pre.attention_mask.repeat_interleave(group_size, 0)
+            pre.state = PositionState(
+                pre.state.next_pos.repeat_interleave(group_size, 0), pre.state.delta.repeat_interleave(group_size, 0)
+            )
+            pre.last_hidden = pre.last_hidden.repeat_interleave(group_size, 0)
+            pre.last_logits = pre.last_logits.repeat_interleave(group_size, 0)
+        timings["prefill_s"] = tick()
+
+        b = pre.last_hidden.shape[0]
+        d = self.hidden_size
+        latents = pre.last_hidden.new_zeros(b, k_steps, d)
+        means = pre.last_hidden.new_zeros(b, k_steps, d)
+        h, logits = pre.last_hidden, pre.last_logits
+        for k in range(k_steps):
+            mu = self.projector(h)  # [B, d]
+            z = mu
+            if latent_sigma > 0:
+                noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+                z = mu + latent_sigma * noise.to(mu.dtype)
+            means[:, k], latents[:, k] = mu, z
+            _, hidden = self._append(pre, z[:, None])
+            h = hidden[:, -1]
+        if k_steps > 0:
+            end = self.embed(torch.full((b, 1), self.latent_end_id, device=self.device))
+            logits, _ = self._append(pre, end)
+            logits = logits[:, -1]
+        timings["latent_s"] = tick()
+
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        out_ids: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            next_tok = _pick(logits.float(), do_sample, temperature, top_p, generator)
+            next_tok = torch.where(done, torch.full_like(next_tok, pad), next_tok)
+            out_ids.append(next_tok)
+            done = done | torch.isin(next_tok, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits, _ = self._append(pre, self.embed(next_tok[:, None]))
+            logits = logits[:, -1]
+        timings["decode_s"] = tick()
+        timings["total_s"] = sum(timings.values())
+
+        seqs = torch.stack(out_ids, 1).tolist() if out_ids else [[] for _ in range(b)]
+        token_ids = [_until_stop(row, self.stop_ids) for row in seqs]
+        texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        return GenerationOutput([t.strip() for t in texts], token_ids, latents, means, timings)
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        batch: dict[str, Any],
+        latent_steps: int | None = None,
+        *,
+        latent_inputs: torch.Tensor | None = None,
+    ) -> ForwardOutput:
+        """Teacher-forced answer loss through the latent chain.
+
+        `batch` needs `answer_ids [B, T]` (right-padded, ending with the stop
+        token) and `answer_mask [B, T]`. With `latent_inputs [B, K, d]` the given
+        latents are fed in one parallel pass (teacher-forced latents, and VLPO's
+        log-probability recomputation); otherwise the latents come from the
+        recurrence, on the cache, or by recomputing full passes when gradient
+        checkpointing is on (it drops the cache).
+        """
+        self._check_batch(batch)
+        if batch.get("answer_ids") is None or batch.get("answer_mask") is None:
+            raise MedlvrError("a training batch needs answer_ids and answer_mask")
+        k_steps = self._steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
+        answer = batch["answer_ids"].to(self.device)
+        amask = batch["answer_mask"].to(self.device)
+        if answer.shape[0] != batch["input_ids"].shape[0]:
+            raise MedlvrError(f"batch size mismatch: {batch['input_ids'].shape[0]} prompts, {answer.shape[0]} answers")
+        recompute = latent_inputs is None and k_steps > 0 and _checkpointing(self.backbone) and self.training
+        if latent_inputs is not None or recompute:
+            return self._parallel_forward(batch, k_steps, answer, amask, latent_inputs)
+
+        pre = self._prefill(batch, with_latent_start=k_steps > 0)
+        zs, mus = [], []
+        h = pre.last_hidden
+        for _ in range(k_steps):
+            mu = self.projector(h)
+            zs.append(mu)
+            mus.append(mu)
+            _, hidden = self._append(pre, mu[:, None])
+            h = hidden[:, -1]
+        tail, tmask = self._tail(answer, amask, k_steps)
+        logits, _ = self._append(pre, self.embed(tail), tmask, logits_to_keep=0)
+        pred = logits[:, -answer.shape[1]:] if k_steps > 0 else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
+        return self._finish(pred, answer, amask, zs, mus, pre.visual, batch)
+
+    def _tail(self, answer: torch.Tensor, amask: torch.Tensor, k_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if k_steps == 0:
+            return answer, amask
+        end = torch.full_like(answer[:, :1], self.latent_end_id)
+        return torch.cat([end, answer], 1), torch.cat([torch.ones_like(amask[:, :1]), amask], 1)
+
+    def _parallel_forward(self, batch, k_steps, answer, amask, latent_inputs) -> ForwardOutput:
+        """One pass over prefix + given latents + tail; with no latents given, K+1 passes (recompute)."""
+        pre = self._prefill(batch, with_latent_start=k_steps > 0, use_cache=False)
+        b, d = pre.last_hidden.shape
+        tail, tmask = self._tail(answer, amask, k_steps)
+        tail_emb = self.embed(tail)
+        L = pre.embeds.shape[1]
+
+        def full(latents: torch.Tensor, with_tail: bool):
+            k = latents.shape[1]
+            parts = [pre.embeds, latents.to(pre.embeds.dtype)] + ([tail_emb] if with_tail else [])
+            masks = [pre.attention_mask, pre.attention_mask.new_ones(b, k)] + ([tmask.to(pre.attention_mask.dtype)] if with_tail else [])
+            n_app = k + (tail.shape[1] if with_tail else 0)
+            pos = torch.cat([pre.position_ids, self.adapter.appended_position_ids(pre.state, n_app)], -1)
+            return self._forward(torch.cat(parts, 1), torch.cat(masks, 1), pos, None, **self.adapter.prefill_kwargs(_extend_types(batch, n_app)))
+
+        if latent_inputs is None:  # recompute the chain: pass k sees z_1..z_{k-1}
+            zs: list[torch.Tensor] = []
+            h = pre.last_hidden
+            for _ in range(k_steps):
+                zs.append(self.projector(h))
+                _, hidden = full(torch.stack(zs, 1), with_tail=False)
+                h = hidden[:, -1]
+            latents = torch.stack(zs, 1) if zs else pre.embeds.new_zeros(b, 0, d)
+        else:
+            latents = latent_inputs.to(self.device)
+        logits, hidden = full(latents, with_tail=True)
+        # mu_k = proj(h at the position before z_k): positions L-1 .. L+K-2
+        mus = [self.projector(hidden[:, L - 1 + k]) for k in range(k_steps)]
+        t = answer.shape[1]
+        pred = logits[:, -t:] if k_steps > 0 else logits[:, L - 1 : L - 1 + t]
+        return self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch)
+
+    def _finish(self, pred, answer, amask, zs, mus, visual, batch) -> ForwardOutput:
+        logp = torch.log_softmax(pred.float(), -1)
+        tok_lp = logp.gather(-1, answer.unsqueeze(-1)).squeeze(-1) * amask  # [B, T]
+        loss = -tok_lp.sum() / amask.sum().clamp_min(1)
+        b = answer.shape[0]
+        d = self.hidden_size
+        latents = torch.stack(zs, 1) if zs else pred.new_zeros(b, 0, d)
+        means = torch.stack(mus, 1) if mus else pred.new_zeros(b, 0, d)
+        return ForwardOutput(loss, pred, latents, means, _per_sample(visual, batch, b), tok_lp)
+
+
+# ---------------------------------------------------------------------------- utilities
+
+
+def _checkpointing(model: PreTrainedModel) -> bool:
+    """Whether activation checkpointing is on (it makes the decoder layers drop the KV cache)."""
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
+
+
+def _extend_types(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """Token-type ids (Gemma 3) for a prefix followed by `n` appended non-image positions."""
+    if batch.get("token_type_ids") is None:
+        return batch
+    tt = batch["token_type_ids"]
+    return {**batch, "token_type_ids": torch.cat([tt, tt.new_zeros(tt.shape[0], n)], 1)}
+
+
+def _per_sample(visual: list[torch.Tensor], batch: dict[str, Any], b: int) -> list[torch.Tensor]:
+    """Group per-image visual tokens by sample (`images_per_sample` from the collator, else one each)."""
+    if not visual:
+        return []
+    counts = batch.get("images_per_sample") or ([1] * b if len(visual) == b else None)
+    if counts is None or sum(counts) != len(visual):
+        raise MedlvrError(f"cannot assign {len(visual)} images to {b} samples: pass images_per_sample")
+    out, i = [], 0
+    for c in counts:
+        chunk = visual[i : i + c]
+        out.append(torch.cat(chunk, 0) if chunk else visual[0].new_zeros(0, visual[0].shape[-1]))
+        i += c
+    return out
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if not do_sample or temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _until_stop(row: list[int], stop_ids: list[int]) -> list[int]:
+    for i, t in enumerate(row):
+        if t in stop_ids:
+            return row[:i]
+    return row
+
+
+def _read_latent_config(path: Path) -> LatentConfig | None:
+    f = path / LATENT_CONFIG_FILE
+    if not f.is_file():
+        return None
+    return LatentConfig(**json.loads(f.read_text()))
+
+
+class _Clock:
+    """Wall time between calls, synchronising the accelerator so phases are attributed right."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = time.perf_counter()
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        return dt
+
+
+def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Per-dimension Gaussian log-density of latent steps: `-||z - mu||^2 / (2 sigma^2 d)`, shape [.., K].
+
+    The constant term is dropped (it cancels in ratios and KL); dividing by d keeps
+    the latent term on the scale of one token's log-probability.
+    """
+    d = z.shape[-1]
+    return -(z.float() - mu.float()).pow(2).sum(-1) / (2 * sigma**2 * d)
+
+
+__all__ = ["LatentVLM", "LatentProjector", "GenerationOutput", "ForwardOutput", "gaussian_logprob"]
