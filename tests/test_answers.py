@@ -80,6 +80,10 @@ CASES = [
     (CHOICE, "<|latent_start|><|latent_end|>B<|im_end|>", "B", "full:letter"),
     (CHOICE, LONG_REASONING, None, "full:several_letters"),
     (CHOICE, "Answer:\nB", "B", "marker:letter"),
+    (CHOICE, "**Answer:** B", "B", "marker:letter"),
+    (CHOICE, "The answer is: A", "A", "marker:letter"),
+    (CHOICE, "Answer: B\nExplanation: option A shows consolidation instead.", "B", "marker:letter"),
+    (CHOICE, "Final Answer: The final answer is $\\boxed{C}$", "C", "boxed:letter"),
     # --- yes/no
     (YES, "yes", "yes", "full:yes_no"),
     (YES, "Yes.", "yes", "full:yes_no"),

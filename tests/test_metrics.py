@@ -149,3 +149,13 @@ def test_summary_recomputes_missing_token_fields() -> None:
 def test_summary_of_nothing() -> None:
     o = summarize([])["overall"]
     assert o["n"] == 0 and o["accuracy"] is None and o["invalid_rate"] is None
+
+
+def test_every_vqa_rad_gold_scores_itself(vqa_rad_root) -> None:
+    """Real release answers (integers, mixed case, "CLOSED " with a trailing space) parse back to themselves."""
+    records = json.loads((vqa_rad_root / "VQA_RAD Dataset Public.json").read_text())
+    assert len(records) == 2248
+    for r in records:
+        row = {"answer_type": r["answer_type"], "answer": r["answer"]}
+        for response in (str(r["answer"]), f"<answer>{r['answer']}</answer>", f"The answer is {r['answer']}."):
+            assert score(row, response).correct, (r["qid"], r["answer"], response)
