@@ -174,3 +174,11 @@ def test_read_predictions_errors(tmp_path: Path) -> None:
     (tmp_path / "predictions.jsonl").write_text('{"id": "a"}\n\n{oops\n')
     with pytest.raises(MedlvrError, match=r"predictions.jsonl:3: malformed JSON"):
         read_predictions(tmp_path)
+
+
+def test_compare_with_no_common_question(tmp_path: Path) -> None:
+    run_a = _write_run(tmp_path / "a", {("rad-1", 0): "yes"})
+    run_b = _write_run(tmp_path / "b", {("rad-2", 0): "no"})
+    c = compare(run_a, run_b, out_dir=tmp_path / "cmp", n_boot=100)
+    assert c["paired"]["n"] == 0 and c["paired"]["ci"] is None and c["paired"]["mcnemar_p"] == 1.0
+    json.loads((tmp_path / "cmp" / "compare.json").read_text(), parse_constant=lambda x: pytest.fail(x))

@@ -342,7 +342,7 @@ def compare(
             "acc_a": sum(a) / n if n else None, "acc_b": sum(b) / n if n else None,
             "delta": (sum(b) - sum(a)) / n if n else None,
             "mcnemar_p": mcnemar_exact(wins, losses),
-            "ci": [low, high], "confidence": confidence,
+            "ci": [low, high] if n else None, "confidence": confidence,  # no NaN in JSON
         }
 
     datasets = sorted({str(ia[k].get("dataset")) for k in keys})
@@ -376,6 +376,9 @@ def _compare_markdown(c: Mapping[str, Any]) -> str:
     def plain(v: Any) -> str:
         return "–" if v is None else f"{100 * v:.1f}"
 
+    def ci(bounds: Sequence[float] | None) -> str:
+        return "–" if bounds is None else f"[{pct(bounds[0])}, {pct(bounds[1])}]"
+
     p = c["paired"]
     out = [f"# Comparison: B = {c['run_b']} against A = {c['run_a']}", "",
            f"Paired on {c['matched_on']}: {p['n']} questions in both runs ({c['only_a']} only in A, "
@@ -385,7 +388,7 @@ def _compare_markdown(c: Mapping[str, Any]) -> str:
     scopes = [("all", p)] + list(c["paired_by_dataset"].items())
     for name, s in scopes:
         out.append(f"| {name} | {s['n']} | {plain(s['acc_a'])} | {plain(s['acc_b'])} | {pct(s['delta'])} | "
-                   f"{s['wins']} | {s['losses']} | {s['mcnemar_p']:.4g} | [{pct(s['ci'][0])}, {pct(s['ci'][1])}] |")
+                   f"{s['wins']} | {s['losses']} | {s['mcnemar_p']:.4g} | {ci(s['ci'])} |")
     out += ["", "## Metrics side by side (A / B / delta, in %)", "",
             "| scope | acc | invalid | open token F1 |", "|---|---|---|---|"]
     m = c["metrics"]
