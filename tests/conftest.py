@@ -24,3 +24,34 @@ def vqa_rad_root() -> Path:
     if not VQA_RAD.is_dir():
         pytest.fail(f"VQA-RAD not found at {VQA_RAD}: CI always has ../shared beside the repo")
     return VQA_RAD
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """Build (once per session and worker) a tiny model folder per (family, size, latent tokens)."""
+    from medlvr.model.tiny import build_tiny
+
+    built: dict[tuple, Path] = {}
+
+    def make(family: str = "qwen2_5_vl", size: str = "tiny", with_latent_tokens: bool = True) -> Path:
+        key = (family, size, with_latent_tokens)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"{family}_{size}_{int(with_latent_tokens)}")
+            built[key] = build_tiny(out, family=family, size=size, with_latent_tokens=with_latent_tokens)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_factory) -> Path:
+    return tiny_factory()
+
+
+def random_image(width: int, height: int, seed: int = 0):
+    """A noise RGB image (tests want inputs that differ visibly)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -1,9 +1,45 @@
-"""`medlvr predict`."""
+"""`medlvr predict`: answer one question about one or more images."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from medlvr.cli._common import console, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Attach `medlvr predict` to the main app (added by its issue)."""
+    app.command("predict")(predict)
+
+
+@user_errors
+def predict(
+    model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
+    image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
+    question: str = typer.Option(..., "--question", help="The question."),
+    option: list[str] = typer.Option([], "--option", help="A choice, as LETTER=text; repeat for each option."),
+    latent_steps: int | None = typer.Option(None, "--latent-steps", help="K latent steps (default: the model's)."),
+    max_new_tokens: int = typer.Option(32, help="Answer token limit."),
+) -> None:
+    """Answer a question about medical images, with K latent steps before the answer."""
+    if latent_steps is not None and latent_steps < 0:
+        raise ValueError(f"--latent-steps must be >= 0, got {latent_steps}")
+    if not image:
+        raise ValueError("an image question needs at least one --image")
+    options: dict[str, str] = {}
+    for item in option:
+        letter, sep, text = item.partition("=")
+        if not sep or len(letter.strip()) != 1 or not letter.strip().isalpha() or not text.strip():
+            raise ValueError(f"--option must look like A=text, got {item!r}")
+        options[letter.strip().upper()] = text.strip()
+
+    from medlvr.data.images import load_image
+    from medlvr.inference import answer_one
+    from medlvr.model.latent import LatentVLM
+
+    images = [load_image(p) for p in image]  # unreadable paths fail here, before loading the model
+    vlm = LatentVLM.from_pretrained(model)
+    result = answer_one(vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens)
+    console.print(f"[bold]answer:[/] {result.text}", highlight=False)
+    console.print(f"latent steps: {result.latent_steps}   time: {result.seconds * 1000:.1f} ms", highlight=False)

@@ -1,0 +1,96 @@
+"""Samples -> a model batch: chat prompt, left padding, answer labels, ROI token indices.
+
+The prompt ends with the assistant header; `LatentVLM` appends the latent
+segment itself, so one batch serves every latent budget K. Answers are
+right-padded separately and end with the family's stop token, so the label
+mask is exactly the answer (prompt and latent positions never carry labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from medlvr.data.prompts import Mode, chat_messages, target_text
+from medlvr.data.roi import sample_roi_indices
+from medlvr.data.schema import VQASample
+from medlvr.errors import MedlvrError
+from medlvr.model.backbones import BackboneAdapter
+
+
+def _default_loader(path: str) -> Image.Image:
+    from medlvr.data.images import load_image
+
+    return load_image(path)
+
+
+class VQACollator:
+    """Builds batches for `LatentVLM.forward` (with answers) or `LatentVLM.generate` (without)."""
+
+    def __init__(
+        self,
+        processor: Any,
+        adapter: BackboneAdapter,
+        *,
+        mode: Mode = "direct",
+        with_answers: bool = True,
+        with_rois: bool = True,
+        image_loader: Callable[[str], Image.Image] = _default_loader,
+        max_answer_tokens: int = 64,
+    ):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.adapter = adapter
+        self.mode = mode
+        self.with_answers = with_answers
+        self.with_rois = with_rois
+        self.load = image_loader
+        self.max_answer_tokens = max_answer_tokens
+        stops = adapter.stop_token_ids(self.tokenizer)
+        # The chat turn's end token (e.g. <|im_end|>) ends every answer.
+        self.stop_token = self.tokenizer.eos_token if self.tokenizer.eos_token_id in stops else self.tokenizer.convert_ids_to_tokens(stops[0])
+
+    def prompts(self, samples: Sequence[VQASample]) -> list[str]:
+        return [
+            self.processor.apply_chat_template(chat_messages(s, self.mode), add_generation_prompt=True, tokenize=False)
+            for s in samples
+        ]
+
+    def __call__(self, samples: Sequence[VQASample], images: Sequence[Sequence[Image.Image]] | None = None) -> dict[str, Any]:
+        if not samples:
+            raise MedlvrError("empty batch")
+        if images is None:
+            images = [[self.load(p) for p in s.images] for s in samples]
+        if len(images) != len(samples):
+            raise MedlvrError(f"batch size mismatch: {len(samples)} samples, {len(images)} image lists")
+        self.tokenizer.padding_side = "left"
+        flat = self.adapter.processor_images([list(imgs) for imgs in images])
+        batch = dict(self.processor(text=self.prompts(samples), images=flat, return_tensors="pt", padding=True))
+        batch["images_per_sample"] = [len(imgs) for imgs in images]
+        batch["sample_ids"] = [s.id for s in samples]
+        if self.with_answers:
+            answers = [target_text(s) + self.stop_token for s in samples]
+            enc = self.tokenizer(
+                answers,
+                add_special_tokens=False,
+                padding=True,
+                padding_side="right",
+                truncation=True,
+                max_length=self.max_answer_tokens,
+                return_tensors="pt",
+            )
+            batch["answer_ids"], batch["answer_mask"] = enc["input_ids"], enc["attention_mask"]
+        if self.with_rois:
+            batch["roi_index"] = [self._roi_index(s, imgs) for s, imgs in zip(samples, images)]
+        return batch
+
+    def _roi_index(self, sample: VQASample, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Indices into this sample's visual tokens covered by its ROIs (empty when it has none)."""
+        if not sample.rois or not images:
+            return torch.zeros(0, dtype=torch.long)
+        sizes = [im.size for im in images]
+        grids = [self.adapter.token_grid(self.processor, w, h) for w, h in sizes]
+        return sample_roi_indices([(r.image, r.box) for r in sample.rois], grids, sizes)

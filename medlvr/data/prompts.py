@@ -1,0 +1,64 @@
+"""The prompts, in one place: how a question, its options and the instruction are shown to a model.
+
+Instructions follow the conventions of the public medical VQA kits
+(see BENCHMARKS.md, "Prompts commonly used"), so numbers stay comparable:
+- choice: "Answer with the option's letter from the given choices directly."
+- yes/no: "Please answer 'yes' or 'no'."
+- other: "Answer the question using a single word or phrase."
+Mode `cot` asks for written reasoning and a tagged answer instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from medlvr.data.schema import VQASample
+
+Mode = Literal["direct", "latent", "cot"]
+
+CHOICE = "Answer with the option's letter from the given choices directly."
+YES_NO = "Please answer 'yes' or 'no'."
+SHORT = "Answer the question using a single word or phrase."
+COT = "Think step by step, then give the final answer inside <answer></answer>."
+
+YES_NO_ANSWERS = {"yes", "no"}
+
+
+def is_yes_no(sample: VQASample) -> bool:
+    """A closed question whose gold answer is yes or no (any case)."""
+    return sample.answer_type == "closed" and sample.answer.strip().lower() in YES_NO_ANSWERS
+
+
+def instruction(sample: VQASample, mode: Mode = "direct") -> str:
+    if sample.answer_type == "choice":
+        base = CHOICE
+    elif is_yes_no(sample):
+        base = YES_NO
+    else:
+        base = SHORT
+    if mode == "cot":
+        return f"{base.rstrip('.')}, after your reasoning. {COT}"
+    return base
+
+
+def question_text(sample: VQASample, mode: Mode = "direct") -> str:
+    """Question, options (one per line, `A. text`) and the instruction."""
+    parts = [sample.question.strip()]
+    if sample.options:
+        parts.append("Options:\n" + "\n".join(f"{k}. {v}" for k, v in sorted(sample.options.items())))
+    parts.append(instruction(sample, mode))
+    return "\n".join(parts)
+
+
+def target_text(sample: VQASample) -> str:
+    """What the model is trained to write: the letter for choice questions, else the gold text."""
+    if sample.answer_type == "choice":
+        return str(sample.answer_letter)
+    return sample.answer.strip()
+
+
+def chat_messages(sample: VQASample, mode: Mode = "direct") -> list[dict]:
+    """One user turn: every image first (in order), then the question text."""
+    content: list[dict] = [{"type": "image"} for _ in sample.images]
+    content.append({"type": "text", "text": question_text(sample, mode)})
+    return [{"role": "user", "content": content}]
