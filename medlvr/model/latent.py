@@ -178,6 +178,12 @@ class LatentVLM(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     @property
+    def base_model(self) -> PreTrainedModel:
+        """The transformers model itself, also when the backbone is wrapped by peft (LoRA)."""
+        get = getattr(self.backbone, "get_base_model", None)
+        return get() if callable(get) else self.backbone
+
+    @property
     def device(self) -> torch.device:
         return self.backbone.get_input_embeddings().weight.device
 
@@ -249,7 +255,7 @@ class LatentVLM(nn.Module):
             if batch.get("token_type_ids") is not None:
                 tt = batch["token_type_ids"]
                 batch["token_type_ids"] = torch.cat([tt, torch.zeros_like(tt[:, :1])], 1)
-        visual = self.adapter.image_features(self.backbone, batch)
+        visual = self.adapter.image_features(self.base_model, batch)
         embeds = self.embed(ids)
         if visual:
             mask = (ids == self.image_token_id).unsqueeze(-1)
@@ -257,7 +263,7 @@ class LatentVLM(nn.Module):
             if int(mask.sum()) != feats.shape[0]:
                 raise MedlvrError(f"{int(mask.sum())} image tokens in the prompt but {feats.shape[0]} visual features")
             embeds = embeds.masked_scatter(mask, feats)
-        position_ids, state = self.adapter.prefix_position_ids(self.backbone, batch)
+        position_ids, state = self.adapter.prefix_position_ids(self.base_model, batch)
         cache = DynamicCache(config=self.backbone.config) if use_cache else None
         logits, hidden = self._forward(
             embeds, am, position_ids, cache, logits_to_keep=1, **self.adapter.prefill_kwargs(batch)
@@ -379,7 +385,7 @@ class LatentVLM(nn.Module):
         amask = batch["answer_mask"].to(self.device)
         if answer.shape[0] != batch["input_ids"].shape[0]:
             raise MedlvrError(f"batch size mismatch: {batch['input_ids'].shape[0]} prompts, {answer.shape[0]} answers")
-        recompute = latent_inputs is None and k_steps > 0 and _checkpointing(self.backbone) and self.training
+        recompute = latent_inputs is None and k_steps > 0 and _checkpointing(self.base_model) and self.training
         if latent_inputs is not None or recompute:
             return self._parallel_forward(batch, k_steps, answer, amask, latent_inputs)
 
