@@ -226,12 +226,12 @@ def _histology(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-_STYLES = {
-    "chest_xray": (_chest_xray, None),
-    "brain_mri": (_brain_mri, "MR_small.dcm"),
-    "ct": (_ct, "CT_small.dcm"),
-    "fundus": (_fundus, None),
-    "histology": (_histology, None),
+_STYLES = {  # style -> (drawer, pydicom anatomy file, drawn at half resolution)
+    "chest_xray": (_chest_xray, None, True),
+    "brain_mri": (_brain_mri, "MR_small.dcm", True),
+    "ct": (_ct, "CT_small.dcm", True),
+    "fundus": (_fundus, None, True),
+    "histology": (_histology, None, False),  # nuclei are a few pixels wide
 }
 
 
@@ -247,11 +247,12 @@ def background(
     """A grayscale scan of `modality` windowed into `[0.5 - window/2, 0.5 + window/2]`. [size, size] float32"""
     if modality not in _STYLES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(_STYLES)}")
-    style, dicom = _STYLES[modality]
-    # Anatomy is smooth: draw it at half resolution (4x fewer pixels to shade), then upsample.
-    half = max(size // 2, 16)
-    img = style(rng, half).astype(np.float32)
-    img = np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    style, dicom, half = _STYLES[modality]
+    if half:  # smooth anatomy: shade 4x fewer pixels, then upsample
+        img = style(rng, max(size // 2, 16)).astype(np.float32)
+        img = np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    else:
+        img = style(rng, size).astype(np.float32)
     if dicom is not None and anatomy_blend > 0:
         layer = _anatomy(rng, dicom, size)
         if layer is not None:
