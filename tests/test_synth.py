@@ -1,0 +1,356 @@
+"""The embedded synthetic benchmark: determinism, held-out pairs, exact ROIs, answers recomputed from the scene."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medlvr.data.schema import read_jsonl
+from medlvr.data.synth import (
+    FAMILIES,
+    SPLITS,
+    SynthConfig,
+    generate,
+    generate_samples,
+    make_sample,
+    render,
+)
+from medlvr.data.synth_render import SHAPES
+
+CFG = SynthConfig(n=240, seed=7)
+FILES = (*SPLITS, "describe")
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate(CFG, out, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(synth_dir: Path) -> dict[str, list]:
+    # read_jsonl validates every record and checks every image exists.
+    return {name: read_jsonl(synth_dir / f"{name}.jsonl") for name in FILES}
+
+
+def _by_region(meta: dict) -> dict[str, dict]:
+    return {les["region"]: les for les in meta["lesions"]}
+
+
+def _adjective(shape: str) -> str:
+    return {"round": "round", "square": "square", "triangle": "triangular", "cross": "cross-shaped"}[shape]
+
+
+# ---------------------------------------------------------------- files, counts, determinism
+
+
+def test_counts_per_split_are_exact(synth_dir: Path, records: dict[str, list]) -> None:
+    counts = CFG.split_counts()
+    assert counts == {"train": 168, "val": 24, "test": 24, "compositional": 24}
+    assert sum(counts.values()) == CFG.n
+    for split in SPLITS:
+        assert len(records[split]) == counts[split]
+        assert all(r.split == split for r in records[split])
+    assert len(records["describe"]) == 2 * counts["train"]
+    manifest = json.loads((synth_dir / "manifest.json").read_text())
+    for name in FILES:
+        assert manifest["counts"][name]["total"] == len(records[name])
+        by_family: dict[str, int] = {}
+        for r in records[name]:
+            by_family[r.question_type] = by_family.get(r.question_type, 0) + 1
+        assert manifest["counts"][name]["by_family"] == by_family
+    assert {r.question_type for r in records["train"]} == set(FAMILIES)
+    assert len(manifest["held_pairs"]) == 9
+    assert len(list((synth_dir / "images").glob("*.png"))) == CFG.n
+
+
+def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
+    cfg = SynthConfig(n=40, seed=3)
+    a, b = generate(cfg, tmp_path / "a", workers=1), generate(cfg, tmp_path / "b", workers=2, chunk=7)
+    for name in (*FILES, "manifest"):
+        assert a[name].read_bytes() == b[name].read_bytes(), name
+    images_a = sorted(p.name for p in a["images"].iterdir())
+    assert images_a == sorted(p.name for p in b["images"].iterdir())
+    for name in images_a:
+        assert (a["images"] / name).read_bytes() == (b["images"] / name).read_bytes(), name
+    other = generate(SynthConfig(n=40, seed=4), tmp_path / "c", workers=1)
+    assert other["train"].read_bytes() != a["train"].read_bytes()
+
+
+def test_samples_do_not_depend_on_n() -> None:
+    small, large = SynthConfig(n=50, seed=1), SynthConfig(n=500, seed=1)
+    for split in SPLITS:
+        for i in range(3):
+            assert make_sample(small, split, i)[0] == make_sample(large, split, i)[0]
+
+
+def test_records_validate_and_images_are_8bit(synth_dir: Path, records: dict[str, list]) -> None:
+    for name in FILES:
+        for r in records[name]:
+            assert r.dataset == "synth" and r.modality and r.question_type
+            assert len(r.images) == 1 and Path(r.images[0]).is_file()
+    img = Image.open(records["train"][0].images[0])
+    assert img.mode in ("L", "RGB") and img.size == (168, 168)
+
+
+def test_choice_letters_are_valid(records: dict[str, list]) -> None:
+    for name in FILES:
+        for r in records[name]:
+            if r.answer_type == "choice":
+                assert list(r.options) == list("ABCD"[: len(r.options)]) and 2 <= len(r.options) <= 4
+                assert len(set(r.options.values())) == len(r.options)
+                assert r.options[r.answer_letter] == r.answer
+            else:
+                assert r.options == {} and r.answer_letter is None
+            if r.answer_type == "closed":
+                assert r.answer in ("yes", "no")
+    # Shuffling is not degenerate: the gold letter varies.
+    letters = {r.answer_letter for r in records["train"] if r.answer_type == "choice"}
+    assert letters == set("ABCD")
+
+
+# ---------------------------------------------------------------- held-out (shape, region) pairs
+
+
+def test_held_pairs_only_in_compositional(records: dict[str, list]) -> None:
+    held = {(shape, CFG.region_names()[region]) for shape, region in CFG.held_pairs()}
+    assert len(held) == 9
+    # Latin square: every shape and every region keeps training examples.
+    assert {s for s, _ in held} == set(SHAPES) and len({r for _, r in held}) == 9
+    for name in ("train", "val", "test", "describe"):
+        for r in records[name]:
+            pairs = {(les["shape"], les["region"]) for les in r.meta["lesions"]}
+            assert not pairs & held, (name, r.id, pairs & held)
+            assert r.meta.get("held_pair") in (False, None)
+    seen = {(les["shape"], les["region"]) for r in records["train"] for les in r.meta["lesions"]}
+    assert {s for s, _ in seen} == set(SHAPES) and len({g for _, g in seen}) == 9
+    for r in records["compositional"]:
+        target = r.meta["lesions"][r.meta["target"]]
+        assert (target["shape"], target["region"]) in held
+        assert r.meta["held_pair"] is True
+        assert tuple(target["box"]) in {tuple(roi.box) for roi in r.rois}
+        others = [les for i, les in enumerate(r.meta["lesions"]) if i != r.meta["target"]]
+        assert not {(les["shape"], les["region"]) for les in others} & held
+
+
+# ---------------------------------------------------------------- pixels and ROI boxes
+
+
+def test_roi_boxes_are_tight_around_the_lesion_pixels(records: dict[str, list]) -> None:
+    items = generate_samples(CFG, "train", range(40)) + generate_samples(CFG, "compositional", range(20))
+    for item in items:
+        on = item.image.astype(np.int16)
+        off = render(CFG, item.scene, lesions=False).astype(np.int16)
+        changed = on != off  # exactly the lesion pixels
+        assert on.shape == (168, 168)
+        covered = np.zeros_like(changed)
+        for les in item.scene.lesions:
+            x0, y0, x1, y1 = les.box
+            ys, xs = np.nonzero(changed[y0:y1, x0:x1])
+            # tight: the changed pixels touch every side of the box
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (0, 0, x1 - x0, y1 - y0), (item.sample.id, les)
+            sign = 1 if les.intensity == "bright" else -1
+            assert (sign * (on - off)[y0:y1, x0:x1][changed[y0:y1, x0:x1]] > 20).all()
+            span = max(x1 - x0, y1 - y0)
+            assert 0.9 * les.extent - 2 <= span <= les.extent + 1  # squares are drawn at 0.9 of the extent
+            covered[y0:y1, x0:x1] = True
+            rx0, ry0, rx1, ry1 = CFG.region_box(les.region)
+            assert rx0 <= x0 and ry0 <= y0 and x1 <= rx1 and y1 <= ry1
+        assert not (changed & ~covered).any(), "pixels changed outside every lesion box"
+        # The saved record's ROIs are boxes of the scene's lesions (or a region box for presence-no).
+        boxes = {les.box for les in item.scene.lesions}
+        for roi in item.sample.rois:
+            assert roi.label in ("lesion", "region")
+            if roi.label == "lesion":
+                assert tuple(int(v) for v in roi.box) in boxes
+
+
+def test_saved_png_equals_render(records: dict[str, list]) -> None:
+    for item in generate_samples(CFG, "val", range(5)):
+        saved = next(r for r in records["val"] if r.id == item.sample.id)
+        assert np.array_equal(np.asarray(Image.open(saved.images[0])), item.image)
+
+
+def test_lesion_sizes_follow_the_token_cell() -> None:
+    items = generate_samples(CFG, "train", range(60), render_images=False)
+    spans = {"small": [], "large": []}
+    for item in items:
+        for les in item.scene.lesions:
+            spans[les.size].append(les.extent)
+    assert max(spans["small"]) < 0.7 * 28 and min(spans["large"]) > 1.05 * 28
+
+
+# ---------------------------------------------------------------- answers recomputed from the scene
+
+
+def _check_answer(r) -> None:  # noqa: C901 - one branch per family, read top to bottom
+    meta, q, fam = r.meta, r.question, r.question_type
+    lesions, at = meta["lesions"], _by_region(meta)
+    boxes = [tuple(roi.box) for roi in r.rois]
+    assert meta["n_lesions"] == len(lesions) and meta["family"] == fam
+    # at most one lesion per region
+    assert len(at) == len(lesions)
+    if fam == "presence":
+        (region,) = re.findall(r"in the (.+) region\?", q)
+        assert r.answer == ("yes" if region in at else "no")
+        if region in at:
+            assert boxes == [tuple(at[region]["box"])] and r.rois[0].label == "lesion"
+        else:
+            assert r.rois[0].label == "region"
+    elif fam == "attribute":
+        attr, region = re.findall(r"What is the (\w+) of the lesion in the (.+) region\?", q)[0]
+        assert r.answer == at[region][attr]
+        assert boxes == [tuple(at[region]["box"])]
+    elif fam == "location":
+        (words,) = re.findall(r"Where is the (.+) lesion\?", q)
+        matches = [les for les in lesions if words == " ".join(
+            _adjective(les[k]) if k == "shape" else les[k] for k in ("size", "intensity", "shape") if k in meta["descriptor"]
+        )]
+        assert len(matches) == 1 and matches[0]["region"] == r.answer
+        assert boxes == [tuple(matches[0]["box"])]
+    elif fam == "comparison":
+        word, a, b = re.findall(r"Which lesion is (\w+): the one in the (.+) region or the one in the (.+) region\?", q)[0]
+        attr, value = {"larger": ("size", "large"), "smaller": ("size", "small"),
+                       "brighter": ("intensity", "bright"), "darker": ("intensity", "dark")}[word]  # fmt: skip
+        assert at[a][attr] != at[b][attr]
+        assert r.answer == (a if at[a][attr] == value else b)
+        assert set(boxes) == {tuple(at[a]["box"]), tuple(at[b]["box"])}
+    elif fam == "count":
+        assert r.answer == str(len(lesions)) and r.answer.isdigit()
+        assert set(boxes) == {tuple(les["box"]) for les in lesions}
+    elif fam == "relational" and meta["variant"] == "same_shape":
+        a, b = re.findall(r"Are the lesions in the (.+) and (.+) regions the same shape\?", q)[0]
+        assert r.answer == ("yes" if at[a]["shape"] == at[b]["shape"] else "no")
+        assert set(boxes) == {tuple(at[a]["box"]), tuple(at[b]["box"])}
+    elif fam == "relational":
+        phrase, anchor_words = re.findall(r"What shape is the lesion (to the right of|to the left of|above|below) the (.+) lesion\?", q)[0]
+        superlative = {"brightest": ("intensity", "bright"), "darkest": ("intensity", "dark"),
+                       "largest": ("size", "large"), "smallest": ("size", "small")}  # fmt: skip
+        if anchor_words in superlative:
+            attr, value = superlative[anchor_words]
+            anchors = [les for les in lesions if les[attr] == value]
+        else:
+            anchors = [les for les in lesions if _adjective(les["shape"]) == anchor_words]
+        assert len(anchors) == 1, "the anchor must be unique"
+        names = CFG.region_names()
+        g = CFG.grid
+        ar, ac = divmod(names.index(anchors[0]["region"]), g)
+        dr, dc = {"to the right of": (0, 1), "to the left of": (0, -1), "above": (-1, 0), "below": (1, 0)}[phrase]
+        target = at[names[(ar + dr) * g + ac + dc]]
+        assert r.answer == target["shape"]
+        # nothing further along the same direction: one reading only
+        rr, cc = ar + 2 * dr, ac + 2 * dc
+        while 0 <= rr < g and 0 <= cc < g:
+            assert names[rr * g + cc] not in at
+            rr, cc = rr + dr, cc + dc
+        assert boxes == [tuple(anchors[0]["box"]), tuple(target["box"])]
+    elif fam == "describe":
+        expected = "; ".join(f"{les['region']}: {les['size']} {les['intensity']} {les['shape']}" for les in lesions)
+        assert r.answer == expected and q == "Describe the lesions."
+        assert len(boxes) == len(lesions)
+    elif fam == "ground":
+        (words,) = re.findall(r"Where is the (.+) lesion\?", q)
+        matches = [les for les in lesions if words == f"{les['size']} {les['intensity']} {_adjective(les['shape'])}"]
+        assert len(matches) == 1 and matches[0]["region"] == r.answer
+        assert boxes == [tuple(matches[0]["box"])]
+    else:
+        raise AssertionError(f"unexpected family {fam}")
+
+
+def test_every_answer_is_consistent_with_the_scene(records: dict[str, list]) -> None:
+    families = set()
+    for name in FILES:
+        for r in records[name]:
+            _check_answer(r)
+            families.add((r.question_type, r.meta.get("variant")))
+    assert ("relational", "neighbor") in families and ("relational", "same_shape") in families
+    assert {"describe", "ground"} <= {f for f, _ in families}
+
+
+def test_both_presence_answers_occur(records: dict[str, list]) -> None:
+    answers = {r.answer for r in records["train"] if r.question_type == "presence"}
+    assert answers == {"yes", "no"}
+
+
+# ---------------------------------------------------------------- knobs
+
+
+def test_level_one_has_single_lesions_and_no_two_lesion_families() -> None:
+    cfg = SynthConfig(n=60, seed=2, level=1)
+    items = generate_samples(cfg, "train", render_images=False) + generate_samples(cfg, "compositional", render_images=False)
+    assert {len(i.scene.lesions) for i in items} == {1}
+    assert {i.sample.question_type for i in items} <= {"presence", "attribute", "location", "count"}
+    for item in items:
+        _check_answer(item.sample)
+
+
+def test_higher_levels_and_same_shape_distractors() -> None:
+    cfg = SynthConfig(n=80, seed=5, level=5, same_shape_distractors=1.0)
+    items = generate_samples(cfg, "train", render_images=False)
+    counts = [len(i.scene.lesions) for i in items]
+    assert min(counts) >= 4 and max(counts) >= 7
+    shared = 0
+    for item in items:
+        _check_answer_cfg(cfg, item.sample)
+        target = item.scene.lesions[item.scene.target] if item.scene.target is not None else None
+        if target is not None:
+            shared += sum(les.shape == target.shape for les in item.scene.lesions) > 1
+    assert shared > len(items) // 2
+
+
+def _check_answer_cfg(cfg: SynthConfig, sample) -> None:
+    assert cfg.grid == CFG.grid  # the regex checks use 3x3 region names
+    _check_answer(sample)
+
+
+def test_image_size_and_grid_knobs(tmp_path: Path) -> None:
+    cfg = SynthConfig(n=12, seed=0, image_size=224, grid=2, families={"attribute": 1, "relational": 1}, describe=False)
+    paths = generate(cfg, tmp_path, workers=1)
+    assert "describe" not in paths
+    recs = read_jsonl(paths["train"])
+    assert Image.open(recs[0].images[0]).size == (224, 224)
+    assert {r.question_type for r in recs} <= {"attribute", "relational"}
+    for r in recs:
+        for les in r.meta["lesions"]:
+            assert les["region"] in ("upper left", "upper right", "lower left", "lower right")
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"n": 0}, "n must be positive"),
+        ({"image_size": 170}, "multiple of 28"),
+        ({"families": {"colour": 1.0}}, "unknown question family"),
+        ({"level": 1, "families": {"comparison": 1.0}}, "needs 2 lesions"),
+        ({"level": 9}, "level must be"),
+        ({"modalities": ("ultrasound",)}, "unknown or no modalities"),
+        ({"large_size": 2.5}, "does not fit"),
+        ({"splits": {"train": 0.5}}, "summing to 1"),
+        ({"contrast": 0.1}, "bright above dark"),
+    ],
+)
+def test_bad_knobs_are_clear_errors(knobs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SynthConfig(**knobs)
+
+
+def test_cli_synth(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medlvr.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "20", "--seed", "1", "--level", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(read_jsonl(out / "train.jsonl")) == SynthConfig(n=20).split_counts()["train"]
+    bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--image-size", "100"])
+    assert bad.exit_code == 2 and "multiple of 28" in bad.output
+    bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--families", "colour"])
+    assert bad.exit_code == 2 and "unknown question family" in bad.output
