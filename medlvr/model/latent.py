@@ -272,12 +272,29 @@ class LatentVLM(nn.Module):
 
     def _append(self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None = None, logits_to_keep: int = 1):
         """Feed `embeds [B, T, d]` after everything so far, on the cache; advances the state."""
+        pos = self._advance(pre, embeds, mask)
+        return self._forward(embeds, pre.attention_mask, pos, pre.cache, logits_to_keep=logits_to_keep)
+
+    def _latent_step(self, pre: _Prefix, z: torch.Tensor) -> torch.Tensor:
+        """Feed one latent `z [B, d]`; returns the new last hidden state `[B, d]`.
+
+        Runs the decoder without the LM head: a latent step needs no vocabulary
+        logits, which keeps it cheaper than a decode step.
+        """
+        pos = self._advance(pre, z[:, None], None)
+        out = self.base_model.model(
+            inputs_embeds=z[:, None], attention_mask=pre.attention_mask, position_ids=pos,
+            past_key_values=pre.cache, use_cache=True,
+        )
+        return out.last_hidden_state[:, -1]
+
+    def _advance(self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, t = embeds.shape[:2]
         mask = torch.ones(b, t, dtype=pre.attention_mask.dtype, device=embeds.device) if mask is None else mask
         pre.attention_mask = torch.cat([pre.attention_mask, mask.to(pre.attention_mask.dtype)], 1)
         pos = self.adapter.appended_position_ids(pre.state, t)
         pre.state.next_pos = pre.state.next_pos + t
-        return self._forward(embeds, pre.attention_mask, pos, pre.cache, logits_to_keep=logits_to_keep)
+        return pos
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -287,6 +304,7 @@ class LatentVLM(nn.Module):
         latent_steps: int | None = None,
         *,
         max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -331,8 +349,7 @@ class LatentVLM(nn.Module):
                 noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
                 z = mu + latent_sigma * noise.to(mu.dtype)
             means[:, k], latents[:, k] = mu, z
-            _, hidden = self._append(pre, z[:, None])
-            h = hidden[:, -1]
+            h = self._latent_step(pre, z)
         if k_steps > 0:
             end = self.embed(torch.full((b, 1), self.latent_end_id, device=self.device))
             logits, _ = self._append(pre, end)
@@ -344,6 +361,8 @@ class LatentVLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out_ids: list[torch.Tensor] = []
         for step in range(max_new_tokens):
+            if step < min_new_tokens:  # as in transformers: stop tokens are banned until then
+                logits = logits.index_fill(-1, stop, float("-inf"))
             next_tok = _pick(logits.float(), do_sample, temperature, top_p, generator)
             next_tok = torch.where(done, torch.full_like(next_tok, pad), next_tok)
             out_ids.append(next_tok)
@@ -396,8 +415,7 @@ class LatentVLM(nn.Module):
             mu = self.projector(h)
             zs.append(mu)
             mus.append(mu)
-            _, hidden = self._append(pre, mu[:, None])
-            h = hidden[:, -1]
+            h = self._latent_step(pre, mu)
         tail, tmask = self._tail(answer, amask, k_steps)
         logits, _ = self._append(pre, self.embed(tail), tmask, logits_to_keep=0)
         pred = logits[:, -answer.shape[1]:] if k_steps > 0 else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
