@@ -354,3 +354,7 @@ def test_cli_synth(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "multiple of 28" in bad.output
     bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--families", "colour"])
     assert bad.exit_code == 2 and "unknown question family" in bad.output
+
+
+def test_compositional_split_has_no_presence_questions(records: dict[str, list]) -> None:
+    assert "presence" not in {r.question_type for r in records["compositional"]}

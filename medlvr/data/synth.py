@@ -28,7 +28,8 @@ Question families (`question_type`):
 Splits: `train`, `val`, `test` and `compositional`. A Latin-square set of
 (shape, region) pairs is held out: no lesion of a held pair appears in any
 train/val/test/describe image, and in every compositional image the queried
-(primary) lesion has a held pair. Every sample draws from its own
+(primary) lesion has a held pair (no presence questions there: they do not
+depend on the shape). Every sample draws from its own
 `numpy.random.default_rng([seed, split, index, stream])` substreams, so the same
 seed gives byte-identical files and changing `n` or the split sizes never
 changes the other samples.
@@ -432,12 +433,17 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
     """Sample the scene and question of record `index` of `split` (a pure function of its arguments)."""
     rng = _rng(cfg, split, index, 0)
     mix = cfg.family_mix
+    comp = split == "compositional"
+    if comp and len(mix) > 1 and "presence" in mix:
+        # Whether a region holds *a* lesion does not depend on its shape, so a held
+        # (shape, region) pair tests nothing there (and only "yes" could apply).
+        mix = {f: w for f, w in mix.items() if f != "presence"}
+        mix = {f: w / sum(mix.values()) for f, w in mix.items()}
     family = list(mix)[int(rng.choice(len(mix), p=list(mix.values())))]
     modality = cfg.modalities[int(rng.integers(len(cfg.modalities)))]
     lo, hi = cfg.distractor_range
     cells = cfg.grid**2
     n = min(max(int(rng.integers(lo, hi + 1)) + 1, MIN_LESIONS[family]), cells)
-    comp = split == "compositional"
     b = _SceneBuilder(cfg, rng, split)
     names = cfg.region_names()
 
