@@ -1,0 +1,490 @@
+"""The evaluation harness: batched generation, scored rows on disk as they come, resumable and shardable.
+
+`evaluate` answers every question of one or more JSONL files with a model (or
+any `Predictor` callable), scores each response with THE scorer
+(`medlvr.eval.metrics.prediction_row`), and writes the run directory:
+
+- `predictions.jsonl`: one scored row per (question id, latent budget K),
+  appended and flushed after every batch, so a crash loses at most the batch
+  in flight. A rerun on the same `out` skips the (id, K) pairs already there.
+- `run.json`: the settings of the run (a rerun with another model or mode on
+  the same directory is refused: its rows would be mixed).
+- `summary.json`, `report.md`, `plots/*.png` from `medlvr.eval.report.write_report`.
+
+Modes (prompts in `medlvr.data.prompts`): `direct` answers at once (K=0),
+`cot` writes its reasoning before a tagged answer (K=0, a longer token
+budget), `latent` runs K continuous latent steps before the answer; a list of
+K sweeps the latent budget in one call (one collated batch serves every K).
+
+Order: samples are sorted by (number of images, prompt length, id), so a batch
+holds prompts of similar length (little left padding) and the order never
+depends on the model or on the machine.
+
+Sharding: with `world_size` W > 1 (read from an initialised
+`torch.distributed` group, e.g. under `torchrun` or `accelerate launch`), rank
+r takes the strided slice `sorted_samples[r::W]` and appends to its own
+`predictions.rank{r}.jsonl`; after a barrier rank 0 merges every file into
+`predictions.jsonl` (deduplicated on (id, K), sorted by (id, K)) and writes
+the reports. A single process ends with the same merge, so one process and W
+processes give the same `predictions.jsonl` up to the timing fields.
+
+A sample whose image is missing or unreadable becomes an error row carrying
+the reason (scored wrong, counted in `n_errors`) and the run goes on. An
+exception raised by the predictor itself stops the run (it is a bug or a
+crash, not a property of the sample); the rows already flushed survive it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from medlvr.data.prompts import Mode, question_text
+from medlvr.data.schema import VQASample, load_jsonl
+from medlvr.errors import MedlvrError
+from medlvr.eval.metrics import prediction_row
+from medlvr.eval.report import PREDICTIONS_FILE, write_report
+
+__all__ = [
+    "Generated",
+    "Predictor",
+    "ModelPredictor",
+    "EvalResult",
+    "evaluate",
+    "load_samples",
+    "sort_for_batching",
+    "merge_shards",
+    "parse_latent_steps",
+    "default_max_new_tokens",
+    "RUN_FILE",
+    "run_settings",
+]
+
+RUN_FILE = "run.json"
+MODES: tuple[str, ...] = ("direct", "latent", "cot")
+# Token budgets: a short answer fits in 32 tokens; written reasoning needs room before its tag.
+DEFAULT_MAX_NEW_TOKENS = {"direct": 32, "latent": 32, "cot": 256}
+
+
+@dataclass
+class Generated:
+    """One response of a predictor; `n_tokens` is the number of generated tokens when known."""
+
+    text: str
+    n_tokens: int | None = None
+
+
+Predictor = Callable[[Sequence[VQASample], Sequence[Sequence[Image.Image]], int], Sequence["str | Generated"]]
+"""`predictor(samples, images, latent_steps) -> one response per sample` (a str or a `Generated`).
+
+`images[i]` are the loaded images of `samples[i]`, in order. A model is
+wrapped by `ModelPredictor`; tests pass scripted callables.
+"""
+
+
+def default_max_new_tokens(mode: str) -> int:
+    if mode not in DEFAULT_MAX_NEW_TOKENS:
+        raise MedlvrError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return DEFAULT_MAX_NEW_TOKENS[mode]
+
+
+def parse_latent_steps(text: str | int | Sequence[int] | None) -> list[int] | None:
+    """"0,2,4,8" -> [0, 2, 4, 8] (order kept, duplicates dropped); None stays None."""
+    if text is None:
+        return None
+    if isinstance(text, int):
+        items: list[Any] = [text]
+    elif isinstance(text, str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+    else:
+        items = list(text)
+    out: list[int] = []
+    for item in items:
+        try:
+            k = int(item)
+        except (TypeError, ValueError):
+            raise MedlvrError(f"latent steps must be integers like 0,2,4,8, got {item!r}") from None
+        if k < 0:
+            raise MedlvrError(f"latent steps must be >= 0, got {k}")
+        if k not in out:
+            out.append(k)
+    if not out:
+        raise MedlvrError("no latent steps given")
+    return out
+
+
+class ModelPredictor:
+    """A `LatentVLM` as a `Predictor`: collate without answers or ROIs, greedy `generate`."""
+
+    def __init__(self, vlm: Any, mode: Mode, max_new_tokens: int):
+        from medlvr.data.collate import VQACollator
+
+        self.vlm = vlm
+        self.max_new_tokens = max_new_tokens
+        self.collate = VQACollator(vlm.processor, vlm.adapter, mode=mode, with_answers=False, with_rois=False)
+
+    def __call__(self, samples: Sequence[VQASample], images: Sequence[Sequence[Image.Image]],
+                 latent_steps: int) -> list[Generated]:
+        import torch
+
+        batch = self.collate(list(samples), images=[list(imgs) for imgs in images])
+        with torch.inference_mode():
+            out = self.vlm.generate(batch, latent_steps, max_new_tokens=self.max_new_tokens)
+        return [Generated(text, len(ids)) for text, ids in zip(out.texts, out.token_ids)]
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate` did. `summary` is None on ranks other than 0 and for an unmerged shard."""
+
+    out_dir: Path
+    n_samples: int
+    """Questions of this rank's slice (all questions with one process)."""
+    n_new: int
+    """(id, K) rows written by this call (the rest were already done)."""
+    n_skipped: int
+    """(id, K) pairs found done and skipped (a resumed run)."""
+    n_errors: int
+    """Error rows written by this call (missing or unreadable images)."""
+    seconds: float
+    """Wall time of this call's generation loop."""
+    samples_per_s: float
+    """Rows written per second of `seconds`."""
+    summary: dict[str, Any] | None = None
+    report: dict[str, Any] | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_samples(paths: Sequence[str | Path], limit: int | None = None) -> list[VQASample]:
+    """Samples of every file in order, without checking images (a missing image is an error row later).
+
+    Malformed records still fail fast with every problem listed; ids must be
+    unique over all the files, since a row is keyed by (id, K).
+    """
+    if not paths:
+        raise MedlvrError("no data file given")
+    samples: list[VQASample] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        for s in load_jsonl(path, check_images=False).samples:
+            if s.id in seen:
+                raise MedlvrError(f"duplicate question id {s.id!r} in {path} (also in {seen[s.id]}): "
+                                  "ids must be unique over all data files")
+            seen[s.id] = str(path)
+            samples.append(s)
+    if limit is not None:
+        if limit < 1:
+            raise MedlvrError(f"limit must be >= 1, got {limit}")
+        samples = samples[:limit]
+    return samples
+
+
+def sort_for_batching(samples: Iterable[VQASample], mode: Mode = "direct") -> list[VQASample]:
+    """Sorted by (number of images, prompt length in characters, id): similar lengths share a batch."""
+    return sorted(samples, key=lambda s: (len(s.images), len(question_text(s, mode)), s.id))
+
+
+def _default_loader(path: str) -> Image.Image:
+    from medlvr.data.images import load_image
+
+    return load_image(path)
+
+
+def _load_images(sample: VQASample, loader: Callable[[str], Image.Image]) -> tuple[list[Image.Image], str | None]:
+    """(images, None), or ([], reason) when one is missing or unreadable."""
+    images = []
+    for path in sample.images:
+        if not Path(path).is_file():
+            return [], f"image not found: {path}"
+        try:
+            images.append(loader(path))
+        except Exception as err:  # noqa: BLE001 - any decoder failure is a property of the file
+            return [], f"unreadable image {path}: {type(err).__name__}: {err}"
+    return images, None
+
+
+# --------------------------------------------------------------------------- rows on disk
+
+
+def _shard_file(out: Path, rank: int) -> Path:
+    return out / f"predictions.rank{rank}.jsonl"
+
+
+def _read_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of a predictions file; a torn last line (a crash mid-write) is dropped, and cut off if `repair`."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    rows = []
+    good_end = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break  # the last line was never finished
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise MedlvrError(f"{path}: malformed row at byte {good_end}: {err.msg}") from None
+        good_end += len(line)
+    if repair and good_end < len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(good_end)
+    return rows
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, int]:
+    return str(row["id"]), int(row["latent_steps"] if row.get("latent_steps") is not None else 0)
+
+
+def _done_keys(out: Path) -> set[tuple[str, int]]:
+    files = [out / PREDICTIONS_FILE, *sorted(out.glob("predictions.rank*.jsonl"))]
+    return {_key(r) for f in files for r in _read_rows(f)}
+
+
+def merge_shards(out_dir: str | Path) -> Path:
+    """Fold `predictions.rank*.jsonl` into `predictions.jsonl`: one row per (id, K), sorted by (id, K).
+
+    When a pair appears twice (a resumed run), the shard's row wins over the
+    merged file's, and a later row over an earlier one. Shard files are removed.
+    """
+    out = Path(out_dir)
+    main = out / PREDICTIONS_FILE
+    shards = sorted(out.glob("predictions.rank*.jsonl"))
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for f in [main, *shards]:
+        for row in _read_rows(f):
+            merged[_key(row)] = row
+    tmp = main.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for k in sorted(merged):
+            fh.write(json.dumps(merged[k], ensure_ascii=False) + "\n")
+    tmp.replace(main)
+    for f in shards:
+        f.unlink()
+    return main
+
+
+# --------------------------------------------------------------------------- distribution
+
+
+def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """(rank, world size, whether a process group is there to synchronise with)."""
+    import torch.distributed as dist
+
+    group = dist.is_available() and dist.is_initialized()
+    if group:
+        g_rank, g_world = dist.get_rank(), dist.get_world_size()
+        if (rank is not None and rank != g_rank) or (world_size is not None and world_size != g_world):
+            raise MedlvrError(f"rank/world_size {rank}/{world_size} disagree with the process group "
+                              f"{g_rank}/{g_world}")
+        return g_rank, g_world, True
+    rank = 0 if rank is None else rank
+    world_size = 1 if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise MedlvrError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    return rank, world_size, False
+
+
+def _barrier(synced: bool) -> None:
+    if synced:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
+    """Refuse to mix rows of another model or mode into an existing run; record the settings otherwise."""
+    path = out / RUN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("model", "mode"):
+            if old.get(key) != settings.get(key):
+                raise MedlvrError(f"{out} holds a run with {key}={old.get(key)!r}, not {settings.get(key)!r}: "
+                                  "use another --out")
+        settings = {**old, **settings,
+                    "latent_steps": sorted(set(old.get("latent_steps", [])) | set(settings["latent_steps"])),
+                    "data": list(dict.fromkeys([*old.get("data", []), *settings["data"]]))}
+    if rank == 0:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def evaluate(
+    data: Sequence[str | Path] | Sequence[VQASample],
+    out_dir: str | Path,
+    *,
+    model: str | Path | None = None,
+    vlm: Any = None,
+    predictor: Predictor | None = None,
+    mode: Mode = "direct",
+    latent_steps: Sequence[int] | int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    image_loader: Callable[[str], Image.Image] | None = None,
+    progress: bool = True,
+    report: bool = True,
+    title: str | None = None,
+) -> EvalResult:
+    """Answer, score and report; see the module docstring.
+
+    Exactly one of `model` (a folder, loaded with `LatentVLM.from_pretrained`),
+    `vlm` (a loaded `LatentVLM`) or `predictor` answers. `data` is a list of
+    JSONL files or of `VQASample`s. `latent_steps` defaults to [0] in modes
+    direct and cot (where K > 0 is refused) and to the model's configured K in
+    mode latent (a predictor needs it given). `rank`/`world_size` default to
+    the initialised process group, else 0/1; without a group, a sharded call
+    only writes its shard and `merge_shards` + `write_report` finish the run.
+    """
+    if mode not in MODES:
+        raise MedlvrError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if sum(x is not None for x in (model, vlm, predictor)) != 1:
+        raise MedlvrError("give exactly one of model, vlm or predictor")
+    if batch_size < 1:
+        raise MedlvrError(f"batch_size must be >= 1, got {batch_size}")
+    max_new_tokens = default_max_new_tokens(mode) if max_new_tokens is None else max_new_tokens
+    if max_new_tokens < 1:
+        raise MedlvrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ks = parse_latent_steps(latent_steps)
+    if mode in ("direct", "cot"):
+        if ks is not None and ks != [0]:
+            raise MedlvrError(f"mode {mode} answers without latent steps (K=0); use --mode latent for K={ks}")
+        ks = [0]
+    rank, world_size, synced = _dist_info(rank, world_size)
+
+    if data and isinstance(data[0], VQASample):
+        samples = list(data)[:limit] if limit is not None else list(data)  # type: ignore[arg-type]
+        data_names = sorted({s.dataset for s in samples})
+    else:
+        samples = load_samples(data, limit)  # type: ignore[arg-type]
+        data_names = [str(Path(p).resolve()) for p in data]  # type: ignore[arg-type]
+
+    if model is not None:
+        from medlvr.model.latent import LatentVLM
+
+        vlm = LatentVLM.from_pretrained(model)
+    if vlm is not None:
+        if ks is None:
+            ks = [int(vlm.latent.steps)]
+        predictor = ModelPredictor(vlm, mode, max_new_tokens)
+    if ks is None:
+        raise MedlvrError("mode latent with a predictor needs latent_steps")
+    assert predictor is not None
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run_file(out, {
+        "model": str(Path(model).resolve()) if model is not None else (
+            "<in-memory LatentVLM>" if vlm is not None else f"<predictor {getattr(predictor, '__name__', type(predictor).__name__)}>"),
+        "mode": mode, "latent_steps": ks, "data": data_names, "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size, "limit": limit, "world_size": world_size,
+    }, rank)
+
+    mine = sort_for_batching(samples, mode)[rank::world_size]  # this rank's strided slice
+    shard = out / PREDICTIONS_FILE if world_size == 1 else _shard_file(out, rank)
+    _read_rows(shard, repair=True)  # cut a torn last line before appending after it
+    done = _done_keys(out)
+    pending = [s for s in mine if any((s.id, k) not in done for k in ks)]
+    n_todo = sum((s.id, k) not in done for s in pending for k in ks)
+    n_skipped = len(mine) * len(ks) - n_todo
+    load = image_loader or _default_loader
+
+    n_new = n_err = 0
+    t0 = time.perf_counter()
+    bar = _Bar(n_todo, enabled=progress and rank == 0, label=f"eval {mode} K={','.join(map(str, ks))}")
+    with shard.open("a", encoding="utf-8") as fh, bar:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start:start + batch_size]
+            loaded = [_load_images(s, load) for s in chunk]
+            for k in ks:
+                todo = [(s, imgs, err) for s, (imgs, err) in zip(chunk, loaded) if (s.id, k) not in done]
+                if not todo:
+                    continue
+                rows = [prediction_row(s, None, latent_steps=k, error=err, mode=mode)
+                        for s, _, err in todo if err is not None]
+                good = [(s, imgs) for s, imgs, err in todo if err is None]
+                if good:
+                    t = time.perf_counter()
+                    responses = list(predictor([s for s, _ in good], [imgs for _, imgs in good], k))
+                    per_sample = (time.perf_counter() - t) / len(good)
+                    if len(responses) != len(good):
+                        raise MedlvrError(f"the predictor returned {len(responses)} responses for {len(good)} questions")
+                    for (s, _), r in zip(good, responses):
+                        g = r if isinstance(r, Generated) else Generated(str(r))
+                        rows.append(prediction_row(s, g.text, latent_steps=k, latency_s=per_sample,
+                                                   n_tokens=g.n_tokens, mode=mode))
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.flush()  # one batch on disk: a crash after this loses nothing of it
+                os.fsync(fh.fileno())
+                n_new += len(rows)
+                n_err += sum(1 for r in rows if r.get("error"))
+                bar.advance(len(rows))
+    seconds = time.perf_counter() - t0
+
+    result = EvalResult(out, len(mine), n_new, n_skipped, n_err, seconds, n_new / seconds if seconds > 0 else 0.0)
+    if world_size > 1 and not synced:
+        return result  # an unsynchronised shard: the caller merges once every shard is written
+    _barrier(synced)
+    if rank == 0:
+        merge_shards(out)
+        if report:
+            result.report = write_report(out, title=title)
+            result.summary = result.report["data"]
+    _barrier(synced)  # the other ranks return once the merged files exist
+    return result
+
+
+class _Bar:
+    """A rich progress bar with a samples/s column (silent when disabled, e.g. on ranks > 0)."""
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.enabled = enabled and total > 0
+        self.total, self.label = total, label
+        self.progress = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=self.total, rate="")
+            self.t0 = time.perf_counter()
+            self.n = 0
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.n += n
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            self.progress.update(self.task, advance=n, rate=f"{rate:.2f} samples/s")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def run_settings(out_dir: str | Path) -> dict[str, Any]:
+    """The `run.json` of a run directory ({} when absent)."""
+    path = Path(out_dir) / RUN_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
