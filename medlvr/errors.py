@@ -3,3 +3,7 @@
 
 class MedlvrError(ValueError):
     """A problem with the user's input (arguments, files, configuration), not a bug."""
+
+
+class ImageError(MedlvrError):
+    """An image file that cannot be read: unknown format, truncated, corrupt or too large."""
