@@ -1,7 +1,194 @@
-"""`medlvr eval ...` commands."""
+"""`medlvr eval ...`: evaluate a model (`medlvr eval --model ... --data ...`), `compare` two runs, rebuild a `report`."""
 
 from __future__ import annotations
 
-import typer
+import math
+from pathlib import Path
+from typing import Any
 
-app = typer.Typer(help="Evaluate models on medical VQA benchmarks.")
+import click
+import typer
+from rich.table import Table
+from typer.core import TyperGroup
+
+from medlvr.cli._common import console, user_errors
+
+
+class _EvalGroup(TyperGroup):
+    """`--data A.jsonl B.jsonl` takes every following word up to the next option, as the docs show.
+
+    click options take one value each; the words after `--data` are rewritten
+    into repeated `--data X` before parsing (a subcommand name ends the list).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg in self.commands and not out[-1:] == ["--data"]:
+                out += args[i:]  # a subcommand: its own arguments follow untouched
+                break
+            out.append(arg)
+            if arg == "--data":
+                if i + 1 < len(args):
+                    out.append(args[i + 1])
+                    i += 1
+                while i + 1 < len(args) and not args[i + 1].startswith("-") and args[i + 1] not in self.commands:
+                    out += ["--data", args[i + 1]]
+                    i += 1
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+app = typer.Typer(
+    cls=_EvalGroup,
+    help="Evaluate a model on medical VQA JSONL files; compare runs; rebuild reports.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+@app.callback(invoke_without_command=True)
+@user_errors
+def eval_run(
+    ctx: typer.Context,
+    model: Path | None = typer.Option(None, "--model", help="Model folder (tiny, medlvr checkpoint or Qwen-VL)."),
+    data: list[Path] = typer.Option([], "--data", help="Test JSONL file(s): --data A.jsonl B.jsonl."),
+    mode: str = typer.Option("direct", "--mode", help="direct (K=0), latent (K latent steps) or cot (reasoning, K=0)."),
+    latent_steps: str | None = typer.Option(
+        None, "--latent-steps", help="K, or a sweep like 0,2,4,8 (mode latent; default: the model's K)."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder: predictions.jsonl, summary.json, report.md, plots."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions per generate call."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", help="Answer token limit (default 32; 256 in mode cot)."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N questions (over all files, in order)."),
+    explain_metrics: bool = typer.Option(
+        False, "--explain-metrics",
+        help="Also score the evidence maps (pointing game, ROI mass, random floor) on questions with ROIs, per K >= 1."),
+) -> None:
+    """Answer every question, score it with the one scorer, and write the run's reports.
+
+    Rerunning with the same --out resumes: finished (question, K) pairs are skipped.
+    Under torchrun / accelerate launch every rank takes a strided slice; rank 0 merges.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None and not data and out is None:
+        console.print(ctx.get_help())
+        raise typer.Exit(code=0)
+    missing = [name for name, v in (("--model", model), ("--data", data or None), ("--out", out)) if v is None]
+    if missing:
+        raise ValueError(f"medlvr eval needs {', '.join(missing)}")
+
+    import torch
+
+    from medlvr.eval.harness import evaluate, parse_latent_steps
+
+    _init_distributed()
+    result = evaluate(data, out, model=model, mode=mode, latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, explain=explain_metrics)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if result.summary is None:
+        return
+    o = result.summary["overall"]
+    console.print(f"{result.n_new} new rows ({result.n_skipped} already done), {result.samples_per_s:.2f} samples/s; "
+                  f"errors {o['n_errors']}, invalid {o['n_invalid']}", highlight=False)
+    _print_summary(result.summary)
+    if "explain" in result.summary:
+        from medlvr.explain import format_metrics
+
+        for m in result.summary["explain"].values():
+            console.print(format_metrics(m), highlight=False)
+    console.print(f"report: {result.report['report']}", highlight=False)  # type: ignore[index]
+
+
+def _init_distributed() -> None:
+    """Join the process group when launched by torchrun / accelerate launch (gloo on CPU, nccl on GPU)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()  # reads RANK/WORLD_SIZE/MASTER_ADDR and initialises torch.distributed
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    run: Path = typer.Argument(..., help="Run folder holding predictions.jsonl."),
+    title: str | None = typer.Option(None, "--title", help="Heading of report.md."),
+) -> None:
+    """Rebuild summary.json, report.md and the plots of a run from its predictions.jsonl."""
+    from medlvr.eval.report import write_report
+
+    if not run.is_dir():
+        raise ValueError(f"run folder not found: {run}")
+    written = write_report(run, title=title)
+    _print_summary(written["data"])
+    console.print(f"wrote {written['summary']}, {written['report']} and {len(written['plots'])} plot(s)",
+                  highlight=False)
+
+
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    run_a: Path = typer.Argument(..., help="Baseline run folder (A)."),
+    run_b: Path = typer.Argument(..., help="Candidate run folder (B)."),
+    out: Path | None = typer.Option(None, "--out", help="Also write compare.json and compare.md here."),
+    n_boot: int = typer.Option(10_000, "--n-boot", help="Bootstrap resamples for the CI of the delta."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """B against A: metrics side by side with deltas, per-question wins and losses, McNemar and bootstrap CI."""
+    from medlvr.eval.report import compare
+
+    c = compare(run_a, run_b, out_dir=out, n_boot=n_boot, seed=seed)
+    m = c["metrics"]
+    table = Table(title=f"B = {run_b}  vs  A = {run_a}  (in %)")
+    for col in ("scope", "metric", "A", "B", "delta"):
+        table.add_column(col, justify="left" if col in ("scope", "metric") else "right")
+    scopes = [("all", m["overall"])] + [(f"dataset {k}", v) for k, v in m.get("by_dataset", {}).items()]
+    scopes += [(f"K={k}", v) for k, v in m.get("by_latent_steps", {}).items()]
+    for name, metrics in scopes:
+        for key in ("accuracy", "closed_accuracy", "choice_accuracy", "open_token_f1", "invalid_rate"):
+            v = metrics[key]
+            if v["a"] is None and v["b"] is None:
+                continue
+            table.add_row(name, key, _pct(v["a"]), _pct(v["b"]), _pct(v["delta"], signed=True))
+    console.print(table)
+    tests = Table(title=f"Paired on {c['matched_on']}: {c['paired']['n']} questions "
+                        f"({c['only_a']} only in A, {c['only_b']} only in B)")
+    for col in ("scope", "n", "acc A", "acc B", "delta", "B wins", "B losses", "McNemar p", "CI of delta"):
+        tests.add_column(col, justify="left" if col == "scope" else "right")
+    for name, p in [("all", c["paired"])] + list(c["paired_by_dataset"].items()):
+        ci = "–" if p["ci"] is None else f"[{_pct(p['ci'][0], True)}, {_pct(p['ci'][1], True)}]"
+        tests.add_row(name, str(p["n"]), _pct(p["acc_a"]), _pct(p["acc_b"]), _pct(p["delta"], True),
+                      str(p["wins"]), str(p["losses"]), f"{p['mcnemar_p']:.4g}", ci)
+    console.print(tests)
+    for label, items in (("B wins", c["won"]), ("B losses", c["lost"])):
+        shown = ", ".join(x["id"] + (f"@K={x['latent_steps']}" if x["latent_steps"] is not None else "")
+                          for x in items[:20])
+        more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
+        console.print(f"{label} ({len(items)}): {shown}{more}", highlight=False)
+    if out is not None:
+        console.print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}", highlight=False)
+
+
+def _pct(v: Any, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="Accuracy (%)")
+    for col in ("scope", "n", "acc", "closed", "choice", "open EM", "tok F1", "invalid", "errors"):
+        table.add_column(col, justify="left" if col == "scope" else "right")
+    scopes = [("all", summary["overall"])] + [(f"dataset {k}", v) for k, v in summary["by_dataset"].items()]
+    scopes += [(f"K={k}", v) for k, v in summary.get("by_latent_steps", {}).items()]
+    for name, m in scopes:
+        table.add_row(name, str(m["n"]), _pct(m["accuracy"]), _pct(m["closed_accuracy"]), _pct(m["choice_accuracy"]),
+                      _pct(m["open_exact_match"]), _pct(m["open_token_f1"]), _pct(m["invalid_rate"]),
+                      str(m["n_errors"]))
+    console.print(table)

@@ -340,6 +340,7 @@ def evaluate(
     progress: bool = True,
     report: bool = True,
     title: str | None = None,
+    explain: bool = False,
 ) -> EvalResult:
     """Answer, score and report; see the module docstring.
 
@@ -350,6 +351,10 @@ def evaluate(
     mode latent (a predictor needs it given). `rank`/`world_size` default to
     the initialised process group, else 0/1; without a group, a sharded call
     only writes its shard and `merge_shards` + `write_report` finish the run.
+    `explain` (a model only, mode latent) also measures the evidence maps on
+    the questions with ROIs for every K >= 1 (`medlvr.explain.explain_metrics`:
+    pointing game and ROI mass beside a random map) on rank 0, saved as
+    `explain.json` and merged into `summary.json` and `report.md`.
     """
     if mode not in MODES:
         raise MedlvrError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -385,6 +390,8 @@ def evaluate(
     if ks is None:
         raise MedlvrError("mode latent with a predictor needs latent_steps")
     assert predictor is not None
+    if explain and (vlm is None or max(ks) < 1):
+        raise MedlvrError("explanation metrics need a model and mode latent with K >= 1")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,10 +450,34 @@ def evaluate(
     _barrier(synced)
     if rank == 0:
         merge_shards(out)
+        if explain:
+            _explain(vlm, samples, [k for k in ks if k >= 1], out, batch_size, load)
         if report:
             result.report = write_report(out, title=title)
             result.summary = result.report["data"]
     _barrier(synced)  # the other ranks return once the merged files exist
+    return result
+
+
+def _explain(vlm: Any, samples: Sequence[VQASample], ks: Sequence[int], out: Path, batch_size: int,
+             load: Callable[[str], Image.Image]) -> dict[str, Any]:
+    """Evidence-map faithfulness per K on the questions with ROIs whose images load; saved as explain.json."""
+    from medlvr.eval.report import EXPLAIN_FILE
+    from medlvr.explain import explain_metrics
+
+    kept, images = [], []
+    for s in samples:
+        if s.rois:
+            imgs, err = _load_images(s, load)
+            if err is None and imgs:  # an error row already records the failure
+                kept.append(s)
+                images.append(imgs)
+    if not kept:
+        raise MedlvrError("--explain-metrics: no question with an ROI and a readable image in the data")
+    result = {str(k): explain_metrics(vlm, kept, k, images=images, batch_size=batch_size) for k in ks}
+    tmp = out / (EXPLAIN_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / EXPLAIN_FILE)
     return result
 
 

@@ -53,6 +53,8 @@ REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
 COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
+EXPLAIN_FILE = "explain.json"
+"""Evidence-map metrics per K (`medlvr eval --explain-metrics`), merged into the summary under `explain`."""
 
 # Columns of every metrics table: (summary key, header, kind).
 _COLUMNS = [
@@ -149,6 +151,17 @@ def _markdown(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], tit
     for key, label in _SECTIONS:
         if summary.get(key):
             out += [f"## By {label}", ""] + _table(summary[key], label) + [""]
+    if summary.get("explain"):
+        out += ["## Evidence maps on questions with ROIs", "",
+                "Pointing game (peak inside an ROI) and ROI mass (share of the map inside the ROIs), in %; "
+                "`random` is a seeded random map, `chance` the expectation of a uniform one.", "",
+                "| K | n | map | pointing | ROI mass |", "|---|---|---|---|---|"]
+        for k, m in summary["explain"].items():
+            for name in ("similarity", "attention", "random", "chance"):
+                if isinstance(m.get(name), Mapping):
+                    out.append(f"| {k} | {m.get('n', '')} | {name} | {_fmt(m[name].get('pointing'), 'pct')} | "
+                               f"{_fmt(m[name].get('roi_mass'), 'pct')} |")
+        out.append("")
     if plots:
         out += ["## Plots", ""] + [f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in plots] + [""]
     invalid = [r for r in rows if r.get("invalid") and not r.get("error")]
@@ -244,6 +257,8 @@ def write_report(
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = read_predictions(run_dir) if rows is None else list(rows)
     summary = summarize(rows)
+    if (run_dir / EXPLAIN_FILE).is_file():
+        summary["explain"] = json.loads((run_dir / EXPLAIN_FILE).read_text(encoding="utf-8"))
     summary_path = run_dir / SUMMARY_FILE
     _write_text(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     plots = _plots(summary, run_dir / PLOTS_DIR)
