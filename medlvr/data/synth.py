@@ -33,6 +33,25 @@ depend on the shape). Every sample draws from its own
 `numpy.random.default_rng([seed, split, index, stream])` substreams, so the same
 seed gives byte-identical files and changing `n` or the split sizes never
 changes the other samples.
+
+Files written by `generate(cfg, out_dir)`:
+
+    images/{split}-{index:06d}.png   8-bit grey (mode L), image_size x image_size
+    train.jsonl val.jsonl test.jsonl compositional.jsonl
+                                     one VQASample per line, id "synth-{split}-{index:06d}"
+    describe.jsonl                   stage 0: "synth-describe-train-..." and
+                                     "synth-ground-train-..." per train image (split "describe")
+    manifest.json                    config, counts by split / family / lesion count,
+                                     regions, shapes, held pairs
+
+Record fields: `question_type` = family; `answer_type` closed (yes/no), choice
+(letters A-D shuffled per sample, `answer` = gold option text) or open (count,
+describe, ground); `rois` = evidence boxes `[x0, y0, x1, y1]` in pixel edges
+labelled "lesion" (or "region" for a presence "no"), in reasoning order (anchor
+before target); `modality` = style name; `meta` = {family, level, n_lesions,
+target (index into lesions of the primary lesion, or null), held_pair, lesions:
+[{region, shape, size, intensity, texture, box, center, extent}] in raster
+order, plus the family's variant / attribute / descriptor / anchor / direction}.
 """
 
 from __future__ import annotations
