@@ -55,3 +55,52 @@ def _synth(out: str, families: str, modalities: str, distractors: str, same_shap
     for split, c in manifest["counts"].items():
         console.print(f"{split:>13}: {c['total']:>6} records  {paths[split]}", highlight=False)
     console.print(f"manifest: {paths['manifest']}", highlight=False)
+
+
+@app.command("convert")
+@user_errors
+def convert(
+    source: str = typer.Argument(..., help="Benchmark: vqa-rad, slake, pathvqa, omnimedvqa, pmc-vqa, mmmu-med, medxpertqa-mm, medframeqa."),
+    root: str = typer.Option(..., "--root", help="The unpacked release folder."),
+    out: str = typer.Option(..., "--out", help="Output JSONL file (image paths written relative to its folder when below it)."),
+    split: str = typer.Option(None, "--split", help="One split (default: all the converter knows)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="PathVQA: read the .pkl release (unpickling executes code: only for trusted files)."),
+) -> None:
+    """Convert a benchmark release to VQASample JSONL and print counts by split and answer type."""
+    from collections import Counter
+    from pathlib import Path
+
+    from medlvr.data.schema import write_jsonl
+    from medlvr.data.sources import EMBEDS_IMAGES
+    from medlvr.data.sources import convert as run_converter
+
+    out_path = Path(out)
+    opts: dict[str, object] = {"allow_pickle": allow_pickle}
+    if source in EMBEDS_IMAGES:  # embedded images land beside the output, never inside the release
+        opts["image_dir"] = out_path.parent / "images" / source
+    samples = run_converter(source, Path(root), split, **opts)
+    n = write_jsonl(samples, out_path)
+    counts = Counter((s.split, s.answer_type) for s in samples)
+    for split_name in sorted({s for s, _ in counts}):
+        per_type = "  ".join(f"{t}={counts[split_name, t]}" for t in ("closed", "open", "choice") if counts[split_name, t])
+        total = sum(c for (s, _), c in counts.items() if s == split_name)
+        console.print(f"{split_name:>10}: {total:>6}  {per_type}", highlight=False)
+    console.print(f"wrote {n} samples to {out_path}", highlight=False)
+
+
+@app.command("validate")
+@user_errors
+def validate(
+    file: str = typer.Argument(..., help="A VQASample JSONL file."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Check that every image exists and decodes."),
+) -> None:
+    """List every problem of a JSONL file with its line number; exit code 1 if there are any."""
+    from medlvr.data.validate import validate_file
+
+    problems = validate_file(file, check_images=images, decode_images=images)
+    for problem in problems:
+        console.print(str(problem), highlight=False, soft_wrap=True)
+    if problems:
+        console.print(f"{len(problems)} problem(s) in {file}", highlight=False)
+        raise typer.Exit(code=1)
+    console.print(f"{file}: no problems", highlight=False)
