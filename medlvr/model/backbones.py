@@ -53,6 +53,18 @@ class PositionState:
     delta: torch.Tensor  # [B] multimodal RoPE offset (0 for 1-D RoPE families)
 
 
+@dataclass
+class PrefixInputs:
+    """The prompt as the backbone takes it, built once per batch by `BackboneAdapter.prefix_inputs`."""
+
+    embeds: torch.Tensor  # [B, L, d] prompt input embeddings
+    visual: list[torch.Tensor]  # per image [n, d] post-projection visual tokens (with grad), prompt order
+    # Extra forward arguments of every pass that covers the whole prompt (cached
+    # prefill and uncached full passes; never the appended steps), e.g. Qwen3-VL's
+    # encoder outputs, whose deepstack features the backbone adds at the image slots.
+    kwargs: dict[str, Any]
+
+
 class BackboneAdapter(ABC):
     """The family-specific knowledge `LatentVLM` and the data layer need."""
 
@@ -101,9 +113,30 @@ class BackboneAdapter(ABC):
     def appended_position_ids(self, state: PositionState, length: int) -> torch.Tensor:
         """Position ids of `length` positions appended after the prefix (does not advance `state`)."""
 
+    def prefix_inputs(self, model: PreTrainedModel, batch: dict[str, Any], embeds: torch.Tensor) -> PrefixInputs:
+        """The prompt's input embeddings `embeds [B, L, d]` with the visual tokens in place.
+
+        By default the post-projection features replace the image-token
+        embeddings here, so the backbone sees plain `inputs_embeds`. A family whose
+        vision features act beyond the input layer (Qwen3-VL deepstack) overrides
+        this and hands the backbone its encoder outputs instead.
+        """
+        visual = self.image_features(model, batch)
+        if visual:
+            mask = (batch["input_ids"] == self.image_token_id(model)).unsqueeze(-1)  # [B, L, 1]
+            feats = torch.cat(visual, 0).to(embeds.dtype)  # [N, d]
+            if int(mask.sum()) != feats.shape[0]:
+                raise MedlvrError(f"{int(mask.sum())} image tokens in the prompt but {feats.shape[0]} visual features")
+            embeds = embeds.masked_scatter(mask, feats)
+        return PrefixInputs(embeds, visual, {})
+
     def prefill_kwargs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Extra forward arguments only the prefix pass takes (e.g. Gemma 3 token types)."""
+        """Per-position forward arguments only passes over the prefix take (e.g. Gemma 3 token types)."""
         return {}
+
+    def is_vision_parameter(self, name: str) -> bool:
+        """Whether a parameter (by its name in the model) belongs to the vision tower or its projector."""
+        return ".visual." in name or name.startswith("visual.")
 
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
         """The visual-token grid of an image of `width x height` original pixels."""
@@ -348,7 +381,256 @@ class Qwen2VLAdapter(QwenVLAdapter):
         }
 
 
-_ADAPTERS: dict[str, BackboneAdapter] = {a.family: a for a in (QwenVLAdapter(), Qwen2VLAdapter())}
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: interleaved multimodal RoPE, 16-px patches merged 2x2 into 32-px token cells, deepstack.
+
+    Deepstack adds features from intermediate vision layers to the hidden states
+    of the first decoder layers at the image positions, and the backbone does it
+    only in the forward that receives the vision outputs. So the prompt keeps
+    `embed(image_token_id)` at its image slots (where the backbone finds and
+    fills them) and every pass over the whole prompt gets the encoder outputs,
+    computed once per batch, as `mm_encoder_outputs`.
+    """
+
+    family = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+
+    @property
+    def model_class(self):  # type: ignore[override]
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+
+    def build_tiny_processor(self, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        # Qwen3-VL's own settings: 16-px patches and mean/std 0.5 (not CLIP's).
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=64 * 64,
+            max_pixels=448 * 448,
+            patch_size=16,
+            temporal_patch_size=2,
+            merge_size=2,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        return qwen_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+
+    def _vision_config(self, spec: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        return {
+            "depth": spec.vision_depth,
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_hidden * 2,
+            "num_heads": spec.vision_heads,
+            "out_hidden_size": spec.hidden,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            # Learned positions on a square grid, interpolated to each image's grid.
+            "num_position_embeddings": 1024,
+            # Deepstack from the first vision layer into the first decoder layer.
+            "deepstack_visual_indexes": [0],
+            "initializer_range": 0.1,
+        }
+
+    def tiny_config(self, spec: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
+        config = super().tiny_config(spec, tokenizer)
+        text = config.text_config
+        text.head_dim = spec.hidden // spec.heads
+        # Qwen3-VL-8B: head_dim 128, sections [24, 20, 20] interleaved; same proportions here.
+        half = text.head_dim // 2
+        hw = half * 5 // 16
+        text.rope_parameters = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * hw, hw, hw],
+            "mrope_interleaved": True,
+        }
+        return config
+
+    def prefix_inputs(self, model: PreTrainedModel, batch: dict[str, Any], embeds: torch.Tensor) -> PrefixInputs:
+        if batch.get("pixel_values") is None:
+            return PrefixInputs(embeds, [], {})
+        out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        visual = list(out.pooler_output)
+        n_slots = int((batch["input_ids"] == self.image_token_id(model)).sum())
+        if n_slots != sum(v.shape[0] for v in visual):
+            raise MedlvrError(f"{n_slots} image tokens in the prompt but {sum(v.shape[0] for v in visual)} visual features")
+        # `embeds` keeps embed(image_token_id) at the image slots: the backbone locates
+        # them by that value, scatters `pooler_output` there and adds the deepstack features.
+        return PrefixInputs(embeds, visual, {"mm_encoder_outputs": {"image": out}})
+
+
+# ----------------------------------------------------------------------------
+# Gemma 3 (MedGemma)
+# ----------------------------------------------------------------------------
+
+_GEMMA_CHAT_TEMPLATE = (
+    "{{ '<bos>' }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+class Gemma3Adapter(BackboneAdapter):
+    """Gemma 3, the architecture of MedGemma: 1-D RoPE, square images pooled to a fixed token grid.
+
+    Each image is resized to SxS (aspect ratio not kept), cut into 14-px patches and
+    average-pooled to `mm_tokens_per_image` tokens, a sqrt x sqrt raster grid
+    (MedGemma-4B: 896 px, 256 tokens, 56-px cells). In the prompt's forward the
+    image tokens attend to each other bidirectionally, driven by `token_type_ids`
+    (1 on image soft tokens); appended steps take none. The embedding module
+    scales token embeddings by sqrt(d); fed-back hidden states are not scaled.
+    """
+
+    family = "gemma3"
+    model_types = ("gemma3",)
+    image_size = 224  # tiny models; MedGemma uses 896
+    tokens_per_side = 8  # tiny models: 64 tokens, 28-px cells; MedGemma 16 (256 tokens)
+
+    @property
+    def model_class(self):  # type: ignore[override]
+        from transformers import Gemma3ForConditionalGeneration
+
+        return Gemma3ForConditionalGeneration
+
+    def tiny_special_tokens(self) -> dict[str, Any]:
+        named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        return {
+            "pad_token": "<pad>",
+            "eos_token": "<end_of_turn>",
+            "additional": ["<bos>", "<eos>", "<start_of_turn>", *named.values()],
+            # Attributes the Gemma 3 processor reads from the tokenizer (`tokenizer.boi_token` ...).
+            "named": named,
+        }
+
+    def tiny_chat_template(self) -> str:
+        return _GEMMA_CHAT_TEMPLATE
+
+    def build_tiny_processor(self, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        image_processor = Gemma3ImageProcessorPil(
+            size={"height": self.image_size, "width": self.image_size},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+            do_pan_and_scan=False,
+        )
+        return Gemma3Processor(
+            image_processor, tokenizer, chat_template=tokenizer.chat_template,
+            image_seq_length=self.tokens_per_side**2,
+        )
+
+    def tiny_config(self, spec: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
+        from transformers import Gemma3Config
+
+        head_dim = spec.hidden // spec.heads
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.tiny_special_tokens()["additional"]}
+        text = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,
+            # Gemma 3 alternates local (sliding) and global layers; keep both kinds.
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.layers)],
+            "sliding_window": 512,
+            "max_position_embeddings": 4096,
+            "initializer_range": 0.1,
+            "bos_token_id": ids["<bos>"],
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        vision = {
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_hidden * 2,
+            "num_hidden_layers": spec.vision_depth,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": self.image_size,
+            "patch_size": 14,
+            "vision_use_head": False,
+        }
+        return Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=self.tokens_per_side**2,
+            boi_token_index=ids["<start_of_image>"],
+            eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"],
+            initializer_range=0.1,
+            tie_word_embeddings=True,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    def init_tiny_weights(self, model: PreTrainedModel) -> None:
+        # The image projection starts at zero in transformers (outputs would ignore the image).
+        with torch.no_grad():
+            w = model.model.multi_modal_projector.mm_input_projection_weight
+            w.normal_(0.0, w.shape[0] ** -0.5)
+
+    def load_processor(self, path: Path) -> ProcessorMixin:
+        from transformers import Gemma3Processor
+
+        return Gemma3Processor.from_pretrained(str(path))
+
+    def image_token_id(self, model: PreTrainedModel) -> int:
+        return int(model.config.image_token_id)
+
+    def processor_images(self, images_per_sample: list[list[Any]]) -> Any:
+        # The Gemma 3 processor pairs images with prompts by nesting.
+        return [list(imgs) for imgs in images_per_sample] if any(images_per_sample) else None
+
+    def image_features(self, model: PreTrainedModel, batch: dict[str, Any]) -> list[torch.Tensor]:
+        if batch.get("pixel_values") is None:
+            return []
+        out = model.model.get_image_features(batch["pixel_values"], return_dict=True)
+        return list(out.pooler_output)  # n_img x [mm_tokens, d]
+
+    def prefix_position_ids(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, PositionState]:
+        am = batch["attention_mask"]
+        position_ids = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # [B, L]
+        state = PositionState(next_pos=am.long().sum(-1), delta=torch.zeros_like(am[:, 0], dtype=torch.long))
+        return position_ids, state
+
+    def appended_position_ids(self, state: PositionState, length: int) -> torch.Tensor:
+        return state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]  # [B, T]
+
+    def prefill_kwargs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # Without the token types image tokens attend causally (logits move by ~7e-2).
+        tt = batch.get("token_type_ids")
+        return {} if tt is None else {"token_type_ids": tt}
+
+    def is_vision_parameter(self, name: str) -> bool:
+        return "vision_tower." in name or "multi_modal_projector." in name
+
+    def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
+        ip = processor.image_processor
+        if getattr(ip, "do_pan_and_scan", False):
+            raise MedlvrError("ROI mapping for Gemma 3 assumes pan-and-scan is off (its crops add token blocks)")
+        side = int(round(processor.image_seq_length**0.5))
+        if side * side != processor.image_seq_length:
+            raise MedlvrError(f"Gemma 3 image_seq_length {processor.image_seq_length} is not a square")
+        # The whole image is squashed to S x S, so cells are width/side by height/side original pixels.
+        return TokenGrid(rows=side, cols=side, cell_w=width / side, cell_h=height / side)
+
+
+_ADAPTERS: dict[str, BackboneAdapter] = {
+    a.family: a for a in (QwenVLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), Gemma3Adapter())
+}
 
 
 def register_adapter(adapter: BackboneAdapter) -> None:

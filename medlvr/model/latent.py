@@ -111,6 +111,10 @@ class _Prefix:
     visual: list[torch.Tensor]  # per image [n, d]
     embeds: torch.Tensor  # [B, L, d]
     position_ids: torch.Tensor
+    # Forward arguments of any pass over the whole prefix (adapter.prefix_inputs), and
+    # the batch as prefilled (with <|latent_start|>): full passes extend its token types.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    batch: dict[str, Any] = field(default_factory=dict)
 
 
 class LatentVLM(nn.Module):
@@ -255,20 +259,17 @@ class LatentVLM(nn.Module):
             if batch.get("token_type_ids") is not None:
                 tt = batch["token_type_ids"]
                 batch["token_type_ids"] = torch.cat([tt, torch.zeros_like(tt[:, :1])], 1)
-        visual = self.adapter.image_features(self.base_model, batch)
-        embeds = self.embed(ids)
-        if visual:
-            mask = (ids == self.image_token_id).unsqueeze(-1)
-            feats = torch.cat(visual, 0).to(embeds.dtype)
-            if int(mask.sum()) != feats.shape[0]:
-                raise MedlvrError(f"{int(mask.sum())} image tokens in the prompt but {feats.shape[0]} visual features")
-            embeds = embeds.masked_scatter(mask, feats)
+        prefix = self.adapter.prefix_inputs(self.base_model, batch, self.embed(ids))
         position_ids, state = self.adapter.prefix_position_ids(self.base_model, batch)
         cache = DynamicCache(config=self.backbone.config) if use_cache else None
         logits, hidden = self._forward(
-            embeds, am, position_ids, cache, logits_to_keep=1, **self.adapter.prefill_kwargs(batch)
+            prefix.embeds, am, position_ids, cache, logits_to_keep=1,
+            **prefix.kwargs, **self.adapter.prefill_kwargs(batch),
         )
-        return _Prefix(cache, am, state, hidden[:, -1], logits[:, -1], visual, embeds, position_ids)
+        return _Prefix(
+            cache, am, state, hidden[:, -1], logits[:, -1], prefix.visual, prefix.embeds, position_ids,
+            prefix.kwargs, batch,
+        )
 
     def _append(self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None = None, logits_to_keep: int = 1):
         """Feed `embeds [B, T, d]` after everything so far, on the cache; advances the state."""
@@ -441,7 +442,8 @@ class LatentVLM(nn.Module):
             masks = [pre.attention_mask, pre.attention_mask.new_ones(b, k)] + ([tmask.to(pre.attention_mask.dtype)] if with_tail else [])
             n_app = k + (tail.shape[1] if with_tail else 0)
             pos = torch.cat([pre.position_ids, self.adapter.appended_position_ids(pre.state, n_app)], -1)
-            return self._forward(torch.cat(parts, 1), torch.cat(masks, 1), pos, None, **self.adapter.prefill_kwargs(_extend_types(batch, n_app)))
+            extra = {**pre.kwargs, **self.adapter.prefill_kwargs(_extend_types(pre.batch, n_app))}
+            return self._forward(torch.cat(parts, 1), torch.cat(masks, 1), pos, None, **extra)
 
         if latent_inputs is None:  # recompute the chain: pass k sees z_1..z_{k-1}
             zs: list[torch.Tensor] = []

@@ -86,6 +86,8 @@ def build_tokenizer(family: str, vocab_size: int = 1024, latent_tokens: bool = T
         eos_token=specials["eos_token"],
         pad_token=specials["pad_token"],
         additional_special_tokens=extra,
+        # named special tokens some processors read (Gemma 3: tokenizer.boi_token, .image_token ...)
+        extra_special_tokens=specials.get("named", {}),
         padding_side="left",
         model_max_length=32768,
     )

@@ -1,0 +1,218 @@
+"""Every backbone family through its adapter alone: ROI geometry against the real processor,
+prefix passes against the backbone's own forward, and a short ROI-supervised run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from medlvr.config import LatentConfig
+from medlvr.data.collate import VQACollator
+from medlvr.data.roi import box_to_tokens, pool_targets
+from medlvr.data.schema import ROI, VQASample
+from medlvr.model.backbones import TokenGrid, families, get_adapter
+from medlvr.model.latent import LatentVLM
+from tests.conftest import random_image
+
+FAMILIES = families()
+
+
+# ---------------------------------------------------------------------------- box -> tokens
+# Which visual tokens a change in the processor's output reaches, read from the
+# pixel tensor the vision tower receives (the towers attend globally, so their
+# outputs change everywhere; the pixels feeding each token do not).
+
+
+def _qwen_changed(processor, before: dict, after: dict) -> set[int]:
+    # pixel_values [n_patches, C*T*P*P], patches grouped by merge window: merge^2 rows make one token.
+    merge = processor.image_processor.merge_size
+    rows = (before["pixel_values"] != after["pixel_values"]).any(-1).nonzero().flatten()
+    return {int(r) // merge**2 for r in rows}
+
+
+def _gemma_changed(processor, before: dict, after: dict) -> set[int]:
+    # pixel_values [1, 3, S, S]; tokens average-pool square cells of S/side pixels, raster order.
+    side = int(round(processor.image_seq_length**0.5))
+    diff = (before["pixel_values"][0] != after["pixel_values"][0]).any(0)  # [S, S]
+    cell = diff.shape[0] // side
+    ys, xs = diff.nonzero(as_tuple=True)
+    return set((ys // cell * side + xs // cell).unique().tolist())
+
+
+_CHANGED = {"qwen2_vl": _qwen_changed, "qwen2_5_vl": _qwen_changed, "qwen3_vl": _qwen_changed, "gemma3": _gemma_changed}
+
+
+def _pixels(processor, adapter, image: Image.Image) -> dict:
+    imgs = adapter.processor_images([[image]])
+    return dict(processor.image_processor(images=imgs, return_tensors="pt"))
+
+
+def _n_image_tokens(processor, adapter, image: Image.Image, image_token_id: int) -> int:
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    enc = processor(text=[text], images=adapter.processor_images([[image]]), return_tensors="pt")
+    return int((enc["input_ids"] == image_token_id).sum())
+
+
+def _mid_cell_box(grid: TokenGrid, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """A box whose edges fall 30-70% into cells, clear of the resize filter's reach across cell borders."""
+    c0, c1 = sorted(rng.randrange(grid.cols) for _ in range(2))
+    r0, r1 = sorted(rng.randrange(grid.rows) for _ in range(2))
+
+    def edge(i: int, cell: float, limit: int) -> int:
+        return min(max(round((i + rng.uniform(0.3, 0.7)) * cell), 0), limit)
+
+    x0, x1 = edge(c0, grid.cell_w, w), edge(c1, grid.cell_w, w)
+    y0, y1 = edge(r0, grid.cell_h, h), edge(r1, grid.cell_h, h)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_box_maps_to_exactly_the_tokens_its_pixels_reach(tiny_factory, family):
+    if family not in _CHANGED:
+        pytest.fail(f"add a pixel-to-token reader for {family} to _CHANGED")
+    vlm = LatentVLM.from_pretrained(tiny_factory(family))
+    processor, adapter = vlm.processor, vlm.adapter
+    rng = random.Random(0)
+    checked = 0
+    # Landscape, portrait, upscaled and downscaled images; the whole image as a box too.
+    for w, h in ((300, 180), (97, 211), (640, 480), (224, 224)):
+        image = random_image(w, h, seed=w)
+        grid = adapter.token_grid(processor, w, h)
+        assert grid.n_tokens == _n_image_tokens(processor, adapter, image, vlm.image_token_id)
+        before = _pixels(processor, adapter, image)
+        boxes = [_mid_cell_box(grid, w, h, rng) for _ in range(4)] + [(0, 0, w, h)]
+        for box in boxes:
+            perturbed = image.copy()
+            perturbed.paste(ImageOps.invert(image.crop(box)), box[:2])
+            changed = _CHANGED[family](processor, before, _pixels(processor, adapter, perturbed))
+            predicted = set(box_to_tokens(box, grid, w, h))
+            assert changed == predicted, f"{w}x{h} box {box}: changed {sorted(changed)} predicted {sorted(predicted)}"
+            checked += 1
+    assert checked == 20
+
+
+# ---------------------------------------------------------------------------- prefix pass
+
+
+def _samples(n: int = 2) -> list[VQASample]:
+    shapes = ["round", "square", "oval", "cross"]
+    return [
+        VQASample(
+            id=f"s{i}", dataset="t", split="train", images=[f"img{i}"],
+            question="What is the shape of the lesion in the upper left region?" + " Describe the lesions." * i,
+            answer=shapes[i % 4], answer_type="open",
+            rois=[ROI(box=(8 + 10 * i, 12, 70 + 10 * i, 60))],
+        )
+        for i in range(n)
+    ]
+
+
+def _batch(vlm: LatentVLM, n: int = 2):
+    sizes = ((140, 100), (224, 224), (180, 120), (100, 160))
+    images = [[random_image(*sizes[i % 4], seed=i)] for i in range(n)]
+    return VQACollator(vlm.processor, vlm.adapter)(_samples(n), images=images)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm(request, tiny_factory):
+    torch.manual_seed(0)
+    return LatentVLM.from_pretrained(tiny_factory(request.param), LatentConfig(steps=4, projector="linear"))
+
+
+def test_answer_logits_equal_the_backbones_own_forward(vlm):
+    """K=0, cached and uncached: exactly what the backbone computes from token ids and pixels.
+
+    The backbone's own forward applies everything the family does to images (Qwen3-VL
+    deepstack, Gemma 3 bidirectional image attention), so a prefix that dropped any of
+    it would differ here.
+    """
+    batch = _batch(vlm)
+    ans, amask = batch["answer_ids"], batch["answer_mask"]
+    n_prompt, t = batch["input_ids"].shape[1], ans.shape[1]
+    full = {
+        "input_ids": torch.cat([batch["input_ids"], ans], 1),
+        "attention_mask": torch.cat([batch["attention_mask"], amask], 1),
+        "pixel_values": batch["pixel_values"],
+    }
+    for key in ("image_grid_thw",):
+        if key in batch:
+            full[key] = batch[key]
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in batch:
+            full[key] = torch.cat([batch[key], torch.zeros_like(ans)], 1)
+    with torch.no_grad():
+        ref = vlm.backbone(**full).logits[:, n_prompt - 1 : n_prompt - 1 + t]  # [B, T, V]
+        cached = vlm(batch, latent_steps=0).logits
+        uncached = vlm(batch, latent_inputs=torch.zeros(2, 0, vlm.hidden_size)).logits
+    keep = amask.bool()
+    assert (cached - ref)[keep].abs().max() < 1e-4
+    assert (uncached - ref)[keep].abs().max() < 1e-4
+
+
+def test_qwen3_deepstack_reaches_the_loss_in_both_paths(tiny_factory):
+    vlm = LatentVLM.from_pretrained(tiny_factory("qwen3_vl"), LatentConfig(steps=2, projector="linear"))
+    batch = _batch(vlm)
+    deepstack = [p for n, p in vlm.named_parameters() if "deepstack_merger" in n]
+    assert deepstack
+    for kwargs in ({"latent_steps": 2}, {"latent_inputs": 0.1 * torch.randn(2, 2, vlm.hidden_size)}):
+        vlm.zero_grad()
+        vlm(batch, **kwargs).loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in deepstack), kwargs
+
+
+def test_gemma3_image_tokens_attend_bidirectionally_in_the_prefix(tiny_factory):
+    """The token types matter (else the check above could pass without them)."""
+    vlm = LatentVLM.from_pretrained(tiny_factory("gemma3"))
+    batch = _batch(vlm)
+    with torch.no_grad():
+        with_types = vlm(batch, latent_steps=0).logits
+        without = vlm({k: v for k, v in batch.items() if k != "token_type_ids"}, latent_steps=0).logits
+    assert (with_types - without).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- ROI-supervised training
+
+
+def test_short_roi_sft_lowers_answer_and_alignment_losses(vlm):
+    """Answer cross-entropy plus (1 - cos) between latent z_k and the pooled ROI visual tokens."""
+    k = vlm.latent.steps
+    batch = _batch(vlm, n=4)
+    assert all(idx.numel() > 0 for idx in batch["roi_index"])
+
+    def losses():
+        out = vlm(batch)
+        # Targets are detached: the latents move toward the image evidence, not the reverse.
+        targets = torch.stack([
+            pool_targets(v.detach(), idx, k) for v, idx in zip(out.visual_tokens, batch["roi_index"])
+        ])  # [B, K, d]
+        align = (1 - F.cosine_similarity(out.latents.float(), targets.float(), dim=-1)).mean()
+        return out.loss, align
+
+    torch.manual_seed(0)
+    state = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+    opt = torch.optim.AdamW(vlm.parameters(), lr=3e-3)
+    vlm.train()
+    try:
+        with torch.no_grad():
+            ce0, al0 = (float(x) for x in losses())
+        for _ in range(12):
+            ce, al = losses()
+            opt.zero_grad()
+            (ce + al).backward()
+            opt.step()
+        with torch.no_grad():
+            ce1, al1 = (float(x) for x in losses())
+    finally:
+        vlm.eval()
+        with torch.no_grad():  # the module-scoped model is shared with the tests above
+            for n, p in vlm.named_parameters():
+                p.copy_(state[n])
+    assert ce1 < 0.8 * ce0, (ce0, ce1)
+    assert al1 < 0.8 * al0, (al0, al1)
