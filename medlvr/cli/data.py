@@ -84,8 +84,8 @@ def convert(
     for split_name in sorted({s for s, _ in counts}):
         per_type = "  ".join(f"{t}={counts[split_name, t]}" for t in ("closed", "open", "choice") if counts[split_name, t])
         total = sum(c for (s, _), c in counts.items() if s == split_name)
-        console.print(f"{split_name:>10}: {total:>6}  {per_type}", highlight=False)
-    console.print(f"wrote {n} samples to {out_path}", highlight=False)
+        console.print(f"{split_name:>10}: {total:>6}  {per_type}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {n} samples to {out_path}", highlight=False, soft_wrap=True)
 
 
 @app.command("validate")
@@ -101,6 +101,6 @@ def validate(
     for problem in problems:
         console.print(str(problem), highlight=False, soft_wrap=True)
     if problems:
-        console.print(f"{len(problems)} problem(s) in {file}", highlight=False)
+        console.print(f"{len(problems)} problem(s) in {file}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
-    console.print(f"{file}: no problems", highlight=False)
+    console.print(f"{file}: no problems", highlight=False, soft_wrap=True)
