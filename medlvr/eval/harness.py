@@ -310,6 +310,8 @@ def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key in ("model", "mode"):
+            if key == "model" and (old.get(key) is None or settings.get(key) is None):
+                continue  # an in-memory model or a predictor has no identity to check
             if old.get(key) != settings.get(key):
                 raise MedlvrError(f"{out} holds a run with {key}={old.get(key)!r}, not {settings.get(key)!r}: "
                                   "use another --out")
@@ -396,8 +398,7 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_run_file(out, {
-        "model": str(Path(model).resolve()) if model is not None else (
-            "<in-memory LatentVLM>" if vlm is not None else f"<predictor {getattr(predictor, '__name__', type(predictor).__name__)}>"),
+        "model": str(Path(model).resolve()) if model is not None else None,
         "mode": mode, "latent_steps": ks, "data": data_names, "max_new_tokens": max_new_tokens,
         "batch_size": batch_size, "limit": limit, "world_size": world_size,
     }, rank)
