@@ -1,9 +1,66 @@
-"""`medlvr explain`."""
+"""`medlvr explain`: answer a question and show where each latent step points."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from medlvr.cli._common import console, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Attach `medlvr explain` to the main app (added by its issue)."""
+    """Attach `medlvr explain` to the main app."""
+    app.command("explain")(explain)
+
+
+@user_errors
+def explain(
+    model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
+    image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
+    question: str = typer.Option(..., "--question", help="The question."),
+    option: list[str] = typer.Option([], "--option", help="A choice, as LETTER=text; repeat for each option."),
+    latent_steps: int | None = typer.Option(None, "--latent-steps", help="K latent steps (default: the model's; at least 1)."),
+    out: Path = typer.Option(Path("explanation.png"), "--out", help="The figure (PNG); the regions JSON goes beside it."),
+    temperature: float = typer.Option(0.1, help="Softmax temperature of the similarity maps."),
+    centre: bool = typer.Option(False, "--centre/--no-centre", help="Subtract the mean visual token before the cosine."),
+    layer: list[int] = typer.Option([], "--layer", help="Decoder layer whose attention is averaged (repeat; default all)."),
+    top_k: int = typer.Option(5, help="Token cells listed per image in the JSON."),
+    max_new_tokens: int = typer.Option(32, help="Answer token limit."),
+) -> None:
+    """Evidence maps of the latent steps: cosine to the visual tokens and attention to the image."""
+    if latent_steps is not None and latent_steps < 1:
+        raise ValueError(f"--latent-steps must be >= 1 to have something to explain, got {latent_steps}")
+    if not image:
+        raise ValueError("explain needs at least one --image")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {out}")
+    options = _parse_options(option)
+
+    from medlvr.data.images import load_image
+    from medlvr.explain import ExplainConfig
+    from medlvr.explain import explain as run_explain
+    from medlvr.model.latent import LatentVLM
+
+    cfg = ExplainConfig(temperature=temperature, centre=centre, layers=tuple(layer) or None, top_k=top_k)
+    images = [load_image(p) for p in image]  # unreadable paths fail here, before loading the model
+    vlm = LatentVLM.from_pretrained(model)
+    ex = run_explain(vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens, config=cfg)
+    png, js = ex.save(out)
+    console.print(f"[bold]answer:[/] {ex.answer}", highlight=False)
+    console.print(f"latent steps: {ex.latent_steps}   time: {ex.seconds * 1000:.1f} ms", highlight=False)
+    for entry in ex.regions()["images"]:
+        top = entry["similarity"]["aggregate"][0]
+        console.print(f"image {entry['image'] + 1}: similarity peak at cell {top['cell']} box {top['box']} (score {top['score']:.3f})", highlight=False)
+    console.print(f"wrote {png} and {js}", highlight=False)
+
+
+def _parse_options(items: list[str]) -> dict[str, str]:
+    """`["A=left lung", "B=right lung"]` -> `{"A": "left lung", "B": "right lung"}` (as `medlvr predict`)."""
+    options: dict[str, str] = {}
+    for item in items:
+        letter, sep, text = item.partition("=")
+        if not sep or len(letter.strip()) != 1 or not letter.strip().isalpha() or not text.strip():
+            raise ValueError(f"--option must look like A=text, got {item!r}")
+        options[letter.strip().upper()] = text.strip()
+    return options

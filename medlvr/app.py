@@ -1,0 +1,339 @@
+"""The web demo: upload a scan, ask a question, see the answer and where each latent step looked.
+
+`DemoService` holds everything that is not page layout (input checks, answering,
+evidence maps, the example gallery) so it is testable without a browser;
+`build_app` lays it out with Gradio (`pip install medlvr[web]`) and `serve`
+launches it, on the loopback interface unless told otherwise. Every handler
+turns a failure into a message on the page: a bad upload never takes the server
+down.
+"""
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from medlvr.errors import MedlvrError
+from medlvr.model.latent import LatentVLM
+
+log = logging.getLogger(__name__)
+
+# DICOM files often carry no extension; they are recognised by the marker at byte 128.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of the web demo."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; loopback by default, so the demo is not exposed on the network by accident."""
+    port: int = 7860
+    """TCP port."""
+    max_upload_mb: float = 20.0
+    """Largest upload accepted, in megabytes (bigger files get a message, not an answer)."""
+    min_side: int = 16
+    """Smallest accepted image side in pixels."""
+    max_side: int = 8192
+    """Largest accepted image side in pixels."""
+    max_aspect: float = 20.0
+    """Largest accepted ratio of the long to the short side (the processor rejects extreme strips)."""
+    max_latent_steps: int = 16
+    """Top of the latent-budget slider."""
+    max_new_tokens: int = 32
+    """Answer token limit."""
+    examples: int = 4
+    """Synthetic benchmark examples generated for the gallery at start (0 = no gallery)."""
+    examples_seed: int = 0
+    """Seed of the gallery's synthetic scans."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise MedlvrError(f"port must be in 1..65535, got {self.port}")
+        if self.max_upload_mb <= 0:
+            raise MedlvrError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
+        if not 1 <= self.min_side <= self.max_side:
+            raise MedlvrError(f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if self.max_aspect < 1:
+            raise MedlvrError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        if self.max_latent_steps < 1 or self.max_new_tokens < 1 or self.examples < 0:
+            raise MedlvrError("max_latent_steps and max_new_tokens must be >= 1 and examples >= 0")
+
+
+@dataclass
+class Example:
+    """One gallery entry."""
+
+    image: Path
+    question: str
+    options: str  # one `A=text` per line
+    caption: str
+
+
+@dataclass
+class Result:
+    """What one request shows on the page."""
+
+    ok: bool
+    message: str  # the status line: an error, or a note
+    answer: str = ""
+    timing: str = ""
+    evidence: Image.Image | None = None
+    regions: dict[str, Any] | None = None
+    preview: Image.Image | None = None
+    request: int = 0  # 1, 2, ... in the order the server received requests
+
+
+class InputError(MedlvrError):
+    """An upload or form value the demo refuses, with the message shown on the page."""
+
+
+def parse_options(text: str) -> dict[str, str]:
+    """One option per line, `A=text`, `A. text` or `A) text`; blank lines ignored."""
+    options: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        letter, rest = line[:1].upper(), line[1:].lstrip()
+        if not letter.isalpha() or not rest[:1] in ("=", ".", ")", ":") or not rest[1:].strip():
+            raise InputError(f"options: write one per line as A=text; cannot read {line!r}")
+        if letter in options:
+            raise InputError(f"options: letter {letter} appears twice")
+        options[letter] = rest[1:].strip()
+    if len(options) == 1:
+        raise InputError("options: give at least two, or none for an open question")
+    return options
+
+
+class DemoService:
+    """Input checks, answering and evidence maps for the web page (one request at a time)."""
+
+    def __init__(self, vlm: LatentVLM, config: ServeConfig | None = None, examples_dir: Path | None = None):
+        self.vlm = vlm
+        self.cfg = config or ServeConfig()
+        # The model is shared and explanations switch its attention implementation: one request at a time.
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.requests = 0
+        self.examples_dir = examples_dir
+        self.examples: list[Example] = []
+
+    # ---------------------------------------------------------------- inputs
+    def check_file(self, path: str | Path | None) -> Path:
+        """Existence, size and type of an upload (before decoding anything)."""
+        if path is None or str(path) == "":
+            raise InputError("upload an image first (PNG, JPEG or DICOM)")
+        p = Path(path)
+        if not p.is_file():
+            raise InputError("the upload did not arrive; please upload the image again")
+        size = p.stat().st_size
+        if size == 0:
+            raise InputError(f"{p.name} is empty")
+        limit = self.cfg.max_upload_mb * 1e6
+        if size > limit:
+            raise InputError(f"{p.name} is {size / 1e6:.1f} MB; the limit is {self.cfg.max_upload_mb:g} MB")
+        with p.open("rb") as fh:
+            head = fh.read(132)
+        if p.suffix.lower() not in IMAGE_SUFFIXES and head[128:132] != b"DICM":
+            kind = p.suffix.lower() or "without extension"
+            raise InputError(f"{p.name}: unsupported file type ({kind}); upload a PNG, JPEG or DICOM image")
+        return p
+
+    def load(self, path: str | Path | None) -> Image.Image:
+        """A checked, decoded RGB image within the dimension limits."""
+        from medlvr.data.images import load_image
+
+        p = self.check_file(path)
+        try:
+            image = load_image(p, max_pixels=self.cfg.max_side**2)
+        except (ValueError, OSError) as err:
+            raise InputError(f"{p.name} could not be read as an image: {_tail(err)}") from None
+        w, h = image.size
+        if min(w, h) < self.cfg.min_side:
+            raise InputError(f"{p.name} is {w}x{h} pixels; each side must be at least {self.cfg.min_side}")
+        if max(w, h) > self.cfg.max_side:
+            raise InputError(f"{p.name} is {w}x{h} pixels; each side must be at most {self.cfg.max_side}")
+        if max(w, h) / min(w, h) > self.cfg.max_aspect:
+            raise InputError(f"{p.name} is {w}x{h} pixels; the long side may be at most {self.cfg.max_aspect:g}x the short one")
+        return image
+
+    # ---------------------------------------------------------------- requests
+    def answer(self, path: str | Path | None, question: str, options_text: str = "", latent_steps: int | float | None = None) -> Result:
+        """Answer one request; never raises: failures come back as a message."""
+        with self._count_lock:
+            self.requests += 1
+            number = self.requests
+        try:
+            result = self._answer(path, question, options_text, latent_steps)
+        except MedlvrError as err:  # InputError included: the user's to fix
+            result = Result(False, str(err))
+        except Exception as err:  # a bug, not the user's fault: keep serving, and log it
+            log.exception("demo request failed")
+            result = Result(False, f"internal error ({type(err).__name__}: {_tail(err)}); the server keeps running")
+        result.request = number
+        return result
+
+    def _answer(self, path, question, options_text, latent_steps) -> Result:
+        from medlvr.explain import explain, figure_image
+        from medlvr.inference import answer_one
+
+        question = (question or "").strip()
+        if not question:
+            raise InputError("type a question")
+        if len(question) > 1000:
+            raise InputError(f"the question is {len(question)} characters long; the limit is 1000")
+        options = parse_options(options_text)
+        k = self.vlm.latent.steps if latent_steps is None else int(latent_steps)
+        if not 0 <= k <= self.cfg.max_latent_steps:
+            raise InputError(f"latent steps must be in 0..{self.cfg.max_latent_steps}, got {k}")
+        image = self.load(path)
+        start = time.perf_counter()
+        with self._lock:
+            if k == 0:
+                ans = answer_one(self.vlm, [image], question, options, latent_steps=0, max_new_tokens=self.cfg.max_new_tokens)
+                text, gen_s, evidence, regions = ans.text, ans.seconds, None, None
+                note = "K = 0: answered directly, so there are no latent steps to show."
+            else:
+                ex = explain(self.vlm, [image], question, options, latent_steps=k, max_new_tokens=self.cfg.max_new_tokens)
+                text, gen_s, regions = ex.answer, ex.seconds, ex.regions()
+                evidence = figure_image(ex)
+                note = "Evidence: per latent step, cosine similarity to the visual tokens (top rows) and attention to the image (bottom rows)."
+        total = time.perf_counter() - start
+        timing = f"answer in {gen_s * 1000:.0f} ms with K = {k} latent steps ({total * 1000:.0f} ms with evidence maps)"
+        return Result(True, note, answer=text or "(empty answer)", timing=timing, evidence=evidence, regions=regions, preview=image)
+
+    # ---------------------------------------------------------------- gallery
+    def make_examples(self, out_dir: Path | None = None) -> list[Example]:
+        """A few synthetic benchmark scans with their questions, written as PNGs (for the gallery)."""
+        if self.cfg.examples == 0:
+            return []
+        from medlvr.data.synth import SynthConfig, generate_samples
+
+        out = Path(out_dir or self.examples_dir or tempfile.mkdtemp(prefix="medlvr-examples-"))
+        out.mkdir(parents=True, exist_ok=True)
+        self.examples_dir = out
+        cfg = SynthConfig(n=max(40, 10 * self.cfg.examples), seed=self.cfg.examples_seed, describe=False)
+        items = generate_samples(cfg, "test", range(min(self.cfg.examples, cfg.split_counts()["test"])))
+        self.examples = []
+        for item in items:
+            s = item.sample
+            path = out / f"{s.id}.png"
+            Image.fromarray(item.image).save(path)
+            opts = "\n".join(f"{k}={v}" for k, v in sorted(s.options.items()))
+            self.examples.append(Example(path, s.question, opts, f"{s.modality}: {s.question}"))
+        return self.examples
+
+
+def _tail(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------- the page
+
+CSS = """
+#status { min-height: 1.5em; }
+#answer textarea { font-size: 1.2em; font-weight: 600; }
+"""
+
+
+def build_app(service: DemoService) -> Any:
+    """The Gradio Blocks page around a `DemoService`."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    cfg = service.cfg
+    default_k = min(max(service.vlm.latent.steps, 0), cfg.max_latent_steps)
+    with gr.Blocks(title="MedLVR demo", analytics_enabled=False) as page:
+        gr.Markdown(
+            "## MedLVR: latent visual reasoning for medical VQA\n"
+            "Upload a scan (PNG, JPEG or DICOM), ask a question, optionally give options (one per line, `A=text`), "
+            "and pick the latent budget K. The model thinks for K continuous steps before answering; "
+            "the evidence maps show where each step points."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Image (PNG, JPEG or DICOM)", file_count="single", type="filepath", elem_id="upload")
+                question = gr.Textbox(label="Question", lines=2, elem_id="question")
+                options = gr.Textbox(label="Options (optional, one per line: A=text)", lines=3, elem_id="options")
+                steps = gr.Slider(0, cfg.max_latent_steps, value=default_k, step=1, label="Latent steps K", elem_id="steps")
+                submit = gr.Button("Answer", variant="primary", elem_id="submit")
+            with gr.Column(scale=1):
+                status = gr.Markdown("", elem_id="status")
+                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                timing = gr.Textbox(label="Time", interactive=False, elem_id="timing")
+                preview = gr.Image(label="Your image", type="pil", interactive=False, height=220, elem_id="preview")
+        evidence = gr.Image(label="Evidence maps", type="pil", interactive=False, elem_id="evidence")
+        regions = gr.JSON(label="Top regions", elem_id="regions")
+
+        if service.examples:
+            gr.Markdown("### Examples from the synthetic benchmark (click one to load it)")
+            gallery = gr.Gallery(
+                value=[(str(e.image), e.caption) for e in service.examples],
+                columns=4,
+                height="auto",
+                object_fit="contain",
+                allow_preview=False,
+                show_label=False,
+                elem_id="examples",
+            )
+
+            def pick(evt: gr.SelectData):
+                e = service.examples[evt.index]
+                return str(e.image), e.question, e.options
+
+            gallery.select(pick, None, [upload, question, options])
+
+        def run(path, q, opts, k):
+            r = service.answer(path, q, opts, k)
+            # The request number tells one answered request from the next when their messages are equal.
+            message = f"request {r.request}: {r.message}" if r.ok else f"**Error** (request {r.request}): {r.message}"
+            if not r.ok:
+                return message, "", "", None, None, None
+            return message, r.answer, r.timing, r.preview, r.evidence, r.regions
+
+        submit.click(run, [upload, question, options, steps], [status, answer, timing, preview, evidence, regions])
+    return page
+
+
+def theme() -> Any:
+    """The default theme with system fonts: the page must not wait for a font CDN offline."""
+    import gradio as gr
+
+    sans = ["ui-sans-serif", "system-ui", "Helvetica", "Arial", "sans-serif"]
+    return gr.themes.Default(font=sans, font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def serve(vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = True, quiet: bool = False) -> Any:
+    """Build the page and launch it; with `block=False` returns the running app (`.close()` stops it)."""
+    cfg = config or ServeConfig()
+    service = DemoService(vlm, cfg)
+    service.make_examples()
+    page = build_app(service)
+    allowed = [str(service.examples_dir)] if service.examples_dir else None
+    page.queue(default_concurrency_limit=1)
+    page.launch(
+        server_name=cfg.host,
+        server_port=cfg.port,
+        prevent_thread_lock=not block,
+        quiet=quiet,
+        theme=theme(),
+        css=CSS,
+        # Gradio's own hard stop, well above ours, so that in between the page shows our message.
+        max_file_size=int(cfg.max_upload_mb * 4e6),
+        allowed_paths=allowed,
+        ssr_mode=False,
+        show_error=True,
+        inbrowser=False,
+    )
+    return page
+
+
+__all__ = ["ServeConfig", "DemoService", "Result", "Example", "InputError", "parse_options", "build_app", "serve"]
