@@ -358,3 +358,18 @@ def test_cli_synth(tmp_path: Path) -> None:
 
 def test_compositional_split_has_no_presence_questions(records: dict[str, list]) -> None:
     assert "presence" not in {r.question_type for r in records["compositional"]}
+
+
+def test_many_held_pairs_still_yield_valid_questions() -> None:
+    # Three of four shapes held per region leaves one shape per region in training.
+    cfg = SynthConfig(n=200, seed=4, level=5, held_per_region=3)
+    held = set(cfg.held_pairs())
+    for split in SPLITS:
+        for item in generate_samples(cfg, split, render_images=False):
+            _check_answer(item.sample)
+            pairs = {(les.shape, les.region) for les in item.scene.lesions}
+            if split == "compositional":
+                target = item.scene.lesions[item.scene.target]
+                assert (target.shape, target.region) in held
+            else:
+                assert not pairs & held

@@ -554,20 +554,33 @@ def _relational(
 
     # Two hops: find the anchor by a unique property, step to its neighbour, read the shape.
     kind = ("brightest", "darkest", "largest", "smallest", "shape")[int(rng.integers(5))]
-    anchor_kw: dict[str, str] = {}
     if kind != "shape":
-        attr, mine, rest = _SUPERLATIVES[kind]
+        attr, _, rest = _SUPERLATIVES[kind]
         b.defaults[attr] = rest
-        anchor_kw[attr] = mine
     primary = b.add(held=comp)
     r, c = divmod(primary.region, g)
     directions = [d for d, ((dr, dc), _) in _DIRECTIONS.items() if 0 <= r - dr < g and 0 <= c - dc < g]
-    direction = directions[int(rng.integers(len(directions)))]
-    (dr, dc), phrase = _DIRECTIONS[direction]
-    anchor_region = (r - dr) * g + (c - dc)
-    shapes = [s for s in SHAPES if s != primary.shape] if kind == "shape" else None
-    anchor = b.add(region=anchor_region, shapes=shapes, **anchor_kw)
-    if anchor is None:  # pragma: no cover - a free neighbour always admits some shape
+    directions = [directions[i] for i in rng.permutation(len(directions))]
+    # When held pairs leave no neighbour a shape of its own, fall back to the
+    # superlative the target's attributes already allow.
+    kinds = [kind] if kind != "shape" else [kind, "darkest" if primary.intensity == "bright" else "brightest"]
+    anchor = None
+    for kind in kinds:
+        if kind != "shape":
+            attr, mine, rest = _SUPERLATIVES[kind]
+            b.defaults[attr] = rest
+        for direction in directions:
+            (dr, dc), phrase = _DIRECTIONS[direction]
+            anchor_region = (r - dr) * g + (c - dc)
+            if kind == "shape":
+                anchor = b.add(region=anchor_region, shapes=[s for s in SHAPES if s != primary.shape])
+            else:
+                anchor = b.add(region=anchor_region, **{attr: mine})
+            if anchor is not None:
+                break
+        if anchor is not None:
+            break
+    if anchor is None:  # pragma: no cover - a superlative anchor fits any free neighbour
         raise RuntimeError("no anchor fits beside the relational target")
     if kind == "shape":
         b.banned_shapes.add(anchor.shape)  # the anchor stays the only lesion of its shape
