@@ -161,12 +161,12 @@ def compute_maps(
     for key in ("mm_token_type_ids", "token_type_ids"):
         if batch.get(key) is not None:
             ext[key] = torch.cat([batch[key], torch.zeros_like(batch[key][:, :1])], 1)
-    visual = vlm.adapter.image_features(model, ext)  # per image [n, d]
+    # The prompt's embeddings and extra arguments as generation builds them (e.g. Qwen3-VL deepstack).
+    prefix = vlm.adapter.prefix_inputs(model, ext, vlm.embed(ids))
+    visual, embeds = prefix.visual, prefix.embeds  # per image [n, d]; [B, L, d]
     if not visual:
         raise MedlvrError("the sample has no image to explain")
-    embeds = vlm.embed(ids)
     is_img = ids == vlm.image_token_id  # [B, L]
-    embeds = embeds.masked_scatter(is_img.unsqueeze(-1), torch.cat(visual, 0).to(embeds.dtype))
     pos_prefix, state = vlm.adapter.prefix_position_ids(model, ext)
     pos = torch.cat([pos_prefix, vlm.adapter.appended_position_ids(state, k_steps)], -1)
     z = latents.to(dev, embeds.dtype)  # [B, K, d]
@@ -182,6 +182,7 @@ def compute_maps(
             output_attentions=True,
             output_hidden_states=True,
             logits_to_keep=1,
+            **prefix.kwargs,
             **vlm.adapter.prefill_kwargs({**ext, **types}),
         )
     n_layers = len(out.attentions)
