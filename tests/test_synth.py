@@ -373,3 +373,11 @@ def test_many_held_pairs_still_yield_valid_questions() -> None:
                 assert (target.shape, target.region) in held
             else:
                 assert not pairs & held
+
+
+def test_fresh_anatomy_per_image_differs_from_cached_variants() -> None:
+    fresh = generate_samples(SynthConfig(n=20, seed=1, anatomy_variants=0), "train", range(2))
+    cached = generate_samples(SynthConfig(n=20, seed=1), "train", range(2))
+    for a, b in zip(fresh, cached, strict=True):
+        assert a.sample == b.sample  # pixels only: the records do not change
+        assert a.image.shape == b.image.shape and not np.array_equal(a.image, b.image)

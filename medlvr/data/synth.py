@@ -154,6 +154,8 @@ class SynthConfig:
     """Amplitude of the procedural background texture (0 = flat anatomy)."""
     anatomy_blend: float = 0.3
     """Weight of the pydicom test-file anatomy layer blended into the CT and MRI styles."""
+    anatomy_variants: int = 64
+    """Distinct anatomy drawings per modality, cached and mirrored (texture and noise stay per image); 0 = draw every image afresh (slower)."""
     same_shape_distractors: float = 0.25
     """Probability that a distractor takes the primary lesion's shape (harder: shape alone no longer identifies it)."""
     modalities: tuple[str, ...] = tuple(MODALITIES)
@@ -201,6 +203,8 @@ class SynthConfig:
         for name in ("noise", "texture", "same_shape_distractors", "anatomy_blend"):
             if not 0 <= getattr(self, name) <= 1:
                 raise bad(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.anatomy_variants < 0:
+            raise bad(f"anatomy_variants must be >= 0, got {self.anatomy_variants}")
         if self.background_texture < 0:
             raise bad(f"background_texture must be >= 0, got {self.background_texture}")
         self.modalities = tuple(self.modalities)
@@ -685,6 +689,7 @@ def render(cfg: SynthConfig, scene: Scene, *, lesions: bool = True) -> np.ndarra
     img = background(
         rng, scene.modality, cfg.image_size,
         window=cfg.window, texture=cfg.background_texture, anatomy_blend=cfg.anatomy_blend,
+        variants=cfg.anatomy_variants,
     )  # fmt: skip
     paint_rng = _rng(cfg, scene.split, scene.index, 3)
     for les in scene.lesions:

@@ -235,6 +235,22 @@ _STYLES = {  # style -> (drawer, pydicom anatomy file, drawn at half resolution)
 }
 
 
+def _draw_anatomy(rng: np.random.Generator, modality: str, size: int) -> np.ndarray:
+    style, _, half = _STYLES[modality]
+    if half:  # smooth anatomy: shade 4x fewer pixels, then upsample
+        img = style(rng, max(size // 2, 16)).astype(np.float32)
+        return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return style(rng, size).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=512)
+def _anatomy_variant(modality: str, size: int, variant: int) -> np.ndarray:
+    """Anatomy drawing number `variant` of `modality`: a pure function of its arguments, cached per process."""
+    img = _draw_anatomy(np.random.default_rng([variant, list(_STYLES).index(modality), size]), modality, size)
+    img.setflags(write=False)
+    return img
+
+
 def background(
     rng: np.random.Generator,
     modality: str,
@@ -243,16 +259,26 @@ def background(
     window: float = 0.4,
     texture: float = 1.0,
     anatomy_blend: float = 0.3,
+    variants: int = 0,
 ) -> np.ndarray:
-    """A grayscale scan of `modality` windowed into `[0.5 - window/2, 0.5 + window/2]`. [size, size] float32"""
+    """A grayscale scan of `modality` windowed into `[0.5 - window/2, 0.5 + window/2]`. [size, size] float32
+
+    `variants > 0` reuses one of that many cached anatomy drawings per modality
+    (mirrored at random; texture, anatomy layer and noise stay per image), which
+    is several times faster than drawing every image's anatomy afresh.
+    """
     if modality not in _STYLES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(_STYLES)}")
-    style, dicom, half = _STYLES[modality]
-    if half:  # smooth anatomy: shade 4x fewer pixels, then upsample
-        img = style(rng, max(size // 2, 16)).astype(np.float32)
-        img = np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    _, dicom, _ = _STYLES[modality]
+    if variants > 0:
+        img = _anatomy_variant(modality, size, int(rng.integers(variants)))
+        if modality == "histology":  # no up or down in a tissue section
+            img = np.rot90(img, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        img = img.copy()
     else:
-        img = style(rng, size).astype(np.float32)
+        img = _draw_anatomy(rng, modality, size)
     if dicom is not None and anatomy_blend > 0:
         layer = _anatomy(rng, dicom, size)
         if layer is not None:
