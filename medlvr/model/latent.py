@@ -419,7 +419,8 @@ class LatentVLM(nn.Module):
             h = self._latent_step(pre, mu)
         tail, tmask = self._tail(answer, amask, k_steps)
         logits, _ = self._append(pre, self.embed(tail), tmask, logits_to_keep=0)
-        pred = logits[:, -answer.shape[1]:] if k_steps > 0 else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
+        # The tail is <|latent_end|> + answer: position t (from <|latent_end|>) predicts answer_ids[:, t].
+        pred = logits[:, :-1] if k_steps > 0 else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
         return self._finish(pred, answer, amask, zs, mus, pre.visual, batch)
 
     def _tail(self, answer: torch.Tensor, amask: torch.Tensor, k_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,7 +460,7 @@ class LatentVLM(nn.Module):
         # mu_k = proj(h at the position before z_k): positions L-1 .. L+K-2
         mus = [self.projector(hidden[:, L - 1 + k]) for k in range(k_steps)]
         t = answer.shape[1]
-        pred = logits[:, -t:] if k_steps > 0 else logits[:, L - 1 : L - 1 + t]
+        pred = logits[:, -t - 1 : -1] if k_steps > 0 else logits[:, L - 1 : L - 1 + t]  # <|latent_end|> predicts answer_ids[:, 0]
         return self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch)
 
     def _finish(self, pred, answer, amask, zs, mus, visual, batch) -> ForwardOutput:
