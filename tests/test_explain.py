@@ -16,7 +16,6 @@ from medlvr.cli import app as cli_app
 from medlvr.config import LatentConfig
 from medlvr.data.collate import VQACollator
 from medlvr.data.roi import pool_targets
-from medlvr.data.schema import ROI, VQASample
 from medlvr.errors import MedlvrError
 from medlvr.explain import (
     ExplainConfig,

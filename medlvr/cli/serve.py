@@ -26,15 +26,17 @@ def serve(
     examples: int = typer.Option(4, "--examples", help="Synthetic examples in the gallery (0 = none)."),
 ) -> None:
     """Serve the web demo: upload an image, ask, see the answer, the time and the evidence maps."""
+    from medlvr.app import ServeConfig
+
+    # Arguments first: a typo fails in a second, before gradio and the model load.
+    cfg = ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb, max_latent_steps=max_latent_steps, examples=examples)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise ValueError("the web demo needs gradio: pip install 'medlvr[web]'") from None
-    from medlvr.app import ServeConfig
     from medlvr.app import serve as run_serve
     from medlvr.model.latent import LatentVLM
 
-    cfg = ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb, max_latent_steps=max_latent_steps, examples=examples)
     if host not in LOOPBACK:
         err_console.print(f"[yellow]warning:[/] binding {host}: the demo is reachable from other machines", highlight=False)
     vlm = LatentVLM.from_pretrained(model)
