@@ -378,7 +378,8 @@ class _SceneBuilder:
         size = size or self.defaults.get("size")
         intensity = intensity or self.defaults.get("intensity")
         shapes = [s for s in (SHAPES if shapes is None else shapes) if s not in self.banned_shapes]
-        regions = self.free_regions() if region is None else [region]
+        free = self.free_regions()
+        regions = free if region is None else [region] if region in free else []
         used = {(les.size, les.intensity, les.shape) for les in self.lesions}
         cands = [
             (sh, rg, sz, it)
