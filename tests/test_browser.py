@@ -107,5 +107,11 @@ def test_upload_answer_evidence_and_bad_upload(server, browser, tmp_path):
     assert "Error" not in status, status
     assert page.locator("#answer textarea").input_value().strip()
     page.locator("#evidence img").wait_for(timeout=15_000)
+
+    # The gallery: clicking a synthetic example loads its image and question.
+    page.locator("#examples img").first.click()
+    page.wait_for_function("() => document.querySelector('#question textarea').value.startsWith('Is there') === false", timeout=15_000)
+    page.locator("#upload").get_by_text(".png").first.wait_for(timeout=15_000)
+    assert page.locator("#question textarea").input_value().endswith("?")
     page.close()
     assert time.perf_counter() - started < 60
