@@ -216,3 +216,15 @@ def test_short_roi_sft_lowers_answer_and_alignment_losses(vlm):
                 p.copy_(state[n])
     assert ce1 < 0.8 * ce0, (ce0, ce1)
     assert al1 < 0.8 * al0, (al0, al1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_norm_projector_puts_latents_at_token_embedding_scale(tiny_factory, family):
+    """Gemma scales token embeddings by sqrt(d) inside the embedding module; latents must match what it outputs."""
+    vlm = LatentVLM.from_pretrained(tiny_factory(family), LatentConfig(steps=2, projector="norm"))
+    with torch.no_grad():
+        ids = torch.arange(vlm.backbone.get_input_embeddings().weight.shape[0])
+        token_rms = vlm.embed(ids).float().pow(2).mean(-1).sqrt().mean()
+        z = vlm.projector(5.0 * torch.randn(8, vlm.hidden_size))
+        latent_rms = z.pow(2).mean(-1).sqrt().mean()
+    assert abs(latent_rms / token_rms - 1) < 1e-3

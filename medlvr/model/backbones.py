@@ -134,6 +134,10 @@ class BackboneAdapter(ABC):
         """Per-position forward arguments only passes over the prefix take (e.g. Gemma 3 token types)."""
         return {}
 
+    def embedding_scale(self, model: PreTrainedModel) -> float:
+        """Factor the input-embedding module applies to its weight rows (1 unless the family scales)."""
+        return 1.0
+
     def is_vision_parameter(self, name: str) -> bool:
         """Whether a parameter (by its name in the model) belongs to the vision tower or its projector."""
         return ".visual." in name or name.startswith("visual.")
@@ -613,6 +617,10 @@ class Gemma3Adapter(BackboneAdapter):
         # Without the token types image tokens attend causally (logits move by ~7e-2).
         tt = batch.get("token_type_ids")
         return {} if tt is None else {"token_type_ids": tt}
+
+    def embedding_scale(self, model: PreTrainedModel) -> float:
+        # Gemma's embedding module multiplies token embeddings by sqrt(hidden_size).
+        return float(model.config.get_text_config().hidden_size) ** 0.5
 
     def is_vision_parameter(self, name: str) -> bool:
         return "vision_tower." in name or "multi_modal_projector." in name

@@ -204,7 +204,8 @@ class LatentVLM(nn.Module):
     @torch.no_grad()
     def _embed_rms(self) -> float:
         w = self.backbone.get_input_embeddings().weight.float()
-        return float(w.pow(2).mean(-1).sqrt().mean())
+        # What the decoder sees is the embedding module's output (Gemma scales rows by sqrt(d)).
+        return float(w.pow(2).mean(-1).sqrt().mean()) * self.adapter.embedding_scale(self.base_model)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # The backbone's own embedding module (Gemma's scales by sqrt(d) inside it).
