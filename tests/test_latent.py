@@ -180,3 +180,18 @@ def test_bad_inputs_raise_clear_errors(vlm):
         get_adapter("llava")
     with pytest.raises(MedlvrError, match="latent.steps"):
         LatentConfig(steps=-2)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_training_forward_scores_what_generate_decodes(vlm, k):
+    """Teacher forcing the greedy answer: the forward's argmax at every answer position is that answer."""
+    batch = _batch(vlm, with_answers=False)
+    with torch.no_grad():
+        gen = vlm.generate(batch, latent_steps=k, max_new_tokens=6, min_new_tokens=6)
+        rows = [ids + [vlm.stop_ids[0]] for ids in gen.token_ids]
+        batch["answer_ids"] = torch.tensor(rows)
+        batch["answer_mask"] = torch.ones_like(batch["answer_ids"])
+        out = vlm(batch, latent_steps=k)
+        full = vlm(batch, latent_inputs=out.latents) if k else out
+    assert out.logits[:, :6].argmax(-1).tolist() == [r[:6] for r in rows]
+    assert full.logits[:, :6].argmax(-1).tolist() == [r[:6] for r in rows]
