@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from medlvr.model.backbones import LATENT_TOKENS, get_adapter
 
-Size = Literal["tiny", "small", "medium"]
+Size = Literal["tiny", "mini", "small", "medium"]
 
 # Words a medical VQA tokenizer should hold as whole tokens; byte-level BPE
 # still encodes anything else, just in more pieces.
@@ -58,7 +58,10 @@ class TinySpec:
 SPECS: dict[str, TinySpec] = {
     # ~0.2M parameters: unit tests, seconds.
     "tiny": TinySpec(64, 2, 4, 2, 128, 2, 32, 2, 1024),
-    # a few M: the laptop demo's backbone.
+    # ~1.2M: the laptop demo's backbone (the size that learned to see synthetic
+    # lesions within minutes in NOTES-synthetic.md).
+    "mini": TinySpec(128, 4, 4, 2, 256, 3, 64, 2, 1024),
+    # a few M.
     "small": TinySpec(256, 4, 4, 2, 512, 3, 128, 4, 2048),
     # ~25M: the benchmarks' "medium" model.
     "medium": TinySpec(512, 8, 8, 4, 1024, 4, 256, 4, 4096),
