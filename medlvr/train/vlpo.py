@@ -1,0 +1,543 @@
+"""Stage 2, Visual-Latent Policy Optimization: `run_vlpo(cfg)`, one explicit loop on accelerate.
+
+Per step, on every process (B = batch_size prompts, G = vlpo.group_size):
+
+1. rollout: G trajectories per prompt on a shared prefix (`LatentVLM.generate(...,
+   group_size=G)`): latent step k samples `z_k ~ N(mu_k, sigma^2 I)`, the answer is
+   sampled at temperature T;
+2. log-probs: one parallel forward per micro-batch of finished trajectories gives the
+   log-probabilities of every latent step (per-dimension Gaussian, `gaussian_logprob`)
+   and answer token under the rollout policy (`old`), and, with beta > 0, under the
+   reference (the starting checkpoint: the adapter disabled under LoRA, else a frozen copy);
+3. rewards: the weighted reward functions of `vlpo.rewards` (accuracy is the evaluation
+   scorer), then group-relative advantages `(r - mean_g) / std_g` (std optional);
+4. update: `vlpo.update_epochs` passes over the rollouts, each split into
+   `vlpo.mini_batches` optimizer steps, minimising per unit (latent step or token)
+
+       -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3(pi, ref),   r = pi / pi_old,
+
+   aggregated per token or per sequence (`vlpo.aggregation`) with normalisers counted
+   over the whole optimizer step on all processes, so gradient accumulation and DDP
+   sharding give the single-batch gradient.
+
+Dropout is switched off for the whole run (as TRL's GRPO does): the ratio must compare
+the same function, so at the first update epoch on fresh rollouts it is exactly 1.
+The model set-up (freezing, LoRA), optimizer, schedule, data stream, checkpoints and
+the metrics logger are the SFT stage's (`medlvr.train.sft`, `optim`, `data`, `checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medlvr.config import VLPOConfig
+from medlvr.data.schema import VQASample, read_jsonl
+from medlvr.errors import MedlvrError
+from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set
+from medlvr.train.losses import kl_k3, policy_loss, policy_normaliser
+from medlvr.train.rewards import RewardContext, RewardSet
+from medlvr.train.rollout import (
+    Rollouts,
+    answer_tensors,
+    flat_groups,
+    group_advantages,
+    sample_rollouts,
+    stop_and_pad_ids,
+    trajectory_logprobs,
+)
+
+
+@dataclass
+class VLPOResult:
+    """What `run_vlpo` returns."""
+
+    output_dir: Path
+    final_model: Path
+    steps: int
+    metrics: dict[str, Any]  # the last logged row, plus held-out `val_*` numbers when `data.val` is set
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- checks and set-up
+
+
+def check_config(cfg: VLPOConfig) -> TrainSet:
+    """Everything checkable before loading a model: paths, records, rewards, the checkpoint's latent set-up."""
+    from medlvr.model.latent import LATENT_CONFIG_FILE
+
+    if not cfg.model.path:
+        raise MedlvrError("model.path is not set: give the SFT checkpoint with --init (e.g. runs/sft/final)")
+    path = Path(cfg.model.path)
+    if not path.is_dir():
+        raise MedlvrError(f"model.path is not a folder: {cfg.model.path}")
+    saved = path / LATENT_CONFIG_FILE
+    if saved.is_file():
+        proj = json.loads(saved.read_text()).get("projector")
+        if proj != cfg.latent.projector:
+            raise MedlvrError(
+                f"the checkpoint's latent projector is {proj!r} but latent.projector={cfg.latent.projector!r}: "
+                f"its trained projector would be dropped; set latent.projector={proj}"
+            )
+    if not cfg.data.train:
+        raise MedlvrError("data.train is empty: give one or more JSONL files of prompts with gold answers")
+    check_files(cfg.data.train, "training data")
+    if cfg.data.val:
+        check_files([cfg.data.val], "validation data")
+    if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train):
+        raise MedlvrError(f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train files")
+    RewardSet(cfg.vlpo.rewards)  # unknown names and bad import paths fail here
+    return load_train_set(cfg.data.train, cfg.data.max_samples)
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """p = 0 in every dropout layer and attention dropout: pi_old and pi must be the same function."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+def _reference_projector(cfg: VLPOConfig, vlm: Any) -> nn.Module:
+    """The starting checkpoint's latent projector (LoRA's reference keeps it; the adapter does not hold it)."""
+    from safetensors.torch import load_file
+
+    from medlvr.model.latent import PROJECTOR_FILE, LatentProjector
+
+    proj = LatentProjector(cfg.latent.projector, vlm.hidden_size, embed_rms=vlm._embed_rms())
+    f = Path(cfg.model.path) / PROJECTOR_FILE
+    if f.is_file():
+        proj.load_state_dict(load_file(str(f)))
+    proj.to(device=vlm.device, dtype=vlm.backbone.dtype).requires_grad_(False)
+    return proj
+
+
+class Reference:
+    """The KL reference policy: the same model with the LoRA adapter disabled, or a frozen copy."""
+
+    def __init__(self, cfg: VLPOConfig, vlm: Any):
+        self.lora = cfg.model.finetune == "lora"
+        self.vlm = vlm
+        if self.lora:
+            self.projector = _reference_projector(cfg, vlm)
+            self.copy = None
+        else:
+            from medlvr.model.latent import LatentVLM
+
+            self.copy = LatentVLM.from_pretrained(cfg.model.path, vlm.latent, dtype=vlm.backbone.dtype, device=vlm.device)
+            self.copy.requires_grad_(False)
+            self.copy.eval()
+
+    @contextmanager
+    def active(self):
+        """Yields a callable model computing the reference's forward."""
+        if self.copy is not None:
+            yield self.copy
+            return
+        trained = self.vlm.projector
+        self.vlm.projector = self.projector
+        try:
+            with self.vlm.backbone.disable_adapter():
+                yield self.vlm
+        finally:
+            self.vlm.projector = trained
+
+
+def _rollout_seed(seed: int, rank: int, step: int) -> int:
+    """A per-(process, step) stream: resuming at step s replays exactly the rollouts of step s."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------- held-out reward
+
+
+@torch.no_grad()
+def held_out_reward(
+    vlm: Any,
+    samples: Sequence[VQASample],
+    rewards: RewardSet,
+    *,
+    latent_steps: int,
+    n_samples: int,
+    temperature: float,
+    latent_sigma: float,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    accelerator: Any = None,
+) -> dict[str, float]:
+    """Mean reward (and accuracy) of `n_samples` sampled answers per held-out prompt, as in training.
+
+    This is the quantity VLPO optimises, measured on prompts it never trains on: rollouts
+    with the training temperature and latent sigma, a fixed seed, the same reward set.
+    """
+    from medlvr.data.collate import VQACollator
+    from medlvr.eval.metrics import accuracy_reward
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = list(samples)[rank::world]
+    collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual)
+    was_training = vlm.training
+    vlm.eval()
+    gen = torch.Generator(device=vlm.device).manual_seed(_rollout_seed(seed, rank, 0))
+    sums = torch.zeros(3, dtype=torch.float64)  # reward sum, accuracy sum, count
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i : i + batch_size]
+        images = [[load_image(p) for p in s.images] for s in chunk]
+        ro = sample_rollouts(
+            vlm, collate, chunk, images, group_size=n_samples, latent_steps=latent_steps, temperature=temperature,
+            latent_sigma=latent_sigma, max_new_tokens=max_new_tokens, generator=gen,
+        )  # fmt: skip
+        visual = roi = None
+        if rewards.needs_visual:
+            batch = collate(chunk, images=images)
+            visual, roi = _visual_tokens(vlm, batch), batch["roi_index"]
+        ctxs = [
+            RewardContext(stopped=s, n_tokens=len(t), visual_tokens=None if visual is None else visual[j // n_samples],
+                          roi_index=None if roi is None else roi[j // n_samples])
+            for j, (s, t) in enumerate(zip(ro.stopped, ro.token_ids))
+        ]  # fmt: skip
+        total, _ = rewards(ro.samples, ro.texts, ro.latents.cpu(), ctxs)
+        acc = sum(accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts))
+        sums += torch.tensor([float(total.sum()), acc, len(ro.texts)], dtype=torch.float64)
+    vlm.train(was_training)
+    if accelerator is not None and world > 1:
+        sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+    n = max(float(sums[2]), 1.0)
+    return {"reward": float(sums[0]) / n, "accuracy": float(sums[1]) / n}
+
+
+def _visual_tokens(vlm: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
+    from medlvr.model.latent import _per_sample
+
+    moved = {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    visual = vlm.adapter.image_features(vlm.base_model, moved)
+    return [v.detach() for v in _per_sample(visual, batch, len(batch["sample_ids"]))]
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> VLPOResult:
+    """Optimise the policy of `cfg` from the checkpoint `model.path`; export to `output_dir/final`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from medlvr.config import save_config
+    from medlvr.data.collate import VQACollator
+    from medlvr.eval.metrics import accuracy_reward
+    from medlvr.train import checkpoint as ckpt
+    from medlvr.train.optim import build_optimizer, build_scheduler
+    from medlvr.train.sft import _precision, build_model, validation_accuracy
+
+    torch.set_flush_denormal(True)  # denormals made early CPU steps ~7x slower (NOTES-synthetic.md)
+    data = check_config(cfg)
+    p = cfg.vlpo
+    rewards = RewardSet(p.rewards)
+    val_samples = read_jsonl(cfg.data.val)[: cfg.data.val_samples or None] if cfg.data.val else []
+
+    accelerator = Accelerator(mixed_precision=_precision(cfg.model.precision), cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    out_dir = Path(cfg.output_dir)
+    resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
+    if cfg.checkpoint.resume and resume_dir is None and accelerator.is_main_process:
+        warnings.warn(f"checkpoint.resume is set but {out_dir} has no checkpoint: starting fresh", stacklevel=2)
+
+    set_seed(cfg.seed)
+    k_steps = cfg.latent.steps
+    vlm = build_model(cfg, resume_dir)  # freezing, LoRA, checkpointing: the SFT set-up
+    disable_dropout(vlm)
+    trains_latents = k_steps > 0 and p.latent_policy and p.latent_sigma > 0
+    for q in vlm.projector.parameters():
+        q.requires_grad_(trains_latents)  # an unused trainable parameter would also break DDP
+    reference = Reference(cfg, vlm) if p.beta > 0 else None
+    optimizer = build_optimizer(vlm.named_parameters(), cfg.optim)
+    total_opt_steps = cfg.optimizer_steps
+    scheduler = build_scheduler(optimizer, total_opt_steps, cfg.optim)
+    model, optimizer = accelerator.prepare(vlm, optimizer)
+    vlm = accelerator.unwrap_model(model)
+
+    step, pos = 0, 0  # rollout steps done; prompts consumed by all processes together
+    if resume_dir is not None:
+        state = ckpt.load_training_state(accelerator, resume_dir, optimizer, scheduler)
+        step, pos = int(state["step"]), int(state["samples_seen"])
+
+    stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
+    prompt_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False, image_loader=load_image)
+    traj_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual, image_loader=load_image)
+    stop_id, pad_id = stop_and_pad_ids(vlm, prompt_collate)
+    log = _VLPOLogger(cfg, accelerator, out_dir, resume_step=step if resume_dir is not None else 0)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    history: list[dict[str, Any]] = []
+    last_row: dict[str, Any] = {}
+    log.start(cfg.max_steps, step)
+    try:
+        while step < cfg.max_steps:
+            times: dict[str, float] = {}
+            t0 = time.perf_counter()
+            # ---- 1. rollouts (this process's B prompts of the global batch)
+            idx = stream.take(pos + rank * cfg.batch_size, cfg.batch_size)
+            samples = [data.samples[i] for i in idx]
+            images = [[load_image(path) for path in s.images] for s in samples]
+            gen = torch.Generator(device=vlm.device).manual_seed(_rollout_seed(cfg.seed, rank, step))
+            vlm.eval()
+            ro = sample_rollouts(
+                vlm, prompt_collate, samples, images, group_size=p.group_size, latent_steps=k_steps,
+                temperature=p.temperature, latent_sigma=p.latent_sigma, max_new_tokens=p.max_new_tokens,
+                top_p=p.top_p, generator=gen,
+            )  # fmt: skip
+            vlm.train()
+            times["rollout_s"] = time.perf_counter() - t0
+
+            # ---- 2. log-probabilities of the finished trajectories: rollout policy and reference
+            t0 = time.perf_counter()
+            micro = _micro_batches(ro, traj_collate, stop_id, pad_id, p.micro_batch_size)
+            old, ref, visual, entropy_sum = [], [], [], 0.0
+            with torch.no_grad():
+                for mb in micro:
+                    with accelerator.autocast():
+                        lp = trajectory_logprobs(
+                            model, mb.batch, mb.latents, temperature=p.temperature,
+                            latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
+                        )  # fmt: skip
+                    old.append(lp.logp.detach())
+                    entropy_sum += float(lp.entropy.sum())
+                    if rewards.needs_visual:
+                        visual.extend(v.detach() for v in lp.visual_tokens)
+                    if reference is not None:
+                        with reference.active() as ref_model, accelerator.autocast():
+                            ref.append(trajectory_logprobs(
+                                ref_model, mb.batch, mb.latents, temperature=p.temperature,
+                                latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
+                            ).logp.detach())  # fmt: skip
+            times["logprob_s"] = time.perf_counter() - t0
+
+            # ---- 3. rewards and group-relative advantages
+            t0 = time.perf_counter()
+            roi_index = [r for mb in micro for r in mb.batch.get("roi_index", [None] * mb.n)]
+            ctxs = [
+                RewardContext(stopped=s, n_tokens=len(t), step=step, visual_tokens=visual[i] if visual else None,
+                              roi_index=roi_index[i])
+                for i, (s, t) in enumerate(zip(ro.stopped, ro.token_ids))
+            ]  # fmt: skip
+            reward, parts = rewards(ro.samples, ro.texts, ro.latents.detach().cpu(), ctxs)
+            adv = group_advantages(reward, p.group_size, scale=p.scale_advantages)  # [N]
+            times["reward_s"] = time.perf_counter() - t0
+
+            # ---- 4. clipped policy updates
+            t0 = time.perf_counter()
+            stats = torch.zeros(5, dtype=torch.float64)  # clipped units, kl sum, ratio sum, units, loss sum
+            grad_norms: list[float] = []
+            n_traj = len(ro.texts)
+            order = list(range(len(micro)))
+            parts_per_opt = _split(order, p.mini_batches)
+            for _epoch in range(p.update_epochs):
+                for group in parts_per_opt:
+                    norm_local = sum(float(policy_normaliser(micro[j].mask, p.aggregation)) for j in group)
+                    norm = float(accelerator.reduce(torch.tensor(norm_local, device=accelerator.device), "sum")) if world > 1 else norm_local
+                    for n_mb, j in enumerate(group):
+                        mb = micro[j]
+                        sync = n_mb == len(group) - 1
+                        with (accelerator.no_sync(model) if not sync else _null()):
+                            with accelerator.autocast():
+                                lp = trajectory_logprobs(
+                                    model, mb.batch, mb.latents, temperature=p.temperature,
+                                    latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
+                                )  # fmt: skip
+                            per_seq, st = policy_loss(
+                                lp.logp, old[j], adv[mb.rows].to(lp.logp.device), mb.mask.to(lp.logp.device),
+                                clip_low=p.clip_low, clip_high=p.clip_high, aggregation=p.aggregation,
+                                ref_logp=ref[j] if ref else None, beta=p.beta,
+                            )  # fmt: skip
+                            loss = per_seq.sum() / max(norm, 1.0)
+                            accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global sum
+                        stats += torch.tensor([float(st["clipped"]), float(st["kl"]), float(st["ratio"]),
+                                               float(st["units"]), float(loss.detach())], dtype=torch.float64)  # fmt: skip
+                    if cfg.optim.max_grad_norm > 0:
+                        grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            times["update_s"] = time.perf_counter() - t0
+            step += 1
+            pos += cfg.batch_size * world
+
+            # ---- metrics (reduced over processes)
+            acc = torch.tensor([accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts)])
+            flat = flat_groups(reward, p.group_size).float()
+            kl_rollout = sum(float((kl_k3(o, r) * mb.mask).sum()) for o, r, mb in zip(old, ref, micro)) if ref else 0.0
+            z = ro.latents.float()
+            local = torch.tensor([
+                float(reward.sum()), float(reward.pow(2).sum()), float(acc.sum()), n_traj,
+                float(flat.sum()), float(flat.numel()), entropy_sum, float(sum(mb.amask.sum() for mb in micro)),
+                float(z.norm(dim=-1).mean(-1).sum()) if k_steps else 0.0,
+                float(sum(len(t) for t in ro.token_ids)), float(sum(ro.stopped)), kl_rollout,
+                float(sum(mb.mask.sum() for mb in micro)),
+                *[float(v.sum()) for v in parts.values()], *stats.tolist(),
+            ], dtype=torch.float64)  # fmt: skip
+            tot = accelerator.reduce(local.to(accelerator.device), "sum").cpu() if world > 1 else local
+            n = float(tot[3])
+            mean_r = float(tot[0]) / n
+            row: dict[str, Any] = {
+                "step": step,
+                "reward_mean": mean_r,
+                "reward_std": max(float(tot[1]) / n - mean_r**2, 0.0) ** 0.5,
+                "accuracy": float(tot[2]) / n,
+                "flat_groups": float(tot[4]) / max(float(tot[5]), 1.0),
+                "entropy": float(tot[6]) / max(float(tot[7]), 1.0),
+                "latent_norm": float(tot[8]) / n if k_steps else None,
+                "response_tokens": float(tot[9]) / n,
+                "stopped": float(tot[10]) / n,
+                "kl": float(tot[11]) / max(float(tot[12]), 1.0) if ref else None,
+            }
+            for i, name in enumerate(parts):
+                row[f"reward/{name}"] = float(tot[13 + i]) / n
+            s0 = 13 + len(parts)
+            units = max(float(tot[s0 + 3]), 1.0)
+            row["clip_fraction"] = float(tot[s0]) / units
+            row["kl_update"] = float(tot[s0 + 1]) / units if ref else None
+            row["ratio_mean"] = float(tot[s0 + 2]) / units
+            row["loss"] = float(tot[s0 + 4]) / (p.update_epochs * (world if world > 1 else 1))
+            row["lr"] = scheduler.get_last_lr()[0]
+            row["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
+            row.update(times)
+            row["trajectories_per_s"] = n_traj / max(sum(times.values()), 1e-9)
+            row["samples_seen"] = pos
+            if cfg.log.val_every and val_samples and step % cfg.log.val_every == 0 and step < cfg.max_steps:
+                row.update(_validate(cfg, vlm, val_samples, rewards, accelerator, validation_accuracy))
+            last_row = row
+            if step % cfg.log.every == 0 or step == cfg.max_steps or "val_reward" in row:
+                history.append(row)
+                log.write(row)
+            log.advance(row)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.max_steps:
+                _save(ckpt, cfg, accelerator, model, vlm, optimizer, scheduler, out_dir, step, pos, row)
+            if on_step is not None:
+                on_step(row)
+    finally:
+        log.stop()
+
+    _save(ckpt, cfg, accelerator, model, vlm, optimizer, scheduler, out_dir, step, pos, last_row)
+    metrics = dict(last_row)
+    if val_samples:
+        metrics.update(_validate(cfg, vlm, val_samples, rewards, accelerator, validation_accuracy))
+        log.write({"step": step, **{k: v for k, v in metrics.items() if k.startswith("val_")}, "final": True})
+    final = out_dir / "final"
+    if accelerator.is_main_process:
+        ckpt.export_final(vlm, final, lora=cfg.model.finetune == "lora", merge_lora=cfg.checkpoint.merge_lora)
+        (out_dir / "result.json").write_text(json.dumps({"steps": step, "metrics": metrics, "final_model": str(final)}, indent=2))
+    accelerator.wait_for_everyone()
+    log.close()
+    return VLPOResult(out_dir, final, step, metrics, history)
+
+
+@dataclass
+class _Micro:
+    """A micro-batch of finished trajectories, collated once and reused by every pass of the step."""
+
+    rows: slice  # rows of the step's N trajectories
+    batch: dict[str, Any]  # prompts (repeated per trajectory) + answer_ids / answer_mask
+    latents: torch.Tensor  # [n, K, d]
+    mask: torch.Tensor  # [n, K + T] policy units
+    amask: torch.Tensor  # [n, T]
+    n: int
+
+
+def _micro_batches(ro: Rollouts, collate: Any, stop_id: int, pad_id: int, size: int) -> list[_Micro]:
+    out = []
+    for a in range(0, len(ro.texts), size):
+        rows = slice(a, min(a + size, len(ro.texts)))
+        batch = collate(ro.samples[rows], images=ro.images[rows])
+        batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids[rows], ro.stopped[rows], stop_id, pad_id)
+        k = ro.latents.shape[1]
+        n = rows.stop - rows.start
+        latent_mask = torch.ones(n, k, dtype=torch.long)
+        out.append(_Micro(rows, batch, ro.latents[rows], torch.cat([latent_mask, batch["answer_mask"]], 1), batch["answer_mask"], n))
+    return out
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    """`items` in `parts` contiguous, non-empty groups (fewer if there are fewer items)."""
+    parts = max(1, min(parts, len(items)))
+    return [list(c) for c in torch.tensor_split(torch.tensor(items), parts) if len(c)]
+
+
+def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: RewardSet, accelerator: Any, validation_accuracy: Any) -> dict[str, float]:
+    p = cfg.vlpo
+    held = held_out_reward(
+        vlm, samples, rewards, latent_steps=cfg.latent.steps, n_samples=p.eval_samples, temperature=p.temperature,
+        latent_sigma=p.latent_sigma, max_new_tokens=p.max_new_tokens, seed=cfg.seed, batch_size=cfg.log.val_batch_size,
+        accelerator=accelerator,
+    )  # fmt: skip
+    greedy = validation_accuracy(
+        vlm, samples, latent_steps=cfg.latent.steps, batch_size=cfg.log.val_batch_size,
+        max_new_tokens=cfg.log.val_max_new_tokens, accelerator=accelerator,
+    )  # fmt: skip
+    return {"val_reward": held["reward"], "val_sampled_accuracy": held["accuracy"], "val_accuracy": greedy}
+
+
+def _save(ckpt: Any, cfg: VLPOConfig, accelerator: Any, model: Any, vlm: Any, optimizer: Any, scheduler: Any,
+          out_dir: Path, step: int, pos: int, row: dict[str, Any]) -> None:  # fmt: skip
+    ckpt.save_checkpoint(
+        accelerator, model, vlm, optimizer, scheduler, output_dir=out_dir, step=step,
+        trainer_state={"samples_seen": pos, "prompts_per_step": cfg.batch_size * accelerator.num_processes, "metrics": row},
+        config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
+        keep_last=cfg.checkpoint.keep_last,
+    )  # fmt: skip
+
+
+@contextmanager
+def _null():
+    yield
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+def _logger_base() -> type:
+    from medlvr.train.sft import _Logger
+
+    return _Logger
+
+
+class _VLPOLogger(_logger_base()):  # type: ignore[misc]
+    """The SFT logger (metrics.jsonl, TensorBoard) with a VLPO progress line."""
+
+    def start(self, total: int, done: int) -> None:
+        if not (self.main and self.cfg.log.progress):
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("vlpo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+        )  # fmt: skip
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+        self.bar.start()
+
+    def advance(self, row: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        info = f"reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} acc {row['accuracy']:.3f} clip {row['clip_fraction']:.3f}"
+        if row.get("kl") is not None:
+            info += f" kl {row['kl']:.4f}"
+        info += f" flat {row['flat_groups']:.2f} {row['trajectories_per_s']:.1f} traj/s"
+        if row.get("val_reward") is not None:
+            info += f" val {row['val_reward']:.3f}"
+        self.bar.update(self.task, completed=row["step"], info=info)
+
+
+__all__ = ["run_vlpo", "check_config", "held_out_reward", "disable_dropout", "Reference", "VLPOResult"]

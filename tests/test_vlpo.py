@@ -1,0 +1,294 @@
+"""VLPO: latent log-densities, the clipped loss and KL, shared-prefix rollouts, and a short run that learns."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from medlvr.config import LatentConfig, VLPOConfig, load_config
+from medlvr.data.collate import VQACollator
+from medlvr.data.schema import read_jsonl
+from medlvr.model.latent import LatentVLM, gaussian_logprob
+from medlvr.train.data import load_image
+from medlvr.train.losses import kl_k3, policy_loss, policy_normaliser
+from medlvr.train.rollout import (
+    answer_tensors,
+    flat_groups,
+    group_advantages,
+    repeat_rows,
+    sample_rollouts,
+    stop_and_pad_ids,
+    trajectory_logprobs,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- pure functions
+
+
+def test_latent_logprob_is_the_per_dimension_gaussian_density():
+    """`gaussian_logprob = (sum_d log N(z_d; mu_d, sigma) + d (log sigma + log(2 pi) / 2)) / d`.
+
+    i.e. the exact log-density of the sampled step with its constant `-d log(sigma sqrt(2 pi))`
+    dropped (it cancels in ratios and in the KL's log-ratio), divided by d so one latent step
+    weighs like one token.
+    """
+    torch.manual_seed(0)
+    for d, sigma in ((8, 0.05), (64, 0.3), (3, 1.7)):
+        mu = torch.randn(4, 3, d)
+        z = mu + sigma * torch.randn(4, 3, d)
+        exact = torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1)  # [4, 3]
+        const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+        assert torch.allclose(gaussian_logprob(z, mu, sigma), (exact + const) / d, atol=1e-5)
+        # ratios are the d-th root of the exact density ratio
+        mu2 = mu + 0.01
+        exact_ratio = torch.distributions.Normal(mu2, sigma).log_prob(z).sum(-1) - exact
+        assert torch.allclose(gaussian_logprob(z, mu2, sigma) - gaussian_logprob(z, mu, sigma), exact_ratio / d, atol=1e-4)
+
+
+def test_kl_k3_is_zero_at_equality_and_positive_otherwise():
+    lp = torch.randn(5, 7)
+    assert torch.equal(kl_k3(lp, lp), torch.zeros(5, 7))
+    other = lp + torch.randn(5, 7) * 0.3
+    k = kl_k3(lp, other)
+    assert (k >= 0).all() and k.sum() > 0
+    x = other - lp
+    assert torch.allclose(k, torch.exp(x) - x - 1)
+
+
+def test_policy_loss_clipping_aggregation_and_normalisers():
+    old = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    # On-policy: ratio 1, nothing clipped, loss = -A per unit.
+    lp = old.clone().requires_grad_(True)
+    per_seq, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.3)
+    assert torch.allclose(per_seq, torch.tensor([-3.0, 4.0])) and st["clipped"] == 0 and st["units"] == 5
+    per_seq.sum().backward()
+    assert torch.allclose(lp.grad, -adv[:, None] * mask)
+    # Ratio e^0.5 > 1.3 with A > 0 is clipped (no gradient); with A < 0 it is not.
+    lp = torch.full((2, 4), 0.5, requires_grad=True)
+    per_seq, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.3)
+    per_seq.sum().backward()
+    assert st["clipped"] == 3
+    assert (lp.grad[0] == 0).all() and (lp.grad[1, :2] != 0).all()
+    assert torch.allclose(per_seq[0], torch.tensor(-3 * 1.3))
+    # Ratio e^-0.5 < 0.8 with A < 0 is clipped at 1 - clip_low.
+    per_seq, st = policy_loss(torch.full((2, 4), -0.5), old, adv, mask, clip_low=0.2, clip_high=0.3)
+    assert st["clipped"] == 2 and torch.allclose(per_seq[1], torch.tensor(2 * 2.0 * 0.8))
+    # Sequence aggregation averages within a trajectory; normalisers count units or trajectories.
+    per_tok, _ = policy_loss(old, old, adv, mask, aggregation="token")
+    per_sq, _ = policy_loss(old, old, adv, mask, aggregation="sequence")
+    assert torch.allclose(per_sq, per_tok / mask.sum(-1))
+    assert policy_normaliser(mask, "token") == 5 and policy_normaliser(mask, "sequence") == 2
+    # The KL term adds beta * k3 per unit.
+    ref = torch.randn(2, 4)
+    with_kl, st = policy_loss(old, old, adv, mask, ref_logp=ref, beta=0.5)
+    assert torch.allclose(with_kl - per_tok, 0.5 * (kl_k3(old, ref) * mask).sum(-1))
+    assert torch.allclose(st["kl"], (kl_k3(old, ref) * mask).sum())
+
+
+def test_group_advantages_flat_groups_and_answer_tensors():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(r, 4, scale=False)
+    assert torch.allclose(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    scaled = group_advantages(r, 4, scale=True)
+    assert torch.allclose(scaled[:4], adv[:4] / (r[:4].std() + 1e-4)) and (scaled[4:] == 0).all()
+    assert flat_groups(r, 4).tolist() == [False, True]
+    ids, mask = answer_tensors([[5, 6], [7], [], [8, 9, 10]], [True, False, True, False], stop_id=1, pad_id=0)
+    assert ids.tolist() == [[5, 6, 1], [7, 0, 0], [1, 0, 0], [8, 9, 10]][:3] + [[8, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
+    assert repeat_rows(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
+
+
+# ---------------------------------------------------------------------------- on the tiny model
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from medlvr.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth_vlpo")
+    return generate(SynthConfig(n=120, seed=3, level=1, families={"presence": 1.0}, describe=False), out)
+
+
+def _prompts(paths, n, split="train"):
+    samples = read_jsonl(paths[split])[:n]
+    return samples, [[load_image(p) for p in s.images] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_dir):
+    torch.manual_seed(0)
+    return LatentVLM.from_pretrained(tiny_dir, LatentConfig(steps=3, projector="linear"))
+
+
+def _rollouts(vlm, samples, images, seed, shared, sigma=0.1, temperature=1.0, g=4):
+    col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
+    gen = torch.Generator().manual_seed(seed)
+    return sample_rollouts(vlm, col, samples, images, group_size=g, latent_steps=3, temperature=temperature,
+                           latent_sigma=sigma, max_new_tokens=6, generator=gen, shared_prefix=shared)  # fmt: skip
+
+
+def test_shared_prefix_rollouts_equal_per_sample_rollouts(vlm, synth):
+    samples, images = _prompts(synth, 3)
+    shared = _rollouts(vlm, samples, images, seed=7, shared=True)
+    naive = _rollouts(vlm, samples, images, seed=7, shared=False)
+    assert len(shared.texts) == 12
+    # Same random stream, same draw order: identical sampled answers, latents equal up to float noise.
+    assert shared.token_ids == naive.token_ids
+    assert (shared.latents - naive.latents).abs().max() < 1e-5
+    assert (shared.latent_means - naive.latent_means).abs().max() < 1e-5
+    # The noise really is there, and rows of one group differ.
+    assert (shared.latents - shared.latent_means).abs().max() > 1e-2
+    assert len({tuple(t) for t in shared.token_ids[:4]}) > 1 or not torch.equal(shared.latents[0], shared.latents[1])
+    # Greedy, no latent noise: every row of a group is the prompt's single greedy trajectory.
+    g1 = _rollouts(vlm, samples, images, seed=0, shared=True, sigma=0.0, temperature=1e-9)
+    g2 = _rollouts(vlm, samples, images, seed=1, shared=False, sigma=0.0, temperature=1e-9)
+    assert g1.token_ids == g2.token_ids
+    assert (g1.latent_means - g2.latent_means).abs().max() < 1e-5
+
+
+def test_recomputed_logprobs_are_those_of_the_sampled_trajectory(vlm, synth):
+    samples, images = _prompts(synth, 2)
+    sigma = 0.1
+    ro = _rollouts(vlm, samples, images, seed=3, shared=True, sigma=sigma)
+    col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
+    stop, pad = stop_and_pad_ids(vlm, col)
+    batch = col(ro.samples, images=ro.images)
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stopped, stop, pad)
+    with torch.no_grad():
+        lp = trajectory_logprobs(vlm, batch, ro.latents, temperature=1.0, latent_sigma=sigma)
+    k, d = 3, vlm.hidden_size
+    # The recomputed means are the rollout's; the latent units are the analytic density (see above).
+    assert (lp.latent_means - ro.latent_means).abs().max() < 1e-4
+    exact = torch.distributions.Normal(ro.latent_means, sigma).log_prob(ro.latents).sum(-1)
+    const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+    assert torch.allclose(lp.logp[:, :k], (exact + const) / d, atol=1e-4)
+    assert lp.mask[:, :k].all() and torch.equal(lp.mask[:, k:], batch["answer_mask"])
+    # Teacher-forcing the greedy answer: every greedy token is the forward's argmax (no off-by-one).
+    greedy = vlm.generate(col(samples, images=images), 3, max_new_tokens=6)
+    stopped = [len(t) < 6 for t in greedy.token_ids]
+    b2 = col(samples, images=images)
+    b2["answer_ids"], b2["answer_mask"] = answer_tensors(greedy.token_ids, stopped, stop, pad)
+    with torch.no_grad():
+        fwd = vlm(b2, latent_inputs=greedy.latents)
+    for i, ids in enumerate(greedy.token_ids):
+        assert fwd.logits[i, : len(ids)].argmax(-1).tolist() == ids
+
+
+def _cfg(tmp_path: Path, model_path: Path, synth, *extra: str) -> VLPOConfig:
+    return load_config(VLPOConfig, REPO / "configs" / "tiny" / "vlpo.yaml", [
+        f"model.path={model_path}", f"data.train=[{synth['train']}]", f"output_dir={tmp_path / 'run'}",
+        "log.progress=false", "log.tensorboard=false", "latent.projector=norm", *extra,
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_first_epoch_ratio_is_one_kl_zero_then_positive(tmp_path, tiny_dir, synth, finetune):
+    from medlvr.train.optim import build_optimizer
+    from medlvr.train.sft import build_model
+    from medlvr.train.vlpo import Reference, disable_dropout
+
+    cfg = _cfg(tmp_path, tiny_dir, synth, f"model.finetune={finetune}", "latent.steps=2", "vlpo.beta=0.1",
+               "lora.target_modules=[q_proj,v_proj,o_proj]", "optim.lr=0.05")  # fmt: skip
+    torch.manual_seed(0)
+    vlm = build_model(cfg, None)
+    disable_dropout(vlm)
+    ref = Reference(cfg, vlm)
+    samples, images = _prompts(synth, 2)
+    col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
+    vlm.eval()
+    gen = torch.Generator().manual_seed(0)
+    ro = sample_rollouts(vlm, col, samples, images, group_size=4, latent_steps=2, temperature=1.0,
+                         latent_sigma=0.05, max_new_tokens=4, generator=gen)  # fmt: skip
+    vlm.train()
+    stop, pad = stop_and_pad_ids(vlm, col)
+    batch = col(ro.samples, images=ro.images)
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stopped, stop, pad)
+    kw = dict(temperature=1.0, latent_sigma=0.05)
+
+    def ref_logp():
+        with torch.no_grad(), ref.active() as r:
+            return trajectory_logprobs(r, batch, ro.latents, **kw).logp
+
+    with torch.no_grad():
+        old = trajectory_logprobs(vlm, batch, ro.latents, **kw)
+    ref0 = ref_logp()
+    # Policy and reference coincide at the start (LoRA's B = 0; the copy is the same checkpoint).
+    assert torch.equal(kl_k3(old.logp, ref0) * old.mask, torch.zeros_like(old.logp))
+    new = trajectory_logprobs(vlm, batch, ro.latents, **kw)
+    ratio = torch.exp(new.logp - old.logp)[old.mask.bool()]
+    assert torch.equal(ratio, torch.ones_like(ratio)), "first epoch on fresh rollouts must be exactly on-policy"
+    adv = group_advantages(torch.arange(8.0), 4)
+    per_seq, st = policy_loss(new.logp, old.logp, adv, new.mask, ref_logp=ref0, beta=0.1)
+    assert st["clipped"] == 0
+    opt = build_optimizer(vlm.named_parameters(), cfg.optim)
+    (per_seq.sum() / policy_normaliser(new.mask, "token")).backward()
+    opt.step()
+    with torch.no_grad():
+        after = trajectory_logprobs(vlm, batch, ro.latents, **kw)
+    assert torch.equal(ref_logp(), ref0), "the reference must not move with the policy"
+    kl = (kl_k3(after.logp, ref0) * after.mask).sum() / after.mask.sum()
+    assert kl > 1e-6
+    assert not torch.equal(after.logp, old.logp)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_cli_runs_vlpo_and_rejects_bad_input(tmp_path, tiny_dir, synth):
+    from typer.testing import CliRunner
+
+    from medlvr.cli import app
+
+    runner = CliRunner()
+    args = ["train", "vlpo", "--config", str(REPO / "configs/tiny/vlpo.yaml"), "--init", str(tiny_dir),
+            f"data.train=[{synth['train']}]", f"data.val={synth['val']}", "data.val_samples=4", "max_steps=2",
+            "batch_size=2", "vlpo.group_size=2", "vlpo.max_new_tokens=3", "vlpo.micro_batch_size=2", "vlpo.beta=0.05",
+            "vlpo.mini_batches=2", "checkpoint.every=1", f"output_dir={tmp_path / 'run'}", "log.progress=false"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = {"reward_mean", "reward_std", "accuracy", "kl", "clip_fraction", "entropy", "flat_groups", "latent_norm",
+            "rollout_s", "logprob_s", "update_s", "reward/accuracy", "reward/format"}  # fmt: skip
+    assert keys <= set(rows[0]) and rows[0]["kl"] == 0.0  # first rollouts: policy == reference
+    assert "val_reward" in rows[-1]
+    assert (tmp_path / "run" / "final" / "config.json").is_file() and (tmp_path / "run" / "tb").is_dir()
+    assert (tmp_path / "run" / "step-0000002" / "trainer_state.json").is_file()
+    bad = runner.invoke(app, args + ["vlpo.rewards.acuracy=1.0"])
+    assert bad.exit_code == 2 and "unknown reward 'acuracy'" in bad.output
+    bad = runner.invoke(app, args[:4] + ["--init", str(tmp_path / "missing")] + args[6:])
+    assert bad.exit_code == 2 and "model.path" in bad.output
+    bad = runner.invoke(app, args + ["vlpo.group_size=1"])
+    assert bad.exit_code == 2 and "group_size" in bad.output
+
+
+@pytest.mark.slow
+def test_short_vlpo_run_raises_held_out_reward(tmp_path, tiny_dir, synth):
+    """From a tiny, briefly trained SFT checkpoint, 10 seeded VLPO steps raise the mean reward on val prompts."""
+    from medlvr.config import SFTConfig
+    from medlvr.train.rewards import RewardSet
+    from medlvr.train.sft import run_sft
+    from medlvr.train.vlpo import held_out_reward, run_vlpo
+
+    sft = load_config(SFTConfig, None, [
+        f"model.path={tiny_dir}", f"data.train=[{synth['train']}]", "mode=latent", "latent.steps=2", "batch_size=16",
+        "max_steps=16", "optim.lr=3e-3", f"output_dir={tmp_path / 'sft'}", "log.progress=false", "log.tensorboard=false",
+    ])  # fmt: skip
+    start = run_sft(sft).final_model
+    val = read_jsonl(synth["val"])[:32]
+    rewards = RewardSet({"accuracy": 1.0, "format": 0.2})
+    kw = dict(latent_steps=2, n_samples=4, temperature=1.0, latent_sigma=0.02, max_new_tokens=4, seed=1)
+    before = held_out_reward(LatentVLM.from_pretrained(start), val, rewards, **kw)
+    cfg = _cfg(tmp_path, start, synth, "max_steps=10", "optim.lr=2e-3", "vlpo.max_new_tokens=4", "checkpoint.every=0",
+               "data.val=\"\"", "latent.steps=2")  # fmt: skip
+    result = run_vlpo(cfg)
+    after = held_out_reward(LatentVLM.from_pretrained(result.final_model), val, rewards, **kw)
+    assert after["reward"] > before["reward"] + 0.1, (before, after)
+    assert result.history[-1]["entropy"] < result.history[0]["entropy"]
