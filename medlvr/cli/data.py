@@ -104,3 +104,28 @@ def validate(
         console.print(f"{len(problems)} problem(s) in {file}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
     console.print(f"{file}: no problems", highlight=False, soft_wrap=True)
+
+
+@app.command("inspect")
+@user_errors
+def inspect(
+    file: str = typer.Argument(..., help="A VQASample JSONL file."),
+    png: str = typer.Option("", help="Where to draw a few samples with their ROI boxes (default: FILE.png)."),
+    n: int = typer.Option(6, help="Samples drawn."),
+) -> None:
+    """Counts by dataset, split, type and modality, ROI coverage, and a PNG of a few samples with their boxes."""
+    from pathlib import Path
+
+    from medlvr.data.inspect import dataset_stats, render_samples
+    from medlvr.data.schema import read_jsonl
+
+    samples = read_jsonl(file)
+    stats = dataset_stats(samples)
+    console.print(f"[bold]{file}[/]: {stats['n']} samples, {stats['with_roi']} with ROIs "
+                  f"({stats['roi_coverage']:.1%}, {stats['rois_per_sample']:.2f} boxes each)", highlight=False, soft_wrap=True)
+    for key in ("dataset", "split", "answer_type", "question_type", "modality", "images_per_sample"):
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(stats[key].items(), key=lambda kv: (-kv[1], str(kv[0]))))
+        console.print(f"  {key:>18}  {counts}", highlight=False, soft_wrap=True)
+    if n > 0 and samples:
+        out = render_samples(samples, Path(png or f"{file}.png"), n)
+        console.print(f"drew {min(n, len(samples))} samples to {out}", soft_wrap=True)
