@@ -79,7 +79,7 @@ def test_collator_pads_left_masks_labels_and_maps_rois(tiny_dir):
     batch = VQACollator(vlm.processor, vlm.adapter)(samples, images=[[random_image(140, 100)], [random_image(56, 56)]])
     am = batch["attention_mask"]
     assert (am[:, -1] == 1).all() and (am[:, 0] == 0).sum() == 1  # left padded
-    stop = vlm.stop_ids[0]
+    stop = vlm.tokenizer.eos_token_id  # the chat turn end (<|im_end|>)
     for row, mask, text in zip(batch["answer_ids"], batch["answer_mask"], ["round", "yes"]):
         ids = row[mask.bool()].tolist()
         assert ids[-1] == stop and vlm.tokenizer.decode(ids[:-1]) == text
