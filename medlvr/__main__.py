@@ -1,0 +1,5 @@
+"""`python -m medlvr ...`."""
+
+from medlvr.cli import main
+
+main()

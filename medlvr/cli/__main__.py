@@ -1,0 +1,5 @@
+"""`python -m medlvr.cli ...` (for accelerate launch -m / torchrun -m)."""
+
+from medlvr.cli import main
+
+main()
