@@ -39,6 +39,384 @@ class LatentConfig:
             raise MedlvrError(f"latent.projector must be none, linear, mlp or norm, got {self.projector!r}")
 
 
+
+# ---------------------------------------------------------------------------- training groups
+# Shared by the SFT and VLPO stages: each stage's top-level config composes these.
+
+Precision = Literal["auto", "no", "bf16", "fp16"]
+Finetune = Literal["full", "lora"]
+AlignKind = Literal["cosine", "mse", "infonce"]
+AlignLatents = Literal["all", "first"]
+Schedule = Literal["cosine", "linear", "constant"]
+SFTMode = Literal["plain", "latent", "roi", "teacher_forced"]
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone to start from and how much of it trains."""
+
+    path: str = ""
+    """Model folder: `medlvr model init-tiny` output, a medlvr checkpoint export, or a real
+    Qwen2.5-VL folder. Relative paths are relative to the working directory."""
+    finetune: Finetune = "full"
+    """`full` trains every unfrozen parameter; `lora` adds peft adapters (see `lora`) and
+    freezes the rest of the backbone. The latent projector always trains when it has parameters."""
+    freeze_vision: bool = False
+    """Freeze the vision tower (patch embedding and blocks, not the merger)."""
+    freeze_merger: bool = False
+    """Freeze the vision-to-language merger/projector."""
+    freeze_language: bool = False
+    """Freeze the language model (embeddings, decoder, head): with LoRA off, only the
+    vision side and the latent projector train."""
+    precision: Precision = "auto"
+    """Autocast precision: `auto` = bf16 where the hardware has it (CUDA with bf16), else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% slower; the latent chain is
+    then recomputed with full passes, since checkpointed layers drop the KV cache)."""
+
+    def __post_init__(self) -> None:
+        if self.finetune not in ("full", "lora"):
+            raise MedlvrError(f"model.finetune must be full or lora, got {self.finetune!r}")
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data (VQASample JSONL files)."""
+
+    train: list[str] = field(default_factory=list)
+    """One or more training JSONL files; several are mixed (see `weights`)."""
+    weights: list[float] = field(default_factory=list)
+    """Sampling weight per `train` file; empty = every record once per epoch. With weights,
+    an epoch still has as many samples as all files together, drawn with replacement."""
+    val: str = ""
+    """Validation JSONL for periodic accuracy (empty = no validation)."""
+    val_samples: int = 64
+    """Validation records used (the first N; 0 = all)."""
+    max_samples: int = 0
+    """Cap on training records per file (the first N; 0 = all): quick runs and tests."""
+    max_answer_tokens: int = 64
+    """Answers are truncated to this many tokens (stop token included)."""
+    num_workers: int = 0
+    """DataLoader worker processes that load images and build batches (0 = in the training process)."""
+
+    def __post_init__(self) -> None:
+        if self.val_samples < 0 or self.max_samples < 0 or self.num_workers < 0:
+            raise MedlvrError("data.val_samples, data.max_samples and data.num_workers must be >= 0")
+        if self.max_answer_tokens < 2:
+            raise MedlvrError(f"data.max_answer_tokens must be >= 2, got {self.max_answer_tokens}")
+        if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
+            raise MedlvrError(f"data.weights must be >= 0 and not all 0, got {list(self.weights)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup, then cosine/linear decay; gradient clipping."""
+
+    lr: float = 1e-4
+    """Peak learning rate (after warmup)."""
+    projector_lr: float = 0.0
+    """Learning rate of the latent projector (0 = same as `lr`)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to matrices only (not to norms, biases, scales)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    schedule: Schedule = "cosine"
+    """Decay after warmup, down to `min_lr_ratio * lr` at the last step."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of `lr`."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.projector_lr < 0:
+            raise MedlvrError(f"optim.lr must be > 0 and optim.projector_lr >= 0, got {self.lr}, {self.projector_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise MedlvrError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise MedlvrError("optim.warmup_steps, optim.max_grad_norm and optim.weight_decay must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise MedlvrError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA adapters (used when `model.finetune=lora`)."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names (suffixes) that get adapters. The defaults hit the language model's
+    attention only (Qwen's vision blocks name theirs `qkv`/`proj`); add `gate_proj`,
+    `up_proj`, `down_proj` for the MLPs."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full next to the adapters, e.g. `embed_tokens` so the latent
+    special tokens (new rows) learn."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise MedlvrError(f"lora: need r >= 1, alpha > 0, 0 <= dropout < 1, got {self.r}, {self.alpha}, {self.dropout}")
+        if not self.target_modules:
+            raise MedlvrError("lora.target_modules is empty")
+
+
+@dataclass
+class AlignConfig:
+    """ROI alignment: pull the latent states towards the pooled ROI visual tokens (targets detached)."""
+
+    kind: AlignKind = "infonce"
+    """`cosine` (1 - cos), `mse`, or `infonce` (the pooled ROI token against the other visual
+    tokens of the same image as negatives). On the synthetic scans plain cosine collapsed
+    onto the direction every visual token shares and only InfoNCE carried the queried
+    location (NOTES-synthetic.md), hence the default."""
+    weight: float = 0.5
+    """lambda: weight of the alignment term next to the answer cross-entropy."""
+    temperature: float = 0.1
+    """InfoNCE temperature (cosine similarities are divided by it)."""
+    latents: AlignLatents = "all"
+    """Align `all` K latents to K raster-ordered ROI chunks, or only the `first` latent to the
+    mean ROI token (the later steps stay free)."""
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise MedlvrError(f"align.weight must be >= 0, got {self.weight}")
+        if self.temperature <= 0:
+            raise MedlvrError(f"align.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints (safetensors) and the final export."""
+
+    every: int = 0
+    """Save every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Keep the newest N step checkpoints (the final export is never deleted)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in `output_dir` (if there is one)."""
+    merge_lora: bool = True
+    """Export a LoRA run as a merged full model (loads in `medlvr predict`, the harness and
+    plain transformers); False writes only the adapter (`final/adapter`, apply with peft)."""
+    save_optimizer: bool = True
+    """Store optimizer, scheduler and RNG states (needed to resume exactly)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise MedlvrError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {self.every}, {self.keep_last}")
+
+
+@dataclass
+class LogConfig:
+    """What a run shows and records."""
+
+    every: int = 10
+    """Write metrics every N optimizer steps (JSONL, TensorBoard)."""
+    progress: bool = True
+    """Show a rich progress bar (main process only)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files under `output_dir/tb`."""
+    val_every: int = 0
+    """Validation accuracy every N optimizer steps (0 = only at the end, if `data.val` is set)."""
+    val_batch_size: int = 16
+    """Generation batch size during validation."""
+    val_max_new_tokens: int = 16
+    """Answer token limit during validation."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.val_every < 0 or self.val_batch_size < 1 or self.val_max_new_tokens < 1:
+            raise MedlvrError("log.every, log.val_batch_size and log.val_max_new_tokens must be >= 1, log.val_every >= 0")
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1: supervised fine-tuning with optional latent steps and ROI alignment (`run_sft`)."""
+
+    mode: SFTMode = "roi"
+    """`plain`: K = 0, answer cross-entropy only (the baseline, also stage-0 pretraining);
+    `latent`: K latent steps, no ROI loss; `roi`: K latent steps plus lambda * alignment
+    (ROI-SFT); `teacher_forced`: the ROI targets are fed as the latent inputs in one
+    parallel pass and the alignment trains the predicted latents (faster, but training
+    differs from inference). `latent.steps` is K (ignored by `plain`)."""
+    output_dir: str = "runs/sft"
+    """Checkpoints, metrics.jsonl, tb/ and the final export (`final/`)."""
+    seed: int = 0
+    """Seeds the data order, initialisation of new modules and dropout."""
+    batch_size: int = 8
+    """Micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = batch_size x processes x grad_accum."""
+    max_steps: int = 0
+    """Optimizer steps (0 = derive from `epochs`)."""
+    epochs: float = 1.0
+    """Passes over the training data when `max_steps` is 0."""
+    curriculum: list[int] = field(default_factory=list)
+    """Raise K in stages: K per stage, stages of equal length over the run (e.g. [1, 2, 4]);
+    empty = `latent.steps` throughout. Not for `plain` or `teacher_forced`."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("plain", "latent", "roi", "teacher_forced"):
+            raise MedlvrError(f"mode must be plain, latent, roi or teacher_forced, got {self.mode!r}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise MedlvrError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+        if self.max_steps < 0 or self.epochs <= 0:
+            raise MedlvrError(f"max_steps must be >= 0 and epochs > 0, got {self.max_steps}, {self.epochs}")
+        if any(k < 1 for k in self.curriculum):
+            raise MedlvrError(f"curriculum stages need K >= 1, got {list(self.curriculum)}")
+        if self.curriculum and self.mode in ("plain", "teacher_forced"):
+            raise MedlvrError(f"a curriculum raises K; mode {self.mode!r} does not run the latent recurrence")
+        if self.mode in ("latent", "roi", "teacher_forced") and self.latent.steps == 0 and not self.curriculum:
+            raise MedlvrError(f"mode {self.mode!r} needs latent.steps >= 1 (use mode=plain for K = 0)")
+        if self.mode in ("roi", "teacher_forced") and self.align.weight == 0:
+            raise MedlvrError(f"mode {self.mode!r} with align.weight=0 trains no alignment: use mode=latent")
+
+    @property
+    def uses_rois(self) -> bool:
+        """Whether the run needs ROI targets."""
+        return self.mode in ("roi", "teacher_forced")
+
+    @property
+    def latent_steps(self) -> int:
+        """The final K (0 in plain mode; the last curriculum stage if there is one)."""
+        if self.mode == "plain":
+            return 0
+        return self.curriculum[-1] if self.curriculum else self.latent.steps
+
+
+PolicyAggregation = Literal["token", "sequence"]
+
+
+@dataclass
+class VLPOParams:
+    """Stage 2 knobs: rollouts, rewards, advantages and the clipped policy update (`vlpo.*`)."""
+
+    group_size: int = 8
+    """G: rollouts per prompt. The prompt is prefilled once and its KV cache shared by the group."""
+    temperature: float = 1.0
+    """Sampling temperature of answer tokens; log-probabilities are taken under the same
+    `softmax(logits / T)`, so the ratio compares the distributions that actually sampled."""
+    top_p: float = 1.0
+    """Nucleus sampling for answer tokens (1.0 = off; < 1 makes the sampler differ from the
+    policy whose log-probabilities are trained, as in most GRPO implementations)."""
+    latent_sigma: float = 0.05
+    """sigma: latent step k samples `z_k ~ N(mu_k, sigma^2 I)`. Absolute, in the input-embedding
+    space: compare it with the logged `latent_norm / sqrt(d)` (the per-dimension RMS of mu;
+    with `latent.projector=norm` this is about the token-embedding RMS). 0 = the latents are
+    deterministic context, not actions (only answer tokens are trained)."""
+    max_new_tokens: int = 16
+    """Answer token limit per rollout; a rollout that hits it has no stop token (format reward 0)."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    """Reward name -> weight; the reward is the weighted sum. Built-ins: `accuracy` (the
+    evaluation scorer), `format` (the answer parses and the rollout stopped), `roi_evidence`
+    (mean cosine of the latents to the pooled ROI targets). Any other key is an import path
+    `package.module:function` with the contract `(sample, response, latents, context) -> float`
+    (see `medlvr.train.rewards`)."""
+    scale_advantages: bool = True
+    """Divide the group-relative advantage by the group's reward std (GRPO); False keeps
+    reward minus group mean (Dr. GRPO), which does not up-weight nearly-solved groups."""
+    clip_low: float = 0.2
+    """PPO epsilon below 1: the ratio is clipped at `1 - clip_low`."""
+    clip_high: float = 0.28
+    """PPO epsilon above 1: `1 + clip_high` (DAPO's clip-higher keeps low-probability
+    tokens explorable; set equal to `clip_low` for symmetric PPO clipping)."""
+    aggregation: PolicyAggregation = "token"
+    """`token`: every latent step and answer token of the optimizer step weighs the same
+    (DAPO); `sequence`: mean within each trajectory, then over trajectories (GRPO)."""
+    update_epochs: int = 1
+    """Passes of policy updates over each batch of rollouts (PPO epochs). The first pass
+    starts on-policy (ratio exactly 1); later ones are off-policy and clipping matters."""
+    mini_batches: int = 1
+    """Optimizer steps per update epoch (the rollouts are split into this many parts)."""
+    beta: float = 0.0
+    """Weight of the k3 KL estimate to the reference policy (the starting checkpoint). Under
+    LoRA the reference is the same model with the adapter disabled (no second copy in
+    memory); with full fine-tuning, a frozen copy. 0 = no reference pass at all."""
+    latent_policy: bool = True
+    """Train the latent steps as actions (their Gaussian log-densities join the ratio and
+    the KL). False: the sampled latents are context and only answer tokens are trained."""
+    micro_batch_size: int = 8
+    """Trajectories per forward pass when recomputing log-probabilities and updating (a
+    memory knob; the result does not depend on it)."""
+    eval_samples: int = 4
+    """Samples per validation prompt when measuring the mean reward (`data.val`)."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise MedlvrError(f"vlpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise MedlvrError(f"vlpo.temperature must be > 0 and vlpo.top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if self.latent_sigma < 0:
+            raise MedlvrError(f"vlpo.latent_sigma must be >= 0, got {self.latent_sigma}")
+        if self.max_new_tokens < 1 or self.update_epochs < 1 or self.mini_batches < 1 or self.micro_batch_size < 1:
+            raise MedlvrError("vlpo.max_new_tokens, update_epochs, mini_batches and micro_batch_size must be >= 1")
+        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
+            raise MedlvrError(f"vlpo.clip_low must be in [0, 1) and vlpo.clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.aggregation not in ("token", "sequence"):
+            raise MedlvrError(f"vlpo.aggregation must be token or sequence, got {self.aggregation!r}")
+        if self.beta < 0:
+            raise MedlvrError(f"vlpo.beta must be >= 0, got {self.beta}")
+        if not any(w != 0 for w in self.rewards.values()):
+            raise MedlvrError("vlpo.rewards needs at least one reward with a non-zero weight")
+        if self.eval_samples < 1:
+            raise MedlvrError(f"vlpo.eval_samples must be >= 1, got {self.eval_samples}")
+
+
+@dataclass
+class VLPOConfig:
+    """Stage 2: Visual-Latent Policy Optimization from an SFT checkpoint (`run_vlpo`)."""
+
+    output_dir: str = "runs/vlpo"
+    """Checkpoints, metrics.jsonl, tb/ and the final export (`final/`)."""
+    seed: int = 0
+    """Seeds the prompt order and the rollout sampling streams (per process)."""
+    batch_size: int = 4
+    """Prompts per process per step; each step samples batch_size x group_size trajectories per process."""
+    max_steps: int = 100
+    """Rollout-and-update steps (each makes update_epochs x mini_batches optimizer steps)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    vlpo: VLPOParams = field(default_factory=VLPOParams)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise MedlvrError(f"batch_size and max_steps must be >= 1, got {self.batch_size}, {self.max_steps}")
+
+    @property
+    def latent_steps(self) -> int:
+        """K of the policy (the shared model builder reads it)."""
+        return self.latent.steps
+
+    @property
+    def mode(self) -> str:
+        """The SFT mode with the same model set-up, for the shared builder: the projector
+        trains only when there are latent steps (`plain` when K = 0)."""
+        return "latent" if self.latent.steps > 0 else "plain"
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps over the whole run (for the learning-rate schedule)."""
+        return self.max_steps * self.vlpo.update_epochs * self.vlpo.mini_batches
+
+
 T = TypeVar("T")
 
 
@@ -80,4 +458,6 @@ def _first_line(err: Exception) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-__all__ = ["LatentConfig", "ProjectorKind", "load_config", "save_config", "to_dict", "field"]
+__all__ = [
+    "LatentConfig", "ProjectorKind", "ModelConfig", "DataConfig", "OptimConfig", "LoraConfig",
+    "AlignConfig", "CheckpointConfig", "LogConfig", "SFTConfig", "SFTMode", "VLPOParams", "VLPOConfig", "load_config", "save_config", "to_dict", "field"]
