@@ -1,0 +1,306 @@
+"""Resumable checkpoints and the final export, all safetensors (never pickle), written atomically.
+
+A checkpoint `output_dir/step-0000120/` holds:
+
+- `model/`       full fine-tuning: a `LatentVLM.save_pretrained` folder (weights, tokenizer,
+                 processor, projector, latent config): loads in `medlvr predict`, the harness
+                 and plain transformers;
+  `adapter/`     LoRA: the peft adapter (`adapter_model.safetensors`), the projector, the
+                 processor and latent config (the base model is `model.path` of the config);
+- `optimizer.safetensors` + `optimizer.json`: AdamW moments (tensors) and param groups;
+- `scheduler.json`, `rng-rank{r}.safetensors` + `rng-rank{r}.json` (torch, CUDA, numpy,
+  python), `trainer_state.json` (step, data position, metrics), `config.yaml` (resolved).
+
+Everything is written into `.tmp-step-.../` first and renamed when complete, so a crash
+never leaves a half checkpoint that `latest_checkpoint` would pick up. Sharded engines
+(FSDP, DeepSpeed ZeRO-3) additionally keep accelerate's own optimizer shards in
+`engine_state/`, since their optimizer state only exists sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from medlvr.config import save_config
+from medlvr.errors import MedlvrError
+
+STEP_DIR = re.compile(r"^step-(\d{7})$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"step-{step:07d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of a crashed save are ignored)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step checkpoints; returns what was deleted."""
+    old = list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+# ---------------------------------------------------------------------------- optimizer and RNG
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Optimizer state as safetensors (tensors) + JSON (param groups, non-tensor state)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{key}"] = val.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    meta = json.loads((folder / "optimizer.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise MedlvrError("the checkpoint's optimizer has different parameter groups: was the config changed?")
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_to_files(folder: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    save_file(tensors, str(folder / f"rng-rank{rank}.safetensors"))
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    (folder / f"rng-rank{rank}.json").write_text(json.dumps(meta))
+
+
+def rng_from_files(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG states; False if the checkpoint has none for this rank."""
+    f = folder / f"rng-rank{rank}.safetensors"
+    if not f.is_file():
+        return False
+    tensors = load_file(str(f))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    meta = json.loads((folder / f"rng-rank{rank}.json").read_text())
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    return True
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def save_model_files(vlm: Any, folder: Path, *, lora: bool, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """`model/` (full) or `adapter/` (LoRA) under `folder`; returns it.
+
+    `state_dict` (LatentVLM keys) is the gathered state under FSDP/ZeRO-3, where the
+    module's own parameters are shards.
+    """
+    if lora:
+        out = folder / "adapter"
+        bb_state = _strip(state_dict, "backbone.") if state_dict is not None else None
+        vlm.backbone.save_pretrained(str(out), state_dict=bb_state) if bb_state else vlm.backbone.save_pretrained(str(out))
+        vlm.processor.save_pretrained(str(out))
+        _save_projector_and_latent(vlm, out, state_dict)
+        return out
+    out = folder / "model"
+    if state_dict is None:
+        vlm.save_pretrained(out)
+    else:
+        vlm.backbone.save_pretrained(str(out), state_dict=_strip(state_dict, "backbone."))
+        vlm.processor.save_pretrained(str(out))
+        _save_projector_and_latent(vlm, out, state_dict)
+    return out
+
+
+def _strip(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in (state or {}).items() if k.startswith(prefix)}
+
+
+def _save_projector_and_latent(vlm: Any, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+    from dataclasses import asdict
+
+    from medlvr.model.latent import LATENT_CONFIG_FILE, PROJECTOR_FILE
+
+    proj = _strip(state_dict, "projector.") if state_dict is not None else vlm.projector.state_dict()
+    proj = {k: v.detach().contiguous().cpu() for k, v in proj.items()}
+    if proj:
+        save_file(proj, str(out / PROJECTOR_FILE))
+    (out / LATENT_CONFIG_FILE).write_text(json.dumps(asdict(vlm.latent), indent=2))
+
+
+def load_adapter_files(vlm: Any, folder: Path) -> None:
+    """Load a LoRA checkpoint's adapter and projector into a peft-wrapped `vlm`."""
+    from peft import set_peft_model_state_dict
+
+    from medlvr.model.latent import PROJECTOR_FILE
+
+    src = folder / "adapter"
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(vlm.backbone, weights)
+    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if bad:
+        raise MedlvrError(f"adapter in {src} does not fit the model (e.g. {bad[0]}): was lora.target_modules changed?")
+    proj = src / PROJECTOR_FILE
+    if proj.is_file():
+        vlm.projector.load_state_dict(load_file(str(proj)))
+
+
+# ---------------------------------------------------------------------------- whole checkpoints
+
+
+def save_checkpoint(
+    accelerator: Any,
+    model: Any,
+    vlm: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    config: Any,
+    lora: bool,
+    save_optimizer: bool = True,
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically (every process must call this; the main one writes the model).
+
+    `model` is what `accelerator.prepare` returned, `vlm` the unwrapped `LatentVLM`.
+    """
+    final = step_dir(output_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    sharded = _sharded(accelerator)
+    state_dict = accelerator.get_state_dict(model) if sharded else None  # a collective: all ranks
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if save_optimizer:
+        rng_to_files(tmp, accelerator.process_index)
+        if sharded:
+            accelerator.save_state(str(tmp / "engine_state"), safe_serialization=True)
+    if accelerator.is_main_process:
+        save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
+        if save_optimizer:
+            if not sharded:
+                optimizer_to_files(optimizer, tmp)
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        save_config(config, tmp / "config.yaml")
+        state = {**trainer_state, "step": step, "saved_at": time.time(), "world_size": accelerator.num_processes}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+        _replace_dir(tmp, final)
+        if keep_last:
+            prune_checkpoints(output_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(
+    accelerator: Any, folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore optimizer, scheduler and this rank's RNG from `folder`; returns the trainer state."""
+    if not (folder / "scheduler.json").is_file():
+        raise MedlvrError(f"{folder} has no optimizer state (saved with checkpoint.save_optimizer=false): cannot resume exactly")
+    if _sharded(accelerator):
+        accelerator.load_state(str(folder / "engine_state"))
+    else:
+        optimizer_from_files(optimizer, folder)
+    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+    if not rng_from_files(folder, accelerator.process_index):
+        import warnings
+
+        warnings.warn(f"{folder} has no RNG state for rank {accelerator.process_index}; dropout streams will differ", stacklevel=2)
+    return json.loads((folder / TRAINER_STATE).read_text())
+
+
+def export_final(vlm: Any, out: str | Path, *, lora: bool, merge_lora: bool) -> Path:
+    """The final model folder: full weights (LoRA merged) or, with `merge_lora=False`, the adapter only.
+
+    Merging changes `vlm` in place (the adapters are folded into the weights), so call it last.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if lora and merge_lora:
+        vlm.backbone = vlm.backbone.merge_and_unload()
+        vlm.save_pretrained(tmp)
+    elif lora:
+        save_model_files(vlm, tmp, lora=True)
+    else:
+        vlm.save_pretrained(tmp)
+    _replace_dir(tmp, out)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, replacing an existing `dst` (renames are atomic on one filesystem)."""
+    if dst.exists():
+        old = dst.with_name(f".old-{dst.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def _sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+__all__ = [
+    "save_checkpoint",
+    "load_training_state",
+    "export_final",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
+    "load_adapter_files",
+    "save_model_files",
+    "optimizer_to_files",
+    "optimizer_from_files",
+]

@@ -1,0 +1,206 @@
+"""Training losses as pure functions of tensors (no model, no config objects).
+
+ROI alignment (stage 1) lives here; the VLPO engineer adds `policy_loss` (PPO-clipped
+ratio over answer tokens and latent steps) and `kl_k3` next to it.
+
+Conventions: `latents [B, K, d]` are the model's latent states (in the language
+model's input space, like the visual tokens), `targets [B, K, d]` the pooled ROI
+tokens, `mask [B]` marks samples that have ROIs. Every function returns the loss
+*per sample* `[B]` (zero where masked out), so the caller chooses the normaliser:
+the SFT loop divides by the number of ROI samples in the whole optimizer step, which
+makes one process and several processes (any sharding) give the same gradient.
+Targets are always detached here: the alignment moves the latents, never the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ALIGN_KINDS = ("cosine", "mse", "infonce")
+
+
+def cosine_alignment(latents: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`1 - cos(z_k, t_k)`, averaged over the K steps: `[B]`, zero where `mask` is False."""
+    cos = F.cosine_similarity(latents.float(), targets.detach().float(), dim=-1, eps=1e-6)  # [B, K]
+    return (1.0 - cos).mean(-1) * mask.to(cos.dtype)
+
+
+def mse_alignment(latents: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per dimension, averaged over the K steps: `[B]`, zero where masked."""
+    err = (latents.float() - targets.detach().float()).pow(2).mean(-1)  # [B, K]
+    return err.mean(-1) * mask.to(err.dtype)
+
+
+def infonce_alignment(
+    latents: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    negatives: torch.Tensor,
+    negatives_mask: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """InfoNCE: each latent must pick its ROI target out of the image's other visual tokens.
+
+    `negatives [B, N, d]` are the sample's non-ROI visual tokens (padded; `negatives_mask
+    [B, N]` marks real ones). Logits are cosine similarities over `temperature`; the
+    positive sits at index 0. Distractor lesions are among the negatives, so, unlike
+    plain cosine, the loss cannot be met by the direction every visual token shares
+    or by "any lesion" (NOTES-synthetic.md). Returns `[B]`, zero where masked.
+    """
+    z = F.normalize(latents.float(), dim=-1, eps=1e-6)  # [B, K, d]
+    pos = F.normalize(targets.detach().float(), dim=-1, eps=1e-6)  # [B, K, d]
+    neg = F.normalize(negatives.detach().float(), dim=-1, eps=1e-6)  # [B, N, d]
+    pos_logit = (z * pos).sum(-1, keepdim=True)  # [B, K, 1]
+    neg_logit = torch.einsum("bkd,bnd->bkn", z, neg)  # [B, K, N]
+    neg_logit = neg_logit.masked_fill(~negatives_mask[:, None, :].bool(), float("-inf"))
+    logits = torch.cat([pos_logit, neg_logit], -1) / temperature  # [B, K, 1 + N]
+    nll = -torch.log_softmax(logits, -1)[..., 0]  # [B, K]
+    return nll.mean(-1) * mask.to(nll.dtype)
+
+
+def alignment_loss(
+    kind: str,
+    latents: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    negatives: torch.Tensor | None = None,
+    negatives_mask: torch.Tensor | None = None,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """Per-sample alignment loss `[B]` of the given kind (`cosine`, `mse`, `infonce`)."""
+    if latents.shape != targets.shape:
+        raise ValueError(f"latents {tuple(latents.shape)} and targets {tuple(targets.shape)} differ")
+    if kind == "cosine":
+        return cosine_alignment(latents, targets, mask)
+    if kind == "mse":
+        return mse_alignment(latents, targets, mask)
+    if kind == "infonce":
+        if negatives is None or negatives_mask is None:
+            raise ValueError("infonce needs negatives and negatives_mask")
+        return infonce_alignment(latents, targets, mask, negatives, negatives_mask, temperature)
+    raise ValueError(f"unknown alignment kind {kind!r}; expected one of {', '.join(ALIGN_KINDS)}")
+
+
+def pad_tokens(tokens: Sequence[torch.Tensor], d: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-sample token sets `[N_i, d]` into `[B, max N, d]` with a `[B, max N]` mask."""
+    n = max((int(t.shape[0]) for t in tokens), default=0)
+    n = max(n, 1)  # keep a column so shapes stay valid when every set is empty
+    out = torch.zeros(len(tokens), n, d, device=device, dtype=torch.float32)
+    m = torch.zeros(len(tokens), n, dtype=torch.bool, device=device)
+    for i, t in enumerate(tokens):
+        if t.shape[0]:
+            out[i, : t.shape[0]] = t.float()
+            m[i, : t.shape[0]] = True
+    return out, m
+
+
+def sample_mean_ce(token_logprobs: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Answer cross-entropy per sample `[B]`: the mean over that sample's answer tokens.
+
+    Averaging per sample first (not over all tokens of the batch) makes a sum over any
+    split of a batch equal the sum over the whole batch, so DDP shards and gradient
+    accumulation give exactly the single-process gradient.
+    """
+    n = answer_mask.sum(-1).clamp_min(1).to(token_logprobs.dtype)
+    return -(token_logprobs * answer_mask).sum(-1) / n
+
+
+__all__ = [
+    "ALIGN_KINDS",
+    "alignment_loss",
+    "cosine_alignment",
+    "mse_alignment",
+    "infonce_alignment",
+    "pad_tokens",
+    "sample_mean_ce",
+    "kl_k3",
+    "policy_loss",
+    "policy_normaliser",
+]
+
+
+# ---------------------------------------------------------------------------- VLPO (stage 2)
+# A trajectory's policy "units" are its K latent steps followed by its T answer tokens:
+# `logp [N, K + T]` holds the latent log-densities (`gaussian_logprob`, per dimension)
+# and the answer-token log-probabilities side by side, `mask [N, K + T]` marks real units.
+
+PolicyAggregation = ("token", "sequence")
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(pi || ref) per unit (Schulman, "Approximating KL divergence", 2020).
+
+    With `x = ref_logp - logp`: `exp(x) - x - 1`, unbiased under samples from pi, >= 0,
+    and 0 exactly where the two log-probabilities agree. For latent steps the log-density
+    is the per-dimension one (divided by d), so this is the estimator applied to the
+    geometric-mean density ratio of one latent dimension. `x` is clamped to [-20, 20] so a
+    far-off reference cannot overflow `exp`.
+    """
+    x = (ref_logp.float() - logp.float()).clamp(-20.0, 20.0)
+    return torch.exp(x) - x - 1.0
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: str = "token",
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clipped surrogate over latent steps and answer tokens, plus beta x k3 KL: per sequence `[N]`.
+
+    `logp, old_logp, mask [N, U]`, `advantages [N]` (one per trajectory, shared by its units).
+    The ratio `exp(logp - old_logp)` is clipped to `[1 - clip_low, 1 + clip_high]` (separate
+    epsilons as in DAPO's clip-higher). Per unit: `-min(r A, clip(r) A) + beta * k3`.
+
+    Returns per-sequence values whose *sum* the caller divides by a normaliser computed
+    over the whole optimizer step (all micro-batches and processes, `policy_normaliser`):
+    - `token`: the sum over the sequence's units (normaliser: the step's unit count), so
+      every latent step and token weighs the same (DAPO's token-level loss);
+    - `sequence`: the mean over the sequence's units (normaliser: the step's trajectory
+      count), GRPO's original per-sample mean.
+    This keeps gradient accumulation and any sharding equal to the single-batch loss.
+    Stats (detached, sums over real units, for the caller to reduce): `clipped`, `kl`, `units`.
+    """
+    if aggregation not in PolicyAggregation:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected token or sequence")
+    if not (logp.shape == old_logp.shape == mask.shape):
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask {tuple(mask.shape)} differ")
+    m = mask.to(torch.float32)
+    adv = advantages.float()[:, None]  # [N, 1]
+    ratio = torch.exp(logp.float() - old_logp.float().detach())  # [N, U]
+    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    unit = -torch.minimum(ratio * adv, clipped_ratio * adv)  # [N, U]; the clipped branch has no gradient
+    kl = torch.zeros_like(unit)
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp.detach())
+        if beta:
+            unit = unit + beta * kl
+    per_seq = (unit * m).sum(-1)  # [N]
+    if aggregation == "sequence":
+        per_seq = per_seq / m.sum(-1).clamp_min(1.0)
+    # A unit counts as clipped when the clipped branch won the min (its gradient is zero).
+    clipped = ((clipped_ratio * adv < ratio * adv).detach() & mask.bool()).float()  # [N, U]
+    stats = {
+        "clipped": clipped.sum().detach(),
+        "kl": (kl.detach() * m).sum(),
+        "ratio": (ratio.detach() * m).sum(),
+        "units": m.sum(),
+    }
+    return per_seq, stats
+
+
+def policy_normaliser(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """This batch's share of the normaliser for `policy_loss`: its unit count or its trajectory count."""
+    if aggregation == "token":
+        return mask.to(torch.float32).sum()
+    return torch.tensor(float(mask.shape[0]))
