@@ -86,6 +86,8 @@ class DemoConfig:
     lr: float = 5e-4
     data_seed: int = 0
     """Seed of the synthetic benchmark itself."""
+    sft_overrides: list[str] = field(default_factory=list)
+    """Extra `key=value` overrides for the ROI-SFT run of variant (c) (ablations, e.g. `align.latents=first`)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -219,6 +221,7 @@ def train_variant(
             "optim.min_lr_ratio=0.1",
             f"align.kind={cfg.align_kind}",
             f"align.weight={cfg.align_weight if mode == 'roi' else 0.0}",
+            *(cfg.sft_overrides if variant == "c" else []),
         ],
     )
     result = run_sft(sft)
