@@ -72,17 +72,14 @@ class VQACollator:
         batch["images_per_sample"] = [len(imgs) for imgs in images]
         batch["sample_ids"] = [s.id for s in samples]
         if self.with_answers:
+            # Truncated and right-padded here rather than through the tokenizer's own
+            # truncation, which would stay switched on in the fast backend (and be saved with it).
             answers = [target_text(s) + self.stop_token for s in samples]
-            enc = self.tokenizer(
-                answers,
-                add_special_tokens=False,
-                padding=True,
-                padding_side="right",
-                truncation=True,
-                max_length=self.max_answer_tokens,
-                return_tensors="pt",
-            )
-            batch["answer_ids"], batch["answer_mask"] = enc["input_ids"], enc["attention_mask"]
+            rows = [ids[: self.max_answer_tokens] for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
+            width = max(len(r) for r in rows)
+            pad = self.tokenizer.pad_token_id
+            batch["answer_ids"] = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            batch["answer_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         if self.with_rois:
             batch["roi_index"] = [self._roi_index(s, imgs) for s, imgs in zip(samples, images)]
         return batch

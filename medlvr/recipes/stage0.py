@@ -51,6 +51,8 @@ class Stage0Config:
     lr: float = 1e-3
     eval_samples: int = 300
     """Held-out describe/ground records (from test images) scored at the end."""
+    init: str = ""
+    """Continue from this model folder instead of a fresh random backbone (a second stage-0 leg)."""
 
 
 def default_stage0() -> Path:
@@ -72,7 +74,7 @@ def build_stage0(cfg: Stage0Config, work: Path | None = None) -> dict[str, Any]:
     tmp = Path(work or tempfile.mkdtemp(prefix="medlvr-stage0-"))
     synth = SynthConfig(n=cfg.n, seed=cfg.seed)
     files = generate(synth, tmp / "data", progress=True)
-    init = build_tiny(tmp / "init", size=cfg.size, seed=cfg.seed)  # type: ignore[arg-type]
+    init = Path(cfg.init) if cfg.init else build_tiny(tmp / "init", size=cfg.size, seed=cfg.seed)  # type: ignore[arg-type]
     sft = load_config(
         SFTConfig,
         overrides=[
@@ -174,6 +176,7 @@ def _card(cfg: Stage0Config, scores: dict[str, Any]) -> str:
     cmd = (
         f"medlvr demo backbone --out {cfg.out if Path(cfg.out) != ASSET else 'medlvr/assets/stage0'} "
         f"--seed {cfg.seed} --size {cfg.size} --n {cfg.n} --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr}"
+        + (f" --init {cfg.init}" if cfg.init else "")
     )
     rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
     return f"""# Stage-0 backbone of the laptop demo
