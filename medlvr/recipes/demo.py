@@ -54,7 +54,7 @@ class BudgetSpec:
 
 BUDGETS: dict[str, BudgetSpec] = {
     "quick": BudgetSpec(n=300, sft_steps=12, vlpo_steps=2, batch_size=8, eval_test=24, sweep=(0, 4), explain_samples=8),
-    "default": BudgetSpec(n=3000, sft_steps=150, vlpo_steps=10, batch_size=16, eval_test=300, sweep=(0, 1, 2, 4, 8), explain_samples=64),
+    "default": BudgetSpec(n=3000, sft_steps=130, vlpo_steps=10, batch_size=16, eval_test=300, sweep=(0, 2, 4, 8), explain_samples=64),
     "full": BudgetSpec(n=12000, sft_steps=1000, vlpo_steps=60, batch_size=32, eval_test=0, sweep=(0, 1, 2, 4, 8, 16), explain_samples=300),
 }
 
