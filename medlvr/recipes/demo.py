@@ -155,7 +155,8 @@ def prepare_data(cfg: DemoConfig, folder: Path) -> DemoData:
         "VQA-RAD has no ROI boxes, so variant (c) trains without the alignment term "
         "(it equals (b) up to seeds) and (d) starts from it."
     ]
-    return DemoData(folder / "train.jsonl", folder / "val.jsonl", {"test": _head(test, spec.eval_test)}, False, notes)
+    # Real data are always scored on the whole official test split (451 questions), at the trained K only.
+    return DemoData(folder / "train.jsonl", folder / "val.jsonl", {"test": test}, False, notes)
 
 
 def _head(samples: list[VQASample], n: int) -> list[VQASample]:
@@ -286,9 +287,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
             init = out / "runs" / f"c_seed{seed}" / "final" if variant == "d" else None
             model, history = train_variant(cfg, variant, seed, backbone, data, run_dir, init)
             log(f"[3/4] evaluate ({variant}) seed {seed}")
-            ks = (0,) if variant == "a" else tuple(sorted({cfg.latent_steps, *cfg.spec.sweep}))
-            if variant == "b":
-                ks = (cfg.latent_steps,)
+            ks = (0,) if variant == "a" else (cfg.latent_steps,)
+            if variant in "cd" and data.has_rois:  # the latent-budget sweep (synthetic benchmark)
+                ks = tuple(sorted({cfg.latent_steps, *cfg.spec.sweep}))
             rows = evaluate_variant(model, data.tests, run_dir / "eval", ks, cfg.progress)
             results[variant][seed] = {"model": str(model), "rows": rows, "history": history, "ks": ks}
 
