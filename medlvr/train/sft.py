@@ -442,13 +442,17 @@ class _Logger:
             except ImportError:
                 warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only", stacklevel=2)
 
+    def label(self) -> str:
+        """The progress bar's name (the VLPO logger overrides it)."""
+        return f"sft[{self.cfg.mode}]"
+
     def start(self, total: int, done: int) -> None:
         if not (self.main and self.cfg.log.progress):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn(f"sft[{self.cfg.mode}]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(self.label()), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
         )  # fmt: skip
         self.task = self.bar.add_task("train", total=total, completed=done, info="")

@@ -516,17 +516,8 @@ def _logger_base() -> type:
 class _VLPOLogger(_logger_base()):  # type: ignore[misc]
     """The SFT logger (metrics.jsonl, TensorBoard) with a VLPO progress line."""
 
-    def start(self, total: int, done: int) -> None:
-        if not (self.main and self.cfg.log.progress):
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("vlpo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-        )  # fmt: skip
-        self.task = self.bar.add_task("train", total=total, completed=done, info="")
-        self.bar.start()
+    def label(self) -> str:
+        return "vlpo"
 
     def advance(self, row: dict[str, Any]) -> None:
         if self.bar is None:
