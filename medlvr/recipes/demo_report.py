@@ -152,18 +152,20 @@ def write_demo_report(cfg, data, results, meta, explain, out: Path, seconds: flo
     fig.savefig(plots / "accuracy_vs_k.png", dpi=100)
     plt.close(fig)
 
-    # training curves
+    # training curves: answer cross-entropy of the SFT variants, and (c)'s alignment loss
     fig, ax = plt.subplots(figsize=(6, 4))
-    for v in "abcd":
-        hist = results[v][cfg.seeds[0]]["history"]
-        xs = [h["step"] for h in hist if "loss" in h]
-        ys = [h["loss"] for h in hist if "loss" in h]
-        if xs:
-            ax.plot(xs, ys, label=f"({v}) {VARIANTS[v]}")
+    for v in "abc":
+        hist = [h for h in results[v][cfg.seeds[0]]["history"] if h.get("ce") is not None]
+        if hist:
+            ax.plot([h["step"] for h in hist], [h["ce"] for h in hist], label=f"({v}) {VARIANTS[v]}: answer CE")
+    aligned = [h for h in results["c"][cfg.seeds[0]]["history"] if h.get("align") is not None]
+    if aligned:
+        ax.plot([h["step"] for h in aligned], [h["align"] for h in aligned], "--", label="(c) alignment loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
     ax.set_title(f"Training curves (seed {cfg.seeds[0]})")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plots / "training_curves.png", dpi=100)
     plt.close(fig)
