@@ -11,6 +11,7 @@ explanations only talk to this interface; a new family is one more adapter.
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -174,7 +175,8 @@ _QWEN_CHAT_TEMPLATE = (
 )
 
 
-def _qwen_processor_class() -> type[ProcessorMixin]:
+@functools.cache
+def qwen_processor_class() -> type[ProcessorMixin]:
     # Defined lazily so importing medlvr does not import every processor module.
     from transformers.processing_utils import ProcessorMixin as _PM
 
@@ -204,16 +206,6 @@ def _qwen_processor_class() -> type[ProcessorMixin]:
             return [*super().model_input_names, "mm_token_type_ids"]
 
     return QwenImageProcessor
-
-
-_PROCESSOR_CLASS: type[ProcessorMixin] | None = None
-
-
-def qwen_processor_class() -> type[ProcessorMixin]:
-    global _PROCESSOR_CLASS
-    if _PROCESSOR_CLASS is None:
-        _PROCESSOR_CLASS = _qwen_processor_class()
-    return _PROCESSOR_CLASS
 
 
 class QwenVLAdapter(BackboneAdapter):

@@ -274,6 +274,16 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     lam = cfg.align.weight if cfg.uses_rois else 0.0
     history: list[dict[str, Any]] = []
     last_row: dict[str, Any] = {}
+
+    def save(metrics: dict[str, Any]) -> None:
+        """A resumable checkpoint at the current step and data position."""
+        ckpt.save_checkpoint(
+            accelerator, model, vlm, optimizer, scheduler, output_dir=out_dir, step=step,
+            trainer_state={"samples_seen": pos, "global_batch": global_batch, "metrics": metrics},
+            config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
+            keep_last=cfg.checkpoint.keep_last,
+        )  # fmt: skip
+
     t_window, n_window = time.perf_counter(), 0
     log.start(total_steps, step)
     try:
@@ -326,24 +336,14 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
                 log.write(row)
             log.advance(row)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
-                ckpt.save_checkpoint(
-                    accelerator, model, vlm, optimizer, scheduler, output_dir=out_dir, step=step,
-                    trainer_state={"samples_seen": pos, "global_batch": global_batch, "metrics": row},
-                    config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
-                    keep_last=cfg.checkpoint.keep_last,
-                )  # fmt: skip
+                save(row)
             if on_step is not None:
                 on_step(row)
     finally:
         log.stop()
 
     # The last step is a checkpoint too (so `--resume` of a finished run is a no-op) ...
-    ckpt.save_checkpoint(
-        accelerator, model, vlm, optimizer, scheduler, output_dir=out_dir, step=step,
-        trainer_state={"samples_seen": pos, "global_batch": global_batch, "metrics": last_row},
-        config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
-        keep_last=cfg.checkpoint.keep_last,
-    )  # fmt: skip
+    save(last_row)
     metrics = dict(last_row)
     if val_samples:
         metrics["val_accuracy"] = validation_accuracy(
@@ -458,16 +458,19 @@ class _Logger:
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
         self.bar.start()
 
-    def advance(self, row: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
+    def info(self, row: dict[str, Any]) -> str:
+        """The progress bar's metrics line (the VLPO logger overrides it)."""
         info = f"loss {row['loss']:.4f}"
         if row.get("align") is not None:
             info += f" align {row['align']:.4f}"
         info += f" lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s"
         if row.get("val_accuracy") is not None:
             info += f" val {row['val_accuracy']:.3f}"
-        self.bar.update(self.task, completed=row["step"], info=info)
+        return info
+
+    def advance(self, row: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["step"], info=self.info(row))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.main:

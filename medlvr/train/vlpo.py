@@ -519,16 +519,14 @@ class _VLPOLogger(_logger_base()):  # type: ignore[misc]
     def label(self) -> str:
         return "vlpo"
 
-    def advance(self, row: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
+    def info(self, row: dict[str, Any]) -> str:
         info = f"reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} acc {row['accuracy']:.3f} clip {row['clip_fraction']:.3f}"
         if row.get("kl") is not None:
             info += f" kl {row['kl']:.4f}"
         info += f" flat {row['flat_groups']:.2f} {row['trajectories_per_s']:.1f} traj/s"
         if row.get("val_reward") is not None:
             info += f" val {row['val_reward']:.3f}"
-        self.bar.update(self.task, completed=row["step"], info=info)
+        return info
 
 
 __all__ = ["run_vlpo", "check_config", "held_out_reward", "disable_dropout", "Reference", "VLPOResult"]
