@@ -192,6 +192,32 @@ class AlignConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """An auxiliary linear probe on the post-merger visual tokens (training only, dropped at export).
+
+    Each visual token is classified as the label of the ROI covering it, or as
+    background. Stage 0 of the laptop demo uses it: a tiny backbone trained only
+    through the answer text learned where lesions are but not their shapes, while
+    a per-token head taught the visual tokens shapes within minutes (NOTES-synthetic.md).
+    """
+
+    weight: float = 0.0
+    """Weight of the probe's token cross-entropy next to the answer cross-entropy (0 = off)."""
+    labels: list[str] = field(default_factory=list)
+    """The ROI labels the probe tells apart (background is added); empty = every label found
+    on the training samples it applies to."""
+    question_types: list[str] = field(default_factory=list)
+    """Apply only to samples of these question types, whose ROIs cover every object of the
+    image, so that the tokens outside them really are background (empty = all samples with ROIs)."""
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise MedlvrError(f"probe.weight must be >= 0, got {self.weight}")
+        if "background" in self.labels:
+            raise MedlvrError("probe.labels: 'background' is implicit (the tokens outside every ROI)")
+
+
+@dataclass
 class CheckpointConfig:
     """Resumable checkpoints (safetensors) and the final export."""
 
@@ -265,6 +291,7 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

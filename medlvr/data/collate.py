@@ -18,7 +18,7 @@ from medlvr.data.prompts import Mode, chat_messages, target_text
 from medlvr.data.roi import sample_roi_indices
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
-from medlvr.model.backbones import BackboneAdapter
+from medlvr.model.backbones import BackboneAdapter, TokenGrid
 
 
 def _default_loader(path: str) -> Image.Image:
@@ -40,6 +40,7 @@ class VQACollator:
         with_rois: bool = True,
         image_loader: Callable[[str], Image.Image] = _default_loader,
         max_answer_tokens: int = 64,
+        token_labeler: Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], torch.Tensor] | None = None,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -49,6 +50,7 @@ class VQACollator:
         self.with_rois = with_rois
         self.load = image_loader
         self.max_answer_tokens = max_answer_tokens
+        self.token_labeler = token_labeler  # e.g. `medlvr.train.probe.TokenLabeler`: per-token class ids
         stops = adapter.stop_token_ids(self.tokenizer)
         # The chat turn's end token (e.g. <|im_end|>) ends every answer.
         self.stop_token = self.tokenizer.eos_token if self.tokenizer.eos_token_id in stops else self.tokenizer.convert_ids_to_tokens(stops[0])
@@ -82,12 +84,17 @@ class VQACollator:
             batch["answer_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         if self.with_rois:
             batch["roi_index"] = [self._roi_index(s, imgs) for s, imgs in zip(samples, images)]
+        if self.token_labeler is not None:
+            batch["token_labels"] = [self.token_labeler(s, *self._grids(imgs)) for s, imgs in zip(samples, images)]
         return batch
+
+    def _grids(self, images: Sequence[Image.Image]) -> tuple[list[TokenGrid], list[tuple[int, int]]]:
+        sizes = [im.size for im in images]
+        return [self.adapter.token_grid(self.processor, w, h) for w, h in sizes], sizes
 
     def _roi_index(self, sample: VQASample, images: Sequence[Image.Image]) -> torch.Tensor:
         """Indices into this sample's visual tokens covered by its ROIs (empty when it has none)."""
         if not sample.rois or not images:
             return torch.zeros(0, dtype=torch.long)
-        sizes = [im.size for im in images]
-        grids = [self.adapter.token_grid(self.processor, w, h) for w, h in sizes]
+        grids, sizes = self._grids(images)
         return sample_roi_indices([(r.image, r.box) for r in sample.rois], grids, sizes)

@@ -442,6 +442,11 @@ def _lesion_roi(les: Lesion) -> ROI:
     return ROI(box=les.box, label="lesion")
 
 
+def _described_roi(les: Lesion) -> ROI:
+    """Stage-0 ROIs carry the lesion's attributes (`"small bright round"`), for the token probe."""
+    return ROI(box=les.box, label=f"{les.size} {les.intensity} {les.shape}")
+
+
 @dataclass
 class _Question:
     text: str
@@ -664,7 +669,7 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         question="Describe the lesions.",
         answer=answer,
         answer_type="open",
-        rois=[_lesion_roi(les) for les in scene.lesions],
+        rois=[_described_roi(les) for les in scene.lesions],
         question_type="describe",
         meta={"family": "describe", **meta, "target": None},
         **common,
@@ -676,7 +681,7 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         question=f"Where is the {les.words()} lesion?",
         answer=names[les.region],
         answer_type="open",
-        rois=[_lesion_roi(les)],
+        rois=[_described_roi(les)],
         question_type="ground",
         meta={"family": "ground", **meta, "target": k},
         **common,

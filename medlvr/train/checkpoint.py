@@ -203,10 +203,13 @@ def save_checkpoint(
     lora: bool,
     save_optimizer: bool = True,
     keep_last: int | None = None,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically (every process must call this; the main one writes the model).
 
-    `model` is what `accelerator.prepare` returned, `vlm` the unwrapped `LatentVLM`.
+    `model` is what `accelerator.prepare` returned, `vlm` the unwrapped `LatentVLM`;
+    `extra` maps a file stem to the tensors of a training-only module (e.g. the
+    `probe`), written as `<stem>.safetensors` inside the checkpoint.
     """
     final = step_dir(output_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
@@ -222,6 +225,8 @@ def save_checkpoint(
             accelerator.save_state(str(tmp / "engine_state"), safe_serialization=True)
     if accelerator.is_main_process:
         save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
+        for stem, tensors in (extra or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{stem}.safetensors")
         if save_optimizer:
             if not sharded:
                 optimizer_to_files(optimizer, tmp)

@@ -242,11 +242,16 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
 
     set_seed(cfg.seed)
     vlm = build_model(cfg, resume_dir)
-    optimizer = build_optimizer(vlm.named_parameters(), cfg.optim)
+    probe, labeler = _build_probe(cfg, data, vlm.hidden_size, resume_dir)
+    named = [*vlm.named_parameters(), *(probe.named_parameters(prefix="probe.") if probe is not None else [])]
+    optimizer = build_optimizer(named, cfg.optim)
     global_batch = cfg.batch_size * world * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.samples) / global_batch))
     scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
-    model, optimizer = accelerator.prepare(vlm, optimizer)
+    if probe is not None:
+        model, probe_model, optimizer = accelerator.prepare(vlm, probe, optimizer)
+    else:
+        (model, optimizer), probe_model = accelerator.prepare(vlm, optimizer), None
     vlm = accelerator.unwrap_model(model)
 
     step, pos = 0, 0  # optimizer steps done; samples consumed by all processes together
@@ -261,7 +266,8 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
     has_roi = data.has_roi
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=True, with_rois=cfg.uses_rois,
-                          image_loader=load_image, max_answer_tokens=cfg.data.max_answer_tokens)  # fmt: skip
+                          image_loader=load_image, max_answer_tokens=cfg.data.max_answer_tokens,
+                          token_labeler=labeler)  # fmt: skip
     micro = _MicroBatches(data, stream, collate, pos, (total_steps - step) * cfg.grad_accum, cfg.batch_size, world, rank)
     loader = iter(torch.utils.data.DataLoader(micro, batch_size=None, num_workers=cfg.data.num_workers, collate_fn=_keep))
 
@@ -282,6 +288,7 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             trainer_state={"samples_seen": pos, "global_batch": global_batch, "metrics": metrics},
             config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
             keep_last=cfg.checkpoint.keep_last,
+            extra={"probe": accelerator.unwrap_model(probe_model).state_dict()} if probe_model is not None else None,
         )  # fmt: skip
 
     t_window, n_window = time.perf_counter(), 0
@@ -291,19 +298,22 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             k = _steps_at(cfg, step, total_steps)
             idx = stream.take(pos, global_batch)
             n_roi = int(has_roi[idx].sum()) if lam else 0
-            sums = torch.zeros(4, dtype=torch.float64)  # CE sum, align sum, samples, ROI samples (this process)
+            # CE sum, align sum, samples, ROI samples, probe sum, probe-right and foreground tokens, probed samples (this process)
+            sums = torch.zeros(8, dtype=torch.float64)
             for m in range(cfg.grad_accum):
                 batch = next(loader)
                 sync = m == cfg.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not sync else _nullcontext()
                 with ctx:
                     with accelerator.autocast():
-                        ce, al, roi = _losses(cfg, model, vlm, batch, k)
-                    loss = ce.sum() / global_batch
+                        ce, al, roi, fwd = _losses(cfg, model, vlm, batch, k)
+                        pr, hits = probe_model(fwd.visual_tokens, batch["token_labels"]) if probe_model is not None else (torch.zeros_like(ce), torch.zeros(3))
+                    loss = (ce.sum() + cfg.probe.weight * pr.sum()) / global_batch
                     if lam and n_roi:
                         loss = loss + lam * al.sum() / n_roi
                     accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global sum
-                sums += torch.tensor([float(ce.detach().sum()), float(al.detach().sum()), len(ce), float(roi.sum())], dtype=torch.float64)
+                sums += torch.tensor([float(ce.detach().sum()), float(al.detach().sum()), len(ce), float(roi.sum()),
+                                      float(pr.detach().sum()), *hits.tolist()], dtype=torch.float64)  # fmt: skip
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -321,6 +331,9 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             }  # fmt: skip
             if row["align"] is not None:
                 row["loss"] = row["ce"] + lam * row["align"]
+            if probe is not None:
+                row["probe"] = float(totals[4] / totals[7]) if totals[7] else None  # mean over probed samples
+                row["probe_acc"] = float(totals[5] / totals[6]) if totals[6] else None  # foreground tokens only
             now = time.perf_counter()
             row["samples_per_s"] = n_window / max(now - t_window, 1e-9)
             if step % cfg.log.every == 0 or step == total_steps:
@@ -368,8 +381,8 @@ def _steps_at(cfg: SFTConfig, step: int, total: int) -> int:
     return cfg.latent_steps
 
 
-def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample answer CE `[B]`, alignment loss `[B]` (zero without ROI) and the ROI mask `[B]`."""
+def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """Per-sample answer CE `[B]`, alignment loss `[B]` (zero without ROI), the ROI mask `[B]`, and the forward."""
     if cfg.mode == "teacher_forced":
         # Targets first (no grad: they are detached anyway), then one parallel pass with them as latents.
         with torch.no_grad():
@@ -389,14 +402,29 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int)
             targets, mask, negatives = roi_targets(fwd.visual_tokens, batch["roi_index"], n_targets)
     ce = sample_mean_ce(fwd.token_logprobs, batch["answer_mask"].to(fwd.token_logprobs.device))
     if cfg.mode not in ("roi", "teacher_forced"):
-        return ce, torch.zeros_like(ce), torch.zeros_like(ce, dtype=torch.bool)
+        return ce, torch.zeros_like(ce), torch.zeros_like(ce, dtype=torch.bool), fwd
     latents = fwd.latent_means  # proj(h_{k-1}): the model's own latents (the fed ones, except when teacher-forced)
     if cfg.align.latents == "first":
         latents, targets = latents[:, :1], targets[:, :1]
     neg, neg_mask = pad_tokens(negatives, latents.shape[-1], latents.device) if cfg.align.kind == "infonce" else (None, None)
     al = alignment_loss(cfg.align.kind, latents, targets, mask, negatives=neg, negatives_mask=neg_mask,
                         temperature=cfg.align.temperature)  # fmt: skip
-    return ce, al, mask
+    return ce, al, mask, fwd
+
+
+def _build_probe(cfg: SFTConfig, data: TrainSet, hidden_size: int, resume_dir: Path | None) -> tuple[Any, Any]:
+    """The auxiliary token probe and the collator's token labeler (both None when `probe.weight` is 0)."""
+    if not cfg.probe.weight:
+        return None, None
+    from safetensors.torch import load_file
+
+    from medlvr.train.probe import TokenLabeler, TokenProbe, probe_labels
+
+    labeler = TokenLabeler(cfg.probe.labels or probe_labels(data.samples, cfg.probe.question_types), cfg.probe.question_types)
+    probe = TokenProbe(hidden_size, labeler.classes)
+    if resume_dir is not None:
+        probe.load_state_dict(load_file(resume_dir / "probe.safetensors"))
+    return probe, labeler
 
 
 def _pool_all(tokens: torch.Tensor, k: int) -> torch.Tensor:
