@@ -48,6 +48,24 @@ def tiny_dir(tiny_factory) -> Path:
     return tiny_factory()
 
 
+def torchrun(worker: Path, *args: str, nproc: int = 2, timeout: float = 120):
+    """`torchrun --nproc_per_node nproc worker args...` on a free port (gloo on CPU, one thread per process).
+
+    Returns the completed process; the repository is on PYTHONPATH so the worker imports medlvr from here.
+    """
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(worker), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def random_image(width: int, height: int, seed: int = 0):
     """A noise RGB image (tests want inputs that differ visibly)."""
     import numpy as np

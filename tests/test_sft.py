@@ -211,25 +211,16 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_dir
     divides by sqrt(v), which turns ~1e-9 noise on near-zero gradients into updates of up
     to lr; measured: losses agree to ~1e-6, parameters to ~5e-5.
     """
-    import os
-    import socket
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
+
+    from tests.conftest import torchrun
 
     worker = Path(__file__).with_name("sft_ddp_worker.py")
     common = ["mode=roi", "max_steps=3"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir()
     one.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(worker),
-           str(two), *base_overrides(tiny_dir, synth, two / "run"), *common, "batch_size=2"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = torchrun(worker, str(two), *base_overrides(tiny_dir, synth, two / "run"), *common, "batch_size=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = run_sft(make_cfg(tiny_dir, synth, one / "run", *common, "batch_size=4"))
 

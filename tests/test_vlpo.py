@@ -182,11 +182,15 @@ def test_recomputed_logprobs_are_those_of_the_sampled_trajectory(vlm, synth):
         assert fwd.logits[i, : len(ids)].argmax(-1).tolist() == ids
 
 
-def _cfg(tmp_path: Path, model_path: Path, synth, *extra: str) -> VLPOConfig:
-    return load_config(VLPOConfig, REPO / "configs" / "tiny" / "vlpo.yaml", [
+def _cfg_overrides(tmp_path: Path, model_path: Path, synth, *extra: str) -> list[str]:
+    return [
         f"model.path={model_path}", f"data.train=[{synth['train']}]", f"output_dir={tmp_path / 'run'}",
         "log.progress=false", "log.tensorboard=false", "latent.projector=norm", *extra,
-    ])  # fmt: skip
+    ]  # fmt: skip
+
+
+def _cfg(tmp_path: Path, model_path: Path, synth, *extra: str) -> VLPOConfig:
+    return load_config(VLPOConfig, REPO / "configs" / "tiny" / "vlpo.yaml", _cfg_overrides(tmp_path, model_path, synth, *extra))
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -292,3 +296,167 @@ def test_short_vlpo_run_raises_held_out_reward(tmp_path, tiny_dir, synth):
     after = held_out_reward(LatentVLM.from_pretrained(result.final_model), val, rewards, **kw)
     assert after["reward"] > before["reward"] + 0.1, (before, after)
     assert result.history[-1]["entropy"] < result.history[0]["entropy"]
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def _params(vlm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in vlm.named_parameters()}
+
+
+# Small enough for seconds per step: 2 prompts x 2 trajectories, 3 answer tokens, K = 2. The untrained
+# tiny model answers nothing correctly, so the ROI-evidence reward (a cosine of the sampled latents)
+# is what makes rewards differ within a group and the updates non-zero.
+_SMALL = ("batch_size=2", "vlpo.group_size=2", "vlpo.max_new_tokens=3", "vlpo.micro_batch_size=4", "optim.lr=3e-3",
+          "data.val=\"\"", "latent.steps=2", "vlpo.latent_sigma=0.05", "vlpo.rewards.roi_evidence=1.0")  # fmt: skip
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["model.finetune=full", "vlpo.beta=0"], ["model.finetune=lora", "lora.r=4", "lora.dropout=0", "vlpo.beta=0.05"]],
+    ids=["full", "lora-kl"],
+)
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, synth, extra):
+    """Rollouts are sampled, so an exact resume needs the same sampling streams: each step's
+    generator is seeded from (seed, rank, step) and the checkpoint holds optimizer, scheduler
+    and RNG states; the resumed run must replay steps 3-4 of the uninterrupted one."""
+    from medlvr.train.vlpo import run_vlpo
+
+    common = (*_SMALL, *extra, "max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1")
+    full = run_vlpo(_cfg(tmp_path / "full", tiny_dir, synth, *common))
+    assert [r["step"] for r in full.history] == [1, 2, 3, 4]
+
+    def kill_at_2(row):
+        if row["step"] == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_vlpo(_cfg(tmp_path / "cut", tiny_dir, synth, *common), on_step=kill_at_2)
+    run_dir = tmp_path / "cut" / "run"
+    assert [p.name for p in run_dir.glob("step-*")] == ["step-0000002"]
+    resumed = run_vlpo(_cfg(tmp_path / "cut", tiny_dir, synth, *common, "checkpoint.resume=true"))
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    for a, b in zip(full.history[2:], resumed.history):
+        for key in ("reward_mean", "reward_std", "accuracy", "loss", "entropy", "ratio_mean", "clip_fraction",
+                    "latent_norm", "response_tokens", "grad_norm", "kl", "lr"):  # fmt: skip
+            if a[key] is None:
+                assert b[key] is None, key
+            else:
+                assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+    assert full.history[2]["reward_std"] > 0 or full.history[3]["reward_std"] > 0, "rollouts must be sampled"
+    pa = _params(LatentVLM.from_pretrained(full.final_model))
+    pb = _params(LatentVLM.from_pretrained(resumed.final_model))
+    assert pa.keys() == pb.keys()
+    assert max((pa[n] - pb[n]).abs().max().item() for n in pa) < 1e-5
+    start = _params(LatentVLM.from_pretrained(tiny_dir))
+    assert any(not torch.equal(start[n], pa[n]) for n in pa if n in start), "training must move the weights"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [p.name for p in run_dir.glob("step-*")] == ["step-0000004"], "keep_last=1"
+
+
+def test_resuming_a_finished_run_is_a_no_op_and_a_changed_group_size_warns(tmp_path, tiny_dir, synth):
+    from medlvr.train.vlpo import run_vlpo
+
+    common = (*_SMALL, "max_steps=1", "checkpoint.every=0")
+    first = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *common))
+    run_dir = tmp_path / "run"
+    files = [run_dir / "step-0000001" / "trainer_state.json", run_dir / "final" / "model.safetensors",
+             run_dir / "result.json", run_dir / "metrics.jsonl"]  # fmt: skip
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    again = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *common, "checkpoint.resume=true"))
+    assert again.steps == 1 and again.history == [] and again.metrics == first.metrics
+    assert again.final_model == first.final_model
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before, "nothing may be rewritten"
+    # A longer run resumed with another group size continues, but is not the interrupted run's continuation.
+    with pytest.warns(UserWarning, match="group_size changed from 2 to 4"):
+        longer = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *common, "checkpoint.resume=true", "max_steps=2",
+                               "vlpo.group_size=4"))  # fmt: skip
+    assert [r["step"] for r in longer.history] == [2]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+# ---------------------------------------------------------------------------- two processes
+
+
+def _rollouts_of_ranks(world: int, per_rank: int, seed: int):
+    """`sample_rollouts` for one process that draws rank r's prompts with rank r's stream.
+
+    Each process samples its prompts from its own generator (`_rollout_seed(seed, rank,
+    step)`), so a plain single process with the same global batch draws other rollouts
+    than two processes do, and no aggregate of a sampled quantity could be compared. What
+    the trainer guarantees is everything after the sampling: given the same trajectories,
+    rewards, advantages (per group, and a group never spans processes), the globally
+    normalised loss, the DDP-averaged gradients and the reduced metrics are those of one
+    process on the global batch. This wrapper gives one process those same trajectories.
+    """
+    import itertools
+
+    from medlvr.train import vlpo
+    from medlvr.train.rollout import Rollouts
+
+    real, calls = vlpo.sample_rollouts, itertools.count()
+
+    def sample(vlm, collate, samples, images, *, generator, **kw):
+        step = next(calls)  # one call per step (no validation in this run)
+        parts = [
+            real(vlm, collate, samples[r * per_rank : (r + 1) * per_rank], images[r * per_rank : (r + 1) * per_rank],
+                 generator=torch.Generator(device=vlm.device).manual_seed(vlpo._rollout_seed(seed, r, step)), **kw)
+            for r in range(world)
+        ]  # fmt: skip
+        return Rollouts(
+            samples=[x for p in parts for x in p.samples], images=[x for p in parts for x in p.images],
+            texts=[x for p in parts for x in p.texts], token_ids=[x for p in parts for x in p.token_ids],
+            stopped=[x for p in parts for x in p.stopped], latents=torch.cat([p.latents for p in parts]),
+            latent_means=torch.cat([p.latent_means for p in parts]), group_size=parts[0].group_size,
+        )  # fmt: skip
+
+    return sample
+
+
+@pytest.mark.slow  # ~15-20 s: two spawned processes import torch and transformers
+@pytest.mark.distributed
+def test_two_cpu_processes_match_one_process_on_the_same_trajectories(tmp_path, tiny_dir, synth, monkeypatch):
+    """torchrun (gloo) x2 at 2 prompts each vs one process at 4 prompts drawing the ranks' streams.
+
+    Ranks must hold identical parameters, and every logged aggregate (rewards, accuracy,
+    loss, clipping, ratios, entropy, gradient norm) must equal the single process's.
+    Tolerances as in the SFT test (float reduction order; Adam amplifies it on
+    near-zero gradients): 1e-4 on metrics, 5e-4 on parameters.
+    """
+    from safetensors.torch import load_file
+
+    from medlvr.train import vlpo
+    from tests.conftest import torchrun
+
+    common = [*_SMALL, "max_steps=3", "vlpo.update_epochs=2", "vlpo.beta=0.05", "checkpoint.every=0"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir()
+    one.mkdir()
+    args = _cfg_overrides(two, tiny_dir, synth, *common)
+    proc = torchrun(Path(__file__).with_name("vlpo_ddp_worker.py"), str(two), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setattr(vlpo, "sample_rollouts", _rollouts_of_ranks(world=2, per_rank=2, seed=0))
+    single = vlpo.run_vlpo(_cfg(one, tiny_dir, synth, *common, "batch_size=4"))
+
+    p0, p1 = load_file(str(two / "params-rank0.safetensors")), load_file(str(two / "params-rank1.safetensors"))
+    assert all(torch.equal(p0[n], p1[n]) for n in p0), "ranks diverged"
+    ref = {n: p.detach() for n, p in single.model.named_parameters()}
+    start = _params(LatentVLM.from_pretrained(tiny_dir))
+    moved = max((ref[n] - start[n]).abs().max().item() for n in ref if n in start)
+    diff = max((p0[n] - ref[n]).abs().max().item() for n in p0)
+    assert diff < 5e-4 < moved, (diff, moved)
+    hist = json.loads((two / "history-rank0.json").read_text())
+    assert [r["step"] for r in hist] == [r["step"] for r in single.history] == [1, 2, 3]
+    for a, b in zip(hist, single.history):
+        assert a["samples_seen"] == b["samples_seen"]
+        for key in ("reward_mean", "reward_std", "accuracy", "reward/roi_evidence", "flat_groups", "loss", "clip_fraction",
+                    "ratio_mean", "kl", "kl_update", "entropy", "latent_norm", "response_tokens", "stopped", "grad_norm"):  # fmt: skip
+            assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
+    assert any(abs(r["loss"]) > 1e-3 for r in hist) and any(r["clip_fraction"] > 0 or r["ratio_mean"] != 1 for r in hist)

@@ -66,6 +66,7 @@ class VLPOResult:
     steps: int
     metrics: dict[str, Any]  # the last logged row, plus held-out `val_*` numbers when `data.val` is set
     history: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None  # the trained LatentVLM in memory (LoRA merged when the export merged it); None for a finished run's no-op resume
 
 
 # ---------------------------------------------------------------------------- checks and set-up
@@ -252,6 +253,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
     if cfg.checkpoint.resume and resume_dir is None and accelerator.is_main_process:
         warnings.warn(f"checkpoint.resume is set but {out_dir} has no checkpoint: starting fresh", stacklevel=2)
+    finished = _finished_run(out_dir, resume_dir, cfg.max_steps)
+    if finished is not None:  # resuming a finished run is a no-op (no model load, nothing rewritten)
+        return finished
 
     set_seed(cfg.seed)
     k_steps = cfg.latent.steps
@@ -268,9 +272,14 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     vlm = accelerator.unwrap_model(model)
 
     step, pos = 0, 0  # rollout steps done; prompts consumed by all processes together
+    last_row: dict[str, Any] = {}
     if resume_dir is not None:
         state = ckpt.load_training_state(accelerator, resume_dir, optimizer, scheduler)
         step, pos = int(state["step"]), int(state["samples_seen"])
+        last_row = dict(state.get("metrics") or {})  # what the export reports if no step is left to run
+        if accelerator.is_main_process:
+            _warn_changed(state, {"group_size": p.group_size, "prompts_per_step": cfg.batch_size * world})
+    start_step = step
 
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
     prompt_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False, image_loader=load_image)
@@ -282,7 +291,6 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
         save_config(cfg, out_dir / "config.yaml")
 
     history: list[dict[str, Any]] = []
-    last_row: dict[str, Any] = {}
     log.start(cfg.max_steps, step)
     try:
         while step < cfg.max_steps:
@@ -410,7 +418,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             row["clip_fraction"] = float(tot[s0]) / units
             row["kl_update"] = float(tot[s0 + 1]) / units if ref else None
             row["ratio_mean"] = float(tot[s0 + 2]) / units
-            row["loss"] = float(tot[s0 + 4]) / (p.update_epochs * (world if world > 1 else 1))
+            # Each process's loss is its share of the global sum (normalised over all processes), so
+            # the reduced sum is already the global loss: mean over the step's optimizer steps.
+            row["loss"] = float(tot[s0 + 4]) / (p.update_epochs * len(parts_per_opt))
             row["lr"] = scheduler.get_last_lr()[0]
             row["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
             row.update(times)
@@ -430,7 +440,8 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     finally:
         log.stop()
 
-    _save(ckpt, cfg, accelerator, model, vlm, optimizer, scheduler, out_dir, step, pos, last_row)
+    if step > start_step:  # else the resumed checkpoint is this step's (do not overwrite it)
+        _save(ckpt, cfg, accelerator, model, vlm, optimizer, scheduler, out_dir, step, pos, last_row)
     metrics = dict(last_row)
     if val_samples:
         metrics.update(_validate(cfg, vlm, val_samples, rewards, accelerator, validation_accuracy))
@@ -441,7 +452,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
         (out_dir / "result.json").write_text(json.dumps({"steps": step, "metrics": metrics, "final_model": str(final)}, indent=2))
     accelerator.wait_for_everyone()
     log.close()
-    return VLPOResult(out_dir, final, step, metrics, history)
+    return VLPOResult(out_dir, final, step, metrics, history, vlm)
 
 
 @dataclass
@@ -493,10 +504,40 @@ def _save(ckpt: Any, cfg: VLPOConfig, accelerator: Any, model: Any, vlm: Any, op
           out_dir: Path, step: int, pos: int, row: dict[str, Any]) -> None:  # fmt: skip
     ckpt.save_checkpoint(
         accelerator, model, vlm, optimizer, scheduler, output_dir=out_dir, step=step,
-        trainer_state={"samples_seen": pos, "prompts_per_step": cfg.batch_size * accelerator.num_processes, "metrics": row},
+        trainer_state={"samples_seen": pos, "prompts_per_step": cfg.batch_size * accelerator.num_processes,
+                       "group_size": cfg.vlpo.group_size, "metrics": row},
         config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
         keep_last=cfg.checkpoint.keep_last,
     )  # fmt: skip
+
+
+def _finished_run(out_dir: Path, resume_dir: Path | None, max_steps: int) -> VLPOResult | None:
+    """The recorded result when the checkpoint to resume is the last step of a run that exported.
+
+    Every process decides alike (the checkpoint and `result.json` are on the shared output folder).
+    """
+    from medlvr.train.checkpoint import TRAINER_STATE
+
+    done = out_dir / "result.json"
+    if resume_dir is None or not done.is_file():
+        return None
+    step = int(json.loads((resume_dir / TRAINER_STATE).read_text())["step"])
+    result = json.loads(done.read_text())
+    if step < max_steps or result.get("steps") != step:
+        return None
+    if step > max_steps:
+        warnings.warn(f"the run in {out_dir} finished at step {step}, beyond max_steps={max_steps}: nothing to do", stacklevel=3)
+    return VLPOResult(out_dir, Path(result["final_model"]), step, result["metrics"], [])
+
+
+def _warn_changed(state: dict[str, Any], now: dict[str, int]) -> None:
+    """A resumed run with another group size or global batch is not the interrupted run's continuation."""
+    for key, value in now.items():
+        if key in state and state[key] != value:
+            warnings.warn(
+                f"{key} changed from {state[key]} to {value} on resume: the remaining steps sample and "
+                "normalise differently from the interrupted run", stacklevel=3,
+            )  # fmt: skip
 
 
 @contextmanager
