@@ -53,6 +53,11 @@ class Stage0Config:
     """Held-out describe/ground records (from test images) scored at the end."""
     init: str = ""
     """Continue from this model folder instead of a fresh random backbone (a second stage-0 leg)."""
+    probe_weight: float = 1.0
+    """Weight of the auxiliary token probe (`medlvr.train.probe`): every visual token of a
+    describe record is classified as the attributes of the lesion covering it, or background.
+    Without it (0) the answer text alone taught regions, sizes and intensities but shape
+    only at 0.36 after 2,500 steps."""
 
 
 def default_stage0() -> Path:
@@ -88,6 +93,8 @@ def build_stage0(cfg: Stage0Config, work: Path | None = None) -> dict[str, Any]:
             f"optim.warmup_steps={min(100, cfg.steps // 10)}",
             "optim.min_lr_ratio=0.1",
             "latent.steps=0",
+            f"probe.weight={cfg.probe_weight}",
+            "probe.question_types=[describe]",  # ground records name one lesion: their other tokens are not background
             f"output_dir={tmp / 'run'}",
             "log.tensorboard=false",
         ],
@@ -100,7 +107,8 @@ def build_stage0(cfg: Stage0Config, work: Path | None = None) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(result.final_model, out)
-    scores.update(steps=cfg.steps, minutes=round((time.time() - started) / 60, 1), final_loss=result.metrics.get("loss"))
+    scores.update(steps=cfg.steps, minutes=round((time.time() - started) / 60, 1), final_loss=result.metrics.get("loss"),
+                  final_probe_token_acc=result.metrics.get("probe_acc"))  # fmt: skip
     (out / "stage0_metrics.json").write_text(json.dumps(scores, indent=2))
     (out / "STAGE0.md").write_text(_card(cfg, scores))
     return scores
@@ -176,14 +184,16 @@ def _card(cfg: Stage0Config, scores: dict[str, Any]) -> str:
     cmd = (
         f"medlvr demo backbone --out {cfg.out if Path(cfg.out) != ASSET else 'medlvr/assets/stage0'} "
         f"--seed {cfg.seed} --size {cfg.size} --n {cfg.n} --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr}"
-        + (f" --init {cfg.init}" if cfg.init else "")
+        + f" --probe-weight {cfg.probe_weight}" + (f" --init {cfg.init}" if cfg.init else "")
     )
     rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
     return f"""# Stage-0 backbone of the laptop demo
 
 A `{cfg.size}` Qwen2.5-VL backbone (random initialisation, seed {cfg.seed}) pretrained with
 `run_sft` (mode `plain`, K = 0) on the synthetic benchmark's describe/ground records
-(train images only: no held-out (shape, region) pair appears in them).
+(train images only: no held-out (shape, region) pair appears in them), with an auxiliary
+linear probe (weight {cfg.probe_weight}) classifying every visual token of a describe record
+as the attributes of the lesion covering it or background; the probe is not part of the model.
 
 Regenerate (CPU, 2 threads; Python {sys.version.split()[0]}):
 
