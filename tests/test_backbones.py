@@ -43,7 +43,20 @@ def _gemma_changed(processor, before: dict, after: dict) -> set[int]:
     return set((ys // cell * side + xs // cell).unique().tolist())
 
 
-_CHANGED = {"qwen2_vl": _qwen_changed, "qwen2_5_vl": _qwen_changed, "qwen3_vl": _qwen_changed, "gemma3": _gemma_changed}
+def _smolvlm_changed(processor, before: dict, after: dict) -> set[int]:
+    # pixel_values [1, views, 3, M, M]: the tiles row-major, then the global image; each view
+    # a raster of side x side tokens over cells of token_pixels (pixels past them feed no token).
+    side = int(round(processor.image_seq_len**0.5))
+    cell = processor.token_pixels
+    diff = (before["pixel_values"][0] != after["pixel_values"][0]).any(1)[:, : side * cell, : side * cell]  # [V, S, S]
+    vs, ys, xs = diff.nonzero(as_tuple=True)
+    return set((vs * side * side + ys // cell * side + xs // cell).unique().tolist())
+
+
+_CHANGED = {
+    "qwen2_vl": _qwen_changed, "qwen2_5_vl": _qwen_changed, "qwen3_vl": _qwen_changed, "gemma3": _gemma_changed,
+    "smolvlm": _smolvlm_changed,
+}
 
 
 def _pixels(processor, adapter, image: Image.Image) -> dict:
@@ -62,6 +75,8 @@ def _n_image_tokens(processor, adapter, image: Image.Image, image_token_id: int)
 
 def _mid_cell_box(grid: TokenGrid, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
     """A box whose edges fall 30-70% into cells, clear of the resize filter's reach across cell borders."""
+    if grid.blocks:
+        return _mid_cell_box_in_blocks(grid, w, h, rng)
     c0, c1 = sorted(rng.randrange(grid.cols) for _ in range(2))
     r0, r1 = sorted(rng.randrange(grid.rows) for _ in range(2))
 
@@ -71,6 +86,28 @@ def _mid_cell_box(grid: TokenGrid, w: int, h: int, rng: random.Random) -> tuple[
     x0, x1 = edge(c0, grid.cell_w, w), edge(c1, grid.cell_w, w)
     y0, y1 = edge(r0, grid.cell_h, h), edge(r1, grid.cell_h, h)
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def _mid_cell_box_in_blocks(grid: TokenGrid, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """As `_mid_cell_box` for tiled images: each edge 25-75% into a cell of every view it crosses
+    (tile and global cells nest, so such places exist in every cell of the coarser view)."""
+
+    def clear(v: int, horizontal: bool) -> bool:
+        for b in grid.blocks:
+            start, cell, n = (b.x0, b.cell_w, b.cols) if horizontal else (b.y0, b.cell_h, b.rows)
+            local = (v - start) / cell
+            if 0 <= local <= n and not 0.25 <= local % 1 <= 0.75:
+                return False
+        return True
+
+    def edges(limit: int, horizontal: bool) -> tuple[int, int]:
+        ok = [v for v in range(1, limit) if clear(v, horizontal)]
+        a, b = sorted(rng.sample(ok, 2))
+        return a, b
+
+    x0, x1 = edges(w, True)
+    y0, y1 = edges(h, False)
+    return x0, y0, x1, y1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -96,6 +133,18 @@ def test_box_maps_to_exactly_the_tokens_its_pixels_reach(tiny_factory, family):
             assert changed == predicted, f"{w}x{h} box {box}: changed {sorted(changed)} predicted {sorted(predicted)}"
             checked += 1
     assert checked == 20
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_groups_split_vision_merger_and_language(tiny_factory, family):
+    """What `model.freeze_vision/merger/language` freeze: the tower, its projection into the decoder, the rest."""
+    vlm = LatentVLM.from_pretrained(tiny_factory(family))
+    groups: dict[str, int] = {}
+    for name, _ in vlm.backbone.named_parameters():
+        group = vlm.adapter.parameter_group(name)
+        groups[group] = groups.get(group, 0) + 1
+        assert (group != "language") == vlm.adapter.is_vision_parameter(name), (name, group)
+    assert set(groups) == {"vision", "merger", "language"}, groups
 
 
 # ---------------------------------------------------------------------------- prefix pass
@@ -141,7 +190,7 @@ def test_answer_logits_equal_the_backbones_own_forward(vlm):
         "attention_mask": torch.cat([batch["attention_mask"], amask], 1),
         "pixel_values": batch["pixel_values"],
     }
-    for key in ("image_grid_thw",):
+    for key in ("image_grid_thw", "pixel_attention_mask"):
         if key in batch:
             full[key] = batch[key]
     for key in ("mm_token_type_ids", "token_type_ids"):

@@ -50,7 +50,7 @@ def vlm(request, tiny_factory):
 def test_k0_greedy_equals_backbone_generate(vlm):
     batch = _batch(vlm, with_answers=False)
     assert (batch["attention_mask"][:, 0] == 0).any(), "the batch must be left-padded"
-    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
+    keys = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
     ref = vlm.backbone.generate(**{k: batch[k] for k in keys if k in batch}, max_new_tokens=12, do_sample=False)
     ref = ref[:, batch["input_ids"].shape[1]:].tolist()
     out = vlm.generate(batch, latent_steps=0, max_new_tokens=12)
@@ -98,7 +98,8 @@ def test_training_forward_gradients_reach_vision_lm_and_projector(vlm):
     out.loss.backward()
     named = dict(vlm.named_parameters())
     vision = [p for n, p in named.items() if vlm.adapter.is_vision_parameter(n) and p.grad is not None]
-    lm = [p for n, p in named.items() if "language_model" in n and p.grad is not None]
+    # Decoder layers, by a name every family shares (its language model is `language_model`, `text_model` ...).
+    lm = [p for n, p in named.items() if ".layers." in n and not vlm.adapter.is_vision_parameter(n) and p.grad is not None]
     assert vision and any(p.grad.abs().sum() > 0 for p in vision)
     assert lm and any(p.grad.abs().sum() > 0 for p in lm)
     # The projector touches the answer only through the latent steps.

@@ -29,8 +29,30 @@ def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
 
 
 def box_to_tokens(box: Sequence[float], grid: TokenGrid, width: int, height: int) -> list[int]:
-    """Raster indices (row-major) of the grid cells a box overlaps, within one image."""
-    x0, y0, x1, y1 = clip_box(box, width, height)
+    """Indices of the visual tokens whose cells a box overlaps, within one image.
+
+    Raster order (row-major) in a one-grid image; with `grid.blocks` (tiles plus a
+    global image), the overlapped cells of each block in turn, offset by the tokens
+    of the blocks before it.
+    """
+    clipped = clip_box(box, width, height)
+    if not grid.blocks:
+        return _cells(clipped, grid)
+    out: list[int] = []
+    offset = 0
+    for block in grid.blocks:
+        x0, y0, x1, y1 = clipped
+        bx1, by1 = block.x0 + block.cols * block.cell_w, block.y0 + block.rows * block.cell_h
+        if x1 > block.x0 and x0 < bx1 and y1 > block.y0 and y0 < by1:
+            local = (max(x0, block.x0) - block.x0, max(y0, block.y0) - block.y0, x1 - block.x0, y1 - block.y0)
+            out.extend(offset + t for t in _cells(local, block))
+        offset += block.n_tokens
+    return out
+
+
+def _cells(box: tuple[float, float, float, float], grid: TokenGrid) -> list[int]:
+    """Raster indices of the cells of one grid a box (in the grid's own coordinates) overlaps."""
+    x0, y0, x1, y1 = box
     c0 = min(int(math.floor(x0 / grid.cell_w)), grid.cols - 1)
     r0 = min(int(math.floor(y0 / grid.cell_h)), grid.rows - 1)
     c1 = max(int(math.ceil(x1 / grid.cell_w)) - 1, c0)
@@ -47,7 +69,7 @@ def sample_roi_indices(
     """Indices into a sample's visual tokens (all its images concatenated in order) covered by its ROIs.
 
     `rois` are `(image index, box)`; `grids[i]` and `sizes[i] = (width, height)` describe image i.
-    Returns sorted unique indices, i.e. raster order image by image.
+    Returns sorted unique indices, i.e. the images' token order (raster, block by block for tiled images).
     """
     offsets = [0]
     for g in grids:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +35,28 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """The visual-token grid one image becomes: `rows x cols` cells of `cell_w x cell_h` original pixels."""
+    """The visual-token grid one image becomes: `rows x cols` cells of `cell_w x cell_h` original pixels.
+
+    Most families give one raster grid over the whole image. A tiling family
+    (SmolVLM) gives several views of it in prompt order, each its own raster grid
+    over part of the image (the tiles, then the global image over all of it):
+    `blocks` lists them, the image's tokens are theirs concatenated, and a box maps
+    into every block it overlaps. `rows x cols` is then the tiles' combined grid
+    over the whole image, the finest view (it describes no token order).
+    """
 
     rows: int
     cols: int
     cell_w: float
     cell_h: float
+    # Where the grid starts in original pixels (a tile's top-left corner; 0 for a whole image).
+    x0: float = 0.0
+    y0: float = 0.0
+    blocks: tuple[TokenGrid, ...] = ()
 
     @property
     def n_tokens(self) -> int:
-        return self.rows * self.cols
+        return sum(b.n_tokens for b in self.blocks) if self.blocks else self.rows * self.cols
 
 
 @dataclass
@@ -142,6 +155,18 @@ class BackboneAdapter(ABC):
     def is_vision_parameter(self, name: str) -> bool:
         """Whether a parameter (by its name in the model) belongs to the vision tower or its projector."""
         return ".visual." in name or name.startswith("visual.")
+
+    def parameter_group(self, name: str) -> str:
+        """`vision`, `merger` or `language`, from a backbone parameter name (what training freezes).
+
+        Qwen keeps its merger inside `model.visual`; LLaVA-style models and Gemma 3 name
+        them `vision_tower` and `multi_modal_projector`.
+        """
+        if "merger" in name or "multi_modal_projector" in name:
+            return "merger"
+        if ".visual." in f".{name}" or "vision_tower" in name:
+            return "vision"
+        return "language"
 
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
         """The visual-token grid of an image of `width x height` original pixels."""
@@ -479,7 +504,20 @@ _GEMMA_CHAT_TEMPLATE = (
 )
 
 
-class Gemma3Adapter(BackboneAdapter):
+class _TextPositions:
+    """1-D RoPE (Gemma 3; SmolVLM's Llama decoder): a position counts the attended tokens before it in its row."""
+
+    def prefix_position_ids(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, PositionState]:
+        am = batch["attention_mask"]
+        position_ids = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # [B, L]
+        state = PositionState(next_pos=am.long().sum(-1), delta=torch.zeros_like(am[:, 0], dtype=torch.long))
+        return position_ids, state
+
+    def appended_position_ids(self, state: PositionState, length: int) -> torch.Tensor:
+        return state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]  # [B, T]
+
+
+class Gemma3Adapter(_TextPositions, BackboneAdapter):
     """Gemma 3, the architecture of MedGemma: 1-D RoPE, square images pooled to a fixed token grid.
 
     Each image is resized to SxS (aspect ratio not kept), cut into 14-px patches and
@@ -598,15 +636,6 @@ class Gemma3Adapter(BackboneAdapter):
         out = model.model.get_image_features(batch["pixel_values"], return_dict=True)
         return list(out.pooler_output)  # n_img x [mm_tokens, d]
 
-    def prefix_position_ids(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, PositionState]:
-        am = batch["attention_mask"]
-        position_ids = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # [B, L]
-        state = PositionState(next_pos=am.long().sum(-1), delta=torch.zeros_like(am[:, 0], dtype=torch.long))
-        return position_ids, state
-
-    def appended_position_ids(self, state: PositionState, length: int) -> torch.Tensor:
-        return state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]  # [B, T]
-
     def prefill_kwargs(self, batch: dict[str, Any]) -> dict[str, Any]:
         # Without the token types image tokens attend causally (logits move by ~7e-2).
         tt = batch.get("token_type_ids")
@@ -630,8 +659,257 @@ class Gemma3Adapter(BackboneAdapter):
         return TokenGrid(rows=side, cols=side, cell_w=width / side, cell_h=height / side)
 
 
+# ----------------------------------------------------------------------------
+# SmolVLM (Idefics3 architecture)
+# ----------------------------------------------------------------------------
+
+# SmolVLM2's own template (HuggingFaceTB/SmolVLM2-2.2B-Instruct), also taking plain-string contents.
+_SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}"
+    "{% else %}{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@functools.cache
+def smolvlm_processor_class() -> type[ProcessorMixin]:
+    # Defined lazily so importing medlvr does not import every processor module.
+    from transformers import SmolVLMProcessor
+    from transformers.processing_utils import ProcessorMixin as _PM
+
+    class SmolVLMImageOnlyProcessor(SmolVLMProcessor):
+        """Image-only SmolVLM processor that also returns each image's tile layout.
+
+        The stock one needs a video processor (torchvision) and `num2words` (for video
+        prompts only); its chat template call reads the video processor. Its prompts and
+        pixels are unchanged here. `image_rows_cols [n_images, 2]` (prompt order; 0, 0 when
+        the image is not split) tells the adapter which visual tokens belong to which
+        image, as `image_grid_thw` does for Qwen. `token_pixels` (vision patch size x
+        pixel-shuffle factor, from the model config) is how many tile pixels one visual
+        token's cell spans: 384-px tiles with 14-px patches leave 6 px no token sees.
+        """
+
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169,
+                     token_pixels: int | None = None, chat_template=None, **kwargs):  # fmt: skip
+            self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
+            self.image_token = getattr(tokenizer, "image_token", "<image>")
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
+            self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
+            self.video_token = getattr(tokenizer, "video_token", "<video>")
+            self.image_seq_len = image_seq_len
+            self.token_pixels = token_pixels
+            _PM.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+            return _PM.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+        def _process_images(self, images, **kwargs):
+            processed, replacements = super()._process_images(images, **kwargs)
+            processed["image_rows_cols"] = [
+                [r, c] for rows, cols in zip(processed["rows"], processed["cols"]) for r, c in zip(rows, cols)
+            ]
+            return processed, replacements
+
+    return SmolVLMImageOnlyProcessor
+
+
+class SmolVLMAdapter(_TextPositions, BackboneAdapter):
+    """SmolVLM / SmolVLM2 (Idefics3 architecture): a SigLIP tower on square tiles, a Llama decoder.
+
+    Each image is resized to a longest edge `size`, then up to multiples of the tile
+    side M and cut into rows x cols M x M tiles, followed by a global image (the whole
+    image squashed to M x M); an image that fits one tile is only that one view. Each
+    view becomes a raster grid of (M / patch) / shuffle tokens per side (SmolVLM2-2.2B:
+    384-px tiles, 14-px patches, pixel-shuffle 3: 9 x 9 = 81 tokens, 42-px cells).
+    In the prompt the views come tile by tile in row-major order, each after
+    `<fake_token_around_image><row_r_col_c>`, then the global image after `<global-img>`.
+    1-D RoPE, causal attention everywhere (no token types).
+    """
+
+    family = "smolvlm"
+    model_types = ("smolvlm",)
+    # Tiny models: 96-px tiles of 16-px patches shuffled by 2 (3 x 3 tokens, 32-px cells),
+    # a 192-px longest edge (at most 2 x 2 tiles plus the global image: 45 tokens).
+    tile_size = 96
+    patch_size = 16
+    scale_factor = 2
+    tile_rc = 6  # <row_r_col_c> tokens for r, c <= 6, as in the released tokenizers
+
+    @property
+    def model_class(self):  # type: ignore[override]
+        from transformers import SmolVLMForConditionalGeneration
+
+        return SmolVLMForConditionalGeneration
+
+    def tiny_special_tokens(self) -> dict[str, Any]:
+        tiles = [f"<row_{r}_col_{c}>" for r in range(1, self.tile_rc + 1) for c in range(1, self.tile_rc + 1)]
+        return {
+            "pad_token": "<pad>",
+            "eos_token": "<end_of_utterance>",
+            "additional": ["<|im_start|>", "<fake_token_around_image>", "<global-img>", "<image>", *tiles],
+        }
+
+    def tiny_chat_template(self) -> str:
+        return _SMOLVLM_CHAT_TEMPLATE
+
+    def build_tiny_processor(self, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        image_processor = SmolVLMImageProcessorPil(
+            size={"longest_edge": 2 * self.tile_size},
+            max_image_size={"longest_edge": self.tile_size},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        side = self.tile_size // self.patch_size // self.scale_factor
+        return smolvlm_processor_class()(
+            image_processor, tokenizer, image_seq_len=side * side,
+            token_pixels=self.patch_size * self.scale_factor, chat_template=tokenizer.chat_template,
+        )  # fmt: skip
+
+    def tiny_config(self, spec: Any, tokenizer: PreTrainedTokenizerBase) -> Any:
+        from transformers import SmolVLMConfig
+
+        text = {
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "tie_word_embeddings": True,
+            "initializer_range": 0.1,
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        vision = {
+            "hidden_size": spec.vision_hidden,
+            "intermediate_size": spec.vision_hidden * 2,
+            "num_hidden_layers": spec.vision_depth,
+            "num_attention_heads": spec.vision_heads,
+            "image_size": self.tile_size,
+            "patch_size": self.patch_size,
+            "initializer_range": 0.1,
+        }
+        return SmolVLMConfig(
+            text_config=text,
+            vision_config=vision,
+            scale_factor=self.scale_factor,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    def load_processor(self, path: Path) -> ProcessorMixin:
+        # The cell size comes from the model config: released processor configs do not hold it.
+        vision, scale = {}, None
+        cfg = Path(path) / "config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            vision, scale = data.get("vision_config") or {}, data.get("scale_factor")
+        extra = {"token_pixels": int(vision["patch_size"]) * int(scale)} if "patch_size" in vision and scale else {}
+        return smolvlm_processor_class().from_pretrained(str(path), **extra)
+
+    def image_token_id(self, model: PreTrainedModel) -> int:
+        return int(model.config.image_token_id)
+
+    def processor_images(self, images_per_sample: list[list[Any]]) -> Any:
+        # The SmolVLM processor pairs images with prompts by nesting.
+        return [list(imgs) for imgs in images_per_sample] if any(images_per_sample) else None
+
+    def image_features(self, model: PreTrainedModel, batch: dict[str, Any]) -> list[torch.Tensor]:
+        if batch.get("pixel_values") is None:
+            return []
+        out = model.model.get_image_features(batch["pixel_values"], batch.get("pixel_attention_mask"), return_dict=True)
+        # pooler_output: per sample, the tokens of all its views (tiles, then global, image by image).
+        feats = torch.cat(list(out.pooler_output), 0)  # [N, d]
+        layout = batch.get("image_rows_cols")
+        if layout is None:
+            counts = batch.get("images_per_sample")
+            if counts is not None and any(c != 1 for c in counts):
+                raise MedlvrError("a SmolVLM batch with several images per sample needs image_rows_cols "
+                                  "(from the processor medlvr loads)")  # fmt: skip
+            return list(out.pooler_output)
+        views = layout[:, 0].long() * layout[:, 1].long() + 1  # [n_images] tiles + the global image
+        per_view = feats.shape[0] // max(int(views.sum()), 1)
+        if per_view * int(views.sum()) != feats.shape[0]:
+            raise MedlvrError(f"{feats.shape[0]} visual tokens do not split into {int(views.sum())} image views")
+        return list(feats.split((views * per_view).tolist()))
+
+    def embedding_scale(self, model: PreTrainedModel) -> float:
+        return 1.0
+
+    def is_vision_parameter(self, name: str) -> bool:
+        return "vision_model." in name or "connector." in name
+
+    def parameter_group(self, name: str) -> str:
+        # The pixel-shuffle connector is SmolVLM's merger.
+        if "connector." in name:
+            return "merger"
+        return "vision" if "vision_model." in name else "language"
+
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        ids = set(super().stop_token_ids(tokenizer))
+        tid = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+        return sorted(ids)
+
+    def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            MAX_IMAGE_SIZE,
+            _resize_output_size_rescale_to_max_len,
+            _resize_output_size_scale_below_upper_bound,
+        )
+
+        ip = processor.image_processor
+        m = int(ip.max_image_size["longest_edge"])
+        side = int(round(processor.image_seq_len**0.5))
+        if side * side != processor.image_seq_len:
+            raise MedlvrError(f"SmolVLM image_seq_len {processor.image_seq_len} is not a square")
+        cell = float(processor.token_pixels or m / side)  # tile pixels per token cell
+        if not ip.do_image_splitting:
+            # One view: the image squashed to M x M.
+            return TokenGrid(side, side, width * cell / m, height * cell / m)
+        # The image processor's two resizes (`resize`, then `resize_for_vision_encoder`).
+        h, w = height, width
+        if ip.do_resize:
+            h, w = _resize_output_size_rescale_to_max_len(h, w, max_len=ip.size["longest_edge"])
+            h, w = _resize_output_size_scale_below_upper_bound(h, w, max_len=MAX_IMAGE_SIZE)
+        aspect = w / h
+        if w >= h:
+            w = math.ceil(w / m) * m
+            h = math.ceil(int(w / aspect) / m) * m
+        else:
+            h = math.ceil(h / m) * m
+            w = math.ceil(int(h * aspect) / m) * m
+        sx, sy = width / w, height / h  # original pixels per resized pixel
+        glob = TokenGrid(side, side, width * cell / m, height * cell / m)
+        if h <= m and w <= m:
+            return glob  # fits one tile: no split, the single view
+        rows, cols = h // m, w // m
+        tiles = tuple(
+            TokenGrid(side, side, cell * sx, cell * sy, x0=c * m * sx, y0=r * m * sy)
+            for r in range(rows) for c in range(cols)
+        )  # fmt: skip
+        return TokenGrid(rows * side, cols * side, cell * sx, cell * sy, blocks=(*tiles, glob))
+
+
 _ADAPTERS: dict[str, BackboneAdapter] = {
-    a.family: a for a in (QwenVLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), Gemma3Adapter())
+    a.family: a for a in (QwenVLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), Gemma3Adapter(), SmolVLMAdapter())
 }
 
 

@@ -83,19 +83,6 @@ def check_config(cfg: SFTConfig) -> TrainSet:
 # ---------------------------------------------------------------------------- model set-up
 
 
-def _group(name: str) -> str:
-    """vision / merger / language, from a backbone parameter name.
-
-    Names follow the transformers VLM layout (`model.visual.*` with `merger` inside it for
-    Qwen; `vision_tower` / `multi_modal_projector` for LLaVA-style and Gemma 3 models).
-    """
-    if "merger" in name or "multi_modal_projector" in name:
-        return "merger"
-    if ".visual." in f".{name}" or "vision_tower" in name:
-        return "vision"
-    return "language"
-
-
 def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
     """LatentVLM in fp32 with freezing, LoRA and checkpointing applied; weights from `resume_dir` if given."""
     from medlvr.model.latent import LatentVLM
@@ -110,7 +97,7 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
     frozen = {g for g, on in (("vision", cfg.model.freeze_vision), ("merger", cfg.model.freeze_merger),
                               ("language", cfg.model.freeze_language)) if on}  # fmt: skip
     for name, p in vlm.backbone.named_parameters():
-        p.requires_grad_(_group(name) not in frozen)
+        p.requires_grad_(vlm.adapter.parameter_group(name) not in frozen)
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing: no need for inputs that require grad (LoRA, frozen embeddings).
         enable = getattr(vlm.backbone, "activation_checkpointing_enable", None)
