@@ -156,6 +156,13 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_dir, synth, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [p.name for p in (tmp_path / "cut").glob("step-*")] == ["step-0000006"], "keep_last=1"
+    # Resuming the finished run again changes nothing: same result, no file rewritten.
+    files = [f for f in (tmp_path / "cut").rglob("*") if f.is_file()]
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    again = run_sft(make_cfg(tiny_dir, synth, tmp_path / "cut", *common, "checkpoint.resume=true"))
+    assert again.steps == 6 and again.metrics == json.loads((tmp_path / "cut" / "result.json").read_text())["metrics"]
+    assert again.metrics["ce"] == pytest.approx(resumed.metrics["ce"])
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before
 
 
 # ---------------------------------------------------------------------------- LoRA

@@ -241,6 +241,26 @@ def save_checkpoint(
     return final
 
 
+def recorded_result(output_dir: str | Path, resume_dir: Path | None, total_steps: int) -> dict[str, Any] | None:
+    """`result.json` of a finished run when the checkpoint to resume is its last step, else None.
+
+    Resuming a finished run is then a no-op: no model is loaded and nothing is
+    rewritten. Every process decides alike (the files are on the shared output folder).
+    """
+    import warnings
+
+    done = Path(output_dir) / "result.json"
+    if resume_dir is None or not done.is_file():
+        return None
+    step = int(json.loads((resume_dir / TRAINER_STATE).read_text())["step"])
+    result = json.loads(done.read_text())
+    if step < total_steps or result.get("steps") != step:
+        return None
+    if step > total_steps:
+        warnings.warn(f"the run in {output_dir} finished at step {step}, beyond {total_steps} steps: nothing to do", stacklevel=3)
+    return result
+
+
 def load_training_state(
     accelerator: Any, folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:

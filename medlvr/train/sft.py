@@ -226,14 +226,17 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
     if cfg.checkpoint.resume and resume_dir is None and accelerator.is_main_process:
         warnings.warn(f"checkpoint.resume is set but {out_dir} has no checkpoint: starting fresh", stacklevel=2)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.samples) / global_batch))
+    done = ckpt.recorded_result(out_dir, resume_dir, total_steps)
+    if done is not None:  # resuming a finished run is a no-op (no model load, nothing rewritten)
+        return SFTResult(out_dir, Path(done["final_model"]), done["steps"], done["metrics"])
 
     set_seed(cfg.seed)
     vlm = build_model(cfg, resume_dir)
     probe, labeler = _build_probe(cfg, data, vlm.hidden_size, resume_dir)
     named = [*vlm.named_parameters(), *(probe.named_parameters(prefix="probe.") if probe is not None else [])]
     optimizer = build_optimizer(named, cfg.optim)
-    global_batch = cfg.batch_size * world * cfg.grad_accum
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.samples) / global_batch))
     scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
     if probe is not None:
         model, probe_model, optimizer = accelerator.prepare(vlm, probe, optimizer)
@@ -242,9 +245,11 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     vlm = accelerator.unwrap_model(model)
 
     step, pos = 0, 0  # optimizer steps done; samples consumed by all processes together
+    last_row: dict[str, Any] = {}
     if resume_dir is not None:
         state = ckpt.load_training_state(accelerator, resume_dir, optimizer, scheduler)
         step, pos = int(state["step"]), int(state["samples_seen"])
+        last_row = dict(state.get("metrics") or {})  # what the export reports if no step is left to run
         if state.get("global_batch") != global_batch:
             warnings.warn(f"global batch changed from {state.get('global_batch')} to {global_batch} on resume", stacklevel=2)
     else:
@@ -266,7 +271,7 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         save_config(cfg, out_dir / "config.yaml")
     lam = cfg.align.weight if cfg.uses_rois else 0.0
     history: list[dict[str, Any]] = []
-    last_row: dict[str, Any] = {}
+    start_step = step
 
     def save(metrics: dict[str, Any]) -> None:
         """A resumable checkpoint at the current step and data position."""
@@ -343,7 +348,8 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         log.stop()
 
     # The last step is a checkpoint too (so `--resume` of a finished run is a no-op) ...
-    save(last_row)
+    if step > start_step:  # (else the resumed checkpoint is this step's: do not overwrite it)
+        save(last_row)
     metrics = dict(last_row)
     if val_samples:
         metrics["val_accuracy"] = validation_accuracy(

@@ -253,9 +253,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
     if cfg.checkpoint.resume and resume_dir is None and accelerator.is_main_process:
         warnings.warn(f"checkpoint.resume is set but {out_dir} has no checkpoint: starting fresh", stacklevel=2)
-    finished = _finished_run(out_dir, resume_dir, cfg.max_steps)
-    if finished is not None:  # resuming a finished run is a no-op (no model load, nothing rewritten)
-        return finished
+    done = ckpt.recorded_result(out_dir, resume_dir, cfg.max_steps)
+    if done is not None:  # resuming a finished run is a no-op (no model load, nothing rewritten)
+        return VLPOResult(out_dir, Path(done["final_model"]), done["steps"], done["metrics"], [])
 
     set_seed(cfg.seed)
     k_steps = cfg.latent.steps
@@ -509,25 +509,6 @@ def _save(ckpt: Any, cfg: VLPOConfig, accelerator: Any, model: Any, vlm: Any, op
         config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
         keep_last=cfg.checkpoint.keep_last,
     )  # fmt: skip
-
-
-def _finished_run(out_dir: Path, resume_dir: Path | None, max_steps: int) -> VLPOResult | None:
-    """The recorded result when the checkpoint to resume is the last step of a run that exported.
-
-    Every process decides alike (the checkpoint and `result.json` are on the shared output folder).
-    """
-    from medlvr.train.checkpoint import TRAINER_STATE
-
-    done = out_dir / "result.json"
-    if resume_dir is None or not done.is_file():
-        return None
-    step = int(json.loads((resume_dir / TRAINER_STATE).read_text())["step"])
-    result = json.loads(done.read_text())
-    if step < max_steps or result.get("steps") != step:
-        return None
-    if step > max_steps:
-        warnings.warn(f"the run in {out_dir} finished at step {step}, beyond max_steps={max_steps}: nothing to do", stacklevel=3)
-    return VLPOResult(out_dir, Path(result["final_model"]), step, result["metrics"], [])
 
 
 def _warn_changed(state: dict[str, Any], now: dict[str, int]) -> None:
