@@ -1,7 +1,8 @@
 """Where each latent step points: evidence maps over the image, and how faithful they are.
 
 Two maps per latent step k, over every visual token of a sample (all its images,
-prompt order, each image in raster order of its token grid):
+prompt order, each image in raster order of its token grid, or view by view for a
+tiled image):
 
 - **similarity**: cosine between the fed latent `z_k` (LM input space) and each
   post-merger visual token (the same space), turned into a distribution with a
@@ -23,6 +24,12 @@ map and the uniform-map expectation are reported beside them as the floor; on
 the synthetic benchmark also the rate at which the peak hits *any* lesion, since
 a map that finds lesions but not the queried one should not count as pointing
 (see NOTES-synthetic.md).
+
+Figures, regions and metrics work on each image's cells (`TokenGrid.raster`): the
+token grid itself for one-grid families; for a tiled image (SmolVLM: tiles plus a
+global view) the tiles' combined grid, each global-view cell's value spread evenly
+over the tile cells under it, so a step's map still sums to 1 and a peak or a mass
+is one over image locations rather than over views.
 """
 
 from __future__ import annotations
@@ -101,14 +108,19 @@ class SampleMaps:
         return self.get(kind).mean(0)
 
     def per_image(self, values: torch.Tensor) -> list[torch.Tensor]:
-        """Split `[..., N]` into one `[..., rows, cols]` tensor per image (raster order)."""
+        """Split `[..., N]` into one `[..., rows, cols]` map per image on its cells (`TokenGrid.raster`)."""
+        total = sum(g.n_tokens for g in self.grids)
+        if total != values.shape[-1]:
+            raise MedlvrError(f"maps have {values.shape[-1]} tokens but the token grids hold {total}")
         out, i = [], 0
         for g in self.grids:
-            out.append(values[..., i : i + g.n_tokens].reshape(*values.shape[:-1], g.rows, g.cols))
+            out.append(g.raster(values[..., i : i + g.n_tokens]))
             i += g.n_tokens
-        if i != values.shape[-1]:
-            raise MedlvrError(f"maps have {values.shape[-1]} tokens but the token grids hold {i}")
         return out
+
+    def cells(self, values: torch.Tensor) -> torch.Tensor:
+        """`[..., N]` tokens -> `[..., M]`: every image's cells, images concatenated (M = N for one-grid images)."""
+        return torch.cat([m.flatten(-2) for m in self.per_image(values)], -1)
 
 
 # ---------------------------------------------------------------------------- computing maps
@@ -376,7 +388,7 @@ def _short(text: str, n: int = 90) -> str:
 
 
 def roi_coverage(grid: TokenGrid, size: tuple[int, int], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
-    """`[rows, cols]`: fraction of each token cell's pixels inside the union of `boxes` (original pixels).
+    """`[rows, cols]`: fraction of each grid cell's pixels inside the union of `boxes` (original pixels).
 
     A pixel belongs to the cell its centre falls in and is inside a box when its
     centre is, so the mass of a nearest-upsampled map inside the boxes is exactly
@@ -390,8 +402,8 @@ def roi_coverage(grid: TokenGrid, size: tuple[int, int], boxes: Sequence[Sequenc
     row = np.minimum((ys / grid.cell_h).astype(int), grid.rows - 1)
     col = np.minimum((xs / grid.cell_w).astype(int), grid.cols - 1)
     cell = (row[:, None] * grid.cols + col[None, :]).ravel()
-    hits = np.bincount(cell, weights=inside.ravel().astype(float), minlength=grid.n_tokens)
-    total = np.bincount(cell, minlength=grid.n_tokens).clip(min=1)
+    hits = np.bincount(cell, weights=inside.ravel().astype(float), minlength=grid.rows * grid.cols)
+    total = np.bincount(cell, minlength=grid.rows * grid.cols).clip(min=1)
     return torch.from_numpy(hits / total).float().reshape(grid.rows, grid.cols)
 
 
@@ -415,7 +427,7 @@ def pointing_hit(values: torch.Tensor, coverage: torch.Tensor) -> bool:
 def sample_coverage(
     sample: VQASample, grids: Sequence[TokenGrid], sizes: Sequence[tuple[int, int]], boxes_of: Callable[[VQASample, int], list] | None = None
 ) -> torch.Tensor:
-    """`[N]` ROI coverage over all of a sample's visual tokens (its images concatenated, raster order)."""
+    """`[M]` ROI coverage of all of a sample's cells (`SampleMaps.cells` order; its visual tokens for one-grid images)."""
     parts = []
     for i, (g, s) in enumerate(zip(grids, sizes)):
         boxes = boxes_of(sample, i) if boxes_of is not None else [r.box for r in sample.rois if r.image == i]
@@ -480,17 +492,18 @@ def explain_metrics(
         batch = collate([s for s, _ in chunk], images=imgs)
         latents = vlm.generate(batch, k, max_new_tokens=1).latents  # [B, K, d]; the chain does not depend on the answer
         for (sample, _), sm in zip(chunk, compute_maps(vlm, batch, latents, imgs, cfg)):
-            cov = sample_coverage(sample, sm.grids, sm.sizes)  # [N]
+            cov = sample_coverage(sample, sm.grids, sm.sizes)  # [M] cells
             lesions = sample_coverage(sample, sm.grids, sm.sizes, _lesion_boxes) if sample.meta.get("lesions") else None
-            maps = {kind: sm.aggregate(kind) for kind in KINDS}
-            maps["random"] = normalise(torch.rand(cov.numel(), generator=gen))
+            maps = {kind: sm.cells(sm.aggregate(kind)) for kind in KINDS}  # [M] each
+            # A random map over the tokens, placed on the cells as the model's maps are.
+            maps["random"] = sm.cells(normalise(torch.rand(sm.similarity.shape[-1], generator=gen)))
             for name, m in maps.items():
                 hits[name].append(float(pointing_hit(m, cov)))
                 mass[name].append(roi_mass(m, cov))
                 if lesions is not None:
                     any_hits[name].append(float(pointing_hit(m, lesions)))
             for kind in KINDS:
-                steps = sm.get(kind)
+                steps = sm.cells(sm.get(kind))  # [K, M]
                 step_hits[kind].append([float(pointing_hit(s, cov)) for s in steps])
                 step_mass[kind].append([roi_mass(s, cov) for s in steps])
             chance_hit.append(float((cov > 0).float().mean()))

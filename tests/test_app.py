@@ -63,6 +63,18 @@ def test_dicom_upload_is_answered(service, tmp_path):
     assert r.preview.size == (128, 128) and r.evidence is not None
 
 
+def test_tiled_backbone_gets_evidence(tiny_factory, png):
+    """SmolVLM's tiles + global view reach the page as one map per image on its finest grid."""
+    torch.manual_seed(0)
+    vlm = LatentVLM.from_pretrained(tiny_factory("smolvlm"), LatentConfig(steps=2, projector="linear"))
+    r = DemoService(vlm, ServeConfig(examples=0, max_new_tokens=4)).answer(str(png), "Where is the lesion?", "A=left\nB=right", 2)
+    assert r.ok, r.message
+    assert isinstance(r.evidence, Image.Image) and r.evidence.size[0] > 300
+    grid = vlm.adapter.token_grid(vlm.processor, 140, 112)
+    assert grid.blocks and r.regions["images"][0]["grid"] == [grid.rows, grid.cols]
+    assert r.regions["images"][0]["similarity"]["mass"] == pytest.approx(1.0, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

@@ -14,6 +14,7 @@ from medlvr.config import LatentConfig
 from medlvr.data.collate import VQACollator
 from medlvr.data.roi import box_to_tokens, pool_targets
 from medlvr.data.schema import ROI, VQASample
+from medlvr.errors import MedlvrError
 from medlvr.model.backbones import TokenGrid, families, get_adapter
 from medlvr.model.latent import LatentVLM
 from tests.conftest import random_image
@@ -133,6 +134,67 @@ def test_box_maps_to_exactly_the_tokens_its_pixels_reach(tiny_factory, family):
             assert changed == predicted, f"{w}x{h} box {box}: changed {sorted(changed)} predicted {sorted(predicted)}"
             checked += 1
     assert checked == 20
+
+
+# ---------------------------------------------------------------------------- tokens -> cells
+
+
+def _tiled_grid() -> TokenGrid:
+    """An 80x80 image as 2x2 tiles of 2x2 cells (20 px) in row-major order, then a 2x2 global view (40 px)."""
+    tiles = tuple(TokenGrid(2, 2, 20.0, 20.0, x0=40.0 * c, y0=40.0 * r) for r in range(2) for c in range(2))
+    return TokenGrid(4, 4, 20.0, 20.0, blocks=(*tiles, TokenGrid(2, 2, 40.0, 40.0)))
+
+
+def test_raster_places_tiles_and_spreads_each_global_cell_over_the_cells_under_it():
+    grid = _tiled_grid()
+    assert grid.n_tokens == 20
+    tiles = torch.arange(16.0)  # tile t, cell i -> 4 t + i
+    glob = torch.tensor([4.0, 8.0, 12.0, 16.0])  # each over 2x2 cells: +1, +2, +3, +4 per cell
+    expected = torch.tensor([
+        [0 + 1, 1 + 1, 4 + 2, 5 + 2],
+        [2 + 1, 3 + 1, 6 + 2, 7 + 2],
+        [8 + 3, 9 + 3, 12 + 4, 13 + 4],
+        [10 + 3, 11 + 3, 14 + 4, 15 + 4],
+    ])  # fmt: skip
+    values = torch.cat([tiles, glob])
+    assert torch.equal(grid.raster(values), expected)
+    assert grid.raster(values).sum() == values.sum()  # a distribution stays one
+    # Leading dimensions (K steps) ride along.
+    assert torch.equal(grid.raster(torch.stack([values, 2 * values])), torch.stack([expected, 2 * expected]))
+    # One grid: the raster reshape, unchanged.
+    plain = TokenGrid(2, 3, 10.0, 10.0)
+    flat = torch.arange(6.0)
+    assert torch.equal(plain.raster(flat), flat.view(2, 3))
+    with pytest.raises(MedlvrError, match="20 tokens"):
+        grid.raster(torch.zeros(16))
+    # A block finer than the grid would lose values: refused.
+    fine_block = TokenGrid(2, 2, 40.0, 40.0, blocks=(TokenGrid(4, 4, 20.0, 20.0),))
+    with pytest.raises(MedlvrError, match="finer"):
+        fine_block.raster(torch.zeros(16))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_raster_puts_a_box_tokens_on_the_cells_the_box_covers(tiny_factory, family):
+    """Against `box_to_tokens` (pixel-verified above): the tokens of a box land on the box's cells of the finest view."""
+    adapter = get_adapter(family)
+    processor = adapter.load_processor(tiny_factory(family))
+    for w, h in ((300, 180), (97, 211), (224, 224)):
+        grid = adapter.token_grid(processor, w, h)
+        finest = TokenGrid(grid.rows, grid.cols, grid.cell_w, grid.cell_h)
+        # The finest views' tokens (the tiles; the whole image for one-grid families).
+        fine_tokens, offset = set(), 0
+        for block in grid.blocks or (grid,):
+            if (block.cell_w, block.cell_h) == (grid.cell_w, grid.cell_h):
+                fine_tokens.update(range(offset, offset + block.n_tokens))
+            offset += block.n_tokens
+        for box in ((0, 0, w, h), (w * 0.3, h * 0.2, w * 0.6, h * 0.9), (1, 1, 3, 3)):
+            tokens = box_to_tokens(box, grid, w, h)
+            ind = torch.zeros(grid.n_tokens)
+            ind[tokens] = 1.0
+            assert grid.raster(ind).sum() == pytest.approx(len(tokens))
+            ind[[t for t in range(grid.n_tokens) if t not in fine_tokens]] = 0.0
+            cells = set(grid.raster(ind).flatten().nonzero().flatten().tolist())
+            assert cells == set(box_to_tokens(box, finest, w, h)), (w, h, box)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

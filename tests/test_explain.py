@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from medlvr.cli import app as cli_app
 from medlvr.config import LatentConfig
 from medlvr.data.collate import VQACollator
-from medlvr.data.roi import pool_targets
+from medlvr.data.roi import box_to_tokens, pool_targets
 from medlvr.errors import MedlvrError
 from medlvr.explain import (
     ExplainConfig,
@@ -29,7 +29,7 @@ from medlvr.explain import (
     roi_mass,
     top_regions,
 )
-from medlvr.model.backbones import TokenGrid
+from medlvr.model.backbones import TokenGrid, families
 from medlvr.model.latent import LatentVLM
 from tests.conftest import random_image
 
@@ -125,6 +125,62 @@ def test_maps_have_grid_shape_sum_to_one_and_reproduce_the_latent_chain(vlm, tmp
     assert sum(e["similarity"]["mass"] for e in regions["images"]) == pytest.approx(1.0, abs=1e-4)
     box = entry["similarity"]["aggregate"][0]["box"]
     assert 0 <= box[0] < box[2] <= 168 and 0 <= box[1] < box[3] <= 168
+
+
+@pytest.mark.parametrize("family", families())
+def test_explanations_and_roi_metrics_work_for_every_family(tiny_factory, family, tmp_path):
+    """Maps, figure, regions, ROI mass and pointing on each family's own token layout (SmolVLM: tiles + a global view)."""
+    torch.manual_seed(0)
+    vlm = LatentVLM.from_pretrained(tiny_factory(family), LatentConfig(steps=2, projector="linear"))
+    images = [random_image(140, 100, seed=1), random_image(96, 160, seed=2)]
+    ex = explain(vlm, images, "Where is the lesion?", {"A": "left", "B": "right"}, latent_steps=2, max_new_tokens=4)
+    m = ex.maps
+    grids = [vlm.adapter.token_grid(vlm.processor, *im.size) for im in images]
+    n = sum(g.n_tokens for g in grids)
+    n_cells = sum(g.rows * g.cols for g in grids)
+    for kind in ("similarity", "attention"):
+        maps = m.get(kind)  # [K, N]
+        assert maps.shape == (2, n) and (maps >= 0).all()
+        assert torch.allclose(maps.sum(-1), torch.ones(2), atol=1e-5)
+        per_image = m.per_image(maps)
+        assert [tuple(t.shape) for t in per_image] == [(2, g.rows, g.cols) for g in grids]
+        assert torch.allclose(sum(t.sum((-2, -1)) for t in per_image), torch.ones(2), atol=1e-5)  # still sums to 1 per step
+        assert m.cells(maps).shape == (2, n_cells)
+
+    # An indicator map over the tokens of a box on image 2 puts all its mass inside the box. The box is one
+    # cell of the image's coarsest view, so each view's cells it touches lie inside it. (Its tokens are taken
+    # 1e-6 px inside its edges: they lie on cell edges, where float rounding could add a neighbouring cell.)
+    w, h = images[1].size
+    coarse = max([grids[1], *grids[1].blocks], key=lambda b: b.cell_w * b.cell_h)
+    box = (coarse.cell_w, coarse.cell_h, 2 * coarse.cell_w, 2 * coarse.cell_h)
+    inner = (box[0] + 1e-6, box[1] + 1e-6, box[2] - 1e-6, box[3] - 1e-6)
+    tokens = [grids[0].n_tokens + t for t in box_to_tokens(inner, grids[1], w, h)]
+    indicator = torch.zeros(n)
+    indicator[tokens] = 1.0 / len(tokens)
+    cov = torch.cat([roi_coverage(grids[0], images[0].size, []).flatten(), roi_coverage(grids[1], (w, h), [box]).flatten()])
+    assert cov.shape == (n_cells,)
+    assert roi_mass(m.cells(indicator), cov) == pytest.approx(1.0, abs=1e-6)
+    assert pointing_hit(m.cells(indicator), cov)
+    elsewhere = torch.zeros(n)
+    elsewhere[: grids[0].n_tokens] = 1.0  # all on image 1
+    assert roi_mass(m.cells(elsewhere), cov) == 0.0 and not pointing_hit(m.cells(elsewhere), cov)
+
+    png, js = ex.save(tmp_path / "ex.png")
+    assert Image.open(png).size[0] > 400
+    regions = json.loads(js.read_text())
+    assert [e["grid"] for e in regions["images"]] == [[g.rows, g.cols] for g in grids]
+    assert sum(e["attention"]["mass"] for e in regions["images"]) == pytest.approx(1.0, abs=1e-4)
+    for e, (iw, ih) in zip(regions["images"], (im.size for im in images)):
+        for cell in e["similarity"]["aggregate"]:
+            x0, y0, x1, y1 = cell["box"]
+            assert 0 <= x0 < x1 <= iw + 0.01 and 0 <= y0 < y1 <= ih + 0.01
+
+    _, test = _synth(0, 2)
+    metrics = explain_metrics(vlm, [s for s, _ in test], 2, images=[im for _, im in test])
+    assert metrics["n"] == 2 and metrics["max_recompute_gap"] < 1e-4
+    for name in ("similarity", "attention", "random"):
+        assert 0 <= metrics[name]["pointing"] <= 1 and 0 <= metrics[name]["roi_mass"] <= 1
+    assert 0 < metrics["chance"]["roi_mass"] < metrics["chance"]["pointing"] < 1
 
 
 def test_attention_layers_choice_changes_the_map_and_bad_layers_fail(vlm):

@@ -42,7 +42,8 @@ class TokenGrid:
     over part of the image (the tiles, then the global image over all of it):
     `blocks` lists them, the image's tokens are theirs concatenated, and a box maps
     into every block it overlaps. `rows x cols` is then the tiles' combined grid
-    over the whole image, the finest view (it describes no token order).
+    over the whole image, the finest view (it describes no token order); `raster`
+    brings a value per token onto it.
     """
 
     rows: int
@@ -57,6 +58,52 @@ class TokenGrid:
     @property
     def n_tokens(self) -> int:
         return sum(b.n_tokens for b in self.blocks) if self.blocks else self.rows * self.cols
+
+    def raster(self, values: torch.Tensor) -> torch.Tensor:
+        """One value per token `[..., n_tokens]` (token order) -> `[..., rows, cols]` on this grid's cells.
+
+        Without blocks this is the raster reshape. With blocks, each block cell's value
+        is spread evenly over the grid cells whose centres it contains: a tile's cell is
+        one grid cell, a global-view cell the `tiles_down x tiles_across` cells under it
+        (they nest exactly when the tiles cover the image). Totals are kept, so a
+        distribution over the tokens stays one over the cells.
+        """
+        if values.shape[-1] != self.n_tokens:
+            raise MedlvrError(f"{values.shape[-1]} values for a grid of {self.n_tokens} tokens")
+        lead = values.shape[:-1]
+        if not self.blocks:
+            return values.reshape(*lead, self.rows, self.cols)
+        src, dst, weight = _raster_index(self)  # [P] each: token, cell, share of the token's value
+        out = values.new_zeros(*lead, self.rows * self.cols)
+        out.index_add_(out.dim() - 1, dst, values[..., src] * weight.to(values.dtype))
+        return out.reshape(*lead, self.rows, self.cols)
+
+
+@functools.lru_cache(maxsize=256)
+def _raster_index(grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For `TokenGrid.raster`: (token, cell, weight) triples placing every block's cells on the grid."""
+    cy = grid.y0 + (torch.arange(grid.rows, dtype=torch.float64) + 0.5) * grid.cell_h  # [rows] cell centres, pixels
+    cx = grid.x0 + (torch.arange(grid.cols, dtype=torch.float64) + 0.5) * grid.cell_w  # [cols]
+    src, dst, weight = [], [], []
+    offset = 0
+    for block in grid.blocks:
+        if block.blocks:
+            raise MedlvrError("TokenGrid blocks cannot have blocks of their own")
+        br = torch.floor((cy - block.y0) / block.cell_h).long()  # [rows] block row under each grid row
+        bc = torch.floor((cx - block.x0) / block.cell_w).long()  # [cols]
+        rs = torch.nonzero((br >= 0) & (br < block.rows)).flatten()
+        cs = torch.nonzero((bc >= 0) & (bc < block.cols)).flatten()
+        cell = (rs[:, None] * grid.cols + cs[None, :]).flatten()  # grid cells inside the block
+        token = (br[rs][:, None] * block.cols + bc[cs][None, :]).flatten()  # the block cell over each
+        count = torch.bincount(token, minlength=block.n_tokens)  # [block tokens]
+        if (count == 0).any():
+            # A block cell over no grid-cell centre would drop its value: the grid must be the finest view.
+            raise MedlvrError(f"a {block.rows}x{block.cols} block has cells finer than its {grid.rows}x{grid.cols} grid")
+        src.append(offset + token)
+        dst.append(cell)
+        weight.append(1.0 / count[token].double())
+        offset += block.n_tokens
+    return torch.cat(src), torch.cat(dst), torch.cat(weight)
 
 
 @dataclass
