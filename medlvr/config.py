@@ -64,7 +64,8 @@ class ModelConfig:
     freeze_vision: bool = False
     """Freeze the vision tower (patch embedding and blocks, not the merger)."""
     freeze_merger: bool = False
-    """Freeze the vision-to-language merger/projector."""
+    """Freeze the vision-to-language merger/projector. The freeze_* options apply to full
+    fine-tuning: under LoRA everything outside the adapters and `lora.modules_to_save` is frozen."""
     freeze_language: bool = False
     """Freeze the language model (embeddings, decoder, head): with LoRA off, only the
     vision side and the latent projector train."""
