@@ -70,13 +70,23 @@ def default_stage0() -> Path:
 
 
 def build_stage0(cfg: Stage0Config, work: Path | None = None) -> dict[str, Any]:
-    """Pretrain, score description and grounding on test images, and write the model folder."""
+    """Pretrain, score description and grounding on test images, and write the model folder.
+
+    Data, the initial model and the run go to `work` (kept), else to a temporary folder
+    removed at the end (a default run writes ~150-300 MB there).
+    """
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="medlvr-stage0-") as tmp:
+            return _build_stage0(cfg, Path(tmp))
+    return _build_stage0(cfg, Path(work))
+
+
+def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
     from medlvr.data.synth import SynthConfig, generate, generate_samples
     from medlvr.model.tiny import build_tiny
     from medlvr.train.sft import run_sft
 
     started = time.time()
-    tmp = Path(work or tempfile.mkdtemp(prefix="medlvr-stage0-"))
     synth = SynthConfig(n=cfg.n, seed=cfg.seed)
     files = generate(synth, tmp / "data", progress=True)
     init = Path(cfg.init) if cfg.init else build_tiny(tmp / "init", size=cfg.size, seed=cfg.seed)  # type: ignore[arg-type]
