@@ -31,6 +31,8 @@ SETTINGS = {
     "(c) teacher-forced latents": ("c", {"sft_overrides": ["mode=teacher_forced"]}),
     "(c) K 2": ("c", {"latent_steps": 2}),
     "(c) cosine alignment": ("c", {"align_kind": "cosine"}),
+    "(a) direct, vision frozen": ("a", {"freeze_vision": True}),
+    "(c) ROI-SFT, vision frozen": ("c", {"freeze_vision": True}),
 }
 
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--budget", default="default")
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--only", default="", help="comma-separated setting numbers (0-based) to run")
+    ap.add_argument("--backbone", default="", help="starting model folder (default: the shipped stage-0 backbone)")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     out = Path(args.out)
@@ -52,15 +55,20 @@ def main() -> None:
         variant, changes = SETTINGS[name]
         cfg = DemoConfig(**{**base.__dict__, **changes})
         accs, rel = [], []
+        by_family: dict[str, list[float]] = {}
         for seed in cfg.seeds:
             run = out / "runs" / f"{list(SETTINGS).index(name)}_seed{seed}"
-            model, _ = train_variant(cfg, variant, seed, default_stage0(), data, run)
+            model, _ = train_variant(cfg, variant, seed, Path(args.backbone) if args.backbone else default_stage0(), data, run)
             k = 0 if variant == "a" else cfg.latent_steps
             rows = evaluate_variant(model, {"val": val}, run / "eval", (k,), progress=False)["val"]
             accs.append(accuracy(rows, k)["all"])
-            rel.append(accuracy(rows, k, lambda r: r.get("question_type")).get("relational", float("nan")))
-        results[name] = {"val": accs, "val_relational": rel}
+            families = accuracy(rows, k, lambda r: r.get("question_type"))
+            rel.append(families.get("relational", float("nan")))
+            for fam, acc in families.items():
+                by_family.setdefault(fam, []).append(acc)
+        results[name] = {"val": accs, "val_relational": rel, "val_by_family": by_family}
         print(f"{name:<58} val {statistics.fmean(accs):.3f}  relational {statistics.fmean(rel):.3f}  ({accs})", flush=True)
+        print("    " + "  ".join(f"{f} {statistics.fmean(v):.2f}" for f, v in sorted(by_family.items())), flush=True)
     (out / "ablation.json").write_text(json.dumps(results, indent=2))
 
 

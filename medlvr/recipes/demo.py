@@ -84,6 +84,9 @@ class DemoConfig:
     align_kind: str = "infonce"
     """Alignment loss of ROI-SFT."""
     lr: float = 5e-4
+    freeze_vision: bool = False
+    """Freeze the vision tower while fine-tuning the variants (stage 0 taught it to see; the
+    GPU recipes keep the pretrained tower frozen too)."""
     data_seed: int = 0
     """Seed of the synthetic benchmark itself."""
     sft_overrides: list[str] = field(default_factory=list)
@@ -183,6 +186,7 @@ def train_variant(
         "log.tensorboard=false",
         f"log.progress={str(cfg.progress).lower()}",
         "log.every=5",
+        f"model.freeze_vision={str(cfg.freeze_vision).lower()}",
     ]
     if variant == "d":
         from medlvr.train.vlpo import run_vlpo
