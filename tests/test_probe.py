@@ -82,7 +82,9 @@ def test_stage0_records_carry_the_described_attributes(describe_data):
         labels = [r.label for r in s.rois]
         if s.question_type == "describe":
             assert labels == [part.split(": ")[1] for part in s.answer.split("; ")]
-        else:
+        elif s.answer == "nothing":  # inspect: an empty region
+            assert s.question_type == "inspect" and labels == ["region"]
+        else:  # ground / inspect: the one lesion named
             assert len(labels) == 1 and labels[0].split()[-1] in ("round", "square", "triangle", "cross")
 
 
@@ -90,15 +92,16 @@ def test_probe_trains_checkpoints_resumes_and_is_not_exported(tiny_dir, describe
     def cfg(out: Path, *extra: str) -> SFTConfig:
         return load_config(SFTConfig, None, [
             f"model.path={tiny_dir}", f"data.train=[{describe_data}]", f"output_dir={out}", "mode=plain",
-            "batch_size=8", "max_steps=16", "optim.lr=1e-2", "optim.warmup_steps=1", "log.every=1",
+            "batch_size=12", "max_steps=16", "optim.lr=1e-2", "optim.warmup_steps=1", "log.every=1",
             "log.progress=false", "log.tensorboard=false", "seed=0", "probe.weight=1.0",
             "probe.question_types=[describe]", "checkpoint.every=8", *extra,
         ])  # fmt: skip
 
     full = run_sft(cfg(tmp_path / "full"))
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    probe = [r["probe"] for r in rows if "probe" in r]
-    assert len(probe) == 16 and sum(probe[-4:]) / 4 < 0.7 * sum(probe[:4]) / 4, probe
+    assert sum("probe" in r for r in rows) == 16
+    probe = [r["probe"] for r in rows if r.get("probe") is not None]  # None: no describe record in the batch
+    assert len(probe) >= 10 and sum(probe[-4:]) / 4 < 0.8 * sum(probe[:4]) / 4, probe
     assert all(0 <= r["probe_acc"] <= 1 for r in rows if r.get("probe_acc") is not None)
     ckpt = tmp_path / "full" / "step-0000008"
     classes = len(probe_labels(read_jsonl(describe_data), ["describe"])) + 1

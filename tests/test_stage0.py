@@ -29,8 +29,8 @@ def test_tiny_stage0_run_writes_a_loadable_model_and_its_card(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     scores = json.loads((out / "stage0_metrics.json").read_text())
-    assert scores["describe_records"] == 4 and scores["ground_records"] == 4 and scores["steps"] == 3
-    for key in ("region_found", "shape_acc", "size_acc", "intensity_acc", "ground_acc"):
+    assert scores["describe_records"] == scores["ground_records"] == scores["inspect_records"] == 4 and scores["steps"] == 3
+    for key in ("region_found", "shape_acc", "size_acc", "intensity_acc", "ground_acc", "inspect_acc"):
         assert 0.0 <= scores[key] <= 1.0, key
     assert scores["final_probe_token_acc"] is None or 0.0 <= scores["final_probe_token_acc"] <= 1.0
     card = (out / "STAGE0.md").read_text()

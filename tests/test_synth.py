@@ -57,7 +57,7 @@ def test_counts_per_split_are_exact(synth_dir: Path, records: dict[str, list]) -
     for split in SPLITS:
         assert len(records[split]) == counts[split]
         assert all(r.split == split for r in records[split])
-    assert len(records["describe"]) == 2 * counts["train"]
+    assert len(records["describe"]) == 3 * counts["train"]
     manifest = json.loads((synth_dir / "manifest.json").read_text())
     for name in FILES:
         assert manifest["counts"][name]["total"] == len(records[name])
@@ -259,6 +259,14 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per family, read top to
         matches = [les for les in lesions if words == f"{les['size']} {les['intensity']} {_adjective(les['shape'])}"]
         assert len(matches) == 1 and matches[0]["region"] == r.answer
         assert boxes == [tuple(matches[0]["box"])]
+    elif fam == "inspect":
+        (region,) = re.findall(r"What is in the (.+) region\?", q)
+        inside = [les for les in lesions if les["region"] == region]
+        if inside:
+            (les,) = inside
+            assert r.answer == f"{les['size']} {les['intensity']} {les['shape']}" and boxes == [tuple(les["box"])]
+        else:
+            assert r.answer == "nothing" and r.rois[0].label == "region"
     else:
         raise AssertionError(f"unexpected family {fam}")
 
@@ -270,7 +278,9 @@ def test_every_answer_is_consistent_with_the_scene(records: dict[str, list]) -> 
             _check_answer(r)
             families.add((r.question_type, r.meta.get("variant")))
     assert ("relational", "neighbor") in families and ("relational", "same_shape") in families
-    assert {"describe", "ground"} <= {f for f, _ in families}
+    assert {"describe", "ground", "inspect"} <= {f for f, _ in families}
+    inspect = [r.answer for r in records["describe"] if r.question_type == "inspect"]
+    assert 0.3 < inspect.count("nothing") / len(inspect) < 0.7
 
 
 def test_both_presence_answers_occur(records: dict[str, list]) -> None:

@@ -21,9 +21,10 @@ Question families (`question_type`):
 - `relational`  two hops: "What shape is the lesion to the right of the brightest
                 lesion?" (choice), "Are the lesions in the X and Y regions the
                 same shape?" (closed)
-- `describe` / `ground` (stage-0 pretraining, `describe.jsonl`): "Describe the
-  lesions." -> "upper left: small bright round; center: large dark cross" in
-  raster order; "Where is the small bright triangular lesion?" -> "center".
+- `describe` / `ground` / `inspect` (stage-0 pretraining, `describe.jsonl`):
+  "Describe the lesions." -> "upper left: small bright round; center: large dark
+  cross" in raster order; "Where is the small bright triangular lesion?" ->
+  "center"; "What is in the center region?" -> "large dark cross" (or "nothing").
 
 Splits: `train`, `val`, `test` and `compositional`. A Latin-square set of
 (shape, region) pairs is held out: no lesion of a held pair appears in any
@@ -39,8 +40,8 @@ Files written by `generate(cfg, out_dir)`:
     images/{split}-{index:06d}.png   8-bit grey (mode L), image_size x image_size
     train.jsonl val.jsonl test.jsonl compositional.jsonl
                                      one VQASample per line, id "synth-{split}-{index:06d}"
-    describe.jsonl                   stage 0: "synth-describe-train-..." and
-                                     "synth-ground-train-..." per train image (split "describe")
+    describe.jsonl                   stage 0: "synth-describe-train-...", "synth-ground-train-..."
+                                     and "synth-inspect-train-..." per train image (split "describe")
     manifest.json                    config, counts by split / family / lesion count,
                                      regions, shapes, held pairs
 
@@ -81,7 +82,7 @@ from medlvr.data.synth_render import (
 
 DATASET = "synth"
 FAMILIES = ("presence", "attribute", "location", "comparison", "count", "relational")
-STAGE0_FAMILIES = ("describe", "ground")
+STAGE0_FAMILIES = ("describe", "ground", "inspect")
 SPLITS = ("train", "val", "test", "compositional")
 SIZES = ("small", "large")
 INTENSITIES = ("bright", "dark")
@@ -167,7 +168,7 @@ class SynthConfig:
     held_per_region: int = 1
     """Shapes held out per region for the compositional split (0-3; 0 = no compositional split)."""
     describe: bool = True
-    """Also write describe.jsonl: one describe and one ground record per train image."""
+    """Also write describe.jsonl: one describe, one ground and one inspect record per train image."""
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ValueError:
@@ -655,7 +656,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[VQASample, Sc
 
 
 def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
-    """The stage-0 `describe` and `ground` records of a (train) scene, sharing its image."""
+    """The stage-0 `describe`, `ground` and `inspect` records of a (train) scene, sharing its image."""
     names = cfg.region_names()
     rng = _rng(cfg, scene.split, scene.index, 2)
     common = dict(
@@ -686,7 +687,28 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         meta={"family": "ground", **meta, "target": k},
         **common,
     )
-    return [describe, ground]
+    # Region -> content, the direction of lookup the question families need ("Is there a
+    # lesion in the upper left?"): half the time a lesion's region, else an empty one.
+    occupied = {les.region: i for i, les in enumerate(scene.lesions)}
+    empty = [r for r in range(len(names)) if r not in occupied]
+    if empty and rng.random() < 0.5:
+        region = int(rng.choice(empty))
+        answer, rois, target = "nothing", [ROI(box=cfg.region_box(region), label="region")], None
+    else:
+        target = int(rng.integers(len(scene.lesions)))
+        les = scene.lesions[target]
+        region, answer, rois = les.region, f"{les.size} {les.intensity} {les.shape}", [_described_roi(les)]
+    inspect = VQASample(
+        id=f"{DATASET}-inspect-{scene.split}-{scene.index:06d}",
+        question=f"What is in the {names[region]} region?",
+        answer=answer,
+        answer_type="open",
+        rois=rois,
+        question_type="inspect",
+        meta={"family": "inspect", **meta, "target": target},
+        **common,
+    )
+    return [describe, ground, inspect]
 
 
 def render(cfg: SynthConfig, scene: Scene, *, lesions: bool = True) -> np.ndarray:

@@ -5,7 +5,10 @@ scratch for minutes does not learn to see small lesions (NOTES-synthetic.md:
 every variant sat on the language prior), so the demo's variants fine-tune from
 a backbone first pretrained on the synthetic benchmark's dense description
 samples: "Describe the lesions." -> every lesion's region, size, intensity and
-shape, and "Where is the <attributes> lesion?" -> its region. These come from
+shape; "Where is the <attributes> lesion?" -> its region; and "What is in the
+<region> region?" -> the lesion there or "nothing" (region-to-content lookup, the
+direction the question families need). A linear probe on the visual tokens
+(`medlvr.train.probe`) adds a per-token attribute loss. These come from
 train images only, which never contain a held-out (shape, region) pair, so the
 compositional test stays unseen.
 
@@ -44,13 +47,13 @@ class Stage0Config:
     size: str = "mini"
     """Backbone preset of `medlvr model init-tiny`."""
     n: int = 6000
-    """Synthetic benchmark size; describe/ground records come from its train images (2 per image)."""
+    """Synthetic benchmark size; describe/ground/inspect records come from its train images (3 per image)."""
     steps: int = 2500
     """Optimizer steps."""
     batch_size: int = 32
     lr: float = 1e-3
     eval_samples: int = 300
-    """Held-out describe/ground records (from test images) scored at the end."""
+    """Test images whose describe/ground/inspect records are scored at the end."""
     init: str = ""
     """Continue from this model folder instead of a fresh random backbone (a second stage-0 leg)."""
     probe_weight: float = 1.0
@@ -104,7 +107,7 @@ def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
             "optim.min_lr_ratio=0.1",
             "latent.steps=0",
             f"probe.weight={cfg.probe_weight}",
-            "probe.question_types=[describe]",  # ground records name one lesion: their other tokens are not background
+            "probe.question_types=[describe]",  # ground/inspect records name one lesion: their other tokens are not background
             f"output_dir={tmp / 'run'}",
             "log.tensorboard=false",
         ],
@@ -125,7 +128,7 @@ def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
 
 
 def _describe_eval_samples(synth, n: int, generate_samples, folder: Path) -> list[VQASample]:
-    """Describe/ground records for test images (unseen in stage 0), images written to `folder`."""
+    """Describe/ground/inspect records for test images (unseen in stage 0), images written to `folder`."""
     from PIL import Image
 
     from medlvr.data.synth import stage0_samples  # built from a scene as for training
@@ -149,7 +152,7 @@ def parse_description(text: str) -> dict[str, tuple[str, str, str]]:
 
 
 def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32) -> dict[str, Any]:
-    """Per-lesion description accuracy (region found; shape/size/intensity right) and grounding accuracy."""
+    """Per-lesion description accuracy (region found; shape/size/intensity right) and grounding and inspection accuracy."""
     from medlvr.eval.metrics import score
     from medlvr.model.latent import LatentVLM
     from medlvr.data.collate import VQACollator
@@ -157,7 +160,7 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
     vlm = LatentVLM.from_pretrained(model_dir)
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     lesions = found = shape = size = intensity = exact = 0
-    ground_n = ground_ok = 0
+    ground_n = ground_ok = inspect_n = inspect_ok = 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         texts = vlm.generate(collate(chunk), 0, max_new_tokens=48).texts
@@ -165,6 +168,10 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
             if s.question_type == "ground":
                 ground_n += 1
                 ground_ok += score(s, text).correct
+                continue
+            if s.question_type == "inspect":
+                inspect_n += 1
+                inspect_ok += score(s, text).correct
                 continue
             gold, pred = parse_description(s.answer), parse_description(text)
             exact += pred == gold
@@ -187,6 +194,8 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
         "description_exact": exact / max(n_desc, 1),
         "ground_records": ground_n,
         "ground_acc": ground_ok / max(ground_n, 1),
+        "inspect_records": inspect_n,
+        "inspect_acc": inspect_ok / max(inspect_n, 1),
     }
 
 
@@ -200,7 +209,7 @@ def _card(cfg: Stage0Config, scores: dict[str, Any]) -> str:
     return f"""# Stage-0 backbone of the laptop demo
 
 A `{cfg.size}` Qwen2.5-VL backbone (random initialisation, seed {cfg.seed}) pretrained with
-`run_sft` (mode `plain`, K = 0) on the synthetic benchmark's describe/ground records
+`run_sft` (mode `plain`, K = 0) on the synthetic benchmark's describe/ground/inspect records
 (train images only: no held-out (shape, region) pair appears in them), with an auxiliary
 linear probe (weight {cfg.probe_weight}) classifying every visual token of a describe record
 as the attributes of the lesion covering it or background; the probe is not part of the model.
@@ -209,7 +218,7 @@ Regenerate (CPU, 2 threads; Python {sys.version.split()[0]}):
 
     {cmd}
 
-Scored on describe/ground records of {cfg.eval_samples} test images (never trained on):
+Scored on describe/ground/inspect records of {cfg.eval_samples} test images (never trained on):
 
 | metric | value |
 |---|---|
