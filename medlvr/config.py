@@ -210,10 +210,14 @@ class ProbeConfig:
     question_types: list[str] = field(default_factory=list)
     """Apply only to samples of these question types, whose ROIs cover every object of the
     image, so that the tokens outside them really are background (empty = all samples with ROIs)."""
+    position_weight: float = 0.0
+    """Weight of a second head regressing each visual token's position (its cell centre as a
+    fraction of the image) from its content, on every sample: RoPE gives attention only
+    relative positions, so finding the region a question names needs tokens that say where they are."""
 
     def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise MedlvrError(f"probe.weight must be >= 0, got {self.weight}")
+        if self.weight < 0 or self.position_weight < 0:
+            raise MedlvrError(f"probe.weight and probe.position_weight must be >= 0, got {self.weight}, {self.position_weight}")
         if "background" in self.labels:
             raise MedlvrError("probe.labels: 'background' is implicit (the tokens outside every ROI)")
 

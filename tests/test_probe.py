@@ -13,7 +13,7 @@ from medlvr.config import SFTConfig, load_config
 from medlvr.data.schema import ROI, VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import TokenGrid
-from medlvr.train.probe import IGNORE, TokenLabeler, TokenProbe, probe_labels
+from medlvr.train.probe import IGNORE, TokenLabeler, TokenProbe, TokenTargets, probe_labels, token_centres
 from medlvr.train.sft import run_sft
 
 
@@ -27,19 +27,21 @@ def test_labeler_marks_exactly_the_roi_tokens():
     labeler = TokenLabeler(["round", "square"], question_types=["describe"])
     s = _sample([ROI(box=(0, 0, 10, 10), label="square"), ROI(box=(25, 12, 35, 28), label="round"),
                  ROI(box=(0, 20, 5, 25), label="mystery"), ROI(box=(30, 0, 40, 5))])  # fmt: skip
-    y = labeler(s, [grid], [(40, 30)])
+    y, centres = labeler(s, [grid], [(40, 30)])
     expected = torch.zeros(12, dtype=torch.long)
     expected[0] = 2  # square: cell (0, 0)
     expected[[6, 7, 10, 11]] = 1  # round: rows 1-2, cols 2-3
     expected[8] = IGNORE  # an unknown label is ignored, not background
     expected[3] = IGNORE  # so is an unlabelled ROI
     assert torch.equal(y, expected)
+    # Token 6 is row 1, column 2: centre (15, 25) px of a 40 x 30 image.
+    assert centres.shape == (12, 2) and torch.allclose(centres[6], torch.tensor([15 / 30, 25 / 40]))
     # Two images: the second image's tokens come after the first's.
     two = _sample([ROI(box=(0, 0, 10, 10), label="round", image=1)])
-    y2 = labeler(two, [grid, grid], [(40, 30), (40, 30)])
+    y2 = labeler(two, [grid, grid], [(40, 30), (40, 30)]).labels
     assert y2.shape == (24,) and y2[12] == 1 and int((y2 != 0).sum()) == 1
     # A question type the probe does not apply to: every token ignored.
-    assert (labeler(_sample(s.rois, "ground"), [grid], [(40, 30)]) == IGNORE).all()
+    assert (labeler(_sample(s.rois, "ground"), [grid], [(40, 30)]).labels == IGNORE).all()
 
 
 def test_probe_labels_come_from_the_samples_it_applies_to():
@@ -51,18 +53,29 @@ def test_probe_labels_come_from_the_samples_it_applies_to():
         probe_labels(samples, ["presence"])
 
 
-def test_probe_loss_is_the_mean_token_cross_entropy():
+def test_token_centres_of_a_tiled_grid():
+    tile = TokenGrid(rows=1, cols=2, cell_w=10, cell_h=20, x0=20, y0=0)
+    glob = TokenGrid(rows=1, cols=1, cell_w=40, cell_h=20)
+    grid = TokenGrid(rows=1, cols=4, cell_w=10, cell_h=20, blocks=(tile, glob))
+    expected = torch.tensor([[0.5, 25 / 40], [0.5, 35 / 40], [0.5, 0.5]])
+    assert torch.allclose(token_centres(grid, 40, 20), expected)
+
+
+@pytest.mark.parametrize("position_weight", [0.0, 2.0])
+def test_probe_loss_is_token_cross_entropy_plus_position_error(position_weight):
     torch.manual_seed(0)
-    probe = TokenProbe(8, ["background", "x", "y"])
+    probe = TokenProbe(8, ["background", "x", "y"], position_weight)
     tokens = [torch.randn(5, 8), torch.randn(3, 8)]
-    labels = [torch.tensor([0, 1, 2, IGNORE, 0]), torch.full((3,), IGNORE)]
-    loss, hits = probe(tokens, labels)
-    logits = probe.head(tokens[0][[0, 1, 2, 4]])
-    ref = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0]))
-    assert torch.allclose(loss[0], ref) and loss[1] == 0
-    assert hits[1] == 2  # two foreground tokens counted
+    centres = [torch.rand(5, 2), torch.rand(3, 2)]
+    targets = [TokenTargets(torch.tensor([0, 1, 2, IGNORE, 0]), centres[0]), TokenTargets(torch.full((3,), IGNORE), centres[1])]
+    loss, hits = probe(tokens, targets)
+    ce = torch.nn.functional.cross_entropy(probe.head(tokens[0][[0, 1, 2, 4]]), torch.tensor([0, 1, 2, 0]))
+    mse = [((probe.position(torch.nn.functional.layer_norm(t, (8,))) - c) ** 2).sum(-1).mean() for t, c in zip(tokens, centres)]
+    assert torch.allclose(loss[0], ce + position_weight * mse[0])
+    assert torch.allclose(loss[1], torch.tensor(position_weight * float(mse[1])))  # not probed: the position term only
+    assert hits.tolist() == [float((probe.head(tokens[0][[1, 2]]).argmax(-1) == torch.tensor([1, 2])).sum()), 2.0, 1.0]
     with pytest.raises(MedlvrError, match="5 visual tokens but 4"):
-        probe(tokens[:1], [labels[0][:4]])
+        probe(tokens[:1], [TokenTargets(targets[0].labels[:4], centres[0][:4])])
 
 
 @pytest.fixture(scope="module")

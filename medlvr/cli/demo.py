@@ -72,11 +72,12 @@ def backbone(
     eval_samples: int = typer.Option(300, help="Test images whose descriptions are scored."),
     init: Path | None = typer.Option(None, help="Continue from this model folder (a second stage-0 leg)."),
     probe_weight: float = typer.Option(1.0, help="Weight of the auxiliary per-token attribute probe (0 = off)."),
+    position_weight: float = typer.Option(1.0, help="Weight of the probe's per-token position head (0 = off)."),
 ) -> None:
     """Stage 0: pretrain the demo's tiny backbone to see the synthetic scans (dense descriptions)."""
     from medlvr.recipes.stage0 import Stage0Config, build_stage0
 
-    scores = build_stage0(Stage0Config(str(out), seed, size, n, steps, batch_size, lr, eval_samples, str(init or ""), probe_weight))
+    scores = build_stage0(Stage0Config(str(out), seed, size, n, steps, batch_size, lr, eval_samples, str(init or ""), probe_weight, position_weight))
     for k, v in scores.items():
         console.print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {v}")
     console.print(f"wrote {out}")

@@ -61,6 +61,8 @@ class Stage0Config:
     describe record is classified as the attributes of the lesion covering it, or background.
     Without it (0) the answer text alone taught regions, sizes and intensities but shape
     only at 0.36 after 2,500 steps."""
+    position_weight: float = 1.0
+    """Weight of the probe's position head (each visual token regresses where it is)."""
 
 
 def default_stage0() -> Path:
@@ -107,6 +109,7 @@ def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
             "optim.min_lr_ratio=0.1",
             "latent.steps=0",
             f"probe.weight={cfg.probe_weight}",
+            f"probe.position_weight={cfg.position_weight}",
             "probe.question_types=[describe]",  # ground/inspect records name one lesion: their other tokens are not background
             f"output_dir={tmp / 'run'}",
             "log.tensorboard=false",
@@ -203,7 +206,7 @@ def _card(cfg: Stage0Config, scores: dict[str, Any]) -> str:
     cmd = (
         f"medlvr demo backbone --out {cfg.out if Path(cfg.out) != ASSET else 'medlvr/assets/stage0'} "
         f"--seed {cfg.seed} --size {cfg.size} --n {cfg.n} --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr}"
-        + f" --probe-weight {cfg.probe_weight}" + (f" --init {cfg.init}" if cfg.init else "")
+        + f" --probe-weight {cfg.probe_weight} --position-weight {cfg.position_weight}" + (f" --init {cfg.init}" if cfg.init else "")
     )
     rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
     return f"""# Stage-0 backbone of the laptop demo

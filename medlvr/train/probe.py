@@ -10,6 +10,7 @@ lesions are and how bright, but hardly their shapes (NOTES-synthetic.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,26 @@ def _applies(sample: VQASample, question_types: Sequence[str]) -> bool:
     return bool(sample.rois) and (not question_types or sample.question_type in question_types)
 
 
-class TokenLabeler:
-    """A sample -> class id per visual token: 0 background, i for `classes[i]`, -100 if not probed.
+class TokenTargets(NamedTuple):
+    """What the probe learns for one sample's visual tokens."""
 
+    labels: torch.Tensor  # [N] long: 0 background, i for classes[i], -100 not probed
+    centres: torch.Tensor  # [N, 2] float: each token's cell centre (y, x) as a fraction of its image
+
+
+def token_centres(grid: TokenGrid, width: int, height: int) -> torch.Tensor:
+    """Cell centres `[n_tokens, 2]` (y, x) in token order, as fractions of the image's height and width."""
+    if grid.blocks:
+        return torch.cat([token_centres(b, width, height) for b in grid.blocks])
+    ys = (grid.y0 + (torch.arange(grid.rows) + 0.5) * grid.cell_h) / height
+    xs = (grid.x0 + (torch.arange(grid.cols) + 0.5) * grid.cell_w) / width
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2).float()
+
+
+class TokenLabeler:
+    """A sample -> `TokenTargets`: the class of the ROI covering each visual token, and its position.
+
+    Class ids: 0 background, i for `classes[i]`, -100 if the sample is not probed.
     Tokens covered by an unlabelled ROI, or by one whose label is not a class, are
     ignored (not background). Where ROIs overlap, the later ROI wins.
     """
@@ -48,45 +66,59 @@ class TokenLabeler:
         self.index = {c: i for i, c in enumerate(self.classes)}
         self.question_types = list(question_types)
 
-    def __call__(self, sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]) -> torch.Tensor:
+    def __call__(self, sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]) -> TokenTargets:
         offsets = [0]
         for g in grids:
             offsets.append(offsets[-1] + g.n_tokens)
+        centres = torch.cat([token_centres(g, w, h) for g, (w, h) in zip(grids, sizes)]) if grids else torch.zeros(0, 2)
         if not _applies(sample, self.question_types):
-            return torch.full((offsets[-1],), IGNORE, dtype=torch.long)
+            return TokenTargets(torch.full((offsets[-1],), IGNORE, dtype=torch.long), centres)
         out = torch.zeros(offsets[-1], dtype=torch.long)
         for roi in sample.rois:
             w, h = sizes[roi.image]
             tokens = torch.tensor(box_to_tokens(roi.box, grids[roi.image], w, h)) + offsets[roi.image]
             out[tokens] = self.index.get(roi.label or "", IGNORE)
-        return out
+        return TokenTargets(out, centres)
 
 
 class TokenProbe(nn.Module):
-    """Linear classifier over visual tokens `[N, d]` -> `[N, len(classes)]`."""
+    """Linear heads over visual tokens `[N, d]`: the ROI class `[N, len(classes)]`, and the position `[N, 2]`.
 
-    def __init__(self, hidden_size: int, classes: Sequence[str]):
+    The position head regresses each token's cell centre from its content. RoPE gives
+    attention only *relative* positions, so a question naming a region ("Is there a
+    lesion in the upper left region?") can find its tokens only if their content says
+    where they are; `position_weight` > 0 teaches that.
+    """
+
+    def __init__(self, hidden_size: int, classes: Sequence[str], position_weight: float = 0.0):
         super().__init__()
         self.classes = list(classes)
         self.head = nn.Linear(hidden_size, len(self.classes))
+        self.position_weight = position_weight
+        self.position = nn.Linear(hidden_size, 2)
 
-    def forward(self, visual_tokens: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample mean token cross-entropy `[B]` (0 where nothing is probed), and counts `[3]`:
-        foreground tokens classified right, foreground tokens, probed samples."""
+    def forward(self, visual_tokens: Sequence[torch.Tensor], targets: Sequence[TokenTargets]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss `[B]`: mean token cross-entropy where probed (else 0) plus `position_weight`
+        times the mean squared position error (every sample); and counts `[3]`: foreground
+        tokens classified right, foreground tokens, probed samples."""
         losses, hits = [], torch.zeros(3)
-        for tokens, y in zip(visual_tokens, labels):
+        for tokens, (y, centres) in zip(visual_tokens, targets):
+            if not tokens.shape[0] == y.shape[0] == centres.shape[0]:
+                raise MedlvrError(f"probe: {tokens.shape[0]} visual tokens but {y.shape[0]} token labels, {centres.shape[0]} positions")
             y = y.to(tokens.device)
-            if tokens.shape[0] != y.shape[0]:
-                raise MedlvrError(f"probe: {tokens.shape[0]} visual tokens but {y.shape[0]} token labels")
+            # On normalised tokens: the raw post-merger states are large, and a regression on them
+            # dominated the gradient (norm 20-60 against ~1 for the answer loss) in a first trial.
+            where = self.position(F.layer_norm(tokens.float(), tokens.shape[-1:]))  # [N, 2]
+            position = ((where - centres.to(where)) ** 2).sum(-1).mean() if self.position_weight else where.sum() * 0.0
             logits = self.head(tokens.float())  # [N, C]
             keep = y != IGNORE
             if not keep.any():
-                losses.append(logits.sum() * 0.0)  # keeps the graph (DDP wants every parameter used)
+                losses.append(logits.sum() * 0.0 + self.position_weight * position)  # zero terms keep DDP's graph whole
                 continue
-            losses.append(F.cross_entropy(logits[keep], y[keep]))
+            losses.append(F.cross_entropy(logits[keep], y[keep]) + self.position_weight * position)
             fg = keep & (y > 0)
             hits += torch.tensor([float((logits[fg].argmax(-1) == y[fg]).sum()), float(fg.sum()), 1.0])
         return torch.stack(losses), hits
 
 
-__all__ = ["BACKGROUND", "IGNORE", "TokenLabeler", "TokenProbe", "probe_labels"]
+__all__ = ["BACKGROUND", "IGNORE", "TokenLabeler", "TokenProbe", "TokenTargets", "probe_labels", "token_centres"]

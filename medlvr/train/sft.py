@@ -414,7 +414,7 @@ def _build_probe(cfg: SFTConfig, data: TrainSet, hidden_size: int, resume_dir: P
     from medlvr.train.probe import TokenLabeler, TokenProbe, probe_labels
 
     labeler = TokenLabeler(cfg.probe.labels or probe_labels(data.samples, cfg.probe.question_types), cfg.probe.question_types)
-    probe = TokenProbe(hidden_size, labeler.classes)
+    probe = TokenProbe(hidden_size, labeler.classes, cfg.probe.position_weight)
     if resume_dir is not None:
         probe.load_state_dict(load_file(resume_dir / "probe.safetensors"))
     return probe, labeler
