@@ -65,13 +65,13 @@ def backbone(
     out: Path = typer.Option(Path("medlvr/assets/stage0"), help="Output model folder."),
     seed: int = typer.Option(0, help="Seed of the initialisation, the data and the data order."),
     size: str = typer.Option("mini", help="Backbone preset (see `medlvr model init-tiny`)."),
-    n: int = typer.Option(6000, help="Synthetic benchmark size (describe records come from its train images)."),
-    steps: int = typer.Option(2500, help="Optimizer steps."),
+    n: int = typer.Option(12000, help="Synthetic benchmark size (describe records come from its train images)."),
+    steps: int = typer.Option(1500, help="Optimizer steps."),
     batch_size: int = typer.Option(32, help="Batch size."),
     lr: float = typer.Option(1e-3, help="Peak learning rate."),
     eval_samples: int = typer.Option(300, help="Test images whose descriptions are scored."),
     init: Path | None = typer.Option(None, help="Continue from this model folder (a second stage-0 leg)."),
-    probe_weight: float = typer.Option(1.0, help="Weight of the auxiliary per-token attribute probe (0 = off)."),
+    probe_weight: float = typer.Option(4.0, help="Weight of the auxiliary per-token attribute probe (0 = off)."),
     position_weight: float = typer.Option(1.0, help="Weight of the probe's per-token position head (0 = off)."),
 ) -> None:
     """Stage 0: pretrain the demo's tiny backbone to see the synthetic scans (dense descriptions)."""

@@ -46,9 +46,9 @@ class Stage0Config:
     """Seeds the backbone's initialisation, the synthetic data and the data order."""
     size: str = "mini"
     """Backbone preset of `medlvr model init-tiny`."""
-    n: int = 6000
+    n: int = 12000
     """Synthetic benchmark size; describe/ground/inspect records come from its train images (3 per image)."""
-    steps: int = 2500
+    steps: int = 1500
     """Optimizer steps."""
     batch_size: int = 32
     lr: float = 1e-3
@@ -56,7 +56,7 @@ class Stage0Config:
     """Test images whose describe/ground/inspect records are scored at the end."""
     init: str = ""
     """Continue from this model folder instead of a fresh random backbone (a second stage-0 leg)."""
-    probe_weight: float = 1.0
+    probe_weight: float = 4.0
     """Weight of the auxiliary token probe (`medlvr.train.probe`): every visual token of a
     describe record is classified as the attributes of the lesion covering it, or background.
     Without it (0) the answer text alone taught regions, sizes and intensities but shape
@@ -215,7 +215,8 @@ A `{cfg.size}` Qwen2.5-VL backbone (random initialisation, seed {cfg.seed}) pret
 `run_sft` (mode `plain`, K = 0) on the synthetic benchmark's describe/ground/inspect records
 (train images only: no held-out (shape, region) pair appears in them), with an auxiliary
 linear probe (weight {cfg.probe_weight}) classifying every visual token of a describe record
-as the attributes of the lesion covering it or background; the probe is not part of the model.
+as the attributes of the lesion covering it or background, and a position head (weight
+{cfg.position_weight}) regressing where each visual token is; neither is part of the model.
 
 Regenerate (CPU, 2 threads; Python {sys.version.split()[0]}):
 
