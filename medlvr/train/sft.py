@@ -484,6 +484,8 @@ class _Logger:
         info = f"loss {row['loss']:.4f}"
         if row.get("align") is not None:
             info += f" align {row['align']:.4f}"
+        if row.get("probe") is not None:
+            info += f" probe {row['probe']:.3f}"
         info += f" lr {row['lr']:.2e} {row['samples_per_s']:.1f} samples/s"
         if row.get("val_accuracy") is not None:
             info += f" val {row['val_accuracy']:.3f}"
