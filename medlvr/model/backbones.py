@@ -154,8 +154,8 @@ class BackboneAdapter(ABC):
     def load_processor(self, path: Path) -> ProcessorMixin: ...
 
     # ---- inputs ----
-    @abstractmethod
-    def image_token_id(self, model: PreTrainedModel) -> int: ...
+    def image_token_id(self, model: PreTrainedModel) -> int:
+        return int(model.config.image_token_id)
 
     def processor_images(self, images_per_sample: list[list[Any]]) -> Any:
         """How the processor wants a batch's images (flat for Qwen, nested for Gemma)."""
@@ -381,9 +381,6 @@ class QwenVLAdapter(BackboneAdapter):
     def load_processor(self, path: Path) -> ProcessorMixin:
         return qwen_processor_class().from_pretrained(str(path))
 
-    def image_token_id(self, model: PreTrainedModel) -> int:
-        return int(model.config.image_token_id)
-
     def image_features(self, model: PreTrainedModel, batch: dict[str, Any]) -> list[torch.Tensor]:
         if batch.get("pixel_values") is None:
             return []
@@ -564,7 +561,14 @@ class _TextPositions:
         return state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]  # [B, T]
 
 
-class Gemma3Adapter(_TextPositions, BackboneAdapter):
+class _NestedImages:
+    """Processors that pair images with prompts by nesting (Gemma 3, SmolVLM): one list per sample."""
+
+    def processor_images(self, images_per_sample: list[list[Any]]) -> Any:
+        return [list(imgs) for imgs in images_per_sample] if any(images_per_sample) else None
+
+
+class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
     """Gemma 3, the architecture of MedGemma: 1-D RoPE, square images pooled to a fixed token grid.
 
     Each image is resized to SxS (aspect ratio not kept), cut into 14-px patches and
@@ -670,13 +674,6 @@ class Gemma3Adapter(_TextPositions, BackboneAdapter):
 
         return Gemma3Processor.from_pretrained(str(path))
 
-    def image_token_id(self, model: PreTrainedModel) -> int:
-        return int(model.config.image_token_id)
-
-    def processor_images(self, images_per_sample: list[list[Any]]) -> Any:
-        # The Gemma 3 processor pairs images with prompts by nesting.
-        return [list(imgs) for imgs in images_per_sample] if any(images_per_sample) else None
-
     def image_features(self, model: PreTrainedModel, batch: dict[str, Any]) -> list[torch.Tensor]:
         if batch.get("pixel_values") is None:
             return []
@@ -769,7 +766,7 @@ def smolvlm_processor_class() -> type[ProcessorMixin]:
     return SmolVLMImageOnlyProcessor
 
 
-class SmolVLMAdapter(_TextPositions, BackboneAdapter):
+class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
     """SmolVLM / SmolVLM2 (Idefics3 architecture): a SigLIP tower on square tiles, a Llama decoder.
 
     Each image is resized to a longest edge `size`, then up to multiples of the tile
@@ -869,13 +866,6 @@ class SmolVLMAdapter(_TextPositions, BackboneAdapter):
             vision, scale = data.get("vision_config") or {}, data.get("scale_factor")
         extra = {"token_pixels": int(vision["patch_size"]) * int(scale)} if "patch_size" in vision and scale else {}
         return smolvlm_processor_class().from_pretrained(str(path), **extra)
-
-    def image_token_id(self, model: PreTrainedModel) -> int:
-        return int(model.config.image_token_id)
-
-    def processor_images(self, images_per_sample: list[list[Any]]) -> Any:
-        # The SmolVLM processor pairs images with prompts by nesting.
-        return [list(imgs) for imgs in images_per_sample] if any(images_per_sample) else None
 
     def image_features(self, model: PreTrainedModel, batch: dict[str, Any]) -> list[torch.Tensor]:
         if batch.get("pixel_values") is None:

@@ -279,6 +279,27 @@ def load_training_state(
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
+def resume_training(
+    accelerator: Any, folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, expected: dict[str, int]
+) -> tuple[int, int, dict[str, Any]]:
+    """`load_training_state`, then (step, samples seen, last logged metrics).
+
+    Warns when a setting in `expected` differs from the one the checkpoint recorded:
+    the resumed run is then not the interrupted run's continuation.
+    """
+    import warnings
+
+    state = load_training_state(accelerator, folder, optimizer, scheduler)
+    if accelerator.is_main_process:
+        for key, value in expected.items():
+            if key in state and state[key] != value:
+                warnings.warn(
+                    f"{key} changed from {state[key]} to {value} on resume: the remaining steps sample and "
+                    "normalise differently from the interrupted run", stacklevel=3,
+                )  # fmt: skip
+    return int(state["step"]), int(state["samples_seen"]), dict(state.get("metrics") or {})
+
+
 def export_final(vlm: Any, out: str | Path, *, lora: bool, merge_lora: bool) -> Path:
     """The final model folder: full weights (LoRA merged) or, with `merge_lora=False`, the adapter only.
 
@@ -320,6 +341,7 @@ def _sharded(accelerator: Any) -> bool:
 __all__ = [
     "save_checkpoint",
     "load_training_state",
+    "resume_training",
     "export_final",
     "latest_checkpoint",
     "list_checkpoints",

@@ -97,7 +97,7 @@ class TokenProbe(nn.Module):
         self.classes = list(classes)
         self.head = nn.Linear(hidden_size, len(self.classes))
         self.position_weight = position_weight
-        self.position = nn.Linear(hidden_size, 2)
+        self.position = nn.Linear(hidden_size, 2) if position_weight else None
 
     def forward(self, visual_tokens: Sequence[torch.Tensor], targets: Sequence[TokenTargets]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss `[B]`: mean token cross-entropy where probed (else 0) plus `position_weight`
@@ -108,10 +108,12 @@ class TokenProbe(nn.Module):
             if not tokens.shape[0] == y.shape[0] == centres.shape[0]:
                 raise MedlvrError(f"probe: {tokens.shape[0]} visual tokens but {y.shape[0]} token labels, {centres.shape[0]} positions")
             y = y.to(tokens.device)
-            # On normalised tokens: the raw post-merger states are large, and a regression on them
-            # dominated the gradient (norm 20-60 against ~1 for the answer loss) in a first trial.
-            where = self.position(F.layer_norm(tokens.float(), tokens.shape[-1:]))  # [N, 2]
-            position = ((where - centres.to(where)) ** 2).sum(-1).mean() if self.position_weight else where.sum() * 0.0
+            position = tokens.new_zeros(())
+            if self.position is not None:
+                # On normalised tokens: the raw post-merger states are large, and a regression on them
+                # dominated the gradient (norm 20-60 against ~1 for the answer loss) in a first trial.
+                where = self.position(F.layer_norm(tokens.float(), tokens.shape[-1:]))  # [N, 2]
+                position = ((where - centres.to(where)) ** 2).sum(-1).mean()
             logits = self.head(tokens.float())  # [N, C]
             keep = y != IGNORE
             if not keep.any():

@@ -246,12 +246,8 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
 
     step, pos = 0, 0  # optimizer steps done; samples consumed by all processes together
     last_row: dict[str, Any] = {}
-    if resume_dir is not None:
-        state = ckpt.load_training_state(accelerator, resume_dir, optimizer, scheduler)
-        step, pos = int(state["step"]), int(state["samples_seen"])
-        last_row = dict(state.get("metrics") or {})  # what the export reports if no step is left to run
-        if state.get("global_batch") != global_batch:
-            warnings.warn(f"global batch changed from {state.get('global_batch')} to {global_batch} on resume", stacklevel=2)
+    if resume_dir is not None:  # last_row: what the export reports if no step is left to run
+        step, pos, last_row = ckpt.resume_training(accelerator, resume_dir, optimizer, scheduler, {"global_batch": global_batch})
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per process
 

@@ -273,12 +273,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
     step, pos = 0, 0  # rollout steps done; prompts consumed by all processes together
     last_row: dict[str, Any] = {}
-    if resume_dir is not None:
-        state = ckpt.load_training_state(accelerator, resume_dir, optimizer, scheduler)
-        step, pos = int(state["step"]), int(state["samples_seen"])
-        last_row = dict(state.get("metrics") or {})  # what the export reports if no step is left to run
-        if accelerator.is_main_process:
-            _warn_changed(state, {"group_size": p.group_size, "prompts_per_step": cfg.batch_size * world})
+    if resume_dir is not None:  # last_row: what the export reports if no step is left to run
+        expected = {"group_size": p.group_size, "prompts_per_step": cfg.batch_size * world}
+        step, pos, last_row = ckpt.resume_training(accelerator, resume_dir, optimizer, scheduler, expected)
     start_step = step
 
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
@@ -509,16 +506,6 @@ def _save(ckpt: Any, cfg: VLPOConfig, accelerator: Any, model: Any, vlm: Any, op
         config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
         keep_last=cfg.checkpoint.keep_last,
     )  # fmt: skip
-
-
-def _warn_changed(state: dict[str, Any], now: dict[str, int]) -> None:
-    """A resumed run with another group size or global batch is not the interrupted run's continuation."""
-    for key, value in now.items():
-        if key in state and state[key] != value:
-            warnings.warn(
-                f"{key} changed from {state[key]} to {value} on resume: the remaining steps sample and "
-                "normalise differently from the interrupted run", stacklevel=3,
-            )  # fmt: skip
 
 
 @contextmanager
