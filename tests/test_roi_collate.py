@@ -106,3 +106,20 @@ def test_data_inspect_counts_and_draws(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "s.png").size[0] > 100
+
+
+def test_truncated_answers_keep_their_stop_token(tiny_dir):
+    """An answer longer than `max_answer_tokens` is cut before the stop token, never the stop token itself:
+    otherwise long answers are trained never to stop (issue 13, item 4)."""
+    vlm = LatentVLM.from_pretrained(tiny_dir)
+    long = "the lesion is in the upper left region of the left lung near the hilum"
+    samples = [_sample(id="a", answer=long), _sample(id="b", answer="round")]
+    batch = VQACollator(vlm.processor, vlm.adapter, with_rois=False, max_answer_tokens=4)(
+        samples, images=[[random_image(56, 56)], [random_image(56, 56)]]
+    )
+    stop = vlm.tokenizer.eos_token_id
+    full = vlm.tokenizer(long, add_special_tokens=False)["input_ids"]
+    assert len(full) > 4, "the answer must need truncating"
+    rows = [row[mask.bool()].tolist() for row, mask in zip(batch["answer_ids"], batch["answer_mask"])]
+    assert rows[0] == full[:3] + [stop]  # max_answer_tokens counts the stop token
+    assert rows[1][-1] == stop and vlm.tokenizer.decode(rows[1][:-1]) == "round"

@@ -76,8 +76,10 @@ class VQACollator:
         if self.with_answers:
             # Truncated and right-padded here rather than through the tokenizer's own
             # truncation, which would stay switched on in the fast backend (and be saved with it).
-            answers = [target_text(s) + self.stop_token for s in samples]
-            rows = [ids[: self.max_answer_tokens] for ids in self.tokenizer(answers, add_special_tokens=False)["input_ids"]]
+            # The text is cut, never the stop token: a long answer still learns to stop.
+            stop_id = self.tokenizer.convert_tokens_to_ids(self.stop_token)
+            texts = self.tokenizer([target_text(s) for s in samples], add_special_tokens=False)["input_ids"]
+            rows = [ids[: self.max_answer_tokens - 1] + [stop_id] for ids in texts]
             width = max(len(r) for r in rows)
             pad = self.tokenizer.pad_token_id
             batch["answer_ids"] = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
