@@ -16,6 +16,8 @@ NO = AnswerKey("closed", "no")
 MRI = AnswerKey("closed", "MRI")  # VQA-RAD: closed but not yes/no ("MRI or CT?")
 OPEN = AnswerKey("open", "Left lung")
 COUNT = AnswerKey("open", "2")
+SIZE = AnswerKey("open", ".5 cm")
+YES_DOT = AnswerKey("closed", "Yes.")
 
 LONG_REASONING = (
     "Let me look at the image carefully. A large opacity is seen in the right lower lobe. Option A "
@@ -104,6 +106,15 @@ CASES = [
     (COUNT, "two", "2", "full:text"),
     (COUNT, "\\boxed{2}", "2", "boxed:text"),
     (OPEN, "...", None, "full:empty"),
+    # --- numbers are compared as numbers: a leading point is a decimal, trailing zeros go
+    (SIZE, ".5 cm", "0.5 cm", "full:text"),
+    (SIZE, "0.50 cm", "0.5 cm", "full:text"),
+    (SIZE, "5 cm", "5 cm", "full:text"),  # another number: scored wrong
+    (COUNT, "2.0", "2", "full:text"),
+    (COUNT, "2.", "2", "full:text"),
+    (COUNT, "02", "2", "full:text"),
+    (YES_DOT, "yes", "yes", "full:yes_no"),  # a gold "Yes." is a yes/no question
+    (YES_DOT, "No.", "no", "full:yes_no"),
 ]
 
 
@@ -128,6 +139,11 @@ def test_table_is_large_enough() -> None:
         ("1,000", "1000"),
         ("ZERO", "0"),
         ("Yes", "yes"),
+        (".5 cm", "0.5 cm"),
+        ("2.0", "2"),
+        ("2.50", "2.5"),
+        ("1,000.0", "1000"),
+        ("Yes.", "yes"),
     ],
 )
 def test_normalize_equalities(a: str, b: str) -> None:
@@ -138,10 +154,24 @@ def test_normalize_keeps_decimals_and_differences() -> None:
     assert normalize_text("2.5 cm.") == "2.5 cm"
     assert normalize_text("two") != normalize_text("twelve")
     assert normalize_text("a") == ""
+    assert normalize_text(".5 cm") != normalize_text("5 cm")
+    assert normalize_text("2.05") != normalize_text("2.5")
+    assert normalize_text("10") == "10" and normalize_text("100.0") == "100"
 
 
 def test_capitalised_gold_is_yes_no() -> None:
     assert is_yes_no("Yes") and is_yes_no(" NO ") and not is_yes_no("MRI")
+
+
+@pytest.mark.parametrize("gold", ["Yes", "Yes.", " no ", "NO!", "MRI", "yes and no", "Nope", "None"])
+def test_prompt_and_scorer_share_one_yes_no_definition(gold: str) -> None:
+    """A question prompted with "Please answer 'yes' or 'no'." is exactly one the scorer reads as yes/no."""
+    from medlvr.data.prompts import YES_NO, question_text
+
+    sample = VQASample(id="x", dataset="d", split="test", question="Is it?", answer=gold, answer_type="closed")
+    prompted = question_text(sample).endswith(YES_NO)
+    scored = parse_answer("yes", sample).how.endswith(":yes_no")
+    assert prompted == scored == is_yes_no(gold)
 
 
 def test_sample_and_mapping_inputs_agree() -> None:

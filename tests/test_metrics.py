@@ -56,6 +56,16 @@ def test_score_closed_and_choice() -> None:
     assert not score(choice, "A").correct and score(choice, "A and B").invalid
 
 
+def test_numbers_score_as_numbers() -> None:
+    """".5 cm" is 0.5 cm (a wrong "5 cm" must not score right), "2.0" is 2 (issue 13, item 6)."""
+    half = _sample(1, "open", ".5 cm")
+    assert score(half, "0.5 cm").correct and score(half, "0.50 cm.").correct
+    assert not score(half, "5 cm").correct and not accuracy_reward(half, "5 cm")
+    count = _sample(2, "open", "2")
+    assert score(count, "2.0").correct and score(count, "two").correct and not score(count, "20").correct
+    assert score(_sample(3, "closed", "Yes."), "yes").correct
+
+
 def test_reward_is_the_scorer() -> None:
     choice = _sample(3, "choice", "MRI")
     for response, reward in [("B", 1.0), ("(b)", 1.0), ("A", 0.0), ("A and B", 0.0), ("", 0.0)]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 from medlvr.data.schema import VQASample
+from medlvr.eval.answers import yes_no_question
 
 Mode = Literal["direct", "latent", "cot"]
 
@@ -21,18 +22,11 @@ YES_NO = "Please answer 'yes' or 'no'."
 SHORT = "Answer the question using a single word or phrase."
 COT = "Think step by step, then give the final answer inside <answer></answer>."
 
-YES_NO_ANSWERS = {"yes", "no"}
-
-
-def is_yes_no(sample: VQASample) -> bool:
-    """A closed question whose gold answer is yes or no (any case)."""
-    return sample.answer_type == "closed" and sample.answer.strip().lower() in YES_NO_ANSWERS
-
 
 def instruction(sample: VQASample, mode: Mode = "direct") -> str:
     if sample.answer_type == "choice":
         base = CHOICE
-    elif is_yes_no(sample):
+    elif yes_no_question(sample):  # the scorer's definition: asked as yes/no exactly when scored as one
         base = YES_NO
     else:
         base = SHORT

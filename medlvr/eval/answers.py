@@ -40,29 +40,33 @@ Rules, applied in this order by `parse_answer`:
           letter -> that letter; several ("A and B") -> invalid; none ->
           invalid (a similar-looking text is never mapped to an option).
    - *yes/no* (`answer_type == "closed"` and the gold normalises to yes or no,
-     whatever its case: "Yes"), value = "yes"/"no": the words "yes" and "no"
-     are looked for in the span only; one of them -> it; both or neither ->
-     invalid.
+     whatever its case and punctuation: "Yes", "Yes."; `yes_no_question`, the
+     one definition the prompt uses too), value = "yes"/"no": the words "yes"
+     and "no" are looked for in the span only; one of them -> it; both or
+     neither -> invalid.
    - *open and other closed questions* ("MRI or CT?" -> "MRI"), value = the
      normalised span (`normalize_text`); empty after normalisation -> invalid.
 
 `normalize_text` follows the SQuAD/VQA answer normalisation (lower-case,
 punctuation stripped, articles removed, whitespace folded) and adds number
 words -> digits ("two" -> "2", up to ninety-nine) so that VQA-RAD's integer
-answers match either spelling.
+answers match either spelling. Numbers are compared as numbers: each is
+written in one canonical form (".5" -> "0.5", "2.0" -> "2", "02" -> "2"), so
+a wrong "5 cm" never matches a gold ".5 cm".
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from medlvr.data.schema import VQASample
 
-__all__ = ["Parsed", "AnswerKey", "answer_key", "parse_answer", "normalize_text", "is_yes_no"]
+__all__ = ["Parsed", "AnswerKey", "answer_key", "parse_answer", "normalize_text", "is_yes_no", "yes_no_question"]
 
 
 @dataclass(frozen=True)
@@ -144,20 +148,41 @@ def normalize_text(text: str) -> str:
 
     Decimal points and thousands separators inside numbers are kept ("2.5",
     "1,000" -> "1000"); every other punctuation mark becomes a space, so
-    "x-ray" == "x ray".
+    "x-ray" == "x ray". Numbers take one canonical form (`_canonical_number`).
     """
     s = unicodedata.normalize("NFKC", str(text)).casefold()
     s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
     s = _COMPOUND.sub(lambda m: str(_TENS[m.group(1)] + _UNITS.index(m.group(2))), s)
+    s = re.sub(r"(?<![\w.])\.(?=\d)", "0.", s)  # ".5 cm" is 0.5 cm, not 5 cm
     s = re.sub(r"\.(?!\d)|(?<!\d)\.", " ", s)  # keep only decimal points
     s = re.sub(r"[^\w\s.]|_", " ", s)
-    tokens = [_NUMBER_WORDS.get(t, t) for t in s.split() if t not in _ARTICLES]
+    tokens = [_canonical_number(_NUMBER_WORDS.get(t, t)) for t in s.split() if t not in _ARTICLES]
     return " ".join(tokens)
 
 
+_DECIMAL = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _canonical_number(token: str) -> str:
+    """A number's one spelling: no leading or trailing zeros ("02" -> "2", "2.50" -> "2.5", "2.0" -> "2")."""
+    if not _DECIMAL.fullmatch(token):
+        return token
+    return format(Decimal(token).normalize(), "f")
+
+
 def is_yes_no(gold: str) -> bool:
-    """Whether a closed question's gold answer is yes or no (any case: SLAKE writes "Yes")."""
+    """Whether a gold answer is yes or no, whatever its case and punctuation (SLAKE writes "Yes")."""
     return normalize_text(gold) in ("yes", "no")
+
+
+def yes_no_question(sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey) -> bool:
+    """A closed question whose gold is yes or no: the one definition of a yes/no question.
+
+    The prompt (`medlvr.data.prompts`, "Please answer 'yes' or 'no'.") and the scorer
+    both use it, so a question is scored as yes/no exactly when it was asked as one.
+    """
+    key = answer_key(sample_or_fields)
+    return key.answer_type == "closed" and is_yes_no(key.gold)
 
 
 # --------------------------------------------------------------------------- span extraction
@@ -309,7 +334,7 @@ def parse_answer(response: str, sample_or_fields: VQASample | Mapping[str, Any] 
         return Parsed(None, True, f"{source}:empty", span)
     if key.answer_type == "choice":
         value, rule = _parse_choice(span, key.options)
-    elif key.answer_type == "closed" and is_yes_no(key.gold):
+    elif yes_no_question(key):
         yes, no = bool(_YES.search(span)), bool(_NO.search(span))
         if yes and no:
             value, rule = None, "both_yes_no"

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from medlvr.data.schema import VQASample
-from medlvr.eval.answers import AnswerKey, Parsed, answer_key, is_yes_no, normalize_text, parse_answer
+from medlvr.eval.answers import AnswerKey, Parsed, answer_key, normalize_text, parse_answer
 
 __all__ = [
     "Score",
@@ -84,9 +84,7 @@ def _is_correct(key: AnswerKey, parsed: Parsed) -> bool:
         return False
     if key.answer_type == "choice":
         return parsed.value == key.gold.strip().upper()
-    if key.answer_type == "closed" and is_yes_no(key.gold):
-        return parsed.value == normalize_text(key.gold)
-    return parsed.value == normalize_text(key.gold)
+    return parsed.value == normalize_text(key.gold)  # yes/no golds normalise to "yes"/"no" too
 
 
 def score(sample: VQASample | Mapping[str, Any] | AnswerKey, response: str) -> Score:
