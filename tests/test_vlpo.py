@@ -360,6 +360,38 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, synth,
     assert [p.name for p in run_dir.glob("step-*")] == ["step-0000004"], "keep_last=1"
 
 
+@pytest.mark.parametrize("context", ["vlpo.latent_sigma=0", "vlpo.latent_policy=false"])
+def test_latents_that_are_context_are_not_policy_units(tmp_path, tiny_dir, synth, monkeypatch, context):
+    """With sigma = 0 or the latent policy off, the K latent steps are context: no update unit,
+    in the loss's mask nor in its normaliser (issue 13, item 1: they were counted as K units of
+    ratio 1, scaling token gradients by T / (T + K) and diluting clipping and KL)."""
+    from medlvr.train import vlpo
+
+    masks: dict[str, list[torch.Tensor]] = {"loss": [], "normaliser": []}
+    loss, normaliser = vlpo.policy_loss, vlpo.policy_normaliser
+
+    def loss_spy(logp, old_logp, advantages, mask, **kw):
+        masks["loss"].append(mask.detach().clone())
+        return loss(logp, old_logp, advantages, mask, **kw)
+
+    def normaliser_spy(mask, aggregation):
+        masks["normaliser"].append(mask.detach().clone())
+        return normaliser(mask, aggregation)
+
+    monkeypatch.setattr(vlpo, "policy_loss", loss_spy)
+    monkeypatch.setattr(vlpo, "policy_normaliser", normaliser_spy)
+    result = vlpo.run_vlpo(_cfg(tmp_path, tiny_dir, synth, *_SMALL, "max_steps=1", "checkpoint.every=0", "vlpo.beta=0.05", context))
+    k = 2  # latent.steps in _SMALL
+    assert masks["loss"] and masks["normaliser"]
+    for m in masks["loss"] + masks["normaliser"]:
+        assert m.shape[1] > k and not m[:, :k].any(), m
+        assert m[:, k:].sum() > 0
+    # Every logged per-unit mean is over answer tokens only: 4 trajectories, their sampled tokens (+ stop).
+    row = result.history[0]
+    units = sum(int(m[:, k:].sum()) for m in masks["loss"])
+    assert units == round(4 * row["response_tokens"] + 4 * row["stopped"]) * 2  # 2 update epochs in the recipe
+
+
 def test_resuming_a_finished_run_is_a_no_op_and_a_changed_group_size_warns(tmp_path, tiny_dir, synth):
     from medlvr.train.vlpo import run_vlpo
 

@@ -149,12 +149,30 @@ def flat_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (r.max(-1).values - r.min(-1).values).abs() < 1e-8
 
 
+def latents_are_actions(latent_steps: int, latent_policy: bool, latent_sigma: float) -> bool:
+    """Whether the latent steps are policy actions (trained; in the ratio, clipping and KL).
+
+    Not when there are none, when the latent policy is off, or when sigma = 0 (the
+    latents are then deterministic context): only the answer tokens are actions.
+    """
+    return latent_steps > 0 and latent_policy and latent_sigma > 0
+
+
+def unit_mask(answer_mask: torch.Tensor, latent_steps: int, latent_actions: bool) -> torch.Tensor:
+    """The policy units of trajectories, `[N, K + T]`: K latent steps (all or none), then the answer tokens.
+
+    The one mask of the update: the loss, its normaliser and every per-unit statistic use it.
+    """
+    lat = answer_mask.new_full((answer_mask.shape[0], latent_steps), int(latent_actions))
+    return torch.cat([lat, answer_mask], 1)
+
+
 @dataclass
 class TrajectoryLogprobs:
     """Log-probabilities of N finished trajectories under one policy."""
 
     logp: torch.Tensor  # [N, K + T] latent steps (per-dimension Gaussian), then answer tokens
-    mask: torch.Tensor  # [N, K + T] real units (latents always; answer tokens per answer_mask)
+    mask: torch.Tensor  # [N, K + T] policy units (`unit_mask`: latents when they are actions; answer tokens per answer_mask)
     entropy: torch.Tensor  # [N, T] answer-token entropy under softmax(logits / T) (detached)
     latent_means: torch.Tensor  # [N, K, d] mu_k recomputed under this policy
     visual_tokens: list[torch.Tensor]  # per row [n_i, d] (from the same pass)
@@ -185,15 +203,14 @@ def trajectory_logprobs(
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1) * amask  # [N, T]
     k = latents.shape[1]
-    if k and latent_policy and latent_sigma > 0:
+    actions = latents_are_actions(k, latent_policy, latent_sigma)
+    if actions:
         lat = gaussian_logprob(latents.to(out.latent_means.device), out.latent_means, latent_sigma)  # [N, K]
-        lat_mask = torch.ones_like(lat, dtype=amask.dtype)
     else:
         lat = tok.new_zeros(tok.shape[0], k)
-        lat_mask = amask.new_zeros(tok.shape[0], k)
     return TrajectoryLogprobs(
         logp=torch.cat([lat, tok], 1),
-        mask=torch.cat([lat_mask, amask], 1),
+        mask=unit_mask(amask, k, actions),
         entropy=entropy,
         latent_means=out.latent_means,
         visual_tokens=out.visual_tokens,
@@ -210,4 +227,6 @@ __all__ = [
     "flat_groups",
     "repeat_rows",
     "trajectory_logprobs",
+    "latents_are_actions",
+    "unit_mask",
 ]

@@ -51,9 +51,11 @@ from medlvr.train.rollout import (
     answer_tensors,
     flat_groups,
     group_advantages,
+    latents_are_actions,
     sample_rollouts,
     stop_and_pad_ids,
     trajectory_logprobs,
+    unit_mask,
 )
 
 
@@ -261,7 +263,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     k_steps = cfg.latent.steps
     vlm = build_model(cfg, resume_dir)  # freezing, LoRA, checkpointing: the SFT set-up
     disable_dropout(vlm)
-    trains_latents = k_steps > 0 and p.latent_policy and p.latent_sigma > 0
+    trains_latents = latents_are_actions(k_steps, p.latent_policy, p.latent_sigma)
     for q in vlm.projector.parameters():
         q.requires_grad_(trains_latents)  # an unused trainable parameter would also break DDP
     reference = Reference(cfg, vlm) if p.beta > 0 else None
@@ -309,7 +311,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 2. log-probabilities of the finished trajectories: rollout policy and reference
             t0 = time.perf_counter()
-            micro = _micro_batches(ro, traj_collate, stop_id, pad_id, p.micro_batch_size)
+            micro = _micro_batches(ro, traj_collate, stop_id, pad_id, p.micro_batch_size, trains_latents)
             old, ref, visual, entropy_sum = [], [], [], 0.0
             with torch.no_grad():
                 for mb in micro:
@@ -464,16 +466,14 @@ class _Micro:
     n: int
 
 
-def _micro_batches(ro: Rollouts, collate: Any, stop_id: int, pad_id: int, size: int) -> list[_Micro]:
+def _micro_batches(ro: Rollouts, collate: Any, stop_id: int, pad_id: int, size: int, latent_actions: bool) -> list[_Micro]:
     out = []
     for a in range(0, len(ro.texts), size):
         rows = slice(a, min(a + size, len(ro.texts)))
         batch = collate(ro.samples[rows], images=ro.images[rows])
         batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids[rows], ro.stopped[rows], stop_id, pad_id)
-        k = ro.latents.shape[1]
-        n = rows.stop - rows.start
-        latent_mask = torch.ones(n, k, dtype=torch.long)
-        out.append(_Micro(rows, batch, ro.latents[rows], torch.cat([latent_mask, batch["answer_mask"]], 1), batch["answer_mask"], n))
+        mask = unit_mask(batch["answer_mask"], ro.latents.shape[1], latent_actions)  # the units trajectory_logprobs marks
+        out.append(_Micro(rows, batch, ro.latents[rows], mask, batch["answer_mask"], rows.stop - rows.start))
     return out
 
 
