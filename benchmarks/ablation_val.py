@@ -27,7 +27,7 @@ SETTINGS = {
     "(c) projector none": ("c", {"projector": "none"}),
     "(c) projector linear": ("c", {"projector": "linear"}),
     "(c) lambda 2.0": ("c", {"align_weight": 2.0}),
-    "(c) align first latent only": ("c", {"sft_overrides": ["align.latents=first"]}),
+    "(c) align first latent only": ("c", {"sft_overrides": ["align.assign=first"]}),
     "(c) teacher-forced latents": ("c", {"sft_overrides": ["mode=teacher_forced"]}),
     "(c) K 2": ("c", {"latent_steps": 2}),
     "(c) cosine alignment": ("c", {"align_kind": "cosine"}),

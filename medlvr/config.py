@@ -46,7 +46,7 @@ class LatentConfig:
 Precision = Literal["auto", "no", "bf16", "fp16"]
 Finetune = Literal["full", "lora"]
 AlignKind = Literal["cosine", "mse", "infonce"]
-AlignLatents = Literal["all", "first"]
+AlignAssign = Literal["raster", "first", "chain"]
 Schedule = Literal["cosine", "linear", "constant"]
 SFTMode = Literal["plain", "latent", "roi", "teacher_forced"]
 
@@ -181,11 +181,23 @@ class AlignConfig:
     """lambda: weight of the alignment term next to the answer cross-entropy."""
     temperature: float = 0.1
     """InfoNCE temperature (cosine similarities are divided by it)."""
-    latents: AlignLatents = "all"
-    """Align `all` K latents to K raster-ordered ROI chunks, or only the `first` latent to the
-    mean ROI token (the later steps stay free)."""
+    assign: AlignAssign = "raster"
+    """Which ROI tokens each latent step is aligned to (`medlvr.data.roi`). `raster`: all the
+    sample's ROI tokens, in raster order, pooled into K contiguous chunks, step k to chunk k;
+    `first`: only the first step, to the mean ROI token (the later steps stay free);
+    `chain`: per hop, for multi-hop records (`meta.roi_hops`, the 1-based hop of each ROI in
+    reasoning order, and `meta.hops` = h): step k (0-based) is aligned to hop
+    ceil((k+1) h / K) - 1, so every hop gets floor(K/h) or ceil(K/h) contiguous steps (a
+    remainder's extra steps go to later hops, spread evenly; K=6, h=4: 1, 2, 1, 2 steps) and
+    the last step always aligns to the final hop; with K < h each step gets its own hop,
+    spread evenly (K=2, h=3: hops 2 and 3; the first hop gets none). A hop's s steps pool
+    that hop's ROI tokens into s raster chunks. A record without `roi_hops` is one hop
+    (chain = raster). The InfoNCE negatives are the image's non-ROI tokens (all hops' ROIs
+    excluded) under every assignment."""
 
     def __post_init__(self) -> None:
+        if self.assign not in ("raster", "first", "chain"):
+            raise MedlvrError(f"align.assign must be raster, first or chain, got {self.assign!r}")
         if self.weight < 0:
             raise MedlvrError(f"align.weight must be >= 0, got {self.weight}")
         if self.temperature <= 0:

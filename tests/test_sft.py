@@ -74,6 +74,37 @@ def test_lambda_without_roi_data_fails(tiny_dir, synth, tmp_path):
     run_sft(make_cfg(tiny_dir, synth, tmp_path / "ok", f"data.train=[{synth / 'no_roi.jsonl'}]", "mode=latent", "max_steps=1"))
 
 
+def _two_hop(synth: Path, name: str, roi_hops: list[int]) -> Path:
+    """The synthetic records with an anchor ROI (the upper-left quarter) before their own: two hops."""
+    from medlvr.data.schema import ROI
+
+    samples = [
+        s.model_copy(update={"rois": [ROI(box=(0, 0, 42, 42)), *s.rois], "meta": {**s.meta, "hops": 2, "roi_hops": roi_hops}})
+        for s in read_jsonl(synth / "train.jsonl") if len(s.rois) == 1
+    ]  # fmt: skip
+    write_jsonl(samples, synth / name)
+    return synth / name
+
+
+def test_chain_alignment_trains_on_multi_hop_records(tiny_dir, synth, tmp_path):
+    from medlvr.data.collate import VQACollator
+    from medlvr.model.latent import LatentVLM
+
+    data = _two_hop(synth, "two_hop.jsonl", [1, 2])
+    vlm = LatentVLM.from_pretrained(tiny_dir)
+    sample = read_jsonl(data)[0]
+    batch = VQACollator(vlm.processor, vlm.adapter)([sample])
+    hops = batch["roi_hop_index"][0]
+    assert len(hops) == 2 and torch.equal(torch.cat(hops).unique(), batch["roi_index"][0])
+    result = run_sft(make_cfg(tiny_dir, synth, tmp_path / "run", f"data.train=[{data}]", "mode=roi", "align.assign=chain",
+                              "latent.steps=3", "max_steps=2"))  # fmt: skip
+    assert all(r["align"] is not None and r["align"] == r["align"] for r in result.history)
+    bad = _two_hop(synth, "bad_hops.jsonl", [1, 3])
+    with pytest.raises(MedlvrError, match="must lie in 1..2"):
+        run_sft(make_cfg(tiny_dir, synth, tmp_path / "bad", f"data.train=[{bad}]", "mode=roi", "align.assign=chain"))
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------- learning
 
 
@@ -108,7 +139,7 @@ def test_roi_sft_lowers_both_losses_and_beats_the_untrained_model(tiny_dir, synt
         ["mode=plain"],
         ["mode=latent", "latent.projector=mlp"],
         ["mode=teacher_forced", "align.kind=cosine"],
-        ["mode=roi", "align.kind=mse", "align.latents=first", "curriculum=[1,2]"],
+        ["mode=roi", "align.kind=mse", "align.assign=first", "curriculum=[1,2]"],
         ["mode=roi", "model.gradient_checkpointing=true", "grad_accum=2", "batch_size=2", "model.freeze_vision=true"],
     ],
     ids=["plain", "latent-mlp", "teacher-forced", "roi-curriculum", "roi-ckpt-accum-frozen"],

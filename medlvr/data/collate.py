@@ -1,4 +1,4 @@
-"""Samples -> a model batch: chat prompt, left padding, answer labels, ROI token indices.
+"""Samples -> a model batch: chat prompt, left padding, answer labels, ROI token indices (also per hop).
 
 The prompt ends with the assistant header; `LatentVLM` appends the latent
 segment itself, so one batch serves every latent budget K. Answers are
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from medlvr.data.prompts import Mode, chat_messages, target_text
-from medlvr.data.roi import sample_roi_indices
+from medlvr.data.roi import hop_roi_indices, sample_roi_indices
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import BackboneAdapter, TokenGrid
@@ -86,6 +86,7 @@ class VQACollator:
             batch["answer_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         if self.with_rois:
             batch["roi_index"] = [self._roi_index(s, imgs) for s, imgs in zip(samples, images)]
+            batch["roi_hop_index"] = [hop_roi_indices(s, *self._grids(imgs)) if imgs else [] for s, imgs in zip(samples, images)]
         if self.token_labeler is not None:
             batch["token_labels"] = [self.token_labeler(s, *self._grids(imgs)) for s, imgs in zip(samples, images)]
         return batch

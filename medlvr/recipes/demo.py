@@ -90,7 +90,7 @@ class DemoConfig:
     data_seed: int = 0
     """Seed of the synthetic benchmark itself."""
     sft_overrides: list[str] = field(default_factory=list)
-    """Extra `key=value` overrides for the ROI-SFT run of variant (c) (ablations, e.g. `align.latents=first`)."""
+    """Extra `key=value` overrides for the ROI-SFT run of variant (c) (ablations, e.g. `align.assign=first`)."""
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medlvr.data.roi import pool_targets
+from medlvr.data.roi import assigned_targets
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 
@@ -104,18 +104,22 @@ class SampleStream:
 
 
 def roi_targets(
-    visual_tokens: Sequence[torch.Tensor], roi_index: Sequence[torch.Tensor], k: int
+    visual_tokens: Sequence[torch.Tensor], roi_index: Sequence[torch.Tensor], k: int, *,
+    assign: str = "raster", hop_index: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Pooled ROI targets `[B, k, d]`, the ROI mask `[B]`, and per-sample negatives (non-ROI tokens).
+    """Pooled ROI targets `[B, k, d]` (`[B, 1, d]` for `first`), the ROI mask `[B]`, and per-sample negatives.
 
-    Everything is detached: targets are the backbone's own visual tokens, a moving target
-    when the vision side trains, but never pulled towards the latents.
+    `assign` is `align.assign` (`medlvr.data.roi.assigned_targets`); `chain` reads the
+    collator's per-hop indices `hop_index` (`roi_hop_index`). The negatives are the non-ROI
+    tokens (every hop's ROIs excluded). Everything is detached: targets are the backbone's
+    own visual tokens, a moving target when the vision side trains, but never pulled
+    towards the latents.
     """
     if not visual_tokens:
         raise MedlvrError("ROI alignment needs images: the batch has no visual tokens")
     d = visual_tokens[0].shape[-1]
     dev = visual_tokens[0].device
-    targets = torch.zeros(len(visual_tokens), k, d, device=dev, dtype=torch.float32)
+    targets = torch.zeros(len(visual_tokens), 1 if assign == "first" else k, d, device=dev, dtype=torch.float32)
     mask = torch.zeros(len(visual_tokens), dtype=torch.bool, device=dev)
     negatives: list[torch.Tensor] = []
     for i, (vis, idx) in enumerate(zip(visual_tokens, roi_index)):
@@ -123,7 +127,7 @@ def roi_targets(
         keep = torch.ones(vis.shape[0], dtype=torch.bool, device=dev)
         if idx.numel():
             idx = idx.to(dev)
-            targets[i] = pool_targets(vis, idx, k)
+            targets[i] = assigned_targets(vis, idx, k, assign, hop_index[i] if hop_index is not None else None)
             mask[i] = True
             keep[idx] = False
         negatives.append(vis[keep])

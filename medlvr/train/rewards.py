@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from medlvr.data.roi import pool_targets
+from medlvr.data.roi import assigned_targets
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
 from medlvr.eval.metrics import accuracy_reward, score
@@ -44,6 +44,10 @@ class RewardContext:
     """[N, d] the sample's post-merger visual tokens under the rollout policy (detached), if computed."""
     roi_index: torch.Tensor | None = None
     """Indices into `visual_tokens` covered by the sample's ROIs (empty: no ROI)."""
+    assign: str = "raster"
+    """Which ROI tokens each latent is scored against (`align.assign` of ROI-SFT: raster, first, chain)."""
+    roi_hop_index: list[torch.Tensor] | None = None
+    """Per hop, the indices of that hop's ROIs (the collator's `roi_hop_index`), read when `assign` is chain."""
     step: int = 0
     """Optimizer step at which the rollout was sampled (for schedules in user rewards)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -72,17 +76,21 @@ def format_reward(sample: VQASample, response: str, latents: torch.Tensor, conte
 
 
 def roi_evidence(sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext) -> float:
-    """Mean cosine between the latents z_k and the K pooled ROI targets, in [-1, 1].
+    """Mean cosine between the latents z_k and their ROI targets, in [-1, 1].
 
-    Targets are `pool_targets(visual_tokens, roi_index, K)`, the same targets as
-    ROI-SFT's alignment loss. A sample without ROI, or a run without latent
+    Targets are `assigned_targets(visual_tokens, roi_index, K, context.assign, ...)`, the
+    targets of ROI-SFT's alignment loss under the same `align.assign` (`first`: only z_1,
+    against the mean ROI token). The VLPO config has no `align` group, so its loop leaves
+    `context.assign` at `raster`, ROI-SFT's default: a checkpoint trained with
+    `align.assign=chain` is rewarded against raster chunks unless the caller sets
+    `assign="chain"` and `roi_hop_index`. A sample without ROI, or a run without latent
     steps, earns 0 (no evidence to point at; the group advantage removes the constant).
     """
     k = latents.shape[0]
     if k == 0 or context.visual_tokens is None or context.roi_index is None or context.roi_index.numel() == 0:
         return 0.0
-    targets = pool_targets(context.visual_tokens, context.roi_index, k).float()  # [K, d]
-    z = latents.to(targets.device).float()  # [K, d]
+    targets = assigned_targets(context.visual_tokens, context.roi_index, k, context.assign, context.roi_hop_index).float()  # [K or 1, d]
+    z = latents[: targets.shape[0]].to(targets.device).float()  # [K or 1, d]
     return float(F.cosine_similarity(z, targets, dim=-1).mean())
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from medlvr.config import SFTConfig
+from medlvr.data.roi import roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set, roi_targets
@@ -75,6 +76,9 @@ def check_config(cfg: SFTConfig) -> TrainSet:
             f"mode {cfg.mode!r} uses the ROI alignment (align.weight={cfg.align.weight}) but no training record "
             "has ROIs: use mode=latent, or data with `rois`"
         )
+    if cfg.uses_rois:
+        for s in data.samples:
+            roi_hops(s)  # malformed multi-hop metadata fails here, not mid-run in the collator
     if any(not s.images for s in data.samples) and cfg.uses_rois:
         warnings.warn("some training records have no image: they get no alignment term", stacklevel=2)
     return data
@@ -379,7 +383,7 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int)
             from medlvr.model.latent import _per_sample
 
             per_sample = _per_sample(visual, batch, len(batch["sample_ids"]))
-        targets, mask, negatives = roi_targets(per_sample, batch["roi_index"], k)
+        targets, mask, negatives = _roi_targets(cfg, per_sample, batch, k, fed=True)
         # Samples without ROI get the whole image pooled into K chunks as latent inputs.
         fill = torch.stack([_pool_all(v.detach().float(), k) for v in per_sample])
         inputs = torch.where(mask[:, None, None], targets, fill)
@@ -387,18 +391,26 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int)
     else:
         fwd = model(batch, latent_steps=k)
         if cfg.mode == "roi":
-            n_targets = 1 if cfg.align.latents == "first" else k
-            targets, mask, negatives = roi_targets(fwd.visual_tokens, batch["roi_index"], n_targets)
+            targets, mask, negatives = _roi_targets(cfg, fwd.visual_tokens, batch, k)
     ce = sample_mean_ce(fwd.token_logprobs, batch["answer_mask"].to(fwd.token_logprobs.device))
     if cfg.mode not in ("roi", "teacher_forced"):
         return ce, torch.zeros_like(ce), torch.zeros_like(ce, dtype=torch.bool), fwd
     latents = fwd.latent_means  # proj(h_{k-1}): the model's own latents (the fed ones, except when teacher-forced)
-    if cfg.align.latents == "first":
+    if cfg.align.assign == "first":
         latents, targets = latents[:, :1], targets[:, :1]
     neg, neg_mask = pad_tokens(negatives, latents.shape[-1], latents.device) if cfg.align.kind == "infonce" else (None, None)
     al = alignment_loss(cfg.align.kind, latents, targets, mask, negatives=neg, negatives_mask=neg_mask,
                         temperature=cfg.align.temperature)  # fmt: skip
     return ce, al, mask, fwd
+
+
+def _roi_targets(cfg: SFTConfig, visual: Any, batch: dict[str, Any], k: int, fed: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The batch's alignment targets under `align.assign` (`train.data.roi_targets`).
+
+    `fed`: the K latent inputs of teacher forcing, raster chunks when only the first latent is aligned.
+    """
+    assign = "raster" if fed and cfg.align.assign == "first" else cfg.align.assign
+    return roi_targets(visual, batch["roi_index"], k, assign=assign, hop_index=batch.get("roi_hop_index"))
 
 
 def _build_probe(cfg: SFTConfig, data: TrainSet, hidden_size: int, resume_dir: Path | None) -> tuple[Any, Any]:
