@@ -21,7 +21,7 @@ from medlvr.train.rollout import (
     group_advantages,
     repeat_rows,
     sample_rollouts,
-    stop_and_pad_ids,
+    pad_id,
     trajectory_logprobs,
 )
 
@@ -100,8 +100,8 @@ def test_group_advantages_flat_groups_and_answer_tensors():
     scaled = group_advantages(r, 4, scale=True)
     assert torch.allclose(scaled[:4], adv[:4] / (r[:4].std() + 1e-4)) and (scaled[4:] == 0).all()
     assert flat_groups(r, 4).tolist() == [False, True]
-    ids, mask = answer_tensors([[5, 6], [7], [], [8, 9, 10]], [True, False, True, False], stop_id=1, pad_id=0)
-    assert ids.tolist() == [[5, 6, 1], [7, 0, 0], [1, 0, 0], [8, 9, 10]][:3] + [[8, 9, 10]]
+    ids, mask = answer_tensors([[5, 6], [7], [], [8, 9, 10]], [1, None, 2, None], pad_id=0)
+    assert ids.tolist() == [[5, 6, 1], [7, 0, 0], [2, 0, 0], [8, 9, 10]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 1]]
     assert repeat_rows(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
 
@@ -159,9 +159,9 @@ def test_recomputed_logprobs_are_those_of_the_sampled_trajectory(vlm, synth):
     sigma = 0.1
     ro = _rollouts(vlm, samples, images, seed=3, shared=True, sigma=sigma)
     col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
-    stop, pad = stop_and_pad_ids(vlm, col)
+    pad = pad_id(vlm)
     batch = col(ro.samples, images=ro.images)
-    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stopped, stop, pad)
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stop_tokens, pad)
     with torch.no_grad():
         lp = trajectory_logprobs(vlm, batch, ro.latents, temperature=1.0, latent_sigma=sigma)
     k, d = 3, vlm.hidden_size
@@ -173,13 +173,38 @@ def test_recomputed_logprobs_are_those_of_the_sampled_trajectory(vlm, synth):
     assert lp.mask[:, :k].all() and torch.equal(lp.mask[:, k:], batch["answer_mask"])
     # Teacher-forcing the greedy answer: every greedy token is the forward's argmax (no off-by-one).
     greedy = vlm.generate(col(samples, images=images), 3, max_new_tokens=6)
-    stopped = [len(t) < 6 for t in greedy.token_ids]
     b2 = col(samples, images=images)
-    b2["answer_ids"], b2["answer_mask"] = answer_tensors(greedy.token_ids, stopped, stop, pad)
+    b2["answer_ids"], b2["answer_mask"] = answer_tensors(greedy.token_ids, greedy.stop_tokens, pad)
     with torch.no_grad():
         fwd = vlm(b2, latent_inputs=greedy.latents)
     for i, ids in enumerate(greedy.token_ids):
         assert fwd.logits[i, : len(ids)].argmax(-1).tolist() == ids
+
+
+def test_the_stop_token_trained_is_the_one_sampled(vlm, synth, monkeypatch):
+    """A rollout that ended with a stop token other than the collator's trains that token (issue 13, item 5).
+
+    Each prompt's first greedy token is made a stop token too, so every greedy rollout ends at
+    once with its own stop; the training batch must hold that token, and one cut at the limit none.
+    """
+    from medlvr.train.rollout import pad_id
+
+    samples, images = _prompts(synth, 2)
+    col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
+    first = [ids[0] for ids in vlm.generate(col(samples, images=images), 3, max_new_tokens=1).token_ids]
+    assert not set(first) & set(vlm.stop_ids), "the first greedy tokens must not be stop tokens already"
+    monkeypatch.setattr(vlm, "stop_ids", sorted({*vlm.stop_ids, *first}))
+    ro = _rollouts(vlm, samples, images, seed=0, shared=True, sigma=0.0, temperature=1e-9, g=2)
+    assert ro.token_ids == [[], [], [], []] and ro.stopped == [True] * 4
+    assert ro.stop_tokens == [first[0], first[0], first[1], first[1]]
+    ids, mask = answer_tensors(ro.token_ids, ro.stop_tokens, pad_id(vlm))
+    assert ids[:, 0].tolist() == ro.stop_tokens and mask.tolist() == [[1]] * 4
+    # generate reports it too; a row cut at the limit has none (and trains no stop token)
+    monkeypatch.setattr(vlm, "stop_ids", [-1])
+    cut = vlm.generate(col(samples, images=images), 3, max_new_tokens=2)
+    assert cut.stop_tokens == [None, None]
+    ids, mask = answer_tensors(cut.token_ids, cut.stop_tokens, pad_id(vlm))
+    assert ids.tolist() == cut.token_ids and mask.tolist() == [[1, 1]] * 2
 
 
 def _cfg_overrides(tmp_path: Path, model_path: Path, synth, *extra: str) -> list[str]:
@@ -212,9 +237,8 @@ def test_first_epoch_ratio_is_one_kl_zero_then_positive(tmp_path, tiny_dir, synt
     ro = sample_rollouts(vlm, col, samples, images, group_size=4, latent_steps=2, temperature=1.0,
                          latent_sigma=0.05, max_new_tokens=4, generator=gen)  # fmt: skip
     vlm.train()
-    stop, pad = stop_and_pad_ids(vlm, col)
     batch = col(ro.samples, images=ro.images)
-    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stopped, stop, pad)
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stop_tokens, pad_id(vlm))
     kw = dict(temperature=1.0, latent_sigma=0.05)
 
     def ref_logp():
@@ -445,7 +469,7 @@ def _rollouts_of_ranks(world: int, per_rank: int, seed: int):
         return Rollouts(
             samples=[x for p in parts for x in p.samples], images=[x for p in parts for x in p.images],
             texts=[x for p in parts for x in p.texts], token_ids=[x for p in parts for x in p.token_ids],
-            stopped=[x for p in parts for x in p.stopped], latents=torch.cat([p.latents for p in parts]),
+            stop_tokens=[x for p in parts for x in p.stop_tokens], stopped=[x for p in parts for x in p.stopped], latents=torch.cat([p.latents for p in parts]),
             latent_means=torch.cat([p.latent_means for p in parts]), group_size=parts[0].group_size,
         )  # fmt: skip
 

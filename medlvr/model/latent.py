@@ -87,6 +87,7 @@ class GenerationOutput:
     latents: torch.Tensor  # [B*G, K, d] the fed latent inputs z_k
     latent_means: torch.Tensor  # [B*G, K, d] proj(h_{k-1}), the mean z_k was sampled around
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    stop_tokens: list[int | None] = field(default_factory=list)  # the stop id that ended each row; None: cut at the limit
 
 
 @dataclass
@@ -378,8 +379,9 @@ class LatentVLM(nn.Module):
 
         seqs = torch.stack(out_ids, 1).tolist() if out_ids else [[] for _ in range(b)]
         token_ids = [_until_stop(row, self.stop_ids) for row in seqs]
+        stop_tokens = [row[len(ids)] if len(ids) < len(row) else None for row, ids in zip(seqs, token_ids)]
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        return GenerationOutput([t.strip() for t in texts], token_ids, latents, means, timings)
+        return GenerationOutput([t.strip() for t in texts], token_ids, latents, means, timings, stop_tokens)
 
     # ------------------------------------------------------------------ training
     def forward(

@@ -41,6 +41,7 @@ class Rollouts:
     images: list[list[Image.Image]]  # [N] the prompt's images, repeated G times (same objects)
     texts: list[str]  # [N] decoded answers
     token_ids: list[list[int]]  # [N] answer tokens, stop token excluded
+    stop_tokens: list[int | None]  # [N] the stop token that ended the rollout (sampled: trained); None at the token limit
     stopped: list[bool]  # [N] the rollout ended with a stop token (not the token limit)
     latents: torch.Tensor  # [N, K, d] sampled latent inputs z_k
     latent_means: torch.Tensor  # [N, K, d] the means they were sampled around (rollout policy)
@@ -87,15 +88,13 @@ def sample_rollouts(
             batch, latent_steps, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
             top_p=top_p, latent_sigma=latent_sigma, group_size=1, generator=generator,
         )
-    # generate drops the stop token: a row shorter than the limit stopped by itself (a
-    # row whose stop token was the last allowed one is max_new_tokens - 1 long).
-    stopped = [len(ids) < max_new_tokens for ids in out.token_ids]
     return Rollouts(
         samples=repeat_rows(samples, g),
         images=repeat_rows([list(i) for i in images], g),
         texts=list(out.texts),
         token_ids=[list(t) for t in out.token_ids],
-        stopped=stopped,
+        stop_tokens=list(out.stop_tokens),
+        stopped=[t is not None for t in out.stop_tokens],
         latents=out.latents,
         latent_means=out.latent_means,
         group_size=g,
@@ -103,16 +102,16 @@ def sample_rollouts(
     )
 
 
-def answer_tensors(token_ids: Sequence[Sequence[int]], stopped: Sequence[bool], stop_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_tensors(token_ids: Sequence[Sequence[int]], stop_tokens: Sequence[int | None], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled responses -> `answer_ids [N, T]`, `answer_mask [N, T]` for the training forward.
 
-    The stop token is appended where the rollout stopped (it was sampled, so its
-    probability is part of the trajectory's); a rollout cut at the limit has none.
-    Right-padded with `pad_id` (masked out). `generate` does not report which stop id
-    ended a row, so `stop_id` is the chat turn's end token the collator trains on.
-    Every row keeps at least one position, so an empty, unstopped row is all padding.
+    Each row's own stop token (`stop_tokens`, the one `generate` sampled, e.g. `<|endoftext|>`
+    rather than the chat turn's `<|im_end|>`) is appended where the rollout stopped: its
+    probability is part of the trajectory's. A rollout cut at the limit (None) has none.
+    Right-padded with `pad_id` (masked out). Every row keeps at least one position, so an
+    empty, unstopped row is all padding.
     """
-    rows = [list(ids) + ([stop_id] if s else []) for ids, s in zip(token_ids, stopped)]
+    rows = [list(ids) + ([stop] if stop is not None else []) for ids, stop in zip(token_ids, stop_tokens)]
     t = max(1, max((len(r) for r in rows), default=1))
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), t), dtype=torch.long)
@@ -123,11 +122,10 @@ def answer_tensors(token_ids: Sequence[Sequence[int]], stopped: Sequence[bool], 
     return ids, mask
 
 
-def stop_and_pad_ids(vlm: LatentVLM, collator: VQACollator) -> tuple[int, int]:
-    """The stop token id answers end with (the collator's) and a padding id."""
-    stop = vlm.tokenizer.convert_tokens_to_ids(collator.stop_token)
+def pad_id(vlm: LatentVLM) -> int:
+    """The id that pads answer rows (masked out): the tokenizer's, else the first stop id."""
     pad = vlm.tokenizer.pad_token_id
-    return int(stop), int(pad if pad is not None else stop)
+    return int(pad if pad is not None else vlm.stop_ids[0])
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
@@ -222,7 +220,7 @@ __all__ = [
     "TrajectoryLogprobs",
     "sample_rollouts",
     "answer_tensors",
-    "stop_and_pad_ids",
+    "pad_id",
     "group_advantages",
     "flat_groups",
     "repeat_rows",

@@ -53,7 +53,7 @@ from medlvr.train.rollout import (
     group_advantages,
     latents_are_actions,
     sample_rollouts,
-    stop_and_pad_ids,
+    pad_id,
     trajectory_logprobs,
     unit_mask,
 )
@@ -283,7 +283,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
     prompt_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False, image_loader=load_image)
     traj_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual, image_loader=load_image)
-    stop_id, pad_id = stop_and_pad_ids(vlm, prompt_collate)
+    pad = pad_id(vlm)
     log = _VLPOLogger(cfg, accelerator, out_dir, resume_step=step if resume_dir is not None else 0)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +311,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 2. log-probabilities of the finished trajectories: rollout policy and reference
             t0 = time.perf_counter()
-            micro = _micro_batches(ro, traj_collate, stop_id, pad_id, p.micro_batch_size, trains_latents)
+            micro = _micro_batches(ro, traj_collate, pad, p.micro_batch_size, trains_latents)
             old, ref, visual, entropy_sum = [], [], [], 0.0
             with torch.no_grad():
                 for mb in micro:
@@ -466,12 +466,12 @@ class _Micro:
     n: int
 
 
-def _micro_batches(ro: Rollouts, collate: Any, stop_id: int, pad_id: int, size: int, latent_actions: bool) -> list[_Micro]:
+def _micro_batches(ro: Rollouts, collate: Any, pad: int, size: int, latent_actions: bool) -> list[_Micro]:
     out = []
     for a in range(0, len(ro.texts), size):
         rows = slice(a, min(a + size, len(ro.texts)))
         batch = collate(ro.samples[rows], images=ro.images[rows])
-        batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids[rows], ro.stopped[rows], stop_id, pad_id)
+        batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids[rows], ro.stop_tokens[rows], pad)
         mask = unit_mask(batch["answer_mask"], ro.latents.shape[1], latent_actions)  # the units trajectory_logprobs marks
         out.append(_Micro(rows, batch, ro.latents[rows], mask, batch["answer_mask"], rows.stop - rows.start))
     return out
