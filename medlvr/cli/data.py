@@ -88,6 +88,57 @@ def convert(
     console.print(f"wrote {n} samples to {out_path}", highlight=False, soft_wrap=True)
 
 
+@app.command("ground")
+@user_errors
+def ground(
+    source: str = typer.Argument(..., help="A release preset (nih-cxr14, vindr-cxr, ms-cxr, kvasir-seg, slake-ground) or a generic input (coco, csv, masks, nifti)."),
+    out: str = typer.Option(..., "--out", help="Output JSONL file (NIfTI slices are written beside it, under images/)."),
+    root: str = typer.Option(None, "--root", help="Presets: the unpacked release folder."),
+    annotations: list[str] = typer.Option([], "--annotations", help="coco, csv: an annotation file, [SPLIT=]FILE (repeatable; SPLIT is its official split)."),
+    images: str = typer.Option(None, "--images", help="coco, csv, masks, nifti: the image folder; ms-cxr: the MIMIC-CXR-JPG folder holding files/ (default --root)."),
+    masks: str = typer.Option(None, "--masks", help="masks, nifti: the folder of label maps or label volumes."),
+    columns: str = typer.Option(None, "--columns", help="csv: 'image=COL,label=COL,x0=..,y0=..,x1=..,y1=..' or x,y,w,h; optional phrase, group, split, width, height, reader; COL may be #N (N-th column)."),
+    image_suffix: str = typer.Option(None, "--image-suffix", help="csv: appended to the image column to name the file (e.g. .png)."),
+    labels: str = typer.Option(None, "--labels", help="masks, nifti: mask values and names, '1=liver,2=liver tumour'."),
+    group_field: str = typer.Option(None, "--group-field", help="coco: image field holding the patient id (the split unit)."),
+    phrase_field: str = typer.Option(None, "--phrase-field", help="coco: annotation field holding a phrase (phrase grounding)."),
+    min_iou: float = typer.Option(None, "--min-iou", help="csv with a reader column, vindr-cxr: IoU for boxes of different readers to be one finding (default 0.4)."),
+    min_readers: int = typer.Option(None, "--min-readers", help="csv with a reader column, vindr-cxr: readers a finding needs to be kept (default 2)."),
+    min_area: int = typer.Option(None, "--min-area", help="masks, nifti, kvasir-seg, slake-ground: smallest connected component kept, in pixels."),
+    threshold: int = typer.Option(None, "--threshold", help="masks: binarise grey masks at this level (JPEG masks)."),
+    mask_suffix: str = typer.Option(None, "--mask-suffix", help="masks, nifti: stripped from a mask's name to find its image (e.g. _mask)."),
+    axis: int = typer.Option(None, "--axis", help="nifti: slicing axis 0, 1 or 2 (default 2)."),
+    slice_step: int = typer.Option(None, "--slice-step", help="nifti: keep every N-th labelled slice (default 1)."),
+    empty_slices: int = typer.Option(None, "--empty-slices", help="nifti: label-free slices per volume kept as negatives (default 0)."),
+    regions: str = typer.Option(None, "--regions", help="kvasir-seg, slake-ground: regions from the release's 'boxes' (default) or its 'masks'."),
+    split: str = typer.Option(None, "--split", help="vindr-cxr: one official split (default: all)."),
+    dataset: str = typer.Option(None, "--dataset", help="Dataset name of the samples (default: the source)."),
+    families: str = typer.Option(None, "--families", help="Question families, e.g. 'presence,location,count,size,grounding' (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split, the negatives and option order."),
+    val_fraction: float = typer.Option(None, "--val-fraction", help="Move this fraction of train patients/images to val (releases without a val split)."),
+    sides: str = typer.Option(None, "--sides", help="Left/right in answers: 'image' (viewer) or 'patient' (radiological convention)."),
+) -> None:
+    """Build grounded VQA (presence, location, count, size, phrase grounding) with exact ROIs from boxes or masks."""
+    opts = {k: v for k, v in locals().items() if k not in ("source", "out") and v not in (None, [])}
+    from pathlib import Path
+
+    from medlvr.data.ground import GENERIC
+    from medlvr.data.ground import ground as build
+    from medlvr.data.schema import write_jsonl
+
+    if families:
+        opts["families"] = tuple(f.strip() for f in families.split(",") if f.strip())
+    if source == "nifti":
+        opts["export_dir"] = str(Path(out).parent / "images" / (dataset or source))
+    if source in GENERIC:
+        opts["annotations"] = list(annotations)
+    result = build(source, **opts)
+    n = write_jsonl(result.samples, Path(out))
+    for line in result.summary():
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"wrote {n} samples to {out}", highlight=False, soft_wrap=True)
+
+
 @app.command("validate")
 @user_errors
 def validate(
@@ -109,23 +160,29 @@ def validate(
 @app.command("inspect")
 @user_errors
 def inspect(
-    file: str = typer.Argument(..., help="A VQASample JSONL file."),
-    png: str = typer.Option("", help="Where to draw a few samples with their ROI boxes (default: FILE.png)."),
+    files: list[str] = typer.Argument(..., help="One or more VQASample JSONL files (e.g. the parts of a training mixture)."),
+    png: str = typer.Option("", help="Where to draw a few samples with their ROI boxes (default: FIRST_FILE.png)."),
     n: int = typer.Option(6, help="Samples drawn."),
 ) -> None:
-    """Counts by dataset, split, type and modality, ROI coverage, and a PNG of a few samples with their boxes."""
+    """Counts by dataset, split, type and modality, ROI coverage per source, and a PNG of a few samples with their boxes."""
     from pathlib import Path
 
-    from medlvr.data.inspect import dataset_stats, render_samples
+    from medlvr.data.inspect import dataset_stats, render_samples, roi_coverage
     from medlvr.data.schema import read_jsonl
 
-    samples = read_jsonl(file)
+    per_file = {file: read_jsonl(file) for file in files}
+    samples = [s for part in per_file.values() for s in part]
     stats = dataset_stats(samples)
-    console.print(f"[bold]{file}[/]: {stats['n']} samples, {stats['with_roi']} with ROIs "
+    name = files[0] if len(files) == 1 else f"{len(files)} files"
+    console.print(f"[bold]{name}[/]: {stats['n']} samples, {stats['with_roi']} with ROIs "
                   f"({stats['roi_coverage']:.1%}, {stats['rois_per_sample']:.2f} boxes each)", highlight=False, soft_wrap=True)
     for key in ("dataset", "split", "answer_type", "question_type", "modality", "images_per_sample"):
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(stats[key].items(), key=lambda kv: (-kv[1], str(kv[0]))))
         console.print(f"  {key:>18}  {counts}", highlight=False, soft_wrap=True)
+    console.print("ROI coverage per source:", highlight=False)
+    for c in roi_coverage(per_file):
+        console.print(f"  {c.source}: {c.with_roi}/{c.n} samples with ROIs ({c.fraction:.1%}, {c.boxes_per_sample:.2f} boxes each)",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     if n > 0 and samples:
-        out = render_samples(samples, Path(png or f"{file}.png"), n)
+        out = render_samples(samples, Path(png or f"{files[0]}.png"), n)
         console.print(f"drew {min(n, len(samples))} samples to {out}", soft_wrap=True)

@@ -1,9 +1,10 @@
-"""What is in a JSONL file: counts by dataset, type, modality and ROI coverage; a few samples drawn with their boxes."""
+"""What is in JSONL files: counts by dataset, type, modality, ROI coverage per source; a few samples drawn with their boxes."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,36 @@ def dataset_stats(samples: Sequence[VQASample]) -> dict[str, Any]:
         "roi_coverage": len(with_roi) / len(samples) if samples else 0.0,
         "rois_per_sample": (sum(len(s.rois) for s in with_roi) / len(with_roi)) if with_roi else 0.0,
     }
+
+
+@dataclass
+class Coverage:
+    """How much of one source carries ROI supervision."""
+
+    source: str
+    n: int
+    with_roi: int
+    boxes: int
+
+    @property
+    def fraction(self) -> float:
+        return self.with_roi / self.n if self.n else 0.0
+
+    @property
+    def boxes_per_sample(self) -> float:
+        """Mean boxes per sample that has any."""
+        return self.boxes / self.with_roi if self.with_roi else 0.0
+
+
+def roi_coverage(files: dict[str, Sequence[VQASample]]) -> list[Coverage]:
+    """ROI coverage per source: every file, and every dataset inside a file that mixes several."""
+    out = []
+    for name, samples in files.items():
+        datasets = sorted({s.dataset for s in samples})
+        parts = [(name, samples)] + ([(f"{name} [{d}]", [s for s in samples if s.dataset == d]) for d in datasets] if len(datasets) > 1 else [])
+        for label, part in parts:
+            out.append(Coverage(label, len(part), sum(bool(s.rois) for s in part), sum(len(s.rois) for s in part)))
+    return out
 
 
 def render_samples(samples: Sequence[VQASample], out: Path, n: int = 6, loader=None) -> Path:
