@@ -7,7 +7,8 @@ cite the paper and acknowledge the NIH Clinical Center as the data provider.
 Release files read:
 - `BBox_List_2017.csv`: 984 boxes on 880 images, 8 findings (Atelectasis, Cardiomegaly, Effusion,
   Infiltrate, Mass, Nodule, Pneumonia, Pneumothorax). Header `Image Index,Finding Label,Bbox
-  [x,y,w,h],,,`: x, y, w, h sit in columns 3-6 (the last three are unnamed), in PNG pixels.
+  [x,y,w,h],,,`: the unquoted name spreads over columns 3-6, which hold x, y, w, h in PNG
+  pixels, so they are read by position.
 - images `images/<Image Index>`, or the Kaggle layout `images_001/images/...` (found by name).
 - `Data_Entry_2017.csv` (or `Data_Entry_2017_v2020.csv`), optional: `Image Index` and its
   image-level `Finding Labels` (`A|B`, "No Finding"). A finding is absent from an image only if
