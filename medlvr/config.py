@@ -342,6 +342,7 @@ class SFTConfig:
 
 
 PolicyAggregation = Literal["token", "sequence"]
+LatentLogprob = Literal["mean", "sum"]
 
 
 @dataclass
@@ -377,6 +378,18 @@ class VLPOParams:
     clip_high: float = 0.28
     """PPO epsilon above 1: `1 + clip_high` (DAPO's clip-higher keeps low-probability
     tokens explorable; set equal to `clip_low` for symmetric PPO clipping)."""
+    latent_logprob: LatentLogprob = "mean"
+    """Log-density of a latent step in the ratio and the KL. `sum`: the step's Gaussian density
+    `-||z - mu||^2 / (2 sigma^2)` (Monet's VLPO), whose ratio is the true density ratio, so
+    PPO's clip range is a trust region for the latent steps too; `mean`: divided by d (the
+    per-dimension density, on the scale of one token's log-probability), whose ratio is the
+    true one to the power 1/d. Measured on the tiny recipe: docs/results.md, "VLPO: the
+    latent log-density"."""
+    latent_clip_low: float = 0.2
+    """PPO epsilon below 1 for latent steps (their ratio is a density ratio, on another
+    scale than a token's): the latent ratio is clipped at `1 - latent_clip_low`."""
+    latent_clip_high: float = 0.28
+    """PPO epsilon above 1 for latent steps: `1 + latent_clip_high`."""
     aggregation: PolicyAggregation = "token"
     """`token`: every latent step and answer token of the optimizer step weighs the same
     (DAPO); `sequence`: mean within each trajectory, then over trajectories (GRPO)."""
@@ -409,6 +422,11 @@ class VLPOParams:
             raise MedlvrError("vlpo.max_new_tokens, update_epochs, mini_batches and micro_batch_size must be >= 1")
         if not 0 <= self.clip_low < 1 or self.clip_high < 0:
             raise MedlvrError(f"vlpo.clip_low must be in [0, 1) and vlpo.clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if not 0 <= self.latent_clip_low < 1 or self.latent_clip_high < 0:
+            raise MedlvrError(f"vlpo.latent_clip_low must be in [0, 1) and vlpo.latent_clip_high >= 0, "
+                              f"got {self.latent_clip_low}, {self.latent_clip_high}")
+        if self.latent_logprob not in ("mean", "sum"):
+            raise MedlvrError(f"vlpo.latent_logprob must be mean or sum, got {self.latent_logprob!r}")
         if self.aggregation not in ("token", "sequence"):
             raise MedlvrError(f"vlpo.aggregation must be token or sequence, got {self.aggregation!r}")
         if self.beta < 0:

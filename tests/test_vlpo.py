@@ -51,6 +51,46 @@ def test_latent_logprob_is_the_per_dimension_gaussian_density():
         assert torch.allclose(gaussian_logprob(z, mu2, sigma) - gaussian_logprob(z, mu, sigma), exact_ratio / d, atol=1e-4)
 
 
+def test_latent_logprob_sum_is_the_exact_density_and_its_ratio_the_true_one():
+    """`latent_logprob: sum` (Monet's): the step's whole log-density, constant dropped, so the
+    latent ratio is the true density ratio (the `mean` one is its d-th root)."""
+    torch.manual_seed(0)
+    for d, sigma in ((8, 0.05), (64, 0.3)):
+        mu = torch.randn(4, 3, d)
+        z = mu + sigma * torch.randn(4, 3, d)
+        exact = torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1)
+        const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+        assert torch.allclose(gaussian_logprob(z, mu, sigma, "sum"), exact + const, atol=1e-4)
+        assert torch.allclose(gaussian_logprob(z, mu, sigma, "sum"), d * gaussian_logprob(z, mu, sigma, "mean"), atol=1e-4)
+        mu2 = mu + 0.01
+        exact_ratio = torch.distributions.Normal(mu2, sigma).log_prob(z).sum(-1) - exact
+        assert torch.allclose(gaussian_logprob(z, mu2, sigma, "sum") - gaussian_logprob(z, mu, sigma, "sum"), exact_ratio, atol=1e-3)
+    with pytest.raises(ValueError, match="mean or sum"):
+        gaussian_logprob(z, mu, sigma, "max")
+
+
+def test_latent_units_have_their_own_clip_range():
+    """The first `latent_steps` units are clipped at `[1 - latent_clip_low, 1 + latent_clip_high]`,
+    the answer tokens at `[1 - clip_low, 1 + clip_high]`; the stats count each kind apart."""
+    old = torch.zeros(2, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    lp = torch.full((2, 5), 0.1, requires_grad=True)  # ratio e^0.1 = 1.105
+    per_seq, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, latent_steps=2,
+                              latent_clip_low=0.05, latent_clip_high=0.05)  # fmt: skip
+    per_seq.sum().backward()
+    # A > 0: latent units clipped at 1.05 (no gradient), tokens not (1.105 < 1.28); A < 0: nothing clipped.
+    assert st["clipped"] == 2 and st["latent_clipped"] == 2 and st["latent_units"] == 4
+    assert (lp.grad[0, :2] == 0).all() and (lp.grad[0, 2:4] != 0).all() and (lp.grad[1, :3] != 0).all()
+    assert torch.allclose(per_seq[0], -(2 * 1.05 + 2 * math.exp(0.1)) * torch.ones(()))
+    # Without a latent range the token range applies to every unit (the old behaviour).
+    same, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, latent_steps=2)
+    assert st["clipped"] == 0 and st["latent_units"] == 4
+    ref = torch.randn(2, 5)
+    _, st = policy_loss(lp, old, adv, mask, latent_steps=2, ref_logp=ref)
+    assert torch.allclose(st["latent_kl"], (kl_k3(lp, ref) * mask)[:, :2].sum())
+
+
 def test_kl_k3_is_zero_at_equality_and_positive_otherwise():
     lp = torch.randn(5, 7)
     assert torch.equal(kl_k3(lp, lp), torch.zeros(5, 7))
@@ -179,6 +219,33 @@ def test_recomputed_logprobs_are_those_of_the_sampled_trajectory(vlm, synth):
         fwd = vlm(b2, latent_inputs=greedy.latents)
     for i, ids in enumerate(greedy.token_ids):
         assert fwd.logits[i, : len(ids)].argmax(-1).tolist() == ids
+
+
+@pytest.mark.parametrize("kind", ["mean", "sum"])
+def test_trajectory_latent_units_follow_the_configured_density(vlm, synth, kind):
+    samples, images = _prompts(synth, 1)
+    sigma = 0.1
+    ro = _rollouts(vlm, samples, images, seed=3, shared=True, sigma=sigma, g=2)
+    col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
+    batch = col(ro.samples, images=ro.images)
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stop_tokens, pad_id(vlm))
+    with torch.no_grad():
+        lp = trajectory_logprobs(vlm, batch, ro.latents, temperature=1.0, latent_sigma=sigma, latent_logprob=kind)
+    d = vlm.hidden_size
+    exact = torch.distributions.Normal(ro.latent_means, sigma).log_prob(ro.latents).sum(-1)
+    const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+    assert torch.allclose(lp.logp[:, :3], (exact + const) / (d if kind == "mean" else 1), atol=1e-3)
+
+
+def test_vlpo_latent_options_are_validated():
+    from medlvr.config import VLPOParams
+    from medlvr.errors import MedlvrError
+
+    assert VLPOParams(latent_logprob="sum", latent_clip_low=0.1, latent_clip_high=0.1).latent_logprob == "sum"
+    with pytest.raises(MedlvrError, match="latent_logprob"):
+        VLPOParams(latent_logprob="max")
+    with pytest.raises(MedlvrError, match="latent_clip"):
+        VLPOParams(latent_clip_low=1.0)
 
 
 def test_the_stop_token_trained_is_the_one_sampled(vlm, synth, monkeypatch):

@@ -551,14 +551,18 @@ class _Clock:
         return dt
 
 
-def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Per-dimension Gaussian log-density of latent steps: `-||z - mu||^2 / (2 sigma^2 d)`, shape [.., K].
+def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float, reduction: str = "mean") -> torch.Tensor:
+    """Gaussian log-density of latent steps `z ~ N(mu, sigma^2 I)`, shape [.., K] (`vlpo.latent_logprob`).
 
-    The constant term is dropped (it cancels in ratios and KL); dividing by d keeps
-    the latent term on the scale of one token's log-probability.
+    `sum`: the step's log-density `-||z - mu||^2 / (2 sigma^2)`, so ratios are the true
+    density ratios (Monet's VLPO); `mean`: divided by d, the per-dimension log-density, on
+    the scale of one token's log-probability, whose ratio is the true one to the power 1/d.
+    The constant term is dropped (it cancels in ratios and KL).
     """
-    d = z.shape[-1]
-    return -(z.float() - mu.float()).pow(2).sum(-1) / (2 * sigma**2 * d)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"latent log-density reduction must be mean or sum, got {reduction!r}")
+    sq = (z.float() - mu.float()).pow(2).sum(-1) / (2 * sigma**2)
+    return -sq / z.shape[-1] if reduction == "mean" else -sq
 
 
 __all__ = ["LatentVLM", "LatentProjector", "GenerationOutput", "ForwardOutput", "gaussian_logprob"]

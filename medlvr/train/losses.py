@@ -125,8 +125,9 @@ __all__ = [
 
 # ---------------------------------------------------------------------------- VLPO (stage 2)
 # A trajectory's policy "units" are its K latent steps followed by its T answer tokens:
-# `logp [N, K + T]` holds the latent log-densities (`gaussian_logprob`, per dimension)
-# and the answer-token log-probabilities side by side, `mask [N, K + T]` marks real units.
+# `logp [N, K + T]` holds the latent log-densities (`gaussian_logprob`, per dimension or
+# summed: `vlpo.latent_logprob`) and the answer-token log-probabilities side by side,
+# `mask [N, K + T]` marks the units that are actions (`rollout.unit_mask`).
 
 PolicyAggregation = ("token", "sequence")
 
@@ -135,10 +136,10 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The k3 estimator of KL(pi || ref) per unit (Schulman, "Approximating KL divergence", 2020).
 
     With `x = ref_logp - logp`: `exp(x) - x - 1`, unbiased under samples from pi, >= 0,
-    and 0 exactly where the two log-probabilities agree. For latent steps the log-density
-    is the per-dimension one (divided by d), so this is the estimator applied to the
-    geometric-mean density ratio of one latent dimension. `x` is clamped to [-20, 20] so a
-    far-off reference cannot overflow `exp`.
+    and 0 exactly where the two log-probabilities agree. For latent steps it is applied to
+    whichever log-density `vlpo.latent_logprob` chose: the per-dimension one (the geometric-
+    mean density ratio of one latent dimension) or the step's whole density. `x` is clamped
+    to [-20, 20] so a far-off reference cannot overflow `exp`.
     """
     x = (ref_logp.float() - logp.float()).clamp(-20.0, 20.0)
     return torch.exp(x) - x - 1.0
@@ -152,6 +153,9 @@ def policy_loss(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    latent_steps: int = 0,
+    latent_clip_low: float | None = None,
+    latent_clip_high: float | None = None,
     aggregation: str = "token",
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
@@ -160,7 +164,9 @@ def policy_loss(
 
     `logp, old_logp, mask [N, U]`, `advantages [N]` (one per trajectory, shared by its units).
     The ratio `exp(logp - old_logp)` is clipped to `[1 - clip_low, 1 + clip_high]` (separate
-    epsilons as in DAPO's clip-higher). Per unit: `-min(r A, clip(r) A) + beta * k3`.
+    epsilons as in DAPO's clip-higher); the first `latent_steps` units (latent steps, whose
+    ratio is a density ratio on another scale) to `[1 - latent_clip_low, 1 + latent_clip_high]`
+    (None: the token range). Per unit: `-min(r A, clip(r) A) + beta * k3`.
 
     Returns per-sequence values whose *sum* the caller divides by a normaliser computed
     over the whole optimizer step (all micro-batches and processes, `policy_normaliser`):
@@ -169,7 +175,8 @@ def policy_loss(
     - `sequence`: the mean over the sequence's units (normaliser: the step's trajectory
       count), GRPO's original per-sample mean.
     This keeps gradient accumulation and any sharding equal to the single-batch loss.
-    Stats (detached, sums over real units, for the caller to reduce): `clipped`, `kl`, `units`.
+    Stats (detached, sums over real units, for the caller to reduce): `clipped`, `kl`, `ratio`,
+    `units`, and the latent units' share: `latent_clipped`, `latent_kl`, `latent_units`.
     """
     if aggregation not in PolicyAggregation:
         raise ValueError(f"unknown aggregation {aggregation!r}; expected token or sequence")
@@ -178,7 +185,11 @@ def policy_loss(
     m = mask.to(torch.float32)
     adv = advantages.float()[:, None]  # [N, 1]
     ratio = torch.exp(logp.float() - old_logp.float().detach())  # [N, U]
-    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    low = ratio.new_full(ratio.shape[1:], 1.0 - clip_low)  # [U] per-unit bounds
+    high = ratio.new_full(ratio.shape[1:], 1.0 + clip_high)
+    low[:latent_steps] = 1.0 - (clip_low if latent_clip_low is None else latent_clip_low)
+    high[:latent_steps] = 1.0 + (clip_high if latent_clip_high is None else latent_clip_high)
+    clipped_ratio = torch.clamp(ratio, min=low, max=high)
     unit = -torch.minimum(ratio * adv, clipped_ratio * adv)  # [N, U]; the clipped branch has no gradient
     kl = torch.zeros_like(unit)
     if ref_logp is not None:
@@ -190,11 +201,15 @@ def policy_loss(
         per_seq = per_seq / m.sum(-1).clamp_min(1.0)
     # A unit counts as clipped when the clipped branch won the min (its gradient is zero).
     clipped = ((clipped_ratio * adv < ratio * adv).detach() & mask.bool()).float()  # [N, U]
+    kl_units = kl.detach() * m
     stats = {
         "clipped": clipped.sum().detach(),
-        "kl": (kl.detach() * m).sum(),
+        "kl": kl_units.sum(),
         "ratio": (ratio.detach() * m).sum(),
         "units": m.sum(),
+        "latent_clipped": clipped[:, :latent_steps].sum(),
+        "latent_kl": kl_units[:, :latent_steps].sum(),
+        "latent_units": m[:, :latent_steps].sum(),
     }
     return per_seq, stats
 

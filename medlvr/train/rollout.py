@@ -15,8 +15,8 @@ same order; only the prefill differs (once per prompt instead of G times).
 Once a trajectory is finished its inputs are all known, so one parallel forward
 (`vlm(batch_repeated, latent_inputs=z)`) recomputes every log-probability at once:
 answer tokens under `softmax(logits / T)` (the distribution they were sampled from)
-and latent steps under `gaussian_logprob(z, mu, sigma)` with mu recomputed by the
-current policy.
+and latent steps under `gaussian_logprob(z, mu, sigma, vlpo.latent_logprob)` with mu
+recomputed by the current policy.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def unit_mask(answer_mask: torch.Tensor, latent_steps: int, latent_actions: bool
 class TrajectoryLogprobs:
     """Log-probabilities of N finished trajectories under one policy."""
 
-    logp: torch.Tensor  # [N, K + T] latent steps (per-dimension Gaussian), then answer tokens
+    logp: torch.Tensor  # [N, K + T] latent steps (Gaussian, per dimension or summed), then answer tokens
     mask: torch.Tensor  # [N, K + T] policy units (`unit_mask`: latents when they are actions; answer tokens per answer_mask)
     entropy: torch.Tensor  # [N, T] answer-token entropy under softmax(logits / T) (detached)
     latent_means: torch.Tensor  # [N, K, d] mu_k recomputed under this policy
@@ -184,13 +184,15 @@ def trajectory_logprobs(
     temperature: float,
     latent_sigma: float,
     latent_policy: bool = True,
+    latent_logprob: str = "mean",
 ) -> TrajectoryLogprobs:
     """One parallel forward over finished trajectories: every unit's log-probability.
 
     `model` is the `LatentVLM` (or its DDP wrapper); `batch` holds the prompts and the
     `answer_ids`/`answer_mask` built by `answer_tensors`; `latents [N, K, d]` are the
-    sampled z. With `latent_policy=False` (or sigma = 0) the latent steps are context,
-    not actions: their units are masked out.
+    sampled z, whose log-densities are `latent_logprob` (`mean` or `sum`, see
+    `gaussian_logprob`). With `latent_policy=False` (or sigma = 0) the latent steps are
+    context, not actions: their units are masked out.
     """
     out = model(batch, latent_inputs=latents)
     answer = batch["answer_ids"].to(out.logits.device)
@@ -203,7 +205,7 @@ def trajectory_logprobs(
     k = latents.shape[1]
     actions = latents_are_actions(k, latent_policy, latent_sigma)
     if actions:
-        lat = gaussian_logprob(latents.to(out.latent_means.device), out.latent_means, latent_sigma)  # [N, K]
+        lat = gaussian_logprob(latents.to(out.latent_means.device), out.latent_means, latent_sigma, latent_logprob)  # [N, K]
     else:
         lat = tok.new_zeros(tok.shape[0], k)
     return TrajectoryLogprobs(

@@ -6,8 +6,8 @@ Per step, on every process (B = batch_size prompts, G = vlpo.group_size):
    group_size=G)`): latent step k samples `z_k ~ N(mu_k, sigma^2 I)`, the answer is
    sampled at temperature T;
 2. log-probs: one parallel forward per micro-batch of finished trajectories gives the
-   log-probabilities of every latent step (per-dimension Gaussian, `gaussian_logprob`)
-   and answer token under the rollout policy (`old`), and, with beta > 0, under the
+   log-probabilities of every latent step (Gaussian, `gaussian_logprob`: per dimension
+   or summed, `vlpo.latent_logprob`) and answer token under the rollout policy (`old`), and, with beta > 0, under the
    reference (the starting checkpoint: the adapter disabled under LoRA, else a frozen copy);
 3. rewards: the weighted reward functions of `vlpo.rewards` (accuracy is the evaluation
    scorer), then group-relative advantages `(r - mean_g) / std_g` (std optional);
@@ -15,6 +15,8 @@ Per step, on every process (B = batch_size prompts, G = vlpo.group_size):
    `vlpo.mini_batches` optimizer steps, minimising per unit (latent step or token)
 
        -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3(pi, ref),   r = pi / pi_old,
+
+   with the latent steps' own epsilons (`vlpo.latent_clip_low/high`),
 
    aggregated per token or per sequence (`vlpo.aggregation`) with normalisers counted
    over the whole optimizer step on all processes, so gradient accumulation and DDP
@@ -28,6 +30,7 @@ the metrics logger are the SFT stage's (`medlvr.train.sft`, `optim`, `data`, `ch
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -91,6 +94,13 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
                 f"the checkpoint's latent projector is {proj!r} but latent.projector={cfg.latent.projector!r}: "
                 f"its trained projector would be dropped; set latent.projector={proj}"
             )
+    if "pause" in (cfg.latent.input, json.loads(saved.read_text()).get("input") if saved.is_file() else None):
+        # Rollouts would feed the same constants in every trajectory: nothing to explore or to credit.
+        raise MedlvrError(
+            "VLPO explores the latent steps with Gaussian noise around the fed-back state, but a pause-input model "
+            "(latent.input=pause, the pause-token control) feeds learned constants: start VLPO from a "
+            "latent.input=hidden checkpoint"
+        )
     if not cfg.data.train:
         raise MedlvrError("data.train is empty: give one or more JSONL files of prompts with gold answers")
     check_files(cfg.data.train, "training data")
@@ -284,6 +294,10 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     prompt_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False, image_loader=load_image)
     traj_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual, image_loader=load_image)
     pad = pad_id(vlm)
+    logprobs = functools.partial(
+        trajectory_logprobs, temperature=p.temperature, latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
+        latent_logprob=p.latent_logprob,
+    )  # (model, batch, latents) -> TrajectoryLogprobs, for the rollout policy, the reference and the update
     log = _VLPOLogger(cfg, accelerator, out_dir, resume_step=step if resume_dir is not None else 0)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,20 +330,14 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             with torch.no_grad():
                 for mb in micro:
                     with accelerator.autocast():
-                        lp = trajectory_logprobs(
-                            model, mb.batch, mb.latents, temperature=p.temperature,
-                            latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
-                        )  # fmt: skip
+                        lp = logprobs(model, mb.batch, mb.latents)
                     old.append(lp.logp.detach())
                     entropy_sum += float(lp.entropy.sum())
                     if rewards.needs_visual:
                         visual.extend(v.detach() for v in lp.visual_tokens)
                     if reference is not None:
                         with reference.active() as ref_model, accelerator.autocast():
-                            ref.append(trajectory_logprobs(
-                                ref_model, mb.batch, mb.latents, temperature=p.temperature,
-                                latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
-                            ).logp.detach())  # fmt: skip
+                            ref.append(logprobs(ref_model, mb.batch, mb.latents).logp.detach())
             times["logprob_s"] = time.perf_counter() - t0
 
             # ---- 3. rewards and group-relative advantages
@@ -346,7 +354,8 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 4. clipped policy updates
             t0 = time.perf_counter()
-            stats = torch.zeros(5, dtype=torch.float64)  # clipped units, kl sum, ratio sum, units, loss sum
+            # clipped units, kl sum, ratio sum, units, loss sum, clipped latent units, latent units
+            stats = torch.zeros(7, dtype=torch.float64)
             grad_norms: list[float] = []
             n_traj = len(ro.texts)
             order = list(range(len(micro)))
@@ -360,19 +369,18 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                         sync = n_mb == len(group) - 1
                         with (accelerator.no_sync(model) if not sync else _null()):
                             with accelerator.autocast():
-                                lp = trajectory_logprobs(
-                                    model, mb.batch, mb.latents, temperature=p.temperature,
-                                    latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
-                                )  # fmt: skip
+                                lp = logprobs(model, mb.batch, mb.latents)
                             per_seq, st = policy_loss(
                                 lp.logp, old[j], adv[mb.rows].to(lp.logp.device), mb.mask.to(lp.logp.device),
-                                clip_low=p.clip_low, clip_high=p.clip_high, aggregation=p.aggregation,
-                                ref_logp=ref[j] if ref else None, beta=p.beta,
+                                clip_low=p.clip_low, clip_high=p.clip_high, latent_steps=k_steps,
+                                latent_clip_low=p.latent_clip_low, latent_clip_high=p.latent_clip_high,
+                                aggregation=p.aggregation, ref_logp=ref[j] if ref else None, beta=p.beta,
                             )  # fmt: skip
                             loss = per_seq.sum() / max(norm, 1.0)
                             accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global sum
                         stats += torch.tensor([float(st["clipped"]), float(st["kl"]), float(st["ratio"]),
-                                               float(st["units"]), float(loss.detach())], dtype=torch.float64)  # fmt: skip
+                                               float(st["units"]), float(loss.detach()),
+                                               float(st["latent_clipped"]), float(st["latent_units"])], dtype=torch.float64)  # fmt: skip
                     if cfg.optim.max_grad_norm > 0:
                         grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)))
                     optimizer.step()
@@ -385,7 +393,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             # ---- metrics (reduced over processes)
             acc = torch.tensor([accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts)])
             flat = flat_groups(reward, p.group_size).float()
-            kl_rollout = sum(float((kl_k3(o, r) * mb.mask).sum()) for o, r, mb in zip(old, ref, micro)) if ref else 0.0
+            kl_units = [kl_k3(o, r) * mb.mask for o, r, mb in zip(old, ref, micro)]  # [n, K + T] each (none without a reference)
+            kl_rollout = sum(float(u.sum()) for u in kl_units)
+            kl_latent = sum(float(u[:, :k_steps].sum()) for u in kl_units)
             z = ro.latents.float()
             local = torch.tensor([
                 float(reward.sum()), float(reward.pow(2).sum()), float(acc.sum()), n_traj,
@@ -394,6 +404,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                 float(sum(len(t) for t in ro.token_ids)), float(sum(ro.stopped)), kl_rollout,
                 float(sum(mb.mask.sum() for mb in micro)),
                 *[float(v.sum()) for v in parts.values()], *stats.tolist(),
+                kl_latent, float(sum(mb.mask[:, :k_steps].sum() for mb in micro)),
             ], dtype=torch.float64)  # fmt: skip
             tot = accelerator.reduce(local.to(accelerator.device), "sum").cpu() if world > 1 else local
             n = float(tot[3])
@@ -415,6 +426,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             s0 = 13 + len(parts)
             units = max(float(tot[s0 + 3]), 1.0)
             row["clip_fraction"] = float(tot[s0]) / units
+            latent_units = float(tot[s0 + 6])  # per update pass; tot[s0 + 8]: in the rollouts once
+            row["clip_fraction_latent"] = float(tot[s0 + 5]) / latent_units if latent_units else None
+            row["kl_latent"] = float(tot[s0 + 7]) / float(tot[s0 + 8]) if ref and latent_units else None
             row["kl_update"] = float(tot[s0 + 1]) / units if ref else None
             row["ratio_mean"] = float(tot[s0 + 2]) / units
             # Each process's loss is its share of the global sum (normalised over all processes), so
