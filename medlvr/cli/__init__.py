@@ -14,6 +14,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def options(
+    verbose: bool = typer.Option(False, "--verbose", help="Also show transformers' own progress bars (loading and saving weights)."),
+) -> None:
+    # medlvr shows its own progress; a bar per load and save would drown it.
+    from transformers.utils import logging as hf_logging
+
+    (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
+
+
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")

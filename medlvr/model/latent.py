@@ -9,12 +9,14 @@ on the same KV cache, then `<|latent_end|>`, then decodes the answer. Training
 runs the same recurrence with gradients through the chain (Coconut-style), or
 recomputes full passes when gradient checkpointing drops the cache. The
 backbone is driven only through `inputs_embeds`, `position_ids`,
-`attention_mask`, `past_key_values` and `output_hidden_states`; everything
-family-specific comes from the adapter.
+`attention_mask`, the KV-cache argument (`cache`; `past_key_values` before
+transformers 5.24) and `output_hidden_states`; everything family-specific comes
+from the adapter.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +45,15 @@ from medlvr.model.backbones import (
 
 LATENT_CONFIG_FILE = "medlvr_latent.json"
 PROJECTOR_FILE = "latent_projector.safetensors"
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of `model.forward` in the installed transformers.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns on
+    every call and goes in 5.40); earlier 5.x releases take only `past_key_values`.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class LatentProjector(nn.Module):
@@ -134,6 +145,7 @@ class LatentVLM(nn.Module):
         self.latent_pad_id = self._token_id(LATENT_PAD)
         self.latent_end_id = self._token_id(LATENT_END)
         self.image_token_id = self.adapter.image_token_id(backbone)
+        self.cache_argument = cache_argument(self.base_model)
         self.stop_ids = self.adapter.stop_token_ids(self.tokenizer)
         d = self.hidden_size
         self.projector = LatentProjector(self.latent.projector, d, embed_rms=self._embed_rms())
@@ -238,10 +250,10 @@ class LatentVLM(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=cache is not None,
             output_hidden_states=True,
             logits_to_keep=logits_to_keep,
+            **{self.cache_argument: cache},
             **extra,
         )
         return out.logits, out.hidden_states[-1]
@@ -287,7 +299,7 @@ class LatentVLM(nn.Module):
         pos = self._advance(pre, z[:, None], None)
         out = self.base_model.model(
             inputs_embeds=z[:, None], attention_mask=pre.attention_mask, position_ids=pos,
-            past_key_values=pre.cache, use_cache=True,
+            use_cache=True, **{self.cache_argument: pre.cache},
         )
         return out.last_hidden_state[:, -1]
 

@@ -118,7 +118,11 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
             target_modules=list(cfg.lora.target_modules), modules_to_save=list(cfg.lora.modules_to_save) or None,
         )  # fmt: skip
         try:
-            vlm.backbone = get_peft_model(vlm.backbone, peft_cfg)
+            with warnings.catch_warnings():
+                # Not ours: peft's PeftModel.__init__ (0.21) reads `model.is_gradient_checkpointing`,
+                # which transformers 5.24 deprecated in favour of `is_activation_checkpointing`.
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils")
+                vlm.backbone = get_peft_model(vlm.backbone, peft_cfg)
         except ValueError as err:
             raise MedlvrError(f"LoRA: {err}") from None
         if resume_dir is not None:
