@@ -217,11 +217,13 @@ def test_nifti_label_volume_sliced_rendered_and_boxes_match_the_png(tmp_path):
     vol[30:35, 2:6, :] = 500.0  # something bright but unlabelled
     nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "imagesTr" / "case_001.nii.gz")
     nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "labelsTr" / "case_001.nii.gz")
-    out = tmp_path / "out" / "g.jsonl"
+    out = tmp_path / "out"
     res = runner.invoke(app, ["data", "ground", "nifti", "--images", str(tmp_path / "imagesTr"), "--masks", str(tmp_path / "labelsTr"),
                               "--labels", "1=kidney", "--empty-slices", "2", "--min-area", "4", "--out", str(out), "--dataset", "msd"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    samples = read_jsonl(out)
+    assert sorted(p.name for p in out.iterdir()) == ["images", "train.jsonl"]  # one volume, one patient: one split
+    samples = read_jsonl(out / "train.jsonl")
+    assert all(Path(s.images[0]).parent == out / "images" for s in samples)
     slices = sorted({s.meta["slice"] for s in samples})
     assert slices == [0, 1, 2, 3, 5]  # three labelled slices and two empty ones (first and last)
     assert Counter(s.question_type for s in samples) == {"count": 3, "location": 3, "presence": 4}
@@ -276,26 +278,27 @@ def test_question_only_baseline_catches_a_leaking_template(tmp_path):
 
 def test_cli_coco_and_inspect_per_source(tmp_path, vqa_rad_root):
     path = write_coco(tmp_path)
-    out = tmp_path / "out" / "coco.jsonl"
+    out = tmp_path / "out" / "toy"
     res = runner.invoke(app, ["data", "ground", "coco", "--annotations", f"train={path}", "--images", str(tmp_path),
                               "--out", str(out), "--dataset", "toy", "--families", "presence,count"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "train:     12 questions on 5 images  presence=8  count=4" in res.output and "wrote 12 samples" in res.output
+    assert "train:     12 questions on 5 images  presence=8  count=4" in res.output
+    assert f"wrote 12 samples to {out / 'train.jsonl'}" in res.output and [p.name for p in out.iterdir()] == ["train.jsonl"]
     rad = tmp_path / "out" / "rad.jsonl"
     assert runner.invoke(app, ["data", "convert", "vqa-rad", "--root", str(vqa_rad_root), "--split", "test", "--out", str(rad)]).exit_code == 0
-    res = runner.invoke(app, ["data", "inspect", str(rad), str(out), "--n", "0"])
+    res = runner.invoke(app, ["data", "inspect", str(rad), str(out / "train.jsonl"), "--n", "0"])
     assert res.exit_code == 0, res.output
     assert f"{rad}: 0/451 samples with ROIs (0.0%" in res.output
-    assert f"{out}: 8/12 samples with ROIs (66.7%, 1.25 boxes each)" in res.output
+    assert f"{out / 'train.jsonl'}: 8/12 samples with ROIs (66.7%, 1.25 boxes each)" in res.output
 
 
 def test_cli_errors_are_one_line(tmp_path):
     cases = [
-        (["data", "ground", "nope", "--out", str(tmp_path / "o.jsonl")], "unknown source 'nope'"),
-        (["data", "ground", "vindr-cxr", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "o.jsonl")], "release folder not found"),
-        (["data", "ground", "vindr-cxr", "--root", str(tmp_path), "--labels", "1=a", "--out", str(tmp_path / "o.jsonl")], "not used by this source: labels"),
-        (["data", "ground", "csv", "--images", str(tmp_path), "--annotations", str(tmp_path / "x.csv"), "--columns", "image=a,label=b,x=c,y=d,w=e,h=f", "--out", str(tmp_path / "o.jsonl")], "annotation file not found"),
-        (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--families", "colour"], "unknown question families"),
+        (["data", "ground", "nope", "--out", str(tmp_path / "o")], "unknown source 'nope'"),
+        (["data", "ground", "vindr-cxr", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "o")], "release folder not found"),
+        (["data", "ground", "vindr-cxr", "--root", str(tmp_path), "--labels", "1=a", "--out", str(tmp_path / "o")], "not used by this source: labels"),
+        (["data", "ground", "csv", "--images", str(tmp_path), "--annotations", str(tmp_path / "x.csv"), "--columns", "image=a,label=b,x=c,y=d,w=e,h=f", "--out", str(tmp_path / "o")], "annotation file not found"),
+        (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--families", "colour"], "unknown question families"),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)

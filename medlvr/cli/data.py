@@ -92,7 +92,7 @@ def convert(
 @user_errors
 def ground(
     source: str = typer.Argument(..., help="A release preset (nih-cxr14, vindr-cxr, ms-cxr, kvasir-seg, slake-ground) or a generic input (coco, csv, masks, nifti)."),
-    out: str = typer.Option(..., "--out", help="Output JSONL file (NIfTI slices are written beside it, under images/)."),
+    out: str = typer.Option(..., "--out", help="Output folder: one JSONL per split (train.jsonl, val.jsonl, test.jsonl); NIfTI slices go to its images/."),
     root: str = typer.Option(None, "--root", help="Presets: the unpacked release folder."),
     annotations: list[str] = typer.Option([], "--annotations", help="coco, csv: an annotation file, [SPLIT=]FILE (repeatable; SPLIT is its official split)."),
     images: str = typer.Option(None, "--images", help="coco, csv, masks, nifti: the image folder; ms-cxr: the MIMIC-CXR-JPG folder holding files/ (default --root)."),
@@ -129,14 +129,16 @@ def ground(
     if families:
         opts["families"] = tuple(f.strip() for f in families.split(",") if f.strip())
     if source == "nifti":
-        opts["export_dir"] = str(Path(out).parent / "images" / (dataset or source))
+        opts["export_dir"] = str(Path(out) / "images")
     if source in GENERIC:
         opts["annotations"] = list(annotations)
     result = build(source, **opts)
-    n = write_jsonl(result.samples, Path(out))
     for line in result.summary():
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"wrote {n} samples to {out}", highlight=False, soft_wrap=True)
+    for split_name in sorted({s.split for s in result.samples}):
+        path = Path(out) / f"{split_name}.jsonl"
+        n = write_jsonl([s for s in result.samples if s.split == split_name], path)
+        console.print(f"wrote {n} samples to {path}", highlight=False, soft_wrap=True)
 
 
 @app.command("validate")
