@@ -105,6 +105,8 @@ def test_data_takes_several_files_and_user_errors_exit_2(tiny_dir, synth_test, t
           "--mode", "latent", "--latent-steps", "two"], "integers"),
         (["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--out", str(tmp_path / "x"),
           "--explain-metrics"], "K >= 1"),
+        (["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--out", str(tmp_path / "x"),
+          "--image-control", "none,grey"], "image control must be one of none, blank, shuffled, question-only"),
         (["eval", "compare", str(tmp_path / "none"), str(tmp_path / "r")], "not found"),
     ]:
         res = runner.invoke(app, args)
@@ -126,3 +128,27 @@ def test_explain_metrics_merge_into_summary_and_report(tiny_dir, synth_test, tmp
     res = runner.invoke(app, ["eval", "report", str(run)])  # a rebuilt report keeps them
     _ok(res)
     assert "explain" in json.loads((run / "summary.json").read_text())
+
+
+def test_image_controls_in_one_command_then_compare(tiny_dir, synth_test, tmp_path):
+    run = tmp_path / "run"
+    args = ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--out", str(run), "--max-new-tokens", "3"]
+    res = runner.invoke(app, [*args, "--image-control", "none,blank,shuffled,question-only", "--control-seed", "1"])
+    _ok(res)
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["by_image_control"]) == ["none", "blank", "shuffled", "question-only"]
+    assert summary["overall"]["n"] == 6 and summary["image_dependence"]["overall"]["n"] == 6
+    rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    ghost = {r["image_control"]: r for r in rows if r["id"] == "ghost"}
+    assert ghost["blank"]["error"] and not ghost["question-only"].get("error")  # no image needed without images
+    for text in ("question-only", "image dependence (real − blank)", "Image controls"):
+        assert text in res.output, text
+    md = (run / "report.md").read_text()
+    assert "## Grounding controls" in md and "every pixel grey 128" in md
+
+    res = runner.invoke(app, [*args, "--image-control", "none,blank", "--control-seed", "1"])
+    _ok(res)
+    assert "0 new rows (12 already done)" in res.output
+    res = runner.invoke(app, ["eval", "compare", str(run), str(run), "--n-boot", "50"])
+    _ok(res)
+    assert "images=question-only" in res.output and "B − A +0.0" in res.output

@@ -10,12 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medlvr.data.schema import VQASample, write_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.eval.harness import evaluate, merge_shards, parse_latent_steps, sort_for_batching
 from medlvr.eval.report import PREDICTIONS_FILE, read_predictions, write_report
+from medlvr.model.backbones import families
 from tests.conftest import REPO, random_image
 
 TIMING = ("latency_p50", "latency_p95", "latency_s")
@@ -238,3 +240,173 @@ def test_batches_are_sorted_by_prompt_length_deterministically(tmp_path):
     assert order == [s.id for s in sort_for_batching(list(reversed(samples)))]
     lengths = [len(question_text(s)) for s in sort_for_batching(samples)]
     assert lengths == sorted(lengths)
+
+
+# --------------------------------------------------------------------------- grounding controls
+
+
+def _kind(sample, images, own) -> str:
+    """Which condition a scripted predictor was given, read from what it was shown."""
+    if not images:
+        return "question-only"
+    if all(np.unique(np.asarray(im)).tolist() == [128] for im in images):
+        return "blank"
+    return "shuffled" if sample.images != own[sample.id] else "none"
+
+
+def test_blank_images_answer_alike_and_shuffled_is_a_fixed_derangement(tmp_path):
+    from medlvr.data.schema import read_jsonl
+    from medlvr.eval.controls import shuffle_donors
+
+    data = _tiny_set(tmp_path, n=9)
+    own = {s.id: s.images for s in read_jsonl(data)}
+    seen = {}
+
+    def by_pixels(samples, images, k):
+        """Answers a digest of the pixels it is shown: two images answer alike only when equal."""
+        out = []
+        for s, imgs in zip(samples, images):
+            kind = _kind(s, imgs, own)
+            seen[(s.id, kind)] = [(im.mode, im.size) for im in imgs]
+            out.append(hashlib.md5(b"".join(im.tobytes() for im in imgs)).hexdigest()[:8] if imgs else "none")
+        return out
+
+    res = evaluate([data], tmp_path / "run", predictor=by_pixels, image_control="none,blank,shuffled", batch_size=4,
+                   control_seed=3, progress=False)
+    rows = read_predictions(tmp_path / "run")
+    resp = {(r["id"], r["image_control"]): r["response"] for r in rows}
+    # Blank: same-size same-mode grey images; q000 and q003 share a size (32x32) but differ in pixels.
+    assert resp[("q000", "none")] != resp[("q003", "none")]
+    assert resp[("q000", "blank")] == resp[("q003", "blank")]
+    assert seen[("q001", "blank")] == seen[("q001", "none")] == [("RGB", (36, 32))]
+    # Shuffled: the permutation of shuffle_donors for seed 3, no question on its own image.
+    donors = shuffle_donors(read_jsonl(data), seed=3)
+    shuffled = {r["id"]: r for r in rows if r["image_control"] == "shuffled"}
+    assert {i: r["images_from"] for i, r in shuffled.items()} == donors
+    assert all(r["images_from"] != i for i, r in shuffled.items()) and len(set(donors.values())) == 9
+    assert all(shuffled[i]["response"] == resp[(d, "none")] for i, d in donors.items())
+    assert res.summary["overall"]["n"] == 9 and set(res.summary["by_image_control"]) == {"none", "blank", "shuffled"}
+
+
+def test_control_summary_equals_hand_computation(tmp_path):
+    """Real images answer the gold; blank the gold on even-hash ids; shuffled never; question-only on i % 3 == 0."""
+    from medlvr.data.schema import read_jsonl
+
+    data = _tiny_set(tmp_path, n=24)
+    samples = read_jsonl(data)
+    own = {s.id: s.images for s in samples}
+    right = {"none": lambda i, sid: True, "blank": lambda i, sid: _even(sid), "shuffled": lambda i, sid: False,
+             "question-only": lambda i, sid: i % 3 == 0}
+
+    def scripted(batch, images, k):
+        return [s.gold if right[_kind(s, imgs, own)](int(s.id[1:]), s.id) else "maybe" for s, imgs in zip(batch, images)]
+
+    res = evaluate([data], tmp_path / "run", predictor=scripted, mode="latent", latent_steps=[0, 2],
+                   image_control="none,blank,shuffled,question-only", batch_size=5, progress=False)
+    s = res.summary
+    expected = {c: sum(f(i, x.id) for i, x in enumerate(samples)) / 24 for c, f in right.items()}
+    assert expected["blank"] not in (0.0, 1.0)
+    assert list(s["by_image_control"]) == ["none", "blank", "shuffled", "question-only"]
+    for c, acc in expected.items():
+        assert s["by_image_control"][c]["n"] == 48 and s["by_image_control"][c]["accuracy"] == pytest.approx(acc)
+        assert s["by_image_control_latent_steps"][c]["2"]["accuracy"] == pytest.approx(acc)
+        if c != "none":
+            assert s["real_minus_control"][c]["delta"] == pytest.approx(1 - acc)
+    assert s["overall"]["n"] == 48 and s["overall"]["accuracy"] == 1.0  # the real-image rows only
+    dep = s["image_dependence"]
+    assert dep["overall"]["n"] == 48 and dep["overall"]["delta"] == pytest.approx(1 - expected["blank"])
+    toy = [x.id for i, x in enumerate(samples) if i % 2]  # dataset "toy" holds the odd indices
+    assert dep["by_dataset"]["toy"]["delta"] == pytest.approx(1 - sum(map(_even, toy)) / len(toy))
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"**Image dependence (real − blank): {100 * (1 - expected['blank']):+.1f} points**" in md
+    assert "### By image condition and K" in md and "| question-only |" in md
+
+
+def test_question_only_prompts_have_no_image_placeholder(tmp_path):
+    data = _tiny_set(tmp_path, n=4)
+    got = []
+
+    def spy(samples, images, k):
+        got.extend((s.images, list(imgs)) for s, imgs in zip(samples, images))
+        return ["yes"] * len(samples)
+
+    evaluate([data], tmp_path / "run", predictor=spy, image_control="question-only", progress=False)
+    assert got and all(paths == [] and imgs == [] for paths, imgs in got)
+    rows = read_predictions(tmp_path / "run")
+    assert {r["image_control"] for r in rows} == {"question-only"} and not any(r.get("error") for r in rows)
+
+
+@pytest.mark.parametrize("family", families())
+def test_every_family_answers_a_question_only_prompt(tiny_factory, family, tmp_path):
+    from medlvr.data.collate import VQACollator
+    from medlvr.data.schema import read_jsonl
+    from medlvr.model.latent import LatentVLM
+
+    data = _tiny_set(tmp_path, n=3)
+    vlm = LatentVLM.from_pretrained(tiny_factory(family))
+    text_only = [s.model_copy(update={"images": []}) for s in read_jsonl(data)]
+    batch = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)(text_only, [[]] * 3)
+    assert int((batch["input_ids"] == vlm.image_token_id).sum()) == 0 and batch.get("pixel_values") is None
+    res = evaluate([data], tmp_path / "run", vlm=vlm, image_control="none,question-only", max_new_tokens=2,
+                   progress=False)
+    assert res.summary["by_image_control"]["question-only"]["n"] == 3 and res.n_errors == 0
+
+
+def test_a_family_without_text_only_prompts_fails_in_one_line(tiny_dir, tmp_path, monkeypatch):
+    from medlvr.model.latent import LatentVLM
+
+    vlm = LatentVLM.from_pretrained(tiny_dir)
+    monkeypatch.setattr(type(vlm.adapter), "text_only", False)
+    with pytest.raises(MedlvrError, match="qwen2_5_vl cannot answer without an image"):
+        evaluate([_tiny_set(tmp_path, n=2)], tmp_path / "run", vlm=vlm, image_control="question-only")
+
+
+def test_resuming_with_a_new_condition_computes_only_its_rows(tmp_path):
+    data = _tiny_set(tmp_path, n=10)
+    run = tmp_path / "run"
+    first = evaluate([data], run, predictor=keyed, batch_size=3, progress=False)
+    before = {r["id"]: r for r in read_predictions(run)}
+    calls = []
+
+    def counting(samples, images, k):
+        calls.extend((s.id, np.asarray(imgs[0]).max()) for s, imgs in zip(samples, images))
+        return keyed(samples, images, k)
+
+    res = evaluate([data], run, predictor=counting, image_control="none,blank", batch_size=3, progress=False)
+    assert (res.n_new, res.n_skipped) == (10, 10)
+    assert len(calls) == 10 and all(peak == 128 for _, peak in calls)  # blank images only
+    after = read_predictions(run)
+    assert {r["id"]: r for r in after if r["image_control"] == "none"} == before
+    assert res.summary["overall"] == first.summary["overall"]  # the real rows, unchanged
+    assert json.loads((run / "run.json").read_text())["image_controls"] == ["none", "blank"]
+
+    evaluate([data], run, predictor=keyed, image_control="shuffled", control_seed=1, progress=False)
+    with pytest.raises(MedlvrError, match="control_seed=1"):
+        evaluate([data], run, predictor=keyed, image_control="shuffled", control_seed=2, progress=False)
+
+
+def test_accuracy_by_hops_has_exact_counts_and_a_plot(tmp_path):
+    hops = [1] * 3 + [2] * 4 + [3] * 5
+    samples = [VQASample(id=f"h{i:02d}", dataset="chain", split="test", images=[], question=f"Hop question {i}?",
+                         answer="yes", answer_type="closed", meta={"hops": h}) for i, h in enumerate(hops)]
+    samples += [VQASample(id=f"r{i}", dataset="other", split="test", images=[], question="Is it?", answer="no",
+                          answer_type="closed") for i in range(2)]
+    # Right on h00, h03, h04, h07, h08, h09 (1 of 3 at 1 hop, 2 of 4 at 2, 3 of 5 at 3) and on r0.
+    good = {"h00", "h03", "h04", "h07", "h08", "h09", "r0"}
+
+    def scripted(batch, images, k):
+        return [s.gold if s.id in good and k == 0 else "maybe" for s in batch]
+
+    res = evaluate(samples, tmp_path / "run", predictor=scripted, mode="latent", latent_steps=[0, 2],
+                   image_control="none,blank", progress=False)
+    by_hops = res.summary["by_hops"]
+    assert list(by_hops) == ["1", "2", "3", "unknown"]
+    assert {h: m["n"] for h, m in by_hops.items()} == {"1": 6, "2": 8, "3": 10, "unknown": 4}  # K=0 and K=2
+    assert [by_hops[h]["accuracy"] for h in ("1", "2", "3")] == pytest.approx([1 / 6, 2 / 8, 3 / 10])
+    curves = res.summary["by_image_control_latent_steps_hops"]
+    assert (curves["blank"]["0"]["3"]["n"], curves["blank"]["0"]["3"]["accuracy"]) == (5, 3 / 5)
+    assert curves["none"]["2"]["1"]["accuracy"] == 0.0
+    assert (tmp_path / "run" / "plots" / "accuracy_by_hops.png").is_file()
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## By hops" in md and "| hops | none, K=0 | none, K=2 | blank, K=0 | blank, K=2 |" in md
+    assert "| 3 | 60.0 (5) | 0.0 (5) | 60.0 (5) | 0.0 (5) |" in md

@@ -66,10 +66,20 @@ def eval_run(
     explain_metrics: bool = typer.Option(
         False, "--explain-metrics",
         help="Also score the evidence maps (pointing game, ROI mass, random floor) on questions with ROIs, per K >= 1."),
+    image_control: str = typer.Option(
+        "none", "--image-control",
+        help="Image condition(s), comma-separated, each a full pass like each K: none (the real images), "
+             "blank (each image replaced by one of the same size and mode, every pixel grey 128), shuffled "
+             "(the images of another question: a fixed derangement among questions with the same image count), "
+             "question-only (no image, no image placeholder in the prompt). "
+             "E.g. none,blank,shuffled,question-only; the report shows image dependence = real minus blank."),
+    control_seed: int = typer.Option(
+        0, "--control-seed", help="Seed of the shuffled permutation (a resumed run must keep its seed)."),
 ) -> None:
     """Answer every question, score it with the one scorer, and write the run's reports.
 
-    Rerunning with the same --out resumes: finished (question, K) pairs are skipped.
+    Rerunning with the same --out resumes: finished (question, K, image condition) rows are skipped,
+    so adding a K or an --image-control condition computes only the new rows.
     Under torchrun / accelerate launch every rank takes a strided slice; rank 0 merges.
     """
     if ctx.invoked_subcommand is not None:
@@ -87,7 +97,8 @@ def eval_run(
 
     _init_distributed()
     result = evaluate(data, out, model=model, mode=mode, latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
-                      batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, explain=explain_metrics)
+                      batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, explain=explain_metrics,
+                      image_control=image_control, control_seed=control_seed)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if result.summary is None:
@@ -141,7 +152,7 @@ def compare_cmd(
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
     """B against A: metrics side by side with deltas, per-question wins and losses, McNemar and bootstrap CI."""
-    from medlvr.eval.report import compare
+    from medlvr.eval.report import compare, pair_label
 
     c = compare(run_a, run_b, out_dir=out, n_boot=n_boot, seed=seed)
     m = c["metrics"]
@@ -150,6 +161,7 @@ def compare_cmd(
         table.add_column(col, justify="left" if col in ("scope", "metric") else "right")
     scopes = [("all", m["overall"])] + [(f"dataset {k}", v) for k, v in m.get("by_dataset", {}).items()]
     scopes += [(f"K={k}", v) for k, v in m.get("by_latent_steps", {}).items()]
+    scopes += [(f"images={k}", v) for k, v in m.get("by_image_control", {}).items()]
     for name, metrics in scopes:
         for key in ("accuracy", "closed_accuracy", "choice_accuracy", "open_token_f1", "invalid_rate"):
             v = metrics[key]
@@ -161,14 +173,19 @@ def compare_cmd(
                         f"({c['only_a']} only in A, {c['only_b']} only in B)")
     for col in ("scope", "n", "acc A", "acc B", "delta", "B wins", "B losses", "McNemar p", "CI of delta"):
         tests.add_column(col, justify="left" if col == "scope" else "right")
-    for name, p in [("all", c["paired"])] + list(c["paired_by_dataset"].items()):
+    scopes = [("all", c["paired"])] + list(c["paired_by_dataset"].items())
+    scopes += [(f"images={k}", v) for k, v in c["paired_by_image_control"].items()]
+    for name, p in scopes:
         ci = "–" if p["ci"] is None else f"[{_pct(p['ci'][0], True)}, {_pct(p['ci'][1], True)}]"
         tests.add_row(name, str(p["n"]), _pct(p["acc_a"]), _pct(p["acc_b"]), _pct(p["delta"], True),
                       str(p["wins"]), str(p["losses"]), f"{p['mcnemar_p']:.4g}", ci)
     console.print(tests)
+    dep = c["image_dependence"]
+    if dep["a"] is not None or dep["b"] is not None:
+        console.print(f"image dependence (real − blank, points): A {_pct(dep['a'], True)}, B {_pct(dep['b'], True)}, "
+                      f"B − A {_pct(dep['delta'], True)}", highlight=False)
     for label, items in (("B wins", c["won"]), ("B losses", c["lost"])):
-        shown = ", ".join(x["id"] + (f"@K={x['latent_steps']}" if x["latent_steps"] is not None else "")
-                          for x in items[:20])
+        shown = ", ".join(pair_label(x) for x in items[:20])
         more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
         console.print(f"{label} ({len(items)}): {shown}{more}", highlight=False)
     if out is not None:
@@ -182,13 +199,31 @@ def _pct(v: Any, signed: bool = False) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title="Accuracy (%)")
+    main = summary.get("image_control_main")
+    table = Table(title="Accuracy (%)" + (f", images={main}" if main else ""))
     for col in ("scope", "n", "acc", "closed", "choice", "open EM", "tok F1", "invalid", "errors"):
         table.add_column(col, justify="left" if col == "scope" else "right")
     scopes = [("all", summary["overall"])] + [(f"dataset {k}", v) for k, v in summary["by_dataset"].items()]
     scopes += [(f"K={k}", v) for k, v in summary.get("by_latent_steps", {}).items()]
+    scopes += [(f"hops={k}", v) for k, v in summary.get("by_hops", {}).items()]
     for name, m in scopes:
         table.add_row(name, str(m["n"]), _pct(m["accuracy"]), _pct(m["closed_accuracy"]), _pct(m["choice_accuracy"]),
                       _pct(m["open_exact_match"]), _pct(m["open_token_f1"]), _pct(m["invalid_rate"]),
                       str(m["n_errors"]))
     console.print(table)
+    if not main:
+        return
+    controls = Table(title="Image controls (%; Δ real = real − control, on the questions both answered)")
+    for col in ("images", "n", "acc", "closed", "choice", "open EM", "invalid", "Δ real"):
+        controls.add_column(col, justify="left" if col == "images" else "right", no_wrap=col == "images")
+    gaps = summary.get("real_minus_control", {})
+    for name, m in summary["by_image_control"].items():
+        controls.add_row(name, str(m["n"]), _pct(m["accuracy"]), _pct(m["closed_accuracy"]),
+                         _pct(m["choice_accuracy"]), _pct(m["open_exact_match"]), _pct(m["invalid_rate"]),
+                         _pct(gaps.get(name, {}).get("delta"), signed=True))
+    console.print(controls)
+    dep = summary.get("image_dependence")
+    if dep and dep["overall"]["n"]:
+        o = dep["overall"]
+        console.print(f"image dependence (real − blank): {_pct(o['delta'], True)} points "
+                      f"(real {_pct(o['real'])}, blank {_pct(o['control'])}, n={o['n']})", highlight=False)

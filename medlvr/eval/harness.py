@@ -4,9 +4,11 @@
 any `Predictor` callable), scores each response with THE scorer
 (`medlvr.eval.metrics.prediction_row`), and writes the run directory:
 
-- `predictions.jsonl`: one scored row per (question id, latent budget K),
-  appended and flushed after every batch, so a crash loses at most the batch
-  in flight. A rerun on the same `out` skips the (id, K) pairs already there.
+- `predictions.jsonl`: one scored row per (question id, latent budget K,
+  image condition), appended and flushed after every batch, so a crash loses
+  at most the batch in flight. A rerun on the same `out` skips the rows
+  already there, so adding a K or a condition to a finished run computes only
+  the new rows.
 - `run.json`: the settings of the run (a rerun with another model or mode on
   the same directory is refused: its rows would be mixed).
 - `summary.json`, `report.md`, `plots/*.png` from `medlvr.eval.report.write_report`.
@@ -16,6 +18,15 @@ Modes (prompts in `medlvr.data.prompts`): `direct` answers at once (K=0),
 budget), `latent` runs K continuous latent steps before the answer; a list of
 K sweeps the latent budget in one call (one collated batch serves every K).
 
+Image conditions (`medlvr.eval.controls`): `none` (the real images), `blank`
+(same-size grey-128 images), `shuffled` (another question's images, a fixed
+derangement for `control_seed`) and `question-only` (no image, no image
+placeholder in the prompt). Several conditions run in one call, each a full
+pass like each K; the reports put the controls beside the real accuracy
+(image dependence = real minus blank). Which images a condition needs decides
+its error rows: `none` and `blank` need the question's own images (a blank
+image copies their size), `shuffled` its donor's, `question-only` none.
+
 Order: samples are sorted by (number of images, prompt length, id), so a batch
 holds prompts of similar length (little left padding) and the order never
 depends on the model or on the machine.
@@ -24,7 +35,7 @@ Sharding: with `world_size` W > 1 (read from an initialised
 `torch.distributed` group, e.g. under `torchrun` or `accelerate launch`), rank
 r takes the strided slice `sorted_samples[r::W]` and appends to its own
 `predictions.rank{r}.jsonl`; after a barrier rank 0 merges every file into
-`predictions.jsonl` (deduplicated on (id, K), sorted by (id, K)) and writes
+`predictions.jsonl` (deduplicated and sorted on (id, K, condition)) and writes
 the reports. A single process ends with the same merge, so one process and W
 processes give the same `predictions.jsonl` up to the timing fields.
 
@@ -39,6 +50,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +61,8 @@ from PIL import Image
 from medlvr.data.prompts import Mode, question_text
 from medlvr.data.schema import VQASample, load_jsonl
 from medlvr.errors import MedlvrError
+from medlvr.eval.controls import IMAGE_CONTROLS, REAL, blank_like, condition_of, kept_own, order_conditions, \
+    shuffle_donors
 from medlvr.eval.metrics import prediction_row
 from medlvr.eval.report import PREDICTIONS_FILE, write_report
 
@@ -62,6 +76,7 @@ __all__ = [
     "sort_for_batching",
     "merge_shards",
     "parse_latent_steps",
+    "parse_image_controls",
     "default_max_new_tokens",
     "RUN_FILE",
     "run_settings",
@@ -95,29 +110,40 @@ def default_max_new_tokens(mode: str) -> int:
     return DEFAULT_MAX_NEW_TOKENS[mode]
 
 
+def _parse_list(text: Any, convert: Callable[[Any], Any], what: str) -> list[Any]:
+    """A comma-separated string, one item or a sequence -> converted items, order kept, duplicates dropped."""
+    if isinstance(text, str):
+        items: list[Any] = [t.strip() for t in text.split(",") if t.strip()]
+    else:
+        items = list(text) if isinstance(text, Sequence) else [text]
+    out = list(dict.fromkeys(convert(item) for item in items))
+    if not out:
+        raise MedlvrError(f"no {what} given")
+    return out
+
+
 def parse_latent_steps(text: str | int | Sequence[int] | None) -> list[int] | None:
     """"0,2,4,8" -> [0, 2, 4, 8] (order kept, duplicates dropped); None stays None."""
-    if text is None:
-        return None
-    if isinstance(text, int):
-        items: list[Any] = [text]
-    elif isinstance(text, str):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-    else:
-        items = list(text)
-    out: list[int] = []
-    for item in items:
+    def step(item: Any) -> int:
         try:
             k = int(item)
         except (TypeError, ValueError):
             raise MedlvrError(f"latent steps must be integers like 0,2,4,8, got {item!r}") from None
         if k < 0:
             raise MedlvrError(f"latent steps must be >= 0, got {k}")
-        if k not in out:
-            out.append(k)
-    if not out:
-        raise MedlvrError("no latent steps given")
-    return out
+        return k
+
+    return None if text is None else _parse_list(text, step, "latent steps")
+
+
+def parse_image_controls(text: str | Sequence[str] | None) -> list[str]:
+    """"none,blank" -> ["none", "blank"] (order kept, duplicates dropped); None -> ["none"]."""
+    def control(item: Any) -> str:
+        if str(item).strip() not in IMAGE_CONTROLS:
+            raise MedlvrError(f"image control must be one of {', '.join(IMAGE_CONTROLS)}, got {item!r}")
+        return str(item).strip()
+
+    return [REAL] if text is None else _parse_list(text, control, "image control")
 
 
 class ModelPredictor:
@@ -148,9 +174,9 @@ class EvalResult:
     n_samples: int
     """Questions of this rank's slice (all questions with one process)."""
     n_new: int
-    """(id, K) rows written by this call (the rest were already done)."""
+    """(id, K, condition) rows written by this call (the rest were already done)."""
     n_skipped: int
-    """(id, K) pairs found done and skipped (a resumed run)."""
+    """(id, K, condition) rows found done and skipped (a resumed run)."""
     n_errors: int
     """Error rows written by this call (missing or unreadable images)."""
     seconds: float
@@ -168,7 +194,7 @@ def load_samples(paths: Sequence[str | Path], limit: int | None = None) -> list[
     """Samples of every file in order, without checking images (a missing image is an error row later).
 
     Malformed records still fail fast with every problem listed; ids must be
-    unique over all the files, since a row is keyed by (id, K).
+    unique over all the files, since a row is keyed by (id, K, condition).
     """
     if not paths:
         raise MedlvrError("no data file given")
@@ -241,25 +267,29 @@ def _read_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def _key(row: Mapping[str, Any]) -> tuple[str, int]:
-    return str(row["id"]), int(row["latent_steps"] if row.get("latent_steps") is not None else 0)
+Key = tuple[str, int, str]
+"""A row's identity: (question id, latent budget K, image condition)."""
 
 
-def _done_keys(out: Path) -> set[tuple[str, int]]:
+def _key(row: Mapping[str, Any]) -> Key:
+    return str(row["id"]), int(row["latent_steps"] if row.get("latent_steps") is not None else 0), condition_of(row)
+
+
+def _done_keys(out: Path) -> set[Key]:
     files = [out / PREDICTIONS_FILE, *sorted(out.glob("predictions.rank*.jsonl"))]
     return {_key(r) for f in files for r in _read_rows(f)}
 
 
 def merge_shards(out_dir: str | Path) -> Path:
-    """Fold `predictions.rank*.jsonl` into `predictions.jsonl`: one row per (id, K), sorted by (id, K).
+    """Fold `predictions.rank*.jsonl` into `predictions.jsonl`: one row per (id, K, condition), sorted so.
 
-    When a pair appears twice (a resumed run), the shard's row wins over the
+    When a key appears twice (a resumed run), the shard's row wins over the
     merged file's, and a later row over an earlier one. Shard files are removed.
     """
     out = Path(out_dir)
     main = out / PREDICTIONS_FILE
     shards = sorted(out.glob("predictions.rank*.jsonl"))
-    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    merged: dict[Key, dict[str, Any]] = {}
     for f in [main, *shards]:
         for row in _read_rows(f):
             merged[_key(row)] = row
@@ -305,18 +335,22 @@ def _barrier(synced: bool) -> None:
 
 
 def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
-    """Refuse to mix rows of another model or mode into an existing run; record the settings otherwise."""
+    """Refuse to mix rows of another model, mode or shuffle seed into an existing run; record the settings."""
     path = out / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("model", "mode"):
+        old_controls = old.get("image_controls", [REAL])
+        for key in ("model", "mode", "control_seed"):
             if key == "model" and (old.get(key) is None or settings.get(key) is None):
                 continue  # an in-memory model or a predictor has no identity to check
+            if key == "control_seed" and not ("shuffled" in old_controls and "shuffled" in settings["image_controls"]):
+                continue  # the seed only makes the shuffled rows
             if old.get(key) != settings.get(key):
                 raise MedlvrError(f"{out} holds a run with {key}={old.get(key)!r}, not {settings.get(key)!r}: "
                                   "use another --out")
         settings = {**old, **settings,
                     "latent_steps": sorted(set(old.get("latent_steps", [])) | set(settings["latent_steps"])),
+                    "image_controls": order_conditions([*old_controls, *settings["image_controls"]]),
                     "data": list(dict.fromkeys([*old.get("data", []), *settings["data"]]))}
     if rank == 0:
         tmp = path.with_suffix(".json.tmp")
@@ -343,6 +377,8 @@ def evaluate(
     report: bool = True,
     title: str | None = None,
     explain: bool = False,
+    image_control: str | Sequence[str] = REAL,
+    control_seed: int = 0,
 ) -> EvalResult:
     """Answer, score and report; see the module docstring.
 
@@ -357,6 +393,9 @@ def evaluate(
     the questions with ROIs for every K >= 1 (`medlvr.explain.explain_metrics`:
     pointing game and ROI mass beside a random map) on rank 0, saved as
     `explain.json` and merged into `summary.json` and `report.md`.
+    `image_control` is one condition or several ("none,blank,shuffled,question-only",
+    see `medlvr.eval.controls`), each answered like each K; `control_seed`
+    fixes the `shuffled` permutation.
     """
     if mode not in MODES:
         raise MedlvrError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -368,6 +407,7 @@ def evaluate(
     if max_new_tokens < 1:
         raise MedlvrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ks = parse_latent_steps(latent_steps)
+    conds = parse_image_controls(image_control)
     if mode in ("direct", "cot"):
         if ks is not None and ks != [0]:
             raise MedlvrError(f"mode {mode} answers without latent steps (K=0); use --mode latent for K={ks}")
@@ -394,6 +434,9 @@ def evaluate(
     assert predictor is not None
     if explain and (vlm is None or max(ks) < 1):
         raise MedlvrError("explanation metrics need a model and mode latent with K >= 1")
+    if "question-only" in conds and vlm is not None and not vlm.adapter.text_only:
+        raise MedlvrError(f"backbone family {vlm.adapter.family} cannot answer without an image: "
+                          "drop question-only from the image controls")
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -401,41 +444,44 @@ def evaluate(
         "model": str(Path(model).resolve()) if model is not None else None,
         "mode": mode, "latent_steps": ks, "data": data_names, "max_new_tokens": max_new_tokens,
         "batch_size": batch_size, "limit": limit, "world_size": world_size,
+        "image_controls": conds, "control_seed": control_seed,
     }, rank)
 
     mine = sort_for_batching(samples, mode)[rank::world_size]  # this rank's strided slice
     shard = out / PREDICTIONS_FILE if world_size == 1 else _shard_file(out, rank)
     _read_rows(shard, repair=True)  # cut a torn last line before appending after it
     done = _done_keys(out)
-    pending = [s for s in mine if any((s.id, k) not in done for k in ks)]
-    n_todo = sum((s.id, k) not in done for s in pending for k in ks)
-    n_skipped = len(mine) * len(ks) - n_todo
+    runs = [(c, k) for c in conds for k in ks]
+    pending = [s for s in mine if any((s.id, k, c) not in done for c, k in runs)]
+    n_todo = sum((s.id, k, c) not in done for s in pending for c, k in runs)
+    n_skipped = len(mine) * len(runs) - n_todo
     load = image_loader or _default_loader
+    shown = _Shown(samples, control_seed if "shuffled" in conds else None, load, warn=rank == 0)
 
     n_new = n_err = 0
     t0 = time.perf_counter()
-    bar = _Bar(n_todo, enabled=progress and rank == 0, label=f"eval {mode} K={','.join(map(str, ks))}")
+    label = f"eval {mode} K={','.join(map(str, ks))}" + ("" if conds == [REAL] else f" images={','.join(conds)}")
+    bar = _Bar(n_todo, enabled=progress and rank == 0, label=label)
     with shard.open("a", encoding="utf-8") as fh, bar:
         for start in range(0, len(pending), batch_size):
             chunk = pending[start:start + batch_size]
-            loaded = [_load_images(s, load) for s in chunk]
-            for k in ks:
-                todo = [(s, imgs, err) for s, (imgs, err) in zip(chunk, loaded) if (s.id, k) not in done]
+            for c, k in runs:
+                todo = [shown(s, c) for s in chunk if (s.id, k, c) not in done]
                 if not todo:
                     continue
-                rows = [prediction_row(s, None, latent_steps=k, error=err, mode=mode)
-                        for s, _, err in todo if err is not None]
-                good = [(s, imgs) for s, imgs, err in todo if err is None]
+                rows = [prediction_row(s, None, latent_steps=k, error=v.error, mode=mode, **v.fields)
+                        for s, v in todo if v.error is not None]
+                good = [(s, v) for s, v in todo if v.error is None]
                 if good:
                     t = time.perf_counter()
-                    responses = list(predictor([s for s, _ in good], [imgs for _, imgs in good], k))
+                    responses = list(predictor([v.sample for _, v in good], [v.images for _, v in good], k))
                     per_sample = (time.perf_counter() - t) / len(good)
                     if len(responses) != len(good):
                         raise MedlvrError(f"the predictor returned {len(responses)} responses for {len(good)} questions")
-                    for (s, _), r in zip(good, responses):
+                    for (s, v), r in zip(good, responses):
                         g = r if isinstance(r, Generated) else Generated(str(r))
                         rows.append(prediction_row(s, g.text, latent_steps=k, latency_s=per_sample,
-                                                   n_tokens=g.n_tokens, mode=mode))
+                                                   n_tokens=g.n_tokens, mode=mode, **v.fields))
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 fh.flush()  # one batch on disk: a crash after this loses nothing of it
@@ -443,6 +489,7 @@ def evaluate(
                 n_new += len(rows)
                 n_err += sum(1 for r in rows if r.get("error"))
                 bar.advance(len(rows))
+            shown.forget()
     seconds = time.perf_counter() - t0
 
     result = EvalResult(out, len(mine), n_new, n_skipped, n_err, seconds, n_new / seconds if seconds > 0 else 0.0)
@@ -458,6 +505,58 @@ def evaluate(
             result.summary = result.report["data"]
     _barrier(synced)  # the other ranks return once the merged files exist
     return result
+
+
+@dataclass
+class _View:
+    """What one question is shown under one image condition, and the fields its row records."""
+
+    sample: VQASample
+    """The question as prompted: its image list is emptied (question-only) or the donor's (shuffled)."""
+    images: list[Image.Image]
+    error: str | None
+    fields: dict[str, Any]
+
+
+class _Shown:
+    """The images of each question under each condition, loaded once per batch of questions."""
+
+    def __init__(self, samples: Sequence[VQASample], seed: int | None, load: Callable[[str], Image.Image],
+                 warn: bool):
+        self.load = load
+        self.by_id = {s.id: s for s in samples}
+        self.donors = shuffle_donors(samples, seed) if seed is not None else {}
+        kept = kept_own(samples, self.donors)
+        if kept and warn:
+            warnings.warn(f"image control shuffled: {len(kept)} question(s) still see an image of their own "
+                          f"(no other question of their image count has other images), e.g. {kept[0]}",
+                          stacklevel=3)
+        self.cache: dict[str, tuple[list[Image.Image], str | None]] = {}
+
+    def _images(self, s: VQASample) -> tuple[list[Image.Image], str | None]:
+        if s.id not in self.cache:
+            self.cache[s.id] = _load_images(s, self.load)
+        return self.cache[s.id]
+
+    def forget(self) -> None:
+        """Drop the loaded images (called after each batch)."""
+        self.cache.clear()
+
+    def __call__(self, s: VQASample, condition: str) -> tuple[VQASample, _View]:
+        fields: dict[str, Any] = {"image_control": condition}
+        if "hops" in s.meta:
+            fields["hops"] = s.meta["hops"]
+        if condition == "question-only":
+            return s, _View(s.model_copy(update={"images": [], "rois": []}), [], None, fields)
+        if condition == "shuffled" and s.id in self.donors:
+            donor = self.by_id[self.donors[s.id]]
+            fields["images_from"] = donor.id
+            images, err = self._images(donor)
+            return s, _View(s.model_copy(update={"images": list(donor.images), "rois": []}), images, err, fields)
+        images, err = self._images(s)
+        if condition == "blank":
+            images = [blank_like(im) for im in images]
+        return s, _View(s, images, err, fields)
 
 
 def _explain(vlm: Any, samples: Sequence[VQASample], ks: Sequence[int], out: Path, batch_size: int,

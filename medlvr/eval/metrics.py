@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import numpy as np
 
 from medlvr.data.schema import VQASample
 from medlvr.eval.answers import AnswerKey, Parsed, answer_key, normalize_text, parse_answer
+from medlvr.eval.controls import REAL, condition_of, order_conditions
 
 __all__ = [
     "Score",
@@ -45,8 +46,10 @@ __all__ = [
 UNKNOWN = "unknown"
 """Group name for rows whose grouping field is missing or null."""
 
-GROUP_FIELDS = ("dataset", "modality", "question_type", "answer_type", "content_type")
-"""Fields `summarize` groups by (`content_type` is read from the row or its `meta`; SLAKE has it)."""
+GROUP_FIELDS = ("dataset", "modality", "question_type", "answer_type", "content_type", "hops")
+"""Fields `summarize` groups by. The optional ones are read from the row or its `meta` and grouped
+only when some row has them: `content_type` (SLAKE), `hops` (the synthetic chain family)."""
+_OPTIONAL_FIELDS = ("content_type", "hops")
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,14 @@ def _has_error(row: Mapping[str, Any]) -> bool:
 
 
 def _field(row: Mapping[str, Any], name: str) -> Any:
-    if name == "content_type" and row.get(name) is None:
-        return (row.get("meta") or {}).get("content_type")
+    if name in _OPTIONAL_FIELDS and row.get(name) is None:
+        return (row.get("meta") or {}).get(name)
     return row.get(name)
+
+
+def _right(row: Mapping[str, Any]) -> bool:
+    """Correct, and not an error row (an error row is wrong whatever it claims)."""
+    return bool(row.get("correct")) and not _has_error(row)
 
 
 def _open_tokens(row: Mapping[str, Any]) -> tuple[float, float, float, float]:
@@ -181,7 +189,7 @@ def _mean(values: list[float]) -> float | None:
 
 def _metrics(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     """The metrics of one group of rows (None where the group has no row of that kind)."""
-    ok = [bool(r.get("correct")) and not _has_error(r) for r in rows]
+    ok = [_right(r) for r in rows]
     by_type: dict[str, list[bool]] = defaultdict(list)
     for r, c in zip(rows, ok):
         by_type[str(r.get("answer_type", "")).strip().lower()].append(c)
@@ -217,49 +225,117 @@ def _group_key(value: Any) -> str:
     return str(value).strip()
 
 
-def _grouped(rows: list[Mapping[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+def _split(rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], Any]
+           ) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows by group name (`key(row)` as a string, `unknown` when missing), integers in numeric order."""
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[_group_key(_field(r, name))].append(r)
-    return {k: _metrics(groups[k]) for k in sorted(groups)}
+        groups[_group_key(key(r))].append(r)
+    return {k: groups[k] for k in sorted(groups, key=_k_sort)}
 
 
-def _k_sort(k: str) -> tuple[int, float | str]:
+def _grouped(rows: list[Mapping[str, Any]], name: str) -> dict[str, dict[str, Any]]:
+    return {k: _metrics(g) for k, g in _split(rows, lambda r: _field(r, name)).items()}
+
+
+def _k_sort(k: str) -> tuple[int, int | str]:
     try:
-        return 0, float(k)
+        return 0, int(k)
     except ValueError:
         return 1, k
+
+
+def _latent_steps(row: Mapping[str, Any]) -> Any:
+    return row.get("latent_steps")
+
+
+def _gap(real: list[Mapping[str, Any]], control: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Accuracy with real images minus under a control, paired on the (id, K) both answered.
+
+    Paired, so a control run over part of the questions (or a half-finished
+    one) is compared on those questions only. Overall, per dataset and per K.
+    """
+    def key(r: Mapping[str, Any]) -> tuple[str, str]:
+        return str(r.get("id")), _group_key(_latent_steps(r))
+
+    a, b = {key(r): r for r in real}, {key(r): r for r in control}
+    both = [a[k] for k in sorted(set(a) & set(b))]
+
+    def one(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+        if not rows:
+            return {"n": 0, "real": None, "control": None, "delta": None}
+        acc_a = sum(map(_right, rows)) / len(rows)
+        acc_b = sum(_right(b[key(r)]) for r in rows) / len(rows)
+        return {"n": len(rows), "real": acc_a, "control": acc_b, "delta": acc_a - acc_b}
+
+    return {"overall": one(both),
+            "by_dataset": {d: one(g) for d, g in _split(both, lambda r: r.get("dataset")).items()},
+            "by_latent_steps": {k: one(g) for k, g in _split(both, _latent_steps).items()}}
 
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Aggregate prediction rows into the summary written as `summary.json`.
 
     Keys: `overall` and `by_dataset`, `by_modality`, `by_question_type`,
-    `by_answer_type` (each a dict group -> metrics), `by_content_type` when a
-    row carries `content_type` (directly or in `meta`), `by_latent_steps` and
-    `by_latent_steps_dataset` (K -> dataset -> metrics; K as a string) when
-    rows carry `latent_steps`, and `dataset_macro_accuracy` (the unweighted
-    mean of the per-dataset accuracies, the average that papers report).
+    `by_answer_type` (each a dict group -> metrics), `by_content_type` and
+    `by_hops` when a row carries them (directly or in `meta`; hop groups in
+    numeric order), `by_latent_steps` and `by_latent_steps_dataset` (K ->
+    dataset -> metrics; K as a string) when rows carry `latent_steps`, and
+    `dataset_macro_accuracy` (the unweighted mean of the per-dataset
+    accuracies, the average that papers report).
     Metrics of a group: n, accuracy, n_closed, closed_accuracy, n_choice,
     choice_accuracy, n_open, open_exact_match, open_token_precision,
     open_token_recall, open_token_f1, n_invalid, invalid_rate, n_errors,
     latency_p50, latency_p95 (seconds, from `latency_s`), mean_tokens (from
     `n_tokens`); None where a group has no row of that kind.
     When one run holds several K, `overall` pools them; read `by_latent_steps`.
+
+    Image controls (`medlvr.eval.controls`; a row's `image_control`, `none`
+    when absent) are never pooled: every key above covers the rows of the
+    main condition only, `none` (real images) when present. A run holding any
+    other condition adds `image_control_main`, `by_image_control` (condition
+    -> metrics, K pooled), `by_image_control_dataset` and
+    `by_image_control_latent_steps` (condition -> group -> metrics); with
+    real-image rows, `real_minus_control` (control -> {n, real, control,
+    delta}: accuracy with real images minus under the control, paired on the
+    (id, K) both answered) and, with blank rows, `image_dependence` (that gap
+    for `blank`, with its `overall`, `by_dataset` and `by_latent_steps`).
+    Rows with hops add `by_image_control_latent_steps_hops` (condition -> K ->
+    hops -> metrics), the curves of the accuracy-by-hops plot.
     """
     rows = list(rows)
+    by_cond = _split(rows, condition_of)
+    conds = order_conditions(by_cond)
+    main = conds[0] if conds else REAL
+    summary = _summary(by_cond.get(main, []))
+    if conds and conds != [REAL]:
+        summary["image_control_main"] = main
+        summary["by_image_control"] = {c: _metrics(by_cond[c]) for c in conds}
+        summary["by_image_control_dataset"] = {c: _grouped(by_cond[c], "dataset") for c in conds}
+        summary["by_image_control_latent_steps"] = {
+            c: {k: _metrics(g) for k, g in _split(by_cond[c], _latent_steps).items()} for c in conds}
+        if REAL in by_cond:
+            gaps = {c: _gap(by_cond[REAL], by_cond[c]) for c in conds if c != REAL}
+            summary["real_minus_control"] = {c: g["overall"] for c, g in gaps.items()}
+            if "blank" in gaps:
+                summary["image_dependence"] = gaps["blank"]
+    if any(_field(r, "hops") is not None for r in rows):
+        summary["by_image_control_latent_steps_hops"] = {
+            c: {k: _grouped(g, "hops") for k, g in _split(by_cond[c], _latent_steps).items()} for c in conds}
+    return summary
+
+
+def _summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every key of `summarize` but the image-control ones, over `rows`."""
     summary: dict[str, Any] = {"overall": _metrics(rows)}
     for name in GROUP_FIELDS:
-        if name == "content_type" and all(_field(r, name) is None for r in rows):
+        if name in _OPTIONAL_FIELDS and all(_field(r, name) is None for r in rows):
             continue
         summary[f"by_{name}"] = _grouped(rows, name)
     datasets = [m["accuracy"] for m in summary["by_dataset"].values() if m["accuracy"] is not None]
     summary["dataset_macro_accuracy"] = _mean(datasets)
-    if any(r.get("latent_steps") is not None for r in rows):
-        by_k: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-        for r in rows:
-            by_k[_group_key(r.get("latent_steps"))].append(r)
-        keys = sorted(by_k, key=_k_sort)
-        summary["by_latent_steps"] = {k: _metrics(by_k[k]) for k in keys}
-        summary["by_latent_steps_dataset"] = {k: _grouped(by_k[k], "dataset") for k in keys}
+    if any(_latent_steps(r) is not None for r in rows):
+        by_k = _split(rows, _latent_steps)
+        summary["by_latent_steps"] = {k: _metrics(g) for k, g in by_k.items()}
+        summary["by_latent_steps_dataset"] = {k: _grouped(g, "dataset") for k, g in by_k.items()}
     return summary

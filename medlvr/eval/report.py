@@ -15,6 +15,11 @@ accuracy difference on the questions both answered:
   resample is exactly a multinomial draw of those three counts; this is the
   same bootstrap, in O(n_boot) memory. Seeded, so reports are reproducible.
 
+Runs with image controls (`medlvr.eval.controls`) report every condition
+beside the real one and the image dependence (real minus blank); runs whose
+questions carry `meta["hops"]` report accuracy by hop count, with a plot of
+one line per (condition, K).
+
 Plots use matplotlib's object API on an Agg canvas (no pyplot global state,
 no display needed).
 """
@@ -33,6 +38,7 @@ from matplotlib.figure import Figure
 from scipy.stats import binomtest
 
 from medlvr.errors import MedlvrError
+from medlvr.eval.controls import GREY, REAL, condition_of, order_conditions
 from medlvr.eval.metrics import summarize
 
 __all__ = [
@@ -77,8 +83,12 @@ _SECTIONS = [
     ("by_question_type", "question type"),
     ("by_answer_type", "answer type"),
     ("by_content_type", "content type"),
+    ("by_hops", "hops"),
     ("by_latent_steps", "latent steps K"),
 ]
+_CONTROL_LEGEND = (f"none = the real images; blank = each image replaced by one of the same size and mode, "
+                   f"every pixel grey {GREY}; shuffled = the images of another question (a fixed derangement, "
+                   "`control_seed` in run.json); question-only = no image and no image placeholder in the prompt.")
 
 
 # --------------------------------------------------------------------------- I/O
@@ -130,13 +140,81 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:.1f}"
 
 
-def _table(groups: Mapping[str, Mapping[str, Any]], label: str) -> list[str]:
-    head = [label] + [h for _, h, _ in _COLUMNS]
+def _table(groups: Mapping[str, Mapping[str, Any]], label: str,
+           extra: tuple[str, Mapping[str, str]] | None = None) -> list[str]:
+    """A metrics table, one row per group; `extra` = (header, group -> cell) adds a last column."""
+    head = [label] + [h for _, h, _ in _COLUMNS] + ([extra[0]] if extra else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in groups.items():
         cells = [str(name).replace("|", "\\|")] + [_fmt(m.get(k), kind) for k, _, kind in _COLUMNS]
+        cells += [extra[1].get(name, "–")] if extra else []
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _points(v: Any) -> str:
+    """A difference of accuracies, in signed percentage points."""
+    return "–" if v is None else f"{100 * v:+.1f}"
+
+
+def _gap_cell(gap: Mapping[str, Any] | None) -> str:
+    return "–" if not gap or gap.get("delta") is None else f"{_points(gap['delta'])} (n={gap['n']})"
+
+
+def _controls_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """The grounding-control section: every condition beside the real one, and the image dependence."""
+    conds = summary["by_image_control"]
+    gaps = summary.get("real_minus_control", {})
+    out = ["## Grounding controls", "", _CONTROL_LEGEND,
+           f"The tables above are over the `{summary['image_control_main']}` rows; "
+           "`real − control` is the accuracy with real images minus under the control, in points, "
+           "on the (question, K) both answered.", ""]
+    dep = summary.get("image_dependence")
+    if dep and dep["overall"]["n"]:
+        o = dep["overall"]
+        out += [f"**Image dependence (real − blank): {_points(o['delta'])} points** "
+                f"(real {_fmt(o['real'], 'pct')}, blank {_fmt(o['control'], 'pct')}, n={o['n']}).", ""]
+    out += _table(conds, "images", ("real − control", {c: _gap_cell(g) for c, g in gaps.items()})) + [""]
+    per_k = summary.get("by_image_control_latent_steps", {})
+    if any(len(v) > 1 for v in per_k.values()):
+        cells = {f"{c}, K={k}": m for c, by_k in per_k.items() for k, m in by_k.items()}
+        out += ["### By image condition and K", ""] + _table(cells, "images, K") + [""]
+    if dep:
+        scopes = {**{f"dataset {d}": g for d, g in dep["by_dataset"].items()},
+                  **{f"K={k}": g for k, g in dep["by_latent_steps"].items()}}
+        if len(scopes) > 2:  # more than the one dataset and the one K, which repeat the overall line
+            out += ["### Image dependence by dataset and K", "", "| scope | n | real | blank | real − blank |",
+                    "|---|---|---|---|---|"]
+            out += [f"| {name} | {g['n']} | {_fmt(g['real'], 'pct')} | {_fmt(g['control'], 'pct')} | "
+                    f"{_points(g['delta'])} |" for name, g in scopes.items()]
+            out.append("")
+    return out
+
+
+def _hop_series(summary: Mapping[str, Any]) -> dict[str, dict[str, Mapping[str, Any]]]:
+    """Accuracy-by-hops curves, one per (condition, K), labelled by what varies (label -> hops -> metrics)."""
+    curves = summary.get("by_image_control_latent_steps_hops", {})
+    n_conds, n_ks = len(curves), len({k for by_k in curves.values() for k in by_k})
+    series = {}
+    for c, by_k in curves.items():
+        for k, by_hops in by_k.items():
+            parts = ([c] if n_conds > 1 else []) + ([f"K={k}"] if n_ks > 1 else [])
+            series[", ".join(parts) or "all"] = {h: m for h, m in by_hops.items() if h != "unknown"}
+    return series
+
+
+def _hops_markdown(summary: Mapping[str, Any]) -> list[str]:
+    series = _hop_series(summary)
+    if len(series) < 2:
+        return []  # the single curve is the "By hops" table
+    hops = list(dict.fromkeys(h for curve in series.values() for h in curve))
+    out = ["## Accuracy by hops, per condition and K", "", "Accuracy in % (n).", "",
+           "| hops | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
+    for h in hops:
+        cells = [f"{_fmt(curve[h]['accuracy'], 'pct')} ({curve[h]['n']})" if h in curve else "–"
+                 for curve in series.values()]
+        out.append(f"| {h} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _markdown(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str,
@@ -151,6 +229,9 @@ def _markdown(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], tit
     for key, label in _SECTIONS:
         if summary.get(key):
             out += [f"## By {label}", ""] + _table(summary[key], label) + [""]
+    out += _hops_markdown(summary)
+    if summary.get("by_image_control"):
+        out += _controls_markdown(summary)
     if summary.get("explain"):
         out += ["## Evidence maps on questions with ROIs", "",
                 "Pointing game (peak inside an ROI) and ROI mass (share of the map inside the ROIs), in %; "
@@ -172,8 +253,8 @@ def _markdown(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], tit
         for r in invalid[:10]:
             resp = " ".join(str(r.get("response", "")).split())
             resp = (resp[:117] + "...") if len(resp) > 120 else resp
-            out.append(f"| {r['id']} | {r.get('latent_steps', '')} | {r.get('parse_how', '')} | "
-                       f"{resp.replace('|', chr(92) + '|')} |")
+            where = f"{r.get('latent_steps', '')}" + ("" if condition_of(r) == REAL else f" ({condition_of(r)})")
+            out.append(f"| {r['id']} | {where} | {r.get('parse_how', '')} | {resp.replace('|', chr(92) + '|')} |")
         out.append("")
     if errors:
         out += [f"## Errors (first {min(10, len(errors))} of {len(errors)})", "", "| id | error |", "|---|---|"]
@@ -220,13 +301,32 @@ def _k_plot(summary: Mapping[str, Any], path: Path) -> Path:
                    if d in per_ds.get(k, {}) and per_ds[k][d]["accuracy"] is not None]
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", linestyle="--", label=d)
     ax.set_xticks(x, ks)
-    ax.set_xlabel("latent budget K")
+    return _save_lines(fig, ax, "latent budget K", "Accuracy against the latent budget", path)
+
+
+def _save_lines(fig: Figure, ax: Any, xlabel: str, title: str, path: Path) -> Path:
+    """Label, legend and save an accuracy line plot."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy against the latent budget")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def _hops_plot(summary: Mapping[str, Any], path: Path) -> Path:
+    fig = Figure(figsize=(5, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    hops: set[int] = set()
+    for label, curve in _hop_series(summary).items():
+        pts = sorted((int(h), m["accuracy"]) for h, m in curve.items() if m["accuracy"] is not None)
+        hops.update(h for h, _ in pts)
+        ax.plot([h for h, _ in pts], [100 * a for _, a in pts], marker="o", label=label)
+    ax.set_xticks(sorted(hops))
+    ax.set_ylim(0, 105)
+    return _save_lines(fig, ax, "hops", "Accuracy against reasoning depth", path)
 
 
 def _plots(summary: Mapping[str, Any], plot_dir: Path) -> list[Path]:
@@ -238,6 +338,8 @@ def _plots(summary: Mapping[str, Any], plot_dir: Path) -> list[Path]:
     ]
     if len([k for k in summary.get("by_latent_steps", {}) if k != "unknown"]) > 1:
         paths.append(_k_plot(summary, plot_dir / "accuracy_by_latent_steps.png"))
+    if any(_hop_series(summary).values()):
+        paths.append(_hops_plot(summary, plot_dir / "accuracy_by_hops.png"))
     return paths
 
 
@@ -251,7 +353,8 @@ def write_report(
 
     `rows` defaults to the run's `predictions.jsonl`. Returns
     `{"summary": Path, "report": Path, "plots": [Path, ...], "data": summary dict}`.
-    The latent-budget plot is drawn only when the rows hold several K.
+    The latent-budget plot is drawn only when the rows hold several K, the
+    hops plot only when some row has hops.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -298,9 +401,19 @@ def paired_bootstrap_ci(
     return float(low), float(high)
 
 
-def _index(rows: Sequence[Mapping[str, Any]], by_k: bool) -> dict[tuple[str, Any], Mapping[str, Any]]:
+PairKey = tuple[str, Any, Any]
+"""(id, K or None, image condition or None): None where the runs are paired across that field."""
+
+
+def _index(rows: Sequence[Mapping[str, Any]], by_k: bool, by_c: bool) -> dict[PairKey, Mapping[str, Any]]:
     # A resumed run may repeat a question: the last row wins (it is the most recent answer).
-    return {(str(r["id"]), r.get("latent_steps") if by_k else None): r for r in rows}
+    return {(str(r["id"]), r.get("latent_steps") if by_k else None, condition_of(r) if by_c else None): r
+            for r in rows}
+
+
+def _paired_on(a: set[Any], b: set[Any]) -> bool:
+    """Pair on a field unless each run holds one value of it and they differ (K=0 run against a K=4 run)."""
+    return not (a != b and len(a) == 1 and len(b) == 1)
 
 
 def _ok(row: Mapping[str, Any]) -> bool:
@@ -316,7 +429,7 @@ def _side_by_side(sa: Mapping[str, Any], sb: Mapping[str, Any]) -> dict[str, Any
         return out
 
     result: dict[str, Any] = {"overall": pair(sa["overall"], sb["overall"])}
-    for key, _ in _SECTIONS:
+    for key, _ in [*_SECTIONS, ("by_image_control", "")]:
         names = sorted(set(sa.get(key, {})) | set(sb.get(key, {})))
         if names:
             result[key] = {n: pair(sa.get(key, {}).get(n), sb.get(key, {}).get(n)) for n in names}
@@ -329,21 +442,29 @@ def compare(
 ) -> dict[str, Any]:
     """Compare run B (candidate) against run A (baseline) on their `predictions.jsonl`.
 
-    Rows are paired by (id, latent_steps) when both runs hold the same set of
-    K; when each run holds a single K (e.g. K=0 baseline against K=4) they
-    are paired by id. `wins` = questions B gets right and A wrong, `losses` =
-    the reverse (error rows count as wrong). Returns a dict with the
-    side-by-side metrics and deltas (`metrics`), the paired test (`paired`:
-    n, wins, losses, ties, acc_a, acc_b, delta, mcnemar_p, ci), the same per
-    dataset (`paired_by_dataset`), and the won/lost keys. With `out_dir`,
+    Rows are paired by (id, latent_steps, image condition), except across a
+    field in which each run holds a single, different value: a K=0 baseline
+    against a K=4 run is paired by id, and so is a real-image run against a
+    blank-image run (a paired test of the image dependence). `wins` =
+    questions B gets right and A wrong, `losses` = the reverse (error rows
+    count as wrong). Returns a dict with the side-by-side metrics and deltas
+    (`metrics`, per image condition too), the paired test (`paired`: n, wins,
+    losses, ties, acc_a, acc_b, delta, mcnemar_p, ci) on the main condition
+    (real images when both runs have them), the same per dataset
+    (`paired_by_dataset`) and per condition (`paired_by_image_control`, when
+    the runs share several), both runs' image dependence
+    (`image_dependence`: a, b, delta), and the won/lost keys. With `out_dir`,
     also writes `compare.json` and `compare.md` there.
     """
     rows_a, rows_b = read_predictions(run_a_dir), read_predictions(run_b_dir)
-    ks_a = {r.get("latent_steps") for r in rows_a}
-    ks_b = {r.get("latent_steps") for r in rows_b}
-    by_k = not (ks_a != ks_b and len(ks_a) == 1 and len(ks_b) == 1)
-    ia, ib = _index(rows_a, by_k), _index(rows_b, by_k)
-    keys = sorted(set(ia) & set(ib), key=lambda k: (k[0], str(k[1])))
+    by_k = _paired_on({r.get("latent_steps") for r in rows_a}, {r.get("latent_steps") for r in rows_b})
+    conds_a, conds_b = {condition_of(r) for r in rows_a}, {condition_of(r) for r in rows_b}
+    by_c = _paired_on(conds_a, conds_b)
+    ia, ib = _index(rows_a, by_k, by_c), _index(rows_b, by_k, by_c)
+    common = sorted(set(ia) & set(ib), key=lambda k: (k[0], str(k[1]), str(k[2])))
+    conds = order_conditions({k[2] for k in common}) if by_c else []
+    controls = (conds_a | conds_b) - {REAL}
+    keys = [k for k in common if k[2] == conds[0]] if conds else common  # the main condition
 
     def paired(selected: list[tuple[str, Any]]) -> dict[str, Any]:
         a = [_ok(ia[k]) for k in selected]
@@ -363,17 +484,24 @@ def compare(
     datasets = sorted({str(ia[k].get("dataset")) for k in keys})
     won = [k for k in keys if _ok(ib[k]) and not _ok(ia[k])]
     lost = [k for k in keys if _ok(ia[k]) and not _ok(ib[k])]
+    sa, sb = summarize(rows_a), summarize(rows_b)
+    dep_a, dep_b = (s.get("image_dependence", {}).get("overall", {}).get("delta") for s in (sa, sb))
     result = {
         "run_a": str(run_a_dir),
         "run_b": str(run_b_dir),
-        "matched_on": "id+latent_steps" if by_k else "id",
+        "matched_on": "+".join(["id"] + ["latent_steps"] * by_k + ["image_control"] * (by_c and bool(controls))),
+        "main_image_control": conds[0] if conds else None,
         "only_a": len(set(ia) - set(ib)),
         "only_b": len(set(ib) - set(ia)),
-        "metrics": _side_by_side(summarize(rows_a), summarize(rows_b)),
+        "metrics": _side_by_side(sa, sb),
         "paired": paired(keys),
         "paired_by_dataset": {d: paired([k for k in keys if str(ia[k].get("dataset")) == d]) for d in datasets},
-        "won": [{"id": k[0], "latent_steps": k[1]} for k in won],
-        "lost": [{"id": k[0], "latent_steps": k[1]} for k in lost],
+        "paired_by_image_control": {c: paired([k for k in common if k[2] == c]) for c in conds} if len(conds) > 1
+        else {},
+        "image_dependence": {"a": dep_a, "b": dep_b,
+                             "delta": dep_b - dep_a if dep_a is not None and dep_b is not None else None},
+        "won": [_pair_key(k) for k in won],
+        "lost": [_pair_key(k) for k in lost],
         "bootstrap": {"n_boot": n_boot, "seed": seed},
     }
     if out_dir is not None:
@@ -382,6 +510,16 @@ def compare(
         _write_text(out / COMPARE_JSON, json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
         _write_text(out / COMPARE_MD, _compare_markdown(result))
     return result
+
+
+def _pair_key(k: PairKey) -> dict[str, Any]:
+    return {"id": k[0], "latent_steps": k[1], "image_control": k[2]}
+
+
+def pair_label(x: Mapping[str, Any]) -> str:
+    """`id@K=2` / `id@K=2@blank` for a won/lost entry of `compare` (real images and unpaired fields unmarked)."""
+    k, c = x.get("latent_steps"), x.get("image_control")
+    return str(x["id"]) + (f"@K={k}" if k is not None else "") + (f"@{c}" if c not in (None, REAL) else "")
 
 
 def _compare_markdown(c: Mapping[str, Any]) -> str:
@@ -401,6 +539,7 @@ def _compare_markdown(c: Mapping[str, Any]) -> str:
            "| scope | n | acc A | acc B | delta | B wins | B losses | McNemar p | "
            f"{int(100 * p['confidence'])}% CI of delta |", "|---|---|---|---|---|---|---|---|---|"]
     scopes = [("all", p)] + list(c["paired_by_dataset"].items())
+    scopes += [(f"images={k}", v) for k, v in c.get("paired_by_image_control", {}).items()]
     for name, s in scopes:
         out.append(f"| {name} | {s['n']} | {plain(s['acc_a'])} | {plain(s['acc_b'])} | {pct(s['delta'])} | "
                    f"{s['wins']} | {s['losses']} | {s['mcnemar_p']:.4g} | {ci(s['ci'])} |")
@@ -409,15 +548,19 @@ def _compare_markdown(c: Mapping[str, Any]) -> str:
     m = c["metrics"]
     rows = [("all", m["overall"])] + [(f"dataset {k}", v) for k, v in m.get("by_dataset", {}).items()]
     rows += [(f"K={k}", v) for k, v in m.get("by_latent_steps", {}).items()]
+    rows += [(f"images={k}", v) for k, v in m.get("by_image_control", {}).items()]
     for name, v in rows:
         cells = []
         for key in ("accuracy", "invalid_rate", "open_token_f1"):
             cells.append(f"{plain(v[key]['a'])} / {plain(v[key]['b'])} / {pct(v[key]['delta'])}")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    dep = c.get("image_dependence", {})
+    if dep.get("a") is not None or dep.get("b") is not None:
+        out += ["", f"Image dependence (real − blank, points): A {pct(dep['a'])}, B {pct(dep['b'])}, "
+                    f"B − A {pct(dep['delta'])}."]
     for label, items in (("B wins", c["won"]), ("B losses", c["lost"])):
         if items:
-            shown = ", ".join(f"{x['id']}" + (f"@K={x['latent_steps']}" if x["latent_steps"] is not None else "")
-                              for x in items[:30])
+            shown = ", ".join(pair_label(x) for x in items[:30])
             more = f" ... and {len(items) - 30} more" if len(items) > 30 else ""
             out += ["", f"{label} ({len(items)}): {shown}{more}"]
     return "\n".join(out) + "\n"

@@ -132,6 +132,8 @@ class BackboneAdapter(ABC):
     family: ClassVar[str]
     model_class: ClassVar[type[PreTrainedModel]]
     model_types: ClassVar[tuple[str, ...]]
+    text_only: ClassVar[bool] = True
+    """Whether the family answers a prompt with no image at all (the question-only control needs it)."""
 
     # ---- offline building (tiny models) ----
     @abstractmethod
