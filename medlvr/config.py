@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from medlvr.errors import MedlvrError
 
 ProjectorKind = Literal["none", "linear", "mlp", "norm"]
+LatentInput = Literal["hidden", "pause"]
 
 
 @dataclass
@@ -31,12 +32,22 @@ class LatentConfig:
     `none` feeds it as is; `linear` and `mlp` are learned (initialised to identity);
     `norm` rescales it to the typical norm of token embeddings (with a learned
     scale), since the final-norm hidden state is 18-50x larger than token embeddings."""
+    input: LatentInput = "hidden"
+    """What each latent step is fed. `hidden`: `z_k = proj(h_{k-1})`, the fed-back state (the
+    method). `pause`: the pause-token control of Coconut-style studies: the same K, positions,
+    curriculum and special tokens, but step k's input is a learned constant embedding (one
+    per step index; steps beyond the trained count reuse the last one) instead of the
+    fed-back state, so any gain of `hidden` over `pause` comes from the recurrence, not from
+    extra positions. ROI alignment still trains `proj(h_{k-1})`, the outputs at the latent
+    positions; VLPO (Gaussian exploration of the fed state) refuses `pause`."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise MedlvrError(f"latent.steps must be >= 0, got {self.steps}")
         if self.projector not in ("none", "linear", "mlp", "norm"):
             raise MedlvrError(f"latent.projector must be none, linear, mlp or norm, got {self.projector!r}")
+        if self.input not in ("hidden", "pause"):
+            raise MedlvrError(f"latent.input must be hidden or pause, got {self.input!r}")
 
 
 
@@ -116,7 +127,7 @@ class OptimConfig:
     lr: float = 1e-4
     """Peak learning rate (after warmup)."""
     projector_lr: float = 0.0
-    """Learning rate of the latent projector (0 = same as `lr`)."""
+    """Learning rate of the latent projector and of the pause inputs (`latent.input=pause`) (0 = same as `lr`)."""
     weight_decay: float = 0.0
     """Decoupled weight decay, applied to matrices only (not to norms, biases, scales)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -321,6 +332,9 @@ class SFTConfig:
             raise MedlvrError(f"max_steps must be >= 0 and epochs > 0, got {self.max_steps}, {self.epochs}")
         if any(k < 1 for k in self.curriculum):
             raise MedlvrError(f"curriculum stages need K >= 1, got {list(self.curriculum)}")
+        if self.mode == "teacher_forced" and self.latent.input == "pause":
+            raise MedlvrError("mode teacher_forced feeds the ROI targets as the latent inputs, so latent.input=pause "
+                              "would replace nothing: use mode=roi or mode=latent for the pause control")
         if self.curriculum and self.mode in ("plain", "teacher_forced"):
             raise MedlvrError(f"a curriculum raises K; mode {self.mode!r} does not run the latent recurrence")
         if self.mode in ("latent", "roi", "teacher_forced") and self.latent.steps == 0 and not self.curriculum:
@@ -521,5 +535,5 @@ def _first_line(err: Exception) -> str:
 
 
 __all__ = [
-    "LatentConfig", "ProjectorKind", "ModelConfig", "DataConfig", "OptimConfig", "LoraConfig",
+    "LatentConfig", "ProjectorKind", "LatentInput", "ModelConfig", "DataConfig", "OptimConfig", "LoraConfig",
     "AlignConfig", "CheckpointConfig", "LogConfig", "SFTConfig", "SFTMode", "VLPOParams", "VLPOConfig", "load_config", "save_config", "to_dict", "field"]

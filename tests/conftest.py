@@ -73,3 +73,17 @@ def random_image(width: int, height: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+class Killed(RuntimeError):
+    """A crash at a chosen optimizer step (`kill_at`), to test resuming."""
+
+
+def kill_at(step: int):
+    """An `on_step` hook of `run_sft`/`run_vlpo` that raises `Killed` after optimizer step `step`."""
+
+    def hook(row: dict) -> None:
+        if row["step"] == step:
+            raise Killed
+
+    return hook

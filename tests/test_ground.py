@@ -299,6 +299,8 @@ def test_cli_errors_are_one_line(tmp_path):
         (["data", "ground", "vindr-cxr", "--root", str(tmp_path), "--labels", "1=a", "--out", str(tmp_path / "o")], "not used by this source: labels"),
         (["data", "ground", "csv", "--images", str(tmp_path), "--annotations", str(tmp_path / "x.csv"), "--columns", "image=a,label=b,x=c,y=d,w=e,h=f", "--out", str(tmp_path / "o")], "annotation file not found"),
         (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--families", "colour"], "unknown question families"),
+        (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--fractions", "train=0.9,test=0.2"], "sum to 1"),
+        (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--sides", "up"], "sides must be"),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)

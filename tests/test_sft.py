@@ -12,6 +12,7 @@ from medlvr.config import SFTConfig, load_config
 from medlvr.data.schema import read_jsonl, write_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.train.sft import run_sft
+from tests.conftest import Killed, kill_at
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +167,8 @@ def test_every_mode_trains_a_few_steps(tiny_dir, synth, tmp_path, overrides):
 def test_kill_and_resume_matches_an_uninterrupted_run(tiny_dir, synth, tmp_path):
     common = ("mode=roi", "max_steps=6", "checkpoint.every=3", "checkpoint.keep_last=1")
     full = run_sft(make_cfg(tiny_dir, synth, tmp_path / "full", *common))
-
-    class Killed(RuntimeError):
-        pass
-
-    def kill_at_3(row):
-        if row["step"] == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run_sft(make_cfg(tiny_dir, synth, tmp_path / "cut", *common), on_step=kill_at_3)
+        run_sft(make_cfg(tiny_dir, synth, tmp_path / "cut", *common), on_step=kill_at(3))
     assert [p.name for p in (tmp_path / "cut").glob("step-*")] == ["step-0000003"]
     resumed = run_sft(make_cfg(tiny_dir, synth, tmp_path / "cut", *common, "checkpoint.resume=true"))
     assert [r["step"] for r in resumed.history] == [4, 5, 6]

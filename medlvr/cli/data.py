@@ -115,6 +115,7 @@ def ground(
     dataset: str = typer.Option(None, "--dataset", help="Dataset name of the samples (default: the source)."),
     families: str = typer.Option(None, "--families", help="Question families, e.g. 'presence,location,count,size,grounding' (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the negatives and option order."),
+    fractions: str = typer.Option(None, "--fractions", help="Split of patients/images without an official split (default 'train=0.8,val=0.1,test=0.1')."),
     val_fraction: float = typer.Option(None, "--val-fraction", help="Move this fraction of train patients/images to val (releases without a val split)."),
     sides: str = typer.Option(None, "--sides", help="Left/right in answers: 'image' (viewer) or 'patient' (radiological convention)."),
 ) -> None:
@@ -124,10 +125,13 @@ def ground(
 
     from medlvr.data.ground import GENERIC
     from medlvr.data.ground import ground as build
+    from medlvr.data.ground.split import parse_fractions
     from medlvr.data.schema import write_jsonl
 
     if families:
         opts["families"] = tuple(f.strip() for f in families.split(",") if f.strip())
+    if fractions:
+        opts["fractions"] = parse_fractions(fractions)
     if source == "nifti":
         opts["export_dir"] = str(Path(out) / "images")
     if source in GENERIC:

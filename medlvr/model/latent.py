@@ -45,6 +45,7 @@ from medlvr.model.backbones import (
 
 LATENT_CONFIG_FILE = "medlvr_latent.json"
 PROJECTOR_FILE = "latent_projector.safetensors"
+PAUSE_FILE = "latent_pause.safetensors"
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -89,6 +90,36 @@ class LatentProjector(nn.Module):
         return (h.float() * rms).to(h.dtype) * self.scale.to(h.dtype)
 
 
+class PauseInputs(nn.Module):
+    """Learned constant latent inputs, the pause-token control (`latent.input=pause`).
+
+    `weight [n, d]` holds one input embedding per step index; a step beyond n reuses the
+    last row, so a model trained with K steps runs any K. The rows start at the mean token
+    embedding plus a little seeded noise (so the steps can differ), each rescaled to the
+    token-embedding RMS that the `norm` projector also targets.
+    """
+
+    def __init__(self, n: int, mean_embedding: torch.Tensor, embed_rms: float, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        base = mean_embedding.detach().float().cpu()
+        rows = base / base.pow(2).mean().add(1e-12).sqrt() + 0.1 * torch.randn(n, base.shape[-1], generator=g)  # [n, d]
+        self.weight = nn.Parameter(rows * rows.pow(2).mean(-1, keepdim=True).rsqrt() * embed_rms)
+
+    def forward(self, k: int, b: int) -> torch.Tensor:
+        """The inputs of K steps for `b` rows: `[b, K, d]` (the same for every row)."""
+        idx = torch.arange(k, device=self.weight.device).clamp(max=self.weight.shape[0] - 1)
+        return self.weight[idx][None].expand(b, -1, -1)
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Take saved rows `[m, d]`; with fewer than the configured n, the last one fills the rest (as at run time)."""
+        n = self.weight.shape[0]
+        if weight.shape[0] < n:
+            weight = torch.cat([weight, weight[-1:].expand(n - weight.shape[0], -1)])
+        self.weight = nn.Parameter(weight.to(self.weight), requires_grad=self.weight.requires_grad)
+
+
 @dataclass
 class GenerationOutput:
     """What `LatentVLM.generate` returns."""
@@ -96,7 +127,7 @@ class GenerationOutput:
     texts: list[str]
     token_ids: list[list[int]]  # answer tokens per row, stop token excluded
     latents: torch.Tensor  # [B*G, K, d] the fed latent inputs z_k
-    latent_means: torch.Tensor  # [B*G, K, d] proj(h_{k-1}), the mean z_k was sampled around
+    latent_means: torch.Tensor  # [B*G, K, d] proj(h_{k-1}), the mean z_k was sampled around (pause: not fed)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     stop_tokens: list[int | None] = field(default_factory=list)  # the stop id that ended each row; None: cut at the limit
 
@@ -107,8 +138,12 @@ class ForwardOutput:
 
     loss: torch.Tensor  # answer cross-entropy (mean over answer tokens)
     logits: torch.Tensor  # [B, T, V] logits predicting answer_ids[:, t]
-    latents: torch.Tensor  # [B, K, d] latent inputs z_k
-    latent_means: torch.Tensor  # [B, K, d] proj(h_{k-1}) (equal to latents unless latents were given)
+    # [B, K, d] the fed latent inputs z_k: proj(h_{k-1}) (`hidden`), the learned constants (`pause`) or the given ones
+    latents: torch.Tensor
+    # [B, K, d] proj(h_{k-1}): the model's own latent state, read at the position before step k (<|latent_start|>,
+    # then the latent positions). `hidden` feeds it as z_k (equal to latents unless latents were given); `pause`
+    # does not feed it. ROI alignment trains this in every mode: the outputs at the latent positions, not the inputs.
+    latent_means: torch.Tensor
     visual_tokens: list[torch.Tensor]  # per sample [N_i, d], all its images' visual tokens, prompt order
     token_logprobs: torch.Tensor | None = None  # [B, T] log p(answer_ids[:, t]) (0 on padding)
 
@@ -130,7 +165,12 @@ class _Prefix:
 
 
 class LatentVLM(nn.Module):
-    """A VLM backbone plus the latent segment: batched generation and a training forward."""
+    """A VLM backbone plus the latent segment: batched generation and a training forward.
+
+    Latent step k is fed `proj(h_{k-1})` (`latent.input=hidden`) or, for the pause-token
+    control, a learned constant (`latent.input=pause`, `PauseInputs`); the outputs
+    `proj(h_{k-1})` are computed and returned as `latent_means` either way.
+    """
 
     def __init__(self, backbone: PreTrainedModel, processor: Any, family: str, latent: LatentConfig | None = None):
         super().__init__()
@@ -150,6 +190,11 @@ class LatentVLM(nn.Module):
         d = self.hidden_size
         self.projector = LatentProjector(self.latent.projector, d, embed_rms=self._embed_rms())
         self.projector.to(device=self.device, dtype=self.backbone.dtype)
+        self.pause: PauseInputs | None = None
+        if self.latent.input == "pause":  # seeded by the global seed (e.g. run_sft's), without drawing from it
+            mean = self.backbone.get_input_embeddings().weight.float().mean(0)
+            self.pause = PauseInputs(max(1, self.latent.steps), mean, self._embed_rms(), torch.initial_seed())
+            self.pause.to(device=self.device, dtype=self.backbone.dtype)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -173,9 +218,7 @@ class LatentVLM(nn.Module):
         except OSError as err:
             raise MedlvrError(f"cannot load a model from {path}: {err}") from None
         model = cls(backbone, processor, family, latent)
-        proj_file = path / PROJECTOR_FILE
-        if proj_file.is_file() and saved is not None and saved.projector == latent.projector:
-            model.projector.load_state_dict(load_file(str(proj_file)))
+        model.load_latent_files(path)
         if device is not None:
             model.to(device)
         model.eval()
@@ -187,11 +230,37 @@ class LatentVLM(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(str(path), **kwargs)
         self.processor.save_pretrained(str(path))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()}
-        if state:
-            save_file(state, str(path / PROJECTOR_FILE))
-        (path / LATENT_CONFIG_FILE).write_text(json.dumps(asdict(self.latent), indent=2))
+        self.save_latent_files(path)
         return path
+
+    def save_latent_files(self, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The latent modules' weights (projector, pause inputs) and the latent config, into folder `path`.
+
+        `state_dict` (LatentVLM keys) is the gathered state under FSDP/ZeRO-3, where the
+        modules' own parameters are shards.
+        """
+        for prefix, name, module in (("projector.", PROJECTOR_FILE, self.projector), ("pause.", PAUSE_FILE, self.pause)):
+            if module is None:
+                continue
+            own = module.state_dict().items() if state_dict is None else ((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix))
+            state = {k: v.detach().contiguous().cpu() for k, v in own}
+            if state:
+                save_file(state, str(path / name))
+        (path / LATENT_CONFIG_FILE).write_text(json.dumps(asdict(self.latent), indent=2))
+
+    def load_latent_files(self, path: Path) -> None:
+        """Load the projector and pause inputs saved in folder `path` where they are of this model's kind.
+
+        A saved projector of another kind, or pause inputs under `latent.input=hidden`, are
+        not loaded (the model starts those modules fresh).
+        """
+        saved = _read_latent_config(path)
+        if saved is None:
+            return
+        if (path / PROJECTOR_FILE).is_file() and saved.projector == self.latent.projector:
+            self.projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
+        if (path / PAUSE_FILE).is_file() and saved.input == "pause" and self.pause is not None:
+            self.pause.load_weight(load_file(str(path / PAUSE_FILE))["weight"])
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -331,10 +400,13 @@ class LatentVLM(nn.Module):
 
         `group_size` G > 1 prefills each prompt once and shares its cache among G
         rollouts (rows `b*G .. b*G+G-1` belong to prompt b). `latent_sigma` > 0
-        samples `z_k ~ N(proj(h_{k-1}), sigma^2 I)` (VLPO exploration).
+        samples `z_k ~ N(proj(h_{k-1}), sigma^2 I)` (VLPO exploration; not with pause inputs,
+        which are constants).
         """
         self._check_batch(batch)
         k_steps = self._steps(latent_steps)
+        if latent_sigma > 0 and self.pause is not None:
+            raise MedlvrError("latent_sigma > 0 explores around the fed-back state; latent.input=pause feeds learned constants")
         if max_new_tokens < 1:
             raise MedlvrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if group_size < 1:
@@ -357,9 +429,10 @@ class LatentVLM(nn.Module):
         latents = pre.last_hidden.new_zeros(b, k_steps, d)
         means = pre.last_hidden.new_zeros(b, k_steps, d)
         h, logits = pre.last_hidden, pre.last_logits
+        pause = self.pause(k_steps, b) if self.pause is not None else None  # [B, K, d]
         for k in range(k_steps):
             mu = self.projector(h)  # [B, d]
-            z = mu
+            z = mu if pause is None else pause[:, k].to(mu.dtype)
             if latent_sigma > 0:
                 noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
                 z = mu + latent_sigma * noise.to(mu.dtype)
@@ -427,11 +500,13 @@ class LatentVLM(nn.Module):
         pre = self._prefill(batch, with_latent_start=k_steps > 0)
         zs, mus = [], []
         h = pre.last_hidden
-        for _ in range(k_steps):
+        pause = self.pause(k_steps, h.shape[0]) if self.pause is not None else None  # [B, K, d]
+        for k in range(k_steps):
             mu = self.projector(h)
-            zs.append(mu)
+            z = mu if pause is None else pause[:, k].to(mu.dtype)
+            zs.append(z)
             mus.append(mu)
-            h = self._latent_step(pre, mu)
+            h = self._latent_step(pre, z)
         tail, tmask = self._tail(answer, amask, k_steps)
         logits, _ = self._append(pre, self.embed(tail), tmask, logits_to_keep=0)
         # The tail is <|latent_end|> + answer: position t (from <|latent_end|>) predicts answer_ids[:, t].
@@ -461,7 +536,9 @@ class LatentVLM(nn.Module):
             extra = {**pre.kwargs, **self.adapter.prefill_kwargs(_extend_types(pre.batch, n_app))}
             return self._forward(torch.cat(parts, 1), torch.cat(masks, 1), pos, None, **extra)
 
-        if latent_inputs is None:  # recompute the chain: pass k sees z_1..z_{k-1}
+        if latent_inputs is None and self.pause is not None:  # pause inputs are known up front: one pass
+            latents = self.pause(k_steps, b)
+        elif latent_inputs is None:  # recompute the chain: pass k sees z_1..z_{k-1}
             zs: list[torch.Tensor] = []
             h = pre.last_hidden
             for _ in range(k_steps):
@@ -577,4 +654,4 @@ def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float, reduction:
     return -sq / z.shape[-1] if reduction == "mean" else -sq
 
 
-__all__ = ["LatentVLM", "LatentProjector", "GenerationOutput", "ForwardOutput", "gaussian_logprob"]
+__all__ = ["LatentVLM", "LatentProjector", "PauseInputs", "GenerationOutput", "ForwardOutput", "gaussian_logprob"]

@@ -3,10 +3,10 @@
 A checkpoint `output_dir/step-0000120/` holds:
 
 - `model/`       full fine-tuning: a `LatentVLM.save_pretrained` folder (weights, tokenizer,
-                 processor, projector, latent config): loads in `medlvr predict`, the harness
+                 processor, projector, pause inputs, latent config): loads in `medlvr predict`, the harness
                  and plain transformers;
-  `adapter/`     LoRA: the peft adapter (`adapter_model.safetensors`), the projector, the
-                 processor and latent config (the base model is `model.path` of the config);
+  `adapter/`     LoRA: the peft adapter (`adapter_model.safetensors`), the projector (and pause
+                 inputs), the processor and latent config (the base model is `model.path` of the config);
 - `optimizer.safetensors` + `optimizer.json`: AdamW moments (tensors) and param groups;
 - `scheduler.json`, `rng-rank{r}.safetensors` + `rng-rank{r}.json` (torch, CUDA, numpy,
   python), `trainer_state.json` (step, data position, metrics), `config.yaml` (resolved).
@@ -158,22 +158,12 @@ def _strip(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torc
 
 
 def _save_projector_and_latent(vlm: Any, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    from dataclasses import asdict
-
-    from medlvr.model.latent import LATENT_CONFIG_FILE, PROJECTOR_FILE
-
-    proj = _strip(state_dict, "projector.") if state_dict is not None else vlm.projector.state_dict()
-    proj = {k: v.detach().contiguous().cpu() for k, v in proj.items()}
-    if proj:
-        save_file(proj, str(out / PROJECTOR_FILE))
-    (out / LATENT_CONFIG_FILE).write_text(json.dumps(asdict(vlm.latent), indent=2))
+    vlm.save_latent_files(out, state_dict)  # projector, pause inputs, latent config
 
 
 def load_adapter_files(vlm: Any, folder: Path) -> None:
-    """Load a LoRA checkpoint's adapter and projector into a peft-wrapped `vlm`."""
+    """Load a LoRA checkpoint's adapter, projector and pause inputs into a peft-wrapped `vlm`."""
     from peft import set_peft_model_state_dict
-
-    from medlvr.model.latent import PROJECTOR_FILE
 
     src = folder / "adapter"
     weights = load_file(str(src / "adapter_model.safetensors"))
@@ -181,9 +171,7 @@ def load_adapter_files(vlm: Any, folder: Path) -> None:
     bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if bad:
         raise MedlvrError(f"adapter in {src} does not fit the model (e.g. {bad[0]}): was lora.target_modules changed?")
-    proj = src / PROJECTOR_FILE
-    if proj.is_file():
-        vlm.projector.load_state_dict(load_file(str(proj)))
+    vlm.load_latent_files(src)
 
 
 # ---------------------------------------------------------------------------- whole checkpoints

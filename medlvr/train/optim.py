@@ -12,7 +12,7 @@ from medlvr.config import OptimConfig
 
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: decay on matrices only; the latent projector at `projector_lr`.
+    """AdamW over the trainable parameters: decay on matrices only; the latent projector and pause inputs at `projector_lr`.
 
     Norm weights, biases and scalar scales are not decayed (decaying a norm gain
     towards 0 shrinks the activations, not the capacity).
@@ -22,7 +22,7 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Optim
         if not p.requires_grad:
             continue
         decay = p.ndim >= 2 and "norm" not in name.lower()
-        proj = name.startswith("projector.")
+        proj = name.startswith(("projector.", "pause."))
         groups.setdefault((decay, proj), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: check the model.freeze_* options")

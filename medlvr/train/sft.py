@@ -18,6 +18,7 @@ The same entry point runs stage-0 pretraining (`plain` on describe records).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -91,7 +92,7 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
     """LatentVLM in fp32 with freezing, LoRA and checkpointing applied; weights from `resume_dir` if given."""
     from medlvr.model.latent import LatentVLM
 
-    latent = type(cfg.latent)(steps=cfg.latent_steps, projector=cfg.latent.projector)
+    latent = dataclasses.replace(cfg.latent, steps=cfg.latent_steps)
     full_resume = resume_dir is not None and cfg.model.finetune == "full"
     src = resume_dir / "model" if full_resume else Path(cfg.model.path)
     # Trained weights stay fp32 (master copies; autocast computes in bf16). A LoRA run keeps
@@ -130,10 +131,12 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
 
             load_adapter_files(vlm, resume_dir)
     vlm.projector.float()  # trainable: fp32 master weights (peft keeps adapters in fp32 too)
-    # The projector trains whenever it has parameters and is used (K > 0); unused
-    # parameters would also break DDP's gradient reduction.
+    # The projector trains whenever it has parameters and is used (K > 0; with pause inputs
+    # only the ROI alignment reads it); unused parameters would also break DDP's gradient reduction.
     for p in vlm.projector.parameters():
-        p.requires_grad_(cfg.mode != "plain")
+        p.requires_grad_(cfg.mode != "plain" and (vlm.pause is None or cfg.mode == "roi"))
+    if vlm.pause is not None:
+        vlm.pause.float().requires_grad_(cfg.mode != "plain")
     vlm.train()
     return vlm
 
@@ -399,7 +402,8 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int)
     ce = sample_mean_ce(fwd.token_logprobs, batch["answer_mask"].to(fwd.token_logprobs.device))
     if cfg.mode not in ("roi", "teacher_forced"):
         return ce, torch.zeros_like(ce), torch.zeros_like(ce, dtype=torch.bool), fwd
-    latents = fwd.latent_means  # proj(h_{k-1}): the model's own latents (the fed ones, except when teacher-forced)
+    # proj(h_{k-1}), the outputs at the latent positions: the fed latents, except when teacher-forced or with pause inputs
+    latents = fwd.latent_means
     if cfg.align.assign == "first":
         latents, targets = latents[:, :1], targets[:, :1]
     neg, neg_mask = pad_tokens(negatives, latents.shape[-1], latents.device) if cfg.align.kind == "infonce" else (None, None)

@@ -18,7 +18,7 @@ import numpy as np
 
 from medlvr.data.ground import questions as q
 from medlvr.data.ground.annotations import AnnotatedImage, Region, area, clip_box
-from medlvr.data.ground.split import DEFAULT_FRACTIONS, assign_splits
+from medlvr.data.ground.split import DEFAULT_FRACTIONS, assign_splits, check_fractions
 from medlvr.data.schema import ROI, VQASample
 from medlvr.data.sources._common import SourceError
 
@@ -62,6 +62,9 @@ class GroundConfig:
             raise SourceError(f"unknown question families {sorted(unknown)}; known: {', '.join(q.FAMILIES)}")
         if self.size_ratio < 1 or self.max_size_pairs < 0:
             raise SourceError("size_ratio must be >= 1 and max_size_pairs >= 0")
+        if self.sides not in ("image", "patient"):
+            raise SourceError(f"sides must be 'image' or 'patient', got {self.sides!r}")
+        check_fractions(self.fractions, self.val_fraction)
 
     def name(self, label: str) -> str:
         return self.names.get(label) or q.display_name(label)

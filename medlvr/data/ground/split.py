@@ -27,10 +27,7 @@ def assign_splits(
     an official split passes it to its other images. `val_fraction` then moves that fraction of
     the train groups to "val" (seeded), for releases whose official split has no validation part.
     """
-    if abs(sum(fractions.values()) - 1.0) > 1e-6 or any(f < 0 for f in fractions.values()):
-        raise SourceError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise SourceError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_fractions(fractions, val_fraction)
     official: dict[str, set[str]] = defaultdict(set)
     for im in images:
         if im.split:
@@ -48,6 +45,28 @@ def assign_splits(
             if im.group in moved:
                 im.split = "val"
     return straddling
+
+
+def check_fractions(fractions: Mapping[str, float], val_fraction: float = 0.0) -> None:
+    if not fractions or abs(sum(fractions.values()) - 1.0) > 1e-6 or any(f < 0 for f in fractions.values()):
+        raise SourceError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise SourceError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
+def parse_fractions(spec: str) -> dict[str, float]:
+    """`"train=0.8,val=0.1,test=0.1"` -> `{"train": 0.8, "val": 0.1, "test": 0.1}` (checked)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise SourceError(f"split fraction {part!r}: expected <split>=<fraction>, e.g. train=0.8")
+    check_fractions(out)
+    return out
 
 
 def _cut(groups: Sequence[str], seed: int, fractions: Mapping[str, float], keep: str | None = None) -> dict[str, str]:
