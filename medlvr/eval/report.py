@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from scipy.stats import binomtest
 
 from medlvr.errors import MedlvrError
-from medlvr.eval.controls import GREY, REAL, condition_of, order_conditions
+from medlvr.eval.controls import GREY, IMAGE_CONTROLS, REAL, condition_of, order_conditions
 from medlvr.eval.metrics import summarize
 
 __all__ = [
@@ -323,7 +323,9 @@ def _hops_plot(summary: Mapping[str, Any], path: Path) -> Path:
     for label, curve in _hop_series(summary).items():
         pts = sorted((int(h), m["accuracy"]) for h, m in curve.items() if m["accuracy"] is not None)
         hops.update(h for h, _ in pts)
-        ax.plot([h for h, _ in pts], [100 * a for _, a in pts], marker="o", label=label)
+        control = label.split(",")[0] in IMAGE_CONTROLS[1:]  # the controls dashed, the real images solid
+        ax.plot([h for h, _ in pts], [100 * a for _, a in pts], marker="o", linestyle="--" if control else "-",
+                label=label)
     ax.set_xticks(sorted(hops))
     ax.set_ylim(0, 105)
     return _save_lines(fig, ax, "hops", "Accuracy against reasoning depth", path)
