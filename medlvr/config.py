@@ -411,7 +411,9 @@ class VLPOParams:
     """Passes of policy updates over each batch of rollouts (PPO epochs). The first pass
     starts on-policy (ratio exactly 1); later ones are off-policy and clipping matters."""
     mini_batches: int = 1
-    """Optimizer steps per update epoch (the rollouts are split into this many parts)."""
+    """Optimizer steps per update epoch: each process's rollouts are split into this many parts
+    (strided: part m takes trajectories m, m + M, ...), so the number of optimizer steps does not
+    depend on the number of processes. At most batch_size x group_size."""
     beta: float = 0.0
     """Weight of the k3 KL estimate to the reference policy (the starting checkpoint). Under
     LoRA the reference is the same model with the adapter disabled (no second copy in
@@ -475,6 +477,9 @@ class VLPOConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1:
             raise MedlvrError(f"batch_size and max_steps must be >= 1, got {self.batch_size}, {self.max_steps}")
+        if self.vlpo.mini_batches > self.batch_size * self.vlpo.group_size:
+            raise MedlvrError(f"vlpo.mini_batches={self.vlpo.mini_batches} exceeds the {self.batch_size * self.vlpo.group_size} "
+                              "trajectories per process and step (batch_size x vlpo.group_size)")
 
     @property
     def latent_steps(self) -> int:

@@ -248,6 +248,22 @@ def test_vlpo_latent_options_are_validated():
         VLPOParams(latent_clip_low=1.0)
 
 
+def test_mini_batches_split_each_process_into_the_same_optimizer_steps():
+    """Every process takes `mini_batches` steps; step m holds global rows m, m + M, ... under any process count."""
+    from medlvr.config import VLPOParams
+    from medlvr.errors import MedlvrError
+    from medlvr.train.vlpo import _mini_batches
+
+    assert _mini_batches(8, 2, 3) == [[[0, 2, 4], [6]], [[1, 3, 5], [7]]]
+    one = _mini_batches(8, 2, 8)  # one process, 8 trajectories
+    two = [_mini_batches(4, 2, 8) for _ in range(2)]  # two processes, 4 each: rank r's row i is global 4r + i
+    for m in range(2):
+        assert one[m][0] == [4 * r + i for r in range(2) for i in two[r][m][0]]
+    assert [len(parts) for parts in (_mini_batches(n, 4, 1) for n in (4, 8, 13))] == [4, 4, 4]
+    with pytest.raises(MedlvrError, match="mini_batches"):
+        VLPOConfig(batch_size=1, vlpo=VLPOParams(group_size=2, mini_batches=3))
+
+
 def test_the_stop_token_trained_is_the_one_sampled(vlm, synth, monkeypatch):
     """A rollout that ended with a stop token other than the collator's trains that token (issue 13, item 5).
 
@@ -552,13 +568,19 @@ def test_two_cpu_processes_match_one_process_on_the_same_trajectories(tmp_path, 
     loss, clipping, ratios, entropy, gradient norm) must equal the single process's.
     Tolerances as in the SFT test (float reduction order; Adam amplifies it on
     near-zero gradients): 1e-4 on metrics, 5e-4 on parameters.
+
+    Two mini-batches per update epoch, each process holding one micro-batch of 4 trajectories:
+    each process takes as many optimizer steps as the single one, on the same trajectories
+    (issue 13, item 7: with mini_batches above a process's micro-batch count, two processes
+    took fewer).
     """
     from safetensors.torch import load_file
 
     from medlvr.train import vlpo
     from tests.conftest import torchrun
 
-    common = [*_SMALL, "max_steps=3", "vlpo.update_epochs=2", "vlpo.beta=0.05", "checkpoint.every=0"]
+    common = [*_SMALL, "max_steps=3", "vlpo.update_epochs=2", "vlpo.beta=0.05", "checkpoint.every=0",
+              "vlpo.mini_batches=2"]  # fmt: skip
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir()
     one.mkdir()
@@ -577,6 +599,7 @@ def test_two_cpu_processes_match_one_process_on_the_same_trajectories(tmp_path, 
     assert diff < 5e-4 < moved, (diff, moved)
     hist = json.loads((two / "history-rank0.json").read_text())
     assert [r["step"] for r in hist] == [r["step"] for r in single.history] == [1, 2, 3]
+    assert [r["optimizer_steps"] for r in hist] == [r["optimizer_steps"] for r in single.history] == [4, 8, 12]
     for a, b in zip(hist, single.history):
         assert a["samples_seen"] == b["samples_seen"]
         for key in ("reward_mean", "reward_std", "accuracy", "reward/roi_evidence", "flat_groups", "loss", "clip_fraction",

@@ -325,8 +325,14 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 2. log-probabilities of the finished trajectories: rollout policy and reference
             t0 = time.perf_counter()
-            micro = _micro_batches(ro, traj_collate, pad, p.micro_batch_size, trains_latents)
-            old, ref, visual, entropy_sum = [], [], [], 0.0
+            n_traj = len(ro.texts)
+            micro: list[_Micro] = []
+            parts_per_opt: list[list[int]] = []  # per optimizer step, its micro-batches (indices into `micro`)
+            for part in _mini_batches(n_traj, p.mini_batches, p.micro_batch_size):
+                parts_per_opt.append(list(range(len(micro), len(micro) + len(part))))
+                micro.extend(_micro_batch(ro, rows, traj_collate, pad, trains_latents) for rows in part)
+            old, ref, entropy_sum = [], [], 0.0
+            visual: list[torch.Tensor | None] = [None] * n_traj
             with torch.no_grad():
                 for mb in micro:
                     with accelerator.autocast():
@@ -334,7 +340,8 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                     old.append(lp.logp.detach())
                     entropy_sum += float(lp.entropy.sum())
                     if rewards.needs_visual:
-                        visual.extend(v.detach() for v in lp.visual_tokens)
+                        for row, v in zip(mb.rows, lp.visual_tokens):
+                            visual[row] = v.detach()
                     if reference is not None:
                         with reference.active() as ref_model, accelerator.autocast():
                             ref.append(logprobs(ref_model, mb.batch, mb.latents).logp.detach())
@@ -342,10 +349,12 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 3. rewards and group-relative advantages
             t0 = time.perf_counter()
-            roi_index = [r for mb in micro for r in mb.batch.get("roi_index", [None] * mb.n)]
+            roi_index: list[torch.Tensor | None] = [None] * n_traj
+            for mb in micro:
+                for row, r in zip(mb.rows, mb.batch.get("roi_index", [None] * mb.n)):
+                    roi_index[row] = r
             ctxs = [
-                RewardContext(stopped=s, n_tokens=len(t), step=step, visual_tokens=visual[i] if visual else None,
-                              roi_index=roi_index[i])
+                RewardContext(stopped=s, n_tokens=len(t), step=step, visual_tokens=visual[i], roi_index=roi_index[i])
                 for i, (s, t) in enumerate(zip(ro.stopped, ro.token_ids))
             ]  # fmt: skip
             reward, parts = rewards(ro.samples, ro.texts, ro.latents.detach().cpu(), ctxs)
@@ -357,9 +366,6 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             # clipped units, kl sum, ratio sum, units, loss sum, clipped latent units, latent units
             stats = torch.zeros(7, dtype=torch.float64)
             grad_norms: list[float] = []
-            n_traj = len(ro.texts)
-            order = list(range(len(micro)))
-            parts_per_opt = _split(order, p.mini_batches)
             for _epoch in range(p.update_epochs):
                 for group in parts_per_opt:
                     norm_local = sum(float(policy_normaliser(micro[j].mask, p.aggregation)) for j in group)
@@ -435,6 +441,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             # the reduced sum is already the global loss: mean over the step's optimizer steps.
             row["loss"] = float(tot[s0 + 4]) / (p.update_epochs * len(parts_per_opt))
             row["lr"] = scheduler.get_last_lr()[0]
+            row["optimizer_steps"] = scheduler.last_epoch  # update_epochs x mini_batches per step, whatever the process count
             row["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
             row.update(times)
             row["trajectories_per_s"] = n_traj / max(sum(times.values()), 1e-9)
@@ -472,7 +479,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 class _Micro:
     """A micro-batch of finished trajectories, collated once and reused by every pass of the step."""
 
-    rows: slice  # rows of the step's N trajectories
+    rows: list[int]  # rows of the step's N trajectories (of this process)
     batch: dict[str, Any]  # prompts (repeated per trajectory) + answer_ids / answer_mask
     latents: torch.Tensor  # [n, K, d]
     mask: torch.Tensor  # [n, K + T] policy units
@@ -480,21 +487,26 @@ class _Micro:
     n: int
 
 
-def _micro_batches(ro: Rollouts, collate: Any, pad: int, size: int, latent_actions: bool) -> list[_Micro]:
-    out = []
-    for a in range(0, len(ro.texts), size):
-        rows = slice(a, min(a + size, len(ro.texts)))
-        batch = collate(ro.samples[rows], images=ro.images[rows])
-        batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids[rows], ro.stop_tokens[rows], pad)
-        mask = unit_mask(batch["answer_mask"], ro.latents.shape[1], latent_actions)  # the units trajectory_logprobs marks
-        out.append(_Micro(rows, batch, ro.latents[rows], mask, batch["answer_mask"], rows.stop - rows.start))
-    return out
+def _mini_batches(n: int, mini_batches: int, micro_batch_size: int) -> list[list[list[int]]]:
+    """This process's `n` trajectories as `mini_batches` optimizer steps, each a list of micro-batches (row lists).
+
+    Optimizer step m takes rows m, m + M, m + 2M, ... (M = mini_batches), so every process
+    takes exactly M steps, and when n is a multiple of M the global step m holds the same
+    trajectories under any process count (a process's rows are a contiguous block of the
+    global batch). `VLPOConfig` checks n >= M, so no step is empty.
+    """
+    parts = [list(range(m, n, mini_batches)) for m in range(mini_batches)]
+    return [[rows[a : a + micro_batch_size] for a in range(0, len(rows), micro_batch_size)] for rows in parts]
 
 
-def _split(items: list[int], parts: int) -> list[list[int]]:
-    """`items` in `parts` contiguous, non-empty groups (fewer if there are fewer items)."""
-    parts = max(1, min(parts, len(items)))
-    return [list(c) for c in torch.tensor_split(torch.tensor(items), parts) if len(c)]
+def _micro_batch(ro: Rollouts, rows: list[int], collate: Any, pad: int, latent_actions: bool) -> _Micro:
+    """Trajectories `rows` of the rollouts, collated with their sampled answers and their unit mask."""
+    batch = collate([ro.samples[i] for i in rows], images=[ro.images[i] for i in rows])
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(
+        [ro.token_ids[i] for i in rows], [ro.stop_tokens[i] for i in rows], pad
+    )
+    mask = unit_mask(batch["answer_mask"], ro.latents.shape[1], latent_actions)  # the units trajectory_logprobs marks
+    return _Micro(rows, batch, ro.latents[rows], mask, batch["answer_mask"], len(rows))
 
 
 def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: RewardSet, accelerator: Any, validation_accuracy: Any) -> dict[str, float]:
