@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from medlvr.data.collate import VQACollator
+from medlvr.data.roi import hop_of_steps, roi_hops
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import TokenGrid
@@ -435,6 +436,11 @@ def sample_coverage(
     return torch.cat(parts)
 
 
+def _hop_boxes(hop_of: Sequence[int], hop: int) -> Callable[[VQASample, int], list]:
+    """The boxes of one hop's ROIs on an image (`sample_coverage`'s `boxes_of`)."""
+    return lambda sample, image: [r.box for r, h in zip(sample.rois, hop_of) if h == hop and r.image == image]
+
+
 def _lesion_boxes(sample: VQASample, image: int) -> list:
     """Every lesion of a synthetic scene (its meta), for the any-lesion pointing reference."""
     return [les["box"] for les in sample.meta.get("lesions", []) if image == 0 and "box" in les]
@@ -486,6 +492,10 @@ def explain_metrics(
     step_mass: dict[str, list[list[float]]] = {n: [] for n in KINDS}
     any_hits: dict[str, list[float]] = {n: [] for n in names}
     chance_hit, chance_mass, gaps, to_image = [], [], [], []
+    # Per-hop pointing (multi-hop records): does step k peak on the ROI of the hop it is
+    # assigned to under chain alignment, against a random map and against the other hops?
+    hop_hits: dict[str, list[float]] = {n: [] for n in names}
+    hop_other: list[float] = []
     for start in range(0, len(kept), batch_size):
         chunk = kept[start : start + batch_size]
         imgs = [[im.convert("RGB") for im in (given if given is not None else [image_loader(p) for p in s.images])] for s, given in chunk]
@@ -506,6 +516,17 @@ def explain_metrics(
                 steps = sm.cells(sm.get(kind))  # [K, M]
                 step_hits[kind].append([float(pointing_hit(s, cov)) for s in steps])
                 step_mass[kind].append([roi_mass(s, cov) for s in steps])
+            hop_of = roi_hops(sample)
+            if hop_of is not None and max(hop_of) > 0:
+                n_hops = max(hop_of) + 1
+                hop_cov = [sample_coverage(sample, sm.grids, sm.sizes, _hop_boxes(hop_of, j)) for j in range(n_hops)]
+                step_maps = {kind: sm.cells(sm.get(kind)) for kind in KINDS}  # [K, M] each
+                step_maps["random"] = sm.cells(normalise(torch.rand(k, sm.similarity.shape[-1], generator=gen)))
+                for step, j in enumerate(hop_of_steps(k, n_hops)):
+                    for name, m in step_maps.items():
+                        hop_hits[name].append(float(pointing_hit(m[step], hop_cov[j])))
+                    others = [c for i, c in enumerate(hop_cov) if i != j]
+                    hop_other.append(float(any(pointing_hit(step_maps["similarity"][step], c) for c in others)))
             chance_hit.append(float((cov > 0).float().mean()))
             chance_mass.append(float(cov.mean()))
             gaps.append(sm.recompute_gap)
@@ -523,6 +544,10 @@ def explain_metrics(
         "attention_to_image": mean(to_image),
         "max_recompute_gap": max(gaps),
     }
+    if hop_other:
+        result["hop_pointing"] = {name: mean(v) for name, v in hop_hits.items()}
+        result["hop_pointing"]["similarity_other_hops"] = mean(hop_other)
+        result["hop_pointing"]["steps"] = len(hop_other)
     for name in names:
         entry: dict[str, Any] = {"pointing": mean(hits[name]), "roi_mass": mean(mass[name])}
         if any_hits[name]:

@@ -1,4 +1,4 @@
-"""`medlvr demo --quick`: the whole method end to end, a report with all four variants, reproducible."""
+"""`medlvr demo --quick`: every arm end to end, a report that answers the question, reproducible."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from medlvr.cli import app
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 
-def _run(out):
-    res = CliRunner().invoke(app, ["demo", "--quick", "--seeds", "1", "--out", str(out)])
+def _run(out, *extra):
+    res = CliRunner().invoke(app, ["demo", "--quick", "--seeds", "1", "--out", str(out), *extra])
     assert res.exit_code == 0, res.output
-    return json.loads((out / "results.json").read_text())["table"]
+    return json.loads((out / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -24,26 +24,36 @@ def first(tmp_path_factory):
     return out, _run(out)
 
 
-def test_quick_demo_reports_all_four_variants(first):
-    out, table = first
-    report = (out / "report.md").read_text()
-    assert {r["variant"] for r in table} == set("abcd")
-    for split in ("test", "compositional"):
-        rows = [r for r in table if r["split"] == split]
-        assert len(rows) == 4
-        assert len({r["n"] for r in rows}) == 1 and rows[0]["n"] > 0  # every variant scored on the same questions
+def test_quick_demo_reports_every_arm_by_depth(first):
+    out, results = first
+    table = results["table"]
+    assert [r["variant"] for r in table if r["hops"] is None] == list("atpbcd")
+    for arm in "atpbcd":
+        rows = [r for r in table if r["variant"] == arm]
+        assert [r["hops"] for r in rows] == [None, 1, 2, 3]
+        assert sum(r["n"] for r in rows[1:]) == rows[0]["n"] == 24  # every test question has a depth
         assert all(0.0 <= r["mean"] <= 1.0 for r in rows)
-    for name in ("family_test.png", "family_compositional.png", "accuracy_vs_k.png", "training_curves.png"):
+    assert {r["variant"]: r["K"] for r in table} == {"a": 0, "t": 0, "p": 6, "b": 6, "c": 6, "d": 6}
+    pairs = {(p["arm"], p["against"], p["hops"]) for p in results["pairs"]}
+    assert {("c", "a", 3), ("c", "p", 3), ("c", "t", 3), ("d", "c", 3)} <= pairs
+    assert set(results["blank"]) == set("atpbcd") and 0 < results["chance"] <= 1
+    assert {"p", "b", "c", "d"} == set(results["explain"]) and all("hop_pointing" in m for m in results["explain"].values())
+    report = (out / "report.md").read_text()
+    for text in ("## Verdict", "Regime: direct (a)", "ROI-SFT (c) minus the pause control (p)", "Blank images",
+                 "## Paired comparisons by depth", "per-hop pointing", "ms / question"):
+        assert text in report, text
+    for name in ("accuracy_by_hops.png", "accuracy_vs_k.png", "training_curves.png"):
         assert (out / "plots" / name).stat().st_size > 1000
-    assert "| (c) ROI-SFT | compositional |" in report and "ROI-SFT (c) minus direct (a)" in report
+    # the text-reasoning arm was trained on the chain written out, the others on the bare answer
+    t_train = (out / "data" / "train_reasoning.jsonl").read_text()
+    assert "; answer: " in t_train and "largest lesion: " in t_train or "smallest lesion: " in t_train
 
 
-def test_quick_demo_is_reproducible(first, tmp_path):
-    _, table = first
-    again = _run(tmp_path / "b")
-    assert [(r["variant"], r["split"], r["per_seed"], r["n"]) for r in again] == [
-        (r["variant"], r["split"], r["per_seed"], r["n"]) for r in table
-    ]
+def test_quick_demo_is_reproducible_in_parallel(first, tmp_path):
+    _, results = first
+    again = _run(tmp_path / "b", "--arms", "ac", "--workers", "2")
+    key = lambda r: (r["variant"], r["split"], r["per_seed"], r["n"])  # noqa: E731
+    assert [key(r) for r in again["table"]] == [key(r) for r in results["table"] if r["variant"] in "ac"]
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
@@ -51,3 +61,7 @@ def test_demo_rejects_bad_arguments(tmp_path):
     assert res.exit_code == 2 and "choose one of --quick and --full" in res.output
     res = CliRunner().invoke(app, ["demo", "--dataset", "vqa-rad", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--data-root" in res.output
+    res = CliRunner().invoke(app, ["demo", "--quick", "--arms", "ad", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "arm d (VLPO) starts from arm c" in res.output
+    res = CliRunner().invoke(app, ["demo", "--quick", "--arms", "az", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown arm" in res.output

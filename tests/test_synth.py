@@ -22,7 +22,7 @@ from medlvr.data.synth import (
 )
 from medlvr.data.synth_render import SHAPES
 
-CFG = SynthConfig(n=240, seed=7)
+CFG = SynthConfig(n=240, seed=7, answers="letters", texture=0.5)  # every family, answered with option letters
 FILES = (*SPLITS, "describe")
 
 
@@ -183,10 +183,47 @@ def test_lesion_sizes_follow_the_token_cell() -> None:
     for item in items:
         for les in item.scene.lesions:
             spans[les.size].append(les.extent)
-    assert max(spans["small"]) < 0.7 * 28 and min(spans["large"]) > 1.05 * 28
+    # extents are jittered by +-10% around small_size / large_size token cells
+    assert max(spans["small"]) <= CFG.small_size * 1.1 * 28 and min(spans["large"]) >= CFG.large_size * 0.9 * 28
+    assert max(spans["small"]) < min(spans["large"])
 
 
 # ---------------------------------------------------------------- answers recomputed from the scene
+
+_STEP = {"to the right of": (0, 1), "to the left of": (0, -1), "above": (-1, 0), "below": (1, 0)}
+_NAMES = ("upper left", "upper middle", "upper right", "middle left", "center", "middle right",
+          "lower left", "lower middle", "lower right")  # fmt: skip
+
+
+def _check_chain(r, at: dict[str, dict]) -> None:
+    """Follow the chain from the question text alone and compare with the answer, ROIs and reasoning."""
+    lesions = r.meta["lesions"]
+    m = re.fullmatch(r"What is the intensity of (.+)\?", r.question)
+    subject, phrases = m.group(1), []
+    while subject.startswith("the lesion "):
+        rest = subject[len("the lesion "):]
+        phrase = next(p for p in _STEP if rest.startswith(p + " "))
+        phrases.append(phrase)
+        subject = rest[len(phrase) + 1:]
+    (kind,) = re.fullmatch(r"the (largest|smallest) lesion", subject).groups()
+    size = "large" if kind == "largest" else "small"
+    (anchor,) = [les for les in lesions if les["size"] == size]  # the one lesion of its size
+    region, path = _NAMES.index(anchor["region"]), [anchor]
+    for phrase in reversed(phrases):  # the innermost phrase is the first step
+        row, col = divmod(region, 3)
+        dr, dc = _STEP[phrase]
+        assert 0 <= row + dr < 3 and 0 <= col + dc < 3
+        region = (row + dr) * 3 + col + dc
+        path.append(at[_NAMES[region]])  # the region is occupied
+    hops = len(path)
+    assert r.meta["hops"] == hops and r.meta["roi_hops"] == list(range(1, hops + 1))
+    assert len({les["region"] for les in path}) == hops  # no region visited twice
+    assert r.answer == path[-1]["intensity"] and r.answer_type == "open"
+    assert [tuple(roi.box) for roi in r.rois] == [tuple(les["box"]) for les in path]
+    assert r.meta["chain"] == [les["region"] for les in path]
+    assert r.meta["reasoning"].startswith(f"{kind} lesion: {anchor['region']}")
+    # the image is exactly half bright: its majority says nothing
+    assert len(lesions) in (6, 8) and sum(les["intensity"] == "bright" for les in lesions) == len(lesions) // 2
 
 
 def _check_answer(r) -> None:  # noqa: C901 - one branch per family, read top to bottom
@@ -267,6 +304,8 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per family, read top to
             assert r.answer == f"{les['size']} {les['intensity']} {les['shape']}" and boxes == [tuple(les["box"])]
         else:
             assert r.answer == "nothing" and r.rois[0].label == "region"
+    elif fam == "chain":
+        _check_chain(r, at)
     else:
         raise AssertionError(f"unexpected family {fam}")
 
@@ -391,3 +430,59 @@ def test_fresh_anatomy_per_image_differs_from_cached_variants() -> None:
     for a, b in zip(fresh, cached, strict=True):
         assert a.sample == b.sample  # pixels only: the records do not change
         assert a.image.shape == b.image.shape and not np.array_equal(a.image, b.image)
+
+
+# ---------------------------------------------------------------- the chain family: depth without shortcuts
+
+
+def test_default_world_answers_in_words_and_asks_shape_only_of_large_lesions() -> None:
+    cfg = SynthConfig(n=400, seed=3)
+    items = generate_samples(cfg, "train", render_images=False)
+    assert all(i.sample.answer_type in ("open", "closed") and not i.sample.options for i in items)
+    shapes = [i for i in items if i.sample.question_type == "attribute" and i.sample.meta["attribute"] == "shape"]
+    assert shapes and all(i.scene.lesions[i.scene.target].size == "large" for i in shapes)
+    assert all(i.sample.meta["hops"] >= 1 and len(i.sample.meta["roi_hops"]) == len(i.sample.rois) for i in items)
+    letters = make_sample(SynthConfig(n=400, seed=3, answers="letters"), "train", 0)[1]
+    assert letters == make_sample(cfg, "train", 0)[1]  # the same scenes, whichever way answers are written
+
+
+def test_chain_depths_are_uniform_and_no_shortcut_predicts_the_answer() -> None:
+    cfg = SynthConfig(n=4000, seed=11, families={"chain": 1.0}, hops=(1, 4), describe=False)
+    samples = [make_sample(cfg, "train", i)[0] for i in range(1600)]
+    by_hops = {h: [s for s in samples if s.meta["hops"] == h] for h in range(1, 5)}
+    assert all(300 <= len(v) <= 500 for v in by_hops.values())
+    for s in samples[:200]:
+        _check_answer(s)
+    deep = [s for s in samples if s.meta["hops"] >= 2]
+
+    def rate(xs) -> float:
+        xs = list(xs)
+        return sum(xs) / len(xs)
+
+    # The question alone: every template's answers are balanced.
+    assert 0.45 < rate(s.answer == "bright" for s in samples) < 0.55
+    # The first hop's lesion (the anchor) and the one before the last say nothing about the answer.
+    at = [{les["region"]: les for les in s.meta["lesions"]} for s in deep]
+    assert 0.45 < rate(a[s.meta["chain"][0]]["intensity"] == s.answer for s, a in zip(deep, at)) < 0.55
+    assert 0.45 < rate(a[s.meta["chain"][-2]]["intensity"] == s.answer for s, a in zip(deep, at)) < 0.55
+    # Nor does the image's majority: every image is exactly half bright.
+    assert all(sum(les["intensity"] == "bright" for les in s.meta["lesions"]) * 2 == s.meta["n_lesions"] for s in samples)
+
+
+def test_written_reasoning_spells_out_the_chain_and_parses_to_the_answer() -> None:
+    from medlvr.data.synth import written_reasoning
+    from medlvr.eval.metrics import score
+
+    cfg = SynthConfig(n=200, seed=5, families={"chain": 1.0}, hops=(3, 3))
+    sample = make_sample(cfg, "test", 0)[0]
+    written = written_reasoning(sample)
+    regions = sample.meta["chain"]
+    assert written.answer == f"{sample.meta['reasoning']}; answer: {sample.answer}"
+    assert all(region in written.answer for region in regions) and written.answer.count(";") == 3
+    assert score(sample, written.answer).correct  # the evaluation parser reads the answer after the chain
+    other = make_sample(SynthConfig(n=200, seed=5), "test", 1)[0]
+    assert written_reasoning(other) == other or other.meta.get("reasoning")
+    with pytest.raises(ValueError, match="hops"):
+        SynthConfig(hops=(0, 2))
+    with pytest.raises(ValueError, match="hops"):
+        SynthConfig(hops=(1, 5))

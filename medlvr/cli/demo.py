@@ -23,15 +23,19 @@ def register(app: typer.Typer) -> None:
 def demo(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), help="Output folder (data, runs, report.md, plots)."),
-    quick: bool = typer.Option(False, "--quick", help="About 2 minutes: one tiny pass through everything."),
-    full: bool = typer.Option(False, "--full", help="Longer runs and more data, for better numbers."),
-    seeds: str = typer.Option("", help="Training seeds, e.g. 1,2,3 (default: 1,2,3; --quick: 1)."),
+    quick: bool = typer.Option(False, "--quick", help="About a minute: one tiny pass through everything."),
+    full: bool = typer.Option(False, "--full", help="Every arm, 3 seeds, longer runs: the numbers in README."),
+    seeds: str = typer.Option("", help="Training seeds, e.g. 1,2,3 (default: the budget's; --full: 1,2,3)."),
+    arms: str = typer.Option("", help="Arms to run, e.g. atpbcd (default: the budget's; see report.md)."),
     dataset: str = typer.Option("synth", help="synth (embedded, default) or vqa-rad."),
     data_root: Path | None = typer.Option(None, help="Release folder of a real dataset (e.g. ../shared/datasets/vqa-rad)."),
     backbone: Path | None = typer.Option(None, help="Starting model folder (default: the shipped stage-0 backbone)."),
-    latent_steps: int = typer.Option(4, help="K of the latent variants."),
+    latent_steps: int = typer.Option(6, help="K of the latent arms."),
+    max_hops: int = typer.Option(3, help="Deepest chain of the synthetic questions (1-4)."),
+    workers: int = typer.Option(2, help="Arms trained at once, one single-threaded process each."),
 ) -> None:
-    """Train and evaluate (a) direct SFT, (b) latent, (c) ROI-SFT and (d) ROI-SFT + VLPO; write report.md."""
+    """MedLVR against honest controls on the depth ladder: (a) direct, (t) text reasoning, (p) pause,
+    (b) latent, (c) ROI-SFT, (d) ROI-SFT + VLPO; trained, scored and compared in report.md."""
     if ctx.invoked_subcommand is not None:
         return
     if quick and full:
@@ -40,21 +44,26 @@ def demo(
 
     budget = "quick" if quick else "full" if full else "default"
     try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()] or ([1] if quick else [1, 2, 3])
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--seeds must be integers separated by commas, got {seeds!r}") from None
     cfg = DemoConfig(
-        out=str(out), budget=budget, seeds=seed_list, dataset=dataset,  # type: ignore[arg-type]
+        out=str(out), budget=budget, seeds=seed_list, arms=arms, dataset=dataset,  # type: ignore[arg-type]
         data_root=str(data_root or ""), backbone=str(backbone or ""), latent_steps=latent_steps,
+        max_hops=max_hops, workers=workers,
     )
+    seed_list = cfg.seeds
     result = run_demo(cfg, log=lambda m: console.print(f"[bold cyan]{m}[/]"))
     from rich.table import Table
 
-    table = Table(title=f"MedLVR demo: accuracy (mean ± std over seeds {seed_list})")
-    for col in ("variant", "split", "K", "accuracy", "questions"):
+    table = Table(title=f"MedLVR demo: test accuracy by reasoning depth (mean ± std over seeds {seed_list})")
+    groups = list(dict.fromkeys(r["split"] for r in result.table))
+    for col in ("arm", "K", *groups):
         table.add_column(col)
-    for r in result.table:
-        table.add_row(f"({r['variant']}) {r['name']}", r["split"], str(r["K"]), f"{r['mean']:.3f} ± {r['std']:.3f}", str(r["n"]))
+    for arm in dict.fromkeys(r["variant"] for r in result.table):
+        cells = {r["split"]: f"{r['mean']:.3f} ± {r['std']:.3f}" for r in result.table if r["variant"] == arm}
+        first = next(r for r in result.table if r["variant"] == arm)
+        table.add_row(f"({arm}) {first['name']}", str(first["K"]), *(cells.get(g, "–") for g in groups))
     console.print(table)
     console.print(f"report: {result.report}  ({result.seconds / 60:.1f} min)")
 

@@ -64,7 +64,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -81,7 +81,7 @@ from medlvr.data.synth_render import (
 )
 
 DATASET = "synth"
-FAMILIES = ("presence", "attribute", "location", "comparison", "count", "relational")
+FAMILIES = ("presence", "attribute", "location", "comparison", "count", "relational", "chain")
 STAGE0_FAMILIES = ("describe", "ground", "inspect")
 SPLITS = ("train", "val", "test", "compositional")
 SIZES = ("small", "large")
@@ -101,10 +101,15 @@ REGION_NAMES = {
 LEVEL_DISTRACTORS = {1: (0, 0), 2: (1, 2), 3: (1, 3), 4: (2, 5), 5: (3, 8)}
 """Curriculum level -> inclusive range of distractor lesions (lesions besides the primary one)."""
 
-DEFAULT_MIX = {"presence": 0.15, "attribute": 0.25, "location": 0.15, "comparison": 0.15, "count": 0.1, "relational": 0.2}
+DEFAULT_MIX = {"presence": 0.1, "attribute": 0.15, "location": 0.1, "comparison": 0.1, "count": 0.05, "relational": 0.1, "chain": 0.4}
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.1, "compositional": 0.1}
-MIN_LESIONS = {"presence": 1, "attribute": 1, "location": 1, "comparison": 2, "count": 1, "relational": 2}
-"""Lesions a family needs in the image (comparisons and relations need two)."""
+MIN_LESIONS = {"presence": 1, "attribute": 1, "location": 1, "comparison": 2, "count": 1, "relational": 2, "chain": 2}
+"""Lesions a family needs in the image (comparisons and relations need two; a chain image
+sets its own lesion count, see `_chain`, whatever the level)."""
+MAX_HOPS = 4
+"""Deepest chain: an anchor and three steps fill a self-avoiding path of four of the nine regions."""
+_CHAIN_ANCHORS = {"largest": ("large", "small"), "smallest": ("small", "large")}
+"""Chain anchor -> (its size, every other lesion's size): the anchor is the one lesion of its size."""
 
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "compositional": 4}
 _MARGIN_PX = 2  # a lesion keeps this far from its region's border
@@ -139,18 +144,33 @@ class SynthConfig:
     """Curriculum level 1-5: 1 = a single lesion, higher levels add distractors (see LEVEL_DISTRACTORS)."""
     distractors: tuple[int, int] | None = None
     """Inclusive range of distractor lesions besides the primary one; None derives it from `level`."""
-    small_size: float = 0.6
-    """Extent of a small lesion in token cells (0.6 x 28 px ~ 17 px)."""
-    large_size: float = 1.2
-    """Extent of a large lesion in token cells (1.2 x 28 px ~ 34 px); must fit in a region."""
+    small_size: float = 0.8
+    """Extent of a small lesion in token cells (0.8 x 28 px ~ 22 px)."""
+    large_size: float = 1.6
+    """Extent of a large lesion in token cells (1.6 x 28 px ~ 45 px); must fit in a region.
+    The tiny stage-0 backbone reads shape at 0.59 on 1.6-cell lesions and at chance on
+    1-cell ones (NOTES-synthetic.md), hence `shape_questions`."""
+    shape_questions: Literal["large", "all", "none"] = "large"
+    """Which lesions `attribute` questions may ask the shape of: only `large` ones (the
+    calibrated default: shape is not read below ~1.5 token cells), `all`, or `none`."""
+    answers: Literal["words", "letters"] = "words"
+    """How attribute, location, comparison and relational questions are answered: `words`
+    (open questions, gold = the word, e.g. "bright", "upper left") or `letters` (multiple
+    choice, options shuffled onto A-D). The tiny backbone reads intensity at a named region
+    at 0.97 with word answers but does not learn to map it to a shuffled letter in 600 steps
+    (NOTES-synthetic.md, third trial): letters add a hop of their own."""
+    hops: tuple[int, int] = (1, 3)
+    """Inclusive range of chain depths h (drawn uniformly): 1 = "the largest lesion", each
+    further hop a step to an adjacent region ("the lesion below the largest lesion"); at most 4."""
     contrast: float = 0.3
     """Lesion offset from the local background (fraction of full scale, jittered +-10%)."""
     window: float = 0.4
     """Grey-level range of the background, centred on 0.5; needs 0.9 * contrast > window / 2."""
     noise: float = 0.02
     """Standard deviation of the pixel noise added last (fraction of full scale)."""
-    texture: float = 0.5
-    """Probability that a lesion is mottled rather than smooth; texture questions need 0 < texture < 1."""
+    texture: float = 0.0
+    """Probability that a lesion is mottled rather than smooth; texture questions need 0 < texture < 1
+    (0 = every lesion smooth, no texture questions: the calibrated default)."""
     background_texture: float = 1.0
     """Amplitude of the procedural background texture (0 = flat anatomy)."""
     anatomy_blend: float = 0.3
@@ -225,6 +245,16 @@ class SynthConfig:
         unknown = [s for s in self.splits if s not in SPLITS]
         if unknown or any(v < 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-6:
             raise bad(f"splits must map some of {', '.join(SPLITS)} to fractions >= 0 summing to 1, got {self.splits}")
+        lo, hi = (int(v) for v in self.hops)
+        if not 1 <= lo <= hi <= MAX_HOPS:
+            raise bad(f"hops must be a range (lo, hi) with 1 <= lo <= hi <= {MAX_HOPS}, got {self.hops}")
+        self.hops = (lo, hi)
+        if self.grid != 3 and self.family_mix.get("chain"):
+            raise bad(f"the chain family is laid out on the 3x3 grid, got grid {self.grid}")
+        if self.answers not in ("words", "letters"):
+            raise bad(f"answers must be words or letters, got {self.answers!r}")
+        if self.shape_questions not in ("large", "all", "none"):
+            raise bad(f"shape_questions must be large, all or none, got {self.shape_questions!r}")
         if not 0 <= self.held_per_region < len(SHAPES):
             raise bad(f"held_per_region must be in [0, {len(SHAPES) - 1}], got {self.held_per_region}")
 
@@ -242,7 +272,7 @@ class SynthConfig:
         """Normalised family weights (zero weights dropped)."""
         if self.families is None:
             most = self.distractor_range[1] + 1
-            mix = {f: w for f, w in DEFAULT_MIX.items() if MIN_LESIONS[f] <= most}
+            mix = {f: w for f, w in DEFAULT_MIX.items() if MIN_LESIONS[f] <= most and (f != "chain" or self.grid == 3)}
         else:
             mix = {f: w for f, w in self.families.items() if w > 0}
         total = sum(mix.values())
@@ -374,8 +404,13 @@ class _SceneBuilder:
         intensity: str | None = None,
         held: bool = False,
         prefer_shape: str | None = None,
+        unique: bool = True,
     ) -> Lesion | None:
-        """Add a lesion satisfying the constraints; None when none fits."""
+        """Add a lesion satisfying the constraints; None when none fits.
+
+        `unique` keeps every (size, intensity, shape) descriptor once per image, so a
+        lesion can be named by its attributes; chain images name lesions by place instead.
+        """
         size = size or self.defaults.get("size")
         intensity = intensity or self.defaults.get("intensity")
         shapes = [s for s in (SHAPES if shapes is None else shapes) if s not in self.banned_shapes]
@@ -388,7 +423,7 @@ class _SceneBuilder:
             for rg in regions
             for sz in ([size] if size else SIZES)
             for it in ([intensity] if intensity else INTENSITIES)
-            if ((sh, rg) in self.held) == held and (sz, it, sh) not in used
+            if ((sh, rg) in self.held) == held and (not unique or (sz, it, sh) not in used)
         ]
         if not cands:
             return None
@@ -437,6 +472,18 @@ def _choice(rng: np.random.Generator, texts: Sequence[str], gold: str) -> tuple[
     options = {LETTERS[i]: texts[j] for i, j in enumerate(order)}
     letter = next(k for k, v in options.items() if v == gold)
     return options, letter
+
+
+def _ask(cfg: SynthConfig, rng: np.random.Generator, text: str, texts: Sequence[str], gold: str, rois: list[ROI]) -> _Question:
+    """A question over a closed set of answers: a word answer (open), or a choice of letters (`cfg.answers`).
+
+    The options are shuffled in both cases, so the rng stream, and with it every
+    scene, is the same whichever way the answers are written.
+    """
+    options, letter = _choice(rng, texts, gold)
+    if cfg.answers == "words":
+        return _Question(text, gold, "open", rois)
+    return _Question(text, gold, "choice", rois, options, letter)
 
 
 def _lesion_roi(les: Lesion) -> ROI:
@@ -498,14 +545,14 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
     elif family == "attribute":
         primary = b.add(held=comp)
         b.fill(n, primary.shape)
-        attrs = {"shape": 0.55, "size": 0.15, "intensity": 0.15}
+        attrs = ["size", "intensity"]
+        if cfg.shape_questions == "all" or (cfg.shape_questions == "large" and primary.size == "large"):
+            attrs.append("shape")
         if 0 < cfg.texture < 1:
-            attrs["texture"] = 0.15
-        attr = list(attrs)[int(rng.choice(len(attrs), p=np.array(list(attrs.values())) / sum(attrs.values())))]
+            attrs.append("texture")
+        attr = attrs[int(rng.integers(len(attrs)))]
         values = {"shape": SHAPES, "size": SIZES, "intensity": INTENSITIES, "texture": TEXTURES}[attr]
-        gold = getattr(primary, attr)
-        options, letter = _choice(rng, values, gold)
-        q = _Question(f"What is the {attr} of the lesion in {in_region(primary)}?", gold, "choice", [_lesion_roi(primary)], options, letter)
+        q = _ask(cfg, rng, f"What is the {attr} of the lesion in {in_region(primary)}?", values, getattr(primary, attr), [_lesion_roi(primary)])
         q.meta["attribute"] = attr
     elif family == "location":
         primary = b.add(held=comp)
@@ -517,8 +564,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         others = [names[les.region] for les in b.lesions if les is not primary]
         empty = [names[r] for r in range(cells) if r not in b.occupied()]
         others = [others[i] for i in rng.permutation(len(others))] + [empty[i] for i in rng.permutation(len(empty))]
-        options, letter = _choice(rng, [gold, *others[:3]], gold)
-        q = _Question(f"Where is the {primary.words(keys)} lesion?", gold, "choice", [_lesion_roi(primary)], options, letter)
+        q = _ask(cfg, rng, f"Where is the {primary.words(keys)} lesion?", [gold, *others[:3]], gold, [_lesion_roi(primary)])
         q.meta["descriptor"] = list(keys)
     elif family == "comparison":
         attr = ("size", "intensity")[int(rng.integers(2))]
@@ -531,8 +577,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         winner = primary if getattr(primary, attr) == winner_value else partner
         first, second = (primary, partner) if rng.random() < 0.5 else (partner, primary)
         text = f"Which lesion is {word}: the one in {in_region(first)} or the one in {in_region(second)}?"
-        options, letter = _choice(rng, [names[first.region], names[second.region]], names[winner.region])
-        q = _Question(text, names[winner.region], "choice", [_lesion_roi(first), _lesion_roi(second)], options, letter)
+        q = _ask(cfg, rng, text, [names[first.region], names[second.region]], names[winner.region], [_lesion_roi(first), _lesion_roi(second)])
         q.meta["attribute"] = attr
     elif family == "count":
         primary = b.add(held=comp)
@@ -541,10 +586,94 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         q = _Question("How many lesions are there?", str(len(b.lesions)), "open", rois)
     elif family == "relational":
         primary, q = _relational(cfg, rng, b, n, comp, names)
+    elif family == "chain":
+        primary, q = _chain(cfg, rng, b, comp, names)
     else:  # pragma: no cover - guarded by SynthConfig
         raise ValueError(f"unknown family {family!r}")
     q.meta["family"] = family
+    # Reasoning depth of every record: lookups in sequence, each ROI tagged with its hop.
+    two_hop = q.meta.get("variant") == "neighbor"
+    q.meta.setdefault("hops", 2 if two_hop else 1)
+    q.meta.setdefault("roi_hops", [1, 2] if two_hop else [1] * len(q.rois))
     return b.scene(modality, index, primary), family, q
+
+
+def _chain(
+    cfg: SynthConfig, rng: np.random.Generator, b: _SceneBuilder, comp: bool, names: Sequence[str]
+) -> tuple[Lesion, _Question]:
+    """h lookups in sequence: "What is the intensity of the lesion below the largest lesion?" (h = 2).
+
+    Hop 1 finds the anchor, the one lesion of its size ("largest" / "smallest"); hop i > 1
+    steps from the previous lesion to the adjacent region in a direction; the answer is the
+    intensity of the last lesion. Images hold 6 or 8 lesions (8 when h = 4) on the 3x3 grid.
+    No hop can be skipped by a shortcut:
+    - the chain's intensities are independent fair coins, so the question alone, the anchor
+      and every intermediate lesion say nothing about the answer;
+    - the distractors take whatever intensities make the image exactly half bright, so the
+      image's majority is always a tie. (The price: given the chain, a distractor is
+      slightly more likely to differ from the answer; only a model that already followed the
+      chain knows which lesions are distractors.)
+    `meta`: hops, roi_hops (1..h, the ROIs are the chain in reasoning order), anchor,
+    directions, chain (region names) and `reasoning`, the chain written out for text-reasoning
+    training ("largest lesion: center; below it: lower middle").
+    """
+    g = cfg.grid
+    h = int(rng.integers(cfg.hops[0], cfg.hops[1] + 1))
+    kind = tuple(_CHAIN_ANCHORS)[int(rng.integers(len(_CHAIN_ANCHORS)))]
+    anchor_size, other_size = _CHAIN_ANCHORS[kind]
+    n = 8 if 2 * h > 6 else (6, 8)[int(rng.integers(2))]  # distractors can balance any chain: h <= n / 2
+    path = _chain_path(rng, g, h)
+    chain_intensity = [INTENSITIES[int(rng.integers(2))] for _ in range(h)]
+    bright = n // 2 - chain_intensity.count("bright")
+    spare = [INTENSITIES[0]] * bright + [INTENSITIES[1]] * (n - h - bright)
+    spare = [spare[i] for i in rng.permutation(len(spare))]
+    chain = []
+    for i, (region, _) in enumerate(path):
+        size = anchor_size if i == 0 else other_size
+        chain.append(_add_named(b, region=region, size=size, intensity=chain_intensity[i], held=comp and i == h - 1))
+    free = b.free_regions()
+    for region, intensity in zip((free[i] for i in rng.permutation(len(free))), spare):
+        _add_named(b, region=region, size=other_size, intensity=intensity)
+    if any(les is None for les in chain) or len(b.lesions) != n:  # pragma: no cover - every region admits 3 shapes
+        raise RuntimeError("chain scene did not fit")
+    target = chain[-1]
+    subject, steps = f"the {kind} lesion", [f"{kind} lesion: {names[path[0][0]]}"]
+    for region, direction in path[1:]:
+        phrase = _DIRECTIONS[direction][1]
+        subject = f"the lesion {phrase} {subject}"
+        steps.append(f"{phrase} it: {names[region]}")
+    q = _Question(f"What is the intensity of {subject}?", target.intensity, "open", [_lesion_roi(les) for les in chain])
+    q.meta.update(
+        attribute="intensity", hops=h, roi_hops=list(range(1, h + 1)), anchor=kind,
+        directions=[d for _, d in path[1:]], chain=[names[r] for r, _ in path], reasoning="; ".join(steps),
+    )  # fmt: skip
+    return target, q
+
+
+def _add_named(b: _SceneBuilder, **constraints: Any) -> Lesion | None:
+    """A lesion with a descriptor of its own where one is left (stage 0's "Where is the <attributes>
+    lesion?" needs it), else one that repeats a descriptor: chain questions name lesions by place."""
+    return b.add(**constraints) or b.add(**constraints, unique=False)
+
+
+def _chain_path(rng: np.random.Generator, g: int, h: int) -> list[tuple[int, str | None]]:
+    """A self-avoiding path of h regions: [(region, direction from the previous one)], the first direction None."""
+    while True:
+        path: list[tuple[int, str | None]] = [(int(rng.integers(g * g)), None)]
+        for _ in range(h - 1):
+            r, c = divmod(path[-1][0], g)
+            seen = {p for p, _ in path}
+            moves = [
+                (name, (r + dr) * g + c + dc)
+                for name, ((dr, dc), _) in _DIRECTIONS.items()
+                if 0 <= r + dr < g and 0 <= c + dc < g and (r + dr) * g + c + dc not in seen
+            ]
+            if not moves:
+                break
+            name, region = moves[int(rng.integers(len(moves)))]
+            path.append((region, name))
+        if len(path) == h:
+            return path
 
 
 def _relational(
@@ -602,9 +731,8 @@ def _relational(
         rr, cc = rr + dr, cc + dc
     b.fill(n, primary.shape)
     anchor_words = SHAPE_ADJECTIVE[anchor.shape] if kind == "shape" else kind
-    options, letter = _choice(rng, SHAPES, primary.shape)
     text = f"What shape is the lesion {phrase} the {anchor_words} lesion?"
-    q = _Question(text, primary.shape, "choice", [_lesion_roi(anchor), _lesion_roi(primary)], options, letter)
+    q = _ask(cfg, rng, text, SHAPES, primary.shape, [_lesion_roi(anchor), _lesion_roi(primary)])
     q.meta.update(variant="neighbor", anchor=kind, direction=direction)
     return primary, q
 
@@ -655,6 +783,20 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[VQASample, Sc
     return sample, scene
 
 
+def written_reasoning(sample: VQASample) -> VQASample:
+    """The record with its evidence chain written before the answer, for text-reasoning training.
+
+    "largest lesion: center; below it: lower middle; answer: dark": each hop's region in
+    reasoning order, then the answer after an answer marker, which the evaluation parser
+    reads (`medlvr.eval.answers`), so the same scorer applies. Records without a written
+    chain (`meta.reasoning`) are returned unchanged.
+    """
+    chain = sample.meta.get("reasoning")
+    if not chain:
+        return sample
+    return sample.model_copy(update={"answer": f"{chain}; answer: {sample.answer}"})
+
+
 def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
     """The stage-0 `describe`, `ground` and `inspect` records of a (train) scene, sharing its image."""
     names = cfg.region_names()
@@ -675,8 +817,12 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         meta={"family": "describe", **meta, "target": None},
         **common,
     )
-    k = int(rng.integers(len(scene.lesions)))
-    les = scene.lesions[k]  # (size, intensity, shape) is unique within a scene
+    # Ask for a lesion whose (size, intensity, shape) is its own: all of them in most scenes,
+    # some in the crowded chain scenes (none left in 0 of 2,000 tried; then there is no ground record).
+    words = Counter(les.words() for les in scene.lesions)
+    named = [i for i, les in enumerate(scene.lesions) if words[les.words()] == 1]
+    k = named[int(rng.integers(len(named)))] if named else 0
+    les = scene.lesions[k]
     ground = VQASample(
         id=f"{DATASET}-ground-{scene.split}-{scene.index:06d}",
         question=f"Where is the {les.words()} lesion?",
@@ -708,7 +854,7 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         meta={"family": "inspect", **meta, "target": target},
         **common,
     )
-    return [describe, ground, inspect]
+    return [describe, ground, inspect] if named else [describe, inspect]
 
 
 def render(cfg: SynthConfig, scene: Scene, *, lesions: bool = True) -> np.ndarray:

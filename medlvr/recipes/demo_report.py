@@ -1,14 +1,24 @@
-"""The demo's report: tables (mean and spread over seeds), plots and an honest verdict."""
+"""The demo's report: accuracy by depth, paired tests of the claims, controls, cost and a verdict.
+
+The verdict is computed from the numbers at the deepest hop against thresholds fixed in
+advance (issue 15's goal): (c) >= (a) + 10 points and (c) >= (p) + 5 points with the
+seeds' spreads apart (or, with one seed, a paired test at p < 0.05 and a CI above 0),
+(d) >= (c), and blank-image accuracy at chance for every arm.
+"""
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medlvr.recipes.demo import VARIANTS, DemoConfig, DemoData, accuracy
+from medlvr.recipes.demo_arms import accuracy
+from medlvr.recipes.demo_config import ARMS, ArmResult, DemoConfig, DemoData
+
+COMPARISONS = (("c", "a"), ("c", "p"), ("c", "t"), ("c", "b"), ("d", "c"))
+"""(arm, against): the claims tested at each depth."""
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -22,61 +32,140 @@ def _fmt(values: list[float]) -> str:
     return "–" if m != m else f"{m:.3f} ± {s:.3f}"
 
 
-def main_k(variant: str, cfg: DemoConfig) -> int:
-    return 0 if variant == "a" else cfg.latent_steps
+class Numbers:
+    """Accuracies of every arm and seed, by depth, from the scored rows."""
+
+    def __init__(self, cfg: DemoConfig, data: DemoData, results: dict[str, dict[int, ArmResult]]):
+        self.cfg, self.data, self.results = cfg, data, results
+        self.arms = [a for a in cfg.arm_list if a in results and results[a]]
+        self.split = cfg.split
+        self.hop_of = {s.id: int(s.meta.get("hops", 1)) for s in data.tests[self.split]}
+        self.depths = sorted(set(self.hop_of.values()))
+        self.deepest = self.depths[-1]
+
+    def rows(self, arm: str, seed: int, k: int | None = None) -> list[dict[str, Any]]:
+        k = self.cfg.k(arm) if k is None else k
+        return [r for r in self.results[arm][seed].rows[self.split] if int(r.get("latent_steps") or 0) == k]
+
+    def per_seed(self, arm: str, depth: int | None = None, k: int | None = None, blank: bool = False) -> list[float]:
+        """Accuracy per seed, on all questions or those of one depth."""
+        out = []
+        for seed in self.cfg.seeds:
+            rows = self.results[arm][seed].blank if blank else self.rows(arm, seed, k)
+            ok = [bool(r["correct"]) for r in rows if depth is None or self.hop_of.get(r["id"]) == depth]
+            if ok:
+                out.append(sum(ok) / len(ok))
+        return out
+
+    def paired(self, arm: str, other: str, depth: int) -> dict[str, Any] | None:
+        """Paired comparison over (seed, question) at one depth: arm minus other."""
+        from medlvr.eval.report import mcnemar_exact, paired_bootstrap_ci
+
+        if arm not in self.arms or other not in self.arms:
+            return None
+        a_ok, b_ok = [], []
+        for seed in self.cfg.seeds:
+            mine = {r["id"]: bool(r["correct"]) for r in self.rows(arm, seed) if self.hop_of.get(r["id"]) == depth}
+            theirs = {r["id"]: bool(r["correct"]) for r in self.rows(other, seed) if self.hop_of.get(r["id"]) == depth}
+            for qid in sorted(mine.keys() & theirs.keys()):
+                a_ok.append(theirs[qid])
+                b_ok.append(mine[qid])
+        if not a_ok:
+            return None
+        wins = sum(b and not a for a, b in zip(a_ok, b_ok))
+        losses = sum(a and not b for a, b in zip(a_ok, b_ok))
+        low, high = paired_bootstrap_ci(a_ok, b_ok)
+        delta = (sum(b_ok) - sum(a_ok)) / len(a_ok)
+        return {"arm": arm, "against": other, "hops": depth, "n": len(a_ok), "delta": delta, "wins": wins,
+                "losses": losses, "p": mcnemar_exact(wins, losses), "ci": [low, high]}  # fmt: skip
+
+    def chance(self) -> float:
+        """Accuracy of always answering the most frequent test answer (the floor a control should sit at)."""
+        golds = Counter(s.answer.strip().lower() for s in self.data.tests[self.split])
+        return golds.most_common(1)[0][1] / max(sum(golds.values()), 1)
+
+    def cost(self, arm: str) -> tuple[list[float], list[float]]:
+        """Per seed: mean milliseconds per question (batch 32) and mean generated tokens."""
+        ms, tokens = [], []
+        for seed in self.cfg.seeds:
+            rows = self.rows(arm, seed)
+            lat = [r["latency_s"] for r in rows if r.get("latency_s") is not None]
+            tok = [r["n_tokens"] for r in rows if r.get("n_tokens") is not None]
+            if lat:
+                ms.append(1000 * statistics.fmean(lat))
+            if tok:
+                tokens.append(statistics.fmean(tok))
+        return ms, tokens
 
 
-def results_table(cfg: DemoConfig, data: DemoData, results: dict) -> list[dict[str, Any]]:
-    """One row per (variant, split): accuracy per seed, mean and spread, question count."""
+def results_table(n: Numbers) -> list[dict[str, Any]]:
+    """One row per (arm, group): all test questions, then each depth."""
     table = []
-    for v in "abcd":
-        for split in data.tests:
-            per_seed = []
-            n = 0
-            for seed in cfg.seeds:
-                rows = results[v][seed]["rows"][split]
-                acc = accuracy(rows, main_k(v, cfg)).get("all")
-                if acc is not None:
-                    per_seed.append(acc)
-                    n = sum(int(r.get("latent_steps") or 0) == main_k(v, cfg) for r in rows)
+    for arm in n.arms:
+        for depth in [None, *n.depths]:
+            per_seed = n.per_seed(arm, depth)
             m, s = _ms(per_seed)
-            table.append({"variant": v, "name": VARIANTS[v], "split": split, "K": main_k(v, cfg),
-                          "mean": m, "std": s, "per_seed": per_seed, "n": n})
+            count = sum(1 for r in n.rows(arm, n.cfg.seeds[0]) if depth is None or n.hop_of.get(r["id"]) == depth)
+            table.append({"variant": arm, "name": ARMS[arm], "split": n.split if depth is None else f"{n.split}, {depth} hop(s)",
+                          "hops": depth, "K": n.cfg.k(arm), "mean": m, "std": s, "per_seed": per_seed, "n": count})  # fmt: skip
     return table
 
 
-def _grouped(cfg, results, v, split, k, key) -> dict[Any, list[float]]:
-    out: dict[Any, list[float]] = defaultdict(list)
-    for seed in cfg.seeds:
-        for g, acc in accuracy(results[v][seed]["rows"][split], k, key).items():
-            out[g].append(acc)
-    return out
+def _apart(x: list[float], y: list[float], margin: float) -> bool:
+    """mean(x) - mean(y) >= margin and the seed spreads (mean +- std) do not overlap."""
+    (mx, sx), (my, sy) = _ms(x), _ms(y)
+    return mx - my >= margin and mx - sx > my + sy
 
 
-def verdict(cfg: DemoConfig, table: list[dict[str, Any]], split: str) -> list[str]:
-    """What the numbers say about the paper's effect, in plain words."""
-    by = {r["variant"]: r for r in table if r["split"] == split}
-    if len(by) < 4:
-        return []
-    a, c, d = by["a"], by["c"], by["d"]
-    delta = 100 * (c["mean"] - a["mean"])
-    several = len(cfg.seeds) > 1
-    overlap = (c["mean"] - c["std"]) <= (a["mean"] + a["std"]) and (a["mean"] - a["std"]) <= (c["mean"] + c["std"])
-    spread = ("seed spreads overlap" if overlap else "seed spreads do not overlap") if several else "one seed: no spread"
-    shown = delta >= 5 and several and not overlap
-    lines = [
-        f"- ROI-SFT (c) minus direct (a) on {split}: **{delta:+.1f} points** "
-        f"({c['mean']:.3f} vs {a['mean']:.3f}; {spread}). "
-        f"The paper's effect (at least +5 points, spreads apart) is {'reproduced' if shown else 'not shown'} on this run.",
-        f"- VLPO (d) minus ROI-SFT (c) on {split}: **{100 * (d['mean'] - c['mean']):+.1f} points**.",
-        f"- Latent without ROI (b) minus direct (a) on {split}: **{100 * (by['b']['mean'] - a['mean']):+.1f} points**.",
-    ]
-    if len(cfg.seeds) < 3:
-        lines.append(f"- Only {len(cfg.seeds)} seed(s): spreads are not meaningful; differences under ~3 points are noise.")
+def verdict(n: Numbers, pairs: dict[tuple[str, str, int], dict[str, Any]]) -> list[str]:
+    """What the numbers say, in plain words, from thresholds fixed in advance."""
+    cfg, h = n.cfg, n.deepest
+    several = len(cfg.seeds) >= 3
+    lines = []
+
+    def acc(arm: str, depth: int | None = None) -> list[float]:
+        return n.per_seed(arm, depth) if arm in n.arms else []
+
+    def claim(arm: str, other: str, margin: float, text: str) -> None:
+        if arm not in n.arms or other not in n.arms:
+            return
+        x, y = acc(arm, h), acc(other, h)
+        p = pairs.get((arm, other, h))
+        delta = 100 * (_ms(x)[0] - _ms(y)[0])
+        if several:
+            shown = _apart(x, y, margin)
+            how = "seed spreads apart" if shown or _ms(x)[0] - _ms(y)[0] < 0 else "seed spreads overlap"
+        else:
+            shown = bool(p) and delta >= 100 * margin and p["p"] < 0.05 and p["ci"][0] > 0
+            how = "one seed: judged by the paired test"
+        test = f"McNemar p = {p['p']:.3g}, 95% CI [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]" if p else "no paired test"
+        lines.append(f"- {text} at {h} hops: **{delta:+.1f} points** ({_fmt(x)} vs {_fmt(y)}; {how}; {test}); "
+                     f"threshold {100 * margin:+.0f} points: **{'met' if shown else 'not met'}**.")  # fmt: skip
+
+    if "a" in n.arms:
+        a1, ad = _ms(acc("a", n.depths[0]))[0], _ms(acc("a", h))[0]
+        regime = a1 >= 0.90 and a1 - ad >= 0.20
+        lines.append(f"- Regime: direct (a) answers {n.depths[0]}-hop questions at {a1:.3f} and {h}-hop ones at {ad:.3f} "
+                     f"({100 * (ad - a1):+.1f} points): {'the depth regime exists, so extra steps can pay' if regime else 'the regime (>= 0.90 at 1 hop, >= 20 points lower at the deepest) is not reached, so comparisons say little'}.")  # fmt: skip
+    claim("c", "a", 0.10, "ROI-SFT (c) minus direct (a)")
+    claim("c", "p", 0.05, "ROI-SFT (c) minus the pause control (p): what the fed-back states add beyond extra positions,")
+    claim("c", "t", 0.0, "ROI-SFT (c) minus text reasoning (t)")
+    claim("c", "b", 0.0, "ROI-SFT (c) minus latent steps without ROI loss (b): what the alignment adds,")
+    claim("d", "c", 0.0, "VLPO (d) minus ROI-SFT (c)")
+    chance = n.chance()
+    blank = {arm: _ms(n.per_seed(arm, blank=True))[0] for arm in n.arms}
+    off = [f"({a}) {v:.3f}" for a, v in blank.items() if abs(v - chance) > 0.05]
+    lines.append(f"- Blank images (chance {chance:.3f}): "
+                 + ("every arm within 5 points of chance: the answers come from the image." if not off
+                    else f"not at chance for {', '.join(off)}: part of the accuracy does not come from the image."))  # fmt: skip
+    best = max(n.arms, key=lambda a: _ms(acc(a, h))[0])
+    lines.append(f"- Best arm at {h} hops: ({best}) {ARMS[best]}, {_fmt(acc(best, h))}.")
+    if not several:
+        lines.append(f"- {len(cfg.seeds)} seed(s): seed spreads need `--full` (3 seeds); differences under ~3 points are noise.")
     return lines
 
 
-def write_demo_report(cfg, data, results, meta, explain, out: Path, seconds: float) -> tuple[Path, list[dict[str, Any]]]:
+def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: dict, out: Path, seconds: float):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,157 +173,130 @@ def write_demo_report(cfg, data, results, meta, explain, out: Path, seconds: flo
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    table = results_table(cfg, data, results)
-    (out / "results.json").write_text(json.dumps({"table": table, "explain": explain.get("metrics", {})}, indent=2, default=str))
+    n = Numbers(cfg, data, results)
+    table = results_table(n)
+    pairs = {(a, b, d): p for d in n.depths for a, b in COMPARISONS if (p := n.paired(a, b, d)) is not None}
 
     lines = [
         f"# MedLVR demo ({cfg.dataset}, {cfg.budget} budget)",
         "",
-        f"Seeds {', '.join(map(str, cfg.seeds))}; K = {cfg.latent_steps} for (b)-(d); projector `{cfg.projector}`; "
-        f"ROI alignment `{cfg.align_kind}` with lambda = {cfg.align_weight}; {cfg.spec.sft_steps} SFT steps "
-        f"(batch {cfg.spec.batch_size}) per variant, {cfg.spec.vlpo_steps} VLPO steps for (d). "
-        f"Wall time {seconds / 60:.1f} min. Accuracies are means ± population std over seeds, scored by the "
-        "evaluation harness (unparseable answers count as wrong).",
+        f"Arms {', '.join(f'({a})' for a in n.arms)}; seeds {', '.join(map(str, cfg.seeds))}; K = {cfg.latent_steps} "
+        f"for the latent arms; projector `{cfg.projector}`; ROI alignment `{cfg.align_kind}` (lambda {cfg.align_weight}, "
+        f"assign `{cfg.align_assign}`); {cfg.spec.sft_steps} SFT steps of batch {cfg.spec.batch_size} per arm, "
+        f"{cfg.spec.vlpo_steps} VLPO steps for (d); {len(data.tests[cfg.split])} {cfg.split} questions. Wall time "
+        f"{seconds / 60:.1f} min. Accuracies are means ± population std over seeds, scored by the evaluation "
+        "harness (unparseable answers count as wrong).",
         "",
-        *[f"> {n}" for n in data.notes],
+        *[f"> {note}" for note in data.notes],
         "",
-        "## Results",
+        "## Verdict",
         "",
-        "| variant | split | K | accuracy | per seed | questions |",
-        "|---|---|---|---|---|---|",
+        *verdict(n, pairs),
+        "",
+        f"## Accuracy by reasoning depth ({cfg.split})",
+        "",
+        "| arm | K | " + " | ".join(f"{d} hop(s)" for d in n.depths) + " | all | blank image | ms / question | tokens written |",
+        "|---|---|" + "---|" * (len(n.depths) + 4),
     ]
-    for r in table:
-        seeds = ", ".join(f"{x:.3f}" for x in r["per_seed"])
-        lines.append(f"| ({r['variant']}) {r['name']} | {r['split']} | {r['K']} | {_fmt(r['per_seed'])} | {seeds} | {r['n']} |")
-    for split in data.tests:
-        lines += ["", f"**{split}:**", *verdict(cfg, table, split)]
+    for arm in n.arms:
+        ms, tok = n.cost(arm)
+        lines.append(f"| ({arm}) {ARMS[arm]} | {cfg.k(arm)} | " + " | ".join(_fmt(n.per_seed(arm, d)) for d in n.depths)
+                     + f" | {_fmt(n.per_seed(arm))} | {_fmt(n.per_seed(arm, blank=True))} | {_fmt(ms)} | {_fmt(tok)} |")  # fmt: skip
+    lines += ["", f"Chance (the most frequent test answer): {n.chance():.3f}. Blank image: every image replaced by a "
+              "mean-grey one of the same size, at the arm's K. Cost: harness time per question at batch 32 and the "
+              "answer tokens generated (the written chain of (t) included)."]  # fmt: skip
+    _depth_plot(plt, n, plots / "accuracy_by_hops.png")
 
-    if cfg.dataset == "vqa-rad":
-        lines += ["", *_vqa_rad_section(cfg, data, results)]
+    lines += ["", "## Paired comparisons by depth", "",
+              "Pairs are (seed, question); wins/losses count questions only the first / only the second arm gets right.", "",
+              "| comparison | hops | pairs | difference | wins | losses | McNemar p | 95% bootstrap CI |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (a, b, d), p in pairs.items():
+        lines.append(f"| ({a}) − ({b}) | {d} | {p['n']} | {100 * p['delta']:+.1f} | {p['wins']} | {p['losses']} | "
+                     f"{p['p']:.3g} | [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] |")  # fmt: skip
 
-    # by question family and by number of lesions
-    families = sorted({r.get("question_type") or "?" for rows in results["a"][cfg.seeds[0]]["rows"].values() for r in rows})
-    for split in data.tests:
-        lines += ["", f"## By question family ({split})", "", "| family | " + " | ".join(f"({v})" for v in "abcd") + " |",
-                  "|---|" + "---|" * 4]
-        fam = {v: _grouped(cfg, results, v, split, main_k(v, cfg), lambda r: r.get("question_type") or "?") for v in "abcd"}
-        for f in families:
-            lines.append(f"| {f} | " + " | ".join(_fmt(fam[v].get(f, [])) for v in "abcd") + " |")
-        _bar_plot(plt, fam, families, plots / f"family_{split}.png", f"Accuracy by question family ({split})")
-        if any("n_lesions" in m for m in meta.values()):
-            nl = {v: _grouped(cfg, results, v, split, main_k(v, cfg), lambda r: meta.get(r["id"], {}).get("n_lesions", "?")) for v in "abcd"}
-            counts = sorted({g for d in nl.values() for g in d}, key=str)
-            lines += ["", f"### By number of lesions ({split})", "", "| lesions | " + " | ".join(f"({v})" for v in "abcd") + " |",
-                      "|---|" + "---|" * 4]
-            for c in counts:
-                lines.append(f"| {c} | " + " | ".join(_fmt(nl[v].get(c, [])) for v in "abcd") + " |")
-
-    # latent budget sweep
-    lines += ["", "## Accuracy against the latent budget K", ""]
-    sweep_ks = sorted(set(results["c"][cfg.seeds[0]]["ks"]))
-    lines += ["| variant | split | " + " | ".join(f"K={k}" for k in sweep_ks) + " |", "|---|---|" + "---|" * len(sweep_ks)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v in "cd":
-        for split in data.tests:
-            cells, means = [], []
-            for k in sweep_ks:
-                vals = [accuracy(results[v][s]["rows"][split], k).get("all") for s in cfg.seeds]
-                vals = [x for x in vals if x is not None]
-                cells.append(_fmt(vals))
-                means.append(_ms(vals)[0])
-            lines.append(f"| ({v}) | {split} | " + " | ".join(cells) + " |")
-            ax.plot(sweep_ks, means, marker="o", label=f"({v}) {split}")
-    ax.set_xlabel("latent steps K at inference")
-    ax.set_ylabel("accuracy")
-    ax.legend()
-    ax.set_title("Accuracy against the latent budget")
-    fig.tight_layout()
-    fig.savefig(plots / "accuracy_vs_k.png", dpi=100)
-    plt.close(fig)
-
-    # training curves: answer cross-entropy of the SFT variants, and (c)'s alignment loss
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v in "abc":
-        hist = [h for h in results[v][cfg.seeds[0]]["history"] if h.get("ce") is not None]
-        if hist:
-            ax.plot([h["step"] for h in hist], [h["ce"] for h in hist], label=f"({v}) {VARIANTS[v]}: answer CE")
-    aligned = [h for h in results["c"][cfg.seeds[0]]["history"] if h.get("align") is not None]
-    if aligned:
-        ax.plot([h["step"] for h in aligned], [h["align"] for h in aligned], "--", label="(c) alignment loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title(f"Training curves (seed {cfg.seeds[0]})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plots / "training_curves.png", dpi=100)
-    plt.close(fig)
+    sweep_arms = [a for a in "cd" if a in n.arms]
+    if sweep_arms:
+        ks = sorted(set(results[sweep_arms[0]][cfg.seeds[0]].ks))
+        lines += ["", "## Accuracy against the latent budget K at inference", "",
+                  "| arm | questions | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm in sweep_arms:
+            for depth, label in ((None, "all"), (n.deepest, f"{n.deepest} hops")):
+                vals = [n.per_seed(arm, depth, k) for k in ks]
+                lines.append(f"| ({arm}) | {label} | " + " | ".join(_fmt(v) for v in vals) + " |")
+                ax.plot(ks, [_ms(v)[0] for v in vals], marker="o", ls="-" if depth is None else "--", label=f"({arm}) {label}")
+        ax.set_xlabel("latent steps K at inference")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Accuracy against the latent budget (trained at K = {cfg.latent_steps})")
+        fig.tight_layout()
+        fig.savefig(plots / "accuracy_vs_k.png", dpi=100)
+        plt.close(fig)
 
     if explain.get("metrics"):
-        lines += ["", f"## Evidence maps: faithfulness (test questions with ROIs, seed {cfg.seeds[0]})", "",
-                  "Pointing game = the map's peak lies in an ROI; ROI mass = share of the map inside the ROIs. "
-                  "`random` is a seeded random map (the floor).", "",
-                  "| variant | similarity pointing | similarity mass | attention pointing | attention mass | random pointing | random mass | chance pointing | chance mass |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for v, m in explain["metrics"].items():
-            def cell(kind, key):
-                x = m.get(kind, {}).get(key)
+        lines += ["", f"## Evidence maps: per-hop pointing ({cfg.split}, seed {cfg.seeds[0]})", "",
+                  "Step k of the K latent steps is assigned to a hop as chain alignment does; a hit is a step whose "
+                  "latent-to-image similarity map (or attention) peaks inside that hop's ROI. `random`: a seeded "
+                  "random map (the floor); `other hops`: the similarity peak lands on another hop's ROI.", "",
+                  "| arm | similarity | attention | random floor | other hops | steps scored | ROI mass (similarity) |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for arm, m in explain["metrics"].items():
+            hp = m.get("hop_pointing", {})
+
+            def cell(x: Any) -> str:
                 return "–" if x is None else f"{x:.3f}"
-            lines.append(f"| ({v}) | {cell('similarity', 'pointing')} | {cell('similarity', 'roi_mass')} | "
-                         f"{cell('attention', 'pointing')} | {cell('attention', 'roi_mass')} | "
-                         f"{cell('random', 'pointing')} | {cell('random', 'roi_mass')} | "
-                         f"{cell('chance', 'pointing')} | {cell('chance', 'roi_mass')} |")
+
+            lines.append(f"| ({arm}) | {cell(hp.get('similarity'))} | {cell(hp.get('attention'))} | {cell(hp.get('random'))} | "
+                         f"{cell(hp.get('similarity_other_hops'))} | {hp.get('steps', 0)} | {cell(m.get('similarity', {}).get('roi_mass'))} |")  # fmt: skip
         for img in explain.get("images", []):
             lines.append(f"\n![explanation]({Path(img).relative_to(out)})")
 
+    _curves(plt, n, plots / "training_curves.png")
     lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in sorted(plots.glob("*.png"))]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
+    payload = {"table": table, "pairs": [p for p in pairs.values()], "chance": n.chance(),
+               "blank": {a: n.per_seed(a, blank=True) for a in n.arms}, "explain": explain.get("metrics", {}),
+               "verdict": verdict(n, pairs), "minutes": seconds / 60}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     return report, table
 
 
-def _bar_plot(plt, fam: dict[str, dict[Any, list[float]]], families: list[str], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(max(6, len(families) * 1.2), 4))
-    width = 0.2
-    for i, v in enumerate("abcd"):
-        means = [_ms(fam[v].get(f, []))[0] for f in families]
-        ax.bar([j + i * width for j in range(len(families))], [0 if m != m else m for m in means], width, label=f"({v}) {VARIANTS[v]}")
-    ax.set_xticks([j + 1.5 * width for j in range(len(families))], families, rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
+def _depth_plot(plt, n: Numbers, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, arm in enumerate(n.arms):
+        stats = [_ms(n.per_seed(arm, d)) for d in n.depths]
+        xs = [d + (i - len(n.arms) / 2) * 0.04 for d in n.depths]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=f"({arm}) {ARMS[arm]}")
+    ax.axhline(n.chance(), color="grey", ls=":", label="chance")
+    ax.set_xticks(n.depths)
+    ax.set_xlabel("hops (lookups in sequence)")
+    ax.set_ylabel(f"{n.split} accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Accuracy by reasoning depth (mean ± std over {len(n.cfg.seeds)} seed(s))")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _vqa_rad_section(cfg: DemoConfig, data: DemoData, results: dict) -> list[str]:
-    """Closed accuracy and open metrics beside the majority-answer baseline."""
-    from medlvr.data.schema import read_jsonl
-    from medlvr.eval.metrics import score, summarize
-
-    train = read_jsonl(data.train)
-    majority = {t: Counter(s.answer.strip().lower() for s in train if s.answer_type == t).most_common(1)[0][0]
-                for t in ("closed", "open") if any(s.answer_type == t for s in train)}
-    test = data.tests["test"]
-    base = defaultdict(list)
-    for s in test:
-        if s.answer_type in majority:
-            base[s.answer_type].append(score(s, majority[s.answer_type]).correct)
-    lines = ["## VQA-RAD: closed and open metrics", "",
-             f"Majority-answer baseline (most frequent train answer per type: {majority}): "
-             + ", ".join(f"{t} {sum(v) / len(v):.3f}" for t, v in base.items()), "",
-             "| variant | closed accuracy | open exact match | open token recall | open token F1 | invalid rate |",
-             "|---|---|---|---|---|---|"]
-    for v in "abcd":
-        vals = defaultdict(list)
-        for seed in cfg.seeds:
-            rows = [r for r in results[v][seed]["rows"]["test"] if int(r.get("latent_steps") or 0) == main_k(v, cfg)]
-            summ = summarize(rows).get("overall", {})
-            for key in ("closed_accuracy", "open_exact_match", "open_token_recall", "open_token_f1", "invalid_rate"):
-                if summ.get(key) is not None:
-                    vals[key].append(summ[key])
-        lines.append(f"| ({v}) | " + " | ".join(_fmt(vals[k]) for k in
-                     ("closed_accuracy", "open_exact_match", "open_token_recall", "open_token_f1", "invalid_rate")) + " |")
-    return lines
+def _curves(plt, n: Numbers, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    seed = n.cfg.seeds[0]
+    for arm in (a for a in n.arms if a != "d"):
+        hist = [h for h in n.results[arm][seed].history if h.get("ce") is not None]
+        if hist:
+            ax.plot([h["step"] for h in hist], [h["ce"] for h in hist], label=f"({arm}) answer CE")
+    if "c" in n.arms:
+        aligned = [h for h in n.results["c"][seed].history if h.get("align") is not None]
+        if aligned:
+            ax.plot([h["step"] for h in aligned], [h["align"] for h in aligned], "--", label="(c) alignment loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(f"Training curves (seed {seed})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

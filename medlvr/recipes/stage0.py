@@ -63,6 +63,22 @@ class Stage0Config:
     only at 0.36 after 2,500 steps."""
     position_weight: float = 1.0
     """Weight of the probe's position head (each visual token regresses where it is)."""
+    question_share: float = 0.5
+    """Fraction of the training samples that are 1-hop questions of the benchmark (the rest
+    are describe/ground/inspect records): a real MedLVR user starts from a VLM that already
+    answers single-lookup questions, so the demo's variants spend their budget on depth."""
+
+
+HOP1_FAMILIES = {"chain": 0.5, "attribute": 0.3, "presence": 0.2}
+"""1-hop question families stage 0 learns: "the largest lesion" (chain, h = 1), a named
+region's attribute, a named region's presence."""
+
+
+def stage0_synth(n: int, seed: int):
+    """The synthetic world stage 0 is pretrained on: the benchmark's defaults, 1-hop questions only."""
+    from medlvr.data.synth import SynthConfig
+
+    return SynthConfig(n=n, seed=seed, families=dict(HOP1_FAMILIES), hops=(1, 1))
 
 
 def default_stage0() -> Path:
@@ -87,12 +103,12 @@ def build_stage0(cfg: Stage0Config, work: Path | None = None) -> dict[str, Any]:
 
 
 def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
-    from medlvr.data.synth import SynthConfig, generate, generate_samples
+    from medlvr.data.synth import generate, generate_samples
     from medlvr.model.tiny import build_tiny
     from medlvr.train.sft import run_sft
 
     started = time.time()
-    synth = SynthConfig(n=cfg.n, seed=cfg.seed)
+    synth = stage0_synth(cfg.n, cfg.seed)
     files = generate(synth, tmp / "data", progress=True)
     init = Path(cfg.init) if cfg.init else build_tiny(tmp / "init", size=cfg.size, seed=cfg.seed)  # type: ignore[arg-type]
     sft = load_config(
@@ -101,7 +117,9 @@ def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
             "mode=plain",
             f"seed={cfg.seed}",
             f"model.path={init}",
-            f"data.train=[{files['describe']}]",
+            f"data.train=[{files['train']},{files['describe']}]",
+            f"data.weights=[{cfg.question_share},{1 - cfg.question_share}]",
+            "data.max_answer_tokens=96",  # an 8-lesion description is ~70 tokens
             f"batch_size={cfg.batch_size}",
             f"max_steps={cfg.steps}",
             f"optim.lr={cfg.lr}",
@@ -131,7 +149,8 @@ def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
 
 
 def _describe_eval_samples(synth, n: int, generate_samples, folder: Path) -> list[VQASample]:
-    """Describe/ground/inspect records for test images (unseen in stage 0), images written to `folder`."""
+    """The 1-hop question and the describe/ground/inspect records of test images (unseen in
+    stage 0), images written to `folder`."""
     from PIL import Image
 
     from medlvr.data.synth import stage0_samples  # built from a scene as for training
@@ -141,7 +160,7 @@ def _describe_eval_samples(synth, n: int, generate_samples, folder: Path) -> lis
     for item in generate_samples(synth, "test", range(min(n, synth.split_counts()["test"]))):
         path = folder / f"{item.sample.id}.png"
         Image.fromarray(item.image).save(path)
-        for rec in stage0_samples(synth, item.scene):
+        for rec in [item.sample, *stage0_samples(synth, item.scene)]:
             out.append(rec.model_copy(update={"images": [str(path)]}))
     return out
 
@@ -164,9 +183,10 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     lesions = found = shape = size = intensity = exact = 0
     ground_n = ground_ok = inspect_n = inspect_ok = 0
+    hop1: dict[str, list[bool]] = {}  # "chain", "attribute:size", "presence", ... -> correct per question
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        texts = vlm.generate(collate(chunk), 0, max_new_tokens=48).texts
+        texts = vlm.generate(collate(chunk), 0, max_new_tokens=80).texts
         for s, text in zip(chunk, texts):
             if s.question_type == "ground":
                 ground_n += 1
@@ -175,6 +195,11 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
             if s.question_type == "inspect":
                 inspect_n += 1
                 inspect_ok += score(s, text).correct
+                continue
+            if s.question_type != "describe":
+                attribute = s.meta.get("attribute") if s.question_type == "attribute" else None
+                key = f"{s.question_type}:{attribute}" if attribute else str(s.question_type)
+                hop1.setdefault(key, []).append(score(s, text).correct)
                 continue
             gold, pred = parse_description(s.answer), parse_description(text)
             exact += pred == gold
@@ -187,7 +212,12 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
                     size += ps == gs
                     intensity += pi == gi
     n_desc = sum(s.question_type == "describe" for s in samples)
+    answered = [ok for oks in hop1.values() for ok in oks]
     return {
+        "hop1_questions": len(answered),
+        "hop1_acc": sum(answered) / max(len(answered), 1),
+        **{f"hop1_{k.replace(':', '_')}_acc": sum(v) / len(v) for k, v in sorted(hop1.items())},
+        **{f"hop1_{k.replace(':', '_')}_n": len(v) for k, v in sorted(hop1.items())},
         "describe_records": n_desc,
         "lesions": lesions,
         "region_found": found / max(lesions, 1),

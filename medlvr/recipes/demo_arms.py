@@ -1,0 +1,187 @@
+"""The demo's data and its arms: one function trains and scores one arm for one seed.
+
+`run_arm` is what a worker process runs; it returns plain data (paths, histories,
+prediction rows) so the runner can gather arms trained in parallel.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medlvr.data.schema import VQASample, read_jsonl, write_jsonl
+from medlvr.recipes.demo_config import ArmResult, DemoConfig, DemoData
+
+REASONING_TOKENS = 64
+"""Answer token limit of the text-reasoning arm (a 3-hop chain written out is ~40 tokens)."""
+
+
+def demo_synth(cfg: DemoConfig):
+    """The demo's synthetic world: the chain family at depths 1..max_hops, word answers."""
+    from medlvr.data.synth import SynthConfig
+
+    return SynthConfig(
+        n=cfg.spec.n, seed=cfg.data_seed, families={"chain": 1.0}, hops=(1, cfg.max_hops), describe=False,
+        splits={"train": 0.8, "val": 0.1, "test": 0.1},
+    )  # fmt: skip
+
+
+def prepare_data(cfg: DemoConfig, folder: Path, progress: bool = False) -> DemoData:
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.dataset == "synth":
+        from medlvr.data.synth import generate, written_reasoning
+
+        files = generate(demo_synth(cfg), folder, progress=progress)
+        train_reasoning = folder / "train_reasoning.jsonl"
+        write_jsonl([written_reasoning(s) for s in read_jsonl(files["train"])], train_reasoning)
+        tests = {cfg.split: _head(read_jsonl(files[cfg.split]), cfg.spec.eval_test)}
+        return DemoData(Path(files["train"]), Path(files["val"]), tests, True, train_reasoning)
+
+    from medlvr.data.sources import convert
+
+    root = Path(cfg.data_root)
+    train = convert("vqa-rad", root, split="train")
+    test = convert("vqa-rad", root, split="test")
+    # VQA-RAD has no validation split: a seeded tenth of train, so nothing is tuned on test.
+    rng = random.Random(cfg.data_seed)
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    n_val = max(1, len(train) // 10)
+    val = [train[i] for i in sorted(order[:n_val])]
+    train = [train[i] for i in sorted(order[n_val:])]
+    write_jsonl(train, folder / "train.jsonl")
+    write_jsonl(val, folder / "val.jsonl")
+    notes = [
+        "VQA-RAD has no ROI boxes, so arm (c) trains without the alignment term "
+        "(it equals (b) up to seeds) and (d) starts from it; it has no written reasoning, so no arm (t)."
+    ]
+    # Real data are scored on the whole official test split (451 questions), or on the held-out tenth.
+    scored = {"test": test} if cfg.split == "test" else {"val": val}
+    return DemoData(folder / "train.jsonl", folder / "val.jsonl", scored, False, None, notes)
+
+
+def _head(samples: list[VQASample], n: int) -> list[VQASample]:
+    return samples[:n] if n else samples
+
+
+def train_arm(
+    cfg: DemoConfig, arm: str, seed: int, backbone: Path, data: DemoData, run_dir: Path,
+    init: Path | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Train one arm for one seed; returns the exported model folder and the logged history."""
+    from medlvr.config import SFTConfig, VLPOConfig, load_config
+
+    spec = cfg.spec
+    common = [
+        f"seed={seed}",
+        f"output_dir={run_dir}",
+        f"data.val={data.val}",
+        "data.val_samples=32",
+        "log.tensorboard=false",
+        f"log.progress={str(cfg.progress and on_step is None).lower()}",
+        "log.every=5",
+        f"model.freeze_vision={str(cfg.freeze_vision).lower()}",
+        f"latent.projector={cfg.projector}",
+    ]
+    if arm == "d":
+        from medlvr.train.vlpo import run_vlpo
+
+        vlpo = load_config(VLPOConfig, overrides=[
+            *common,
+            f"data.train=[{data.train}]",
+            f"model.path={init}",
+            f"max_steps={spec.vlpo_steps}",
+            f"batch_size={max(2, spec.batch_size // 4)}",
+            f"latent.steps={cfg.k(arm)}",
+            "optim.lr=1e-4",
+            "vlpo.group_size=4",
+            "vlpo.max_new_tokens=8",
+            "log.val_every=0",
+        ])  # fmt: skip
+        result = run_vlpo(vlpo, on_step=on_step)
+        return result.final_model, result.history
+
+    from medlvr.train.sft import run_sft
+
+    mode = {"a": "plain", "t": "plain", "p": "latent", "b": "latent", "c": "roi" if data.has_rois else "latent"}[arm]
+    train = data.train_reasoning if arm == "t" and data.train_reasoning else data.train
+    sft = load_config(SFTConfig, overrides=[
+        *common,
+        f"data.train=[{train}]",
+        f"mode={mode}",
+        f"model.path={backbone}",
+        f"max_steps={spec.sft_steps}",
+        f"batch_size={spec.batch_size}",
+        f"latent.steps={cfg.k(arm)}",
+        f"latent.input={'pause' if arm == 'p' else 'hidden'}",
+        f"optim.lr={cfg.lr}",
+        f"optim.warmup_steps={max(1, spec.sft_steps // 10)}",
+        "optim.min_lr_ratio=0.1",
+        f"align.kind={cfg.align_kind}",
+        f"align.weight={cfg.align_weight if mode == 'roi' else 0.0}",
+        f"align.assign={cfg.align_assign}",
+        *([f"data.max_answer_tokens={REASONING_TOKENS}"] if arm == "t" else []),
+        *(cfg.sft_overrides if arm == "c" else []),
+    ])  # fmt: skip
+    result = run_sft(sft, on_step=on_step)
+    return result.final_model, result.history
+
+
+def evaluate_arm(
+    cfg: DemoConfig, arm: str, model_dir: Path, tests: dict[str, list[VQASample]], out: Path, ks: Sequence[int],
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Harness rows per test split for every K in `ks`, and the blank-image control at the arm's K."""
+    from medlvr.eval.harness import evaluate
+    from medlvr.eval.report import read_predictions
+    from medlvr.model.latent import LatentVLM
+
+    vlm = LatentVLM.from_pretrained(model_dir)
+    mode = "latent" if any(k > 0 for k in ks) else "direct"
+    tokens = REASONING_TOKENS if arm == "t" else 8
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for split, samples in tests.items():
+        evaluate(samples, out / split, vlm=vlm, mode=mode, latent_steps=list(ks), batch_size=32,
+                 max_new_tokens=tokens, progress=False, report=False)  # fmt: skip
+        rows[split] = read_predictions(out / split)
+    k = cfg.k(arm)
+    evaluate(tests[cfg.split], out / "blank", vlm=vlm, mode="latent" if k else "direct", latent_steps=[k], batch_size=32,
+             max_new_tokens=tokens, progress=False, report=False, image_control="blank")  # fmt: skip
+    return rows, read_predictions(out / "blank")
+
+
+def arm_ks(cfg: DemoConfig, arm: str, data: DemoData) -> list[int]:
+    """K values an arm is scored at: its own, plus the sweep for (c) and (d) on the synthetic benchmark."""
+    if arm in "cd" and data.has_rois:
+        return sorted({cfg.k(arm), *cfg.spec.sweep})
+    return [cfg.k(arm)]
+
+
+def run_arm(
+    cfg: DemoConfig, arm: str, seed: int, backbone: Path, data: DemoData, out: Path,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> ArmResult:
+    """Train and score one arm for one seed (what a worker process runs)."""
+    import torch
+
+    torch.set_flush_denormal(True)
+    run_dir = out / "runs" / f"{arm}_seed{seed}"
+    init = out / "runs" / f"c_seed{seed}" / "final" if arm == "d" else None
+    started = time.time()
+    model, history = train_arm(cfg, arm, seed, backbone, data, run_dir, init, on_step)
+    seconds = time.time() - started
+    ks = arm_ks(cfg, arm, data)
+    rows, blank = evaluate_arm(cfg, arm, Path(model), data.tests, run_dir / "eval", ks)
+    return ArmResult(arm, seed, str(model), history, rows, blank, ks, seconds)
+
+
+def accuracy(rows: list[dict[str, Any]], k: int, key: Callable[[dict[str, Any]], Any] | None = None) -> dict[Any, float]:
+    """Accuracy of the rows at latent budget k, overall (key None) or grouped by `key(row)`."""
+    groups: dict[Any, list[bool]] = defaultdict(list)
+    for r in rows:
+        if int(r.get("latent_steps") or 0) == k:
+            groups["all" if key is None else key(r)].append(bool(r["correct"]))
+    return {g: sum(v) / len(v) for g, v in groups.items() if v}

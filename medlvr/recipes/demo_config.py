@@ -1,0 +1,166 @@
+"""What a demo run is: its arms, budgets and typed configuration (shared by the runner and the report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medlvr.data.schema import VQASample
+from medlvr.errors import MedlvrError
+
+Budget = Literal["quick", "default", "full"]
+
+ARMS = {
+    "a": "direct (K=0)",
+    "t": "text reasoning",
+    "p": "pause (constant inputs)",
+    "b": "latent, no ROI loss",
+    "c": "ROI-SFT (per-hop alignment)",
+    "d": "ROI-SFT + VLPO",
+}
+"""The arms, same data, budget and seeds. (t) writes the evidence chain before the answer
+("largest lesion: center; below it: lower middle; answer: dark"); (p) has the same K extra
+positions as (b)-(d) but a learned constant input at each instead of the fed-back state
+(the pause-token control); (c) aligns latent step group k with the ROI of hop k."""
+
+LATENT_ARMS = "pbcd"
+"""Arms that run K latent steps."""
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """What a budget preset scales: data size, steps, evaluation size, arms and seeds."""
+
+    n: int
+    """Synthetic benchmark size (all splits)."""
+    sft_steps: int
+    vlpo_steps: int
+    batch_size: int
+    eval_test: int
+    """Test questions scored (0 = all)."""
+    sweep: tuple[int, ...]
+    """K values swept at inference for (c) and (d)."""
+    explain_samples: int
+    """Test questions whose evidence maps are scored per hop."""
+    arms: str
+    seeds: tuple[int, ...]
+
+
+BUDGETS: dict[str, BudgetSpec] = {
+    "quick": BudgetSpec(n=400, sft_steps=6, vlpo_steps=2, batch_size=8, eval_test=24, sweep=(0, 4),
+                        explain_samples=8, arms="atpbcd", seeds=(1,)),
+    "default": BudgetSpec(n=6000, sft_steps=400, vlpo_steps=15, batch_size=32, eval_test=450, sweep=(0, 2, 4, 8),
+                          explain_samples=96, arms="atpcd", seeds=(1,)),
+    "full": BudgetSpec(n=9000, sft_steps=600, vlpo_steps=30, batch_size=32, eval_test=0, sweep=(0, 1, 2, 4, 6, 8),
+                       explain_samples=200, arms="atpbcd", seeds=(1, 2, 3)),
+}  # fmt: skip
+
+
+@dataclass
+class DemoConfig:
+    """One demo run."""
+
+    out: str = "runs/demo"
+    """Output folder: data, runs per arm and seed, report.md, plots."""
+    budget: Budget = "default"
+    """quick (a test's minute), default (~10 min on 2 CPU cores), full (3 seeds, every arm; longer)."""
+    seeds: list[int] = field(default_factory=list)
+    """Training seeds; every arm trains once per seed on the same data (empty = the budget's)."""
+    arms: str = ""
+    """Arms to run, letters of `ARMS` (empty = the budget's; (d) needs (c))."""
+    dataset: Literal["synth", "vqa-rad"] = "synth"
+    """The embedded synthetic benchmark (the chain family), or VQA-RAD converted from `data_root`."""
+    data_root: str = ""
+    """Release folder of a real dataset (VQA-RAD: the folder with `VQA_RAD Dataset Public.json`)."""
+    backbone: str = ""
+    """Starting model folder (empty = the shipped stage-0 backbone)."""
+    max_hops: int = 3
+    """Deepest chain of the synthetic benchmark (questions of 1..max_hops hops, uniformly)."""
+    latent_steps: int = 6
+    """K of the latent arms: (p), (b), (c), (d); with chain alignment K / hops steps per hop."""
+    projector: str = "norm"
+    """Latent projector of the latent arms (see `LatentConfig.projector`)."""
+    align_weight: float = 0.5
+    """lambda of ROI-SFT."""
+    align_kind: str = "infonce"
+    """Alignment loss of ROI-SFT."""
+    align_assign: str = "chain"
+    """Which ROI each latent step of (c) is aligned to (`AlignConfig.assign`)."""
+    lr: float = 5e-4
+    freeze_vision: bool = False
+    """Freeze the vision tower while fine-tuning the arms."""
+    data_seed: int = 0
+    """Seed of the synthetic benchmark itself."""
+    split: Literal["test", "val"] = "test"
+    """Split the arms are scored on: `val` to choose settings (benchmarks/ablation_val.py), `test` to report once."""
+    sft_overrides: list[str] = field(default_factory=list)
+    """Extra `key=value` overrides for the ROI-SFT run of (c) (ablations, e.g. `align.assign=raster`)."""
+    workers: int = 2
+    """Arms trained at once, each in its own single-threaded process (2 uses both cores of a laptop;
+    1 runs everything in this process)."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.budget not in BUDGETS:
+            raise MedlvrError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        if self.dataset not in ("synth", "vqa-rad"):
+            raise MedlvrError(f"dataset must be synth or vqa-rad, got {self.dataset!r}")
+        if self.dataset == "vqa-rad" and not self.data_root:
+            raise MedlvrError("--dataset vqa-rad needs --data-root (the release folder)")
+        if self.latent_steps < 1:
+            raise MedlvrError(f"latent_steps must be >= 1 for the latent arms, got {self.latent_steps}")
+        if not 1 <= self.max_hops <= 4:
+            raise MedlvrError(f"max_hops must be 1-4, got {self.max_hops}")
+        unknown = sorted(set(self.arms) - set(ARMS))
+        if unknown:
+            raise MedlvrError(f"unknown arm(s) {', '.join(unknown)}; choose letters of {''.join(ARMS)}")
+        if "d" in self.arm_list and "c" not in self.arm_list:
+            raise MedlvrError("arm d (VLPO) starts from arm c: add c")
+        if self.split not in ("test", "val"):
+            raise MedlvrError(f"split must be test or val, got {self.split!r}")
+        if self.workers < 1:
+            raise MedlvrError(f"workers must be >= 1, got {self.workers}")
+        self.seeds = list(self.seeds or self.spec.seeds)
+
+    @property
+    def spec(self) -> BudgetSpec:
+        return BUDGETS[self.budget]
+
+    @property
+    def arm_list(self) -> list[str]:
+        """The arms of this run in `ARMS` order; text reasoning only where records have a written chain."""
+        chosen = self.arms or self.spec.arms
+        return [a for a in ARMS if a in chosen and not (a == "t" and self.dataset != "synth")]
+
+    def k(self, arm: str) -> int:
+        """The latent budget an arm trains and is scored at."""
+        return self.latent_steps if arm in LATENT_ARMS else 0
+
+
+@dataclass
+class DemoData:
+    train: Path
+    val: Path
+    tests: dict[str, list[VQASample]]
+    """Split name -> questions scored."""
+    has_rois: bool
+    train_reasoning: Path | None = None
+    """Training records with the evidence chain written before the answer (arm t)."""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ArmResult:
+    """One arm, one seed: its exported model, training history and scored rows."""
+
+    arm: str
+    seed: int
+    model: str
+    history: list[dict[str, Any]]
+    rows: dict[str, list[dict[str, Any]]]
+    """Split -> prediction rows (every K scored, real images)."""
+    blank: list[dict[str, Any]]
+    """Rows of the scored split at the arm's K with every image replaced by a mean-grey one."""
+    ks: list[int]
+    train_seconds: float
