@@ -75,6 +75,41 @@ def test_lambda_without_roi_data_fails(tiny_dir, synth, tmp_path):
     run_sft(make_cfg(tiny_dir, synth, tmp_path / "ok", f"data.train=[{synth / 'no_roi.jsonl'}]", "mode=latent", "max_steps=1"))
 
 
+@pytest.mark.parametrize("mode", ["roi", "teacher_forced"])
+def test_roi_loss_is_normalised_by_the_samples_that_contribute(tiny_dir, synth, tmp_path, mode):
+    """An ROI over the whole image leaves InfoNCE no negatives: that sample's term is 0 whatever the
+    latents. Giving a sample such an ROI instead of none must change nothing: not the logged
+    alignment loss, not the trained weights (issue 13, item 8: it was counted in the normaliser)."""
+    from PIL import Image
+
+    from medlvr.data.schema import ROI
+
+    samples = read_jsonl(synth / "train.jsonl")
+    first = next(s for s in samples if s.rois)
+    other = next(s for s in samples if s.id != first.id)
+    w, h = Image.open(synth / other.images[0]).size
+    runs = {}
+    for name, rois in (("none", []), ("whole", [ROI(box=(0, 0, w, h))])):
+        write_jsonl([first, other.model_copy(update={"rois": rois})], tmp_path / f"{name}.jsonl")
+        result = run_sft(make_cfg(tiny_dir, synth, tmp_path / name, f"data.train=[{tmp_path / f'{name}.jsonl'}]",
+                                  f"mode={mode}", "align.kind=infonce", "batch_size=2", "max_steps=1"))  # fmt: skip
+        runs[name] = result
+    assert runs["none"].metrics["align"] > 0
+    assert runs["whole"].metrics["align"] == pytest.approx(runs["none"].metrics["align"], rel=1e-6)
+    if mode == "roi":  # (teacher forcing feeds a sample's ROI targets as its latents: the CE differs too)
+        a, b = params(runs["none"].model), params(runs["whole"].model)
+        assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+
+
+def test_alignment_mask_counts_samples_with_a_signal():
+    from medlvr.train.losses import alignment_mask
+
+    roi = [torch.zeros(0, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([0, 1, 2])]
+    assert alignment_mask(roi, [3, 3, 3], "infonce").tolist() == [False, True, False]  # no negatives: no signal
+    assert alignment_mask(roi, [3, 3, 3], "cosine").tolist() == [False, True, True]
+    assert alignment_mask(roi, [3, 3, 3], "mse").tolist() == [False, True, True]
+
+
 def _two_hop(synth: Path, name: str, roi_hops: list[int]) -> Path:
     """The synthetic records with an anchor ROI (the upper-left quarter) before their own: two hops."""
     from medlvr.data.schema import ROI

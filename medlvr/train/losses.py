@@ -5,10 +5,11 @@ ratio over answer tokens and latent steps) and `kl_k3` next to it.
 
 Conventions: `latents [B, K, d]` are the model's latent states (in the language
 model's input space, like the visual tokens), `targets [B, K, d]` the pooled ROI
-tokens, `mask [B]` marks samples that have ROIs. Every function returns the loss
-*per sample* `[B]` (zero where masked out), so the caller chooses the normaliser:
-the SFT loop divides by the number of ROI samples in the whole optimizer step, which
-makes one process and several processes (any sharding) give the same gradient.
+tokens, `mask [B]` marks the samples aligned (`alignment_mask`). Every function returns the
+loss *per sample* `[B]` (zero where masked out), so the caller chooses the normaliser:
+the SFT loop divides by the number of samples `alignment_mask` counts in the whole
+optimizer step, which makes one process and several processes (any sharding) give the
+same gradient.
 Targets are always detached here: the alignment moves the latents, never the image.
 """
 
@@ -85,6 +86,17 @@ def alignment_loss(
     raise ValueError(f"unknown alignment kind {kind!r}; expected one of {', '.join(ALIGN_KINDS)}")
 
 
+def alignment_mask(roi_index: Sequence[torch.Tensor], n_tokens: Sequence[int], kind: str) -> torch.Tensor:
+    """`[B]` bool: the samples whose alignment term carries a signal, the ones its normaliser counts.
+
+    A sample counts when its ROI covers some of its `n_tokens` visual tokens (`roi_index` may be
+    empty: no ROI, or an ROI on no image) and, for InfoNCE, not all of them: without negatives
+    the softmax has one entry and the loss is 0 whatever the latents.
+    """
+    counts = [int(idx.numel()) for idx in roi_index]
+    return torch.tensor([0 < c and (kind != "infonce" or c < n) for c, n in zip(counts, n_tokens)], dtype=torch.bool)
+
+
 def pad_tokens(tokens: Sequence[torch.Tensor], d: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-sample token sets `[N_i, d]` into `[B, max N, d]` with a `[B, max N]` mask."""
     n = max((int(t.shape[0]) for t in tokens), default=0)
@@ -112,6 +124,7 @@ def sample_mean_ce(token_logprobs: torch.Tensor, answer_mask: torch.Tensor) -> t
 __all__ = [
     "ALIGN_KINDS",
     "alignment_loss",
+    "alignment_mask",
     "cosine_alignment",
     "mse_alignment",
     "infonce_alignment",

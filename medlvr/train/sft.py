@@ -2,13 +2,15 @@
 
 Per optimizer step (global batch G = batch_size x processes x grad_accum samples):
 
-    loss = sum_i CE_i / G  +  lambda * sum_{i with ROI} align_i / R
+    loss = sum_i CE_i / G  +  lambda * sum_{i aligned} align_i / R
 
 CE_i is sample i's mean answer cross-entropy, align_i its alignment loss between the
-latent states and the K pooled ROI targets (detached), R the number of samples with
-ROIs in the step. Normalising by step-wide counts (known before the step: the data
-order is a pure function of seed and position) makes one process, several processes
-and any gradient accumulation give the same gradient up to float reduction order.
+latent states and the K pooled ROI targets (detached), R the number of samples of the
+step whose alignment term carries a signal (`losses.alignment_mask`: an ROI on some
+visual tokens, and for InfoNCE not on all). Normalising by step-wide counts (G known
+before the step, R counted over the step's micro-batches on every process before the
+first backward) makes one process, several processes and any gradient accumulation
+give the same gradient up to float reduction order.
 
 Modes: `plain` (K = 0), `latent` (K steps, CE only), `roi` (K steps + alignment),
 `teacher_forced` (ROI targets fed as the latent inputs in one parallel pass; the
@@ -36,7 +38,7 @@ from medlvr.data.roi import roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set, roi_targets
-from medlvr.train.losses import alignment_loss, pad_tokens, sample_mean_ce
+from medlvr.train.losses import alignment_loss, alignment_mask, pad_tokens, sample_mean_ce
 
 
 @dataclass
@@ -263,7 +265,6 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per process
 
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
-    has_roi = data.has_roi
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=True, with_rois=cfg.uses_rois,
                           image_loader=load_image, max_answer_tokens=cfg.data.max_answer_tokens,
                           token_labeler=labeler)  # fmt: skip
@@ -295,12 +296,11 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     try:
         while step < total_steps:
             k = _steps_at(cfg, step, total_steps)
-            idx = stream.take(pos, global_batch)
-            n_roi = int(has_roi[idx].sum()) if lam else 0
+            batches = [next(loader) for _ in range(cfg.grad_accum)]
+            n_roi = _aligned_samples(batches, vlm.image_token_id, cfg.align.kind, accelerator) if lam else 0
             # CE sum, align sum, samples, ROI samples, probe sum, probe-right and foreground tokens, probed samples (this process)
             sums = torch.zeros(8, dtype=torch.float64)
-            for m in range(cfg.grad_accum):
-                batch = next(loader)
+            for m, batch in enumerate(batches):
                 sync = m == cfg.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not sync else _nullcontext()
                 with ctx:
@@ -406,10 +406,27 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int)
     latents = fwd.latent_means
     if cfg.align.assign == "first":
         latents, targets = latents[:, :1], targets[:, :1]
+    mask = mask & _aligned(batch, vlm.image_token_id, cfg.align.kind).to(mask.device)  # the ones R counts
     neg, neg_mask = pad_tokens(negatives, latents.shape[-1], latents.device) if cfg.align.kind == "infonce" else (None, None)
     al = alignment_loss(cfg.align.kind, latents, targets, mask, negatives=neg, negatives_mask=neg_mask,
                         temperature=cfg.align.temperature)  # fmt: skip
     return ce, al, mask, fwd
+
+
+def _aligned(batch: dict[str, Any], image_token_id: int, kind: str) -> torch.Tensor:
+    """`[B]` bool: the batch's samples whose alignment term counts (`losses.alignment_mask`).
+
+    A sample's visual tokens are its image tokens in the prompt (one per visual token in every family).
+    """
+    return alignment_mask(batch["roi_index"], (batch["input_ids"] == image_token_id).sum(-1).tolist(), kind)
+
+
+def _aligned_samples(batches: list[dict[str, Any]], image_token_id: int, kind: str, accelerator: Any) -> int:
+    """R: the samples of the optimizer step (all micro-batches, all processes) whose alignment term counts."""
+    local = sum(int(_aligned(b, image_token_id, kind).sum()) for b in batches)
+    if accelerator.num_processes == 1:
+        return local
+    return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
 
 
 def _roi_targets(cfg: SFTConfig, visual: Any, batch: dict[str, Any], k: int, fed: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
