@@ -36,7 +36,8 @@ def test_quick_demo_reports_every_arm_by_depth(first):
     assert {r["variant"]: r["K"] for r in table} == {"a": 0, "t": 0, "p": 6, "b": 6, "c": 6, "d": 6}
     pairs = {(p["arm"], p["against"], p["hops"]) for p in results["pairs"]}
     assert {("c", "a", 3), ("c", "p", 3), ("c", "t", 3), ("d", "c", 3)} <= pairs
-    assert set(results["blank"]) == set("atpbcd") and 0 < results["chance"] <= 1
+    assert set(results["controls"]["blank"]) == set(results["controls"]["question-only"]) == set("atpbcd")
+    assert 0 < results["chance"] <= 1
     assert {"p", "b", "c", "d"} == set(results["explain"]) and all("hop_pointing" in m for m in results["explain"].values())
     report = (out / "report.md").read_text()
     for text in ("## Verdict", "Regime: direct (a)", "ROI-SFT (c) minus the pause control (p)", "Blank images",

@@ -16,6 +16,9 @@ from typing import Any
 from medlvr.data.schema import VQASample, read_jsonl, write_jsonl
 from medlvr.recipes.demo_config import ArmResult, DemoConfig, DemoData
 
+CONTROLS = ("blank", "question-only")
+"""Grounding controls every arm is scored under (`medlvr.eval.controls`): mean-grey images, no image."""
+
 REASONING_TOKENS = 64
 """Answer token limit of the text-reasoning arm (a 3-hop chain written out is ~40 tokens)."""
 
@@ -134,7 +137,7 @@ def train_arm(
 def evaluate_arm(
     cfg: DemoConfig, arm: str, model_dir: Path, tests: dict[str, list[VQASample]], out: Path, ks: Sequence[int],
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Harness rows per test split for every K in `ks`, and the blank-image control at the arm's K."""
+    """Harness rows per scored split for every K in `ks`, and the grounding controls (`CONTROLS`) at the arm's K."""
     from medlvr.eval.harness import evaluate
     from medlvr.eval.report import read_predictions
     from medlvr.model.latent import LatentVLM
@@ -148,9 +151,9 @@ def evaluate_arm(
                  max_new_tokens=tokens, progress=False, report=False)  # fmt: skip
         rows[split] = read_predictions(out / split)
     k = cfg.k(arm)
-    evaluate(tests[cfg.split], out / "blank", vlm=vlm, mode="latent" if k else "direct", latent_steps=[k], batch_size=32,
-             max_new_tokens=tokens, progress=False, report=False, image_control="blank")  # fmt: skip
-    return rows, read_predictions(out / "blank")
+    evaluate(tests[cfg.split], out / "controls", vlm=vlm, mode="latent" if k else "direct", latent_steps=[k], batch_size=32,
+             max_new_tokens=tokens, progress=False, report=False, image_control=list(CONTROLS))  # fmt: skip
+    return rows, read_predictions(out / "controls")
 
 
 def arm_ks(cfg: DemoConfig, arm: str, data: DemoData) -> list[int]:
@@ -174,8 +177,8 @@ def run_arm(
     model, history = train_arm(cfg, arm, seed, backbone, data, run_dir, init, on_step)
     seconds = time.time() - started
     ks = arm_ks(cfg, arm, data)
-    rows, blank = evaluate_arm(cfg, arm, Path(model), data.tests, run_dir / "eval", ks)
-    return ArmResult(arm, seed, str(model), history, rows, blank, ks, seconds)
+    rows, controls = evaluate_arm(cfg, arm, Path(model), data.tests, run_dir / "eval", ks)
+    return ArmResult(arm, seed, str(model), history, rows, controls, ks, seconds)
 
 
 def accuracy(rows: list[dict[str, Any]], k: int, key: Callable[[dict[str, Any]], Any] | None = None) -> dict[Any, float]:

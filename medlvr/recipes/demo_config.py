@@ -160,7 +160,8 @@ class ArmResult:
     history: list[dict[str, Any]]
     rows: dict[str, list[dict[str, Any]]]
     """Split -> prediction rows (every K scored, real images)."""
-    blank: list[dict[str, Any]]
-    """Rows of the scored split at the arm's K with every image replaced by a mean-grey one."""
+    controls: list[dict[str, Any]]
+    """Rows of the scored split at the arm's K under the grounding controls (`image_control`:
+    blank = every image mean-grey, question-only = no image)."""
     ks: list[int]
     train_seconds: float

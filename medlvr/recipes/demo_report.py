@@ -47,11 +47,13 @@ class Numbers:
         k = self.cfg.k(arm) if k is None else k
         return [r for r in self.results[arm][seed].rows[self.split] if int(r.get("latent_steps") or 0) == k]
 
-    def per_seed(self, arm: str, depth: int | None = None, k: int | None = None, blank: bool = False) -> list[float]:
-        """Accuracy per seed, on all questions or those of one depth."""
+    def per_seed(self, arm: str, depth: int | None = None, k: int | None = None, control: str = "none") -> list[float]:
+        """Accuracy per seed, on all questions or those of one depth, with real images or under a control."""
         out = []
         for seed in self.cfg.seeds:
-            rows = self.results[arm][seed].blank if blank else self.rows(arm, seed, k)
+            rows = self.rows(arm, seed, k)
+            if control != "none":
+                rows = [r for r in self.results[arm][seed].controls if r.get("image_control") == control]
             ok = [bool(r["correct"]) for r in rows if depth is None or self.hop_of.get(r["id"]) == depth]
             if ok:
                 out.append(sum(ok) / len(ok))
@@ -153,11 +155,12 @@ def verdict(n: Numbers, pairs: dict[tuple[str, str, int], dict[str, Any]]) -> li
     claim("c", "b", 0.0, "ROI-SFT (c) minus latent steps without ROI loss (b): what the alignment adds,")
     claim("d", "c", 0.0, "VLPO (d) minus ROI-SFT (c)")
     chance = n.chance()
-    blank = {arm: _ms(n.per_seed(arm, blank=True))[0] for arm in n.arms}
-    off = [f"({a}) {v:.3f}" for a, v in blank.items() if abs(v - chance) > 0.05]
-    lines.append(f"- Blank images (chance {chance:.3f}): "
-                 + ("every arm within 5 points of chance: the answers come from the image." if not off
-                    else f"not at chance for {', '.join(off)}: part of the accuracy does not come from the image."))  # fmt: skip
+    for control, what in (("blank", "Blank images"), ("question-only", "No image (question only)")):
+        acc_c = {arm: _ms(n.per_seed(arm, control=control))[0] for arm in n.arms}
+        off = [f"({a}) {v:.3f}" for a, v in acc_c.items() if v > chance + 0.05]
+        lines.append(f"- {what} (chance {chance:.3f}): "
+                     + ("no arm more than 5 points above chance: the accuracy comes from the image." if not off
+                        else f"above chance for {', '.join(off)}: part of the accuracy does not come from the image."))  # fmt: skip
     best = max(n.arms, key=lambda a: _ms(acc(a, h))[0])
     lines.append(f"- Best arm at {h} hops: ({best}) {ARMS[best]}, {_fmt(acc(best, h))}.")
     if not several:
@@ -195,15 +198,16 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
         "",
         f"## Accuracy by reasoning depth ({cfg.split})",
         "",
-        "| arm | K | " + " | ".join(f"{d} hop(s)" for d in n.depths) + " | all | blank image | ms / question | tokens written |",
-        "|---|---|" + "---|" * (len(n.depths) + 4),
+        "| arm | K | " + " | ".join(f"{d} hop(s)" for d in n.depths) + " | all | blank image | no image | ms / question | tokens written |",
+        "|---|---|" + "---|" * (len(n.depths) + 5),
     ]
     for arm in n.arms:
         ms, tok = n.cost(arm)
         lines.append(f"| ({arm}) {ARMS[arm]} | {cfg.k(arm)} | " + " | ".join(_fmt(n.per_seed(arm, d)) for d in n.depths)
-                     + f" | {_fmt(n.per_seed(arm))} | {_fmt(n.per_seed(arm, blank=True))} | {_fmt(ms)} | {_fmt(tok)} |")  # fmt: skip
+                     + f" | {_fmt(n.per_seed(arm))} | {_fmt(n.per_seed(arm, control='blank'))} | "
+                     f"{_fmt(n.per_seed(arm, control='question-only'))} | {_fmt(ms)} | {_fmt(tok)} |")  # fmt: skip
     lines += ["", f"Chance (the most frequent test answer): {n.chance():.3f}. Blank image: every image replaced by a "
-              "mean-grey one of the same size, at the arm's K. Cost: harness time per question at batch 32 and the "
+              "mean-grey one of the same size; no image: the prompt without the image; both at the arm's K. Cost: harness time per question at batch 32 and the "
               "answer tokens generated (the written chain of (t) included)."]  # fmt: skip
     _depth_plot(plt, n, plots / "accuracy_by_hops.png")
 
@@ -257,7 +261,8 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     payload = {"table": table, "pairs": [p for p in pairs.values()], "chance": n.chance(),
-               "blank": {a: n.per_seed(a, blank=True) for a in n.arms}, "explain": explain.get("metrics", {}),
+               "controls": {c: {a: n.per_seed(a, control=c) for a in n.arms} for c in ("blank", "question-only")},
+               "explain": explain.get("metrics", {}),
                "verdict": verdict(n, pairs), "minutes": seconds / 60}  # fmt: skip
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     return report, table
