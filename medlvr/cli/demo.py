@@ -82,11 +82,15 @@ def backbone(
     init: Path | None = typer.Option(None, help="Continue from this model folder (a second stage-0 leg)."),
     probe_weight: float = typer.Option(4.0, help="Weight of the auxiliary per-token attribute probe (0 = off)."),
     position_weight: float = typer.Option(1.0, help="Weight of the probe's per-token position head (0 = off)."),
+    question_share: float = typer.Option(0.5, help="Fraction of samples that are 1-hop questions (the rest describe/ground/inspect)."),
 ) -> None:
     """Stage 0: pretrain the demo's tiny backbone to see the synthetic scans (dense descriptions)."""
     from medlvr.recipes.stage0 import Stage0Config, build_stage0
 
-    scores = build_stage0(Stage0Config(str(out), seed, size, n, steps, batch_size, lr, eval_samples, str(init or ""), probe_weight, position_weight))
+    scores = build_stage0(Stage0Config(
+        out=str(out), seed=seed, size=size, n=n, steps=steps, batch_size=batch_size, lr=lr, eval_samples=eval_samples,
+        init=str(init or ""), probe_weight=probe_weight, position_weight=position_weight, question_share=question_share,
+    ))  # fmt: skip
     for k, v in scores.items():
         console.print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {v}")
     console.print(f"wrote {out}")

@@ -233,26 +233,32 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
 
 
 def _card(cfg: Stage0Config, scores: dict[str, Any]) -> str:
+    out = cfg.out if Path(cfg.out) != ASSET else "medlvr/assets/stage0"
     cmd = (
-        f"medlvr demo backbone --out {cfg.out if Path(cfg.out) != ASSET else 'medlvr/assets/stage0'} "
-        f"--seed {cfg.seed} --size {cfg.size} --n {cfg.n} --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr}"
-        + f" --probe-weight {cfg.probe_weight} --position-weight {cfg.position_weight}" + (f" --init {cfg.init}" if cfg.init else "")
+        f"medlvr demo backbone --out {out} --seed {cfg.seed} --size {cfg.size} --n {cfg.n} --steps {cfg.steps} "
+        f"--batch-size {cfg.batch_size} --lr {cfg.lr} --probe-weight {cfg.probe_weight} "
+        f"--position-weight {cfg.position_weight} --question-share {cfg.question_share}"
+        + (f" --init {cfg.init}" if cfg.init else "")
     )
+    start = f"continued from `{cfg.init}`" if cfg.init else f"random initialisation, seed {cfg.seed}"
     rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
     return f"""# Stage-0 backbone of the laptop demo
 
-A `{cfg.size}` Qwen2.5-VL backbone (random initialisation, seed {cfg.seed}) pretrained with
-`run_sft` (mode `plain`, K = 0) on the synthetic benchmark's describe/ground/inspect records
-(train images only: no held-out (shape, region) pair appears in them), with an auxiliary
-linear probe (weight {cfg.probe_weight}) classifying every visual token of a describe record
-as the attributes of the lesion covering it or background, and a position head (weight
-{cfg.position_weight}) regressing where each visual token is; neither is part of the model.
+A `{cfg.size}` Qwen2.5-VL backbone ({start}) pretrained with `run_sft` (mode `plain`,
+K = 0) on the synthetic benchmark's train images only (no held-out (shape, region) pair
+appears in them): {cfg.question_share:.0%} of the samples are 1-hop questions ("What is the
+intensity of the largest lesion?", a named region's attribute or presence, word answers),
+the rest describe/ground/inspect records. An auxiliary linear probe (weight
+{cfg.probe_weight}) classifies every visual token of a describe record as the attributes
+of the lesion covering it or background, and a position head (weight {cfg.position_weight})
+regresses where each visual token is; neither is part of the model.
 
-Regenerate (CPU, 2 threads; Python {sys.version.split()[0]}):
+Regenerate (CPU; Python {sys.version.split()[0]}):
 
     {cmd}
 
-Scored on describe/ground/inspect records of {cfg.eval_samples} test images (never trained on):
+Scored on the 1-hop question and the describe/ground/inspect records of {cfg.eval_samples}
+test images (never trained on); `hop1_*` are the 1-hop questions by family (and attribute):
 
 | metric | value |
 |---|---|
