@@ -169,14 +169,24 @@ class LoraConfig:
     attention only (Qwen's vision blocks name theirs `qkv`/`proj`); add `gate_proj`,
     `up_proj`, `down_proj` for the MLPs."""
     modules_to_save: list[str] = field(default_factory=list)
-    """Modules trained in full next to the adapters, e.g. `embed_tokens` so the latent
-    special tokens (new rows) learn."""
+    """Modules trained in full next to the adapters (e.g. the vision merger). Not needed for the
+    latent special tokens: see `train_latent_tokens`."""
+    train_latent_tokens: bool = True
+    """Train the embedding rows of the latent special tokens (`<|latent_start|>`, `<|latent_pad|>`,
+    `<|latent_end|>`: new tokens, starting at the mean embedding) with peft's trainable tokens
+    (`trainable_token_indices`): 3 rows and their optimizer state, not the whole embedding
+    (545M parameters on Qwen2.5-VL-7B). A tied output head follows them; the LoRA export merges
+    them, and disabling the adapter (the VLPO reference) disables them too. Under FSDP, peft needs
+    `use_orig_params=True` for it."""
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise MedlvrError(f"lora: need r >= 1, alpha > 0, 0 <= dropout < 1, got {self.r}, {self.alpha}, {self.dropout}")
         if not self.target_modules:
             raise MedlvrError("lora.target_modules is empty")
+        if self.train_latent_tokens and "embed_tokens" in self.modules_to_save:
+            raise MedlvrError("lora.modules_to_save trains the whole embed_tokens, the latent tokens' rows included: "
+                              "set lora.train_latent_tokens=false (or drop embed_tokens, 3 rows train without it)")
 
 
 @dataclass
@@ -509,16 +519,44 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             path = Path(path)
             if not path.is_file():
                 raise MedlvrError(f"config file not found: {path}")
-            base = OmegaConf.merge(base, OmegaConf.load(path))
+            base = OmegaConf.merge(base, _load_yaml(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise MedlvrError(f"overrides must look like key.sub=value, got {bad}")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist([_empty_value(base, o) for o in overrides]))
         obj = OmegaConf.to_object(base)
     except OmegaConfBaseException as err:
         raise MedlvrError(f"bad configuration: {_first_line(err)}") from None
     return obj  # type: ignore[return-value]
+
+
+def _load_yaml(path: Path) -> Any:
+    """A YAML recipe as an OmegaConf mapping; a syntax error or a top-level list is a `MedlvrError`."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or _first_line(err)
+        raise MedlvrError(f"{path} is not valid YAML{where}: {problem}") from None
+    if not OmegaConf.is_dict(loaded):
+        kind = "list" if OmegaConf.is_list(loaded) else type(loaded).__name__
+        raise MedlvrError(f"{path} must be a mapping of settings (e.g. `mode: roi`) at the top level, not a {kind}")
+    return loaded
+
+
+def _empty_value(base: Any, override: str) -> str:
+    """`data.val=` (nothing after `=`) means an empty string or list where the field is one, not null."""
+    key, _, value = override.partition("=")
+    if value.strip():
+        return override
+    current = OmegaConf.select(base, key.strip(), default=None)
+    if isinstance(current, str):
+        return f"{key}=''"
+    return f"{key}=[]" if OmegaConf.is_list(current) else override
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
