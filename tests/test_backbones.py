@@ -339,3 +339,59 @@ def test_norm_projector_puts_latents_at_token_embedding_scale(tiny_factory, fami
         z = vlm.projector(5.0 * torch.randn(8, vlm.hidden_size))
         latent_rms = z.pow(2).mean(-1).sqrt().mean()
     assert abs(latent_rms / token_rms - 1) < 1e-3
+
+
+# ---------------------------------------------------------------------------- latent special tokens
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_new_latent_tokens_start_at_the_mean_row_even_on_spare_rows(tiny_factory, tied):
+    """Real Qwen2.5-VL-7B has 152,064 embedding rows for 151,665 tokenizer entries: the latent tokens land on
+    spare rows without the matrix growing. Their input and output rows must still start at the mean
+    embedding, not keep whatever the spare rows held (issue 13, item 3)."""
+    from medlvr.model.backbones import LATENT_TOKENS, ensure_latent_tokens
+
+    folder = tiny_factory(with_latent_tokens=False)
+    adapter = get_adapter("qwen2_5_vl")
+    tokenizer = adapter.load_processor(folder).tokenizer
+    model = adapter.model_class.from_pretrained(str(folder))
+    n = len(tokenizer)
+    model.resize_token_embeddings(n + 64, mean_resizing=False)  # 64 spare rows, as in a real checkpoint
+    if not tied:
+        model.config.tie_word_embeddings = model.config.get_text_config().tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in {model.get_input_embeddings(), model.get_output_embeddings()}:
+            layer.weight[n:] = torch.randn_like(layer.weight[n:]) * 5  # spare rows hold something far from the mean
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+
+    assert ensure_latent_tokens(model, tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
+    assert all(n <= i < n + 64 for i in ids) and model.get_input_embeddings().weight.shape[0] == n + 64, "spare rows, no growth"
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    for i in ids:
+        assert torch.allclose(emb[i], old_in[:n].mean(0), atol=1e-6)
+        assert torch.allclose(out[i], old_out[:n].mean(0), atol=1e-6)
+    others = [i for i in range(n + 64) if i not in ids]
+    assert torch.equal(emb[others], old_in[others]) and torch.equal(out[others], old_out[others])
+    assert (out.data_ptr() == emb.data_ptr()) == tied
+    assert not ensure_latent_tokens(model, tokenizer), "present tokens are left alone"
+
+
+def test_new_latent_tokens_that_grow_the_matrix_start_at_the_mean_row(tiny_factory):
+    from medlvr.model.backbones import LATENT_TOKENS, ensure_latent_tokens
+
+    folder = tiny_factory(with_latent_tokens=False)
+    adapter = get_adapter("qwen2_5_vl")
+    tokenizer = adapter.load_processor(folder).tokenizer
+    model = adapter.model_class.from_pretrained(str(folder))
+    n = len(tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == n
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert ensure_latent_tokens(model, tokenizer)
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == n + len(LATENT_TOKENS)
+    for i in tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)):
+        assert torch.allclose(emb[i], old.mean(0), atol=1e-6)

@@ -245,10 +245,15 @@ def test_lora_changes_only_adapters_and_the_merged_export_matches(tiny_dir, synt
     after = params(vlm)
     lora_names = [n for n in after if "lora_" in n]
     assert lora_names and any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora_names if "lora_B" in n)
+    # The latent special tokens' rows train through peft's trainable tokens (issue 13, item 3), not the whole embedding.
+    deltas = [n for n in after if "trainable_tokens_delta" in n]
+    assert len(deltas) == 1 and after[deltas[0]].shape == (3, vlm.hidden_size)
+    assert after[deltas[0]].abs().sum(-1)[[0, 2]].gt(0).all(), "<|latent_start|> and <|latent_end|> rows must learn"
     for name, value in after.items():
-        if "lora_" in name or name.startswith("projector."):
+        if "lora_" in name or "trainable_tokens_delta" in name or name.startswith("projector."):
             continue
         plain = name.replace("backbone.base_model.model.", "backbone.").replace(".base_layer", "")
+        plain = plain.replace(".token_adapter", "")
         assert torch.equal(value, base[plain]), f"{name} changed"
 
     samples = read_jsonl(synth / "val.jsonl")[:3]
@@ -320,8 +325,18 @@ def test_cli_trains_resumes_and_reports_user_errors(tiny_dir, synth, tmp_path):
     assert res.exit_code == 2 and "batch_size" in res.output
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b"])
+@pytest.mark.parametrize("recipe", ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_8b", "medgemma_4b", "smolvlm2_2b"])
 def test_recipes_parse(recipe):
     repo = Path(__file__).resolve().parent.parent
     cfg = load_config(SFTConfig, repo / "configs" / recipe / "sft.yaml")
     assert cfg.mode == "roi" and cfg.align.kind == "infonce" and not Path(cfg.model.path).is_absolute()
+    if cfg.model.finetune == "lora":  # the latent tokens' rows train through peft's trainable tokens, not embed_tokens
+        assert cfg.lora.train_latent_tokens and "embed_tokens" not in cfg.lora.modules_to_save
+
+
+def test_embed_tokens_in_modules_to_save_and_trainable_latent_rows_exclude_each_other():
+    from medlvr.config import LoraConfig
+
+    with pytest.raises(MedlvrError, match="train_latent_tokens=false"):
+        LoraConfig(modules_to_save=["embed_tokens"])
+    assert LoraConfig(modules_to_save=["embed_tokens"], train_latent_tokens=False).modules_to_save == ["embed_tokens"]

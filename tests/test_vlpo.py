@@ -248,6 +248,11 @@ def test_vlpo_latent_options_are_validated():
         VLPOParams(latent_clip_low=1.0)
 
 
+def test_gpu_vlpo_recipe_parses_and_trains_the_latent_token_rows():
+    cfg = load_config(VLPOConfig, REPO / "configs" / "qwen2_5_vl_7b" / "vlpo.yaml")
+    assert cfg.model.finetune == "lora" and cfg.lora.train_latent_tokens and "embed_tokens" not in cfg.lora.modules_to_save
+
+
 def test_mini_batches_split_each_process_into_the_same_optimizer_steps():
     """Every process takes `mini_batches` steps; step m holds global rows m, m + M, ... under any process count."""
     from medlvr.config import VLPOParams

@@ -987,18 +987,29 @@ def detect_family(path: str | Path) -> str:
 
 
 def ensure_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Add the latent special tokens if missing and resize the embeddings; returns True if anything changed.
+    """Add the latent special tokens if missing and give them their rows; returns True if anything changed.
 
-    New rows start at the mean of the existing embeddings, so a real checkpoint's
-    outputs stay sensible before any fine-tuning.
+    Each new token's input row, and its output row when the head is not tied to the
+    embeddings, starts at the mean row of the vocabulary (the tokens there before), so a
+    real checkpoint's outputs stay sensible before any fine-tuning. This happens whether
+    or not the matrix grows: real checkpoints keep spare rows (Qwen2.5-VL-7B has 152,064
+    for 151,665 tokenizer entries), and a new token placed on one would otherwise keep
+    whatever that untrained row holds.
     """
     missing = [t for t in LATENT_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if not missing:
         return False
+    n_vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])  # rows of the tokens there before
     tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    old = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set just below
+    new = torch.tensor(tokenizer.convert_tokens_to_ids(missing))
+    layers = {id(m.weight): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    with torch.no_grad():
+        for layer in layers.values():  # a tied head shares the input matrix: set once
+            layer.weight[new] = layer.weight[:n_vocab].float().mean(0).to(layer.weight.dtype)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[new] = layer.bias[:n_vocab].float().mean().to(layer.bias.dtype)
     return True
 
 

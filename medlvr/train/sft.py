@@ -116,9 +116,12 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
+        # The latent tokens' rows train through peft's trainable tokens: 3 rows, not the whole embedding.
+        latent_rows = [vlm.latent_start_id, vlm.latent_pad_id, vlm.latent_end_id] if cfg.lora.train_latent_tokens else None
         peft_cfg = PeftLoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=list(cfg.lora.target_modules), modules_to_save=list(cfg.lora.modules_to_save) or None,
+            trainable_token_indices=latent_rows,
         )  # fmt: skip
         try:
             with warnings.catch_warnings():
