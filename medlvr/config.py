@@ -264,7 +264,13 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep the newest N step checkpoints (the final export is never deleted)."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in `output_dir` (if there is one)."""
+    """Continue from the newest complete checkpoint in `output_dir` (if there is one). Settings
+    that shape the checkpoint (mode, seed, model.path/finetune/freeze_*, latent.projector/input,
+    lora.*, probe.*, data.train/weights/max_samples) must equal the checkpoint's; any other
+    changed setting applies from the resumed step on and is reported."""
+    overwrite: bool = False
+    """Start afresh in an `output_dir` that holds a run, deleting that run's checkpoints, metrics
+    and export (an `output_dir` holding a run is refused unless `resume` or `overwrite` is set)."""
     merge_lora: bool = True
     """Export a LoRA run as a merged full model (loads in `medlvr predict`, the harness and
     plain transformers); False writes only the adapter (`final/adapter`, apply with peft)."""
@@ -274,6 +280,8 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 1:
             raise MedlvrError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {self.every}, {self.keep_last}")
+        if self.resume and self.overwrite:
+            raise MedlvrError("checkpoint.resume continues the run in output_dir and checkpoint.overwrite deletes it: choose one")
 
 
 @dataclass

@@ -133,10 +133,12 @@ def report_cmd(
 ) -> None:
     """Rebuild summary.json, report.md and the plots of a run from its predictions.jsonl."""
     from medlvr.eval.report import write_report
+    from medlvr.rundir import run_folder
 
     if not run.is_dir():
         raise ValueError(f"run folder not found: {run}")
-    written = write_report(run, title=title)
+    with run_folder(run, "run folder"):  # not while an evaluation writes it
+        written = write_report(run, title=title)
     _print_summary(written["data"])
     console.print(f"wrote {written['summary']}, {written['report']} and {len(written['plots'])} plot(s)",
                   highlight=False)

@@ -17,6 +17,7 @@ def sft(
     config: Path | None = typer.Option(None, "--config", help="YAML recipe (e.g. configs/tiny/sft.yaml)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. mode=latent latent.steps=8 optim.lr=1e-4."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in output_dir and start over."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Stage 1: ROI-supervised fine-tuning (modes plain, latent, roi, teacher_forced). Multi-process: torchrun or accelerate launch."""
@@ -24,9 +25,7 @@ def sft(
 
     from medlvr.config import SFTConfig, load_config
 
-    cfg = load_config(SFTConfig, config, list(overrides or []))
-    if resume:
-        cfg.checkpoint.resume = True
+    cfg = load_config(SFTConfig, config, [*(overrides or []), *_run_choice(resume, overwrite)])
     if print_config:
         console.print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), highlight=False)
         return
@@ -45,6 +44,7 @@ def vlpo(
     init: Path | None = typer.Option(None, "--init", help="Starting checkpoint (the SFT export, e.g. runs/sft/final); sets model.path."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. vlpo.group_size=8 vlpo.beta=0.04."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in output_dir and start over."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Stage 2: VLPO, group-relative policy optimisation over latent steps and answers. Multi-process: torchrun or accelerate launch."""
@@ -52,9 +52,8 @@ def vlpo(
 
     from medlvr.config import VLPOConfig, load_config
 
-    cfg = load_config(VLPOConfig, config, [*(overrides or []), *([f"model.path={init}"] if init else [])])
-    if resume:
-        cfg.checkpoint.resume = True
+    cfg = load_config(VLPOConfig, config, [*(overrides or []), *([f"model.path={init}"] if init else []),
+                                            *_run_choice(resume, overwrite)])  # fmt: skip
     if print_config:
         console.print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), highlight=False)
         return
@@ -64,3 +63,8 @@ def vlpo(
     shown = {k: v for k, v in result.metrics.items() if k in ("reward_mean", "accuracy", "val_reward", "val_accuracy") and v is not None}
     console.print(f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), highlight=False)
     console.print(f"model: {result.final_model}", highlight=False)
+
+
+def _run_choice(resume: bool, overwrite: bool) -> list[str]:
+    """`--resume` / `--overwrite` as overrides (the config checks that they are not both set)."""
+    return [*(["checkpoint.resume=true"] if resume else []), *(["checkpoint.overwrite=true"] if overwrite else [])]

@@ -65,6 +65,7 @@ from medlvr.eval.controls import IMAGE_CONTROLS, REAL, blank_like, condition_of,
     shuffle_donors
 from medlvr.eval.metrics import prediction_row
 from medlvr.eval.report import PREDICTIONS_FILE, write_report
+from medlvr.rundir import holds_run_folder
 
 __all__ = [
     "Generated",
@@ -358,6 +359,7 @@ def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
         tmp.replace(path)
 
 
+@holds_run_folder(lambda args: args["out_dir"], "--out")  # a second run into the same folder is refused
 def evaluate(
     data: Sequence[str | Path] | Sequence[VQASample],
     out_dir: str | Path,

@@ -82,6 +82,7 @@ def train_arm(
     common = [
         f"seed={seed}",
         f"output_dir={run_dir}",
+        "checkpoint.overwrite=true",  # a rerun of the demo trains its arms afresh
         f"data.val={data.val}",
         "data.val_samples=32",
         "log.tensorboard=false",

@@ -130,6 +130,7 @@ def _build_stage0(cfg: Stage0Config, tmp: Path) -> dict[str, Any]:
             f"probe.position_weight={cfg.position_weight}",
             "probe.question_types=[describe]",  # ground/inspect records name one lesion: their other tokens are not background
             f"output_dir={tmp / 'run'}",
+            "checkpoint.overwrite=true",  # the work folder is rebuilt from scratch (data, init, run)
             "log.tensorboard=false",
         ],
     )

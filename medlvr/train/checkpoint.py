@@ -12,7 +12,8 @@ A checkpoint `output_dir/step-0000120/` holds:
   python), `trainer_state.json` (step, data position, metrics), `config.yaml` (resolved).
 
 Everything is written into `.tmp-step-.../` first and renamed when complete, so a crash
-never leaves a half checkpoint that `latest_checkpoint` would pick up. Sharded engines
+never leaves a half checkpoint that `latest_checkpoint` would pick up (a run that resumes
+deletes such leftovers; a write that fails, e.g. on a full disk, stops the run with one line). Sharded engines
 (FSDP, DeepSpeed ZeRO-3) additionally keep accelerate's own optimizer shards in
 `engine_state/`, since their optimizer state only exists sharded.
 """
@@ -249,17 +250,123 @@ def recorded_result(output_dir: str | Path, resume_dir: Path | None, total_steps
     return result
 
 
+# ---------------------------------------------------------------------------- starting a run
+
+# What a training run writes into its output_dir (anything else there is the user's and stays).
+RUN_FILES = ("final", "result.json", "metrics.jsonl", "config.yaml", "tb")
+LEFTOVERS = re.compile(r"^\.(tmp|old)-(step-\d{7}|final)$")  # a save or an export cut short
+# Settings a resumed run cannot take up: the checkpoint's weights, adapters, optimizer groups
+# and data position were made under the old values. Every other setting applies from the
+# resumed step on (optimizer hyperparameters included: `load_training_state` re-applies them).
+FIXED_ON_RESUME = ("mode", "seed", "model.path", "model.finetune", "model.freeze_vision", "model.freeze_merger",
+                   "model.freeze_language", "latent.projector", "latent.input", "lora.", "probe.", "data.train",
+                   "data.weights", "data.max_samples")  # fmt: skip
+NOT_SETTINGS = ("output_dir", "checkpoint.resume", "checkpoint.overwrite")  # where and how, not what, the run trains
+
+
+def run_files(output_dir: str | Path) -> list[str]:
+    """Names in `output_dir` that a training run wrote (checkpoints, leftovers, metrics, export), sorted."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        if STEP_DIR.match(p.name) or LEFTOVERS.match(p.name) or p.name in RUN_FILES:
+            if not (p.name == "metrics.jsonl" and p.stat().st_size == 0):
+                found.append(p.name)
+    return sorted(found)
+
+
+def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
+    """The checkpoint to continue from (None: start fresh), once `cfg.output_dir` may be used.
+
+    An output_dir that holds a run is refused unless `checkpoint.resume` (continue it) or
+    `checkpoint.overwrite` (delete that run's files and start over) says what to do with it.
+    A resume compares the settings with the checkpoint's `config.yaml`: a changed setting in
+    `FIXED_ON_RESUME` is refused, every other one applies from the resumed step on and is
+    listed in a warning (`config.yaml` then records what runs). Every process decides alike;
+    the main one deletes.
+    """
+    import warnings
+
+    out, ck = Path(cfg.output_dir), cfg.checkpoint
+    found = run_files(out)
+    if found and not (ck.resume or ck.overwrite):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise MedlvrError(f"{out} holds a run ({shown}): pass --resume (checkpoint.resume=true) to continue it, or "
+                          "--overwrite (checkpoint.overwrite=true) to delete it and start over")
+    resume_dir = latest_checkpoint(out) if ck.resume else None
+    applied: list[str] = []
+    if resume_dir is not None:
+        applied, fixed = config_changes(cfg, resume_dir / "config.yaml")
+        if fixed:
+            raise MedlvrError(f"cannot resume {out} with changed settings: {', '.join(fixed)} (the checkpoint was "
+                              "made with the old values); set them back, or start a new run with --overwrite or another output_dir")
+    accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+    if accelerator.is_main_process:
+        for name in found if ck.overwrite else [n for n in found if LEFTOVERS.match(n)]:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if ck.resume and resume_dir is None and found:
+            warnings.warn(f"checkpoint.resume is set but {out} has no complete checkpoint: starting over", stacklevel=2)
+        if applied:
+            step = json.loads((resume_dir / TRAINER_STATE).read_text())["step"]  # type: ignore[operator]
+            warnings.warn(f"resuming {out} at step {step} with changed settings, applied from there on (config.yaml "
+                          f"records them): {', '.join(applied)}", stacklevel=2)
+    accelerator.wait_for_everyone()
+    return resume_dir
+
+
+def config_changes(cfg: Any, saved: Path) -> tuple[list[str], list[str]]:
+    """Settings of `cfg` that differ from the config file `saved`: (applied on resume, refused), as `key old -> new`."""
+    from omegaconf import OmegaConf
+
+    if not saved.is_file():
+        return [], []
+    old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    applied, fixed = [], []
+    for key in sorted(set(old) & set(new)):  # a setting newer than the checkpoint has no old value
+        if old[key] == new[key] or key.startswith(NOT_SETTINGS):
+            continue
+        (fixed if key.startswith(FIXED_ON_RESUME) else applied).append(f"{key} {old[key]!r} -> {new[key]!r}")
+    return applied, fixed
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_training_state(
     accelerator: Any, folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore optimizer, scheduler and this rank's RNG from `folder`; returns the trainer state."""
+    """Restore optimizer, scheduler and this rank's RNG from `folder`; returns the trainer state.
+
+    The optimizer's moments and the schedule's position come from the checkpoint; its
+    hyperparameters (learning rates, betas, eps, weight decay) stay those `optimizer` and
+    `scheduler` were built with, so a changed `optim.*` applies from the resumed step on.
+    """
     if not (folder / "scheduler.json").is_file():
         raise MedlvrError(f"{folder} has no optimizer state (saved with checkpoint.save_optimizer=false): cannot resume exactly")
+    built = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
     if _sharded(accelerator):
         accelerator.load_state(str(folder / "engine_state"))
     else:
         optimizer_from_files(optimizer, folder)
-    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+    sched = json.loads((folder / "scheduler.json").read_text())
+    sched["base_lrs"] = [g["initial_lr"] for g in built]
+    sched["_last_lr"] = [base * f(sched["last_epoch"]) for base, f in zip(sched["base_lrs"], scheduler.lr_lambdas)]
+    scheduler.load_state_dict(sched)
+    for group, hyper, lr in zip(optimizer.param_groups, built, sched["_last_lr"]):
+        group.update(hyper, lr=lr)
     if not rng_from_files(folder, accelerator.process_index):
         import warnings
 
@@ -327,6 +434,9 @@ def _sharded(accelerator: Any) -> bool:
 
 
 __all__ = [
+    "start_or_resume",
+    "config_changes",
+    "run_files",
     "save_checkpoint",
     "load_training_state",
     "resume_training",

@@ -37,6 +37,7 @@ from medlvr.config import SFTConfig
 from medlvr.data.roi import roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
+from medlvr.rundir import holds_run_folder
 from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set, roi_targets
 from medlvr.train.losses import alignment_loss, alignment_mask, pad_tokens, sample_mean_ce
 
@@ -212,6 +213,7 @@ def validation_accuracy(
 # ---------------------------------------------------------------------------- the loop
 
 
+@holds_run_folder(lambda args: args["cfg"].output_dir, "output_dir")  # one run writes it at a time
 def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> SFTResult:
     """Train `cfg` and export the model to `output_dir/final`; see the module docstring for the loss.
 
@@ -239,9 +241,7 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         # loop accumulates explicitly, so the two would fight. Raise batch_size instead.
         raise MedlvrError("with DeepSpeed use grad_accum=1 (raise batch_size or the number of GPUs instead)")
     out_dir = Path(cfg.output_dir)
-    resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
-    if cfg.checkpoint.resume and resume_dir is None and accelerator.is_main_process:
-        warnings.warn(f"checkpoint.resume is set but {out_dir} has no checkpoint: starting fresh", stacklevel=2)
+    resume_dir = ckpt.start_or_resume(accelerator, cfg)  # refuses a run it would overwrite or mix
     global_batch = cfg.batch_size * world * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.samples) / global_batch))
     done = ckpt.recorded_result(out_dir, resume_dir, total_steps)

@@ -46,6 +46,7 @@ from torch import nn
 from medlvr.config import VLPOConfig
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
+from medlvr.rundir import holds_run_folder
 from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set
 from medlvr.train.losses import kl_k3, policy_loss, policy_normaliser
 from medlvr.train.rewards import RewardContext, RewardSet
@@ -241,6 +242,7 @@ def _visual_tokens(vlm: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------- the loop
 
 
+@holds_run_folder(lambda args: args["cfg"].output_dir, "output_dir")  # one run writes it at a time
 def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> VLPOResult:
     """Optimise the policy of `cfg` from the checkpoint `model.path`; export to `output_dir/final`."""
     from accelerate import Accelerator
@@ -262,9 +264,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     accelerator = Accelerator(mixed_precision=_precision(cfg.model.precision), cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     out_dir = Path(cfg.output_dir)
-    resume_dir = ckpt.latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
-    if cfg.checkpoint.resume and resume_dir is None and accelerator.is_main_process:
-        warnings.warn(f"checkpoint.resume is set but {out_dir} has no checkpoint: starting fresh", stacklevel=2)
+    resume_dir = ckpt.start_or_resume(accelerator, cfg)  # refuses a run it would overwrite or mix
     done = ckpt.recorded_result(out_dir, resume_dir, cfg.max_steps)
     if done is not None:  # resuming a finished run is a no-op (no model load, nothing rewritten)
         return VLPOResult(out_dir, Path(done["final_model"]), done["steps"], done["metrics"], [])

@@ -1,0 +1,217 @@
+"""Run folders (a training `output_dir`, an evaluation `--out`): one run writes a folder at a time.
+
+`run_folder(folder, flag)` holds an exclusive lock on `folder/.medlvr.lock` while a run
+writes there. The lock file names its holder (process id, host, command, start time),
+so a second run into the same folder is refused at once, with one line naming the
+first, instead of both exiting 0 with rows or checkpoints lost. The lock is the
+operating system's (`flock`): it goes with its process however the process ends
+(`kill -9` included), so a crashed run never leaves a stale lock behind. A process
+that already holds a folder's lock takes it again freely (nested calls).
+
+Under torchrun / accelerate launch only rank 0 takes the lock, and where a process group
+is already initialised every rank learns rank 0's verdict, so the whole launch stops
+with the same line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from inspect import signature
+from pathlib import Path
+from typing import Any, TypeVar
+
+from medlvr.errors import MedlvrError
+
+LOCK_FILE = ".medlvr.lock"
+F = TypeVar("F", bound=Callable[..., Any])
+
+_held: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: the locks this process holds
+_guard = threading.Lock()
+
+
+class FolderBusy(MedlvrError):
+    """Another run is writing the folder."""
+
+
+def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
+    """Create `folder` if needed and check that files can be written there (before any model loads)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".medlvr-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise MedlvrError(f"cannot write the {what} {folder}: {err.strerror or err}") from None
+    return folder
+
+
+@contextlib.contextmanager
+def run_folder(folder: str | Path, flag: str, *, main: bool | None = None) -> Iterator[Path]:
+    """Hold `folder`'s lock for the duration (see the module docstring); creates the folder.
+
+    `flag` names the setting that chooses the folder (`--out`, `output_dir`) in the message.
+    `main` (default: rank 0 of the launch) is whether this process takes the lock. A folder
+    this call created is removed again if the run leaves nothing in it.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    takes = _rank() == 0 if main is None else main
+    error = None
+    if takes:
+        try:
+            writable_folder(folder, f"folder of {flag}")
+            _acquire(folder.resolve(), flag)
+        except MedlvrError as err:
+            error = str(err)
+    error = _agree(error)
+    if error is not None:
+        raise FolderBusy(error) if "in use by" in error else MedlvrError(error)
+    try:
+        yield folder
+    finally:
+        if takes:
+            _release(folder.resolve())
+            with contextlib.suppress(OSError):
+                if created and not any(folder.iterdir()):
+                    folder.rmdir()
+
+
+def holds_run_folder(folder_of: Callable[[dict[str, Any]], str | Path], flag: str) -> Callable[[F], F]:
+    """Decorate a function that writes a run folder: `folder_of(arguments by name)` names the folder.
+
+    An explicit `rank` argument other than 0 (an unsynchronised shard) does not take the lock.
+    """
+
+    def wrap(fn: F) -> F:
+        sig = signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            rank = bound.arguments.get("rank")
+            with run_folder(folder_of(bound.arguments), flag, main=None if rank is None else rank == 0):
+                return fn(*args, **kwargs)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+def holder(folder: str | Path) -> dict[str, Any]:
+    """What the lock file of `folder` says about the run holding it ({} if nothing readable)."""
+    try:
+        return json.loads((Path(folder) / LOCK_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------- the lock itself
+
+
+def _acquire(folder: Path, flag: str) -> None:
+    with _guard:
+        if folder in _held:
+            _held[folder][1] += 1
+            return
+        path = folder / LOCK_FILE
+        while True:
+            fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's lifetime
+            if not _try_lock(fh):
+                fh.close()
+                raise FolderBusy(_busy_message(folder, flag))
+            try:  # a holder that just released may have deleted the file we opened: lock the current one
+                same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}))  # fmt: skip
+        fh.flush()
+        _held[folder] = [fh, 1]
+
+
+def _release(folder: Path) -> None:
+    with _guard:
+        entry = _held.get(folder)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _held[folder]
+        fh = entry[0]
+        with contextlib.suppress(OSError):
+            (folder / LOCK_FILE).unlink()  # while still locked: the next run creates a fresh file
+        fh.close()  # closing the file releases the lock
+
+
+def _try_lock(fh: Any) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _busy_message(folder: Path, flag: str) -> str:
+    info = holder(folder)
+    who = f"process {info['pid']} on {info.get('host', '?')}" if "pid" in info else "another process"
+    what = f" ({info['command']})" if info.get("command") else ""
+    since = f", started {info['started']}" if info.get("started") else ""
+    return f"{folder} is in use by another run: {who}{what}{since}; wait for it to end or choose another {flag}"
+
+
+def _command() -> str:
+    args = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    text = " ".join(args)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# ---------------------------------------------------------------------------- launches
+
+
+def _rank() -> int:
+    """This process's rank: the process group's if one is initialised, else the launcher's RANK."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _agree(error: str | None) -> str | None:
+    """Rank 0's verdict on every rank, when a process group is there to tell them."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+__all__ = ["LOCK_FILE", "FolderBusy", "run_folder", "holds_run_folder", "holder", "writable_folder"]
