@@ -216,7 +216,9 @@ def compute_maps(
     for row in range(b):
         feats = torch.cat(visual[first : first + counts[row]], 0).float()  # [N, d]
         first += counts[row]
-        zf = z[row].float()  # [K, d]
+        # The latent states the ROI loss trains: proj(h_{k-1}). They are the fed z_k themselves
+        # with `latent.input=hidden` (gap ~0); with `pause` the fed inputs are constants.
+        zf = mus[row].float()  # [K, d]
         if cfg.centre:
             mean = feats.mean(0, keepdim=True)
             feats, zf = feats - mean, zf - mean
