@@ -70,7 +70,8 @@ class VQACollator:
             raise MedlvrError(f"batch size mismatch: {len(samples)} samples, {len(images)} image lists")
         self.tokenizer.padding_side = "left"
         flat = self.adapter.processor_images([list(imgs) for imgs in images])
-        batch = dict(self.processor(text=self.prompts(samples), images=flat, return_tensors="pt", padding=True))
+        # verbose=False: a prompt too long for the model is refused in one line by LatentVLM.check_length.
+        batch = dict(self.processor(text=self.prompts(samples), images=flat, return_tensors="pt", padding=True, verbose=False))
         batch["images_per_sample"] = [len(imgs) for imgs in images]
         batch["sample_ids"] = [s.id for s in samples]
         if self.with_answers:

@@ -433,6 +433,8 @@ def evaluate(
         predictor = ModelPredictor(vlm, mode, max_new_tokens)
     if ks is None:
         raise MedlvrError("mode latent with a predictor needs latent_steps")
+    if vlm is not None:  # before anything is written: a K the model cannot hold fails every question
+        vlm.check_length(0, max(ks), max_new_tokens)
     assert predictor is not None
     if explain and (vlm is None or max(ks) < 1):
         raise MedlvrError("explanation metrics need a model and mode latent with K >= 1")

@@ -299,6 +299,26 @@ class LatentVLM(nn.Module):
             raise MedlvrError(f"latent steps must be >= 0, got {k}")
         return k
 
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the language model holds (its config's `max_position_embeddings`), if it says."""
+        config = self.base_model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n = getattr(text, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def check_length(self, prompt_tokens: int, latent_steps: int, answer_tokens: int) -> None:
+        """Refuse a sequence the model cannot hold: the prompt, K latent steps (with their two markers), the answer."""
+        limit = self.max_positions
+        total = prompt_tokens + (latent_steps + 2 if latent_steps else 0) + answer_tokens
+        if limit is not None and total > limit:
+            parts = [f"{prompt_tokens} prompt tokens"] if prompt_tokens else []
+            parts += [f"K={latent_steps} latent steps (+2 markers)"] if latent_steps else []
+            raise MedlvrError(
+                f"{' + '.join([*parts, f'{answer_tokens} answer tokens'])} need {total} positions but the model holds "
+                f"{limit}: shorten the question, or lower K or the answer token limit"
+            )
+
     def _check_batch(self, batch: dict[str, Any]) -> None:
         ids = batch.get("input_ids")
         if ids is None or batch.get("attention_mask") is None:
@@ -405,6 +425,7 @@ class LatentVLM(nn.Module):
         """
         self._check_batch(batch)
         k_steps = self._steps(latent_steps)
+        self.check_length(batch["input_ids"].shape[1], k_steps, max_new_tokens)
         if latent_sigma > 0 and self.pause is not None:
             raise MedlvrError("latent_sigma > 0 explores around the fed-back state; latent.input=pause feeds learned constants")
         if max_new_tokens < 1:
@@ -493,6 +514,7 @@ class LatentVLM(nn.Module):
         amask = batch["answer_mask"].to(self.device)
         if answer.shape[0] != batch["input_ids"].shape[0]:
             raise MedlvrError(f"batch size mismatch: {batch['input_ids'].shape[0]} prompts, {answer.shape[0]} answers")
+        self.check_length(batch["input_ids"].shape[1], k_steps, answer.shape[1])
         recompute = latent_inputs is None and k_steps > 0 and _checkpointing(self.base_model) and self.training
         if latent_inputs is not None or recompute:
             return self._parallel_forward(batch, k_steps, answer, amask, latent_inputs)

@@ -1,0 +1,78 @@
+"""Bad inputs through every command: exit code 2, one line, no traceback, no user file changed (issue 17).
+
+The first tests reproduce the issue's items one by one; `test_bad_input_table` walks
+`CASES`, one row per (command, bad input), and checks for every row that the command
+prints exactly one `error: ...` line naming the problem, exits with code 2, shows no
+traceback, and leaves every file that existed before it byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medlvr.cli import app
+from medlvr.errors import MedlvrError
+from tests.conftest import random_image
+
+runner = CliRunner()
+
+
+def one_error_line(res) -> str:
+    """The single `error:` line of a refused command (exit code 2, no traceback)."""
+    assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
+    assert "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small synthetic benchmark (84-px images) with exact ROIs."""
+    from medlvr.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth84")
+    generate(SynthConfig(n=40, seed=0, image_size=84, grid=2, level=1, large_size=1.0, small_size=0.5, describe=False), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "scan.png"
+    random_image(84, 84).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------- item 4: bounded sizes
+
+
+def test_latent_steps_beyond_the_models_positions_are_refused_at_once(tiny_dir, image, data, tmp_path):
+    line = one_error_line(runner.invoke(app, ["predict", "--model", str(tiny_dir), "--image", str(image),
+                                              "--question", "Is there a lesion?", "--latent-steps", "1000000"]))  # fmt: skip
+    assert "prompt tokens + K=1000000 latent steps (+2 markers) + 32 answer tokens need" in line and "model holds 4096" in line
+    out = tmp_path / "R"
+    line = one_error_line(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"),
+                                              "--mode", "latent", "--latent-steps", "0,100000000", "--out", str(out)]))  # fmt: skip
+    assert "K=100000000 latent steps (+2 markers) + 32 answer tokens need 100000034 positions" in line
+    assert not out.exists(), "refused before anything is written"
+
+
+def test_a_question_longer_than_the_model_holds_is_refused(tiny_dir, image):
+    line = one_error_line(runner.invoke(app, ["predict", "--model", str(tiny_dir), "--image", str(image),
+                                              "--question", "is " * 5000 + "there a lesion?"]))  # fmt: skip
+    assert "prompt tokens" in line and "the model holds 4096: shorten the question" in line
+
+
+def test_training_with_more_latent_steps_than_positions_fails_with_one_message(tiny_dir, data, tmp_path):
+    from medlvr.config import SFTConfig, load_config
+    from medlvr.train.sft import run_sft
+
+    cfg = load_config(SFTConfig, None, [f"model.path={tiny_dir}", f"data.train=[{data / 'train.jsonl'}]",
+                                        f"output_dir={tmp_path / 'run'}", "mode=latent", "latent.steps=5000", "batch_size=2",
+                                        "max_steps=1", "log.progress=false", "log.tensorboard=false"])  # fmt: skip
+    with pytest.raises(MedlvrError, match=r"K=5000 latent steps .* the model holds 4096"):
+        run_sft(cfg)
