@@ -69,6 +69,9 @@ class ModelConfig:
     path: str = ""
     """Model folder: `medlvr model init-tiny` output, a medlvr checkpoint export, or a real
     Qwen2.5-VL folder. Relative paths are relative to the working directory."""
+    allow_pickle: bool = False
+    """Let a `path` whose weights are pickle only (`pytorch_model.bin`) load: unpickling runs code
+    stored in the file, so only for files you trust (medlvr itself writes safetensors only)."""
     finetune: Finetune = "full"
     """`full` trains every unfrozen parameter; `lora` adds peft adapters (see `lora`) and
     freezes the rest of the backbone. The latent projector always trains when it has parameters."""

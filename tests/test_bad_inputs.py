@@ -76,3 +76,89 @@ def test_training_with_more_latent_steps_than_positions_fails_with_one_message(t
                                         "max_steps=1", "log.progress=false", "log.tensorboard=false"])  # fmt: skip
     with pytest.raises(MedlvrError, match=r"K=5000 latent steps .* the model holds 4096"):
         run_sft(cfg)
+
+
+# ---------------------------------------------------------------------------- item 5: one line, not a traceback
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_dir, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny model: model.safetensors cut to 90%, emptied, and replaced by pickle weights."""
+    import shutil
+
+    import torch
+
+    from medlvr.model.latent import LatentVLM
+
+    root = tmp_path_factory.mktemp("broken")
+    out = {}
+    for name in ("truncated", "empty", "pickle"):
+        out[name] = Path(shutil.copytree(tiny_dir, root / name))
+    weights = out["truncated"] / "model.safetensors"
+    os.truncate(weights, int(weights.stat().st_size * 0.9))
+    (out["empty"] / "model.safetensors").write_bytes(b"")
+    state = LatentVLM.from_pretrained(tiny_dir).backbone.state_dict()
+    torch.save(state, out["pickle"] / "pytorch_model.bin")
+    (out["pickle"] / "model.safetensors").unlink()
+    return out
+
+
+@pytest.mark.parametrize("kind, message", [("truncated", r"model.safetensors is damaged \(\d[\d,]* bytes, truncated"),
+                                           ("empty", r"model.safetensors is empty; copy or export the model again"),
+                                           ("pickle", r"holds pickle weights only \(pytorch_model.bin\).*--allow-pickle")])
+def test_a_broken_or_pickled_model_folder_is_one_line_in_every_command(broken_models, image, data, tmp_path, kind, message):
+    import re
+
+    model = str(broken_models[kind])
+    question = ["--image", str(image), "--question", "Is there a lesion?"]
+    for args in (["predict", "--model", model, *question],
+                 ["explain", "--model", model, *question, "--out", str(tmp_path / "e.png")],
+                 ["eval", "--model", model, "--data", str(data / "test.jsonl"), "--out", str(tmp_path / "R")],
+                 ["train", "sft", f"model.path={model}", f"data.train=[{data / 'train.jsonl'}]", "mode=plain",
+                  f"output_dir={tmp_path / 'run'}", "max_steps=1", "log.progress=false"]):  # fmt: skip
+        assert re.search(message, one_error_line(runner.invoke(app, args))), args
+    assert not [p for p in tmp_path.iterdir()], "nothing written"
+
+
+def test_pickle_weights_load_only_when_allowed(broken_models, image):
+    res = runner.invoke(app, ["predict", "--model", str(broken_models["pickle"]), "--image", str(image),
+                              "--question", "Is there a lesion?", "--latent-steps", "1", "--allow-pickle"])  # fmt: skip
+    assert res.exit_code == 0 and "answer:" in res.output, res.output
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_resume_is_exact(tiny_dir, data, tmp_path, monkeypatch):
+    """The second checkpoint's write fails as a full disk fails it; --resume from the first then ends
+    exactly where an uninterrupted run ends, and removes the half-written folder."""
+    from safetensors import SafetensorError
+
+    import medlvr.train.checkpoint as ckpt
+
+    args = ["train", "sft", f"model.path={tiny_dir}", f"data.train=[{data / 'train.jsonl'}]", "mode=latent",
+            "latent.steps=1", "batch_size=2", "max_steps=3", "checkpoint.every=1", "log.every=1", "log.progress=false",
+            "log.tensorboard=false", "optim.schedule=constant"]  # fmt: skip
+    assert runner.invoke(app, [*args, f"output_dir={tmp_path / 'full'}"]).exit_code == 0
+    real, calls = ckpt.optimizer_to_files, []
+
+    def full_disk(optimizer, folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')  # fmt: skip
+        return real(optimizer, folder)
+
+    monkeypatch.setattr(ckpt, "optimizer_to_files", full_disk)
+    cut = tmp_path / "cut"
+    line = one_error_line(runner.invoke(app, [*args, f"output_dir={cut}"]))
+    assert f"could not write checkpoint {cut / 'step-0000002'}" in line and "No space left on device" in line
+    assert "continue with --resume" in line
+    assert sorted(p.name for p in cut.glob("*step-*")) == [".tmp-step-0000002", "step-0000001"]
+    monkeypatch.undo()
+    res = runner.invoke(app, [*args, f"output_dir={cut}", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in cut.glob("*step-*")) == ["step-0000002", "step-0000003"]
+    import json
+
+    def rows(folder):
+        return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    assert [(r["step"], r["loss"]) for r in rows(cut)] == [(r["step"], r["loss"]) for r in rows(tmp_path / "full")]

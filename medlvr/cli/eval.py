@@ -54,6 +54,7 @@ app = typer.Typer(
 def eval_run(
     ctx: typer.Context,
     model: Path | None = typer.Option(None, "--model", help="Model folder (tiny, medlvr checkpoint or Qwen-VL)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
     data: list[Path] = typer.Option([], "--data", help="Test JSONL file(s): --data A.jsonl B.jsonl."),
     mode: str = typer.Option("direct", "--mode", help="direct (K=0), latent (K latent steps) or cot (reasoning, K=0)."),
     latent_steps: str | None = typer.Option(
@@ -98,7 +99,7 @@ def eval_run(
     _init_distributed()
     result = evaluate(data, out, model=model, mode=mode, latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
                       batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, explain=explain_metrics,
-                      image_control=image_control, control_seed=control_seed)
+                      image_control=image_control, control_seed=control_seed, allow_pickle=allow_pickle)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if result.summary is None:

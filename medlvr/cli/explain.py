@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def explain(
     model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
     image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
     question: str = typer.Option(..., "--question", help="The question."),
     option: list[str] = typer.Option([], "--option", help="A choice, as LETTER=text; repeat for each option."),
@@ -44,7 +45,7 @@ def explain(
 
     cfg = ExplainConfig(temperature=temperature, centre=centre, layers=tuple(layer) or None, top_k=top_k)
     images = [load_image(p) for p in image]  # unreadable paths fail here, before loading the model
-    vlm = LatentVLM.from_pretrained(model)
+    vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
     ex = run_explain(vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens, config=cfg)
     png, js = ex.save(out)
     console.print(f"[bold]answer:[/] {ex.answer}", highlight=False)

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def predict(
     model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
     image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
     question: str = typer.Option(..., "--question", help="The question."),
     option: list[str] = typer.Option([], "--option", help="A choice, as LETTER=text; repeat for each option."),
@@ -39,7 +40,7 @@ def predict(
     from medlvr.model.latent import LatentVLM
 
     images = [load_image(p) for p in image]  # unreadable paths fail here, before loading the model
-    vlm = LatentVLM.from_pretrained(model)
+    vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
     result = answer_one(vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens)
     console.print(f"[bold]answer:[/] {result.text}", highlight=False)
     console.print(f"latent steps: {result.latent_steps}   time: {result.seconds * 1000:.1f} ms", highlight=False)

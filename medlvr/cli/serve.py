@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def serve(
     model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default; 0.0.0.0 exposes it)."),
     port: int = typer.Option(7860, "--port", help="TCP port."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload in MB."),
@@ -39,6 +40,6 @@ def serve(
 
     if host not in LOOPBACK:
         err_console.print(f"[yellow]warning:[/] binding {host}: the demo is reachable from other machines", highlight=False)
-    vlm = LatentVLM.from_pretrained(model)
+    vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
     console.print(f"MedLVR demo on http://{host}:{port} (Ctrl+C to stop)", highlight=False)
     run_serve(vlm, cfg, block=True, quiet=True)

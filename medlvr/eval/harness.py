@@ -381,6 +381,7 @@ def evaluate(
     explain: bool = False,
     image_control: str | Sequence[str] = REAL,
     control_seed: int = 0,
+    allow_pickle: bool = False,
 ) -> EvalResult:
     """Answer, score and report; see the module docstring.
 
@@ -397,7 +398,7 @@ def evaluate(
     `explain.json` and merged into `summary.json` and `report.md`.
     `image_control` is one condition or several ("none,blank,shuffled,question-only",
     see `medlvr.eval.controls`), each answered like each K; `control_seed`
-    fixes the `shuffled` permutation.
+    fixes the `shuffled` permutation. `allow_pickle` lets a `model` folder with pickle weights only load.
     """
     if mode not in MODES:
         raise MedlvrError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -426,7 +427,7 @@ def evaluate(
     if model is not None:
         from medlvr.model.latent import LatentVLM
 
-        vlm = LatentVLM.from_pretrained(model)
+        vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
     if vlm is not None:
         if ks is None:
             ks = [int(vlm.latent.steps)]

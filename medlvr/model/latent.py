@@ -205,17 +205,27 @@ class LatentVLM(nn.Module):
         *,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
+        allow_pickle: bool = False,
     ) -> LatentVLM:
-        """Load a model folder: a tiny one from `medlvr model init-tiny`, a medlvr checkpoint or a real one."""
+        """Load a model folder: a tiny one from `medlvr model init-tiny`, a medlvr checkpoint or a real one.
+
+        Its weights are checked first (`medlvr.model.files.check_weights`): safetensors that
+        open, or pickle weights only with `allow_pickle` (unpickling runs code in the file).
+        """
+        from safetensors import SafetensorError
+
+        from medlvr.model.files import check_weights
+
         path = Path(path)
         family = detect_family(path)
+        safetensors = check_weights(path, allow_pickle=allow_pickle)
         adapter = get_adapter(family)
         saved = _read_latent_config(path)
         latent = latent or saved or LatentConfig()
         try:
             processor = adapter.load_processor(path)
-            backbone = adapter.model_class.from_pretrained(str(path), dtype=dtype or "auto")
-        except OSError as err:
+            backbone = adapter.model_class.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=safetensors)
+        except (OSError, SafetensorError) as err:
             raise MedlvrError(f"cannot load a model from {path}: {err}") from None
         model = cls(backbone, processor, family, latent)
         model.load_latent_files(path)

@@ -20,12 +20,14 @@ deletes such leftovers; a write that fails, e.g. on a full disk, stops the run w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,26 +210,41 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if save_optimizer:
-        rng_to_files(tmp, accelerator.process_index)
-        if sharded:
-            accelerator.save_state(str(tmp / "engine_state"), safe_serialization=True)
-    if accelerator.is_main_process:
-        save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
-        for stem, tensors in (extra or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{stem}.safetensors")
+    with _write_errors(f"checkpoint {final}", resumable=True):
         if save_optimizer:
-            if not sharded:
-                optimizer_to_files(optimizer, tmp)
-            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        save_config(config, tmp / "config.yaml")
-        state = {**trainer_state, "step": step, "saved_at": time.time(), "world_size": accelerator.num_processes}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
-        _replace_dir(tmp, final)
-        if keep_last:
-            prune_checkpoints(output_dir, keep_last)
+            rng_to_files(tmp, accelerator.process_index)
+            if sharded:
+                accelerator.save_state(str(tmp / "engine_state"), safe_serialization=True)
+        if accelerator.is_main_process:
+            save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
+            for stem, tensors in (extra or {}).items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{stem}.safetensors")
+            if save_optimizer:
+                if not sharded:
+                    optimizer_to_files(optimizer, tmp)
+                (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+            save_config(config, tmp / "config.yaml")
+            state = {**trainer_state, "step": step, "saved_at": time.time(), "world_size": accelerator.num_processes}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+            _replace_dir(tmp, final)
+            if keep_last:
+                prune_checkpoints(output_dir, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextlib.contextmanager
+def _write_errors(what: str, resumable: bool) -> Iterator[None]:
+    """A failed write (a full disk, a quota) as one line: what was being written, and why."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        reason = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror and err.filename else str(err)
+        then = ("the checkpoints before it are complete: make room and continue with --resume" if resumable
+                else "make room and run the command again")
+        raise MedlvrError(f"could not write {what} ({reason}); {then}") from None
 
 
 def recorded_result(output_dir: str | Path, resume_dir: Path | None, total_steps: int) -> dict[str, Any] | None:
@@ -403,15 +420,16 @@ def export_final(vlm: Any, out: str | Path, *, lora: bool, merge_lora: bool) -> 
     out = Path(out)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if lora and merge_lora:
-        vlm.backbone = vlm.backbone.merge_and_unload()
-        vlm.save_pretrained(tmp)
-    elif lora:
-        save_model_files(vlm, tmp, lora=True)
-    else:
-        vlm.save_pretrained(tmp)
-    _replace_dir(tmp, out)
+    with _write_errors(f"the final model {out}", resumable=True):  # the last step's checkpoint is complete
+        tmp.mkdir(parents=True)
+        if lora and merge_lora:
+            vlm.backbone = vlm.backbone.merge_and_unload()
+            vlm.save_pretrained(tmp)
+        elif lora:
+            save_model_files(vlm, tmp, lora=True)
+        else:
+            vlm.save_pretrained(tmp)
+        _replace_dir(tmp, out)
     return out
 
 

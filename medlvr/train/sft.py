@@ -101,7 +101,8 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
     # Trained weights stay fp32 (master copies; autocast computes in bf16). A LoRA run keeps
     # the frozen base in bf16 when autocasting to bf16 anyway: half the weight memory.
     lora_bf16 = cfg.model.finetune == "lora" and _precision(cfg.model.precision) == "bf16"
-    vlm = LatentVLM.from_pretrained(src, latent, dtype=torch.bfloat16 if lora_bf16 else torch.float32)
+    vlm = LatentVLM.from_pretrained(src, latent, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
+                                    allow_pickle=cfg.model.allow_pickle)
     frozen = {g for g, on in (("vision", cfg.model.freeze_vision), ("merger", cfg.model.freeze_merger),
                               ("language", cfg.model.freeze_language)) if on}  # fmt: skip
     for name, p in vlm.backbone.named_parameters():

@@ -148,7 +148,8 @@ class Reference:
         else:
             from medlvr.model.latent import LatentVLM
 
-            self.copy = LatentVLM.from_pretrained(cfg.model.path, vlm.latent, dtype=vlm.backbone.dtype, device=vlm.device)
+            self.copy = LatentVLM.from_pretrained(cfg.model.path, vlm.latent, dtype=vlm.backbone.dtype, device=vlm.device,
+                                                  allow_pickle=cfg.model.allow_pickle)
             self.copy.requires_grad_(False)
             self.copy.eval()
 
