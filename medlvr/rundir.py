@@ -107,6 +107,20 @@ def holds_run_folder(folder_of: Callable[[dict[str, Any]], str | Path], flag: st
     return wrap
 
 
+def check_launch(num_processes: int, kind: object = None) -> None:
+    """Stop a launch whose processes did not join one group: `WORLD_SIZE` (set by torchrun and
+    accelerate launch) differs from the processes accelerate counts. Each would run alone (rank 0 of
+    a world of one) and write the same folder, e.g. `accelerate launch` with a GPU config (FSDP) on
+    a machine without GPUs."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched != num_processes:
+        raise MedlvrError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate joined {num_processes} "
+            f"({kind}): each would run alone on the same folder; without GPUs launch with torchrun --nproc_per_node "
+            f"{launched} or accelerate launch --multi_gpu --num_processes {launched}"
+        )
+
+
 def holder(folder: str | Path) -> dict[str, Any]:
     """What the lock file of `folder` says about the run holding it ({} if nothing readable)."""
     try:
@@ -214,4 +228,4 @@ def _agree(error: str | None) -> str | None:
     return box[0]
 
 
-__all__ = ["LOCK_FILE", "FolderBusy", "run_folder", "holds_run_folder", "holder", "writable_folder"]
+__all__ = ["LOCK_FILE", "FolderBusy", "run_folder", "holds_run_folder", "holder", "writable_folder", "check_launch"]

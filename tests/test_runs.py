@@ -203,3 +203,67 @@ def test_resume_continues_exactly_when_nothing_changed(tiny_dir, data, tmp_path)
     assert not [w for w in caught if "changed" in str(w.message)], "no setting changed: nothing to report"
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], abs=1e-6)
     assert resumed.history[-1]["lr"] == full.history[-1]["lr"]
+
+
+# ---------------------------------------------------------------------------- item 6: the distributed path
+
+
+def test_a_sharded_engine_save_leaves_no_rng_pickle_and_lists_its_own_files(tiny_dir, tmp_path):
+    """FSDP / ZeRO-3 save through accelerate's save_state, which pickles the RNG states beside the
+    engine's optimizer state: the RNG pickle goes (ours is safetensors + JSON), the rest is listed."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
+
+    from medlvr.model.latent import LatentVLM
+    from medlvr.train.checkpoint import save_checkpoint
+    from medlvr.train.optim import build_optimizer, build_scheduler
+
+    vlm = LatentVLM.from_pretrained(tiny_dir)
+    cfg = load_config(SFTConfig, None, [f"model.path={tiny_dir}"])
+    optimizer = build_optimizer(vlm.named_parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, 10, cfg.optim)
+
+    class ShardedLike:
+        """One process that says FSDP and saves the engine state with accelerate's own save_state."""
+
+        distributed_type, is_main_process, process_index, num_processes = DistributedType.FSDP, True, 0, 1
+        real = Accelerator(cpu=True)
+
+        def get_state_dict(self, model):
+            return model.state_dict()
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path, safe_serialization):
+            self.real.save_state(path, safe_serialization=safe_serialization)  # writes random_states_0.pkl
+            torch.save(optimizer.state_dict(), Path(path) / "optimizer.bin")  # as FSDP's full optimizer state
+
+    step = save_checkpoint(ShardedLike(), vlm, vlm, optimizer, scheduler, output_dir=tmp_path, step=1,
+                           trainer_state={"samples_seen": 2}, config=cfg, lora=False)  # fmt: skip
+    assert not list(step.rglob("*.pkl"))
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert state["pickle_files"] == ["engine_state/optimizer.bin"]
+    assert torch.equal(load_file(step / "rng-rank0.safetensors")["torch"], torch.get_rng_state())
+
+
+def test_a_launch_whose_processes_did_not_join_one_group_stops(tiny_dir, data, tmp_path, monkeypatch):
+    """`accelerate launch` with a GPU config on a machine without GPUs can start N lone processes
+    (each rank 0 of a world of one) that would all train into one output_dir."""
+    from types import SimpleNamespace
+
+    import accelerate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    alone = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: alone)
+    with pytest.raises(MedlvrError, match=r"the launcher started 2 processes \(WORLD_SIZE=2\) but accelerate joined 1 "
+                                          r"\(DistributedType.NO\): each would run alone .* --nproc_per_node 2"):
+        run_sft(sft_cfg(tiny_dir, data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(accelerate, "PartialState", lambda: alone)
+    line = one_error_line(CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"),
+                                                   "--out", str(tmp_path / "R")]))  # fmt: skip
+    assert "WORLD_SIZE=2" in line and not (tmp_path / "R").exists()

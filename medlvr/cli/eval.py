@@ -123,7 +123,10 @@ def _init_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        PartialState()  # reads RANK/WORLD_SIZE/MASTER_ADDR and initialises torch.distributed
+        from medlvr.rundir import check_launch
+
+        state = PartialState()  # reads RANK/WORLD_SIZE/MASTER_ADDR and initialises torch.distributed
+        check_launch(state.num_processes, state.distributed_type)
 
 
 @app.command("report")

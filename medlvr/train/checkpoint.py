@@ -13,9 +13,15 @@ A checkpoint `output_dir/step-0000120/` holds:
 
 Everything is written into `.tmp-step-.../` first and renamed when complete, so a crash
 never leaves a half checkpoint that `latest_checkpoint` would pick up (a run that resumes
-deletes such leftovers; a write that fails, e.g. on a full disk, stops the run with one line). Sharded engines
-(FSDP, DeepSpeed ZeRO-3) additionally keep accelerate's own optimizer shards in
-`engine_state/`, since their optimizer state only exists sharded.
+deletes such leftovers; a write that fails, e.g. on a full disk, stops the run with one line).
+
+The one exception to safetensors: sharded engines (FSDP, DeepSpeed ZeRO-3) keep their
+optimizer state in `engine_state/`, written by accelerate in the engine's own format
+(`torch.save` or torch.distributed.checkpoint, which pickle), since that state only exists
+sharded. Those files are listed in `trainer_state.json` under `pickle_files`, and only
+`--resume` of the same run reads them (with torch's restricted `weights_only` loader).
+accelerate's RNG pickles (`random_states_*.pkl`) are deleted: the RNG states are in
+`rng-rank{r}.*` on every path.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from medlvr.errors import MedlvrError
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 TRAINER_STATE = "trainer_state.json"
+PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth", ".distcp")
 
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
@@ -215,6 +222,8 @@ def save_checkpoint(
             rng_to_files(tmp, accelerator.process_index)
             if sharded:
                 accelerator.save_state(str(tmp / "engine_state"), safe_serialization=True)
+                (tmp / "engine_state" / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
+                accelerator.wait_for_everyone()  # every rank's RNG pickle is gone before the listing below
         if accelerator.is_main_process:
             save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
             for stem, tensors in (extra or {}).items():
@@ -225,6 +234,9 @@ def save_checkpoint(
                 (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             save_config(config, tmp / "config.yaml")
             state = {**trainer_state, "step": step, "saved_at": time.time(), "world_size": accelerator.num_processes}
+            pickled = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.suffix in PICKLE_SUFFIXES)
+            if pickled:  # the sharded engines' optimizer state (see the module docstring)
+                state["pickle_files"] = pickled
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
             _replace_dir(tmp, final)
             if keep_last:

@@ -37,7 +37,7 @@ from medlvr.config import SFTConfig
 from medlvr.data.roi import roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
-from medlvr.rundir import holds_run_folder
+from medlvr.rundir import check_launch, holds_run_folder
 from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set, roi_targets
 from medlvr.train.losses import alignment_loss, alignment_mask, pad_tokens, sample_mean_ce
 
@@ -234,6 +234,7 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     val_samples = read_jsonl(cfg.data.val)[: cfg.data.val_samples or None] if cfg.data.val else []
 
     accelerator = Accelerator(mixed_precision=_precision(cfg.model.precision), cpu=not torch.cuda.is_available())
+    check_launch(accelerator.num_processes, accelerator.distributed_type)  # N lone copies would share output_dir
     world, rank = accelerator.num_processes, accelerator.process_index
     from accelerate.utils import DistributedType
 

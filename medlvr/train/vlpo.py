@@ -46,7 +46,7 @@ from torch import nn
 from medlvr.config import VLPOConfig
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
-from medlvr.rundir import holds_run_folder
+from medlvr.rundir import check_launch, holds_run_folder
 from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set
 from medlvr.train.losses import kl_k3, policy_loss, policy_normaliser
 from medlvr.train.rewards import RewardContext, RewardSet
@@ -263,6 +263,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     val_samples = read_jsonl(cfg.data.val)[: cfg.data.val_samples or None] if cfg.data.val else []
 
     accelerator = Accelerator(mixed_precision=_precision(cfg.model.precision), cpu=not torch.cuda.is_available())
+    check_launch(accelerator.num_processes, accelerator.distributed_type)  # N lone copies would share output_dir
     world, rank = accelerator.num_processes, accelerator.process_index
     out_dir = Path(cfg.output_dir)
     resume_dir = ckpt.start_or_resume(accelerator, cfg)  # refuses a run it would overwrite or mix
