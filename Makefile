@@ -1,26 +1,53 @@
 # Every target does its own set-up on a fresh machine.
-PY      ?= python3
-VENV    ?= .venv
-BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+# `make test-min`: every dependency at the lowest version pyproject.toml allows, in a venv of its own.
+MIN_VENV ?= .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+# The browser tests drive Debian's chromium (tests/test_browser.py).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: install test demo clean
+.PHONY: install test test-min demo clean
+
+# $(call venv,DIR,PIP-OPTIONS): a venv with a CPU build of torch first, so no multi-GB
+# CUDA build is pulled in, then medlvr with its extras.
+define venv
+	test -d $(1) || $(PY) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q torch==2.13.0
+	$(1)/bin/pip install -q $(2) -e ".[web,test]"
+	touch $(1)/.installed
+endef
 
 $(STAMP): pyproject.toml
-	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# A CPU build of torch first, so no multi-GB CUDA build is pulled in.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[web,test]"
-	touch $(STAMP)
+	$(call venv,$(VENV))
+
+# The floor pins are read from pyproject.toml (each `>=X` becomes `==X`), so the floor
+# stated there is the floor tested.
+$(MIN_STAMP): pyproject.toml
+	test -d $(MIN_VENV) || $(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  deps = p["dependencies"] + [d for extra in p["optional-dependencies"].values() for d in extra]; \
+	  print("\n".join(re.sub(r">=([^,;]+).*", r"==\1", d) for d in deps))' > $(MIN_VENV)/floor.txt
+	$(call venv,$(MIN_VENV),-c $(MIN_VENV)/floor.txt)
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(CHROMIUM) $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+# The fast tests (no `slow` marker) on the floor versions.
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -n 2 --dist loadgroup -m "not slow"
+
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,$(error the browser tests need Debian's chromium: run `sudo apt-get update && sudo apt-get install -y chromium` and then `make test` again))
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 demo: $(STAMP)
 	$(BIN)/medlvr demo --out runs/demo
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(MIN_VENV) runs

@@ -8,6 +8,8 @@ warnings into errors everywhere; the first test checks the latent paths directly
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -62,10 +64,11 @@ def test_suite_turns_library_deprecations_into_errors(module, category):
 
 
 @pytest.fixture
-def progress_bars():
-    """Restores transformers' global progress-bar switch, which the CLI sets."""
+def progress_bars(monkeypatch):
+    """Restores transformers' global progress-bar switch and the environment, which the CLI sets."""
     from transformers.utils import logging as hf_logging
 
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     was = hf_logging.is_progress_bar_enabled()
     yield
     (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
@@ -73,9 +76,13 @@ def progress_bars():
 
 def test_transformers_progress_bars_only_with_verbose(tmp_path, progress_bars):
     runner = CliRunner()
-    quiet = runner.invoke(app, ["model", "init-tiny", "--out", str(tmp_path / "q")])
     loud = runner.invoke(app, ["--verbose", "model", "init-tiny", "--out", str(tmp_path / "v")])
+    quiet = runner.invoke(app, ["model", "init-tiny", "--out", str(tmp_path / "q")])
     assert quiet.exit_code == 0 and loud.exit_code == 0, quiet.output + loud.output
+    assert "Writing model shards" in loud.output
     assert "Writing model shards" not in quiet.output
     assert "wrote qwen2_5_vl" in quiet.output
-    assert "Writing model shards" in loud.output
+    # Worker processes the command starts (the demo's parallel arms) stay quiet too.
+    child = subprocess.run([sys.executable, "-c", "from transformers.utils import logging; print(logging.is_progress_bar_enabled())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert child.stdout.strip() == "False"

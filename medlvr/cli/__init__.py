@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from medlvr.cli import data, demo, explain, model, predict, serve, train
@@ -20,7 +22,11 @@ app = typer.Typer(
 def options(
     verbose: bool = typer.Option(False, "--verbose", help="Also show transformers' own progress bars (loading and saving weights)."),
 ) -> None:
-    # medlvr shows its own progress; a bar per load and save would drown it.
+    # medlvr shows its own progress; a bar per load and save would drown it. The environment
+    # variable (huggingface_hub's, read by transformers on import) carries the choice into
+    # worker processes (the demo trains its arms in parallel processes).
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers.utils import logging as hf_logging
 
     (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
