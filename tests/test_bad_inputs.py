@@ -162,3 +162,78 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_resume_is_exa
         return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
     assert [(r["step"], r["loss"]) for r in rows(cut)] == [(r["step"], r["loss"]) for r in rows(tmp_path / "full")]
+
+
+# ---------------------------------------------------------------------------- item 7: one set of rules
+
+
+def _with_box(data: Path, out: Path, box: list[float]) -> Path:
+    """The first test record, its ROI moved to `box` (the synthetic images are 84 x 84)."""
+    import json
+
+    rec = json.loads((data / "test.jsonl").read_text().splitlines()[0])
+    rec["images"] = [str((data / rec["images"][0]).resolve())]
+    rec["rois"] = [{"box": box, "image": 0, "label": "lesion"}]
+    out.write_text(json.dumps(rec) + "\n")
+    return out
+
+
+def test_an_roi_box_wholly_outside_its_image_fails_validate_and_every_reader(tiny_dir, data, tmp_path):
+    from medlvr.config import SFTConfig, load_config
+    from medlvr.data.schema import DataError, read_jsonl
+    from medlvr.train.sft import run_sft
+
+    bad = _with_box(data, tmp_path / "outside.jsonl", [100, 100, 120, 120])
+    res = runner.invoke(app, ["data", "validate", str(bad)])
+    assert res.exit_code == 1 and "rois.0.box: box [100.0, 100.0, 120.0, 120.0] lies wholly outside its 84x84 image" in res.output
+    with pytest.raises(DataError, match="lies wholly outside its 84x84 image"):
+        read_jsonl(bad)
+    cfg = load_config(SFTConfig, None, [f"model.path={tiny_dir}", f"data.train=[{bad}]", "mode=roi",
+                                        f"output_dir={tmp_path / 'run'}", "log.progress=false"])  # fmt: skip
+    with pytest.raises(DataError, match=r"^problem in the data: .*outside.jsonl:1: rois.0.box: box .* wholly outside"):
+        run_sft(cfg)
+    # A box partly outside is clipped by training, so every reader accepts it.
+    partly = _with_box(data, tmp_path / "partly.jsonl", [70, 70, 120, 120])
+    res = runner.invoke(app, ["data", "validate", str(partly)])
+    assert res.exit_code == 0 and "no problems" in res.output, res.output
+
+
+def test_an_empty_jsonl_is_an_error_everywhere(tiny_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    res = runner.invoke(app, ["data", "validate", str(empty)])
+    assert res.exit_code == 1 and f"{empty}: the file has no records" in res.output
+    line = one_error_line(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(empty), "--out",
+                                              str(tmp_path / "R")]))  # fmt: skip
+    assert line == f"error: problem in the data: {empty}: the file has no records"
+    assert not (tmp_path / "R").exists()
+
+
+def _slake_root(root: Path, records: list[dict]) -> Path:
+    import json
+
+    (root / "imgs" / "xmlab1").mkdir(parents=True)
+    random_image(32, 32).save(root / "imgs" / "xmlab1" / "source.jpg")
+    for name in ("train.json", "validate.json", "test.json"):
+        (root / name).write_text(json.dumps(records))
+    return root
+
+
+def test_a_slake_root_whose_records_lack_fields_converts_nothing_and_fails(tmp_path):
+    out = tmp_path / "slake.jsonl"
+    root = _slake_root(tmp_path / "release", [{"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "Yes"}])
+    line = one_error_line(runner.invoke(app, ["data", "convert", "slake", "--root", str(root), "--out", str(out)]))
+    assert "train.json record 0: no q_lang, qid, answer_type field" in line and not out.exists()
+    only_zh = {"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "是", "q_lang": "zh", "qid": 1,
+               "answer_type": "CLOSED"}  # fmt: skip
+    root = _slake_root(tmp_path / "zh", [only_zh])
+    line = one_error_line(runner.invoke(app, ["data", "convert", "slake", "--root", str(root), "--out", str(out)]))
+    assert f"slake: no question converted from {root}" in line and not out.exists()
+
+
+def test_a_malformed_release_json_names_its_file(tmp_path):
+    (tmp_path / "VQA_RAD Dataset Public.json").write_text('[{"qid": 1,\n  "question": }]')
+    line = one_error_line(runner.invoke(app, ["data", "convert", "vqa-rad", "--root", str(tmp_path), "--out",
+                                              str(tmp_path / "out.jsonl")]))  # fmt: skip
+    assert line == (f"error: vqa-rad: {tmp_path / 'VQA_RAD Dataset Public.json'} is not valid JSON: "
+                    "Expecting value at line 2, column 15")

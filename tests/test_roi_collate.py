@@ -30,7 +30,7 @@ def test_box_partly_outside_is_clipped_with_a_warning():
 
 
 def test_empty_box_is_an_error():
-    with pytest.raises(MedlvrError, match="empty"):
+    with pytest.raises(MedlvrError, match="wholly outside its 140x100 image"):  # the readers' rule (schema.box_outside)
         box_to_tokens((150, 10, 160, 20), GRID, 140, 100)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from medlvr.data.schema import VQASample
+from medlvr.data.schema import VQASample, box_outside
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import TokenGrid
 
@@ -27,8 +27,8 @@ def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
     """Clip a box to the image, warning if it stuck out; an empty result is an error."""
     x0, y0, x1, y1 = (float(v) for v in box)
     cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
-    if cx1 <= cx0 or cy1 <= cy0:
-        raise MedlvrError(f"ROI box {list(box)} is empty inside a {width}x{height} image")
+    if (why := box_outside(box, width, height)) is not None:  # the readers' rule (`medlvr data validate`)
+        raise MedlvrError(f"ROI {why}")
     if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
         warnings.warn(f"ROI box {list(box)} clipped to the {width}x{height} image", stacklevel=2)
     return cx0, cy0, cx1, cy1

@@ -93,6 +93,18 @@ class VQASample(BaseModel):
         return self.answer_letter if self.answer_type == "choice" else self.answer
 
 
+def box_outside(box: tuple[float, float, float, float] | list[float], width: int, height: int) -> str | None:
+    """Why a box covers no pixel of a `width` x `height` image, or None if it covers some.
+
+    The one rule for every reader, `medlvr data validate` and training (`medlvr.data.roi.clip_box`):
+    a box partly outside its image is clipped to it; a box wholly outside is an error.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if min(x1, width) <= max(x0, 0.0) or min(y1, height) <= max(y0, 0.0):
+        return f"box {list(box)} lies wholly outside its {width}x{height} image"
+    return None
+
+
 @dataclass
 class RecordProblem:
     """One problem found in a JSONL file, located by file, line and field."""
@@ -103,7 +115,7 @@ class RecordProblem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}"
+        where = f"{self.path}:{self.line}" if self.line else self.path  # line 0: the file as a whole
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
@@ -112,6 +124,9 @@ class DataError(ValueError):
 
     def __init__(self, problems: list[RecordProblem]):
         self.problems = problems
+        if len(problems) == 1:  # one line
+            super().__init__(f"problem in the data: {problems[0]}")
+            return
         head = "\n".join(str(p) for p in problems[:20])
         more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
         super().__init__(f"{len(problems)} problem(s) in the data:\n{head}{more}")
@@ -159,22 +174,47 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, VQASample | None, list[R
 def check_samples(
     rows: Iterable[tuple[int, VQASample]], path: str, check_images: bool = True
 ) -> list[RecordProblem]:
-    """Problems that span records or touch the disk: duplicate ids, missing or unreadable images."""
+    """Problems that span records or touch the disk: duplicate ids, missing or empty images, ROI boxes
+    wholly outside their image (`box_outside`; the image's size read from its header)."""
     problems: list[RecordProblem] = []
     seen: dict[str, int] = {}
+    sizes: dict[str, tuple[int, int] | None] = {}
     for lineno, sample in rows:
         if sample.id in seen:
             problems.append(RecordProblem(path, lineno, "id", f"duplicate id {sample.id!r} (first at line {seen[sample.id]})"))
         else:
             seen[sample.id] = lineno
         if check_images:
+            bad = set()
             for i, img in enumerate(sample.images):
                 p = Path(img)
-                if not p.is_file():
-                    problems.append(RecordProblem(path, lineno, f"images.{i}", f"image not found: {img}"))
-                elif p.stat().st_size == 0:
-                    problems.append(RecordProblem(path, lineno, f"images.{i}", f"image file is empty: {img}"))
+                why = "image not found" if not p.is_file() else "image file is empty" if p.stat().st_size == 0 else None
+                if why is not None:
+                    problems.append(RecordProblem(path, lineno, f"images.{i}", f"{why}: {img}"))
+                    bad.add(i)
+            for j, roi in enumerate(sample.rois):
+                size = None if roi.image in bad else _image_size(sample.images[roi.image], sizes)
+                why = box_outside(roi.box, *size) if size is not None else None
+                if why is not None:
+                    problems.append(RecordProblem(path, lineno, f"rois.{j}.box", f"{why} (image {roi.image})"))
     return problems
+
+
+def _image_size(path: str, cache: dict[str, tuple[int, int] | None]) -> tuple[int, int] | None:
+    """(width, height) of an image as `load_image` returns it, from its header where it can; None if unreadable."""
+    if path not in cache:
+        from medlvr.data.ground.annotations import image_size
+
+        try:
+            cache[path] = image_size(path)
+        except Exception:  # noqa: BLE001 - not a PNG/JPEG/DICOM header (e.g. NIfTI): decode it
+            from medlvr.data.images import load_image
+
+            try:
+                cache[path] = load_image(path).size
+            except Exception:  # noqa: BLE001 - unreadable: reported by the decode check, not here
+                cache[path] = None
+    return cache[path]
 
 
 def load_jsonl(
@@ -184,14 +224,19 @@ def load_jsonl(
 
     By default the first bad file fails fast with a `DataError` that lists every
     problem; with `skip_bad=True` bad records are skipped and reported in the
-    returned `LoadReport.problems`.
+    returned `LoadReport.problems`. A file without records is a problem too: empty
+    input is an error, never a run over nothing.
     """
     report = LoadReport()
     good: list[tuple[int, VQASample]] = []
+    records = 0
     for lineno, sample, problems in iter_jsonl(path):
+        records += 1
         report.problems.extend(problems)
         if sample is not None:
             good.append((lineno, sample))
+    if not records:
+        report.problems.append(RecordProblem(str(path), 0, "", "the file has no records"))
     cross = check_samples(good, str(path), check_images=check_images)
     report.problems.extend(cross)
     bad_lines = {p.line for p in cross}

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from medlvr.data.schema import VQASample
 from medlvr.data.sources._common import SourceError
 from medlvr.data.sources.medframeqa import convert_medframeqa
@@ -43,7 +45,18 @@ def convert(name: str, root: str | Path, split: str | None = None, **opts: Any) 
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{name}: release folder not found: {root}")
-    return SOURCES[name](root, split, **opts)
+    try:
+        samples = SOURCES[name](root, split, **opts)
+    except KeyError as err:  # a field every record of the release has
+        raise SourceError(f"{name}: a record under {root} has no {err} field: is --root the {name} release?") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "record"
+        raise SourceError(f"{name}: a record under {root} does not convert: {where}: {first['msg']}") from None
+    if not samples:  # empty input is an error: never a file of 0 samples and exit code 0
+        which = f"split {split!r} of " if split else ""
+        raise SourceError(f"{name}: no question converted from {which}{root}")
+    return samples
 
 
 __all__ = ["EMBEDS_IMAGES", "SOURCES", "SourceError", "convert"]

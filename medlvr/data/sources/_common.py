@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,16 @@ def release_file(root: Path, rel: str, dataset: str) -> Path:
     if not path.is_file():
         raise SourceError(f"{dataset}: release file not found: {path} (is --root the unpacked release folder?)")
     return path
+
+
+def read_json(path: Path, dataset: str) -> Any:
+    """A release's JSON file, or a `SourceError` that names the file and where it breaks."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SourceError(f"{dataset}: {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{dataset}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def release_glob(root: Path, pattern: str, dataset: str) -> list[Path]:

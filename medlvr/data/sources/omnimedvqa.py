@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import LETTERS, VQASample
-from medlvr.data.sources._common import SourceError, letter_of, pick_splits, release_glob, text
+from medlvr.data.sources._common import SourceError, letter_of, pick_splits, read_json, release_glob, text
 
 NAME = "omnimedvqa"
 QA_GLOB = "QA_information/Open-access/*.json"
@@ -28,7 +27,7 @@ def convert_omnimedvqa(root: Path, split: str | None = None, **opts: Any) -> lis
     pick_splits(split, ["test"], NAME)
     samples: list[VQASample] = []
     for path in release_glob(root, QA_GLOB, NAME):
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = read_json(path, NAME)
         for rec in records:
             qid = text(rec.get("question_id"))
             options = {L: text(rec[f"option_{L}"]) for L in LETTERS[:4] if text(rec.get(f"option_{L}"))}

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import ROI, VQASample
-from medlvr.data.sources._common import SourceError, pick_splits, release_file, text
+from medlvr.data.sources._common import SourceError, pick_splits, read_json, release_file, text
 
 NAME = "slake"
 SPLIT_FILES = {"train": "train.json", "val": "validate.json", "test": "test.json"}
 ALIASES = {"validate": "val", "validation": "val"}
+REQUIRED = ("q_lang", "qid", "img_name", "question", "answer", "answer_type")
 
 
 def _rois(folder: Path, cache: dict[Path, tuple[list[ROI], int]]) -> tuple[list[ROI], int]:
@@ -21,10 +21,7 @@ def _rois(folder: Path, cache: dict[Path, tuple[list[ROI], int]]) -> tuple[list[
         rois: list[ROI] = []
         dropped = 0
         if path.is_file():
-            try:
-                objects = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise SourceError(f"{NAME}: malformed {path}: {err}") from None
+            objects = read_json(path, NAME)
             for obj in objects:
                 for label, (x, y, w, h) in obj.items():
                     if w <= 0 or h <= 0:
@@ -51,8 +48,11 @@ def convert_slake(root: Path, split: str | None = None, **opts: Any) -> list[VQA
     cache: dict[Path, tuple[list[ROI], int]] = {}
     for name in pick_splits(split, list(SPLIT_FILES), NAME, ALIASES):
         path = release_file(root, SPLIT_FILES[name], NAME)
-        for rec in json.loads(path.read_text(encoding="utf-8")):
-            if rec.get("q_lang") != "en":
+        for i, rec in enumerate(read_json(path, NAME)):
+            missing = [f for f in REQUIRED if not isinstance(rec, dict) or f not in rec]
+            if missing:  # a record of another release (or a truncated one), never skipped silently
+                raise SourceError(f"{NAME}: {path} record {i}: no {', '.join(missing)} field: is --root the SLAKE release?")
+            if rec["q_lang"] != "en":
                 continue
             kind = text(rec.get("answer_type")).lower()
             if kind not in ("open", "closed"):

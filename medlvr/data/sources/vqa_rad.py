@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import VQASample
-from medlvr.data.sources._common import SourceError, pick_splits, release_file, text
+from medlvr.data.sources._common import SourceError, pick_splits, read_json, release_file, text
 
 NAME = "vqa-rad"
 RELEASE_FILE = "VQA_RAD Dataset Public.json"
@@ -34,7 +33,7 @@ def convert_vqa_rad(root: Path, split: str | None = None, **opts: Any) -> list[V
     root = Path(root)
     wanted = set(pick_splits(split, ["train", "test"], NAME))
     path = release_file(root, RELEASE_FILE, NAME)
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = read_json(path, NAME)
     images = root / "images"
     samples: list[VQASample] = []
     for rec in records:
