@@ -44,6 +44,8 @@ class FolderBusy(MedlvrError):
 def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
     """Create `folder` if needed and check that files can be written there (before any model loads)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MedlvrError(f"cannot write the {what} {folder}: it is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".medlvr-write-test-{os.getpid()}"

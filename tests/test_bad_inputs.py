@@ -237,3 +237,25 @@ def test_a_malformed_release_json_names_its_file(tmp_path):
                                               str(tmp_path / "out.jsonl")]))  # fmt: skip
     assert line == (f"error: vqa-rad: {tmp_path / 'VQA_RAD Dataset Public.json'} is not valid JSON: "
                     "Expecting value at line 2, column 15")
+
+
+# ---------------------------------------------------------------------------- item 9: small ones
+
+
+def test_an_unwritable_output_is_found_before_the_model_loads(tmp_path, image, data, monkeypatch):
+    import medlvr.model.latent
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(medlvr.model.latent.LatentVLM, "from_pretrained", never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    model = str(tmp_path)  # never loaded
+    line = one_error_line(runner.invoke(app, ["explain", "--model", model, "--image", str(image), "--question", "Where?",
+                                              "--out", str(blocker / "e.png")]))  # fmt: skip
+    assert f"cannot write the folder of --out {blocker}: it is a file, not a folder" in line
+    line = one_error_line(runner.invoke(app, ["eval", "--model", model, "--data", str(data / "test.jsonl"),
+                                              "--out", str(blocker / "R")]))  # fmt: skip
+    assert f"cannot write the folder of --out {blocker / 'R'}: Not a directory" in line
+    assert blocker.read_text() == "mine"

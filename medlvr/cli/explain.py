@@ -36,15 +36,19 @@ def explain(
         raise ValueError("explain needs at least one --image")
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {out}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the figure's file name")
     options = _parse_options(option)
 
     from medlvr.data.images import load_image
     from medlvr.explain import ExplainConfig
     from medlvr.explain import explain as run_explain
     from medlvr.model.latent import LatentVLM
+    from medlvr.rundir import writable_folder
 
     cfg = ExplainConfig(temperature=temperature, centre=centre, layers=tuple(layer) or None, top_k=top_k)
     images = [load_image(p) for p in image]  # unreadable paths fail here, before loading the model
+    writable_folder(out.parent, "folder of --out")  # and an unwritable --out
     vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
     ex = run_explain(vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens, config=cfg)
     png, js = ex.save(out)
