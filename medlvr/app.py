@@ -5,11 +5,19 @@ evidence maps, the example gallery) so it is testable without a browser;
 `build_app` lays it out with Gradio (`pip install medlvr[web]`) and `serve`
 launches it, on the loopback interface unless told otherwise. Every handler
 turns a failure into a message on the page: a bad upload never takes the server
-down.
+down, and no message shows a path on the server.
+
+Uploads are scans of patients: Gradio refuses a file over the limit while it is being
+uploaded, the server keeps uploads in a folder of its own, deletes each one when its
+request ends (and any left over, with the images the page was shown, after
+`CACHE_MINUTES`), and deletes the whole folder when it stops.
 """
 
+import atexit
 import logging
 import os
+import re
+import shutil
 import tempfile
 import threading
 import time
@@ -26,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # DICOM files often carry no extension; they are recognised by the marker at byte 128.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+CACHE_MINUTES = 10  # uploads never submitted, and the images served to the page, go after this
+# An absolute path (POSIX or Windows): messages keep only its last component.
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/](?:[^\s'\"<>|\\/:]+[\\/])+([^\s'\"<>|\\/:]*)")
 
 
 @dataclass
@@ -115,9 +126,11 @@ def parse_options(text: str) -> dict[str, str]:
 class DemoService:
     """Input checks, answering and evidence maps for the web page (one request at a time)."""
 
-    def __init__(self, vlm: LatentVLM, config: ServeConfig | None = None, examples_dir: Path | None = None):
+    def __init__(self, vlm: LatentVLM, config: ServeConfig | None = None, examples_dir: Path | None = None,
+                 upload_dir: Path | None = None):
         self.vlm = vlm
         self.cfg = config or ServeConfig()
+        self.upload_dir = upload_dir  # where the server receives uploads: each is deleted when its request ends
         # The model is shared and explanations switch its attention implementation: one request at a time.
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -177,8 +190,27 @@ class DemoService:
         except Exception as err:  # a bug, not the user's fault: keep serving, and log it
             log.exception("demo request failed")
             result = Result(False, f"internal error ({type(err).__name__}: {_tail(err)}); the server keeps running")
+        finally:
+            self.discard(path)
+        result.message = without_paths(result.message)
         result.request = number
         return result
+
+    def discard(self, path: str | Path | None) -> None:
+        """Delete an upload (a file inside `upload_dir`, and its folder once empty); other paths stay."""
+        if not path or self.upload_dir is None:
+            return
+        p, root = Path(path).resolve(), self.upload_dir.resolve()
+        if root not in p.parents:
+            return
+        p.unlink(missing_ok=True)
+        for folder in p.parents:  # Gradio puts each upload in a folder of its own
+            if folder == root:
+                break
+            try:
+                folder.rmdir()
+            except OSError:  # not empty
+                break
 
     def _answer(self, path, question, options_text, latent_steps) -> Result:
         from medlvr.explain import explain, figure_image
@@ -236,6 +268,11 @@ def _tail(err: BaseException) -> str:
     return text[-1] if text else type(err).__name__
 
 
+def without_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last component: the page never shows where files live."""
+    return _PATH.sub(lambda m: m.group(1) or "(folder)", text)
+
+
 # ---------------------------------------------------------------------------- the page
 
 CSS = """
@@ -251,7 +288,8 @@ def build_app(service: DemoService) -> Any:
 
     cfg = service.cfg
     default_k = min(max(service.vlm.latent.steps, 0), cfg.max_latent_steps)
-    with gr.Blocks(title="MedLVR demo", analytics_enabled=False) as page:
+    age = CACHE_MINUTES * 60
+    with gr.Blocks(title="MedLVR demo", analytics_enabled=False, delete_cache=(age // 2, age)) as page:
         gr.Markdown(
             "## MedLVR: latent visual reasoning for medical VQA\n"
             "Upload a scan (PNG, JPEG or DICOM), ask a question, optionally give options (one per line, `A=text`), "
@@ -292,14 +330,14 @@ def build_app(service: DemoService) -> Any:
             gallery.select(pick, None, [upload, question, options])
 
         def run(path, q, opts, k):
-            r = service.answer(path, q, opts, k)
+            r = service.answer(path, q, opts, k)  # deletes the upload: the box is cleared (None) to match
             # The request number tells one answered request from the next when their messages are equal.
             message = f"request {r.request}: {r.message}" if r.ok else f"**Error** (request {r.request}): {r.message}"
             if not r.ok:
-                return message, "", "", None, None, None
-            return message, r.answer, r.timing, r.preview, r.evidence, r.regions
+                return message, "", "", None, None, None, None
+            return message, r.answer, r.timing, r.preview, r.evidence, r.regions, None
 
-        submit.click(run, [upload, question, options, steps], [status, answer, timing, preview, evidence, regions])
+        submit.click(run, [upload, question, options, steps], [status, answer, timing, preview, evidence, regions, upload])
     return page
 
 
@@ -311,29 +349,64 @@ def theme() -> Any:
     return gr.themes.Default(font=sans, font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
-def serve(vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = True, quiet: bool = False) -> Any:
-    """Build the page and launch it; with `block=False` returns the running app (`.close()` stops it)."""
+@dataclass
+class Server:
+    """A running demo: `close()` stops it and deletes its upload folder and gallery."""
+
+    page: Any
+    service: DemoService
+    folder: Path  # uploads (Gradio's temporary folder for this server) and the gallery's scans
+    _env: str | None = None
+
+    def close(self) -> None:
+        self.page.close()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Delete every file the server kept (idempotent; also run at interpreter exit)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if os.environ.get("GRADIO_TEMP_DIR") == str(self.folder / "uploads"):
+            if self._env is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = self._env
+
+
+def serve(vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = True, quiet: bool = False) -> Server:
+    """Build the page and launch it; with `block=False` returns the running `Server` (`.close()` stops it)."""
     cfg = config or ServeConfig()
-    service = DemoService(vlm, cfg)
-    service.make_examples()
-    page = build_app(service)
-    allowed = [str(service.examples_dir)] if service.examples_dir else None
-    page.queue(default_concurrency_limit=1)
-    page.launch(
-        server_name=cfg.host,
-        server_port=cfg.port,
-        prevent_thread_lock=not block,
-        quiet=quiet,
-        theme=theme(),
-        css=CSS,
-        # Gradio's own hard stop, well above ours, so that in between the page shows our message.
-        max_file_size=int(cfg.max_upload_mb * 4e6),
-        allowed_paths=allowed,
-        ssr_mode=False,
-        show_error=True,
-        inbrowser=False,
-    )
-    return page
+    folder = Path(tempfile.mkdtemp(prefix="medlvr-demo-"))
+    uploads = folder / "uploads"
+    uploads.mkdir()
+    # Gradio stores uploads and the images it serves in GRADIO_TEMP_DIR, read when the page is built
+    # and launched: a folder of this server's own, so that all of it can be deleted.
+    server = Server(None, DemoService(vlm, cfg, upload_dir=uploads), folder, os.environ.get("GRADIO_TEMP_DIR"))
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
+    atexit.register(server.cleanup)
+    try:
+        server.service.make_examples(folder / "examples")
+        server.page = page = build_app(server.service)
+        page.queue(default_concurrency_limit=1)
+        page.launch(
+            server_name=cfg.host,
+            server_port=cfg.port,
+            prevent_thread_lock=not block,
+            quiet=quiet,
+            theme=theme(),
+            css=CSS,
+            max_file_size=int(cfg.max_upload_mb * 1e6),  # refused while uploading, not after
+            allowed_paths=[str(folder / "examples")],
+            ssr_mode=False,
+            show_error=True,
+            inbrowser=False,
+        )
+    except BaseException:
+        server.cleanup()
+        raise
+    if block:  # launch returned: the server stopped (Ctrl+C)
+        server.cleanup()
+    return server
 
 
-__all__ = ["ServeConfig", "DemoService", "Result", "Example", "InputError", "parse_options", "build_app", "serve"]
+__all__ = ["ServeConfig", "DemoService", "Result", "Example", "InputError", "Server", "parse_options", "build_app", "serve",
+           "without_paths"]

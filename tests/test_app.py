@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +145,62 @@ def test_cli_serve_user_errors(tmp_path):
     assert res.exit_code == 2 and "port" in res.output
     res = CliRunner().invoke(cli_app, ["serve", "--model", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "model folder not found" in res.output
+
+
+# ---------------------------------------------------------------------------- uploads (issue 17, item 8)
+
+
+def test_no_message_shows_a_server_path(service, tmp_path):
+    folder = tmp_path / "gradio" / "0a1b2c"
+    folder.mkdir(parents=True)
+    fake = folder / "fake.png"
+    fake.write_text("not a png at all")
+    r = service.answer(str(fake), "What is shown?", "", 2)
+    assert not r.ok and "fake.png could not be read as an image" in r.message
+    assert str(tmp_path) not in r.message and "/gradio/" not in r.message, r.message
+
+
+def test_an_upload_is_deleted_when_its_request_ends(service, png, tmp_path):
+    uploads = tmp_path / "uploads"
+    received = uploads / "3f2a" / "scan.png"  # Gradio keeps each upload in a folder of its own
+    received.parent.mkdir(parents=True)
+    shutil.copy(png, received)
+    mine = DemoService(service.vlm, service.cfg, upload_dir=uploads)
+    assert mine.answer(str(received), "What is shown?", "", 1).ok
+    assert not received.exists() and not received.parent.exists() and uploads.is_dir()
+    received.parent.mkdir()
+    received.write_text("not an image")
+    assert not mine.answer(str(received), "What is shown?", "", 1).ok
+    assert not received.exists(), "a refused upload goes too"
+    assert mine.answer(str(png), "What is shown?", "", 0).ok and png.is_file(), "a file outside the upload folder stays"
+
+
+def test_the_server_refuses_an_upload_over_the_limit_and_deletes_its_files_on_close(tiny_dir, png):
+    import socket
+
+    import httpx
+
+    from medlvr.app import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    vlm = LatentVLM.from_pretrained(tiny_dir, LatentConfig(steps=1, projector="linear"))
+    server = serve(vlm, ServeConfig(port=port, max_upload_mb=0.5, examples=1, max_new_tokens=4), block=False, quiet=True)
+    try:
+        uploads = server.service.upload_dir
+        url = f"http://127.0.0.1:{port}/gradio_api/upload"
+        big = httpx.post(url, files={"files": ("big.png", b"\x89PNG" + b"0" * 600_000, "image/png")}, timeout=60)
+        assert big.status_code == 413 and "maximum allowed size" in big.text
+        kept = [f for f in uploads.rglob("*") if f.is_file() and f.stat().st_size > 500_000]
+        assert not kept and not list(uploads.rglob("big.png")), "nothing of a refused upload is kept"
+        ok = httpx.post(url, files={"files": ("scan.png", png.read_bytes(), "image/png")}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        [received] = ok.json()
+        assert Path(received).is_file() and uploads in Path(received).parents
+        r = server.service.answer(received, "What is shown?", "", 1)
+        assert r.ok and not Path(received).exists()
+    finally:
+        server.close()
+    assert not server.folder.exists(), "uploads and the gallery go with the server"
+    assert os.environ.get("GRADIO_TEMP_DIR") != str(uploads)
