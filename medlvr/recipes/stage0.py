@@ -38,7 +38,8 @@ ASSET = Path(__file__).resolve().parent.parent / "assets" / "stage0"
 
 @dataclass
 class Stage0Config:
-    """How the stage-0 backbone is built (defaults reproduce the shipped one)."""
+    """How the stage-0 backbone is built (the defaults are the shipped one's last leg: its
+    STAGE0.md gives the `--init` it continued from)."""
 
     out: str = str(ASSET)
     """Output model folder."""
@@ -46,9 +47,9 @@ class Stage0Config:
     """Seeds the backbone's initialisation, the synthetic data and the data order."""
     size: str = "mini"
     """Backbone preset of `medlvr model init-tiny`."""
-    n: int = 12000
+    n: int = 8000
     """Synthetic benchmark size; describe/ground/inspect records come from its train images (3 per image)."""
-    steps: int = 1500
+    steps: int = 700
     """Optimizer steps."""
     batch_size: int = 32
     lr: float = 1e-3
