@@ -259,3 +259,235 @@ def test_an_unwritable_output_is_found_before_the_model_loads(tmp_path, image, d
                                               "--out", str(blocker / "R")]))  # fmt: skip
     assert f"cannot write the folder of --out {blocker / 'R'}: Not a directory" in line
     assert blocker.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_dir, data, broken_models, tmp_path_factory) -> dict[str, Path]:
+    """A user's folder: a model, data, a finished eval and training run, broken files, and two busy folders."""
+    import json
+    import pickle
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from medlvr.config import SFTConfig, load_config
+    from medlvr.eval.harness import evaluate
+    from medlvr.train.sft import run_sft
+    from tests.conftest import REPO
+
+    root = tmp_path_factory.mktemp("user")
+    w = {"root": root, "model": Path(shutil.copytree(tiny_dir, root / "model")), "data": data, **broken_models}
+    w["train"], w["test"] = data / "train.jsonl", data / "test.jsonl"
+    w["img"] = root / "scan.png"
+    random_image(84, 84).save(w["img"])
+    w["txt"] = root / "notes.txt"
+    w["txt"].write_text("not an image\n")
+    w["file"] = root / "a-file"
+    w["file"].write_text("mine\n")
+    w["empty_jsonl"] = root / "empty.jsonl"
+    w["empty_jsonl"].write_text("")
+    w["malformed_jsonl"] = root / "malformed.jsonl"
+    w["malformed_jsonl"].write_text('{"id": "a", "question": \n')
+    w["outside_jsonl"] = _with_box(data, root / "outside.jsonl", [100, 100, 120, 120])
+    rec = json.loads(w["test"].read_text().splitlines()[0])
+    rec["images"] = [str(root / "gone.png")]
+    w["missing_image_jsonl"] = root / "missing_image.jsonl"
+    w["missing_image_jsonl"].write_text(json.dumps(rec) + "\n")
+    w["bad_yaml"] = root / "bad.yaml"
+    w["bad_yaml"].write_text("mode: roi\nlatent: [1,\n")
+    w["list_yaml"] = root / "list.yaml"
+    w["list_yaml"].write_text("- mode: roi\n")
+    w["no_config"] = root / "no_config"
+    w["no_config"].mkdir()
+    (w["no_config"] / "model.safetensors").write_bytes(b"")
+    w["rad"] = root / "vqa-rad"
+    w["rad"].mkdir()
+    (w["rad"] / "VQA_RAD Dataset Public.json").write_text("[{")
+    w["slake"] = _slake_root(root / "slake", [{"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "Yes"}])
+    w["pathvqa"] = root / "pathvqa"
+    (w["pathvqa"] / "qas" / "test").mkdir(parents=True)
+    (w["pathvqa"] / "qas" / "test" / "test_qa.pkl").write_bytes(pickle.dumps([{"image": "x", "question": "q", "answer": "no"}]))
+    # A finished evaluation (mode direct) and a training run with a checkpoint.
+    w["evalrun"] = root / "evalrun"
+    evaluate([w["test"]], w["evalrun"], model=w["model"], limit=2, progress=False)
+    w["run"] = root / "run"
+    run_sft(load_config(SFTConfig, None, [f"model.path={w['model']}", f"data.train=[{w['train']}]", "mode=plain",
+                                          f"output_dir={w['run']}", "batch_size=2", "max_steps=1", "log.progress=false",
+                                          "log.tensorboard=false"]))  # fmt: skip
+    # Two folders another run is writing.
+    w["busy"] = root / "busy"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    code = ("import sys, time; from medlvr.rundir import run_folder\n"
+            "with run_folder(sys.argv[1], '--out'):\n    print('ready', flush=True); time.sleep(900)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(w["busy"])], stdout=subprocess.PIPE, env=env, text=True)
+    assert holder.stdout.readline().strip() == "ready"
+    yield w
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+
+
+def _q(w: dict[str, Path]) -> list[str]:
+    return ["--image", str(w["img"]), "--question", "Is there a lesion?"]
+
+
+def _sft(w: dict[str, Path], *overrides: str) -> list[str]:
+    return ["train", "sft", f"model.path={w['model']}", f"data.train=[{w['train']}]", "mode=latent", "latent.steps=1",
+            f"output_dir={w['root'] / 'new_run'}", "batch_size=2", "max_steps=1", "log.progress=false",
+            "log.tensorboard=false", *overrides]  # fmt: skip
+
+
+def _vlpo(w: dict[str, Path], *overrides: str, init: Path | None = None) -> list[str]:
+    return ["train", "vlpo", "--init", str(init or w["run"] / "final"), f"data.train=[{w['train']}]", "latent.steps=1",
+            f"output_dir={w['root'] / 'new_vlpo'}", "batch_size=1", "max_steps=1", "vlpo.group_size=2",
+            "log.progress=false", "log.tensorboard=false", *overrides]  # fmt: skip
+
+
+def _eval(w: dict[str, Path], *args: str, model: str = "model", out: str = "new_eval") -> list[str]:
+    return ["eval", "--model", str(w[model]), "--data", str(w["test"]), "--limit", "2", "--out", str(w["root"] / out), *args]
+
+
+# (case id, arguments from the user's folder, what the one line must say)
+CASES: list[tuple[str, object, str]] = [
+    # model
+    ("init-tiny family", lambda w: ["model", "init-tiny", "--out", str(w["root"] / "m"), "--family", "nope"], "unknown backbone family"),
+    ("init-tiny size", lambda w: ["model", "init-tiny", "--out", str(w["root"] / "m"), "--size", "huge"], "unknown size 'huge'"),
+    ("init-tiny out is a file", lambda w: ["model", "init-tiny", "--out", str(w["file"])], "a-file"),
+    # data synth
+    ("synth level", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--level", "9"], "level must be one of"),
+    ("synth image size", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--image-size", "100"], "multiple of 28"),
+    ("synth distractors", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--distractors", "x-y"], "--distractors must look like"),
+    ("synth families", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--families", "bogus"], "bogus"),
+    ("synth n", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--n", "0"], "n must be positive"),
+    # data convert
+    ("convert source", lambda w: ["data", "convert", "nope", "--root", str(w["rad"]), "--out", str(w["root"] / "o.jsonl")], "unknown source 'nope'"),
+    ("convert root", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["root"] / "nowhere"), "--out", str(w["root"] / "o.jsonl")], "release folder not found"),
+    ("convert json", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["root"] / "o.jsonl")], "is not valid JSON"),
+    ("convert split", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--split", "dev", "--out", str(w["root"] / "o.jsonl")], "unknown split 'dev'"),
+    ("convert slake fields", lambda w: ["data", "convert", "slake", "--root", str(w["slake"]), "--out", str(w["root"] / "o.jsonl")], "no q_lang, qid, answer_type field"),
+    ("convert pickle", lambda w: ["data", "convert", "pathvqa", "--root", str(w["pathvqa"]), "--split", "test", "--out", str(w["root"] / "o.jsonl")], "--allow-pickle"),
+    # data ground
+    ("ground source", lambda w: ["data", "ground", "nope", "--out", str(w["root"] / "g")], "nope"),
+    ("ground coco without annotations", lambda w: ["data", "ground", "coco", "--out", str(w["root"] / "g"), "--images", str(w["root"])], "annotation"),
+    ("ground fractions", lambda w: ["data", "ground", "coco", "--out", str(w["root"] / "g"), "--fractions", "train=2"], "fraction"),
+    # data validate / inspect
+    ("validate missing", lambda w: ["data", "validate", str(w["root"] / "nowhere.jsonl")], "data file not found"),
+    ("inspect missing", lambda w: ["data", "inspect", str(w["root"] / "nowhere.jsonl")], "data file not found"),
+    ("inspect empty", lambda w: ["data", "inspect", str(w["empty_jsonl"])], "the file has no records"),
+    ("inspect malformed", lambda w: ["data", "inspect", str(w["malformed_jsonl"])], "malformed JSON"),
+    # train sft
+    ("sft config missing", lambda w: ["train", "sft", "--config", str(w["root"] / "nowhere.yaml")], "config file not found"),
+    ("sft config yaml", lambda w: ["train", "sft", "--config", str(w["bad_yaml"])], "is not valid YAML at line 3"),
+    ("sft config list", lambda w: ["train", "sft", "--config", str(w["list_yaml"])], "at the top level, not a list"),
+    ("sft unknown key", lambda w: _sft(w, "optim.learning_rate=1"), "Key 'learning_rate' not in"),
+    ("sft bad value", lambda w: _sft(w, "batch_size=two"), "batch_size"),
+    ("sft no model", lambda w: [*_sft(w), "model.path="], "model.path is not set"),
+    ("sft model missing", lambda w: _sft(w, f"model.path={w['root'] / 'nowhere'}"), "model.path is not a folder"),
+    ("sft data missing", lambda w: _sft(w, f"data.train=[{w['root'] / 'nowhere.jsonl'}]"), "not found"),
+    ("sft data empty", lambda w: _sft(w, f"data.train=[{w['empty_jsonl']}]"), "the file has no records"),
+    ("sft data malformed", lambda w: _sft(w, f"data.train=[{w['malformed_jsonl']}]"), "malformed JSON"),
+    ("sft roi outside", lambda w: _sft(w, f"data.train=[{w['outside_jsonl']}]", "mode=roi"), "wholly outside its 84x84 image"),
+    ("sft missing image", lambda w: _sft(w, f"data.train=[{w['missing_image_jsonl']}]"), "image not found"),
+    ("sft weights", lambda w: _sft(w, "data.weights=[1,2]"), "data.weights has 2 entries for 1"),
+    ("sft val empty", lambda w: _sft(w, f"data.val={w['empty_jsonl']}"), "the file has no records"),
+    ("sft holds a run", lambda w: _sft(w, f"output_dir={w['run']}"), "holds a run"),
+    ("sft resume and overwrite", lambda w: [*_sft(w, f"output_dir={w['run']}"), "--resume", "--overwrite"], "choose one"),
+    ("sft resume changed seed", lambda w: [*_sft(w, f"output_dir={w['run']}", "mode=plain", "latent.steps=4", "seed=3"), "--resume"], "seed 0 -> 3"),
+    ("sft busy", lambda w: _sft(w, f"output_dir={w['busy']}"), "in use by another run"),
+    ("sft truncated model", lambda w: _sft(w, f"model.path={w['truncated']}"), "model.safetensors is damaged"),
+    ("sft empty model", lambda w: _sft(w, f"model.path={w['empty']}"), "model.safetensors is empty"),
+    ("sft pickle model", lambda w: _sft(w, f"model.path={w['pickle']}"), "pickle weights only"),
+    ("sft positions", lambda w: _sft(w, "latent.steps=5000"), "the model holds 4096"),
+    ("sft output is a file", lambda w: _sft(w, f"output_dir={w['file']}"), "it is a file, not a folder"),
+    # train vlpo
+    ("vlpo no init", lambda w: ["train", "vlpo", f"data.train=[{w['train']}]"], "model.path is not set"),
+    ("vlpo init missing", lambda w: _vlpo(w, init=w["root"] / "nowhere"), "model.path is not a folder"),
+    ("vlpo group size", lambda w: _vlpo(w, "vlpo.group_size=1"), "vlpo.group_size must be >= 2"),
+    ("vlpo reward", lambda w: _vlpo(w, "vlpo.rewards={nope: 1.0}"), "nope"),
+    ("vlpo holds a run", lambda w: _vlpo(w, f"output_dir={w['run']}"), "holds a run"),
+    ("vlpo busy", lambda w: _vlpo(w, f"output_dir={w['busy']}"), "in use by another run"),
+    ("vlpo truncated init", lambda w: _vlpo(w, init=w["truncated"]), "model.safetensors is damaged"),
+    ("vlpo data empty", lambda w: _vlpo(w, f"data.train=[{w['empty_jsonl']}]"), "the file has no records"),
+    ("vlpo empty init", lambda w: _vlpo(w, init=w["empty"]), "model.safetensors is empty"),
+    ("vlpo pickle init", lambda w: _vlpo(w, init=w["pickle"]), "pickle weights only"),
+    ("vlpo config yaml", lambda w: ["train", "vlpo", "--config", str(w["bad_yaml"])], "is not valid YAML at line 3"),
+    ("vlpo config list", lambda w: ["train", "vlpo", "--config", str(w["list_yaml"])], "at the top level, not a list"),
+    # eval
+    ("eval no model", lambda w: ["eval", "--data", str(w["test"]), "--out", str(w["root"] / "e")], "needs --model"),
+    ("eval data missing", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["root"] / "nowhere.jsonl"), "--out", str(w["root"] / "e")], "data file not found"),
+    ("eval data empty", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["empty_jsonl"]), "--out", str(w["root"] / "e")], "the file has no records"),
+    ("eval data malformed", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["malformed_jsonl"]), "--out", str(w["root"] / "e")], "malformed JSON"),
+    ("eval duplicate ids", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["test"]), str(w["test"]), "--out", str(w["root"] / "e")], "duplicate question id"),
+    ("eval mode", lambda w: _eval(w, "--mode", "bogus"), "mode must be one of"),
+    ("eval latent steps text", lambda w: _eval(w, "--mode", "latent", "--latent-steps", "x"), "latent steps must be integers"),
+    ("eval latent steps negative", lambda w: _eval(w, "--mode", "latent", "--latent-steps=-1"), "latent steps must be >= 0"),
+    ("eval latent steps direct", lambda w: _eval(w, "--latent-steps", "4"), "use --mode latent"),
+    ("eval positions", lambda w: _eval(w, "--mode", "latent", "--latent-steps", "100000000"), "the model holds 4096"),
+    ("eval image control", lambda w: _eval(w, "--image-control", "sepia"), "image control must be one of"),
+    ("eval batch size", lambda w: _eval(w, "--batch-size", "0"), "batch_size must be >= 1"),
+    ("eval limit", lambda w: _eval(w, "--limit", "0"), "limit must be >= 1"),
+    ("eval busy", lambda w: _eval(w, out="busy"), "in use by another run"),
+    ("eval other mode", lambda w: _eval(w, "--mode", "cot", out="evalrun"), "holds a run with mode='direct'"),
+    ("eval out is a file", lambda w: _eval(w, out="a-file"), "it is a file, not a folder"),
+    ("eval truncated model", lambda w: _eval(w, model="truncated"), "model.safetensors is damaged"),
+    ("eval empty model", lambda w: _eval(w, model="empty"), "model.safetensors is empty"),
+    ("eval pickle model", lambda w: _eval(w, model="pickle"), "pickle weights only"),
+    ("eval model without config", lambda w: _eval(w, model="no_config"), "no config.json"),
+    # eval report / compare
+    ("report missing", lambda w: ["eval", "report", str(w["root"] / "nowhere")], "run folder not found"),
+    ("report busy", lambda w: ["eval", "report", str(w["busy"])], "in use by another run"),
+    ("report no predictions", lambda w: ["eval", "report", str(w["no_config"])], "predictions"),
+    ("compare missing", lambda w: ["eval", "compare", str(w["evalrun"]), str(w["root"] / "nowhere")], "nowhere"),
+    # predict
+    ("predict no image", lambda w: ["predict", "--model", str(w["model"]), "--question", "Why?"], "at least one --image"),
+    ("predict image missing", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["root"] / "gone.png"), "--question", "Why?"], "image not found"),
+    ("predict not an image", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["txt"]), "--question", "Why?"], "unknown image format"),
+    ("predict option", lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--option", "yes"], "--option must look like A=text"),
+    ("predict latent steps", lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--latent-steps", "-1"], "--latent-steps must be >= 0"),
+    ("predict positions", lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--latent-steps", "1000000"], "the model holds 4096"),
+    ("predict long question", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["img"]), "--question", "is " * 5000], "shorten the question"),
+    ("predict empty question", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["img"]), "--question", " "], "the question is empty"),
+    ("predict model missing", lambda w: ["predict", "--model", str(w["root"] / "nowhere"), *_q(w)], "model folder not found"),
+    ("predict model without config", lambda w: ["predict", "--model", str(w["no_config"]), *_q(w)], "no config.json"),
+    ("predict truncated model", lambda w: ["predict", "--model", str(w["truncated"]), *_q(w)], "model.safetensors is damaged"),
+    ("predict empty model", lambda w: ["predict", "--model", str(w["empty"]), *_q(w)], "model.safetensors is empty"),
+    ("predict pickle model", lambda w: ["predict", "--model", str(w["pickle"]), *_q(w)], "pickle weights only"),
+    # explain
+    ("explain latent steps", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--latent-steps", "0"], "--latent-steps must be >= 1"),
+    ("explain out suffix", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["root"] / "e.jpg")], "--out must be a .png"),
+    ("explain out below a file", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["file"] / "e.png")], "it is a file, not a folder"),
+    ("explain image missing", lambda w: ["explain", "--model", str(w["model"]), "--image", str(w["root"] / "gone.png"), "--question", "Why?"], "image not found"),
+    ("explain truncated model", lambda w: ["explain", "--model", str(w["truncated"]), *_q(w), "--out", str(w["root"] / "e.png")], "model.safetensors is damaged"),
+    ("explain pickle model", lambda w: ["explain", "--model", str(w["pickle"]), *_q(w), "--out", str(w["root"] / "e.png")], "pickle weights only"),
+    ("explain empty model", lambda w: ["explain", "--model", str(w["empty"]), *_q(w), "--out", str(w["root"] / "e.png")], "model.safetensors is empty"),
+    # serve
+    ("serve port", lambda w: ["serve", "--model", str(w["model"]), "--port", "70000"], "port must be in 1..65535"),
+    ("serve upload limit", lambda w: ["serve", "--model", str(w["model"]), "--max-upload-mb", "0"], "max_upload_mb must be > 0"),
+    ("serve model missing", lambda w: ["serve", "--model", str(w["root"] / "nowhere")], "model folder not found"),
+    ("serve truncated model", lambda w: ["serve", "--model", str(w["truncated"])], "model.safetensors is damaged"),
+    ("serve pickle model", lambda w: ["serve", "--model", str(w["pickle"])], "pickle weights only"),
+    # demo
+    ("demo budgets", lambda w: ["demo", "--quick", "--full", "--out", str(w["root"] / "d")], "choose one of --quick and --full"),
+    ("demo seeds", lambda w: ["demo", "--seeds", "a,b", "--out", str(w["root"] / "d")], "--seeds must be integers"),
+    ("demo dataset", lambda w: ["demo", "--dataset", "imagenet", "--out", str(w["root"] / "d")], "imagenet"),
+    ("demo arms", lambda w: ["demo", "--arms", "xyz", "--out", str(w["root"] / "d")], "unknown arm(s) x, y, z"),
+]
+
+
+def _files(root: Path) -> dict[Path, tuple[int, bytes]]:
+    return {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("case, args, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_table(ws, case, args, message):
+    """Every row: exit code 2, one `error:` line saying `message`, no traceback, the user's files untouched."""
+    before = {**_files(ws["root"]), **_files(ws["data"])}
+    res = runner.invoke(app, args(ws))
+    line = one_error_line(res)
+    assert message in line, line
+    after = {**_files(ws["root"]), **_files(ws["data"])}
+    assert {f: v for f, v in after.items() if f in before} == before, f"{case}: a file the user had was changed"
+    assert not set(after) - set(before), f"{case}: left {sorted(set(after) - set(before))}"

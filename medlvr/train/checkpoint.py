@@ -281,8 +281,10 @@ def recorded_result(output_dir: str | Path, resume_dir: Path | None, total_steps
 
 # ---------------------------------------------------------------------------- starting a run
 
-# What a training run writes into its output_dir (anything else there is the user's and stays).
+# What a training run writes into its output_dir (anything else there is the user's and stays);
+# a run that has trained (a step logged, a checkpoint, an export) is what a restart would lose.
 RUN_FILES = ("final", "result.json", "metrics.jsonl", "config.yaml", "tb")
+TRAINED = ("final", "result.json")  # and a metrics.jsonl with a row
 LEFTOVERS = re.compile(r"^\.(tmp|old)-(step-\d{7}|final)$")  # a save or an export cut short
 # Settings a resumed run cannot take up: the checkpoint's weights, adapters, optimizer groups
 # and data position were made under the old values. Every other setting applies from the
@@ -298,12 +300,13 @@ def run_files(output_dir: str | Path) -> list[str]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = []
-    for p in out.iterdir():
-        if STEP_DIR.match(p.name) or LEFTOVERS.match(p.name) or p.name in RUN_FILES:
-            if not (p.name == "metrics.jsonl" and p.stat().st_size == 0):
-                found.append(p.name)
-    return sorted(found)
+    return sorted(p.name for p in out.iterdir() if STEP_DIR.match(p.name) or LEFTOVERS.match(p.name) or p.name in RUN_FILES)
+
+
+def _trained(output_dir: Path, found: list[str]) -> bool:
+    """Whether `found` holds a run that trained (not only the config and empty logs of a start that failed)."""
+    logged = "metrics.jsonl" in found and (output_dir / "metrics.jsonl").stat().st_size > 0
+    return logged or any(STEP_DIR.match(n) or LEFTOVERS.match(n) or n in TRAINED for n in found)
 
 
 def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
@@ -320,7 +323,8 @@ def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
 
     out, ck = Path(cfg.output_dir), cfg.checkpoint
     found = run_files(out)
-    if found and not (ck.resume or ck.overwrite):
+    trained = _trained(out, found)
+    if trained and not (ck.resume or ck.overwrite):
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise MedlvrError(f"{out} holds a run ({shown}): pass --resume (checkpoint.resume=true) to continue it, or "
                           "--overwrite (checkpoint.overwrite=true) to delete it and start over")
@@ -333,7 +337,9 @@ def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
                               "made with the old values); set them back, or start a new run with --overwrite or another output_dir")
     accelerator.wait_for_everyone()  # every process has looked before the main one deletes
     if accelerator.is_main_process:
-        for name in found if ck.overwrite else [n for n in found if LEFTOVERS.match(n)]:
+        # Overwrite: the old run goes; a resume: the leftovers of a save cut short; a start that never
+        # trained left only its config and empty logs, which the new start replaces.
+        for name in [n for n in found if LEFTOVERS.match(n)] if trained and not ck.overwrite else found:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         if ck.resume and resume_dir is None and found:

@@ -103,6 +103,7 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> Any:
     lora_bf16 = cfg.model.finetune == "lora" and _precision(cfg.model.precision) == "bf16"
     vlm = LatentVLM.from_pretrained(src, latent, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
                                     allow_pickle=cfg.model.allow_pickle)
+    vlm.check_length(0, cfg.latent_steps, cfg.data.max_answer_tokens)  # a K the model cannot hold, before any file
     frozen = {g for g, on in (("vision", cfg.model.freeze_vision), ("merger", cfg.model.freeze_merger),
                               ("language", cfg.model.freeze_language)) if on}  # fmt: skip
     for name, p in vlm.backbone.named_parameters():
