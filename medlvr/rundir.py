@@ -67,16 +67,16 @@ def run_folder(folder: str | Path, flag: str, *, main: bool | None = None) -> It
     folder = Path(folder)
     created = not folder.exists()
     takes = _rank() == 0 if main is None else main
-    error = None
+    error: tuple[bool, str] | None = None  # (busy, message)
     if takes:
         try:
             writable_folder(folder, f"folder of {flag}")
             _acquire(folder.resolve(), flag)
         except MedlvrError as err:
-            error = str(err)
+            error = (isinstance(err, FolderBusy), str(err))
     error = _agree(error)
     if error is not None:
-        raise FolderBusy(error) if "in use by" in error else MedlvrError(error)
+        raise (FolderBusy if error[0] else MedlvrError)(error[1])
     try:
         yield folder
     finally:
@@ -219,7 +219,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def _agree(error: str | None) -> str | None:
+def _agree(error: Any) -> Any:
     """Rank 0's verdict on every rank, when a process group is there to tell them."""
     import torch.distributed as dist
 
