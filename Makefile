@@ -14,7 +14,7 @@ CHROMIUM := /usr/bin/chromium
 # $(call venv,DIR,PIP-OPTIONS): a venv with a CPU build of torch first, so no multi-GB
 # CUDA build is pulled in, then medlvr with its extras.
 define venv
-	test -d $(1) || $(PY) -m venv $(1)
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
 	$(1)/bin/pip install -q --upgrade pip
 	$(1)/bin/pip install -q torch==2.13.0
 	$(1)/bin/pip install -q $(2) -e ".[web,test]"
@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 # The floor pins are read from pyproject.toml (each `>=X` becomes `==X`), so the floor
 # stated there is the floor tested.
 $(MIN_STAMP): pyproject.toml
-	test -d $(MIN_VENV) || $(PY) -m venv $(MIN_VENV)
-	$(MIN_VENV)/bin/python -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	mkdir -p $(MIN_VENV)
+	$(PY) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
 	  deps = p["dependencies"] + [d for extra in p["optional-dependencies"].values() for d in extra]; \
 	  print("\n".join(re.sub(r">=([^,;]+).*", r"==\1", d) for d in deps))' > $(MIN_VENV)/floor.txt
 	$(call venv,$(MIN_VENV),-c $(MIN_VENV)/floor.txt)
