@@ -4,16 +4,17 @@ Two maps per latent step k, over every visual token of a sample (all its images,
 prompt order, each image in raster order of its token grid, or view by view for a
 tiled image):
 
-- **similarity**: cosine between the fed latent `z_k` (LM input space) and each
+- **similarity**: cosine between the latent state `proj(h_{k-1})` (LM input space) and each
   post-merger visual token (the same space), turned into a distribution with a
   softmax at temperature `ExplainConfig.temperature` (0.1, the InfoNCE
   temperature the ROI alignment uses, so the map is the distribution that loss
   trains);
 - **attention**: attention from the position of `z_k` to the image-token
   positions, averaged over heads and the chosen decoder layers, renormalised over
-  the image tokens. It comes from one uncached forward over prompt + latents with
-  `output_attentions=True` under the eager attention implementation (set through
-  the model's public `set_attn_implementation` and restored afterwards).
+  the image tokens. It comes from the generation itself
+  (`LatentVLM.generate(..., output_attentions=True)`: the latent steps run under the
+  eager attention implementation, set through the model's public
+  `set_attn_implementation` and restored afterwards), so the prompt runs once.
 
 Faithfulness (`explain_metrics`) against ROI boxes: the pointing game (Zhang et
 al., "Top-down neural attention by excitation backprop", ECCV 2016: a hit when
@@ -35,8 +36,7 @@ is one over image locations rather than over views.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +51,7 @@ from medlvr.data.roi import hop_of_steps, roi_hops
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import TokenGrid
-from medlvr.model.latent import LatentVLM
+from medlvr.model.latent import GenerationOutput, LatentVLM, eager_attention
 
 MapKind = Literal["similarity", "attention"]
 KINDS: tuple[MapKind, ...] = ("similarity", "attention")
@@ -88,11 +88,11 @@ class SampleMaps:
 
     grids: list[TokenGrid]  # one per image
     sizes: list[tuple[int, int]]  # (width, height) of each image in original pixels
-    cosine: torch.Tensor  # [K, N] raw cosine between z_k and each visual token
+    cosine: torch.Tensor  # [K, N] raw cosine between proj(h_{k-1}) and each visual token
     similarity: torch.Tensor  # [K, N] softmax(cosine / T): each row sums to 1
     attention: torch.Tensor  # [K, N] latent -> image-token attention, renormalised: each row sums to 1
     attention_to_image: torch.Tensor  # [K] share of the latent's attention that goes to image tokens at all
-    recompute_gap: float  # max |proj(h_{k-1}) - z_k| in the attention pass: 0 when it reproduces the latent chain
+    recompute_gap: float  # max |proj(h_{k-1}) - z_k|: 0 when the fed inputs are the latent states (latent.input=hidden)
 
     @property
     def steps(self) -> int:
@@ -127,20 +127,6 @@ class SampleMaps:
 # ---------------------------------------------------------------------------- computing maps
 
 
-@contextmanager
-def eager_attention(model: Any) -> Iterator[None]:
-    """Run the model with eager attention (the only one that returns weights), then restore its own."""
-    old = model.config._attn_implementation
-    if old == "eager":
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(old)
-
-
 def _grids(vlm: LatentVLM, images: Sequence[Image.Image]) -> tuple[list[TokenGrid], list[tuple[int, int]]]:
     sizes = [im.size for im in images]
     return [vlm.adapter.token_grid(vlm.processor, w, h) for w, h in sizes], sizes
@@ -150,74 +136,42 @@ def _grids(vlm: LatentVLM, images: Sequence[Image.Image]) -> tuple[list[TokenGri
 def compute_maps(
     vlm: LatentVLM,
     batch: dict[str, Any],
-    latents: torch.Tensor,
+    output: GenerationOutput,
     images: Sequence[Sequence[Image.Image]],
     config: ExplainConfig | None = None,
 ) -> list[SampleMaps]:
-    """Maps of every sample in a (left-padded, prompt-only) batch, given its fed latents `[B, K, d]`.
+    """Maps of every sample in a (left-padded, prompt-only) batch from its generation.
 
-    One uncached forward over `prompt <|latent_start|> z_1 .. z_K` gives the
-    attentions; the visual tokens come from the adapter, as in generation.
+    `output` is `vlm.generate(batch, K, output_attentions=True)`: the latent states
+    `proj(h_{k-1})`, the visual tokens and the latent steps' attention rows all come
+    from the one latent sequence `LatentVLM` runs.
     """
     cfg = config or ExplainConfig()
-    b, k_steps = latents.shape[:2]
+    b, k_steps = output.latents.shape[:2]
     if k_steps == 0:
         raise MedlvrError("there is nothing to explain with 0 latent steps: use --latent-steps >= 1")
-    model = vlm.base_model
-    dev = vlm.device
-    batch = {key: v.to(dev) if torch.is_tensor(v) else v for key, v in batch.items()}
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    # The prompt as generation sees it: with the <|latent_start|> column.
-    ids = torch.cat([ids, torch.full_like(ids[:, :1], vlm.latent_start_id)], 1)  # [B, L]
-    am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-    ext = dict(batch, input_ids=ids, attention_mask=am)
-    for key in ("mm_token_type_ids", "token_type_ids"):
-        if batch.get(key) is not None:
-            ext[key] = torch.cat([batch[key], torch.zeros_like(batch[key][:, :1])], 1)
-    # The prompt's embeddings and extra arguments as generation builds them (e.g. Qwen3-VL deepstack).
-    prefix = vlm.adapter.prefix_inputs(model, ext, vlm.embed(ids))
-    visual, embeds = prefix.visual, prefix.embeds  # per image [n, d]; [B, L, d]
-    if not visual:
+    if output.latent_attentions is None:
+        raise MedlvrError("evidence maps need the latent steps' attentions: generate with output_attentions=True")
+    if not output.visual_tokens or not any(v.shape[0] for v in output.visual_tokens):
         raise MedlvrError("the sample has no image to explain")
-    is_img = ids == vlm.image_token_id  # [B, L]
-    pos_prefix, state = vlm.adapter.prefix_position_ids(model, ext)
-    pos = torch.cat([pos_prefix, vlm.adapter.appended_position_ids(state, k_steps)], -1)
-    z = latents.to(dev, embeds.dtype)  # [B, K, d]
-    full_embeds = torch.cat([embeds, z], 1)  # [B, L + K, d]
-    full_mask = torch.cat([am, am.new_ones(b, k_steps)], 1)
-    types = {key: torch.cat([ext[key], ext[key].new_zeros(b, k_steps)], 1) for key in ("token_type_ids",) if ext.get(key) is not None}
-    with eager_attention(model):
-        out = vlm.backbone(
-            inputs_embeds=full_embeds,
-            attention_mask=full_mask,
-            position_ids=pos,
-            use_cache=False,
-            output_attentions=True,
-            output_hidden_states=True,
-            logits_to_keep=1,
-            **prefix.kwargs,
-            **vlm.adapter.prefill_kwargs({**ext, **types}),
-        )
-    n_layers = len(out.attentions)
+    n_layers = output.latent_attentions.shape[0]
     layers = range(n_layers) if cfg.layers is None else cfg.layers
     try:
-        picked = [out.attentions[i] for i in layers]
+        picked = [output.latent_attentions[i] for i in layers]  # [B, K, P + K] each
     except IndexError:
         raise MedlvrError(f"explain layers {cfg.layers} out of range for {n_layers} decoder layers") from None
+    att = torch.stack(picked).mean(0)  # [B, K, P + K]
+    ids = batch["input_ids"]  # [B, L]: the prompt before <|latent_start|> (column L, never an image token)
     L = ids.shape[1]
-    # Rows of the latent positions: z_k sits at L + k (its query attends to the prompt and z_<k).
-    att = torch.stack([a[:, :, L : L + k_steps, :].float() for a in picked]).mean((0, 2))  # [B, K, L + K]
-    hidden = out.hidden_states[-1]  # [B, L + K, d]
-    mus = vlm.projector(hidden[:, L - 1 : L - 1 + k_steps])  # [B, K, d]: proj(h_{k-1}), what fed z_k
-    gap = (mus.float() - z.float()).abs().amax(dim=(1, 2))  # [B]
+    is_img = (ids == vlm.image_token_id).to(att.device)  # [B, L]
+    # The latent states the ROI loss trains: proj(h_{k-1}). They are the fed z_k themselves
+    # with `latent.input=hidden` (gap 0); with `pause` the fed inputs are constants.
+    mus = output.latent_means  # [B, K, d]
+    gap = (mus.float() - output.latents.float()).abs().amax(dim=(1, 2))  # [B]
 
-    counts = batch.get("images_per_sample") or [1] * b
-    out_maps, first = [], 0
+    out_maps = []
     for row in range(b):
-        feats = torch.cat(visual[first : first + counts[row]], 0).float()  # [N, d]
-        first += counts[row]
-        # The latent states the ROI loss trains: proj(h_{k-1}). They are the fed z_k themselves
-        # with `latent.input=hidden` (gap ~0); with `pause` the fed inputs are constants.
+        feats = output.visual_tokens[row].float()  # [N, d]
         zf = mus[row].float()  # [K, d]
         if cfg.centre:
             mean = feats.mean(0, keepdim=True)
@@ -302,8 +256,8 @@ def explain(
     max_new_tokens: int = 32,
     config: ExplainConfig | None = None,
 ) -> Explanation:
-    """Answer one question with K latent steps and compute where each step points."""
-    from medlvr.inference import answer_one, make_sample
+    """Answer one question with K latent steps and compute where each step points (one generation)."""
+    from medlvr.inference import make_sample
 
     cfg = config or ExplainConfig()
     images = [im.convert("RGB") for im in images]
@@ -312,11 +266,11 @@ def explain(
     k = vlm.latent.steps if latent_steps is None else int(latent_steps)
     if k < 1:
         raise MedlvrError(f"there is nothing to explain with {k} latent steps: use --latent-steps >= 1")
-    ans = answer_one(vlm, images, question, options, latent_steps=k, max_new_tokens=max_new_tokens)
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     batch = collate([make_sample(images, question, options)], images=[images])
-    maps = compute_maps(vlm, batch, ans.output.latents, [images], cfg)[0]
-    return Explanation(question, ans.text, k, ans.seconds, images, maps, cfg)
+    out = vlm.generate(batch, k, max_new_tokens=max_new_tokens, output_attentions=True)
+    maps = compute_maps(vlm, batch, out, [images], cfg)[0]
+    return Explanation(question, out.texts[0], k, out.timings["total_s"], images, maps, cfg)
 
 
 def top_regions(values: torch.Tensor, grid: TokenGrid, k: int) -> list[dict[str, Any]]:
@@ -502,8 +456,8 @@ def explain_metrics(
         chunk = kept[start : start + batch_size]
         imgs = [[im.convert("RGB") for im in (given if given is not None else [image_loader(p) for p in s.images])] for s, given in chunk]
         batch = collate([s for s, _ in chunk], images=imgs)
-        latents = vlm.generate(batch, k, max_new_tokens=1).latents  # [B, K, d]; the chain does not depend on the answer
-        for (sample, _), sm in zip(chunk, compute_maps(vlm, batch, latents, imgs, cfg)):
+        out = vlm.generate(batch, k, max_new_tokens=1, output_attentions=True)  # the chain does not depend on the answer
+        for (sample, _), sm in zip(chunk, compute_maps(vlm, batch, out, imgs, cfg)):
             cov = sample_coverage(sample, sm.grids, sm.sizes)  # [M] cells
             lesions = sample_coverage(sample, sm.grids, sm.sizes, _lesion_boxes) if sample.meta.get("lesions") else None
             maps = {kind: sm.cells(sm.aggregate(kind)) for kind in KINDS}  # [M] each

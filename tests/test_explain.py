@@ -189,13 +189,13 @@ def test_attention_layers_choice_changes_the_map_and_bad_layers_fail(vlm):
     from medlvr.inference import make_sample
 
     batch = collate([make_sample(images, "Where?")], images=[images])
-    latents = vlm.generate(batch, 2, max_new_tokens=1).latents
-    first = compute_maps(vlm, batch, latents, [images], ExplainConfig(layers=(0,)))[0]
-    last = compute_maps(vlm, batch, latents, [images], ExplainConfig(layers=(-1,)))[0]
+    out = vlm.generate(batch, 2, max_new_tokens=1, output_attentions=True)
+    first = compute_maps(vlm, batch, out, [images], ExplainConfig(layers=(0,)))[0]
+    last = compute_maps(vlm, batch, out, [images], ExplainConfig(layers=(-1,)))[0]
     assert not torch.allclose(first.attention, last.attention)
     assert torch.allclose(first.similarity, last.similarity)  # similarity does not use attention
     with pytest.raises(MedlvrError, match="out of range"):
-        compute_maps(vlm, batch, latents, [images], ExplainConfig(layers=(99,)))
+        compute_maps(vlm, batch, out, [images], ExplainConfig(layers=(99,)))
     with pytest.raises(MedlvrError, match="0 latent steps"):
         explain(vlm, images, "Where?", latent_steps=0)
 

@@ -203,7 +203,7 @@ class BackboneAdapter(ABC):
 
     def is_vision_parameter(self, name: str) -> bool:
         """Whether a parameter (by its name in the model) belongs to the vision tower or its projector."""
-        return ".visual." in name or name.startswith("visual.")
+        return self.parameter_group(name) != "language"
 
     def parameter_group(self, name: str) -> str:
         """`vision`, `merger` or `language`, from a backbone parameter name (what training freezes).
@@ -691,9 +691,6 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
         # Gemma's embedding module multiplies token embeddings by sqrt(hidden_size).
         return float(model.config.get_text_config().hidden_size) ** 0.5
 
-    def is_vision_parameter(self, name: str) -> bool:
-        return "vision_tower." in name or "multi_modal_projector." in name
-
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
         ip = processor.image_processor
         if getattr(ip, "do_pan_and_scan", False):
@@ -890,9 +887,6 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
 
     def embedding_scale(self, model: PreTrainedModel) -> float:
         return 1.0
-
-    def is_vision_parameter(self, name: str) -> bool:
-        return "vision_model." in name or "connector." in name
 
     def parameter_group(self, name: str) -> str:
         # The pixel-shuffle connector is SmolVLM's merger.

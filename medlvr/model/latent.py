@@ -19,6 +19,8 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,10 @@ class GenerationOutput:
     latent_means: torch.Tensor  # [B*G, K, d] proj(h_{k-1}), the mean z_k was sampled around (pause: not fed)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     stop_tokens: list[int | None] = field(default_factory=list)  # the stop id that ended each row; None: cut at the limit
+    visual_tokens: list[torch.Tensor] = field(default_factory=list)  # per prompt [N_i, d], all its images, prompt order
+    # With `output_attentions`: [n_layers, B*G, K, P + K] each latent step's attention (mean over heads) over
+    # the positions before it and itself (P = the prompt with <|latent_start|>), zero on the later steps.
+    latent_attentions: torch.Tensor | None = None
 
 
 @dataclass
@@ -299,6 +305,13 @@ class LatentVLM(nn.Module):
         # What the decoder sees is the embedding module's output (Gemma scales rows by sqrt(d)).
         return float(w.pow(2).mean(-1).sqrt().mean()) * self.adapter.embedding_scale(self.base_model)
 
+    @torch.no_grad()
+    def visual_tokens(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per sample `[N_i, d]` (all its images, prompt order): the post-merger visual tokens, detached."""
+        moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        visual = self.adapter.image_features(self.base_model, moved)
+        return [v.detach() for v in _per_sample(visual, batch, len(batch["input_ids"]))]
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         # The backbone's own embedding module (Gemma's scales by sqrt(d) inside it).
         return self.backbone.get_input_embeddings()(ids)
@@ -389,17 +402,21 @@ class LatentVLM(nn.Module):
         pos = self._advance(pre, embeds, mask)
         return self._forward(embeds, pre.attention_mask, pos, pre.cache, logits_to_keep=logits_to_keep)
 
-    def _latent_step(self, pre: _Prefix, z: torch.Tensor) -> torch.Tensor:
+    def _latent_step(self, pre: _Prefix, z: torch.Tensor, attentions: list | None = None) -> torch.Tensor:
         """Feed one latent `z [B, d]`; returns the new last hidden state `[B, d]`.
 
         Runs the decoder without the LM head: a latent step needs no vocabulary
-        logits, which keeps it cheaper than a decode step.
+        logits, which keeps it cheaper than a decode step. With a list `attentions`, the
+        step's attention weights (per layer `[B, H, 1, positions]`) are appended to it.
         """
         pos = self._advance(pre, z[:, None], None)
+        extra = {"output_attentions": True} if attentions is not None else {}
         out = self.base_model.model(
             inputs_embeds=z[:, None], attention_mask=pre.attention_mask, position_ids=pos,
-            use_cache=True, **{self.cache_argument: pre.cache},
+            use_cache=True, **{self.cache_argument: pre.cache}, **extra,
         )
+        if attentions is not None:
+            attentions.append(out.attentions)
         return out.last_hidden_state[:, -1]
 
     def _advance(self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -425,13 +442,16 @@ class LatentVLM(nn.Module):
         latent_sigma: float = 0.0,
         group_size: int = 1,
         generator: torch.Generator | None = None,
+        output_attentions: bool = False,
     ) -> GenerationOutput:
         """Prefill, K latent steps, `<|latent_end|>`, then greedy or sampled decoding on one KV cache.
 
         `group_size` G > 1 prefills each prompt once and shares its cache among G
         rollouts (rows `b*G .. b*G+G-1` belong to prompt b). `latent_sigma` > 0
         samples `z_k ~ N(proj(h_{k-1}), sigma^2 I)` (VLPO exploration; not with pause inputs,
-        which are constants).
+        which are constants). `output_attentions` also returns the latent steps' attention
+        rows (`latent_attentions`), computed under eager attention (the only implementation
+        that returns weights), switched on for the latent steps and restored afterwards.
         """
         self._check_batch(batch)
         k_steps = self._steps(latent_steps)
@@ -461,14 +481,17 @@ class LatentVLM(nn.Module):
         means = pre.last_hidden.new_zeros(b, k_steps, d)
         h, logits = pre.last_hidden, pre.last_logits
         pause = self.pause(k_steps, b) if self.pause is not None else None  # [B, K, d]
-        for k in range(k_steps):
-            mu = self.projector(h)  # [B, d]
-            z = mu if pause is None else pause[:, k].to(mu.dtype)
-            if latent_sigma > 0:
-                noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
-                z = mu + latent_sigma * noise.to(mu.dtype)
-            means[:, k], latents[:, k] = mu, z
-            h = self._latent_step(pre, z)
+        rows: list[tuple[torch.Tensor, ...]] = []  # per step, per layer [B, H, 1, P + k]
+        with eager_attention(self.base_model) if output_attentions else nullcontext():
+            for k in range(k_steps):
+                mu = self.projector(h)  # [B, d]
+                z = mu if pause is None else pause[:, k].to(mu.dtype)
+                if latent_sigma > 0:
+                    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+                    z = mu + latent_sigma * noise.to(mu.dtype)
+                means[:, k], latents[:, k] = mu, z
+                h = self._latent_step(pre, z, rows if output_attentions else None)
+        attentions = _step_attentions(rows, pre.attention_mask.shape[1]) if output_attentions and rows else None
         if k_steps > 0:
             end = self.embed(torch.full((b, 1), self.latent_end_id, device=self.device))
             logits, _ = self._append(pre, end)
@@ -497,7 +520,8 @@ class LatentVLM(nn.Module):
         token_ids = [_until_stop(row, self.stop_ids) for row in seqs]
         stop_tokens = [row[len(ids)] if len(ids) < len(row) else None for row, ids in zip(seqs, token_ids)]
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        return GenerationOutput([t.strip() for t in texts], token_ids, latents, means, timings, stop_tokens)
+        visual = _per_sample(pre.visual, pre.batch, pre.batch["input_ids"].shape[0])
+        return GenerationOutput([t.strip() for t in texts], token_ids, latents, means, timings, stop_tokens, visual, attentions)
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -630,6 +654,29 @@ def _per_sample(visual: list[torch.Tensor], batch: dict[str, Any], b: int) -> li
     return out
 
 
+@contextmanager
+def eager_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run the model with eager attention (the only one that returns weights), then restore its own."""
+    old = model.config._attn_implementation
+    if old == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+def _step_attentions(rows: list[tuple[torch.Tensor, ...]], width: int) -> torch.Tensor:
+    """Latent steps' attention weights -> `[n_layers, B, K, width]`, mean over heads, zero-padded on the right.
+
+    `rows[k][layer]` is step k's `[B, H, 1, width - K + k + 1]` (the positions before it and itself).
+    """
+    steps = [torch.stack([a[:, :, -1].float().mean(1) for a in layers]) for layers in rows]  # [n_layers, B, P + k]
+    return torch.stack([F.pad(s, (0, width - s.shape[-1])) for s in steps], 2)
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
     if not do_sample or temperature <= 0:
         return logits.argmax(-1)
@@ -686,4 +733,7 @@ def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float, reduction:
     return -sq / z.shape[-1] if reduction == "mean" else -sq
 
 
-__all__ = ["LatentVLM", "LatentProjector", "PauseInputs", "GenerationOutput", "ForwardOutput", "gaussian_logprob"]
+__all__ = [
+    "LatentVLM", "LatentProjector", "PauseInputs", "GenerationOutput", "ForwardOutput", "gaussian_logprob",
+    "eager_attention",
+]

@@ -16,21 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from medlvr.data.images import load_image
 from medlvr.data.roi import assigned_targets
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
-
-
-def load_image(path: str) -> Image.Image:
-    """An RGB image; DICOM/NIfTI go through `medlvr.data.images` when it is installed."""
-    try:
-        from medlvr.data.images import load_image as load_any
-    except ImportError:  # the image module (DICOM, NIfTI, windowing) is optional here
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    return load_any(path)
 
 
 @dataclass

@@ -16,9 +16,12 @@ Targets are always detached here: the alignment moves the latents, never the ima
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
+
+from medlvr.config import PolicyAggregation
 
 ALIGN_KINDS = ("cosine", "mse", "infonce")
 
@@ -142,9 +145,6 @@ __all__ = [
 # summed: `vlpo.latent_logprob`) and the answer-token log-probabilities side by side,
 # `mask [N, K + T]` marks the units that are actions (`rollout.unit_mask`).
 
-PolicyAggregation = ("token", "sequence")
-
-
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The k3 estimator of KL(pi || ref) per unit (Schulman, "Approximating KL divergence", 2020).
 
@@ -169,7 +169,7 @@ def policy_loss(
     latent_steps: int = 0,
     latent_clip_low: float | None = None,
     latent_clip_high: float | None = None,
-    aggregation: str = "token",
+    aggregation: PolicyAggregation = "token",
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -191,7 +191,7 @@ def policy_loss(
     Stats (detached, sums over real units, for the caller to reduce): `clipped`, `kl`, `ratio`,
     `units`, and the latent units' share: `latent_clipped`, `latent_kl`, `latent_units`.
     """
-    if aggregation not in PolicyAggregation:
+    if aggregation not in get_args(PolicyAggregation):
         raise ValueError(f"unknown aggregation {aggregation!r}; expected token or sequence")
     if not (logp.shape == old_logp.shape == mask.shape):
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask {tuple(mask.shape)} differ")

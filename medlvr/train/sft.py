@@ -391,11 +391,7 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int)
     """Per-sample answer CE `[B]`, alignment loss `[B]` (zero without ROI), the ROI mask `[B]`, and the forward."""
     if cfg.mode == "teacher_forced":
         # Targets first (no grad: they are detached anyway), then one parallel pass with them as latents.
-        with torch.no_grad():
-            visual = vlm.adapter.image_features(vlm.base_model, {k_: v.to(vlm.device) if torch.is_tensor(v) else v for k_, v in batch.items()})
-            from medlvr.model.latent import _per_sample
-
-            per_sample = _per_sample(visual, batch, len(batch["sample_ids"]))
+        per_sample = vlm.visual_tokens(batch)
         targets, mask, negatives = _roi_targets(cfg, per_sample, batch, k, fed=True)
         # Samples without ROI get the whole image pooled into K chunks as latent inputs.
         fill = torch.stack([_pool_all(v.detach().float(), k) for v in per_sample])

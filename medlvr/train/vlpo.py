@@ -216,7 +216,7 @@ def held_out_reward(
         visual = roi = None
         if rewards.needs_visual:
             batch = collate(chunk, images=images)
-            visual, roi = _visual_tokens(vlm, batch), batch["roi_index"]
+            visual, roi = vlm.visual_tokens(batch), batch["roi_index"]
         ctxs = [
             RewardContext(stopped=s, n_tokens=len(t), visual_tokens=None if visual is None else visual[j // n_samples],
                           roi_index=None if roi is None else roi[j // n_samples])
@@ -230,14 +230,6 @@ def held_out_reward(
         sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     n = max(float(sums[2]), 1.0)
     return {"reward": float(sums[0]) / n, "accuracy": float(sums[1]) / n}
-
-
-def _visual_tokens(vlm: Any, batch: dict[str, Any]) -> list[torch.Tensor]:
-    from medlvr.model.latent import _per_sample
-
-    moved = {k: v.to(vlm.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    visual = vlm.adapter.image_features(vlm.base_model, moved)
-    return [v.detach() for v in _per_sample(visual, batch, len(batch["sample_ids"]))]
 
 
 # ---------------------------------------------------------------------------- the loop
