@@ -55,7 +55,7 @@ def one(args: argparse.Namespace) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        ce, al, roi = _losses(cfg, vlm, vlm, batch, k)
+        ce, al, roi, _ = _losses(cfg, vlm, vlm, batch, k)
         loss = ce.mean() + (cfg.align.weight * al.sum() / roi.sum().clamp_min(1) if mode == "roi" else 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)

@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from medlvr import inference
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
 
@@ -106,21 +107,11 @@ class InputError(MedlvrError):
 
 
 def parse_options(text: str) -> dict[str, str]:
-    """One option per line, `A=text`, `A. text` or `A) text`; blank lines ignored."""
-    options: dict[str, str] = {}
-    for line in (text or "").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        letter, rest = line[:1].upper(), line[1:].lstrip()
-        if not letter.isalpha() or not rest[:1] in ("=", ".", ")", ":") or not rest[1:].strip():
-            raise InputError(f"options: write one per line as A=text; cannot read {line!r}")
-        if letter in options:
-            raise InputError(f"options: letter {letter} appears twice")
-        options[letter] = rest[1:].strip()
-    if len(options) == 1:
-        raise InputError("options: give at least two, or none for an open question")
-    return options
+    """The options box: one option per line (`medlvr.inference.parse_options`' grammar)."""
+    try:
+        return inference.parse_options((text or "").splitlines(), "options (one per line)")
+    except MedlvrError as err:
+        raise InputError(str(err)) from None
 
 
 class DemoService:
@@ -214,7 +205,6 @@ class DemoService:
 
     def _answer(self, path, question, options_text, latent_steps) -> Result:
         from medlvr.explain import explain, figure_image
-        from medlvr.inference import answer_one
 
         question = (question or "").strip()
         if not question:
@@ -229,7 +219,7 @@ class DemoService:
         start = time.perf_counter()
         with self._lock:
             if k == 0:
-                ans = answer_one(self.vlm, [image], question, options, latent_steps=0, max_new_tokens=self.cfg.max_new_tokens)
+                ans = inference.answer_one(self.vlm, [image], question, options, latent_steps=0, max_new_tokens=self.cfg.max_new_tokens)
                 text, gen_s, evidence, regions = ans.text, ans.seconds, None, None
                 note = "K = 0: answered directly, so there are no latent steps to show."
             else:

@@ -505,17 +505,6 @@ class VLPOConfig:
                               "trajectories per process and step (batch_size x vlpo.group_size)")
 
     @property
-    def latent_steps(self) -> int:
-        """K of the policy (the shared model builder reads it)."""
-        return self.latent.steps
-
-    @property
-    def mode(self) -> str:
-        """The SFT mode with the same model set-up, for the shared builder: the projector
-        trains only when there are latent steps (`plain` when K = 0)."""
-        return "latent" if self.latent.steps > 0 else "plain"
-
-    @property
     def optimizer_steps(self) -> int:
         """Optimizer steps over the whole run (for the learning-rate schedule)."""
         return self.max_steps * self.vlpo.update_epochs * self.vlpo.mini_batches

@@ -50,6 +50,7 @@ from medlvr.data.collate import VQACollator
 from medlvr.data.roi import hop_of_steps, roi_hops
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
+from medlvr.inference import answer_one
 from medlvr.model.backbones import TokenGrid
 from medlvr.model.latent import GenerationOutput, LatentVLM, eager_attention
 
@@ -257,20 +258,17 @@ def explain(
     config: ExplainConfig | None = None,
 ) -> Explanation:
     """Answer one question with K latent steps and compute where each step points (one generation)."""
-    from medlvr.inference import make_sample
 
     cfg = config or ExplainConfig()
     images = [im.convert("RGB") for im in images]
     if not images:
         raise MedlvrError("explanations need at least one image")
-    k = vlm.latent.steps if latent_steps is None else int(latent_steps)
+    k = vlm.resolve_steps(latent_steps)
     if k < 1:
         raise MedlvrError(f"there is nothing to explain with {k} latent steps: use --latent-steps >= 1")
-    collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
-    batch = collate([make_sample(images, question, options)], images=[images])
-    out = vlm.generate(batch, k, max_new_tokens=max_new_tokens, output_attentions=True)
-    maps = compute_maps(vlm, batch, out, [images], cfg)[0]
-    return Explanation(question, out.texts[0], k, out.timings["total_s"], images, maps, cfg)
+    ans = answer_one(vlm, images, question, options, latent_steps=k, max_new_tokens=max_new_tokens, output_attentions=True)
+    maps = compute_maps(vlm, ans.batch, ans.output, [images], cfg)[0]
+    return Explanation(question, ans.text, k, ans.seconds, images, maps, cfg)
 
 
 def top_regions(values: torch.Tensor, grid: TokenGrid, k: int) -> list[dict[str, Any]]:
@@ -425,7 +423,7 @@ def explain_metrics(
     `images` (one list per sample) skips loading from the samples' paths.
     """
     cfg = config or ExplainConfig()
-    k = vlm.latent.steps if latent_steps is None else int(latent_steps)
+    k = vlm.resolve_steps(latent_steps)
     if k < 1:
         raise MedlvrError(f"explanation metrics need latent steps >= 1, got {k}")
     if images is not None and len(images) != len(samples):

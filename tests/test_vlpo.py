@@ -309,8 +309,7 @@ def _cfg(tmp_path: Path, model_path: Path, synth, *extra: str) -> VLPOConfig:
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_first_epoch_ratio_is_one_kl_zero_then_positive(tmp_path, tiny_dir, synth, finetune):
     from medlvr.train.optim import build_optimizer
-    from medlvr.train.sft import build_model
-    from medlvr.train.vlpo import Reference, disable_dropout
+    from medlvr.train.vlpo import Reference, build_model, disable_dropout
 
     cfg = _cfg(tmp_path, tiny_dir, synth, f"model.finetune={finetune}", "latent.steps=2", "vlpo.beta=0.1",
                "lora.target_modules=[q_proj,v_proj,o_proj]", "optim.lr=0.05")  # fmt: skip

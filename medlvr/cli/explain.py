@@ -20,7 +20,7 @@ def explain(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
     image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
     question: str = typer.Option(..., "--question", help="The question."),
-    option: list[str] = typer.Option([], "--option", help="A choice, as LETTER=text; repeat for each option."),
+    option: list[str] = typer.Option([], "--option", help="A choice, as A=text (or A. text, A) text); repeat for each option."),
     latent_steps: int | None = typer.Option(None, "--latent-steps", help="K latent steps (default: the model's; at least 1)."),
     out: Path = typer.Option(Path("explanation.png"), "--out", help="The figure (PNG); the regions JSON goes beside it."),
     temperature: float = typer.Option(0.1, help="Softmax temperature of the similarity maps."),
@@ -38,7 +38,9 @@ def explain(
         raise ValueError(f"--out must be a .png file, got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the figure's file name")
-    options = _parse_options(option)
+    from medlvr.inference import parse_options
+
+    options = parse_options(option)
 
     from medlvr.data.images import load_image
     from medlvr.explain import ExplainConfig
@@ -59,13 +61,3 @@ def explain(
         console.print(f"image {entry['image'] + 1}: similarity peak at cell {top['cell']} box {top['box']} (score {top['score']:.3f})", highlight=False)
     console.print(f"wrote {png} and {js}", highlight=False)
 
-
-def _parse_options(items: list[str]) -> dict[str, str]:
-    """`["A=left lung", "B=right lung"]` -> `{"A": "left lung", "B": "right lung"}` (as `medlvr predict`)."""
-    options: dict[str, str] = {}
-    for item in items:
-        letter, sep, text = item.partition("=")
-        if not sep or len(letter.strip()) != 1 or not letter.strip().isalpha() or not text.strip():
-            raise ValueError(f"--option must look like A=text, got {item!r}")
-        options[letter.strip().upper()] = text.strip()
-    return options

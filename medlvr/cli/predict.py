@@ -19,7 +19,7 @@ def predict(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
     image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
     question: str = typer.Option(..., "--question", help="The question."),
-    option: list[str] = typer.Option([], "--option", help="A choice, as LETTER=text; repeat for each option."),
+    option: list[str] = typer.Option([], "--option", help="A choice, as A=text (or A. text, A) text); repeat for each option."),
     latent_steps: int | None = typer.Option(None, "--latent-steps", help="K latent steps (default: the model's)."),
     max_new_tokens: int = typer.Option(32, help="Answer token limit."),
 ) -> None:
@@ -28,15 +28,10 @@ def predict(
         raise ValueError(f"--latent-steps must be >= 0, got {latent_steps}")
     if not image:
         raise ValueError("an image question needs at least one --image")
-    options: dict[str, str] = {}
-    for item in option:
-        letter, sep, text = item.partition("=")
-        if not sep or len(letter.strip()) != 1 or not letter.strip().isalpha() or not text.strip():
-            raise ValueError(f"--option must look like A=text, got {item!r}")
-        options[letter.strip().upper()] = text.strip()
-
     from medlvr.data.images import load_image
-    from medlvr.inference import answer_one
+    from medlvr.inference import answer_one, parse_options
+
+    options = parse_options(option)
     from medlvr.model.latent import LatentVLM
 
     images = [load_image(p) for p in image]  # unreadable paths fail here, before loading the model

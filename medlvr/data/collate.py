@@ -8,7 +8,7 @@ mask is exactly the answer (prompt and latent positions never carry labels).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ class VQACollator:
         with_rois: bool = True,
         image_loader: Callable[[str], Image.Image] = _default_loader,
         max_answer_tokens: int = 64,
-        token_labeler: Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], torch.Tensor] | None = None,
+        sample_fields: Mapping[str, Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], Any]] | None = None,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -50,7 +50,9 @@ class VQACollator:
         self.with_rois = with_rois
         self.load = image_loader
         self.max_answer_tokens = max_answer_tokens
-        self.token_labeler = token_labeler  # e.g. `medlvr.train.probe.TokenLabeler`: per-token class ids
+        # Extra batch keys, one value per sample from (sample, token grids, image sizes): what an
+        # auxiliary loss reads (`medlvr.train.auxiliary`), e.g. the probe's per-token labels.
+        self.sample_fields = dict(sample_fields or {})
         stops = adapter.stop_token_ids(self.tokenizer)
         # The chat turn's end token (e.g. <|im_end|>) ends every answer.
         self.stop_token = self.tokenizer.eos_token if self.tokenizer.eos_token_id in stops else self.tokenizer.convert_ids_to_tokens(stops[0])
@@ -88,8 +90,8 @@ class VQACollator:
         if self.with_rois:
             batch["roi_index"] = [self._roi_index(s, imgs) for s, imgs in zip(samples, images)]
             batch["roi_hop_index"] = [hop_roi_indices(s, *self._grids(imgs)) if imgs else [] for s, imgs in zip(samples, images)]
-        if self.token_labeler is not None:
-            batch["token_labels"] = [self.token_labeler(s, *self._grids(imgs)) for s, imgs in zip(samples, images)]
+        for key, field in self.sample_fields.items():
+            batch[key] = [field(s, *self._grids(imgs)) for s, imgs in zip(samples, images)]
         return batch
 
     def _grids(self, images: Sequence[Image.Image]) -> tuple[list[TokenGrid], list[tuple[int, int]]]:

@@ -316,7 +316,8 @@ class LatentVLM(nn.Module):
         # The backbone's own embedding module (Gemma's scales by sqrt(d) inside it).
         return self.backbone.get_input_embeddings()(ids)
 
-    def _steps(self, latent_steps: int | None) -> int:
+    def resolve_steps(self, latent_steps: int | None) -> int:
+        """K for one call: `latent_steps`, or the model's own (`latent.steps`) when it is None."""
         k = self.latent.steps if latent_steps is None else int(latent_steps)
         if k < 0:
             raise MedlvrError(f"latent steps must be >= 0, got {k}")
@@ -454,7 +455,7 @@ class LatentVLM(nn.Module):
         that returns weights), switched on for the latent steps and restored afterwards.
         """
         self._check_batch(batch)
-        k_steps = self._steps(latent_steps)
+        k_steps = self.resolve_steps(latent_steps)
         self.check_length(batch["input_ids"].shape[1], k_steps, max_new_tokens)
         if latent_sigma > 0 and self.pause is not None:
             raise MedlvrError("latent_sigma > 0 explores around the fed-back state; latent.input=pause feeds learned constants")
@@ -543,7 +544,7 @@ class LatentVLM(nn.Module):
         self._check_batch(batch)
         if batch.get("answer_ids") is None or batch.get("answer_mask") is None:
             raise MedlvrError("a training batch needs answer_ids and answer_mask")
-        k_steps = self._steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
+        k_steps = self.resolve_steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
         answer = batch["answer_ids"].to(self.device)
         amask = batch["answer_mask"].to(self.device)
         if answer.shape[0] != batch["input_ids"].shape[0]:

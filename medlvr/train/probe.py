@@ -11,13 +11,14 @@ docs/results.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medlvr.config import ProbeConfig
 from medlvr.data.roi import box_to_tokens
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
@@ -125,4 +126,33 @@ class TokenProbe(nn.Module):
         return torch.stack(losses), hits
 
 
-__all__ = ["BACKGROUND", "IGNORE", "TokenLabeler", "TokenProbe", "TokenTargets", "probe_labels", "token_centres"]
+class ProbeLoss:
+    """The probe as an auxiliary loss of `run_sft` (`medlvr.train.auxiliary.AuxiliaryLoss`).
+
+    Logs `probe` (the mean loss over probed samples) and `probe_acc` (foreground tokens only).
+    """
+
+    name = "probe"
+
+    def __init__(self, cfg: ProbeConfig, samples: Sequence[VQASample], hidden_size: int):
+        labeler = TokenLabeler(cfg.labels or probe_labels(samples, cfg.question_types), cfg.question_types)
+        self.weight = cfg.weight
+        self.module = TokenProbe(hidden_size, labeler.classes, cfg.position_weight)
+        self.sample_fields = {"token_labels": labeler}
+
+    def loss(self, module: nn.Module, fwd: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, hits = module(fwd.visual_tokens, batch["token_labels"])  # [B], [3]
+        right, tokens, probed = hits.tolist()
+        return loss, {"probe": float(loss.detach().sum()), "probe_right": right, "probe_tokens": tokens, "probe_samples": probed}
+
+    def metrics(self, totals: Mapping[str, float]) -> dict[str, float | None]:
+        return {
+            "probe": totals["probe"] / totals["probe_samples"] if totals["probe_samples"] else None,  # mean over probed samples
+            "probe_acc": totals["probe_right"] / totals["probe_tokens"] if totals["probe_tokens"] else None,  # foreground tokens only
+        }
+
+    def progress(self, row: Mapping[str, Any]) -> str:
+        return f" probe {row['probe']:.3f}" if row.get("probe") is not None else ""
+
+
+__all__ = ["BACKGROUND", "IGNORE", "ProbeLoss", "TokenLabeler", "TokenProbe", "TokenTargets", "probe_labels", "token_centres"]

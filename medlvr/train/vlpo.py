@@ -24,8 +24,9 @@ Per step, on every process (B = batch_size prompts, G = vlpo.group_size):
 
 Dropout is switched off for the whole run (as TRL's GRPO does): the ratio must compare
 the same function, so at the first update epoch on fresh rollouts it is exactly 1.
-The model set-up (freezing, LoRA), optimizer, schedule, data stream, checkpoints and
-the metrics logger are the SFT stage's (`medlvr.train.sft`, `optim`, `data`, `checkpoint`).
+The model set-up (freezing, LoRA), accelerator, validation, checkpoints, export and the
+metrics logger are the training wing's shared ones (`medlvr.train.setup`), as are the
+optimizer, schedule and data stream (`optim`, `data`); `sft.py` is a sibling, not a base.
 """
 
 from __future__ import annotations
@@ -33,22 +34,29 @@ from __future__ import annotations
 import functools
 import json
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch import nn
 
-from medlvr.config import VLPOConfig
+from medlvr.config import VLPOConfig, save_config
+from medlvr.data.collate import VQACollator
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
-from medlvr.rundir import check_launch, holds_run_folder
-from medlvr.train.data import SampleStream, TrainSet, check_files, load_image, load_train_set
+from medlvr.eval.metrics import accuracy_reward
+from medlvr.model.latent import LATENT_CONFIG_FILE, PROJECTOR_FILE, LatentProjector, LatentVLM
+from medlvr.rundir import holds_run_folder
+from medlvr.train import checkpoint as ckpt
+from medlvr.train import setup
+from medlvr.train.data import SampleStream, TrainSet, load_image, load_train_set
 from medlvr.train.losses import kl_k3, policy_loss, policy_normaliser
+from medlvr.train.optim import build_optimizer, build_scheduler
 from medlvr.train.rewards import RewardContext, RewardSet
 from medlvr.train.rollout import (
     Rollouts,
@@ -56,23 +64,14 @@ from medlvr.train.rollout import (
     flat_groups,
     group_advantages,
     latents_are_actions,
-    sample_rollouts,
     pad_id,
+    sample_rollouts,
     trajectory_logprobs,
     unit_mask,
 )
+from medlvr.train.setup import TrainResult, validation_accuracy
 
-
-@dataclass
-class VLPOResult:
-    """What `run_vlpo` returns."""
-
-    output_dir: Path
-    final_model: Path
-    steps: int
-    metrics: dict[str, Any]  # the last logged row, plus held-out `val_*` numbers when `data.val` is set
-    history: list[dict[str, Any]] = field(default_factory=list)
-    model: Any = None  # the trained LatentVLM in memory (LoRA merged when the export merged it); None for a finished run's no-op resume
+VLPOResult = TrainResult  # what `run_vlpo` returns
 
 
 # ---------------------------------------------------------------------------- checks and set-up
@@ -80,8 +79,6 @@ class VLPOResult:
 
 def check_config(cfg: VLPOConfig) -> TrainSet:
     """Everything checkable before loading a model: paths, records, rewards, the checkpoint's latent set-up."""
-    from medlvr.model.latent import LATENT_CONFIG_FILE
-
     if not cfg.model.path:
         raise MedlvrError("model.path is not set: give the SFT checkpoint with --init (e.g. runs/sft/final)")
     path = Path(cfg.model.path)
@@ -102,15 +99,17 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
             "(latent.input=pause, the pause-token control) feeds learned constants: start VLPO from a "
             "latent.input=hidden checkpoint"
         )
-    if not cfg.data.train:
-        raise MedlvrError("data.train is empty: give one or more JSONL files of prompts with gold answers")
-    check_files(cfg.data.train, "training data")
-    if cfg.data.val:
-        check_files([cfg.data.val], "validation data")
-    if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train):
-        raise MedlvrError(f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train files")
+    setup.check_data_files(cfg, "JSONL files of prompts with gold answers")
     RewardSet(cfg.vlpo.rewards)  # unknown names and bad import paths fail here
     return load_train_set(cfg.data.train, cfg.data.max_samples)
+
+
+def build_model(cfg: VLPOConfig, resume_dir: Path | None) -> LatentVLM:
+    """The policy `setup.build_model` builds, with dropout off; the projector trains when the latents are actions."""
+    trains_latents = latents_are_actions(cfg.latent.steps, cfg.vlpo.latent_policy, cfg.vlpo.latent_sigma)
+    vlm = setup.build_model(cfg, cfg.latent, resume_dir, train_projector=trains_latents, train_pause=False)
+    disable_dropout(vlm)
+    return vlm
 
 
 def disable_dropout(module: nn.Module) -> None:
@@ -124,10 +123,6 @@ def disable_dropout(module: nn.Module) -> None:
 
 def _reference_projector(cfg: VLPOConfig, vlm: Any) -> nn.Module:
     """The starting checkpoint's latent projector (LoRA's reference keeps it; the adapter does not hold it)."""
-    from safetensors.torch import load_file
-
-    from medlvr.model.latent import PROJECTOR_FILE, LatentProjector
-
     proj = LatentProjector(cfg.latent.projector, vlm.hidden_size, embed_rms=vlm._embed_rms())
     f = Path(cfg.model.path) / PROJECTOR_FILE
     if f.is_file():
@@ -146,8 +141,6 @@ class Reference:
             self.projector = _reference_projector(cfg, vlm)
             self.copy = None
         else:
-            from medlvr.model.latent import LatentVLM
-
             self.copy = LatentVLM.from_pretrained(cfg.model.path, vlm.latent, dtype=vlm.backbone.dtype, device=vlm.device,
                                                   allow_pickle=cfg.model.allow_pickle)
             self.copy.requires_grad_(False)
@@ -196,9 +189,6 @@ def held_out_reward(
     This is the quantity VLPO optimises, measured on prompts it never trains on: rollouts
     with the training temperature and latent sigma, a fixed seed, the same reward set.
     """
-    from medlvr.data.collate import VQACollator
-    from medlvr.eval.metrics import accuracy_reward
-
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = list(samples)[rank::world]
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual)
@@ -238,38 +228,23 @@ def held_out_reward(
 @holds_run_folder(lambda args: args["cfg"].output_dir, "output_dir")  # one run writes it at a time
 def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> VLPOResult:
     """Optimise the policy of `cfg` from the checkpoint `model.path`; export to `output_dir/final`."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from medlvr.config import save_config
-    from medlvr.data.collate import VQACollator
-    from medlvr.eval.metrics import accuracy_reward
-    from medlvr.train import checkpoint as ckpt
-    from medlvr.train.optim import build_optimizer, build_scheduler
-    from medlvr.train.sft import _precision, build_model, validation_accuracy
-
-    torch.set_flush_denormal(True)  # denormals made early CPU steps ~7x slower (NOTES-synthetic.md)
     data = check_config(cfg)
     p = cfg.vlpo
     rewards = RewardSet(p.rewards)
     val_samples = read_jsonl(cfg.data.val)[: cfg.data.val_samples or None] if cfg.data.val else []
 
-    accelerator = Accelerator(mixed_precision=_precision(cfg.model.precision), cpu=not torch.cuda.is_available())
-    check_launch(accelerator.num_processes, accelerator.distributed_type)  # N lone copies would share output_dir
+    accelerator = setup.open_accelerator(cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     out_dir = Path(cfg.output_dir)
     resume_dir = ckpt.start_or_resume(accelerator, cfg)  # refuses a run it would overwrite or mix
     done = ckpt.recorded_result(out_dir, resume_dir, cfg.max_steps)
     if done is not None:  # resuming a finished run is a no-op (no model load, nothing rewritten)
-        return VLPOResult(out_dir, Path(done["final_model"]), done["steps"], done["metrics"], [])
+        return TrainResult(out_dir, Path(done["final_model"]), done["steps"], done["metrics"])
 
     set_seed(cfg.seed)
     k_steps = cfg.latent.steps
-    vlm = build_model(cfg, resume_dir)  # freezing, LoRA, checkpointing: the SFT set-up
-    disable_dropout(vlm)
+    vlm = build_model(cfg, resume_dir)
     trains_latents = latents_are_actions(k_steps, p.latent_policy, p.latent_sigma)
-    for q in vlm.projector.parameters():
-        q.requires_grad_(trains_latents)  # an unused trainable parameter would also break DDP
     reference = Reference(cfg, vlm) if p.beta > 0 else None
     optimizer = build_optimizer(vlm.named_parameters(), cfg.optim)
     total_opt_steps = cfg.optimizer_steps
@@ -292,7 +267,8 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
         trajectory_logprobs, temperature=p.temperature, latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
         latent_logprob=p.latent_logprob,
     )  # (model, batch, latents) -> TrajectoryLogprobs, for the rollout policy, the reference and the update
-    log = _VLPOLogger(cfg, accelerator, out_dir, resume_step=step if resume_dir is not None else 0)
+    log = setup.Logger(accelerator, out_dir, cfg.log, label="vlpo", info=_progress_line,
+                       resume_step=step if resume_dir is not None else 0)  # fmt: skip
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -357,8 +333,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 4. clipped policy updates
             t0 = time.perf_counter()
-            # clipped units, kl sum, ratio sum, units, loss sum, clipped latent units, latent units
-            stats = torch.zeros(7, dtype=torch.float64)
+            stats = dict.fromkeys(("clipped", "kl", "ratio", "units", "loss", "latent_clipped", "latent_units"), 0.0)
             grad_norms: list[float] = []
             for _epoch in range(p.update_epochs):
                 for group in parts_per_opt:
@@ -367,7 +342,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                     for n_mb, j in enumerate(group):
                         mb = micro[j]
                         sync = n_mb == len(group) - 1
-                        with (accelerator.no_sync(model) if not sync else _null()):
+                        with accelerator.no_sync(model) if not sync else nullcontext():
                             with accelerator.autocast():
                                 lp = logprobs(model, mb.batch, mb.latents)
                             per_seq, st = policy_loss(
@@ -378,9 +353,8 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                             )  # fmt: skip
                             loss = per_seq.sum() / max(norm, 1.0)
                             accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global sum
-                        stats += torch.tensor([float(st["clipped"]), float(st["kl"]), float(st["ratio"]),
-                                               float(st["units"]), float(loss.detach()),
-                                               float(st["latent_clipped"]), float(st["latent_units"])], dtype=torch.float64)  # fmt: skip
+                        for key in stats:
+                            stats[key] += float(loss.detach()) if key == "loss" else float(st[key])
                     if cfg.optim.max_grad_norm > 0:
                         grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)))
                     optimizer.step()
@@ -390,50 +364,50 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             step += 1
             pos += cfg.batch_size * world
 
-            # ---- metrics (reduced over processes)
+            # ---- metrics: this process's sums, reduced over processes
             acc = torch.tensor([accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts)])
             flat = flat_groups(reward, p.group_size).float()
             kl_units = [kl_k3(o, r) * mb.mask for o, r, mb in zip(old, ref, micro)]  # [n, K + T] each (none without a reference)
-            kl_rollout = sum(float(u.sum()) for u in kl_units)
-            kl_latent = sum(float(u[:, :k_steps].sum()) for u in kl_units)
             z = ro.latents.float()
-            local = torch.tensor([
-                float(reward.sum()), float(reward.pow(2).sum()), float(acc.sum()), n_traj,
-                float(flat.sum()), float(flat.numel()), entropy_sum, float(sum(mb.amask.sum() for mb in micro)),
-                float(z.norm(dim=-1).mean(-1).sum()) if k_steps else 0.0,
-                float(sum(len(t) for t in ro.token_ids)), float(sum(ro.stopped)), kl_rollout,
-                float(sum(mb.mask.sum() for mb in micro)),
-                *[float(v.sum()) for v in parts.values()], *stats.tolist(),
-                kl_latent, float(sum(mb.mask[:, :k_steps].sum() for mb in micro)),
-            ], dtype=torch.float64)  # fmt: skip
-            tot = accelerator.reduce(local.to(accelerator.device), "sum").cpu() if world > 1 else local
-            n = float(tot[3])
-            mean_r = float(tot[0]) / n
+            sums = {
+                "reward": float(reward.sum()), "reward_sq": float(reward.pow(2).sum()), "accuracy": float(acc.sum()),
+                "trajectories": n_traj, "flat": float(flat.sum()), "groups": float(flat.numel()), "entropy": entropy_sum,
+                "answer_tokens": float(sum(mb.amask.sum() for mb in micro)),
+                "latent_norm": float(z.norm(dim=-1).mean(-1).sum()) if k_steps else 0.0,
+                "response_tokens": float(sum(len(t) for t in ro.token_ids)), "stopped": float(sum(ro.stopped)),
+                "kl_rollout": sum(float(u.sum()) for u in kl_units), "rollout_units": float(sum(mb.mask.sum() for mb in micro)),
+                **{f"reward/{name}": float(v.sum()) for name, v in parts.items()},
+                **{f"update_{key}": v for key, v in stats.items()},
+                "kl_latent": sum(float(u[:, :k_steps].sum()) for u in kl_units),
+                "rollout_latent_units": float(sum(mb.mask[:, :k_steps].sum() for mb in micro)),
+            }  # fmt: skip
+            tot = setup.reduce_sums(accelerator, sums)
+            n = tot["trajectories"]
+            mean_r = tot["reward"] / n
             row: dict[str, Any] = {
                 "step": step,
                 "reward_mean": mean_r,
-                "reward_std": max(float(tot[1]) / n - mean_r**2, 0.0) ** 0.5,
-                "accuracy": float(tot[2]) / n,
-                "flat_groups": float(tot[4]) / max(float(tot[5]), 1.0),
-                "entropy": float(tot[6]) / max(float(tot[7]), 1.0),
-                "latent_norm": float(tot[8]) / n if k_steps else None,
-                "response_tokens": float(tot[9]) / n,
-                "stopped": float(tot[10]) / n,
-                "kl": float(tot[11]) / max(float(tot[12]), 1.0) if ref else None,
+                "reward_std": max(tot["reward_sq"] / n - mean_r**2, 0.0) ** 0.5,
+                "accuracy": tot["accuracy"] / n,
+                "flat_groups": tot["flat"] / max(tot["groups"], 1.0),
+                "entropy": tot["entropy"] / max(tot["answer_tokens"], 1.0),
+                "latent_norm": tot["latent_norm"] / n if k_steps else None,
+                "response_tokens": tot["response_tokens"] / n,
+                "stopped": tot["stopped"] / n,
+                "kl": tot["kl_rollout"] / max(tot["rollout_units"], 1.0) if ref else None,
             }
-            for i, name in enumerate(parts):
-                row[f"reward/{name}"] = float(tot[13 + i]) / n
-            s0 = 13 + len(parts)
-            units = max(float(tot[s0 + 3]), 1.0)
-            row["clip_fraction"] = float(tot[s0]) / units
-            latent_units = float(tot[s0 + 6])  # per update pass; tot[s0 + 8]: in the rollouts once
-            row["clip_fraction_latent"] = float(tot[s0 + 5]) / latent_units if latent_units else None
-            row["kl_latent"] = float(tot[s0 + 7]) / float(tot[s0 + 8]) if ref and latent_units else None
-            row["kl_update"] = float(tot[s0 + 1]) / units if ref else None
-            row["ratio_mean"] = float(tot[s0 + 2]) / units
+            for name in parts:
+                row[f"reward/{name}"] = tot[f"reward/{name}"] / n
+            units = max(tot["update_units"], 1.0)
+            row["clip_fraction"] = tot["update_clipped"] / units
+            latent_units = tot["update_latent_units"]  # per update pass; rollout_latent_units: in the rollouts once
+            row["clip_fraction_latent"] = tot["update_latent_clipped"] / latent_units if latent_units else None
+            row["kl_latent"] = tot["kl_latent"] / tot["rollout_latent_units"] if ref and latent_units else None
+            row["kl_update"] = tot["update_kl"] / units if ref else None
+            row["ratio_mean"] = tot["update_ratio"] / units
             # Each process's loss is its share of the global sum (normalised over all processes), so
             # the reduced sum is already the global loss: mean over the step's optimizer steps.
-            row["loss"] = float(tot[s0 + 4]) / (p.update_epochs * len(parts_per_opt))
+            row["loss"] = tot["update_loss"] / (p.update_epochs * len(parts_per_opt))
             row["lr"] = scheduler.get_last_lr()[0]
             row["optimizer_steps"] = scheduler.last_epoch  # update_epochs x mini_batches per step, whatever the process count
             row["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
@@ -441,32 +415,27 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             row["trajectories_per_s"] = n_traj / max(sum(times.values()), 1e-9)
             row["samples_seen"] = pos
             if cfg.log.val_every and val_samples and step % cfg.log.val_every == 0 and step < cfg.max_steps:
-                row.update(_validate(cfg, vlm, val_samples, rewards, accelerator, validation_accuracy))
+                row.update(_validate(cfg, vlm, val_samples, rewards, accelerator))
             last_row = row
             if step % cfg.log.every == 0 or step == cfg.max_steps or "val_reward" in row:
                 history.append(row)
                 log.write(row)
             log.advance(row)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.max_steps:
-                _save(ckpt, cfg, accelerator, model, vlm, optimizer, scheduler, out_dir, step, pos, row)
+                _save(cfg, accelerator, model, vlm, optimizer, scheduler, step, pos, row)
             if on_step is not None:
                 on_step(row)
     finally:
         log.stop()
 
     if step > start_step:  # else the resumed checkpoint is this step's (do not overwrite it)
-        _save(ckpt, cfg, accelerator, model, vlm, optimizer, scheduler, out_dir, step, pos, last_row)
+        _save(cfg, accelerator, model, vlm, optimizer, scheduler, step, pos, last_row)
     metrics = dict(last_row)
     if val_samples:
-        metrics.update(_validate(cfg, vlm, val_samples, rewards, accelerator, validation_accuracy))
+        metrics.update(_validate(cfg, vlm, val_samples, rewards, accelerator))
         log.write({"step": step, **{k: v for k, v in metrics.items() if k.startswith("val_")}, "final": True})
-    final = out_dir / "final"
-    if accelerator.is_main_process:
-        ckpt.export_final(vlm, final, lora=cfg.model.finetune == "lora", merge_lora=cfg.checkpoint.merge_lora)
-        (out_dir / "result.json").write_text(json.dumps({"steps": step, "metrics": metrics, "final_model": str(final)}, indent=2))
-    accelerator.wait_for_everyone()
-    log.close()
-    return VLPOResult(out_dir, final, step, metrics, history, vlm)
+    final = setup.export(cfg, accelerator, vlm, log, step, metrics)
+    return TrainResult(out_dir, final, step, metrics, history, vlm)
 
 
 @dataclass
@@ -503,7 +472,7 @@ def _micro_batch(ro: Rollouts, rows: list[int], collate: Any, pad: int, latent_a
     return _Micro(rows, batch, ro.latents[rows], mask, batch["answer_mask"], len(rows))
 
 
-def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: RewardSet, accelerator: Any, validation_accuracy: Any) -> dict[str, float]:
+def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: RewardSet, accelerator: Any) -> dict[str, float]:
     p = cfg.vlpo
     held = held_out_reward(
         vlm, samples, rewards, latent_steps=cfg.latent.steps, n_samples=p.eval_samples, temperature=p.temperature,
@@ -517,45 +486,23 @@ def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: Rewa
     return {"val_reward": held["reward"], "val_sampled_accuracy": held["accuracy"], "val_accuracy": greedy}
 
 
-def _save(ckpt: Any, cfg: VLPOConfig, accelerator: Any, model: Any, vlm: Any, optimizer: Any, scheduler: Any,
-          out_dir: Path, step: int, pos: int, row: dict[str, Any]) -> None:  # fmt: skip
-    ckpt.save_checkpoint(
-        accelerator, model, vlm, optimizer, scheduler, output_dir=out_dir, step=step,
-        trainer_state={"samples_seen": pos, "prompts_per_step": cfg.batch_size * accelerator.num_processes,
-                       "group_size": cfg.vlpo.group_size, "metrics": row},
-        config=cfg, lora=cfg.model.finetune == "lora", save_optimizer=cfg.checkpoint.save_optimizer,
-        keep_last=cfg.checkpoint.keep_last,
-    )  # fmt: skip
+def _save(cfg: VLPOConfig, accelerator: Any, model: Any, vlm: Any, optimizer: Any, scheduler: Any, step: int, pos: int,
+          row: dict[str, Any]) -> None:  # fmt: skip
+    setup.save(cfg, accelerator, model, vlm, optimizer, scheduler, step=step, trainer_state={
+        "samples_seen": pos, "prompts_per_step": cfg.batch_size * accelerator.num_processes,
+        "group_size": cfg.vlpo.group_size, "metrics": row,
+    })  # fmt: skip
 
 
-@contextmanager
-def _null():
-    yield
+def _progress_line(row: dict[str, Any]) -> str:
+    """The progress bar's metrics line."""
+    info = f"reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} acc {row['accuracy']:.3f} clip {row['clip_fraction']:.3f}"
+    if row.get("kl") is not None:
+        info += f" kl {row['kl']:.4f}"
+    info += f" flat {row['flat_groups']:.2f} {row['trajectories_per_s']:.1f} traj/s"
+    if row.get("val_reward") is not None:
+        info += f" val {row['val_reward']:.3f}"
+    return info
 
 
-# ---------------------------------------------------------------------------- logging
-
-
-def _logger_base() -> type:
-    from medlvr.train.sft import _Logger
-
-    return _Logger
-
-
-class _VLPOLogger(_logger_base()):  # type: ignore[misc]
-    """The SFT logger (metrics.jsonl, TensorBoard) with a VLPO progress line."""
-
-    def label(self) -> str:
-        return "vlpo"
-
-    def info(self, row: dict[str, Any]) -> str:
-        info = f"reward {row['reward_mean']:.3f}±{row['reward_std']:.3f} acc {row['accuracy']:.3f} clip {row['clip_fraction']:.3f}"
-        if row.get("kl") is not None:
-            info += f" kl {row['kl']:.4f}"
-        info += f" flat {row['flat_groups']:.2f} {row['trajectories_per_s']:.1f} traj/s"
-        if row.get("val_reward") is not None:
-            info += f" val {row['val_reward']:.3f}"
-        return info
-
-
-__all__ = ["run_vlpo", "check_config", "held_out_reward", "disable_dropout", "Reference", "VLPOResult"]
+__all__ = ["run_vlpo", "check_config", "build_model", "held_out_reward", "disable_dropout", "Reference", "VLPOResult"]
