@@ -450,6 +450,7 @@ def explain_metrics(
     # assigned to under chain alignment, against a random map and against the other hops?
     hop_hits: dict[str, list[float]] = {n: [] for n in names}
     hop_other: list[float] = []
+    by_hop: dict[int, dict[str, list[float]]] = {}  # hop j -> similarity / random hits of the steps assigned to it
     for start in range(0, len(kept), batch_size):
         chunk = kept[start : start + batch_size]
         imgs = [[im.convert("RGB") for im in (given if given is not None else [image_loader(p) for p in s.images])] for s, given in chunk]
@@ -479,6 +480,8 @@ def explain_metrics(
                 for step, j in enumerate(hop_of_steps(k, n_hops)):
                     for name, m in step_maps.items():
                         hop_hits[name].append(float(pointing_hit(m[step], hop_cov[j])))
+                        if name in ("similarity", "random"):
+                            by_hop.setdefault(j + 1, {"similarity": [], "random": []})[name].append(hop_hits[name][-1])
                     others = [c for i, c in enumerate(hop_cov) if i != j]
                     hop_other.append(float(any(pointing_hit(step_maps["similarity"][step], c) for c in others)))
             chance_hit.append(float((cov > 0).float().mean()))
@@ -502,6 +505,10 @@ def explain_metrics(
         result["hop_pointing"] = {name: mean(v) for name, v in hop_hits.items()}
         result["hop_pointing"]["similarity_other_hops"] = mean(hop_other)
         result["hop_pointing"]["steps"] = len(hop_other)
+        result["hop_pointing"]["by_hop"] = {
+            str(j): {"similarity": mean(v["similarity"]), "random": mean(v["random"]), "steps": len(v["similarity"])}
+            for j, v in sorted(by_hop.items())
+        }
     for name in names:
         entry: dict[str, Any] = {"pointing": mean(hits[name]), "roi_mass": mean(mass[name])}
         if any_hits[name]:

@@ -253,6 +253,14 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
 
             lines.append(f"| ({arm}) | {cell(hp.get('similarity'))} | {cell(hp.get('attention'))} | {cell(hp.get('random'))} | "
                          f"{cell(hp.get('similarity_other_hops'))} | {hp.get('steps', 0)} | {cell(m.get('similarity', {}).get('roi_mass'))} |")  # fmt: skip
+        by_hop = {arm: m.get("hop_pointing", {}).get("by_hop", {}) for arm, m in explain["metrics"].items()}
+        hops = sorted({int(j) for v in by_hop.values() for j in v})
+        if hops:
+            lines += ["", "Similarity pointing by the hop a step group is assigned to (random floor in brackets):", "",
+                      "| arm | " + " | ".join(f"hop {j}" for j in hops) + " |", "|---|" + "---|" * len(hops)]
+            for arm, v in by_hop.items():
+                cells = [f"{v[str(j)]['similarity']:.3f} ({v[str(j)]['random']:.3f})" if str(j) in v else "–" for j in hops]
+                lines.append(f"| ({arm}) | " + " | ".join(cells) + " |")
         for img in explain.get("images", []):
             lines.append(f"\n![explanation]({Path(img).relative_to(out)})")
 
