@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image
 
 from medlvr import inference
+from medlvr.config import ServeConfig
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
 
@@ -38,44 +39,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 CACHE_MINUTES = 10  # uploads never submitted, and the images served to the page, go after this
 # An absolute path (POSIX or Windows): messages keep only its last component.
 _PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/](?:[^\s'\"<>|\\/:]+[\\/])+([^\s'\"<>|\\/:]*)")
-
-
-@dataclass
-class ServeConfig:
-    """Settings of the web demo."""
-
-    host: str = "127.0.0.1"
-    """Interface to bind; loopback by default, so the demo is not exposed on the network by accident."""
-    port: int = 7860
-    """TCP port."""
-    max_upload_mb: float = 20.0
-    """Largest upload accepted, in megabytes (bigger files get a message, not an answer)."""
-    min_side: int = 16
-    """Smallest accepted image side in pixels."""
-    max_side: int = 8192
-    """Largest accepted image side in pixels."""
-    max_aspect: float = 20.0
-    """Largest accepted ratio of the long to the short side (the processor rejects extreme strips)."""
-    max_latent_steps: int = 16
-    """Top of the latent-budget slider."""
-    max_new_tokens: int = 32
-    """Answer token limit."""
-    examples: int = 4
-    """Synthetic benchmark examples generated for the gallery at start (0 = no gallery)."""
-    examples_seed: int = 0
-    """Seed of the gallery's synthetic scans."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise MedlvrError(f"port must be in 1..65535, got {self.port}")
-        if self.max_upload_mb <= 0:
-            raise MedlvrError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
-        if not 1 <= self.min_side <= self.max_side:
-            raise MedlvrError(f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
-        if self.max_aspect < 1:
-            raise MedlvrError(f"max_aspect must be >= 1, got {self.max_aspect}")
-        if self.max_latent_steps < 1 or self.max_new_tokens < 1 or self.examples < 0:
-            raise MedlvrError("max_latent_steps and max_new_tokens must be >= 1 and examples >= 0")
 
 
 @dataclass

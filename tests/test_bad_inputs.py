@@ -359,9 +359,11 @@ CASES: list[tuple[str, object, str]] = [
     # data synth
     ("synth level", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--level", "9"], "level must be one of"),
     ("synth image size", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--image-size", "100"], "multiple of 28"),
-    ("synth distractors", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--distractors", "x-y"], "--distractors must look like"),
+    ("synth distractors", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--distractors", "x-y"], "--distractors: expected a range 'LO-HI'"),
     ("synth families", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--families", "bogus"], "bogus"),
     ("synth n", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--n", "0"], "n must be positive"),
+    ("synth hops", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--hops", "2-9"], "hops must be a range"),
+    ("synth answers", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--answers", "digits"], "--answers: expected one of words, letters"),
     # data convert
     ("convert source", lambda w: ["data", "convert", "nope", "--root", str(w["rad"]), "--out", str(w["root"] / "o.jsonl")], "unknown source 'nope'"),
     ("convert root", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["root"] / "nowhere"), "--out", str(w["root"] / "o.jsonl")], "release folder not found"),
@@ -468,12 +470,15 @@ CASES: list[tuple[str, object, str]] = [
     ("serve upload limit", lambda w: ["serve", "--model", str(w["model"]), "--max-upload-mb", "0"], "max_upload_mb must be > 0"),
     ("serve model missing", lambda w: ["serve", "--model", str(w["root"] / "nowhere")], "model folder not found"),
     ("serve truncated model", lambda w: ["serve", "--model", str(w["truncated"])], "model.safetensors is damaged"),
+    ("serve port not a number", lambda w: ["serve", "--model", str(w["model"]), "--port", "http"], "--port: expected an integer, got 'http'"),
     ("serve pickle model", lambda w: ["serve", "--model", str(w["pickle"])], "pickle weights only"),
     # demo
     ("demo budgets", lambda w: ["demo", "--quick", "--full", "--out", str(w["root"] / "d")], "choose one of --quick and --full"),
-    ("demo seeds", lambda w: ["demo", "--seeds", "a,b", "--out", str(w["root"] / "d")], "--seeds must be integers"),
+    ("demo seeds", lambda w: ["demo", "--seeds", "a,b", "--out", str(w["root"] / "d")], "--seeds: expected an integer, got 'a'"),
     ("demo dataset", lambda w: ["demo", "--dataset", "imagenet", "--out", str(w["root"] / "d")], "imagenet"),
     ("demo arms", lambda w: ["demo", "--arms", "xyz", "--out", str(w["root"] / "d")], "unknown arm(s) x, y, z"),
+    ("demo budget twice", lambda w: ["demo", "--quick", "--budget", "full", "--out", str(w["root"] / "d")], "choose one of --budget and --quick/--full"),
+    ("backbone lr", lambda w: ["demo", "backbone", "--out", str(w["root"] / "b"), "--lr", "fast"], "--lr: expected a number, got 'fast'"),
 ]
 
 

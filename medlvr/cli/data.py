@@ -7,49 +7,31 @@ import json
 import typer
 
 from medlvr.cli._common import console, user_errors
+from medlvr.cli._options import RANGE, Grammar, Knobs, config_options
+from medlvr.data.synth import FAMILIES, SynthConfig, parse_weights
 
 app = typer.Typer(no_args_is_help=True, help="data commands.")
 
 
+def _families(text: str) -> dict[str, float]:
+    """`attribute,relational` (equal weights) or `attribute=2,count=1`."""
+    return parse_weights(text, FAMILIES, "question family")
+
+
 @app.command("synth")
+@config_options(SynthConfig, grammars={"distractors": RANGE, "hops": RANGE, "families": Grammar("NAME[=WEIGHT],...", _families)},
+                aliases={"same_shape_distractors": ["--same-shape"]})  # fmt: skip
+@user_errors
 def synth(
+    knobs: Knobs,
     out: str = typer.Option(..., "--out", help="Output folder: images/, train/val/test/compositional/describe .jsonl, manifest.json."),
-    n: int = typer.Option(1000, "--n", help="Question records over the four splits."),
-    seed: int = typer.Option(0, "--seed", help="Root seed; the same seed gives byte-identical output."),
-    level: int = typer.Option(3, "--level", help="Curriculum level 1-5 (1 = one lesion per image)."),
-    image_size: int = typer.Option(168, "--image-size", help="Image side in pixels, a multiple of 28."),
-    grid: int = typer.Option(3, "--grid", help="Regions per side (3 = nine named regions)."),
-    families: str = typer.Option("", "--families", help="Question families, e.g. 'attribute,relational' or 'attribute=2,count=1' (default: all the level allows)."),
-    modalities: str = typer.Option("", "--modalities", help="Modality styles, e.g. 'chest_xray,ct' (default: all)."),
-    distractors: str = typer.Option("", "--distractors", help="Distractor lesions 'LO-HI' (default: from --level)."),
-    same_shape: float = typer.Option(0.25, "--same-shape", help="Probability that a distractor shares the queried lesion's shape."),
-    small_size: float = typer.Option(0.6, "--small-size", help="Small lesion extent in 28-px token cells."),
-    large_size: float = typer.Option(1.2, "--large-size", help="Large lesion extent in 28-px token cells."),
-    contrast: float = typer.Option(0.3, "--contrast", help="Lesion grey-level offset (fraction of full scale)."),
-    texture: float = typer.Option(0.5, "--texture", help="Probability that a lesion is mottled."),
-    held_per_region: int = typer.Option(1, "--held-per-region", help="Shapes held out per region for the compositional split (0 = none)."),
-    describe: bool = typer.Option(True, "--describe/--no-describe", help="Write describe.jsonl (stage-0 describe/ground records)."),
     workers: int = typer.Option(0, "--workers", help="Processes (0 = auto, up to 2)."),
 ) -> None:
-    """Generate the embedded synthetic benchmark (no download) with exact lesion ROIs."""
-    _synth(**locals())
+    """Generate the embedded synthetic benchmark (no download) with exact lesion ROIs; every other
+    option is a field of `SynthConfig` (medlvr/data/synth.py)."""
+    from medlvr.data.synth import generate
 
-
-@user_errors
-def _synth(out: str, families: str, modalities: str, distractors: str, same_shape: float, workers: int, **knobs: object) -> None:
-    from medlvr.data.synth import FAMILIES, SynthConfig, generate, parse_weights
-    from medlvr.data.synth_render import MODALITIES
-
-    if distractors:
-        lo, sep, hi = distractors.partition("-")
-        if not (lo.strip().isdigit() and (not sep or hi.strip().isdigit())):
-            raise ValueError(f"--distractors must look like 'LO-HI' or 'N', got {distractors!r}")
-        knobs["distractors"] = (int(lo), int(hi if sep else lo))
-    if families:
-        knobs["families"] = parse_weights(families, FAMILIES, "question family")
-    if modalities:
-        knobs["modalities"] = tuple(parse_weights(modalities, tuple(MODALITIES), "modality"))
-    cfg = SynthConfig(same_shape_distractors=same_shape, **knobs)  # type: ignore[arg-type]
+    cfg = knobs.build()
     paths = generate(cfg, out, workers=workers or None, progress=cfg.n >= 1000)
     manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
     for split, c in manifest["counts"].items():

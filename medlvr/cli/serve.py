@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from medlvr.cli._common import console, err_console, user_errors
+from medlvr.cli._options import Knobs, config_options
+from medlvr.config import ServeConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -16,21 +18,17 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
 
+@config_options(ServeConfig)
 @user_errors
 def serve(
+    knobs: Knobs,
     model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default; 0.0.0.0 exposes it)."),
-    port: int = typer.Option(7860, "--port", help="TCP port."),
-    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload in MB."),
-    max_latent_steps: int = typer.Option(16, "--max-latent-steps", help="Top of the latent-budget slider."),
-    examples: int = typer.Option(4, "--examples", help="Synthetic examples in the gallery (0 = none)."),
 ) -> None:
-    """Serve the web demo: upload an image, ask, see the answer, the time and the evidence maps."""
-    from medlvr.app import ServeConfig
-
+    """Serve the web demo: upload an image, ask, see the answer, the time and the evidence maps;
+    every other option is a field of `ServeConfig` (medlvr/config.py)."""
     # Arguments first: a typo fails in a second, before gradio and the model load.
-    cfg = ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb, max_latent_steps=max_latent_steps, examples=examples)
+    cfg = knobs.build()
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -38,8 +36,8 @@ def serve(
     from medlvr.app import serve as run_serve
     from medlvr.model.latent import LatentVLM
 
-    if host not in LOOPBACK:
-        err_console.print(f"[yellow]warning:[/] binding {host}: the demo is reachable from other machines", highlight=False)
+    if cfg.host not in LOOPBACK:
+        err_console.print(f"[yellow]warning:[/] binding {cfg.host}: the demo is reachable from other machines", highlight=False)
     vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
-    console.print(f"MedLVR demo on http://{host}:{port} (Ctrl+C to stop)", highlight=False)
+    console.print(f"MedLVR demo on http://{cfg.host}:{cfg.port} (Ctrl+C to stop)", highlight=False)
     run_serve(vlm, cfg, block=True, quiet=True)

@@ -52,7 +52,9 @@ class Stage0Config:
     steps: int = 700
     """Optimizer steps."""
     batch_size: int = 32
+    """Samples per optimizer step."""
     lr: float = 1e-3
+    """Peak learning rate (warm-up over a tenth of the steps, at most 100, then cosine to a tenth)."""
     eval_samples: int = 300
     """Test images whose describe/ground/inspect records are scored at the end."""
     init: str = ""
