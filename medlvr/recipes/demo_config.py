@@ -90,6 +90,7 @@ class DemoConfig:
     align_assign: str = "chain"
     """Which ROI each latent step of (c) is aligned to (`AlignConfig.assign`)."""
     lr: float = 5e-4
+    """Peak learning rate of the SFT arms (warmup a tenth of the steps, cosine to a tenth)."""
     freeze_vision: bool = False
     """Freeze the vision tower while fine-tuning the arms."""
     data_seed: int = 0
@@ -102,6 +103,7 @@ class DemoConfig:
     """Arms trained at once, each in its own single-threaded process (2 uses both cores of a laptop;
     1 runs everything in this process)."""
     progress: bool = True
+    """Show progress bars (one per running arm)."""
 
     def __post_init__(self) -> None:
         if self.budget not in BUDGETS:
