@@ -79,7 +79,7 @@ def _run_all(cfg: DemoConfig, jobs: list[tuple[str, int]], backbone: Path, data:
     def done(r: ArmResult) -> None:
         results[r.arm][r.seed] = r
         log(f"      ({r.arm}) {ARMS[r.arm]}, seed {r.seed}: trained in {r.train_seconds / 60:.1f} min, "
-            f"{cfg.split} accuracy {accuracy(r.rows[cfg.split], cfg.k(r.arm)).get('all', float('nan')):.3f}")  # fmt: skip
+            f"{cfg.split} accuracy {accuracy(r.rows[cfg.split], cfg.latent_steps_of(r.arm)).get('all', float('nan')):.3f}")  # fmt: skip
 
     if workers <= 1:
         for arm, seed in jobs:

@@ -100,7 +100,7 @@ def train_arm(
             f"model.path={init}",
             f"max_steps={spec.vlpo_steps}",
             f"batch_size={max(2, spec.batch_size // 4)}",
-            f"latent.steps={cfg.k(arm)}",
+            f"latent.steps={cfg.latent_steps_of(arm)}",
             "optim.lr=1e-4",
             "vlpo.group_size=4",
             "vlpo.max_new_tokens=8",
@@ -120,7 +120,7 @@ def train_arm(
         f"model.path={backbone}",
         f"max_steps={spec.sft_steps}",
         f"batch_size={spec.batch_size}",
-        f"latent.steps={cfg.k(arm)}",
+        f"latent.steps={cfg.latent_steps_of(arm)}",
         f"latent.input={'pause' if arm == 'p' else 'hidden'}",
         f"optim.lr={cfg.lr}",
         f"optim.warmup_steps={max(1, spec.sft_steps // 10)}",
@@ -136,32 +136,32 @@ def train_arm(
 
 
 def evaluate_arm(
-    cfg: DemoConfig, arm: str, model_dir: Path, tests: dict[str, list[VQASample]], out: Path, ks: Sequence[int],
+    cfg: DemoConfig, arm: str, model_dir: Path, tests: dict[str, list[VQASample]], out: Path, latent_steps: Sequence[int],
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Harness rows per scored split for every K in `ks`, and the grounding controls (`CONTROLS`) at the arm's K."""
+    """Harness rows per scored split for every K in `latent_steps`, and the grounding controls (`CONTROLS`) at the arm's K."""
     from medlvr.eval.harness import evaluate
     from medlvr.eval.report import read_predictions
     from medlvr.model.latent import LatentVLM
 
     vlm = LatentVLM.from_pretrained(model_dir)
-    mode = "latent" if any(k > 0 for k in ks) else "direct"
+    mode = "latent" if any(k > 0 for k in latent_steps) else "direct"
     tokens = REASONING_TOKENS if arm == "t" else 8
     rows: dict[str, list[dict[str, Any]]] = {}
     for split, samples in tests.items():
-        evaluate(samples, out / split, vlm=vlm, mode=mode, latent_steps=list(ks), batch_size=32,
+        evaluate(samples, out / split, vlm=vlm, mode=mode, latent_steps=list(latent_steps), batch_size=32,
                  max_new_tokens=tokens, progress=False, report=False)  # fmt: skip
         rows[split] = read_predictions(out / split)
-    k = cfg.k(arm)
-    evaluate(tests[cfg.split], out / "controls", vlm=vlm, mode="latent" if k else "direct", latent_steps=[k], batch_size=32,
+    own = cfg.latent_steps_of(arm)
+    evaluate(tests[cfg.split], out / "controls", vlm=vlm, mode="latent" if own else "direct", latent_steps=[own], batch_size=32,
              max_new_tokens=tokens, progress=False, report=False, image_control=list(CONTROLS))  # fmt: skip
     return rows, read_predictions(out / "controls")
 
 
-def arm_ks(cfg: DemoConfig, arm: str, data: DemoData) -> list[int]:
+def arm_latent_steps(cfg: DemoConfig, arm: str, data: DemoData) -> list[int]:
     """K values an arm is scored at: its own, plus the sweep for (c) and (d) on the synthetic benchmark."""
     if arm in "cd" and data.has_rois:
-        return sorted({cfg.k(arm), *cfg.spec.sweep})
-    return [cfg.k(arm)]
+        return sorted({cfg.latent_steps_of(arm), *cfg.spec.sweep})
+    return [cfg.latent_steps_of(arm)]
 
 
 def run_arm(
@@ -177,15 +177,15 @@ def run_arm(
     started = time.time()
     model, history = train_arm(cfg, arm, seed, backbone, data, run_dir, init, on_step)
     seconds = time.time() - started
-    ks = arm_ks(cfg, arm, data)
-    rows, controls = evaluate_arm(cfg, arm, Path(model), data.tests, run_dir / "eval", ks)
-    return ArmResult(arm, seed, str(model), history, rows, controls, ks, seconds)
+    scored = arm_latent_steps(cfg, arm, data)
+    rows, controls = evaluate_arm(cfg, arm, Path(model), data.tests, run_dir / "eval", scored)
+    return ArmResult(arm, seed, str(model), history, rows, controls, scored, seconds)
 
 
-def accuracy(rows: list[dict[str, Any]], k: int, key: Callable[[dict[str, Any]], Any] | None = None) -> dict[Any, float]:
-    """Accuracy of the rows at latent budget k, overall (key None) or grouped by `key(row)`."""
+def accuracy(rows: list[dict[str, Any]], latent_steps: int, key: Callable[[dict[str, Any]], Any] | None = None) -> dict[Any, float]:
+    """Accuracy of the rows at `latent_steps`, overall (key None) or grouped by `key(row)`."""
     groups: dict[Any, list[bool]] = defaultdict(list)
     for r in rows:
-        if int(r.get("latent_steps") or 0) == k:
+        if int(r.get("latent_steps") or 0) == latent_steps:
             groups["all" if key is None else key(r)].append(bool(r["correct"]))
     return {g: sum(v) / len(v) for g, v in groups.items() if v}

@@ -137,7 +137,7 @@ class DemoConfig:
         chosen = self.arms or self.spec.arms
         return [a for a in ARMS if a in chosen and not (a == "t" and self.dataset != "synth")]
 
-    def k(self, arm: str) -> int:
+    def latent_steps_of(self, arm: str) -> int:
         """The latent budget an arm trains and is scored at."""
         return self.latent_steps if arm in LATENT_ARMS else 0
 
@@ -167,5 +167,6 @@ class ArmResult:
     controls: list[dict[str, Any]]
     """Rows of the scored split at the arm's K under the grounding controls (`image_control`:
     blank = every image mean-grey, question-only = no image)."""
-    ks: list[int]
+    latent_steps: list[int]
+    """Every K the arm was scored at (its own, plus the sweep for (c) and (d))."""
     train_seconds: float

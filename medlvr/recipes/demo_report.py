@@ -43,15 +43,15 @@ class Numbers:
         self.depths = sorted(set(self.hop_of.values()))
         self.deepest = self.depths[-1]
 
-    def rows(self, arm: str, seed: int, k: int | None = None) -> list[dict[str, Any]]:
-        k = self.cfg.k(arm) if k is None else k
+    def rows(self, arm: str, seed: int, latent_steps: int | None = None) -> list[dict[str, Any]]:
+        k = self.cfg.latent_steps_of(arm) if latent_steps is None else latent_steps
         return [r for r in self.results[arm][seed].rows[self.split] if int(r.get("latent_steps") or 0) == k]
 
-    def per_seed(self, arm: str, depth: int | None = None, k: int | None = None, control: str = "none") -> list[float]:
+    def per_seed(self, arm: str, depth: int | None = None, latent_steps: int | None = None, control: str = "none") -> list[float]:
         """Accuracy per seed, on all questions or those of one depth, with real images or under a control."""
         out = []
         for seed in self.cfg.seeds:
-            rows = self.rows(arm, seed, k)
+            rows = self.rows(arm, seed, latent_steps)
             if control != "none":
                 rows = [r for r in self.results[arm][seed].controls if r.get("image_control") == control]
             ok = [bool(r["correct"]) for r in rows if depth is None or self.hop_of.get(r["id"]) == depth]
@@ -109,7 +109,7 @@ def results_table(n: Numbers) -> list[dict[str, Any]]:
             m, s = _ms(per_seed)
             count = sum(1 for r in n.rows(arm, n.cfg.seeds[0]) if depth is None or n.hop_of.get(r["id"]) == depth)
             table.append({"variant": arm, "name": ARMS[arm], "split": n.split if depth is None else f"{n.split}, {depth} hop(s)",
-                          "hops": depth, "K": n.cfg.k(arm), "mean": m, "std": s, "per_seed": per_seed, "n": count})  # fmt: skip
+                          "hops": depth, "K": n.cfg.latent_steps_of(arm), "mean": m, "std": s, "per_seed": per_seed, "n": count})  # fmt: skip
     return table
 
 
@@ -203,7 +203,7 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
     ]
     for arm in n.arms:
         ms, tok = n.cost(arm)
-        lines.append(f"| ({arm}) {ARMS[arm]} | {cfg.k(arm)} | " + " | ".join(_fmt(n.per_seed(arm, d)) for d in n.depths)
+        lines.append(f"| ({arm}) {ARMS[arm]} | {cfg.latent_steps_of(arm)} | " + " | ".join(_fmt(n.per_seed(arm, d)) for d in n.depths)
                      + f" | {_fmt(n.per_seed(arm))} | {_fmt(n.per_seed(arm, control='blank'))} | "
                      f"{_fmt(n.per_seed(arm, control='question-only'))} | {_fmt(ms)} | {_fmt(tok)} |")  # fmt: skip
     lines += ["", f"Chance (the most frequent test answer): {n.chance():.3f}. Blank image: every image replaced by a "
@@ -221,7 +221,7 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
 
     sweep_arms = [a for a in "cd" if a in n.arms]
     if sweep_arms:
-        ks = sorted(set(results[sweep_arms[0]][cfg.seeds[0]].ks))
+        ks = sorted(set(results[sweep_arms[0]][cfg.seeds[0]].latent_steps))
         lines += ["", "## Accuracy against the latent budget K at inference", "",
                   "| arm | questions | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
         fig, ax = plt.subplots(figsize=(6, 4))
