@@ -70,7 +70,8 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=list)
     """Training seeds; every arm trains once per seed on the same data (empty = the budget's)."""
     arms: str = ""
-    """Arms to run, letters of `ARMS` (empty = the budget's; (d) needs (c))."""
+    """Arms to run, letters of atpbcd: (a) direct, (t) text reasoning, (p) pause, (b) latent,
+    (c) ROI-SFT, (d) (c) + VLPO (empty = the budget's; (d) needs (c))."""
     dataset: Literal["synth", "vqa-rad"] = "synth"
     """The embedded synthetic benchmark (the chain family), or VQA-RAD converted from `data_root`."""
     data_root: str = ""
