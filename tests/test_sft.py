@@ -126,14 +126,17 @@ def test_chain_alignment_trains_on_multi_hop_records(tiny_dir, synth, tmp_path):
     from medlvr.data.collate import VQACollator
     from medlvr.model.latent import LatentVLM
 
+    from medlvr.train.sft import _sample_fields
+
     data = _two_hop(synth, "two_hop.jsonl", [1, 2])
     vlm = LatentVLM.from_pretrained(tiny_dir)
     sample = read_jsonl(data)[0]
-    batch = VQACollator(vlm.processor, vlm.adapter)([sample])
+    cfg = make_cfg(tiny_dir, synth, tmp_path / "run", f"data.train=[{data}]", "mode=roi", "align.assign=chain",
+                   "latent.steps=3", "max_steps=2")  # fmt: skip
+    batch = VQACollator(vlm.processor, vlm.adapter, sample_fields=_sample_fields(cfg, []))([sample])
     hops = batch["roi_hop_index"][0]
     assert len(hops) == 2 and torch.equal(torch.cat(hops).unique(), batch["roi_index"][0])
-    result = run_sft(make_cfg(tiny_dir, synth, tmp_path / "run", f"data.train=[{data}]", "mode=roi", "align.assign=chain",
-                              "latent.steps=3", "max_steps=2"))  # fmt: skip
+    result = run_sft(cfg)
     assert all(r["align"] is not None and r["align"] == r["align"] for r in result.history)
     bad = _two_hop(synth, "bad_hops.jsonl", [1, 3])
     with pytest.raises(MedlvrError, match="must lie in 1..2"):

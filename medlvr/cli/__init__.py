@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 
@@ -22,14 +23,13 @@ app = typer.Typer(
 def options(
     verbose: bool = typer.Option(False, "--verbose", help="Also show transformers' own progress bars (loading and saving weights)."),
 ) -> None:
-    # medlvr shows its own progress; a bar per load and save would drown it. The environment
-    # variable (huggingface_hub's, read by transformers on import) carries the choice into
-    # worker processes (the demo trains its arms in parallel processes).
-    if not verbose:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
+    # medlvr shows its own progress; a bar per load and save would drown it. huggingface_hub's
+    # variable, read by transformers when it is imported (after this: commands import it lazily),
+    # sets its bars on or off here and in worker processes (the demo trains arms in parallel).
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:  # imported already (e.g. the CLI called from Python): switch it too
+        (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
 
 
 app.add_typer(model.app, name="model")

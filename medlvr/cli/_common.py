@@ -31,3 +31,10 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+ALLOW_PICKLE = typer.Option(
+    False, "--allow-pickle",
+    help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files.",
+)
+"""The one `--allow-pickle` of the commands that load a model."""

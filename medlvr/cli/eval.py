@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from medlvr.cli._common import console, user_errors
+from medlvr.cli._common import ALLOW_PICKLE, console, user_errors
 
 
 class _EvalGroup(TyperGroup):
@@ -54,7 +54,7 @@ app = typer.Typer(
 def eval_run(
     ctx: typer.Context,
     model: Path | None = typer.Option(None, "--model", help="Model folder (tiny, medlvr checkpoint or Qwen-VL)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
+    allow_pickle: bool = ALLOW_PICKLE,
     data: list[Path] = typer.Option([], "--data", help="Test JSONL file(s): --data A.jsonl B.jsonl."),
     mode: str = typer.Option("direct", "--mode", help="direct (K=0), latent (K latent steps) or cot (reasoning, K=0)."),
     latent_steps: str | None = typer.Option(

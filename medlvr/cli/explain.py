@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medlvr.cli._common import console, user_errors
+from medlvr.cli._common import ALLOW_PICKLE, console, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def explain(
     model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
+    allow_pickle: bool = ALLOW_PICKLE,
     image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
     question: str = typer.Option(..., "--question", help="The question."),
     option: list[str] = typer.Option([], "--option", help="A choice, as A=text (or A. text, A) text); repeat for each option."),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medlvr.cli._common import console, err_console, user_errors
+from medlvr.cli._common import ALLOW_PICKLE, console, err_console, user_errors
 from medlvr.cli._options import Knobs, config_options
 from medlvr.config import ServeConfig
 
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
 def serve(
     knobs: Knobs,
     model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files."),
+    allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
     """Serve the web demo: upload an image, ask, see the answer, the time and the evidence maps;
     every other option is a field of `ServeConfig` (medlvr/config.py)."""

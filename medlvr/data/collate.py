@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from medlvr.data.prompts import Mode, chat_messages, target_text
-from medlvr.data.roi import hop_roi_indices, sample_roi_indices
+from medlvr.data.roi import sample_roi_indices
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import BackboneAdapter, TokenGrid
@@ -89,7 +89,6 @@ class VQACollator:
             batch["answer_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
         if self.with_rois:
             batch["roi_index"] = [self._roi_index(s, imgs) for s, imgs in zip(samples, images)]
-            batch["roi_hop_index"] = [hop_roi_indices(s, *self._grids(imgs)) if imgs else [] for s, imgs in zip(samples, images)]
         for key, field in self.sample_fields.items():
             batch[key] = [field(s, *self._grids(imgs)) for s, imgs in zip(samples, images)]
         return batch

@@ -549,8 +549,6 @@ class _Shown:
 
     def __call__(self, s: VQASample, condition: str) -> tuple[VQASample, _View]:
         fields: dict[str, Any] = {"image_control": condition}
-        if "hops" in s.meta:
-            fields["hops"] = s.meta["hops"]
         if condition == "question-only":
             return s, _View(s.model_copy(update={"images": [], "rois": []}), [], None, fields)
         if condition == "shuffled" and s.id in self.donors:

@@ -135,6 +135,7 @@ def prediction_row(
         "answer_type": sample.answer_type,
         "modality": sample.modality,
         "content_type": sample.meta.get("content_type"),
+        "hops": sample.meta.get("hops"),
         "gold": sample.gold,
         "options": dict(sample.options),
         "response": response or "",

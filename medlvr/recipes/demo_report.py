@@ -179,6 +179,7 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
     n = Numbers(cfg, data, results)
     table = results_table(n)
     pairs = {(a, b, d): p for d in n.depths for a, b in COMPARISONS if (p := n.paired(a, b, d)) is not None}
+    said = verdict(n, pairs)
 
     lines = [
         f"# MedLVR demo ({cfg.dataset}, {cfg.budget} budget)",
@@ -194,7 +195,7 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
         "",
         "## Verdict",
         "",
-        *verdict(n, pairs),
+        *said,
         "",
         f"## Accuracy by reasoning depth ({cfg.split})",
         "",
@@ -271,7 +272,7 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
     payload = {"table": table, "pairs": [p for p in pairs.values()], "chance": n.chance(),
                "controls": {c: {a: n.per_seed(a, control=c) for a in n.arms} for c in ("blank", "question-only")},
                "explain": explain.get("metrics", {}),
-               "verdict": verdict(n, pairs), "minutes": seconds / 60}  # fmt: skip
+               "verdict": said, "minutes": seconds / 60}  # fmt: skip
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     return report, table
 

@@ -151,7 +151,7 @@ def save_model_files(vlm: Any, folder: Path, *, lora: bool, state_dict: dict[str
         bb_state = _strip(state_dict, "backbone.") if state_dict is not None else None
         vlm.backbone.save_pretrained(str(out), state_dict=bb_state) if bb_state else vlm.backbone.save_pretrained(str(out))
         vlm.processor.save_pretrained(str(out))
-        _save_projector_and_latent(vlm, out, state_dict)
+        vlm.save_latent_files(out, state_dict)  # projector, pause inputs, latent config
         return out
     out = folder / "model"
     if state_dict is None:
@@ -159,16 +159,12 @@ def save_model_files(vlm: Any, folder: Path, *, lora: bool, state_dict: dict[str
     else:
         vlm.backbone.save_pretrained(str(out), state_dict=_strip(state_dict, "backbone."))
         vlm.processor.save_pretrained(str(out))
-        _save_projector_and_latent(vlm, out, state_dict)
+        vlm.save_latent_files(out, state_dict)  # projector, pause inputs, latent config
     return out
 
 
 def _strip(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in (state or {}).items() if k.startswith(prefix)}
-
-
-def _save_projector_and_latent(vlm: Any, out: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-    vlm.save_latent_files(out, state_dict)  # projector, pause inputs, latent config
 
 
 def load_adapter_files(vlm: Any, folder: Path) -> None:

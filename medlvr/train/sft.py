@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from medlvr.config import SFTConfig, save_config
 from medlvr.data.collate import VQACollator
-from medlvr.data.roi import pool_targets, roi_hops
+from medlvr.data.roi import hop_roi_indices, pool_targets, roi_hops
 from medlvr.data.schema import read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
@@ -163,7 +163,7 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=True, with_rois=cfg.uses_rois,
                           image_loader=load_image, max_answer_tokens=cfg.data.max_answer_tokens,
-                          sample_fields={k: f for a in aux for k, f in a.sample_fields.items()})  # fmt: skip
+                          sample_fields=_sample_fields(cfg, aux))  # fmt: skip
     micro = _MicroBatches(data, stream, collate, pos, (total_steps - step) * cfg.grad_accum, cfg.batch_size, world, rank)
     loader = iter(torch.utils.data.DataLoader(micro, batch_size=None, num_workers=cfg.data.num_workers, collate_fn=_keep))
 
@@ -338,3 +338,12 @@ def _pool_all(tokens: torch.Tensor, k: int) -> torch.Tensor:
 
 
 __all__ = ["run_sft", "check_config", "build_model", "validation_accuracy", "SFTResult"]
+
+
+def _sample_fields(cfg: SFTConfig, aux: Sequence[Any]) -> dict[str, Any]:
+    """Per-sample batch fields the collator computes: the auxiliary losses' and, under chain
+    alignment only, each sample's ROI token indices per hop (`roi_hop_index`)."""
+    fields = {k: f for a in aux for k, f in a.sample_fields.items()}
+    if cfg.uses_rois and cfg.align.assign == "chain":
+        fields["roi_hop_index"] = lambda sample, grids, sizes: hop_roi_indices(sample, grids, sizes) if grids else []
+    return fields

@@ -85,14 +85,15 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
     if not path.is_dir():
         raise MedlvrError(f"model.path is not a folder: {cfg.model.path}")
     saved = path / LATENT_CONFIG_FILE
+    recorded = json.loads(saved.read_text()) if saved.is_file() else {}
     if saved.is_file():
-        proj = json.loads(saved.read_text()).get("projector")
+        proj = recorded.get("projector")
         if proj != cfg.latent.projector:
             raise MedlvrError(
                 f"the checkpoint's latent projector is {proj!r} but latent.projector={cfg.latent.projector!r}: "
                 f"its trained projector would be dropped; set latent.projector={proj}"
             )
-    if "pause" in (cfg.latent.input, json.loads(saved.read_text()).get("input") if saved.is_file() else None):
+    if "pause" in (cfg.latent.input, recorded.get("input")):
         # Rollouts would feed the same constants in every trajectory: nothing to explore or to credit.
         raise MedlvrError(
             "VLPO explores the latent steps with Gaussian noise around the fed-back state, but a pause-input model "
