@@ -47,10 +47,10 @@ def main() -> None:
             folder = build_tiny(tmp / f"model_{size}", size=size)
             vlm = LatentVLM.from_pretrained(folder, LatentConfig(steps=args.latent_steps, projector="linear")).eval()
             n_params = sum(p.numel() for p in vlm.parameters())
-            evaluate(samples[:4], tmp / f"warm_{size}", vlm=vlm, mode="latent", batch_size=4,
+            evaluate(samples[:4], tmp / f"warm_{size}", vlm=vlm, reasoning="latent", batch_size=4,
                      max_new_tokens=args.max_new_tokens, progress=False, report=False)
             for bs in batch_sizes:
-                res = evaluate(samples, tmp / f"run_{size}_{bs}", vlm=vlm, mode="latent",
+                res = evaluate(samples, tmp / f"run_{size}_{bs}", vlm=vlm, reasoning="latent",
                                latent_steps=[args.latent_steps], batch_size=bs, max_new_tokens=args.max_new_tokens,
                                progress=False, report=False)
                 results[(size, bs)] = res.samples_per_s

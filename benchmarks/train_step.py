@@ -92,7 +92,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="train_step_"))
     model = build_tiny(work / "model", size=args.size)
-    paths = generate(SynthConfig(n=max(4 * args.batch, 40), seed=0, level=3, families={"attribute": 1, "relational": 1}), work / "synth")
+    paths = generate(SynthConfig(n=max(4 * args.batch, 40), seed=0, level=3, question_types={"attribute": 1, "relational": 1}), work / "synth")
     rows = []
     for mode, k in VARIANTS:
         cmd = [sys.executable, __file__, "--mode", mode, "--k", str(k), "--model", str(model), "--data", str(paths["train"]),

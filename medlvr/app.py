@@ -175,7 +175,7 @@ class DemoService:
         if len(question) > 1000:
             raise InputError(f"the question is {len(question)} characters long; the limit is 1000")
         options = parse_options(options_text)
-        k = self.vlm.latent.steps if latent_steps is None else int(latent_steps)
+        k = self.vlm.resolve_steps(latent_steps)
         if not 0 <= k <= self.cfg.max_latent_steps:
             raise InputError(f"latent steps must be in 0..{self.cfg.max_latent_steps}, got {k}")
         image = self.load(path)

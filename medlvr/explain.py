@@ -148,8 +148,8 @@ def compute_maps(
     from the one latent sequence `LatentVLM` runs.
     """
     cfg = config or ExplainConfig()
-    b, k_steps = output.latents.shape[:2]
-    if k_steps == 0:
+    b, latent_steps = output.latents.shape[:2]
+    if latent_steps == 0:
         raise MedlvrError("there is nothing to explain with 0 latent steps: use --latent-steps >= 1")
     if output.latent_attentions is None:
         raise MedlvrError("evidence maps need the latent steps' attentions: generate with output_attentions=True")

@@ -56,7 +56,7 @@ def test_latent_steps_beyond_the_models_positions_are_refused_at_once(tiny_dir, 
     assert "prompt tokens + K=1000000 latent steps (+2 markers) + 32 answer tokens need" in line and "model holds 4096" in line
     out = tmp_path / "R"
     line = one_error_line(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"),
-                                              "--mode", "latent", "--latent-steps", "0,100000000", "--out", str(out)]))  # fmt: skip
+                                              "--reasoning", "latent", "--latent-steps", "0,100000000", "--out", str(out)]))  # fmt: skip
     assert "K=100000000 latent steps (+2 markers) + 32 answer tokens need 100000034 positions" in line
     assert not out.exists(), "refused before anything is written"
 
@@ -360,7 +360,7 @@ CASES: list[tuple[str, object, str]] = [
     ("synth level", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--level", "9"], "level must be one of"),
     ("synth image size", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--image-size", "100"], "multiple of 28"),
     ("synth distractors", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--distractors", "x-y"], "--distractors: expected a range 'LO-HI'"),
-    ("synth families", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--families", "bogus"], "bogus"),
+    ("synth question types", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--question-types", "bogus"], "bogus"),
     ("synth n", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--n", "0"], "n must be positive"),
     ("synth hops", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--hops", "2-9"], "hops must be a range"),
     ("synth answers", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--answers", "digits"], "--answers: expected one of words, letters"),
@@ -423,16 +423,16 @@ CASES: list[tuple[str, object, str]] = [
     ("eval data empty", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["empty_jsonl"]), "--out", str(w["root"] / "e")], "the file has no records"),
     ("eval data malformed", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["malformed_jsonl"]), "--out", str(w["root"] / "e")], "malformed JSON"),
     ("eval duplicate ids", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["test"]), str(w["test"]), "--out", str(w["root"] / "e")], "duplicate question id"),
-    ("eval mode", lambda w: _eval(w, "--mode", "bogus"), "mode must be one of"),
-    ("eval latent steps text", lambda w: _eval(w, "--mode", "latent", "--latent-steps", "x"), "latent steps must be integers"),
-    ("eval latent steps negative", lambda w: _eval(w, "--mode", "latent", "--latent-steps=-1"), "latent steps must be >= 0"),
-    ("eval latent steps direct", lambda w: _eval(w, "--latent-steps", "4"), "use --mode latent"),
-    ("eval positions", lambda w: _eval(w, "--mode", "latent", "--latent-steps", "100000000"), "the model holds 4096"),
+    ("eval reasoning", lambda w: _eval(w, "--reasoning", "bogus"), "reasoning must be one of"),
+    ("eval latent steps text", lambda w: _eval(w, "--reasoning", "latent", "--latent-steps", "x"), "latent steps must be integers"),
+    ("eval latent steps negative", lambda w: _eval(w, "--reasoning", "latent", "--latent-steps=-1"), "latent steps must be >= 0"),
+    ("eval latent steps direct", lambda w: _eval(w, "--latent-steps", "4"), "use --reasoning latent"),
+    ("eval positions", lambda w: _eval(w, "--reasoning", "latent", "--latent-steps", "100000000"), "the model holds 4096"),
     ("eval image control", lambda w: _eval(w, "--image-control", "sepia"), "image control must be one of"),
     ("eval batch size", lambda w: _eval(w, "--batch-size", "0"), "batch_size must be >= 1"),
     ("eval limit", lambda w: _eval(w, "--limit", "0"), "limit must be >= 1"),
     ("eval busy", lambda w: _eval(w, out="busy"), "in use by another run"),
-    ("eval other mode", lambda w: _eval(w, "--mode", "cot", out="evalrun"), "holds a run with mode='direct'"),
+    ("eval other reasoning", lambda w: _eval(w, "--reasoning", "cot", out="evalrun"), "holds a run with reasoning='direct'"),
     ("eval out is a file", lambda w: _eval(w, out="a-file"), "it is a file, not a folder"),
     ("eval truncated model", lambda w: _eval(w, model="truncated"), "model.safetensors is damaged"),
     ("eval empty model", lambda w: _eval(w, model="empty"), "model.safetensors is empty"),

@@ -35,7 +35,7 @@ def _ok(result) -> None:
 
 def test_eval_run_report_and_compare(tiny_dir, synth_test, tmp_path):
     run_a, run_b = tmp_path / "a", tmp_path / "b"
-    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--mode", "direct",
+    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--reasoning", "direct",
                               "--out", str(run_a), "--batch-size", "4", "--max-new-tokens", "4"])
     _ok(res)
     for name in ("predictions.jsonl", "summary.json", "report.md", "run.json",
@@ -46,12 +46,12 @@ def test_eval_run_report_and_compare(tiny_dir, synth_test, tmp_path):
     rows = [json.loads(line) for line in (run_a / "predictions.jsonl").read_text().splitlines()]
     ghost = next(r for r in rows if r["id"] == "ghost")
     assert "image not found" in ghost["error"] and not ghost["correct"]
-    assert all(r["latent_steps"] == 0 and r["mode"] == "direct" for r in rows)
+    assert all(r["latent_steps"] == 0 and r["reasoning"] == "direct" for r in rows)
     assert all(r["n_tokens"] is not None and r["n_tokens"] <= 4 for r in rows if not r.get("error"))
     assert "ghost" in (run_a / "report.md").read_text()
 
     # A latent sweep: one row per (question, K), the K plot drawn.
-    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--mode", "latent",
+    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--reasoning", "latent",
                               "--latent-steps", "0,2", "--out", str(run_b), "--batch-size", "4",
                               "--max-new-tokens", "4"])
     _ok(res)
@@ -65,7 +65,7 @@ def test_eval_run_report_and_compare(tiny_dir, synth_test, tmp_path):
     assert a == b0
 
     # Rerunning is a resume: nothing new.
-    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--mode", "direct",
+    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--reasoning", "direct",
                               "--out", str(run_a), "--max-new-tokens", "4"])
     _ok(res)
     assert "0 new rows (6 already done)" in res.output
@@ -100,9 +100,9 @@ def test_data_takes_several_files_and_user_errors_exit_2(tiny_dir, synth_test, t
         (["eval", "--model", str(tiny_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")],
          "not found"),
         (["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--out", str(tmp_path / "x"),
-          "--mode", "direct", "--latent-steps", "4"], "mode latent"),
+          "--reasoning", "direct", "--latent-steps", "4"], "reasoning latent"),
         (["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--out", str(tmp_path / "x"),
-          "--mode", "latent", "--latent-steps", "two"], "integers"),
+          "--reasoning", "latent", "--latent-steps", "two"], "integers"),
         (["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--out", str(tmp_path / "x"),
           "--explain-metrics"], "K >= 1"),
         (["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--out", str(tmp_path / "x"),
@@ -116,7 +116,7 @@ def test_data_takes_several_files_and_user_errors_exit_2(tiny_dir, synth_test, t
 
 def test_explain_metrics_merge_into_summary_and_report(tiny_dir, synth_test, tmp_path):
     run = tmp_path / "run"
-    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--mode", "latent",
+    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(synth_test), "--reasoning", "latent",
                               "--latent-steps", "0,2", "--out", str(run), "--max-new-tokens", "2",
                               "--explain-metrics"])
     _ok(res)

@@ -96,7 +96,7 @@ def test_same_seed_same_output_and_seeded_split_by_patient(tmp_path):
 def test_official_split_kept_and_val_carved_by_group():
     images = [AnnotatedImage(key=f"i{i}", path=f"/x/{i}.png", width=10, height=10, regions=[Region("a", (1, 1, 5, 5))],
                              group=f"p{i // 2}", split="test" if i < 4 else "train") for i in range(40)]  # fmt: skip
-    result = build_grounded(images, GroundConfig(dataset="d", val_fraction=0.25, families=("count",)))
+    result = build_grounded(images, GroundConfig(dataset="d", val_fraction=0.25, question_types=("count",)))
     splits = {im.key: im.split for im in result.images}
     assert all(splits[f"i{i}"] == "test" for i in range(4))
     # 18 train patients of 2 images: round(0.25 x 18) = 4 patients (8 images) move to val
@@ -128,7 +128,7 @@ def test_grounding_questions_never_state_their_answer():
                Region("Effusion", (0, 60, 30, 90), "Right pleural effusion"),  # names the side: height only
                Region("Effusion", (5, 62, 28, 88), "Right pleural effusion")]  # fmt: skip
     im = AnnotatedImage(key="a", path="/x/a.png", width=90, height=90, regions=regions, split="train", partial=frozenset({"Opacity", "Effusion"}))
-    result = build_grounded([im], GroundConfig(dataset="g", families=("grounding",), sides="patient"))
+    result = build_grounded([im], GroundConfig(dataset="g", question_types=("grounding",), sides="patient"))
     qs = {s.question: s for s in result.samples}
     assert set(qs) == {"Which region of this image shows patchy opacity? Left and right are the patient's sides.",
                        "Which region of this image shows right pleural effusion?"}  # fmt: skip
@@ -145,11 +145,11 @@ def test_negatives_within_modality_and_organ():
                               split="train", modality="CT", organ=organ)  # fmt: skip
 
     images = [im("a", ["Liver"], "Abdomen"), im("b", ["Spleen"], "Abdomen"), im("c", ["Brain"], "Head"), im("d", ["Brain"], "Head")]
-    within = build_grounded(images, GroundConfig(dataset="s", families=("presence",), negatives_within=("modality", "organ")))
+    within = build_grounded(images, GroundConfig(dataset="s", question_types=("presence",), negatives_within=("modality", "organ")))
     asked = {(s.meta["image"], s.meta["labels"][0], s.answer) for s in within.samples}
     assert ("c", "Liver", "no") not in asked and ("d", "Liver", "no") not in asked
     assert asked == {("a", "Liver", "yes"), ("b", "Liver", "no"), ("b", "Spleen", "yes"), ("a", "Spleen", "no")}
-    anywhere = build_grounded(images, GroundConfig(dataset="s", families=("presence",)))
+    anywhere = build_grounded(images, GroundConfig(dataset="s", question_types=("presence",)))
     assert len(anywhere.samples) == 8  # brain is asked of the abdomen too, once the context is free
 
 
@@ -260,14 +260,14 @@ def test_question_only_baseline_is_at_chance_on_a_fixture(tmp_path):
     scores = question_only_baseline(train, test)
     assert set(scores) == {"presence", "location", "count", "size"}
     assert scores["presence"].accuracy == pytest.approx(0.5)  # yes and no balanced per finding
-    for family, score in scores.items():
-        assert score.n >= 15, family
-        assert score.accuracy <= score.prior + 0.03, (family, score)
+    for qtype, score in scores.items():
+        assert score.n >= 15, qtype
+        assert score.accuracy <= score.prior + 0.03, (qtype, score)
 
 
 def test_question_only_baseline_catches_a_leaking_template(tmp_path):
     result = build_grounded(read_coco(_random_coco(tmp_path, 400, 1), tmp_path, group_field="patient_id"),
-                            GroundConfig(dataset="r", fractions={"train": 0.5, "test": 0.5}, families=("location",)))  # fmt: skip
+                            GroundConfig(dataset="r", fractions={"train": 0.5, "test": 0.5}, question_types=("location",)))  # fmt: skip
     leaky = [s.model_copy(update={"question": f"{s.question} It is {s.answer}."}) for s in result.samples]
     scores = question_only_baseline([s for s in leaky if s.split == "train"], [s for s in leaky if s.split == "test"])
     assert scores["location"].accuracy > scores["location"].prior + 0.3
@@ -280,7 +280,7 @@ def test_cli_coco_and_inspect_per_source(tmp_path, vqa_rad_root):
     path = write_coco(tmp_path)
     out = tmp_path / "out" / "toy"
     res = runner.invoke(app, ["data", "ground", "coco", "--annotations", f"train={path}", "--images", str(tmp_path),
-                              "--out", str(out), "--dataset", "toy", "--families", "presence,count"])  # fmt: skip
+                              "--out", str(out), "--dataset", "toy", "--question-types", "presence,count"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "train:     12 questions on 5 images  presence=8  count=4" in res.output
     assert f"wrote 12 samples to {out / 'train.jsonl'}" in res.output and [p.name for p in out.iterdir()] == ["train.jsonl"]
@@ -298,7 +298,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["data", "ground", "vindr-cxr", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "o")], "release folder not found"),
         (["data", "ground", "vindr-cxr", "--root", str(tmp_path), "--labels", "1=a", "--out", str(tmp_path / "o")], "not used by this source: labels"),
         (["data", "ground", "csv", "--images", str(tmp_path), "--annotations", str(tmp_path / "x.csv"), "--columns", "image=a,label=b,x=c,y=d,w=e,h=f", "--out", str(tmp_path / "o")], "annotation file not found"),
-        (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--families", "colour"], "unknown question families"),
+        (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--question-types", "colour"], "unknown question types"),
         (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--fractions", "train=0.9,test=0.2"], "sum to 1"),
         (["data", "ground", "coco", "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--sides", "up"], "sides must be"),
     ]

@@ -125,12 +125,12 @@ class CrashAfter:
 
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
     data = _tiny_set(tmp_path)
-    ref = evaluate([data], tmp_path / "ref", predictor=keyed, mode="latent", latent_steps=[0, 2],
+    ref = evaluate([data], tmp_path / "ref", predictor=keyed, reasoning="latent", latent_steps=[0, 2],
                    batch_size=5, progress=False)
 
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        evaluate([data], run, predictor=CrashAfter(17), mode="latent", latent_steps=[0, 2], batch_size=5,
+        evaluate([data], run, predictor=CrashAfter(17), reasoning="latent", latent_steps=[0, 2], batch_size=5,
                  progress=False)
     kept = read_predictions(run)
     assert 0 < len(kept) < 48 and len(kept) % 5 == 0  # whole batches were flushed before the crash
@@ -143,7 +143,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
         calls.extend((s.id, k) for s in samples)
         return keyed(samples, images, k)
 
-    res = evaluate([data], run, predictor=counting, mode="latent", latent_steps=[0, 2], batch_size=5,
+    res = evaluate([data], run, predictor=counting, reasoning="latent", latent_steps=[0, 2], batch_size=5,
                    progress=False)
     assert res.n_skipped == len(kept) and len(calls) == 48 - len(kept)
     assert not {(r["id"], r["latent_steps"]) for r in kept} & set(calls)
@@ -166,10 +166,10 @@ def test_missing_image_is_an_error_row_and_the_run_goes_on(tmp_path):
 
 def test_two_direct_shards_merge_to_the_single_process_result(tmp_path):
     data = _tiny_set(tmp_path, n=13)
-    one = evaluate([data], tmp_path / "one", predictor=keyed, mode="latent", latent_steps="0,4", batch_size=3,
+    one = evaluate([data], tmp_path / "one", predictor=keyed, reasoning="latent", latent_steps="0,4", batch_size=3,
                    progress=False)
     for r in (1, 0):
-        part = evaluate([data], tmp_path / "two", predictor=keyed, mode="latent", latent_steps=[0, 4], batch_size=3,
+        part = evaluate([data], tmp_path / "two", predictor=keyed, reasoning="latent", latent_steps=[0, 4], batch_size=3,
                         rank=r, world_size=2, progress=False)
         assert part.summary is None and part.n_samples == (7 if r == 0 else 6)
     assert (tmp_path / "two" / "predictions.rank1.jsonl").is_file()
@@ -187,7 +187,7 @@ from medlvr.eval.harness import evaluate
 from tests.test_harness import keyed
 
 dist.init_process_group("gloo")
-res = evaluate([sys.argv[1]], sys.argv[2], predictor=keyed, mode="latent", latent_steps=[0, 2], batch_size=3,
+res = evaluate([sys.argv[1]], sys.argv[2], predictor=keyed, reasoning="latent", latent_steps=[0, 2], batch_size=3,
                progress=False)
 assert (res.summary is None) == (dist.get_rank() != 0)
 dist.destroy_process_group()
@@ -198,7 +198,7 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     data = _tiny_set(tmp_path, n=11)
-    one = evaluate([data], tmp_path / "one", predictor=keyed, mode="latent", latent_steps=[0, 2], batch_size=3,
+    one = evaluate([data], tmp_path / "one", predictor=keyed, reasoning="latent", latent_steps=[0, 2], batch_size=3,
                    progress=False)
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(_WORKER))
@@ -217,18 +217,31 @@ def test_torchrun_two_processes_equal_one(tmp_path):
 # --------------------------------------------------------------------------- arguments
 
 
-def test_modes_and_latent_steps_are_checked(tmp_path):
+def test_reasoning_and_latent_steps_are_checked(tmp_path):
     data = _tiny_set(tmp_path, n=3)
     assert parse_latent_steps("0, 2,4,2") == [0, 2, 4]
     with pytest.raises(MedlvrError, match=">= 0"):
         parse_latent_steps("0,-1")
-    with pytest.raises(MedlvrError, match="mode direct"):
-        evaluate([data], tmp_path / "r", predictor=keyed, mode="direct", latent_steps=[2])
-    with pytest.raises(MedlvrError, match="mode must be"):
-        evaluate([data], tmp_path / "r", predictor=keyed, mode="fast")
-    evaluate([data], tmp_path / "r", predictor=keyed, mode="direct", progress=False)
-    with pytest.raises(MedlvrError, match="mode='direct'"):
-        evaluate([data], tmp_path / "r", predictor=keyed, mode="cot", progress=False)
+    with pytest.raises(MedlvrError, match="reasoning direct answers without latent steps"):
+        evaluate([data], tmp_path / "r", predictor=keyed, reasoning="direct", latent_steps=[2])
+    with pytest.raises(MedlvrError, match="reasoning must be one of direct, latent, cot"):
+        evaluate([data], tmp_path / "r", predictor=keyed, reasoning="fast")
+    evaluate([data], tmp_path / "r", predictor=keyed, reasoning="direct", progress=False)
+    with pytest.raises(MedlvrError, match="reasoning='direct'"):
+        evaluate([data], tmp_path / "r", predictor=keyed, reasoning="cot", progress=False)
+
+
+def test_a_run_written_before_reasoning_had_its_name_is_still_checked_and_resumed(tmp_path):
+    data = _tiny_set(tmp_path, n=3)
+    run = tmp_path / "r"
+    evaluate([data], run, predictor=keyed, reasoning="direct", progress=False)
+    settings = json.loads((run / "run.json").read_text())
+    settings["mode"] = settings.pop("reasoning")  # run.json as releases before the rename wrote it
+    (run / "run.json").write_text(json.dumps(settings))
+    with pytest.raises(MedlvrError, match="reasoning='direct'"):
+        evaluate([data], run, predictor=keyed, reasoning="cot", progress=False)
+    res = evaluate([data], run, predictor=keyed, reasoning="direct", progress=False)
+    assert res.summary["overall"]["n"] == 3 and json.loads((run / "run.json").read_text())["reasoning"] == "direct"
 
 
 def test_batches_are_sorted_by_prompt_length_deterministically(tmp_path):
@@ -301,7 +314,7 @@ def test_control_summary_equals_hand_computation(tmp_path):
     def scripted(batch, images, k):
         return [s.gold if right[_kind(s, imgs, own)](int(s.id[1:]), s.id) else "maybe" for s, imgs in zip(batch, images)]
 
-    res = evaluate([data], tmp_path / "run", predictor=scripted, mode="latent", latent_steps=[0, 2],
+    res = evaluate([data], tmp_path / "run", predictor=scripted, reasoning="latent", latent_steps=[0, 2],
                    image_control="none,blank,shuffled,question-only", batch_size=5, progress=False)
     s = res.summary
     expected = {c: sum(f(i, x.id) for i, x in enumerate(samples)) / 24 for c, f in right.items()}
@@ -397,7 +410,7 @@ def test_accuracy_by_hops_has_exact_counts_and_a_plot(tmp_path):
     def scripted(batch, images, k):
         return [s.gold if s.id in good and k == 0 else "maybe" for s in batch]
 
-    res = evaluate(samples, tmp_path / "run", predictor=scripted, mode="latent", latent_steps=[0, 2],
+    res = evaluate(samples, tmp_path / "run", predictor=scripted, reasoning="latent", latent_steps=[0, 2],
                    image_control="none,blank", progress=False)
     by_hops = res.summary["by_hops"]
     assert list(by_hops) == ["1", "2", "3", "unknown"]

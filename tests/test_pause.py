@@ -35,7 +35,7 @@ def synth(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synth84_pause")
     generate(SynthConfig(n=60, seed=0, image_size=84, grid=2, level=2, large_size=1.0, small_size=0.5,
-                         families={"presence": 1, "attribute": 1}), out)  # fmt: skip
+                         question_types={"presence": 1, "attribute": 1}), out)  # fmt: skip
     return out
 
 

@@ -86,7 +86,7 @@ def describe_data(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("synth-describe")
     cfg = SynthConfig(n=60, seed=0, image_size=84, grid=2, level=1, large_size=1.0, small_size=0.6,
-                      families={"presence": 1})  # fmt: skip
+                      question_types={"presence": 1})  # fmt: skip
     files = generate(cfg, out)
     return Path(files["describe"])
 

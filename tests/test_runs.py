@@ -97,7 +97,7 @@ def test_a_second_eval_into_a_busy_folder_is_refused_naming_the_first(tiny_dir, 
     first = holder(out)  # the first run, still writing
     before = snapshot(out)
     line = one_error_line(CliRunner().invoke(app, [
-        "eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"), "--latent-steps", "2", "--mode", "latent",
+        "eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"), "--latent-steps", "2", "--reasoning", "latent",
         "--limit", "2", "--out", str(out)]))  # fmt: skip
     assert f"in use by another run: process {first.proc.pid}" in line and "choose another --out" in line
     assert snapshot(out) == before, "the refused run must not touch the folder"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from medlvr.data.schema import read_jsonl
 from medlvr.data.synth import (
-    FAMILIES,
+    QUESTION_TYPES,
     SPLITS,
     SynthConfig,
     generate,
@@ -22,7 +22,7 @@ from medlvr.data.synth import (
 )
 from medlvr.data.synth_render import SHAPES
 
-CFG = SynthConfig(n=240, seed=7, answers="letters", texture=0.5)  # every family, answered with option letters
+CFG = SynthConfig(n=240, seed=7, answers="letters", texture=0.5)  # every question type, answered with option letters
 FILES = (*SPLITS, "describe")
 
 
@@ -61,11 +61,11 @@ def test_counts_per_split_are_exact(synth_dir: Path, records: dict[str, list]) -
     manifest = json.loads((synth_dir / "manifest.json").read_text())
     for name in FILES:
         assert manifest["counts"][name]["total"] == len(records[name])
-        by_family: dict[str, int] = {}
+        by_question_type: dict[str, int] = {}
         for r in records[name]:
-            by_family[r.question_type] = by_family.get(r.question_type, 0) + 1
-        assert manifest["counts"][name]["by_family"] == by_family
-    assert {r.question_type for r in records["train"]} == set(FAMILIES)
+            by_question_type[r.question_type] = by_question_type.get(r.question_type, 0) + 1
+        assert manifest["counts"][name]["by_question_type"] == by_question_type
+    assert {r.question_type for r in records["train"]} == set(QUESTION_TYPES)
     assert len(manifest["held_pairs"]) == 9
     assert len(list((synth_dir / "images").glob("*.png"))) == CFG.n
 
@@ -226,46 +226,46 @@ def _check_chain(r, at: dict[str, dict]) -> None:
     assert len(lesions) in (6, 8) and sum(les["intensity"] == "bright" for les in lesions) == len(lesions) // 2
 
 
-def _check_answer(r) -> None:  # noqa: C901 - one branch per family, read top to bottom
-    meta, q, fam = r.meta, r.question, r.question_type
+def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read top to bottom
+    meta, q, qtype = r.meta, r.question, r.question_type
     lesions, at = meta["lesions"], _by_region(meta)
     boxes = [tuple(roi.box) for roi in r.rois]
-    assert meta["n_lesions"] == len(lesions) and meta["family"] == fam
+    assert meta["n_lesions"] == len(lesions)
     # at most one lesion per region
     assert len(at) == len(lesions)
-    if fam == "presence":
+    if qtype == "presence":
         (region,) = re.findall(r"in the (.+) region\?", q)
         assert r.answer == ("yes" if region in at else "no")
         if region in at:
             assert boxes == [tuple(at[region]["box"])] and r.rois[0].label == "lesion"
         else:
             assert r.rois[0].label == "region"
-    elif fam == "attribute":
+    elif qtype == "attribute":
         attr, region = re.findall(r"What is the (\w+) of the lesion in the (.+) region\?", q)[0]
         assert r.answer == at[region][attr]
         assert boxes == [tuple(at[region]["box"])]
-    elif fam == "location":
+    elif qtype == "location":
         (words,) = re.findall(r"Where is the (.+) lesion\?", q)
         matches = [les for les in lesions if words == " ".join(
             _adjective(les[k]) if k == "shape" else les[k] for k in ("size", "intensity", "shape") if k in meta["descriptor"]
         )]
         assert len(matches) == 1 and matches[0]["region"] == r.answer
         assert boxes == [tuple(matches[0]["box"])]
-    elif fam == "comparison":
+    elif qtype == "comparison":
         word, a, b = re.findall(r"Which lesion is (\w+): the one in the (.+) region or the one in the (.+) region\?", q)[0]
         attr, value = {"larger": ("size", "large"), "smaller": ("size", "small"),
                        "brighter": ("intensity", "bright"), "darker": ("intensity", "dark")}[word]  # fmt: skip
         assert at[a][attr] != at[b][attr]
         assert r.answer == (a if at[a][attr] == value else b)
         assert set(boxes) == {tuple(at[a]["box"]), tuple(at[b]["box"])}
-    elif fam == "count":
+    elif qtype == "count":
         assert r.answer == str(len(lesions)) and r.answer.isdigit()
         assert set(boxes) == {tuple(les["box"]) for les in lesions}
-    elif fam == "relational" and meta["variant"] == "same_shape":
+    elif qtype == "relational" and meta["variant"] == "same_shape":
         a, b = re.findall(r"Are the lesions in the (.+) and (.+) regions the same shape\?", q)[0]
         assert r.answer == ("yes" if at[a]["shape"] == at[b]["shape"] else "no")
         assert set(boxes) == {tuple(at[a]["box"]), tuple(at[b]["box"])}
-    elif fam == "relational":
+    elif qtype == "relational":
         phrase, anchor_words = re.findall(r"What shape is the lesion (to the right of|to the left of|above|below) the (.+) lesion\?", q)[0]
         superlative = {"brightest": ("intensity", "bright"), "darkest": ("intensity", "dark"),
                        "largest": ("size", "large"), "smallest": ("size", "small")}  # fmt: skip
@@ -287,16 +287,16 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per family, read top to
             assert names[rr * g + cc] not in at
             rr, cc = rr + dr, cc + dc
         assert boxes == [tuple(anchors[0]["box"]), tuple(target["box"])]
-    elif fam == "describe":
+    elif qtype == "describe":
         expected = "; ".join(f"{les['region']}: {les['size']} {les['intensity']} {les['shape']}" for les in lesions)
         assert r.answer == expected and q == "Describe the lesions."
         assert len(boxes) == len(lesions)
-    elif fam == "ground":
+    elif qtype == "ground":
         (words,) = re.findall(r"Where is the (.+) lesion\?", q)
         matches = [les for les in lesions if words == f"{les['size']} {les['intensity']} {_adjective(les['shape'])}"]
         assert len(matches) == 1 and matches[0]["region"] == r.answer
         assert boxes == [tuple(matches[0]["box"])]
-    elif fam == "inspect":
+    elif qtype == "inspect":
         (region,) = re.findall(r"What is in the (.+) region\?", q)
         inside = [les for les in lesions if les["region"] == region]
         if inside:
@@ -304,20 +304,20 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per family, read top to
             assert r.answer == f"{les['size']} {les['intensity']} {les['shape']}" and boxes == [tuple(les["box"])]
         else:
             assert r.answer == "nothing" and r.rois[0].label == "region"
-    elif fam == "chain":
+    elif qtype == "chain":
         _check_chain(r, at)
     else:
-        raise AssertionError(f"unexpected family {fam}")
+        raise AssertionError(f"unexpected question type {qtype}")
 
 
 def test_every_answer_is_consistent_with_the_scene(records: dict[str, list]) -> None:
-    families = set()
+    seen = set()
     for name in FILES:
         for r in records[name]:
             _check_answer(r)
-            families.add((r.question_type, r.meta.get("variant")))
-    assert ("relational", "neighbor") in families and ("relational", "same_shape") in families
-    assert {"describe", "ground", "inspect"} <= {f for f, _ in families}
+            seen.add((r.question_type, r.meta.get("variant")))
+    assert ("relational", "neighbor") in seen and ("relational", "same_shape") in seen
+    assert {"describe", "ground", "inspect"} <= {f for f, _ in seen}
     inspect = [r.answer for r in records["describe"] if r.question_type == "inspect"]
     assert 0.3 < inspect.count("nothing") / len(inspect) < 0.7
 
@@ -330,7 +330,7 @@ def test_both_presence_answers_occur(records: dict[str, list]) -> None:
 # ---------------------------------------------------------------- knobs
 
 
-def test_level_one_has_single_lesions_and_no_two_lesion_families() -> None:
+def test_level_one_has_single_lesions_and_no_two_lesion_question_types() -> None:
     cfg = SynthConfig(n=60, seed=2, level=1)
     items = generate_samples(cfg, "train", render_images=False) + generate_samples(cfg, "compositional", render_images=False)
     assert {len(i.scene.lesions) for i in items} == {1}
@@ -359,7 +359,7 @@ def _check_answer_cfg(cfg: SynthConfig, sample) -> None:
 
 
 def test_image_size_and_grid_knobs(tmp_path: Path) -> None:
-    cfg = SynthConfig(n=12, seed=0, image_size=224, grid=2, families={"attribute": 1, "relational": 1}, describe=False)
+    cfg = SynthConfig(n=12, seed=0, image_size=224, grid=2, question_types={"attribute": 1, "relational": 1}, describe=False)
     paths = generate(cfg, tmp_path, workers=1)
     assert "describe" not in paths
     recs = read_jsonl(paths["train"])
@@ -375,8 +375,8 @@ def test_image_size_and_grid_knobs(tmp_path: Path) -> None:
     [
         ({"n": 0}, "n must be positive"),
         ({"image_size": 170}, "multiple of 28"),
-        ({"families": {"colour": 1.0}}, "unknown question family"),
-        ({"level": 1, "families": {"comparison": 1.0}}, "needs 2 lesions"),
+        ({"question_types": {"colour": 1.0}}, "unknown question type"),
+        ({"level": 1, "question_types": {"comparison": 1.0}}, "needs 2 lesions"),
         ({"level": 9}, "level must be"),
         ({"modalities": ("ultrasound",)}, "unknown or no modalities"),
         ({"large_size": 2.5}, "does not fit"),
@@ -401,8 +401,8 @@ def test_cli_synth(tmp_path: Path) -> None:
     assert len(read_jsonl(out / "train.jsonl")) == SynthConfig(n=20).split_counts()["train"]
     bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--image-size", "100"])
     assert bad.exit_code == 2 and "multiple of 28" in bad.output
-    bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--families", "colour"])
-    assert bad.exit_code == 2 and "unknown question family" in bad.output
+    bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--question-types", "colour"])
+    assert bad.exit_code == 2 and "unknown question type" in bad.output
 
 
 def test_compositional_split_has_no_presence_questions(records: dict[str, list]) -> None:
@@ -432,7 +432,7 @@ def test_fresh_anatomy_per_image_differs_from_cached_variants() -> None:
         assert a.image.shape == b.image.shape and not np.array_equal(a.image, b.image)
 
 
-# ---------------------------------------------------------------- the chain family: depth without shortcuts
+# ---------------------------------------------------------------- chain questions: depth without shortcuts
 
 
 def test_default_world_answers_in_words_and_asks_shape_only_of_large_lesions() -> None:
@@ -447,7 +447,7 @@ def test_default_world_answers_in_words_and_asks_shape_only_of_large_lesions() -
 
 
 def test_chain_depths_are_uniform_and_no_shortcut_predicts_the_answer() -> None:
-    cfg = SynthConfig(n=4000, seed=11, families={"chain": 1.0}, hops=(1, 4), describe=False)
+    cfg = SynthConfig(n=4000, seed=11, question_types={"chain": 1.0}, hops=(1, 4), describe=False)
     samples = [make_sample(cfg, "train", i)[0] for i in range(1600)]
     by_hops = {h: [s for s in samples if s.meta["hops"] == h] for h in range(1, 5)}
     assert all(300 <= len(v) <= 500 for v in by_hops.values())
@@ -473,7 +473,7 @@ def test_written_reasoning_spells_out_the_chain_and_parses_to_the_answer() -> No
     from medlvr.data.synth import written_reasoning
     from medlvr.eval.metrics import score
 
-    cfg = SynthConfig(n=200, seed=5, families={"chain": 1.0}, hops=(3, 3))
+    cfg = SynthConfig(n=200, seed=5, question_types={"chain": 1.0}, hops=(3, 3))
     sample = make_sample(cfg, "test", 0)[0]
     written = written_reasoning(sample)
     regions = sample.meta["chain"]

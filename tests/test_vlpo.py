@@ -154,7 +154,7 @@ def synth(tmp_path_factory):
     from medlvr.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth_vlpo")
-    return generate(SynthConfig(n=120, seed=3, level=1, families={"presence": 1.0}, describe=False), out)
+    return generate(SynthConfig(n=120, seed=3, level=1, question_types={"presence": 1.0}, describe=False), out)
 
 
 def _prompts(paths, n, split="train"):

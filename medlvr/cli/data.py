@@ -8,18 +8,18 @@ import typer
 
 from medlvr.cli._common import console, user_errors
 from medlvr.cli._options import RANGE, Grammar, Knobs, config_options
-from medlvr.data.synth import FAMILIES, SynthConfig, parse_weights
+from medlvr.data.synth import QUESTION_TYPES, SynthConfig, parse_weights
 
 app = typer.Typer(no_args_is_help=True, help="data commands.")
 
 
-def _families(text: str) -> dict[str, float]:
+def _question_types(text: str) -> dict[str, float]:
     """`attribute,relational` (equal weights) or `attribute=2,count=1`."""
-    return parse_weights(text, FAMILIES, "question family")
+    return parse_weights(text, QUESTION_TYPES, "question type")
 
 
 @app.command("synth")
-@config_options(SynthConfig, grammars={"distractors": RANGE, "hops": RANGE, "families": Grammar("NAME[=WEIGHT],...", _families)},
+@config_options(SynthConfig, grammars={"distractors": RANGE, "hops": RANGE, "question_types": Grammar("NAME[=WEIGHT],...", _question_types)},
                 aliases={"same_shape_distractors": ["--same-shape"]})  # fmt: skip
 @user_errors
 def synth(
@@ -95,7 +95,7 @@ def ground(
     regions: str = typer.Option(None, "--regions", help="kvasir-seg, slake-ground: regions from the release's 'boxes' (default) or its 'masks'."),
     split: str = typer.Option(None, "--split", help="vindr-cxr: one official split (default: all)."),
     dataset: str = typer.Option(None, "--dataset", help="Dataset name of the samples (default: the source)."),
-    families: str = typer.Option(None, "--families", help="Question families, e.g. 'presence,location,count,size,grounding' (default: all)."),
+    question_types: str = typer.Option(None, "--question-types", help="Question types, e.g. 'presence,location,count,size,grounding' (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, the negatives and option order."),
     fractions: str = typer.Option(None, "--fractions", help="Split of patients/images without an official split (default 'train=0.8,val=0.1,test=0.1')."),
     val_fraction: float = typer.Option(None, "--val-fraction", help="Move this fraction of train patients/images to val (releases without a val split)."),
@@ -110,8 +110,8 @@ def ground(
     from medlvr.data.ground.split import parse_fractions
     from medlvr.data.schema import write_jsonl
 
-    if families:
-        opts["families"] = tuple(f.strip() for f in families.split(",") if f.strip())
+    if question_types:
+        opts["question_types"] = tuple(f.strip() for f in question_types.split(",") if f.strip())
     if fractions:
         opts["fractions"] = parse_fractions(fractions)
     if source == "nifti":

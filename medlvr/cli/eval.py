@@ -56,13 +56,15 @@ def eval_run(
     model: Path | None = typer.Option(None, "--model", help="Model folder (tiny, medlvr checkpoint or Qwen-VL)."),
     allow_pickle: bool = ALLOW_PICKLE,
     data: list[Path] = typer.Option([], "--data", help="Test JSONL file(s): --data A.jsonl B.jsonl."),
-    mode: str = typer.Option("direct", "--mode", help="direct (K=0), latent (K latent steps) or cot (reasoning, K=0)."),
+    reasoning: str = typer.Option(
+        "direct", "--reasoning", help="How the model reasons before answering: direct (K=0), latent (K latent steps) or "
+        "cot (written reasoning, K=0)."),
     latent_steps: str | None = typer.Option(
-        None, "--latent-steps", help="K, or a sweep like 0,2,4,8 (mode latent; default: the model's K)."),
+        None, "--latent-steps", help="K, or a sweep like 0,2,4,8 (reasoning latent; default: the model's K)."),
     out: Path | None = typer.Option(None, "--out", help="Run folder: predictions.jsonl, summary.json, report.md, plots."),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per generate call."),
     max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens", help="Answer token limit (default 32; 256 in mode cot)."),
+        None, "--max-new-tokens", help="Answer token limit (default 32; 256 with reasoning cot)."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N questions (over all files, in order)."),
     explain_metrics: bool = typer.Option(
         False, "--explain-metrics",
@@ -97,7 +99,7 @@ def eval_run(
     from medlvr.eval.harness import evaluate, parse_latent_steps
 
     _init_distributed()
-    result = evaluate(data, out, model=model, mode=mode, latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
+    result = evaluate(data, out, model=model, reasoning=reasoning, latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
                       batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, explain=explain_metrics,
                       image_control=image_control, control_seed=control_seed, allow_pickle=allow_pickle)
     if torch.distributed.is_initialized():

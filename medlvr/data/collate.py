@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from medlvr.data.prompts import Mode, chat_messages, target_text
+from medlvr.data.prompts import Reasoning, chat_messages, target_text
 from medlvr.data.roi import sample_roi_indices
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
@@ -35,7 +35,7 @@ class VQACollator:
         processor: Any,
         adapter: BackboneAdapter,
         *,
-        mode: Mode = "direct",
+        reasoning: Reasoning = "direct",
         with_answers: bool = True,
         with_rois: bool = True,
         image_loader: Callable[[str], Image.Image] = _default_loader,
@@ -45,7 +45,7 @@ class VQACollator:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.adapter = adapter
-        self.mode = mode
+        self.reasoning = reasoning
         self.with_answers = with_answers
         self.with_rois = with_rois
         self.load = image_loader
@@ -59,7 +59,7 @@ class VQACollator:
 
     def prompts(self, samples: Sequence[VQASample]) -> list[str]:
         return [
-            self.processor.apply_chat_template(chat_messages(s, self.mode), add_generation_prompt=True, tokenize=False)
+            self.processor.apply_chat_template(chat_messages(s, self.reasoning), add_generation_prompt=True, tokenize=False)
             for s in samples
         ]
 

@@ -5,7 +5,7 @@ Instructions follow the conventions of the public medical VQA kits
 - choice: "Answer with the option's letter from the given choices directly."
 - yes/no: "Please answer 'yes' or 'no'."
 - other: "Answer the question using a single word or phrase."
-Mode `cot` asks for written reasoning and a tagged answer instead.
+Reasoning `cot` asks for written reasoning and a tagged answer instead.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Literal
 from medlvr.data.schema import VQASample
 from medlvr.eval.answers import yes_no_question
 
-Mode = Literal["direct", "latent", "cot"]
+Reasoning = Literal["direct", "latent", "cot"]
+"""How a model reasons before it answers: not at all (`direct`), in K latent steps (`latent`, with
+the direct prompt) or in writing (`cot`: a reasoning prompt, then a tagged answer)."""
 
 CHOICE = "Answer with the option's letter from the given choices directly."
 YES_NO = "Please answer 'yes' or 'no'."
@@ -23,24 +25,24 @@ SHORT = "Answer the question using a single word or phrase."
 COT = "Think step by step, then give the final answer inside <answer></answer>."
 
 
-def instruction(sample: VQASample, mode: Mode = "direct") -> str:
+def instruction(sample: VQASample, reasoning: Reasoning = "direct") -> str:
     if sample.answer_type == "choice":
         base = CHOICE
     elif yes_no_question(sample):  # the scorer's definition: asked as yes/no exactly when scored as one
         base = YES_NO
     else:
         base = SHORT
-    if mode == "cot":
+    if reasoning == "cot":
         return f"{base.rstrip('.')}, after your reasoning. {COT}"
     return base
 
 
-def question_text(sample: VQASample, mode: Mode = "direct") -> str:
+def question_text(sample: VQASample, reasoning: Reasoning = "direct") -> str:
     """Question, options (one per line, `A. text`) and the instruction."""
     parts = [sample.question.strip()]
     if sample.options:
         parts.append("Options:\n" + "\n".join(f"{k}. {v}" for k, v in sorted(sample.options.items())))
-    parts.append(instruction(sample, mode))
+    parts.append(instruction(sample, reasoning))
     return "\n".join(parts)
 
 
@@ -51,8 +53,8 @@ def target_text(sample: VQASample) -> str:
     return sample.answer.strip()
 
 
-def chat_messages(sample: VQASample, mode: Mode = "direct") -> list[dict]:
+def chat_messages(sample: VQASample, reasoning: Reasoning = "direct") -> list[dict]:
     """One user turn: every image first (in order), then the question text."""
     content: list[dict] = [{"type": "image"} for _ in sample.images]
-    content.append({"type": "text", "text": question_text(sample, mode)})
+    content.append({"type": "text", "text": question_text(sample, reasoning)})
     return [{"role": "user", "content": content}]

@@ -11,7 +11,7 @@ named regions (3x3 by default: "upper left" ... "lower right"); each region
 holds at most one lesion (shape, size, intensity, texture), so "the lesion in
 the center region" is always well defined.
 
-Question families (`question_type`):
+Question types (`question_type`):
 
 - `presence`    "Is there a lesion in the upper left region?" -> yes/no (closed)
 - `attribute`   "What is the shape of the lesion in the center region?" (choice)
@@ -42,17 +42,17 @@ Files written by `generate(cfg, out_dir)`:
                                      one VQASample per line, id "synth-{split}-{index:06d}"
     describe.jsonl                   stage 0: "synth-describe-train-...", "synth-ground-train-..."
                                      and "synth-inspect-train-..." per train image (split "describe")
-    manifest.json                    config, counts by split / family / lesion count,
+    manifest.json                    config, counts by split / question type / lesion count,
                                      regions, shapes, held pairs
 
-Record fields: `question_type` = family; `answer_type` closed (yes/no), choice
+Record fields: `question_type` (above); `answer_type` closed (yes/no), choice
 (letters A-D shuffled per sample, `answer` = gold option text) or open (count,
 describe, ground); `rois` = evidence boxes `[x0, y0, x1, y1]` in pixel edges
 labelled "lesion" (or "region" for a presence "no"), in reasoning order (anchor
-before target); `modality` = style name; `meta` = {family, level, n_lesions,
+before target); `modality` = style name; `meta` = {level, n_lesions,
 target (index into lesions of the primary lesion, or null), held_pair, lesions:
 [{region, shape, size, intensity, texture, box, center, extent}] in raster
-order, plus the family's variant / attribute / descriptor / anchor / direction}.
+order, plus the question type's variant / attribute / descriptor / anchor / direction}.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ from medlvr.data.synth_render import (
 )
 
 DATASET = "synth"
-FAMILIES = ("presence", "attribute", "location", "comparison", "count", "relational", "chain")
-STAGE0_FAMILIES = ("describe", "ground", "inspect")
+QUESTION_TYPES = ("presence", "attribute", "location", "comparison", "count", "relational", "chain")
+STAGE0_QUESTION_TYPES = ("describe", "ground", "inspect")
 SPLITS = ("train", "val", "test", "compositional")
 SIZES = ("small", "large")
 INTENSITIES = ("bright", "dark")
@@ -104,7 +104,7 @@ LEVEL_DISTRACTORS = {1: (0, 0), 2: (1, 2), 3: (1, 3), 4: (2, 5), 5: (3, 8)}
 DEFAULT_MIX = {"presence": 0.1, "attribute": 0.15, "location": 0.1, "comparison": 0.1, "count": 0.05, "relational": 0.1, "chain": 0.4}
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.1, "compositional": 0.1}
 MIN_LESIONS = {"presence": 1, "attribute": 1, "location": 1, "comparison": 2, "count": 1, "relational": 2, "chain": 2}
-"""Lesions a family needs in the image (comparisons and relations need two; a chain image
+"""Lesions a question type needs in the image (comparisons and relations need two; a chain image
 sets its own lesion count, see `_chain`, whatever the level)."""
 MAX_HOPS = 4
 """Deepest chain: an anchor and three steps fill a self-avoiding path of four of the nine regions."""
@@ -181,8 +181,8 @@ class SynthConfig:
     """Probability that a distractor takes the primary lesion's shape (harder: shape alone no longer identifies it)."""
     modalities: tuple[str, ...] = tuple(MODALITIES)
     """Modality styles drawn uniformly: chest_xray, brain_mri, ct, fundus, histology."""
-    families: dict[str, float] | None = None
-    """Question family -> weight; None derives DEFAULT_MIX restricted to the families the level allows."""
+    question_types: dict[str, float] | None = None
+    """Question type -> weight; None derives DEFAULT_MIX restricted to the types the level allows."""
     splits: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLITS))
     """Split -> fraction of `n`; val/test/compositional are floored, train takes the rest."""
     held_per_region: int = 1
@@ -232,16 +232,16 @@ class SynthConfig:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if not self.modalities or unknown:
             raise bad(f"unknown or no modalities {unknown}; expected some of {', '.join(MODALITIES)}")
-        if self.families is not None:
-            unknown = [f for f in self.families if f not in FAMILIES]
+        if self.question_types is not None:
+            unknown = [f for f in self.question_types if f not in QUESTION_TYPES]
             if unknown:
-                raise bad(f"unknown question family {', '.join(map(repr, unknown))}; expected some of {', '.join(FAMILIES)}")
-            if any(w < 0 for w in self.families.values()) or sum(self.families.values()) <= 0:
-                raise bad(f"family weights must be >= 0 and not all 0, got {self.families}")
+                raise bad(f"unknown question type {', '.join(map(repr, unknown))}; expected some of {', '.join(QUESTION_TYPES)}")
+            if any(w < 0 for w in self.question_types.values()) or sum(self.question_types.values()) <= 0:
+                raise bad(f"question-type weights must be >= 0 and not all 0, got {self.question_types}")
             most = self.distractor_range[1] + 1
-            for fam, w in self.families.items():
-                if w > 0 and MIN_LESIONS[fam] > most:
-                    raise bad(f"family {fam!r} needs {MIN_LESIONS[fam]} lesions but level {self.level} / distractors {self.distractor_range} allow at most {most}")
+            for qtype, w in self.question_types.items():
+                if w > 0 and MIN_LESIONS[qtype] > most:
+                    raise bad(f"question type {qtype!r} needs {MIN_LESIONS[qtype]} lesions but level {self.level} / distractors {self.distractor_range} allow at most {most}")
         unknown = [s for s in self.splits if s not in SPLITS]
         if unknown or any(v < 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-6:
             raise bad(f"splits must map some of {', '.join(SPLITS)} to fractions >= 0 summing to 1, got {self.splits}")
@@ -249,8 +249,8 @@ class SynthConfig:
         if not 1 <= lo <= hi <= MAX_HOPS:
             raise bad(f"hops must be a range (lo, hi) with 1 <= lo <= hi <= {MAX_HOPS}, got {self.hops}")
         self.hops = (lo, hi)
-        if self.grid != 3 and self.family_mix.get("chain"):
-            raise bad(f"the chain family is laid out on the 3x3 grid, got grid {self.grid}")
+        if self.grid != 3 and self.question_mix.get("chain"):
+            raise bad(f"chain questions are laid out on the 3x3 grid, got grid {self.grid}")
         if self.answers not in ("words", "letters"):
             raise bad(f"answers must be words or letters, got {self.answers!r}")
         if self.shape_questions not in ("large", "all", "none"):
@@ -268,13 +268,13 @@ class SynthConfig:
         return (min(lo, cap), min(hi, cap))
 
     @property
-    def family_mix(self) -> dict[str, float]:
-        """Normalised family weights (zero weights dropped)."""
-        if self.families is None:
+    def question_mix(self) -> dict[str, float]:
+        """Normalised question-type weights (zero weights dropped)."""
+        if self.question_types is None:
             most = self.distractor_range[1] + 1
             mix = {f: w for f, w in DEFAULT_MIX.items() if MIN_LESIONS[f] <= most and (f != "chain" or self.grid == 3)}
         else:
-            mix = {f: w for f, w in self.families.items() if w > 0}
+            mix = {f: w for f, w in self.question_types.items() if w > 0}
         total = sum(mix.values())
         return {f: w / total for f, w in mix.items()}
 
@@ -378,7 +378,7 @@ class SynthItem:
 
 
 class _SceneBuilder:
-    """Places lesions one at a time under the split's held-pair rule and the family's constraints."""
+    """Places lesions one at a time under the split's held-pair rule and the question type's constraints."""
 
     def __init__(self, cfg: SynthConfig, rng: np.random.Generator, split: str):
         self.cfg, self.rng, self.split = cfg, rng, split
@@ -509,25 +509,25 @@ class _Question:
 def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Question]:
     """Sample the scene and question of record `index` of `split` (a pure function of its arguments)."""
     rng = _rng(cfg, split, index, 0)
-    mix = cfg.family_mix
+    mix = cfg.question_mix
     comp = split == "compositional"
     if comp and len(mix) > 1 and "presence" in mix:
         # Whether a region holds *a* lesion does not depend on its shape, so a held
         # (shape, region) pair tests nothing there (and only "yes" could apply).
         mix = {f: w for f, w in mix.items() if f != "presence"}
         mix = {f: w / sum(mix.values()) for f, w in mix.items()}
-    family = list(mix)[int(rng.choice(len(mix), p=list(mix.values())))]
+    qtype = list(mix)[int(rng.choice(len(mix), p=list(mix.values())))]
     modality = cfg.modalities[int(rng.integers(len(cfg.modalities)))]
     lo, hi = cfg.distractor_range
     cells = cfg.grid**2
-    n = min(max(int(rng.integers(lo, hi + 1)) + 1, MIN_LESIONS[family]), cells)
+    n = min(max(int(rng.integers(lo, hi + 1)) + 1, MIN_LESIONS[qtype]), cells)
     b = _SceneBuilder(cfg, rng, split)
     names = cfg.region_names()
 
     def in_region(les: Lesion) -> str:
         return f"the {names[les.region]} region"
 
-    if family == "presence":
+    if qtype == "presence":
         yes = comp or rng.random() < 0.5
         if not yes:
             n = min(n, cells - 1)
@@ -542,7 +542,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
             q = _Question(f"Is there a lesion in the {names[region]} region?", "no", "closed", [box])
             q.meta["region"] = names[region]
             primary = None
-    elif family == "attribute":
+    elif qtype == "attribute":
         primary = b.add(held=comp)
         b.fill(n, primary.shape)
         attrs = ["size", "intensity"]
@@ -554,7 +554,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         values = {"shape": SHAPES, "size": SIZES, "intensity": INTENSITIES, "texture": TEXTURES}[attr]
         q = _ask(cfg, rng, f"What is the {attr} of the lesion in {in_region(primary)}?", values, getattr(primary, attr), [_lesion_roi(primary)])
         q.meta["attribute"] = attr
-    elif family == "location":
+    elif qtype == "location":
         primary = b.add(held=comp)
         b.fill(n, primary.shape)
         for keys in (("shape",), ("size", "shape"), ("intensity", "shape"), ("size", "intensity", "shape")):
@@ -566,7 +566,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         others = [others[i] for i in rng.permutation(len(others))] + [empty[i] for i in rng.permutation(len(empty))]
         q = _ask(cfg, rng, f"Where is the {primary.words(keys)} lesion?", [gold, *others[:3]], gold, [_lesion_roi(primary)])
         q.meta["descriptor"] = list(keys)
-    elif family == "comparison":
+    elif qtype == "comparison":
         attr = ("size", "intensity")[int(rng.integers(2))]
         primary = b.add(held=comp)
         opposite = {"size": dict(zip(SIZES, SIZES[::-1])), "intensity": dict(zip(INTENSITIES, INTENSITIES[::-1]))}[attr]
@@ -579,23 +579,22 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         text = f"Which lesion is {word}: the one in {in_region(first)} or the one in {in_region(second)}?"
         q = _ask(cfg, rng, text, [names[first.region], names[second.region]], names[winner.region], [_lesion_roi(first), _lesion_roi(second)])
         q.meta["attribute"] = attr
-    elif family == "count":
+    elif qtype == "count":
         primary = b.add(held=comp)
         b.fill(n, primary.shape)
         rois = [_lesion_roi(les) for les in sorted(b.lesions, key=lambda les: les.region)]
         q = _Question("How many lesions are there?", str(len(b.lesions)), "open", rois)
-    elif family == "relational":
+    elif qtype == "relational":
         primary, q = _relational(cfg, rng, b, n, comp, names)
-    elif family == "chain":
+    elif qtype == "chain":
         primary, q = _chain(cfg, rng, b, comp, names)
     else:  # pragma: no cover - guarded by SynthConfig
-        raise ValueError(f"unknown family {family!r}")
-    q.meta["family"] = family
+        raise ValueError(f"unknown question type {qtype!r}")
     # Reasoning depth of every record: lookups in sequence, each ROI tagged with its hop.
     two_hop = q.meta.get("variant") == "neighbor"
     q.meta.setdefault("hops", 2 if two_hop else 1)
     q.meta.setdefault("roi_hops", [1, 2] if two_hop else [1] * len(q.rois))
-    return b.scene(modality, index, primary), family, q
+    return b.scene(modality, index, primary), qtype, q
 
 
 def _chain(
@@ -763,7 +762,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[VQASample, Sc
     """Record `index` of `split` and its scene, without rendering pixels."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    scene, family, q = _build(cfg, split, index)
+    scene, qtype, q = _build(cfg, split, index)
     sample = VQASample(
         id=f"{DATASET}-{split}-{index:06d}",
         dataset=DATASET,
@@ -777,7 +776,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[VQASample, Sc
         rois=q.rois,
         modality=scene.modality,
         organ=MODALITIES[scene.modality],
-        question_type=family,
+        question_type=qtype,
         meta=_meta(cfg, scene, q),
     )
     return sample, scene
@@ -814,7 +813,7 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         answer_type="open",
         rois=[_described_roi(les) for les in scene.lesions],
         question_type="describe",
-        meta={"family": "describe", **meta, "target": None},
+        meta={**meta, "target": None},
         **common,
     )
     # Ask for a lesion whose (size, intensity, shape) is its own: all of them in most scenes,
@@ -830,10 +829,10 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         answer_type="open",
         rois=[_described_roi(les)],
         question_type="ground",
-        meta={"family": "ground", **meta, "target": k},
+        meta={**meta, "target": k},
         **common,
     )
-    # Region -> content, the direction of lookup the question families need ("Is there a
+    # Region -> content, the direction of lookup the question types need ("Is there a
     # lesion in the upper left?"): half the time a lesion's region, else an empty one.
     occupied = {les.region: i for i, les in enumerate(scene.lesions)}
     empty = [r for r in range(len(names)) if r not in occupied]
@@ -851,7 +850,7 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         answer_type="open",
         rois=rois,
         question_type="inspect",
-        meta={"family": "inspect", **meta, "target": target},
+        meta={**meta, "target": target},
         **common,
     )
     return [describe, ground, inspect] if named else [describe, inspect]
@@ -958,7 +957,7 @@ def generate(
 
 
 def build_manifest(cfg: SynthConfig, records: dict[str, list[VQASample]], stage0: list[VQASample]) -> dict[str, Any]:
-    """Config, counts by split and family, lesion-count histogram, held pairs and regions."""
+    """Config, counts by split and question type, lesion-count histogram, held pairs and regions."""
     names = cfg.region_names()
     counts: dict[str, Any] = {}
     for split, recs in [*records.items(), ("describe", stage0)]:
@@ -966,7 +965,7 @@ def build_manifest(cfg: SynthConfig, records: dict[str, list[VQASample]], stage0
             continue
         counts[split] = {
             "total": len(recs),
-            "by_family": dict(sorted(Counter(r.question_type for r in recs).items())),
+            "by_question_type": dict(sorted(Counter(r.question_type for r in recs).items())),
             "by_n_lesions": {str(k): v for k, v in sorted(Counter(r.meta["n_lesions"] for r in recs).items())},
         }
     return {

@@ -9,11 +9,11 @@ any `Predictor` callable), scores each response with THE scorer
   at most the batch in flight. A rerun on the same `out` skips the rows
   already there, so adding a K or a condition to a finished run computes only
   the new rows.
-- `run.json`: the settings of the run (a rerun with another model or mode on
+- `run.json`: the settings of the run (a rerun with another model or reasoning on
   the same directory is refused: its rows would be mixed).
 - `summary.json`, `report.md`, `plots/*.png` from `medlvr.eval.report.write_report`.
 
-Modes (prompts in `medlvr.data.prompts`): `direct` answers at once (K=0),
+Reasoning (prompts in `medlvr.data.prompts`): `direct` answers at once (K=0),
 `cot` writes its reasoning before a tagged answer (K=0, a longer token
 budget), `latent` runs K continuous latent steps before the answer; a list of
 K sweeps the latent budget in one call (one collated batch serves every K).
@@ -58,7 +58,7 @@ from typing import Any
 
 from PIL import Image
 
-from medlvr.data.prompts import Mode, question_text
+from medlvr.data.prompts import Reasoning, question_text
 from medlvr.data.schema import VQASample, load_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.eval.controls import IMAGE_CONTROLS, REAL, blank_like, condition_of, kept_own, order_conditions, \
@@ -84,7 +84,7 @@ __all__ = [
 ]
 
 RUN_FILE = "run.json"
-MODES: tuple[str, ...] = ("direct", "latent", "cot")
+REASONING: tuple[str, ...] = ("direct", "latent", "cot")
 # Token budgets: a short answer fits in 32 tokens; written reasoning needs room before its tag.
 DEFAULT_MAX_NEW_TOKENS = {"direct": 32, "latent": 32, "cot": 256}
 
@@ -105,10 +105,14 @@ wrapped by `ModelPredictor`; tests pass scripted callables.
 """
 
 
-def default_max_new_tokens(mode: str) -> int:
-    if mode not in DEFAULT_MAX_NEW_TOKENS:
-        raise MedlvrError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    return DEFAULT_MAX_NEW_TOKENS[mode]
+def default_max_new_tokens(reasoning: str) -> int:
+    _check_reasoning(reasoning)
+    return DEFAULT_MAX_NEW_TOKENS[reasoning]
+
+
+def _check_reasoning(reasoning: str) -> None:
+    if reasoning not in REASONING:
+        raise MedlvrError(f"reasoning must be one of {', '.join(REASONING)}, got {reasoning!r}")
 
 
 def _parse_list(text: Any, convert: Callable[[Any], Any], what: str) -> list[Any]:
@@ -150,12 +154,12 @@ def parse_image_controls(text: str | Sequence[str] | None) -> list[str]:
 class ModelPredictor:
     """A `LatentVLM` as a `Predictor`: collate without answers or ROIs, greedy `generate`."""
 
-    def __init__(self, vlm: Any, mode: Mode, max_new_tokens: int):
+    def __init__(self, vlm: Any, reasoning: Reasoning, max_new_tokens: int):
         from medlvr.data.collate import VQACollator
 
         self.vlm = vlm
         self.max_new_tokens = max_new_tokens
-        self.collate = VQACollator(vlm.processor, vlm.adapter, mode=mode, with_answers=False, with_rois=False)
+        self.collate = VQACollator(vlm.processor, vlm.adapter, reasoning=reasoning, with_answers=False, with_rois=False)
 
     def __call__(self, samples: Sequence[VQASample], images: Sequence[Sequence[Image.Image]],
                  latent_steps: int) -> list[Generated]:
@@ -215,9 +219,9 @@ def load_samples(paths: Sequence[str | Path], limit: int | None = None) -> list[
     return samples
 
 
-def sort_for_batching(samples: Iterable[VQASample], mode: Mode = "direct") -> list[VQASample]:
+def sort_for_batching(samples: Iterable[VQASample], reasoning: Reasoning = "direct") -> list[VQASample]:
     """Sorted by (number of images, prompt length in characters, id): similar lengths share a batch."""
-    return sorted(samples, key=lambda s: (len(s.images), len(question_text(s, mode)), s.id))
+    return sorted(samples, key=lambda s: (len(s.images), len(question_text(s, reasoning)), s.id))
 
 
 def _default_loader(path: str) -> Image.Image:
@@ -336,12 +340,14 @@ def _barrier(synced: bool) -> None:
 
 
 def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
-    """Refuse to mix rows of another model, mode or shuffle seed into an existing run; record the settings."""
+    """Refuse to mix rows of another model, reasoning or shuffle seed into an existing run; record the settings."""
     path = out / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
+        if "mode" in old:  # run.json of releases before `reasoning` had one name
+            old["reasoning"] = old.pop("mode")
         old_controls = old.get("image_controls", [REAL])
-        for key in ("model", "mode", "control_seed"):
+        for key in ("model", "reasoning", "control_seed"):
             if key == "model" and (old.get(key) is None or settings.get(key) is None):
                 continue  # an in-memory model or a predictor has no identity to check
             if key == "control_seed" and not ("shuffled" in old_controls and "shuffled" in settings["image_controls"]):
@@ -367,7 +373,7 @@ def evaluate(
     model: str | Path | None = None,
     vlm: Any = None,
     predictor: Predictor | None = None,
-    mode: Mode = "direct",
+    reasoning: Reasoning = "direct",
     latent_steps: Sequence[int] | int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
@@ -387,12 +393,12 @@ def evaluate(
 
     Exactly one of `model` (a folder, loaded with `LatentVLM.from_pretrained`),
     `vlm` (a loaded `LatentVLM`) or `predictor` answers. `data` is a list of
-    JSONL files or of `VQASample`s. `latent_steps` defaults to [0] in modes
-    direct and cot (where K > 0 is refused) and to the model's configured K in
-    mode latent (a predictor needs it given). `rank`/`world_size` default to
+    JSONL files or of `VQASample`s. `latent_steps` defaults to [0] with reasoning
+    direct and cot (where K > 0 is refused) and to the model's configured K with
+    reasoning latent (a predictor needs it given). `rank`/`world_size` default to
     the initialised process group, else 0/1; without a group, a sharded call
     only writes its shard and `merge_shards` + `write_report` finish the run.
-    `explain` (a model only, mode latent) also measures the evidence maps on
+    `explain` (a model only, reasoning latent) also measures the evidence maps on
     the questions with ROIs for every K >= 1 (`medlvr.explain.explain_metrics`:
     pointing game and ROI mass beside a random map) on rank 0, saved as
     `explain.json` and merged into `summary.json` and `report.md`.
@@ -400,21 +406,20 @@ def evaluate(
     see `medlvr.eval.controls`), each answered like each K; `control_seed`
     fixes the `shuffled` permutation. `allow_pickle` lets a `model` folder with pickle weights only load.
     """
-    if mode not in MODES:
-        raise MedlvrError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    _check_reasoning(reasoning)
     if sum(x is not None for x in (model, vlm, predictor)) != 1:
         raise MedlvrError("give exactly one of model, vlm or predictor")
     if batch_size < 1:
         raise MedlvrError(f"batch_size must be >= 1, got {batch_size}")
-    max_new_tokens = default_max_new_tokens(mode) if max_new_tokens is None else max_new_tokens
+    max_new_tokens = default_max_new_tokens(reasoning) if max_new_tokens is None else max_new_tokens
     if max_new_tokens < 1:
         raise MedlvrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    ks = parse_latent_steps(latent_steps)
+    latent_steps = parse_latent_steps(latent_steps)
     conds = parse_image_controls(image_control)
-    if mode in ("direct", "cot"):
-        if ks is not None and ks != [0]:
-            raise MedlvrError(f"mode {mode} answers without latent steps (K=0); use --mode latent for K={ks}")
-        ks = [0]
+    if reasoning in ("direct", "cot"):
+        if latent_steps is not None and latent_steps != [0]:
+            raise MedlvrError(f"reasoning {reasoning} answers without latent steps (K=0); use --reasoning latent for K={latent_steps}")
+        latent_steps = [0]
     rank, world_size, synced = _dist_info(rank, world_size)
 
     if data and isinstance(data[0], VQASample):
@@ -429,16 +434,16 @@ def evaluate(
 
         vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
     if vlm is not None:
-        if ks is None:
-            ks = [int(vlm.latent.steps)]
-        predictor = ModelPredictor(vlm, mode, max_new_tokens)
-    if ks is None:
-        raise MedlvrError("mode latent with a predictor needs latent_steps")
+        if latent_steps is None:
+            latent_steps = [vlm.resolve_steps(None)]
+        predictor = ModelPredictor(vlm, reasoning, max_new_tokens)
+    if latent_steps is None:
+        raise MedlvrError("reasoning latent with a predictor needs latent_steps")
     if vlm is not None:  # before anything is written: a K the model cannot hold fails every question
-        vlm.check_length(0, max(ks), max_new_tokens)
+        vlm.check_length(0, max(latent_steps), max_new_tokens)
     assert predictor is not None
-    if explain and (vlm is None or max(ks) < 1):
-        raise MedlvrError("explanation metrics need a model and mode latent with K >= 1")
+    if explain and (vlm is None or max(latent_steps) < 1):
+        raise MedlvrError("explanation metrics need a model and reasoning latent with K >= 1")
     if "question-only" in conds and vlm is not None and not vlm.adapter.text_only:
         raise MedlvrError(f"backbone family {vlm.adapter.family} cannot answer without an image: "
                           "drop question-only from the image controls")
@@ -447,16 +452,16 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     _check_run_file(out, {
         "model": str(Path(model).resolve()) if model is not None else None,
-        "mode": mode, "latent_steps": ks, "data": data_names, "max_new_tokens": max_new_tokens,
+        "reasoning": reasoning, "latent_steps": latent_steps, "data": data_names, "max_new_tokens": max_new_tokens,
         "batch_size": batch_size, "limit": limit, "world_size": world_size,
         "image_controls": conds, "control_seed": control_seed,
     }, rank)
 
-    mine = sort_for_batching(samples, mode)[rank::world_size]  # this rank's strided slice
+    mine = sort_for_batching(samples, reasoning)[rank::world_size]  # this rank's strided slice
     shard = out / PREDICTIONS_FILE if world_size == 1 else _shard_file(out, rank)
     _read_rows(shard, repair=True)  # cut a torn last line before appending after it
     done = _done_keys(out)
-    runs = [(c, k) for c in conds for k in ks]
+    runs = [(c, k) for c in conds for k in latent_steps]
     pending = [s for s in mine if any((s.id, k, c) not in done for c, k in runs)]
     n_todo = sum((s.id, k, c) not in done for s in pending for c, k in runs)
     n_skipped = len(mine) * len(runs) - n_todo
@@ -465,7 +470,7 @@ def evaluate(
 
     n_new = n_err = 0
     t0 = time.perf_counter()
-    label = f"eval {mode} K={','.join(map(str, ks))}" + ("" if conds == [REAL] else f" images={','.join(conds)}")
+    label = f"eval {reasoning} K={','.join(map(str, latent_steps))}" + ("" if conds == [REAL] else f" images={','.join(conds)}")
     bar = _Bar(n_todo, enabled=progress and rank == 0, label=label)
     with shard.open("a", encoding="utf-8") as fh, bar:
         for start in range(0, len(pending), batch_size):
@@ -474,7 +479,7 @@ def evaluate(
                 todo = [shown(s, c) for s in chunk if (s.id, k, c) not in done]
                 if not todo:
                     continue
-                rows = [prediction_row(s, None, latent_steps=k, error=v.error, mode=mode, **v.fields)
+                rows = [prediction_row(s, None, latent_steps=k, error=v.error, reasoning=reasoning, **v.fields)
                         for s, v in todo if v.error is not None]
                 good = [(s, v) for s, v in todo if v.error is None]
                 if good:
@@ -486,7 +491,7 @@ def evaluate(
                     for (s, v), r in zip(good, responses):
                         g = r if isinstance(r, Generated) else Generated(str(r))
                         rows.append(prediction_row(s, g.text, latent_steps=k, latency_s=per_sample,
-                                                   n_tokens=g.n_tokens, mode=mode, **v.fields))
+                                                   n_tokens=g.n_tokens, reasoning=reasoning, **v.fields))
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 fh.flush()  # one batch on disk: a crash after this loses nothing of it
@@ -504,7 +509,7 @@ def evaluate(
     if rank == 0:
         merge_shards(out)
         if explain:
-            _explain(vlm, samples, [k for k in ks if k >= 1], out, batch_size, load)
+            _explain(vlm, samples, [k for k in latent_steps if k >= 1], out, batch_size, load)
         if report:
             result.report = write_report(out, title=title)
             result.summary = result.report["data"]
@@ -562,7 +567,7 @@ class _Shown:
         return s, _View(s, images, err, fields)
 
 
-def _explain(vlm: Any, samples: Sequence[VQASample], ks: Sequence[int], out: Path, batch_size: int,
+def _explain(vlm: Any, samples: Sequence[VQASample], latent_steps: Sequence[int], out: Path, batch_size: int,
              load: Callable[[str], Image.Image]) -> dict[str, Any]:
     """Evidence-map faithfulness per K on the questions with ROIs whose images load; saved as explain.json."""
     from medlvr.eval.report import EXPLAIN_FILE
@@ -577,7 +582,7 @@ def _explain(vlm: Any, samples: Sequence[VQASample], ks: Sequence[int], out: Pat
                 images.append(imgs)
     if not kept:
         raise MedlvrError("--explain-metrics: no question with an ROI and a readable image in the data")
-    result = {str(k): explain_metrics(vlm, kept, k, images=images, batch_size=batch_size) for k in ks}
+    result = {str(k): explain_metrics(vlm, kept, k, images=images, batch_size=batch_size) for k in latent_steps}
     tmp = out / (EXPLAIN_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmp.replace(out / EXPLAIN_FILE)

@@ -48,7 +48,7 @@ UNKNOWN = "unknown"
 
 GROUP_FIELDS = ("dataset", "modality", "question_type", "answer_type", "content_type", "hops")
 """Fields `summarize` groups by. The optional ones are read from the row or its `meta` and grouped
-only when some row has them: `content_type` (SLAKE), `hops` (the synthetic chain family)."""
+only when some row has them: `content_type` (SLAKE), `hops` (the synthetic chain questions)."""
 _OPTIONAL_FIELDS = ("content_type", "hops")
 
 

@@ -287,20 +287,20 @@ def _bar_plot(groups: Mapping[str, Mapping[str, Any]], title: str, path: Path) -
 
 def _k_plot(summary: Mapping[str, Any], path: Path) -> Path:
     by_k = summary["by_latent_steps"]
-    ks = [k for k in by_k if k != "unknown"]
-    x = [float(k) for k in ks]
+    latent_steps = [k for k in by_k if k != "unknown"]
+    x = [float(k) for k in latent_steps]
     fig = Figure(figsize=(5, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(x, [100 * (by_k[k]["accuracy"] or 0.0) for k in ks], marker="o", linewidth=2, label="all")
+    ax.plot(x, [100 * (by_k[k]["accuracy"] or 0.0) for k in latent_steps], marker="o", linewidth=2, label="all")
     per_ds = summary.get("by_latent_steps_dataset", {})
-    datasets = sorted({d for k in ks for d in per_ds.get(k, {})})
+    datasets = sorted({d for k in latent_steps for d in per_ds.get(k, {})})
     if len(datasets) > 1:
         for d in datasets:
-            pts = [(float(k), per_ds[k][d]["accuracy"]) for k in ks
+            pts = [(float(k), per_ds[k][d]["accuracy"]) for k in latent_steps
                    if d in per_ds.get(k, {}) and per_ds[k][d]["accuracy"] is not None]
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", linestyle="--", label=d)
-    ax.set_xticks(x, ks)
+    ax.set_xticks(x, latent_steps)
     return _save_lines(fig, ax, "latent budget K", "Accuracy against the latent budget", path)
 
 

@@ -455,8 +455,8 @@ class LatentVLM(nn.Module):
         that returns weights), switched on for the latent steps and restored afterwards.
         """
         self._check_batch(batch)
-        k_steps = self.resolve_steps(latent_steps)
-        self.check_length(batch["input_ids"].shape[1], k_steps, max_new_tokens)
+        latent_steps = self.resolve_steps(latent_steps)
+        self.check_length(batch["input_ids"].shape[1], latent_steps, max_new_tokens)
         if latent_sigma > 0 and self.pause is not None:
             raise MedlvrError("latent_sigma > 0 explores around the fed-back state; latent.input=pause feeds learned constants")
         if max_new_tokens < 1:
@@ -465,7 +465,7 @@ class LatentVLM(nn.Module):
             raise MedlvrError(f"group_size must be >= 1, got {group_size}")
         timings: dict[str, float] = {}
         tick = _Clock(self.device)
-        pre = self._prefill(batch, with_latent_start=k_steps > 0)
+        pre = self._prefill(batch, with_latent_start=latent_steps > 0)
         if group_size > 1:
             pre.cache.batch_repeat_interleave(group_size)
             pre.attention_mask = pre.attention_mask.repeat_interleave(group_size, 0)
@@ -478,13 +478,13 @@ class LatentVLM(nn.Module):
 
         b = pre.last_hidden.shape[0]
         d = self.hidden_size
-        latents = pre.last_hidden.new_zeros(b, k_steps, d)
-        means = pre.last_hidden.new_zeros(b, k_steps, d)
+        latents = pre.last_hidden.new_zeros(b, latent_steps, d)
+        means = pre.last_hidden.new_zeros(b, latent_steps, d)
         h, logits = pre.last_hidden, pre.last_logits
-        pause = self.pause(k_steps, b) if self.pause is not None else None  # [B, K, d]
+        pause = self.pause(latent_steps, b) if self.pause is not None else None  # [B, K, d]
         rows: list[tuple[torch.Tensor, ...]] = []  # per step, per layer [B, H, 1, P + k]
         with eager_attention(self.base_model) if output_attentions else nullcontext():
-            for k in range(k_steps):
+            for k in range(latent_steps):
                 mu = self.projector(h)  # [B, d]
                 z = mu if pause is None else pause[:, k].to(mu.dtype)
                 if latent_sigma > 0:
@@ -493,7 +493,7 @@ class LatentVLM(nn.Module):
                 means[:, k], latents[:, k] = mu, z
                 h = self._latent_step(pre, z, rows if output_attentions else None)
         attentions = _step_attentions(rows, pre.attention_mask.shape[1]) if output_attentions and rows else None
-        if k_steps > 0:
+        if latent_steps > 0:
             end = self.embed(torch.full((b, 1), self.latent_end_id, device=self.device))
             logits, _ = self._append(pre, end)
             logits = logits[:, -1]
@@ -544,43 +544,43 @@ class LatentVLM(nn.Module):
         self._check_batch(batch)
         if batch.get("answer_ids") is None or batch.get("answer_mask") is None:
             raise MedlvrError("a training batch needs answer_ids and answer_mask")
-        k_steps = self.resolve_steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
+        latent_steps = self.resolve_steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
         answer = batch["answer_ids"].to(self.device)
         amask = batch["answer_mask"].to(self.device)
         if answer.shape[0] != batch["input_ids"].shape[0]:
             raise MedlvrError(f"batch size mismatch: {batch['input_ids'].shape[0]} prompts, {answer.shape[0]} answers")
-        self.check_length(batch["input_ids"].shape[1], k_steps, answer.shape[1])
-        recompute = latent_inputs is None and k_steps > 0 and _checkpointing(self.base_model) and self.training
+        self.check_length(batch["input_ids"].shape[1], latent_steps, answer.shape[1])
+        recompute = latent_inputs is None and latent_steps > 0 and _checkpointing(self.base_model) and self.training
         if latent_inputs is not None or recompute:
-            return self._parallel_forward(batch, k_steps, answer, amask, latent_inputs)
+            return self._parallel_forward(batch, latent_steps, answer, amask, latent_inputs)
 
-        pre = self._prefill(batch, with_latent_start=k_steps > 0)
+        pre = self._prefill(batch, with_latent_start=latent_steps > 0)
         zs, mus = [], []
         h = pre.last_hidden
-        pause = self.pause(k_steps, h.shape[0]) if self.pause is not None else None  # [B, K, d]
-        for k in range(k_steps):
+        pause = self.pause(latent_steps, h.shape[0]) if self.pause is not None else None  # [B, K, d]
+        for k in range(latent_steps):
             mu = self.projector(h)
             z = mu if pause is None else pause[:, k].to(mu.dtype)
             zs.append(z)
             mus.append(mu)
             h = self._latent_step(pre, z)
-        tail, tmask = self._tail(answer, amask, k_steps)
+        tail, tmask = self._tail(answer, amask, latent_steps)
         logits, _ = self._append(pre, self.embed(tail), tmask, logits_to_keep=0)
         # The tail is <|latent_end|> + answer: position t (from <|latent_end|>) predicts answer_ids[:, t].
-        pred = logits[:, :-1] if k_steps > 0 else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
+        pred = logits[:, :-1] if latent_steps > 0 else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
         return self._finish(pred, answer, amask, zs, mus, pre.visual, batch)
 
-    def _tail(self, answer: torch.Tensor, amask: torch.Tensor, k_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if k_steps == 0:
+    def _tail(self, answer: torch.Tensor, amask: torch.Tensor, latent_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if latent_steps == 0:
             return answer, amask
         end = torch.full_like(answer[:, :1], self.latent_end_id)
         return torch.cat([end, answer], 1), torch.cat([torch.ones_like(amask[:, :1]), amask], 1)
 
-    def _parallel_forward(self, batch, k_steps, answer, amask, latent_inputs) -> ForwardOutput:
+    def _parallel_forward(self, batch, latent_steps, answer, amask, latent_inputs) -> ForwardOutput:
         """One pass over prefix + given latents + tail; with no latents given, K+1 passes (recompute)."""
-        pre = self._prefill(batch, with_latent_start=k_steps > 0, use_cache=False)
+        pre = self._prefill(batch, with_latent_start=latent_steps > 0, use_cache=False)
         b, d = pre.last_hidden.shape
-        tail, tmask = self._tail(answer, amask, k_steps)
+        tail, tmask = self._tail(answer, amask, latent_steps)
         tail_emb = self.embed(tail)
         L = pre.embeds.shape[1]
 
@@ -594,11 +594,11 @@ class LatentVLM(nn.Module):
             return self._forward(torch.cat(parts, 1), torch.cat(masks, 1), pos, None, **extra)
 
         if latent_inputs is None and self.pause is not None:  # pause inputs are known up front: one pass
-            latents = self.pause(k_steps, b)
+            latents = self.pause(latent_steps, b)
         elif latent_inputs is None:  # recompute the chain: pass k sees z_1..z_{k-1}
             zs: list[torch.Tensor] = []
             h = pre.last_hidden
-            for _ in range(k_steps):
+            for _ in range(latent_steps):
                 zs.append(self.projector(h))
                 _, hidden = full(torch.stack(zs, 1), with_tail=False)
                 h = hidden[:, -1]
@@ -607,9 +607,9 @@ class LatentVLM(nn.Module):
             latents = latent_inputs.to(self.device)
         logits, hidden = full(latents, with_tail=True)
         # mu_k = proj(h at the position before z_k): positions L-1 .. L+K-2
-        mus = [self.projector(hidden[:, L - 1 + k]) for k in range(k_steps)]
+        mus = [self.projector(hidden[:, L - 1 + k]) for k in range(latent_steps)]
         t = answer.shape[1]
-        pred = logits[:, -t - 1 : -1] if k_steps > 0 else logits[:, L - 1 : L - 1 + t]  # <|latent_end|> predicts answer_ids[:, 0]
+        pred = logits[:, -t - 1 : -1] if latent_steps > 0 else logits[:, L - 1 : L - 1 + t]  # <|latent_end|> predicts answer_ids[:, 0]
         return self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch)
 
     def _finish(self, pred, answer, amask, zs, mus, visual, batch) -> ForwardOutput:

@@ -1,6 +1,6 @@
 """The main job: MedLVR against honest controls on the depth ladder, on a laptop.
 
-1. Data: the embedded synthetic benchmark's chain family (questions of 1..max_hops
+1. Data: the embedded synthetic benchmark's chain questions (1..max_hops
    lookups in sequence, word answers) or a converted real dataset (VQA-RAD).
 2. The arms (`ARMS`), fine-tuned from the same stage-0 backbone (`medlvr/assets/stage0`,
    a tiny model pretrained to answer 1-hop questions), same data, budget and seeds:

@@ -24,11 +24,11 @@ REASONING_TOKENS = 64
 
 
 def demo_synth(cfg: DemoConfig):
-    """The demo's synthetic world: the chain family at depths 1..max_hops, word answers."""
+    """The demo's synthetic world: chain questions at depths 1..max_hops, word answers."""
     from medlvr.data.synth import SynthConfig
 
     return SynthConfig(
-        n=cfg.spec.n, seed=cfg.data_seed, families={"chain": 1.0}, hops=(1, cfg.max_hops), describe=False,
+        n=cfg.spec.n, seed=cfg.data_seed, question_types={"chain": 1.0}, hops=(1, cfg.max_hops), describe=False,
         splits={"train": 0.8, "val": 0.1, "test": 0.1},
     )  # fmt: skip
 
@@ -144,15 +144,15 @@ def evaluate_arm(
     from medlvr.model.latent import LatentVLM
 
     vlm = LatentVLM.from_pretrained(model_dir)
-    mode = "latent" if any(k > 0 for k in latent_steps) else "direct"
+    reasoning = "latent" if any(k > 0 for k in latent_steps) else "direct"
     tokens = REASONING_TOKENS if arm == "t" else 8
     rows: dict[str, list[dict[str, Any]]] = {}
     for split, samples in tests.items():
-        evaluate(samples, out / split, vlm=vlm, mode=mode, latent_steps=list(latent_steps), batch_size=32,
+        evaluate(samples, out / split, vlm=vlm, reasoning=reasoning, latent_steps=list(latent_steps), batch_size=32,
                  max_new_tokens=tokens, progress=False, report=False)  # fmt: skip
         rows[split] = read_predictions(out / split)
     own = cfg.latent_steps_of(arm)
-    evaluate(tests[cfg.split], out / "controls", vlm=vlm, mode="latent" if own else "direct", latent_steps=[own], batch_size=32,
+    evaluate(tests[cfg.split], out / "controls", vlm=vlm, reasoning="latent" if own else "direct", latent_steps=[own], batch_size=32,
              max_new_tokens=tokens, progress=False, report=False, image_control=list(CONTROLS))  # fmt: skip
     return rows, read_predictions(out / "controls")
 

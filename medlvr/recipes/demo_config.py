@@ -73,7 +73,7 @@ class DemoConfig:
     """Arms to run, letters of atpbcd: (a) direct, (t) text reasoning, (p) pause, (b) latent,
     (c) ROI-SFT, (d) (c) + VLPO (empty = the budget's; (d) needs (c))."""
     dataset: Literal["synth", "vqa-rad"] = "synth"
-    """The embedded synthetic benchmark (the chain family), or VQA-RAD converted from `data_root`."""
+    """The embedded synthetic benchmark (chain questions), or VQA-RAD converted from `data_root`."""
     data_root: str = ""
     """Release folder of a real dataset (VQA-RAD: the folder with `VQA_RAD Dataset Public.json`)."""
     backbone: str = ""

@@ -222,15 +222,15 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
 
     sweep_arms = [a for a in "cd" if a in n.arms]
     if sweep_arms:
-        ks = sorted(set(results[sweep_arms[0]][cfg.seeds[0]].latent_steps))
+        latent_steps = sorted(set(results[sweep_arms[0]][cfg.seeds[0]].latent_steps))
         lines += ["", "## Accuracy against the latent budget K at inference", "",
-                  "| arm | questions | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+                  "| arm | questions | " + " | ".join(f"K={k}" for k in latent_steps) + " |", "|---|---|" + "---|" * len(latent_steps)]
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm in sweep_arms:
             for depth, label in ((None, "all"), (n.deepest, f"{n.deepest} hops")):
-                vals = [n.per_seed(arm, depth, k) for k in ks]
+                vals = [n.per_seed(arm, depth, k) for k in latent_steps]
                 lines.append(f"| ({arm}) | {label} | " + " | ".join(_fmt(v) for v in vals) + " |")
-                ax.plot(ks, [_ms(v)[0] for v in vals], marker="o", ls="-" if depth is None else "--", label=f"({arm}) {label}")
+                ax.plot(latent_steps, [_ms(v)[0] for v in vals], marker="o", ls="-" if depth is None else "--", label=f"({arm}) {label}")
         ax.set_xlabel("latent steps K at inference")
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)

@@ -7,7 +7,7 @@ a backbone first pretrained on the synthetic benchmark's dense description
 samples: "Describe the lesions." -> every lesion's region, size, intensity and
 shape; "Where is the <attributes> lesion?" -> its region; and "What is in the
 <region> region?" -> the lesion there or "nothing" (region-to-content lookup, the
-direction the question families need). A linear probe on the visual tokens
+direction the question types need). A linear probe on the visual tokens
 (`medlvr.train.probe`) adds a per-token attribute loss. These come from
 train images only, which never contain a held-out (shape, region) pair, so the
 compositional test stays unseen.
@@ -72,8 +72,8 @@ class Stage0Config:
     answers single-lookup questions, so the demo's variants spend their budget on depth."""
 
 
-HOP1_FAMILIES = {"chain": 0.5, "attribute": 0.3, "presence": 0.2}
-"""1-hop question families stage 0 learns: "the largest lesion" (chain, h = 1), a named
+HOP1_QUESTION_TYPES = {"chain": 0.5, "attribute": 0.3, "presence": 0.2}
+"""1-hop question types stage 0 learns: "the largest lesion" (chain, h = 1), a named
 region's attribute, a named region's presence."""
 
 
@@ -81,7 +81,7 @@ def stage0_synth(n: int, seed: int):
     """The synthetic world stage 0 is pretrained on: the benchmark's defaults, 1-hop questions only."""
     from medlvr.data.synth import SynthConfig
 
-    return SynthConfig(n=n, seed=seed, families=dict(HOP1_FAMILIES), hops=(1, 1))
+    return SynthConfig(n=n, seed=seed, question_types=dict(HOP1_QUESTION_TYPES), hops=(1, 1))
 
 
 def default_stage0() -> Path:
@@ -262,7 +262,7 @@ Regenerate (CPU; Python {sys.version.split()[0]}):
     {cmd}
 
 Scored on the 1-hop question and the describe/ground/inspect records of {cfg.eval_samples}
-test images (never trained on); `hop1_*` are the 1-hop questions by family (and attribute):
+test images (never trained on); `hop1_*` are the 1-hop questions by question type (and attribute):
 
 | metric | value |
 |---|---|

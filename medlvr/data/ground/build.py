@@ -1,7 +1,7 @@
-"""Annotated images -> grounded `VQASample`s with exact ROIs: splits, balanced negatives, every family.
+"""Annotated images -> grounded `VQASample`s with exact ROIs: splits, balanced negatives, every question type.
 
 `build_grounded(images, GroundConfig(dataset="my-release"))` clips boxes to their images,
-assigns splits (official kept, else seeded by patient or image), asks the question families of
+assigns splits (official kept, else seeded by patient or image), asks the question types of
 `medlvr.data.ground.questions` and returns the samples with a report of what was made and what
 was skipped and why. The output is deterministic for a given seed.
 """
@@ -31,8 +31,8 @@ class GroundConfig:
 
     dataset: str
     """`VQASample.dataset` of every sample (and the prefix of its id)."""
-    families: tuple[str, ...] = q.FAMILIES
-    """Question families to ask (see `medlvr.data.ground.questions`)."""
+    question_types: tuple[str, ...] = q.QUESTION_TYPES
+    """Question types to ask (see `medlvr.data.ground.questions`)."""
     seed: int = 0
     """Seed of the split, the negatives drawn and the option order of size questions."""
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -57,9 +57,9 @@ class GroundConfig:
     organ: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.families) - set(q.FAMILIES)
-        if unknown or not self.families:
-            raise SourceError(f"unknown question families {sorted(unknown)}; known: {', '.join(q.FAMILIES)}")
+        unknown = set(self.question_types) - set(q.QUESTION_TYPES)
+        if unknown or not self.question_types:
+            raise SourceError(f"unknown question types {sorted(unknown)}; known: {', '.join(q.QUESTION_TYPES)}")
         if self.size_ratio < 1 or self.max_size_pairs < 0:
             raise SourceError("size_ratio must be >= 1 and max_size_pairs >= 0")
         if self.sides not in ("image", "patient"):
@@ -77,16 +77,16 @@ class GroundResult:
     samples: list[VQASample]
     images: list[AnnotatedImage]
     made: Counter = field(default_factory=Counter)
-    """(split, family) -> questions."""
+    """(split, question type) -> questions."""
     skipped: Counter = field(default_factory=Counter)
     """reason -> count: boxes dropped, questions not asked."""
     straddling_groups: list[str] = field(default_factory=list)
 
     def summary(self) -> list[str]:
-        """Lines for a terminal: questions per split and family, then what was skipped."""
+        """Lines for a terminal: questions per split and question type, then what was skipped."""
         lines = []
         for split in sorted({s for s, _ in self.made}, key=lambda s: (SPLIT_ORDER.get(s, 9), s)):
-            per = "  ".join(f"{f}={self.made[split, f]}" for f in q.FAMILIES if self.made[split, f])
+            per = "  ".join(f"{f}={self.made[split, f]}" for f in q.QUESTION_TYPES if self.made[split, f])
             total = sum(c for (s, _), c in self.made.items() if s == split)
             n_images = len({s.meta["image"] for s in self.samples if s.split == split})
             lines.append(f"{split:>6}: {total:>6} questions on {n_images} images  {per}")
@@ -110,13 +110,13 @@ def build_grounded(images: Sequence[AnnotatedImage], cfg: GroundConfig) -> Groun
         im.organ = im.organ or cfg.organ
     result.straddling_groups = assign_splits(result.images, cfg.seed, cfg.fractions, cfg.val_fraction)
     vocabulary = sorted({r.label for im in result.images for r in im.regions})
-    presence = _presence_plan(result.images, vocabulary, cfg, result.skipped) if "presence" in cfg.families else {}
+    presence = _presence_plan(result.images, vocabulary, cfg, result.skipped) if "presence" in cfg.question_types else {}
     ordered = sorted(result.images, key=lambda im: (SPLIT_ORDER.get(im.split or "", 9), im.split or "", im.key))
     for im in ordered:
-        for family, question, answer, options, regions, labels in _questions(im, presence.get(im.key, []), cfg, result.skipped):
-            n = result.made[im.split, family]
-            result.made[im.split, family] += 1
-            result.samples.append(_sample(im, cfg, family, n, question, answer, options, regions, labels))
+        for qtype, question, answer, options, regions, labels in _questions(im, presence.get(im.key, []), cfg, result.skipped):
+            n = result.made[im.split, qtype]
+            result.made[im.split, qtype] += 1
+            result.samples.append(_sample(im, cfg, qtype, n, question, answer, options, regions, labels))
     _render_used(result)
     return result
 
@@ -166,7 +166,7 @@ Question = tuple[str, str, str, dict[str, str], list[Region], list[str]]
 
 
 def _questions(im: AnnotatedImage, presence: list[tuple[str, bool]], cfg: GroundConfig, skipped: Counter) -> list[Question]:
-    """(family, question, answer, options, ROI regions, labels) of one image."""
+    """(question type, question, answer, options, ROI regions, labels) of one image."""
     out: list[Question] = []
     by_label: dict[str, list[Region]] = defaultdict(list)
     for r in im.regions:
@@ -175,7 +175,7 @@ def _questions(im: AnnotatedImage, presence: list[tuple[str, bool]], cfg: Ground
     for label, present in presence:
         out.append(("presence", q.presence_question(cfg.name(label)), "yes" if present else "no", {},
                     by_label[label] if present else [], [label]))  # fmt: skip
-    if "location" in cfg.families:
+    if "location" in cfg.question_types:
         for label, regions in countable.items():
             if len(regions) != 1:
                 continue
@@ -185,12 +185,12 @@ def _questions(im: AnnotatedImage, presence: list[tuple[str, bool]], cfg: Ground
                 continue
             options, letter = choice
             out.append(("location", q.location_question(cfg.name(label), options, cfg.sides), letter, options, regions, [label]))
-    if "count" in cfg.families:
+    if "count" in cfg.question_types:
         for label, regions in countable.items():
             out.append(("count", q.count_question(cfg.name(label)), str(len(regions)), {}, regions, [label]))
-    if "size" in cfg.families:
+    if "size" in cfg.question_types:
         out.extend(_size_questions(im, countable, cfg, skipped))
-    if "grounding" in cfg.families:
+    if "grounding" in cfg.question_types:
         out.extend(_grounding_questions(im, cfg, skipped))
     return out
 
@@ -232,12 +232,12 @@ def _grounding_questions(im: AnnotatedImage, cfg: GroundConfig, skipped: Counter
 
 
 def _sample(
-    im: AnnotatedImage, cfg: GroundConfig, family: str, n: int, question: str, answer: str,
+    im: AnnotatedImage, cfg: GroundConfig, qtype: str, n: int, question: str, answer: str,
     options: dict[str, str], regions: list[Region], labels: list[str],
 ) -> VQASample:  # fmt: skip
     is_choice = bool(options)
     return VQASample(
-        id=f"{cfg.dataset}-{im.split}-{family}-{n}",
+        id=f"{cfg.dataset}-{im.split}-{qtype}-{n}",
         dataset=cfg.dataset,
         split=im.split,  # type: ignore[arg-type]
         images=[im.path],
@@ -245,12 +245,12 @@ def _sample(
         options=options,
         answer=options[answer] if is_choice else answer,
         answer_letter=answer if is_choice else None,
-        answer_type="choice" if is_choice else ("closed" if family == "presence" else "open"),
+        answer_type="choice" if is_choice else ("closed" if qtype == "presence" else "open"),
         rois=[ROI(box=r.box, label=r.label) for r in regions],
         modality=im.modality,
         organ=im.organ,
-        question_type=family,
-        meta={"image": im.key, "group": im.group, "family": family, "labels": labels,
+        question_type=qtype,
+        meta={"image": im.key, "group": im.group, "labels": labels,
               "image_size": [im.width, im.height], **im.meta},  # fmt: skip
     )
 

@@ -3,8 +3,8 @@
 - `roi_problems`: every ROI lies inside its image (as `load_image` reads it) and maps to at least
   one visual token of a backbone's grid.
 - `question_only_baseline`: a bag-of-words naive Bayes that sees only the question and its
-  options, trained on one split and scored on another, per question family, next to the
-  family's prior (always the most frequent training answer). A template that leaks its answer
+  options, trained on one split and scored on another, per question type, next to the
+  type's prior (always the most frequent training answer). A template that leaks its answer
   lets the baseline beat the prior; grounded questions must not.
 - `medlvr.data.ground.split.split_leaks`: no patient or image in two splits.
 """
@@ -45,27 +45,27 @@ def roi_problems(
 
 @dataclass
 class BaselineScore:
-    """Question-only accuracy of one family against its prior."""
+    """Question-only accuracy of one question type against its prior."""
 
-    family: str
+    question_type: str
     n: int
     accuracy: float
     prior: float
 
 
 def question_only_baseline(train: Sequence[VQASample], test: Sequence[VQASample]) -> dict[str, BaselineScore]:
-    """Per family: accuracy of a naive Bayes over the words of question + options, and of the prior."""
+    """Per question type: accuracy of a naive Bayes over the words of question + options, and of the prior."""
     out = {}
-    families = sorted({s.question_type or "-" for s in test})
-    for family in families:
-        tr = [s for s in train if (s.question_type or "-") == family]
-        te = [s for s in test if (s.question_type or "-") == family]
+    question_types = sorted({s.question_type or "-" for s in test})
+    for qtype in question_types:
+        tr = [s for s in train if (s.question_type or "-") == qtype]
+        te = [s for s in test if (s.question_type or "-") == qtype]
         if not tr or not te:
             continue
         model = _NaiveBayes([_words(s) for s in tr], [s.gold for s in tr])
         prior = Counter(s.gold for s in tr).most_common(1)[0][0]
         accuracy = sum(model.predict(_words(s)) == s.gold for s in te) / len(te)
-        out[family] = BaselineScore(family, len(te), accuracy, sum(s.gold == prior for s in te) / len(te))
+        out[qtype] = BaselineScore(qtype, len(te), accuracy, sum(s.gold == prior for s in te) / len(te))
     return out
 
 

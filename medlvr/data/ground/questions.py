@@ -1,6 +1,6 @@
 """Question templates over annotated regions, and the coarse position scheme their answers use.
 
-Every question depends only on what the annotation says. Five families:
+Every question depends only on what the annotation says. Five question types:
 
 - presence  "Is there any <finding> in this image?"  yes / no (negatives from images known not to
             have it; the builder balances yes and no per finding and split)
@@ -31,7 +31,7 @@ from typing import Literal
 from medlvr.data.ground.annotations import Box
 from medlvr.data.schema import LETTERS
 
-FAMILIES = ("presence", "location", "count", "size", "grounding")
+QUESTION_TYPES = ("presence", "location", "count", "size", "grounding")
 Sides = Literal["image", "patient"]
 
 ROWS = ("upper", "middle", "lower")
