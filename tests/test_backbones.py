@@ -205,7 +205,6 @@ def test_parameter_groups_split_vision_merger_and_language(tiny_factory, family)
     for name, _ in vlm.backbone.named_parameters():
         group = vlm.adapter.parameter_group(name)
         groups[group] = groups.get(group, 0) + 1
-        assert (group != "language") == vlm.adapter.is_vision_parameter(name), (name, group)
     assert set(groups) == {"vision", "merger", "language"}, groups
 
 

@@ -201,10 +201,6 @@ class BackboneAdapter(ABC):
         """Factor the input-embedding module applies to its weight rows (1 unless the family scales)."""
         return 1.0
 
-    def is_vision_parameter(self, name: str) -> bool:
-        """Whether a parameter (by its name in the model) belongs to the vision tower or its projector."""
-        return self.parameter_group(name) != "language"
-
     def parameter_group(self, name: str) -> str:
         """`vision`, `merger` or `language`, from a backbone parameter name (what training freezes).
 
