@@ -306,6 +306,25 @@ def test_slake_regions_from_detection_and_masks(slake_root):
         ground("slake-ground", root=slake_root, regions="polygons")
 
 
+@pytest.mark.parametrize("release, broken", [
+    ("kvasir-seg", "kavsir_bboxes.json"),
+    ("slake-ground", "train.json"),
+    ("slake-ground", "imgs/xmlab2/detection.json"),
+])
+def test_a_malformed_release_json_is_one_error_naming_its_file(release, broken, kvasir_root, slake_root):
+    root = kvasir_root if release == "kvasir-seg" else slake_root
+    (root / broken).write_text('[{"Liver": [30, 30,')
+    with pytest.raises(SourceError, match=rf"{root / broken} is not valid JSON: .* at line 1"):
+        ground(release, root=root)
+
+
+def test_a_malformed_coco_file_is_one_error_naming_its_file(tmp_path):
+    path = tmp_path / "instances.json"
+    path.write_text('{"images": [')
+    with pytest.raises(SourceError, match=rf"coco: {path} is not valid JSON"):
+        ground("coco", annotations=[str(path)], images=tmp_path)
+
+
 # ---------------------------------------------------------------------------- checks over every preset's output
 
 

@@ -344,3 +344,10 @@ def test_medframeqa_errors(tmp_path):
     _write_parquet(tmp_path / "test.parquet", [_frames_row("q8", 3, "F")])
     with pytest.raises(SourceError, match="question_id q8: gold letter 'F' is not among"):
         convert("medframeqa", tmp_path, image_dir=tmp_path / "imgs")
+
+
+def test_an_unreadable_release_json_is_a_source_error(tmp_path):
+    from medlvr.data.sources._common import read_json
+
+    with pytest.raises(SourceError, match=rf"slake: cannot read {tmp_path}: Is a directory"):
+        read_json(tmp_path, "slake")

@@ -7,7 +7,6 @@ release presets in `medlvr.data.ground.releases` are thin adapters over these.
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -17,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from medlvr.data.ground.annotations import AnnotatedImage, Box, Region, fuse_reader_boxes, image_size, xywh
-from medlvr.data.sources._common import SourceError, text
+from medlvr.data.sources._common import SourceError, read_json, text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
@@ -44,12 +43,12 @@ def read_coco(
     `group_field` names an image field holding the patient (else the image is its own group);
     `phrase_field` an annotation field holding a phrase for phrase grounding.
     """
+    data = read_json(Path(path), "coco")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
         categories = {c["id"]: text(c["name"]) for c in data["categories"]}
         entries = data["images"]
         annotations = data.get("annotations", [])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise SourceError(f"{path}: not a COCO detection file ({type(err).__name__}: {err})") from None
     by_image: dict[object, list[dict]] = defaultdict(list)
     for ann in annotations:

@@ -36,6 +36,8 @@ def read_json(path: Path, dataset: str) -> Any:
         raise SourceError(f"{dataset}: {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
     except UnicodeDecodeError as err:
         raise SourceError(f"{dataset}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise SourceError(f"{dataset}: cannot read {path}: {err.strerror or err}") from None
 
 
 def release_glob(root: Path, pattern: str, dataset: str) -> list[Path]:

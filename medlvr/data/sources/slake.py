@@ -14,21 +14,25 @@ ALIASES = {"validate": "val", "validation": "val"}
 REQUIRED = ("q_lang", "qid", "img_name", "question", "answer", "answer_type")
 
 
+def read_detections(path: Path) -> tuple[list[tuple[str, tuple[float, float, float, float]]], int]:
+    """One image's `detection.json` (one-key objects `{name: [x, y, w, h]}`, absolute pixels, top-left
+    origin) as (name, (x0, y0, x1, y1)) boxes, and how many zero-size boxes were dropped."""
+    boxes, dropped = [], 0
+    for obj in read_json(path, NAME):
+        for label, (x, y, w, h) in obj.items():
+            if w <= 0 or h <= 0:
+                dropped += 1  # a zero-size box marks nothing; counted, not silently lost
+                continue
+            boxes.append((label, (float(x), float(y), float(x) + float(w), float(y) + float(h))))
+    return boxes, dropped
+
+
 def _rois(folder: Path, cache: dict[Path, tuple[list[ROI], int]]) -> tuple[list[ROI], int]:
-    """ROIs of one image from `detection.json` (`{name: [x, y, w, h]}` objects), and how many were empty."""
+    """ROIs of one image from its `detection.json`, and how many boxes were empty."""
     if folder not in cache:
         path = folder / "detection.json"
-        rois: list[ROI] = []
-        dropped = 0
-        if path.is_file():
-            objects = read_json(path, NAME)
-            for obj in objects:
-                for label, (x, y, w, h) in obj.items():
-                    if w <= 0 or h <= 0:
-                        dropped += 1  # a zero-size box marks nothing; counted in meta, not silently lost
-                        continue
-                    rois.append(ROI(box=(x, y, x + w, y + h), label=label))
-        cache[folder] = (rois, dropped)
+        boxes, dropped = read_detections(path) if path.is_file() else ([], 0)
+        cache[folder] = ([ROI(box=box, label=label) for label, box in boxes], dropped)
     return cache[folder]
 
 

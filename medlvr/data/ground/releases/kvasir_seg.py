@@ -17,13 +17,12 @@ image shows a polyp, so there are no negatives: no presence questions.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from medlvr.data.ground.annotations import AnnotatedImage, Region
 from medlvr.data.ground.readers import label_regions, read_mask_array
-from medlvr.data.sources._common import SourceError, text
+from medlvr.data.sources._common import SourceError, read_json, text
 
 NAME = "kvasir-seg"
 BOX_FILE = "kavsir_bboxes.json"
@@ -42,7 +41,7 @@ def read_kvasir_seg(root: Path, regions: Literal["boxes", "masks"] = "boxes", mi
     if regions not in ("boxes", "masks"):
         raise SourceError(f"{NAME}: regions must be 'boxes' or 'masks', got {regions!r}")
     out = []
-    for key, entry in json.loads(path.read_text(encoding="utf-8")).items():
+    for key, entry in read_json(path, NAME).items():
         image = root / "images" / f"{key}.jpg"
         if regions == "masks":
             found = label_regions(read_mask_array(root / "masks" / f"{key}.jpg", MASK_THRESHOLD), {1: "polyp"}, min_area)

@@ -20,15 +20,15 @@ image (no patient ids). Sides: the patient's (radiological convention for CT, MR
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from medlvr.data.ground.annotations import AnnotatedImage, Region, image_size, iou, xywh
+from medlvr.data.ground.annotations import AnnotatedImage, Region, image_size, iou
 from medlvr.data.ground.readers import components, read_mask_array
-from medlvr.data.sources._common import SourceError, release_glob, text
+from medlvr.data.sources._common import SourceError, read_json, release_glob, text
+from medlvr.data.sources.slake import read_detections
 
 NAME = "slake-ground"
 SPLIT_FILES = {"train.json": "train", "validate.json": "val", "test.json": "test"}
@@ -62,17 +62,13 @@ def _image_info(root: Path) -> dict[str, tuple[str, str | None, str | None]]:
         path = root / file
         if not path.is_file():
             continue
-        for rec in json.loads(path.read_text(encoding="utf-8")):
+        for rec in read_json(path, NAME):
             info.setdefault(text(rec["img_name"]), (split, text(rec.get("modality")) or None, text(rec.get("location")) or None))
     return info
 
 
 def _detections(path: Path) -> list[Region]:
-    try:
-        objects = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SourceError(f"{NAME}: malformed {path}: {err}") from None
-    return [Region(text(name), xywh(*box)) for obj in objects for name, box in obj.items() if box[2] > 0 and box[3] > 0]
+    return [Region(text(name), box) for name, box in read_detections(path)[0]]
 
 
 def _mask_regions(path: Path, boxes: list[Region], width: int, height: int, min_area: int) -> list[Region]:
