@@ -301,6 +301,20 @@ def test_blank_images_answer_alike_and_shuffled_is_a_fixed_derangement(tmp_path)
     assert res.summary["overall"]["n"] == 9 and set(res.summary["by_image_control"]) == {"none", "blank", "shuffled"}
 
 
+def test_each_blank_image_is_made_once_for_every_k_of_a_batch(tmp_path, monkeypatch):
+    from medlvr.eval import harness
+
+    data = _tiny_set(tmp_path, n=9)
+    made = []
+    real_blank = harness.blank_like
+    monkeypatch.setattr(harness, "blank_like", lambda im: made.append(im.size) or real_blank(im))
+    evaluate([data], tmp_path / "run", predictor=keyed, reasoning="latent", latent_steps=[0, 2, 4],
+             image_control="none,blank", batch_size=4, progress=False, report=False)
+    assert len(made) == 9  # one per question's image, not one per K
+    rows = read_predictions(tmp_path / "run")
+    assert len(rows) == 9 * 3 * 2
+
+
 def test_control_summary_equals_hand_computation(tmp_path):
     """Real images answer the gold; blank the gold on even-hash ids; shuffled never; question-only on i % 3 == 0."""
     from medlvr.data.schema import read_jsonl

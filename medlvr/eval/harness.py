@@ -529,7 +529,7 @@ class _View:
 
 
 class _Shown:
-    """The images of each question under each condition, loaded once per batch of questions."""
+    """The images of each question under each condition, loaded (and blanked) once per batch of questions."""
 
     def __init__(self, samples: Sequence[VQASample], seed: int | None, load: Callable[[str], Image.Image],
                  warn: bool):
@@ -542,6 +542,7 @@ class _Shown:
                           f"(no other question of their image count has other images), e.g. {kept[0]}",
                           stacklevel=3)
         self.cache: dict[str, tuple[list[Image.Image], str | None]] = {}
+        self.views: dict[tuple[str, str], tuple[VQASample, _View]] = {}  # every K of a batch sees one view
 
     def _images(self, s: VQASample) -> tuple[list[Image.Image], str | None]:
         if s.id not in self.cache:
@@ -551,8 +552,14 @@ class _Shown:
     def forget(self) -> None:
         """Drop the loaded images (called after each batch)."""
         self.cache.clear()
+        self.views.clear()
 
     def __call__(self, s: VQASample, condition: str) -> tuple[VQASample, _View]:
+        if (s.id, condition) not in self.views:
+            self.views[s.id, condition] = self._view(s, condition)
+        return self.views[s.id, condition]
+
+    def _view(self, s: VQASample, condition: str) -> tuple[VQASample, _View]:
         fields: dict[str, Any] = {"image_control": condition}
         if condition == "question-only":
             return s, _View(s.model_copy(update={"images": [], "rois": []}), [], None, fields)
