@@ -470,7 +470,7 @@ def test_chain_depths_are_uniform_and_no_shortcut_predicts_the_answer() -> None:
 
 
 def test_written_reasoning_spells_out_the_chain_and_parses_to_the_answer() -> None:
-    from medlvr.data.synth import written_reasoning
+    from medlvr.data.prompts import written_reasoning
     from medlvr.eval.metrics import score
 
     cfg = SynthConfig(n=200, seed=5, question_types={"chain": 1.0}, hops=(3, 3))
@@ -480,8 +480,21 @@ def test_written_reasoning_spells_out_the_chain_and_parses_to_the_answer() -> No
     assert written.answer == f"{sample.meta['reasoning']}; answer: {sample.answer}"
     assert all(region in written.answer for region in regions) and written.answer.count(";") == 3
     assert score(sample, written.answer).correct  # the evaluation parser reads the answer after the chain
-    other = make_sample(SynthConfig(n=200, seed=5), "test", 1)[0]
-    assert written_reasoning(other) == other or other.meta.get("reasoning")
+    # The curriculum's stages: the first `hidden` hops left to the latent steps, one at a time.
+    steps = sample.meta["reasoning"].split("; ")
+    assert len(steps) == 3 and all(step.endswith(region) for step, region in zip(steps, regions))
+    for hidden in range(5):
+        later = written_reasoning(sample, hidden).answer
+        assert later == "; ".join([*steps[hidden:], f"answer: {sample.answer}"])
+        assert score(sample, later).correct
+    assert written_reasoning(sample, 3).answer == f"answer: {sample.answer}"
+    with pytest.raises(ValueError, match=">= 0"):
+        written_reasoning(sample, -1)
+    other = make_sample(SynthConfig(n=200, seed=5, question_types={"presence": 1.0}), "test", 1)[0]
+    assert written_reasoning(other) == other  # nothing written to show
+    lettered = sample.model_copy(update={"answer_type": "choice", "options": {"A": "bright", "B": "dark"},
+                                         "answer_letter": "A" if sample.answer == "bright" else "B"})  # fmt: skip
+    assert written_reasoning(lettered) == lettered  # a choice question is trained on its letter
     with pytest.raises(ValueError, match="hops"):
         SynthConfig(hops=(0, 2))
     with pytest.raises(ValueError, match="hops"):

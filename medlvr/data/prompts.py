@@ -53,6 +53,30 @@ def target_text(sample: VQASample) -> str:
     return sample.answer.strip()
 
 
+REASONING_SEPARATOR = "; "
+"""Between the steps of a record's written reasoning (`meta.reasoning`), and before its answer."""
+
+
+def written_reasoning(sample: VQASample, hidden: int = 0) -> VQASample:
+    """The record trained to write its reasoning before the answer, its first `hidden` steps left out.
+
+    `meta.reasoning` holds the steps in order, separated by `REASONING_SEPARATOR` (the synthetic
+    chain questions write each hop's region: "largest lesion: center; below it: lower middle").
+    The answer becomes the steps from `hidden` on, then "answer: X", which the evaluation parser
+    reads (`medlvr.eval.answers`), so the same scorer applies. `hidden` > 0 is the Coconut
+    curriculum's stage (`SFTConfig.replace_reasoning`): latent steps stand in for the steps left
+    out. Records without written reasoning, and choice questions (trained on their letter), are
+    returned unchanged.
+    """
+    chain = sample.meta.get("reasoning")
+    if not chain or sample.answer_type == "choice":
+        return sample
+    if hidden < 0:
+        raise ValueError(f"hidden reasoning steps must be >= 0, got {hidden}")
+    shown = chain.split(REASONING_SEPARATOR)[hidden:]
+    return sample.model_copy(update={"answer": REASONING_SEPARATOR.join([*shown, f"answer: {sample.answer}"])})
+
+
 def chat_messages(sample: VQASample, reasoning: Reasoning = "direct") -> list[dict]:
     """One user turn: every image first (in order), then the question text."""
     content: list[dict] = [{"type": "image"} for _ in sample.images]

@@ -782,20 +782,6 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[VQASample, Sc
     return sample, scene
 
 
-def written_reasoning(sample: VQASample) -> VQASample:
-    """The record with its evidence chain written before the answer, for text-reasoning training.
-
-    "largest lesion: center; below it: lower middle; answer: dark": each hop's region in
-    reasoning order, then the answer after an answer marker, which the evaluation parser
-    reads (`medlvr.eval.answers`), so the same scorer applies. Records without a written
-    chain (`meta.reasoning`) are returned unchanged.
-    """
-    chain = sample.meta.get("reasoning")
-    if not chain:
-        return sample
-    return sample.model_copy(update={"answer": f"{chain}; answer: {sample.answer}"})
-
-
 def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
     """The stage-0 `describe`, `ground` and `inspect` records of a (train) scene, sharing its image."""
     names = cfg.region_names()

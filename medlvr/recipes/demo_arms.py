@@ -36,7 +36,8 @@ def demo_synth(cfg: DemoConfig):
 def prepare_data(cfg: DemoConfig, folder: Path, progress: bool = False) -> DemoData:
     folder.mkdir(parents=True, exist_ok=True)
     if cfg.dataset == "synth":
-        from medlvr.data.synth import generate, written_reasoning
+        from medlvr.data.prompts import written_reasoning
+        from medlvr.data.synth import generate
 
         files = generate(demo_synth(cfg), folder, progress=progress)
         train_reasoning = folder / "train_reasoning.jsonl"
