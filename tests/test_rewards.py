@@ -87,6 +87,18 @@ def test_reward_set_weights_components_and_user_rewards_by_import_path(monkeypat
     assert RewardSet({"roi_evidence": 1.0}).needs_visual
 
 
+def test_the_roi_evidence_name_gives_the_assignment_of_every_context():
+    """VLPO has no `align` group: `roi_evidence`, `roi_evidence_first` and `roi_evidence_chain` name
+    ROI-SFT's `align.assign` the evidence is scored under (`RewardSet.assign`); one per run."""
+    assert RewardSet({"accuracy": 1.0}).assign == "raster"
+    assert RewardSet({"accuracy": 1.0, "roi_evidence": 0.1}).assign == "raster"
+    assert RewardSet({"roi_evidence_first": 0.1}).assign == "first"
+    chain = RewardSet({"accuracy": 1.0, "roi_evidence_chain": 0.1, "roi_evidence": 0.0})  # zero weight: not active
+    assert chain.assign == "chain" and chain.needs_visual and chain.fns["roi_evidence_chain"] is roi_evidence
+    with pytest.raises(MedlvrError, match="under chain and raster: keep one of roi_evidence, roi_evidence_chain"):
+        RewardSet({"roi_evidence": 0.1, "roi_evidence_chain": 0.1})
+
+
 def test_bad_rewards_fail_clearly(monkeypatch):
     with pytest.raises(MedlvrError, match="unknown reward 'acuracy'"):
         resolve_reward("acuracy")

@@ -110,6 +110,22 @@ def test_alignment_mask_counts_samples_with_a_signal():
     assert alignment_mask(roi, [3, 3, 3], "mse").tolist() == [False, True, True]
 
 
+def test_the_alignment_mask_is_computed_once_per_micro_batch(tiny_dir, synth, tmp_path, monkeypatch):
+    """R, the step's normaliser, and each micro-batch's alignment loss read one mask per micro-batch."""
+    from medlvr.train import sft
+
+    calls: list[int] = []
+    real = sft.alignment_mask
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sft, "alignment_mask", spy)
+    result = run_sft(make_cfg(tiny_dir, synth, tmp_path / "run", "mode=roi", "grad_accum=2", "max_steps=2"))
+    assert len(calls) == 2 * 2 and all(r["align"] is not None for r in result.history)
+
+
 def _two_hop(synth: Path, name: str, roi_hops: list[int]) -> Path:
     """The synthetic records with an anchor ROI (the upper-left quarter) before their own: two hops."""
     from medlvr.data.schema import ROI

@@ -23,6 +23,7 @@ from medlvr.train.rollout import (
     sample_rollouts,
     pad_id,
     trajectory_logprobs,
+    unit_mask,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,9 +87,12 @@ def test_latent_units_have_their_own_clip_range():
     # Without a latent range the token range applies to every unit (the old behaviour).
     same, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, latent_steps=2)
     assert st["clipped"] == 0 and st["latent_units"] == 4
+    # The KL term covers the latent units too: beta * k3 on every unit of the mask.
     ref = torch.randn(2, 5)
-    _, st = policy_loss(lp, old, adv, mask, latent_steps=2, ref_logp=ref)
-    assert torch.allclose(st["latent_kl"], (kl_k3(lp, ref) * mask)[:, :2].sum())
+    with_kl, st = policy_loss(lp, old, adv, mask, latent_steps=2, ref_logp=ref, beta=0.5)
+    without, _ = policy_loss(lp, old, adv, mask, latent_steps=2)
+    assert torch.allclose(with_kl - without, 0.5 * (kl_k3(lp, ref) * mask).sum(-1))
+    assert torch.allclose(st["kl"], (kl_k3(lp, ref) * mask).sum())
 
 
 def test_kl_k3_is_zero_at_equality_and_positive_otherwise():
@@ -184,6 +188,7 @@ def test_shared_prefix_rollouts_equal_per_sample_rollouts(vlm, synth):
     assert shared.token_ids == naive.token_ids
     assert (shared.latents - naive.latents).abs().max() < 1e-5
     assert (shared.latent_means - naive.latent_means).abs().max() < 1e-5
+    assert len(shared.visual_tokens) == 12 and all(torch.equal(a, b) for a, b in zip(shared.visual_tokens, naive.visual_tokens))
     # The noise really is there, and rows of one group differ.
     assert (shared.latents - shared.latent_means).abs().max() > 1e-2
     assert len({tuple(t) for t in shared.token_ids[:4]}) > 1 or not torch.equal(shared.latents[0], shared.latents[1])
@@ -210,7 +215,7 @@ def test_recomputed_logprobs_are_those_of_the_sampled_trajectory(vlm, synth):
     exact = torch.distributions.Normal(ro.latent_means, sigma).log_prob(ro.latents).sum(-1)
     const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
     assert torch.allclose(lp.logp[:, :k], (exact + const) / d, atol=1e-4)
-    assert lp.mask[:, :k].all() and torch.equal(lp.mask[:, k:], batch["answer_mask"])
+    assert torch.equal(lp.logp[:, k:] * (1 - batch["answer_mask"]), torch.zeros_like(lp.logp[:, k:])), "padding is 0"
     # Teacher-forcing the greedy answer: every greedy token is the forward's argmax (no off-by-one).
     greedy = vlm.generate(col(samples, images=images), 3, max_new_tokens=6)
     b2 = col(samples, images=images)
@@ -293,6 +298,31 @@ def test_the_stop_token_trained_is_the_one_sampled(vlm, synth, monkeypatch):
     assert cut.stop_tokens == [None, None]
     ids, mask = answer_tensors(cut.token_ids, cut.stop_tokens, pad_id(vlm))
     assert ids.tolist() == cut.token_ids and mask.tolist() == [[1, 1]] * 2
+    ro = _rollouts(vlm, samples, images, seed=0, shared=True, g=2)
+    assert ro.stop_tokens == [None] * 4 and ro.stopped == [False] * 4  # `stopped` follows the stop tokens
+
+
+def test_held_out_roi_evidence_reuses_the_rollouts_visual_tokens(vlm, synth):
+    """ROI evidence reads the prompts' visual tokens: the held-out reward takes the rollouts' own, so
+    the vision tower runs once per chunk of prompts, as for rewards without visual input (it ran twice)."""
+    from medlvr.train.rewards import RewardSet
+    from medlvr.train.vlpo import held_out_reward
+
+    tower = dict(vlm.backbone.named_modules())["model.visual"]
+    calls: list[int] = []
+    val = read_jsonl(synth["val"])[:4]
+    kw = dict(latent_steps=3, n_samples=2, temperature=1.0, latent_sigma=0.05, max_new_tokens=2, seed=0, batch_size=2)
+    passes, held = {}, {}
+    handle = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for name in ("format", "roi_evidence"):
+            calls.clear()
+            held[name] = held_out_reward(vlm, val, RewardSet({name: 1.0}), **kw)
+            passes[name] = len(calls)
+    finally:
+        handle.remove()
+    assert passes == {"format": 2, "roi_evidence": 2}  # two chunks of two prompts
+    assert held["roi_evidence"]["reward"] != 0.0, "the ROI evidence must be scored"
 
 
 def _cfg_overrides(tmp_path: Path, model_path: Path, synth, *extra: str) -> list[str]:
@@ -326,6 +356,7 @@ def test_first_epoch_ratio_is_one_kl_zero_then_positive(tmp_path, tiny_dir, synt
     vlm.train()
     batch = col(ro.samples, images=ro.images)
     batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stop_tokens, pad_id(vlm))
+    mask = unit_mask(batch["answer_mask"], 2, latent_actions=True)  # [8, K + T] the policy units
     kw = dict(temperature=1.0, latent_sigma=0.05)
 
     def ref_logp():
@@ -336,20 +367,20 @@ def test_first_epoch_ratio_is_one_kl_zero_then_positive(tmp_path, tiny_dir, synt
         old = trajectory_logprobs(vlm, batch, ro.latents, **kw)
     ref0 = ref_logp()
     # Policy and reference coincide at the start (LoRA's B = 0; the copy is the same checkpoint).
-    assert torch.equal(kl_k3(old.logp, ref0) * old.mask, torch.zeros_like(old.logp))
+    assert torch.equal(kl_k3(old.logp, ref0) * mask, torch.zeros_like(old.logp))
     new = trajectory_logprobs(vlm, batch, ro.latents, **kw)
-    ratio = torch.exp(new.logp - old.logp)[old.mask.bool()]
+    ratio = torch.exp(new.logp - old.logp)[mask.bool()]
     assert torch.equal(ratio, torch.ones_like(ratio)), "first epoch on fresh rollouts must be exactly on-policy"
     adv = group_advantages(torch.arange(8.0), 4)
-    per_seq, st = policy_loss(new.logp, old.logp, adv, new.mask, ref_logp=ref0, beta=0.1)
+    per_seq, st = policy_loss(new.logp, old.logp, adv, mask, ref_logp=ref0, beta=0.1)
     assert st["clipped"] == 0
     opt = build_optimizer(vlm.named_parameters(), cfg.optim)
-    (per_seq.sum() / policy_normaliser(new.mask, "token")).backward()
+    (per_seq.sum() / policy_normaliser(mask, "token")).backward()
     opt.step()
     with torch.no_grad():
         after = trajectory_logprobs(vlm, batch, ro.latents, **kw)
     assert torch.equal(ref_logp(), ref0), "the reference must not move with the policy"
-    kl = (kl_k3(after.logp, ref0) * after.mask).sum() / after.mask.sum()
+    kl = (kl_k3(after.logp, ref0) * mask).sum() / mask.sum()
     assert kl > 1e-6
     assert not torch.equal(after.logp, old.logp)
 
@@ -471,6 +502,51 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, synth,
     assert [p.name for p in run_dir.glob("step-*")] == ["step-0000004"], "keep_last=1"
 
 
+def _two_hop(synth, out: Path, roi_hops: list[int]) -> Path:
+    """The synthetic records with an anchor ROI (the upper-left corner) before their own: two hops."""
+    from medlvr.data.schema import ROI, write_jsonl
+
+    samples = [
+        s.model_copy(update={"rois": [ROI(box=(0, 0, 24, 24)), *s.rois], "meta": {**s.meta, "hops": 2, "roi_hops": roi_hops}})
+        for s in read_jsonl(synth["train"]) if len(s.rois) == 1
+    ]  # fmt: skip
+    write_jsonl(samples, out)
+    return out
+
+
+def test_roi_evidence_chain_scores_each_hop_in_training_and_held_out(tmp_path, tiny_dir, synth, monkeypatch):
+    """`vlpo.rewards.roi_evidence_chain` scores ROI evidence as ROI-SFT's `align.assign=chain` aligns:
+    every reward context, of the rollouts and of the held-out reward, carries chain and the record's
+    ROI indices per hop, and the scores are the per-hop ones (not raster chunks)."""
+    import dataclasses
+
+    from medlvr.errors import MedlvrError
+    from medlvr.train import rewards
+    from medlvr.train.vlpo import check_config, run_vlpo
+
+    seen: list[tuple] = []
+
+    def spy(sample, response, latents, context):
+        seen.append((sample, latents, context))
+        return rewards.roi_evidence(sample, response, latents, context)
+
+    monkeypatch.setitem(rewards.BUILTIN, "roi_evidence_chain", spy)
+    data = _two_hop(synth, tmp_path / "two_hop.jsonl", [1, 2])
+    small = [o for o in _SMALL if "roi_evidence" not in o]
+    run_vlpo(_cfg(tmp_path, tiny_dir, synth, *small, "vlpo.rewards.roi_evidence_chain=1.0", f"data.train=[{data}]",
+                  f"data.val={data}", "data.val_samples=2", "max_steps=1", "checkpoint.every=0"))  # fmt: skip
+    assert len(seen) == 2 * 2 + 2 * 4  # the step's 2 prompts x 2 rollouts, then 2 held-out prompts x eval_samples 4
+    for sample, z, ctx in seen:
+        assert ctx.assign == "chain" and len(ctx.roi_hop_index) == 2, sample.id
+        assert torch.equal(torch.cat(ctx.roi_hop_index).unique(), ctx.roi_index)
+    chain = [rewards.roi_evidence(s, "", z, c) for s, z, c in seen]
+    raster = [rewards.roi_evidence(s, "", z, dataclasses.replace(c, assign="raster")) for s, z, c in seen]
+    assert chain != pytest.approx(raster)
+    bad = _two_hop(synth, tmp_path / "bad_hops.jsonl", [1, 3])
+    with pytest.raises(MedlvrError, match="must lie in 1..2"):
+        check_config(_cfg(tmp_path, tiny_dir, synth, *small, "vlpo.rewards.roi_evidence_chain=1.0", f"data.train=[{bad}]"))
+
+
 @pytest.mark.parametrize("context", ["vlpo.latent_sigma=0", "vlpo.latent_policy=false"])
 def test_latents_that_are_context_are_not_policy_units(tmp_path, tiny_dir, synth, monkeypatch, context):
     """With sigma = 0 or the latent policy off, the K latent steps are context: no update unit,
@@ -556,8 +632,9 @@ def _rollouts_of_ranks(world: int, per_rank: int, seed: int):
         return Rollouts(
             samples=[x for p in parts for x in p.samples], images=[x for p in parts for x in p.images],
             texts=[x for p in parts for x in p.texts], token_ids=[x for p in parts for x in p.token_ids],
-            stop_tokens=[x for p in parts for x in p.stop_tokens], stopped=[x for p in parts for x in p.stopped], latents=torch.cat([p.latents for p in parts]),
+            stop_tokens=[x for p in parts for x in p.stop_tokens], latents=torch.cat([p.latents for p in parts]),
             latent_means=torch.cat([p.latent_means for p in parts]), group_size=parts[0].group_size,
+            visual_tokens=[x for p in parts for x in p.visual_tokens],
         )  # fmt: skip
 
     return sample

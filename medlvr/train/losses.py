@@ -189,7 +189,7 @@ def policy_loss(
       count), GRPO's original per-sample mean.
     This keeps gradient accumulation and any sharding equal to the single-batch loss.
     Stats (detached, sums over real units, for the caller to reduce): `clipped`, `kl`, `ratio`,
-    `units`, and the latent units' share: `latent_clipped`, `latent_kl`, `latent_units`.
+    `units`, and the latent units' share: `latent_clipped`, `latent_units`.
     """
     if aggregation not in get_args(PolicyAggregation):
         raise ValueError(f"unknown aggregation {aggregation!r}; expected token or sequence")
@@ -214,14 +214,12 @@ def policy_loss(
         per_seq = per_seq / m.sum(-1).clamp_min(1.0)
     # A unit counts as clipped when the clipped branch won the min (its gradient is zero).
     clipped = ((clipped_ratio * adv < ratio * adv).detach() & mask.bool()).float()  # [N, U]
-    kl_units = kl.detach() * m
     stats = {
         "clipped": clipped.sum().detach(),
-        "kl": kl_units.sum(),
+        "kl": (kl.detach() * m).sum(),
         "ratio": (ratio.detach() * m).sum(),
         "units": m.sum(),
         "latent_clipped": clipped[:, :latent_steps].sum(),
-        "latent_kl": kl_units[:, :latent_steps].sum(),
         "latent_units": m[:, :latent_steps].sum(),
     }
     return per_seq, stats

@@ -8,9 +8,9 @@ A reward function is any callable
 exploration), `context` carries what some rewards need beyond the text (the
 sample's visual tokens and ROI indices, whether the rollout stopped, the
 training step). Built-ins are registered by name (`accuracy`, `format`,
-`roi_evidence`); a user reward is named by import path, `package.module:function`,
-in the config's `vlpo.rewards` mapping (name -> weight). The total reward is the
-weighted sum; every component is also logged on its own.
+`roi_evidence`, `roi_evidence_first`, `roi_evidence_chain`); a user reward is named by
+import path, `package.module:function`, in the config's `vlpo.rewards` mapping (name ->
+weight). The total reward is the weighted sum; every component is also logged on its own.
 
 `accuracy` is `medlvr.eval.metrics.accuracy_reward`, the very function the
 evaluation reports, so RL optimises what is measured (as nanochat's `Task`).
@@ -45,7 +45,8 @@ class RewardContext:
     roi_index: torch.Tensor | None = None
     """Indices into `visual_tokens` covered by the sample's ROIs (empty: no ROI)."""
     assign: str = "raster"
-    """Which ROI tokens each latent is scored against (`align.assign` of ROI-SFT: raster, first, chain)."""
+    """Which ROI tokens each latent is scored against (`align.assign` of ROI-SFT: raster, first, chain);
+    the loop sets `RewardSet.assign`, named by the ROI-evidence reward."""
     roi_hop_index: list[torch.Tensor] | None = None
     """Per hop, the indices of that hop's ROIs (the collator's `roi_hop_index`), read when `assign` is chain."""
     step: int = 0
@@ -80,10 +81,9 @@ def roi_evidence(sample: VQASample, response: str, latents: torch.Tensor, contex
 
     Targets are `assigned_targets(visual_tokens, roi_index, K, context.assign, ...)`, the
     targets of ROI-SFT's alignment loss under the same `align.assign` (`first`: only z_1,
-    against the mean ROI token). The VLPO config has no `align` group, so its loop leaves
-    `context.assign` at `raster`, ROI-SFT's default: a checkpoint trained with
-    `align.assign=chain` is rewarded against raster chunks unless the caller sets
-    `assign="chain"` and `roi_hop_index`. A sample without ROI, or a run without latent
+    against the mean ROI token). VLPO names the assignment with the reward (`ROI_EVIDENCE`):
+    `roi_evidence` scores raster chunks (ROI-SFT's default), `roi_evidence_chain` the hops of a
+    checkpoint trained with `align.assign=chain`. A sample without ROI, or a run without latent
     steps, earns 0 (no evidence to point at; the group advantage removes the constant).
     """
     k = latents.shape[0]
@@ -94,10 +94,13 @@ def roi_evidence(sample: VQASample, response: str, latents: torch.Tensor, contex
     return float(F.cosine_similarity(z, targets, dim=-1).mean())
 
 
-BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy, "format": format_reward, "roi_evidence": roi_evidence}
+ROI_EVIDENCE = {"roi_evidence": "raster", "roi_evidence_first": "first", "roi_evidence_chain": "chain"}
+"""The names of `roi_evidence` and the `align.assign` each scores under (`RewardSet.assign`)."""
+
+BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy, "format": format_reward, **dict.fromkeys(ROI_EVIDENCE, roi_evidence)}
 """Rewards available by name; anything else is an import path `module:function`."""
 
-NEEDS_VISUAL = {"roi_evidence"}
+NEEDS_VISUAL = set(ROI_EVIDENCE)
 """Built-ins that need the visual tokens in the context (the loop computes them only then)."""
 
 
@@ -131,6 +134,11 @@ class RewardSet:
             raise MedlvrError("vlpo.rewards has no reward with a non-zero weight")
         self.weights = active
         self.fns: dict[str, RewardFn] = {n: resolve_reward(n) for n in active}
+        assigns = sorted({ROI_EVIDENCE[n] for n in active if n in ROI_EVIDENCE})
+        if len(assigns) > 1:
+            raise MedlvrError(f"vlpo.rewards scores ROI evidence under {' and '.join(assigns)}: keep one of "
+                              f"{', '.join(n for n in ROI_EVIDENCE if n in active)}")
+        self.assign = assigns[0] if assigns else "raster"  # every context's `assign`: the ROI-evidence reward's
 
     @property
     def needs_visual(self) -> bool:
@@ -177,4 +185,5 @@ __all__ = [
     "roi_evidence",
     "resolve_reward",
     "BUILTIN",
+    "ROI_EVIDENCE",
 ]

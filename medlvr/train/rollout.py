@@ -42,11 +42,16 @@ class Rollouts:
     texts: list[str]  # [N] decoded answers
     token_ids: list[list[int]]  # [N] answer tokens, stop token excluded
     stop_tokens: list[int | None]  # [N] the stop token that ended the rollout (sampled: trained); None at the token limit
-    stopped: list[bool]  # [N] the rollout ended with a stop token (not the token limit)
     latents: torch.Tensor  # [N, K, d] sampled latent inputs z_k
     latent_means: torch.Tensor  # [N, K, d] the means they were sampled around (rollout policy)
     group_size: int
     timings: dict[str, float] = field(default_factory=dict)
+    visual_tokens: list[torch.Tensor] = field(default_factory=list)  # [N] the prompt's [n_i, d] from the prefill (detached)
+
+    @property
+    def stopped(self) -> list[bool]:
+        """`[N]` the rollout ended with a stop token (not the token limit)."""
+        return [t is not None for t in self.stop_tokens]
 
 
 def repeat_rows(items: Sequence[Any], g: int) -> list[Any]:
@@ -76,6 +81,7 @@ def sample_rollouts(
     repeated G times and prefilled G times (same random stream, see the module docstring).
     """
     g = group_size
+    per_row = (lambda items: repeat_rows(items, g)) if shared_prefix else list  # generate's rows -> the N rows
     if shared_prefix:
         batch = collator(list(samples), images=[list(i) for i in images])
         out = vlm.generate(
@@ -94,11 +100,11 @@ def sample_rollouts(
         texts=list(out.texts),
         token_ids=[list(t) for t in out.token_ids],
         stop_tokens=list(out.stop_tokens),
-        stopped=[t is not None for t in out.stop_tokens],
         latents=out.latents,
         latent_means=out.latent_means,
         group_size=g,
         timings=dict(out.timings),
+        visual_tokens=per_row(out.visual_tokens),
     )
 
 
@@ -169,8 +175,7 @@ def unit_mask(answer_mask: torch.Tensor, latent_steps: int, latent_actions: bool
 class TrajectoryLogprobs:
     """Log-probabilities of N finished trajectories under one policy."""
 
-    logp: torch.Tensor  # [N, K + T] latent steps (Gaussian, per dimension or summed), then answer tokens
-    mask: torch.Tensor  # [N, K + T] policy units (`unit_mask`: latents when they are actions; answer tokens per answer_mask)
+    logp: torch.Tensor  # [N, K + T] latent steps (Gaussian, per dimension or summed; 0 as context), answer tokens (0 on padding)
     entropy: torch.Tensor  # [N, T] answer-token entropy under softmax(logits / T) (detached)
     latent_means: torch.Tensor  # [N, K, d] mu_k recomputed under this policy
     visual_tokens: list[torch.Tensor]  # per row [n_i, d] (from the same pass)
@@ -192,7 +197,7 @@ def trajectory_logprobs(
     `answer_ids`/`answer_mask` built by `answer_tensors`; `latents [N, K, d]` are the
     sampled z, whose log-densities are `latent_logprob` (`mean` or `sum`, see
     `gaussian_logprob`). With `latent_policy=False` (or sigma = 0) the latent steps are
-    context, not actions: their units are masked out.
+    context, not actions: their units are 0. Which units are actions is `unit_mask`.
     """
     out = model(batch, latent_inputs=latents)
     answer = batch["answer_ids"].to(out.logits.device)
@@ -203,14 +208,12 @@ def trajectory_logprobs(
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1) * amask  # [N, T]
     k = latents.shape[1]
-    actions = latents_are_actions(k, latent_policy, latent_sigma)
-    if actions:
+    if latents_are_actions(k, latent_policy, latent_sigma):
         lat = gaussian_logprob(latents.to(out.latent_means.device), out.latent_means, latent_sigma, latent_logprob)  # [N, K]
     else:
         lat = tok.new_zeros(tok.shape[0], k)
     return TrajectoryLogprobs(
         logp=torch.cat([lat, tok], 1),
-        mask=unit_mask(amask, k, actions),
         entropy=entropy,
         latent_means=out.latent_means,
         visual_tokens=out.visual_tokens,

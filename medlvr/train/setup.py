@@ -4,6 +4,7 @@
 - `check_data_files`: the training and validation files and the mixture weights;
 - `build_model`: LatentVLM with freezing, gradient checkpointing, LoRA and the latent
   modules' trainability (each stage says which latent modules train);
+- `hop_fields`: the collator's per-hop ROI indices under chain assignment;
 - `Logger`: progress bar, metrics.jsonl and TensorBoard, named and formatted by the stage;
 - `reduce_sums`: named per-process sums, summed over the processes in one reduction;
 - `validation_accuracy`: greedy accuracy under the evaluation scorer;
@@ -27,9 +28,11 @@ from accelerate import Accelerator
 
 from medlvr.config import LatentConfig, LogConfig, SFTConfig, VLPOConfig
 from medlvr.data.collate import VQACollator
+from medlvr.data.roi import hop_roi_indices
 from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
 from medlvr.eval.metrics import score
+from medlvr.model.backbones import TokenGrid
 from medlvr.model.latent import LatentVLM
 from medlvr.rundir import check_launch
 from medlvr.train import checkpoint as ckpt
@@ -140,6 +143,18 @@ def _add_lora(vlm: LatentVLM, cfg: TrainConfig, resume_dir: Path | None) -> None
         raise MedlvrError(f"LoRA: {err}") from None
     if resume_dir is not None:
         ckpt.load_adapter_files(vlm, resume_dir)
+
+
+def hop_fields(chain: bool) -> dict[str, Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], Any]]:
+    """The collator's `sample_fields` for chain assignment (`align.assign=chain`), else none.
+
+    `roi_hop_index`: each sample's ROI token indices per hop (`hop_roi_indices`; none without an image).
+    """
+    return {"roi_hop_index": _hop_index} if chain else {}
+
+
+def _hop_index(sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    return hop_roi_indices(sample, grids, sizes) if grids else []
 
 
 # ---------------------------------------------------------------------------- during the run
@@ -278,6 +293,6 @@ def export(cfg: TrainConfig, accelerator: Accelerator, vlm: LatentVLM, log: Logg
 
 
 __all__ = [
-    "TrainResult", "precision", "open_accelerator", "check_data_files", "build_model", "reduce_sums",
+    "TrainResult", "precision", "open_accelerator", "check_data_files", "build_model", "hop_fields", "reduce_sums",
     "validation_accuracy", "Logger", "save", "export",
 ]

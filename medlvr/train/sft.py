@@ -37,7 +37,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from medlvr.config import SFTConfig, save_config
 from medlvr.data.collate import VQACollator
-from medlvr.data.roi import hop_roi_indices, pool_targets, roi_hops
+from medlvr.data.roi import pool_targets, roi_hops
 from medlvr.data.schema import read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
@@ -188,13 +188,15 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
         while step < total_steps:
             k = _steps_at(cfg, step, total_steps)
             batches = [next(loader) for _ in range(cfg.grad_accum)]
-            n_roi = _aligned_samples(batches, vlm.image_token_id, cfg.align.kind, accelerator) if lam else 0
+            # [B] per micro-batch: the samples whose alignment term counts, and R, their count over the step
+            aligned = [_aligned(b, vlm.image_token_id, cfg.align.kind) for b in batches] if lam else [None] * len(batches)
+            n_roi = _aligned_samples(aligned, accelerator) if lam else 0
             sums = {"ce": 0.0, "align": 0.0, "samples": 0.0}  # this process's sums over the step's micro-batches
-            for m, batch in enumerate(batches):
+            for m, (batch, align_mask) in enumerate(zip(batches, aligned)):
                 sync = m == cfg.grad_accum - 1
                 with accelerator.no_sync(model) if not sync else nullcontext():
                     with accelerator.autocast():
-                        ce, al, _, fwd = _losses(cfg, model, vlm, batch, k)
+                        ce, al, fwd = _losses(cfg, model, vlm, batch, k, align_mask)
                         terms = [a.loss(module, fwd, batch) for a, module in zip(aux, aux_modules)]  # ([B], named sums)
                     loss = (ce.sum() + sum(a.weight * t.sum() for a, (t, _) in zip(aux, terms))) / global_batch
                     if lam and n_roi:
@@ -280,8 +282,12 @@ def _steps_at(cfg: SFTConfig, step: int, total: int) -> int:
     return cfg.latent_steps
 
 
-def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-    """Per-sample answer CE `[B]`, alignment loss `[B]` (zero without ROI), the ROI mask `[B]`, and the forward."""
+def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
+            aligned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
+    """Per-sample answer CE `[B]`, alignment loss `[B]` (zero without ROI) and the forward.
+
+    `aligned [B]`: the samples whose alignment term counts (`_aligned`; None in the modes without ROI).
+    """
     if cfg.mode == "teacher_forced":
         # Targets first (no grad: they are detached anyway), then one parallel pass with them as latents.
         per_sample = vlm.visual_tokens(batch)
@@ -296,16 +302,16 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int)
             targets, mask, negatives = _roi_targets(cfg, fwd.visual_tokens, batch, k)
     ce = sample_mean_ce(fwd.token_logprobs, batch["answer_mask"].to(fwd.token_logprobs.device))
     if cfg.mode not in ("roi", "teacher_forced"):
-        return ce, torch.zeros_like(ce), torch.zeros_like(ce, dtype=torch.bool), fwd
+        return ce, torch.zeros_like(ce), fwd
     # proj(h_{k-1}), the outputs at the latent positions: the fed latents, except when teacher-forced or with pause inputs
     latents = fwd.latent_means
     if cfg.align.assign == "first":
         latents, targets = latents[:, :1], targets[:, :1]
-    mask = mask & _aligned(batch, vlm.image_token_id, cfg.align.kind).to(mask.device)  # the ones R counts
+    mask = mask & aligned.to(mask.device)  # the ones R counts
     neg, neg_mask = pad_tokens(negatives, latents.shape[-1], latents.device) if cfg.align.kind == "infonce" else (None, None)
     al = alignment_loss(cfg.align.kind, latents, targets, mask, negatives=neg, negatives_mask=neg_mask,
                         temperature=cfg.align.temperature)  # fmt: skip
-    return ce, al, mask, fwd
+    return ce, al, fwd
 
 
 def _aligned(batch: dict[str, Any], image_token_id: int, kind: str) -> torch.Tensor:
@@ -316,9 +322,9 @@ def _aligned(batch: dict[str, Any], image_token_id: int, kind: str) -> torch.Ten
     return alignment_mask(batch["roi_index"], (batch["input_ids"] == image_token_id).sum(-1).tolist(), kind)
 
 
-def _aligned_samples(batches: list[dict[str, Any]], image_token_id: int, kind: str, accelerator: Any) -> int:
-    """R: the samples of the optimizer step (all micro-batches, all processes) whose alignment term counts."""
-    local = sum(int(_aligned(b, image_token_id, kind).sum()) for b in batches)
+def _aligned_samples(aligned: list[torch.Tensor], accelerator: Any) -> int:
+    """R: the samples of the optimizer step (all micro-batches `aligned`, all processes) whose alignment term counts."""
+    local = sum(int(a.sum()) for a in aligned)
     if accelerator.num_processes == 1:
         return local
     return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
@@ -344,6 +350,4 @@ def _sample_fields(cfg: SFTConfig, aux: Sequence[Any]) -> dict[str, Any]:
     """Per-sample batch fields the collator computes: the auxiliary losses' and, under chain
     alignment only, each sample's ROI token indices per hop (`roi_hop_index`)."""
     fields = {k: f for a in aux for k, f in a.sample_fields.items()}
-    if cfg.uses_rois and cfg.align.assign == "chain":
-        fields["roi_hop_index"] = lambda sample, grids, sizes: hop_roi_indices(sample, grids, sizes) if grids else []
-    return fields
+    return fields | setup.hop_fields(cfg.uses_rois and cfg.align.assign == "chain")

@@ -10,7 +10,8 @@ Per step, on every process (B = batch_size prompts, G = vlpo.group_size):
    or summed, `vlpo.latent_logprob`) and answer token under the rollout policy (`old`), and, with beta > 0, under the
    reference (the starting checkpoint: the adapter disabled under LoRA, else a frozen copy);
 3. rewards: the weighted reward functions of `vlpo.rewards` (accuracy is the evaluation
-   scorer), then group-relative advantages `(r - mean_g) / std_g` (std optional);
+   scorer; ROI evidence under the assignment its name gives, `RewardSet.assign`), then
+   group-relative advantages `(r - mean_g) / std_g` (std optional);
 4. update: `vlpo.update_epochs` passes over the rollouts, each split into
    `vlpo.mini_batches` optimizer steps, minimising per unit (latent step or token)
 
@@ -47,6 +48,7 @@ from torch import nn
 
 from medlvr.config import VLPOConfig, save_config
 from medlvr.data.collate import VQACollator
+from medlvr.data.roi import roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.eval.metrics import accuracy_reward
@@ -65,6 +67,7 @@ from medlvr.train.rollout import (
     group_advantages,
     latents_are_actions,
     pad_id,
+    repeat_rows,
     sample_rollouts,
     trajectory_logprobs,
     unit_mask,
@@ -101,8 +104,12 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
             "latent.input=hidden checkpoint"
         )
     setup.check_data_files(cfg, "JSONL files of prompts with gold answers")
-    RewardSet(cfg.vlpo.rewards)  # unknown names and bad import paths fail here
-    return load_train_set(cfg.data.train, cfg.data.max_samples)
+    rewards = RewardSet(cfg.vlpo.rewards)  # unknown names and bad import paths fail here
+    data = load_train_set(cfg.data.train, cfg.data.max_samples)
+    if rewards.assign == "chain":
+        for s in data.samples:
+            roi_hops(s)  # malformed multi-hop metadata fails here, not mid-run in the collator
+    return data
 
 
 def build_model(cfg: VLPOConfig, resume_dir: Path | None) -> LatentVLM:
@@ -189,10 +196,12 @@ def held_out_reward(
 
     This is the quantity VLPO optimises, measured on prompts it never trains on: rollouts
     with the training temperature and latent sigma, a fixed seed, the same reward set.
+    The visual tokens the rewards read are the rollouts' own (one vision pass per chunk).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = list(samples)[rank::world]
-    collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual)
+    collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual,
+                          sample_fields=setup.hop_fields(rewards.assign == "chain"))  # fmt: skip
     was_training = vlm.training
     vlm.eval()
     gen = torch.Generator(device=vlm.device).manual_seed(_rollout_seed(seed, rank, 0))
@@ -204,15 +213,10 @@ def held_out_reward(
             vlm, collate, chunk, images, group_size=n_samples, latent_steps=latent_steps, temperature=temperature,
             latent_sigma=latent_sigma, max_new_tokens=max_new_tokens, generator=gen,
         )  # fmt: skip
-        visual = roi = None
-        if rewards.needs_visual:
-            batch = collate(chunk, images=images)
-            visual, roi = vlm.visual_tokens(batch), batch["roi_index"]
-        ctxs = [
-            RewardContext(stopped=s, n_tokens=len(t), visual_tokens=None if visual is None else visual[j // n_samples],
-                          roi_index=None if roi is None else roi[j // n_samples])
-            for j, (s, t) in enumerate(zip(ro.stopped, ro.token_ids))
-        ]  # fmt: skip
+        rois = collate(chunk, images=images) if rewards.needs_visual else {}  # the ROI indices (no model pass)
+        roi_index, hops = (repeat_rows(rois.get(key, [None] * len(chunk)), n_samples) for key in ("roi_index", "roi_hop_index"))
+        visual = ro.visual_tokens if rewards.needs_visual else [None] * len(ro.texts)
+        ctxs = _reward_contexts(ro, rewards, 0, visual, roi_index, hops)
         total, _ = rewards(ro.samples, ro.texts, ro.latents.cpu(), ctxs)
         acc = sum(accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts))
         sums += torch.tensor([float(total.sum()), acc, len(ro.texts)], dtype=torch.float64)
@@ -243,9 +247,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
         return TrainResult(out_dir, Path(done["final_model"]), done["steps"], done["metrics"])
 
     set_seed(cfg.seed)
-    k_steps = cfg.latent.steps
+    latent_steps = cfg.latent.steps
     vlm = build_model(cfg, resume_dir)
-    trains_latents = latents_are_actions(k_steps, p.latent_policy, p.latent_sigma)
+    trains_latents = latents_are_actions(latent_steps, p.latent_policy, p.latent_sigma)
     reference = Reference(cfg, vlm) if p.beta > 0 else None
     optimizer = build_optimizer(vlm.named_parameters(), cfg.optim)
     total_opt_steps = cfg.optimizer_steps
@@ -262,7 +266,8 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
     prompt_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False, image_loader=load_image)
-    traj_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual, image_loader=load_image)
+    traj_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual,
+                               image_loader=load_image, sample_fields=setup.hop_fields(rewards.assign == "chain"))  # fmt: skip
     pad = pad_id(vlm)
     logprobs = functools.partial(
         trajectory_logprobs, temperature=p.temperature, latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
@@ -287,7 +292,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             gen = torch.Generator(device=vlm.device).manual_seed(_rollout_seed(cfg.seed, rank, step))
             vlm.eval()
             ro = sample_rollouts(
-                vlm, prompt_collate, samples, images, group_size=p.group_size, latent_steps=k_steps,
+                vlm, prompt_collate, samples, images, group_size=p.group_size, latent_steps=latent_steps,
                 temperature=p.temperature, latent_sigma=p.latent_sigma, max_new_tokens=p.max_new_tokens,
                 top_p=p.top_p, generator=gen,
             )  # fmt: skip
@@ -320,14 +325,8 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 3. rewards and group-relative advantages
             t0 = time.perf_counter()
-            roi_index: list[torch.Tensor | None] = [None] * n_traj
-            for mb in micro:
-                for row, r in zip(mb.rows, mb.batch.get("roi_index", [None] * mb.n)):
-                    roi_index[row] = r
-            ctxs = [
-                RewardContext(stopped=s, n_tokens=len(t), step=step, visual_tokens=visual[i], roi_index=roi_index[i])
-                for i, (s, t) in enumerate(zip(ro.stopped, ro.token_ids))
-            ]  # fmt: skip
+            ctxs = _reward_contexts(ro, rewards, step, visual, _per_row(micro, "roi_index", n_traj),
+                                    _per_row(micro, "roi_hop_index", n_traj))  # fmt: skip
             reward, parts = rewards(ro.samples, ro.texts, ro.latents.detach().cpu(), ctxs)
             adv = group_advantages(reward, p.group_size, scale=p.scale_advantages)  # [N]
             times["reward_s"] = time.perf_counter() - t0
@@ -348,7 +347,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                                 lp = logprobs(model, mb.batch, mb.latents)
                             per_seq, st = policy_loss(
                                 lp.logp, old[j], adv[mb.rows].to(lp.logp.device), mb.mask.to(lp.logp.device),
-                                clip_low=p.clip_low, clip_high=p.clip_high, latent_steps=k_steps,
+                                clip_low=p.clip_low, clip_high=p.clip_high, latent_steps=latent_steps,
                                 latent_clip_low=p.latent_clip_low, latent_clip_high=p.latent_clip_high,
                                 aggregation=p.aggregation, ref_logp=ref[j] if ref else None, beta=p.beta,
                             )  # fmt: skip
@@ -374,13 +373,13 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                 "reward": float(reward.sum()), "reward_sq": float(reward.pow(2).sum()), "accuracy": float(acc.sum()),
                 "trajectories": n_traj, "flat": float(flat.sum()), "groups": float(flat.numel()), "entropy": entropy_sum,
                 "answer_tokens": float(sum(mb.amask.sum() for mb in micro)),
-                "latent_norm": float(z.norm(dim=-1).mean(-1).sum()) if k_steps else 0.0,
+                "latent_norm": float(z.norm(dim=-1).mean(-1).sum()) if latent_steps else 0.0,
                 "response_tokens": float(sum(len(t) for t in ro.token_ids)), "stopped": float(sum(ro.stopped)),
                 "kl_rollout": sum(float(u.sum()) for u in kl_units), "rollout_units": float(sum(mb.mask.sum() for mb in micro)),
                 **{f"reward/{name}": float(v.sum()) for name, v in parts.items()},
                 **{f"update_{key}": v for key, v in stats.items()},
-                "kl_latent": sum(float(u[:, :k_steps].sum()) for u in kl_units),
-                "rollout_latent_units": float(sum(mb.mask[:, :k_steps].sum() for mb in micro)),
+                "kl_latent": sum(float(u[:, :latent_steps].sum()) for u in kl_units),
+                "rollout_latent_units": float(sum(mb.mask[:, :latent_steps].sum() for mb in micro)),
             }  # fmt: skip
             tot = setup.reduce_sums(accelerator, sums)
             n = tot["trajectories"]
@@ -392,7 +391,7 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                 "accuracy": tot["accuracy"] / n,
                 "flat_groups": tot["flat"] / max(tot["groups"], 1.0),
                 "entropy": tot["entropy"] / max(tot["answer_tokens"], 1.0),
-                "latent_norm": tot["latent_norm"] / n if k_steps else None,
+                "latent_norm": tot["latent_norm"] / n if latent_steps else None,
                 "response_tokens": tot["response_tokens"] / n,
                 "stopped": tot["stopped"] / n,
                 "kl": tot["kl_rollout"] / max(tot["rollout_units"], 1.0) if ref else None,
@@ -469,8 +468,27 @@ def _micro_batch(ro: Rollouts, rows: list[int], collate: Any, pad: int, latent_a
     batch["answer_ids"], batch["answer_mask"] = answer_tensors(
         [ro.token_ids[i] for i in rows], [ro.stop_tokens[i] for i in rows], pad
     )
-    mask = unit_mask(batch["answer_mask"], ro.latents.shape[1], latent_actions)  # the units trajectory_logprobs marks
+    mask = unit_mask(batch["answer_mask"], ro.latents.shape[1], latent_actions)
     return _Micro(rows, batch, ro.latents[rows], mask, batch["answer_mask"], len(rows))
+
+
+def _per_row(micro: list[_Micro], key: str, n: int) -> list[Any]:
+    """The micro-batches' per-sample field `key` in rollout row order, `[n]` (None where not collated)."""
+    out: list[Any] = [None] * n
+    for mb in micro:
+        for row, value in zip(mb.rows, mb.batch.get(key, [None] * mb.n)):
+            out[row] = value
+    return out
+
+
+def _reward_contexts(ro: Rollouts, rewards: RewardSet, step: int, visual: Sequence[torch.Tensor | None],
+                     roi_index: Sequence[torch.Tensor | None], roi_hop_index: Sequence[Any]) -> list[RewardContext]:  # fmt: skip
+    """One context per trajectory, under the reward set's ROI assignment; the tensors are per row, `[N]`."""
+    return [
+        RewardContext(stopped=s, n_tokens=len(t), step=step, visual_tokens=v, roi_index=r, assign=rewards.assign,
+                      roi_hop_index=h)
+        for s, t, v, r, h in zip(ro.stopped, ro.token_ids, visual, roi_index, roi_hop_index, strict=True)
+    ]  # fmt: skip
 
 
 def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: RewardSet, accelerator: Any) -> dict[str, float]:
