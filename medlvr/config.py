@@ -334,6 +334,12 @@ class SFTConfig:
     curriculum: list[int] = field(default_factory=list)
     """Raise K in stages: K per stage, stages of equal length over the run (e.g. [1, 2, 4]);
     empty = `latent.steps` throughout. Not for `plain` or `teacher_forced`."""
+    replace_reasoning: bool = False
+    """With a curriculum, Coconut's (Hao et al., 2024): train on each record's written reasoning
+    (`meta.reasoning`, see `medlvr.data.prompts.written_reasoning`) and at stage s leave its first
+    s steps to the stage's K latent steps, so latents replace written steps one at a time (e.g.
+    curriculum [0, 2, 4, 6] for 3-step chains, 2 latent steps per step; K = 0 allowed here).
+    Records without written reasoning keep their plain answer."""
     model: ModelConfig = field(default_factory=ModelConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -351,8 +357,12 @@ class SFTConfig:
             raise MedlvrError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
         if self.max_steps < 0 or self.epochs <= 0:
             raise MedlvrError(f"max_steps must be >= 0 and epochs > 0, got {self.max_steps}, {self.epochs}")
-        if any(k < 1 for k in self.curriculum):
-            raise MedlvrError(f"curriculum stages need K >= 1, got {list(self.curriculum)}")
+        if any(k < (0 if self.replace_reasoning else 1) for k in self.curriculum):
+            raise MedlvrError(f"curriculum stages need K >= 1 (>= 0 with replace_reasoning), got {list(self.curriculum)}")
+        if self.replace_reasoning and not self.curriculum:
+            raise MedlvrError("replace_reasoning hides written steps stage by stage: give a curriculum, e.g. [0, 2, 4, 6]")
+        if self.replace_reasoning and self.mode != "latent":
+            raise MedlvrError(f"replace_reasoning runs with mode=latent (latent steps standing in for written ones), got mode {self.mode!r}")
         if self.mode == "teacher_forced" and self.latent.input == "pause":
             raise MedlvrError("mode teacher_forced feeds the ROI targets as the latent inputs, so latent.input=pause "
                               "would replace nothing: use mode=roi or mode=latent for the pause control")
@@ -402,7 +412,9 @@ class VLPOParams:
     rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     """Reward name -> weight; the reward is the weighted sum. Built-ins: `accuracy` (the
     evaluation scorer), `format` (the answer parses and the rollout stopped), `roi_evidence`
-    (mean cosine of the latents to the pooled ROI targets). Any other key is an import path
+    (mean cosine of the latents to the pooled ROI targets, ROIs split over the K steps in raster
+    order), `roi_evidence_first` (every step to the first ROI) and `roi_evidence_chain` (step k to
+    the ROIs of its hop, as `align.assign=chain`; at most one of the three). Any other key is an import path
     `package.module:function` with the contract `(sample, response, latents, context) -> float`
     (see `medlvr.train.rewards`)."""
     scale_advantages: bool = True

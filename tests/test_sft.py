@@ -359,3 +359,74 @@ def test_embed_tokens_in_modules_to_save_and_trainable_latent_rows_exclude_each_
     with pytest.raises(MedlvrError, match="train_latent_tokens=false"):
         LoraConfig(modules_to_save=["embed_tokens"])
     assert LoraConfig(modules_to_save=["embed_tokens"], train_latent_tokens=False).modules_to_save == ["embed_tokens"]
+
+
+# ---------------------------------------------------------------------------- the reasoning curriculum
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory) -> Path:
+    """Two-hop chain questions with their written reasoning (`meta.reasoning`), 112-px images."""
+    from medlvr.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("chains112")
+    generate(SynthConfig(n=60, seed=0, image_size=112, large_size=1.0, small_size=0.5, question_types={"chain": 1.0}, hops=(2, 2),
+                         describe=False), out)  # fmt: skip
+    return out
+
+
+def _recording_targets(monkeypatch) -> list[list[str]]:
+    """Patch the trainer's collator to record each micro-batch's answer texts, in the order they are built."""
+    from medlvr.data.collate import VQACollator
+    from medlvr.train import sft
+
+    seen: list[list[str]] = []
+
+    class Recording(VQACollator):
+        def __call__(self, samples, images=None):
+            seen.append([s.answer for s in samples])
+            return super().__call__(samples, images)
+
+    monkeypatch.setattr(sft, "VQACollator", Recording)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["mode=latent", "replace_reasoning=true"], "give a curriculum"),
+        (["mode=roi", "replace_reasoning=true", "curriculum=[0,2]"], "mode=latent"),
+        (["mode=latent", "curriculum=[0,2]"], ">= 0 with replace_reasoning"),
+    ],
+)
+def test_reasoning_curriculum_settings_are_checked(tiny_dir, chains, tmp_path, overrides, message):
+    with pytest.raises(MedlvrError, match=message):
+        make_cfg(tiny_dir, chains, tmp_path / "run", *overrides)
+
+
+def test_reasoning_curriculum_needs_records_with_written_reasoning(tiny_dir, synth, tmp_path):
+    with pytest.raises(MedlvrError, match="no training record has them"):
+        run_sft(make_cfg(tiny_dir, synth, tmp_path / "run", "mode=latent", "replace_reasoning=true", "curriculum=[0,2]"))
+
+
+def test_reasoning_curriculum_hands_written_steps_to_the_latents_one_stage_at_a_time(tiny_dir, chains, tmp_path, monkeypatch):
+    seen = _recording_targets(monkeypatch)
+    common = ("mode=latent", "replace_reasoning=true", "curriculum=[0,2,4]", "max_steps=6", "data.max_answer_tokens=48",
+              "checkpoint.every=3", "checkpoint.keep_last=1")  # fmt: skip
+    full = run_sft(make_cfg(tiny_dir, chains, tmp_path / "full", *common))
+    assert [r["latent_steps"] for r in full.history] == [0, 0, 2, 2, 4, 4]
+    written = [[answer.count("; ") for answer in batch] for batch in seen]
+    assert written == [[2] * 4] * 2 + [[1] * 4] * 2 + [[0] * 4] * 2  # hops written before "answer: X": 2, 1, 0
+    records = {s.id: s for s in read_jsonl(chains / "train.jsonl")}
+    golds = {r.answer for r in records.values()}
+    assert all(a.startswith("answer: ") and a.removeprefix("answer: ") in golds for a in seen[-1])
+    # Resumed mid-run, the curriculum picks up at the stage of the step it resumes from.
+    seen.clear()
+    with pytest.raises(Killed):
+        run_sft(make_cfg(tiny_dir, chains, tmp_path / "cut", *common), on_step=kill_at(3))
+    seen.clear()
+    resumed = run_sft(make_cfg(tiny_dir, chains, tmp_path / "cut", *common, "checkpoint.resume=true"))
+    assert [r["latent_steps"] for r in resumed.history] == [2, 4, 4]
+    assert [[a.count("; ") for a in batch] for batch in seen] == [[1] * 4, [0] * 4, [0] * 4]
+    for a, b in zip(full.history[3:], resumed.history):
+        assert abs(a["ce"] - b["ce"]) < 1e-5

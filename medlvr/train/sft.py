@@ -15,7 +15,9 @@ give the same gradient up to float reduction order.
 Modes: `plain` (K = 0), `latent` (K steps, CE only), `roi` (K steps + alignment),
 `teacher_forced` (ROI targets fed as the latent inputs in one parallel pass; the
 alignment trains the latents the model itself predicts at those positions).
-The same entry point runs stage-0 pretraining (`plain` on describe records). Auxiliary
+A curriculum raises K in stages; with `replace_reasoning` (Coconut) the answer is the record's
+written reasoning and stage s leaves its first s steps to the latents. The same entry point runs
+stage-0 pretraining (`plain` on describe records). Auxiliary
 losses (`medlvr.train.auxiliary`; stage 0's visual-token probe is one) add their terms,
 batch fields and metrics through one interface, so this loop names none of them. Model
 set-up, accelerator, logger, validation, checkpoints and export: `medlvr.train.setup`.
@@ -24,6 +26,7 @@ set-up, accelerator, logger, validation, checkpoints and export: `medlvr.train.s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -38,7 +41,8 @@ from accelerate.utils import DistributedType, set_seed
 from medlvr.config import SFTConfig, save_config
 from medlvr.data.collate import VQACollator
 from medlvr.data.roi import pool_targets, roi_hops
-from medlvr.data.schema import read_jsonl
+from medlvr.data.prompts import written_reasoning
+from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
 from medlvr.rundir import holds_run_folder
@@ -78,6 +82,9 @@ def check_config(cfg: SFTConfig) -> TrainSet:
             roi_hops(s)  # malformed multi-hop metadata fails here, not mid-run in the collator
     if any(not s.images for s in data.samples) and cfg.uses_rois:
         warnings.warn("some training records have no image: they get no alignment term", stacklevel=2)
+    if cfg.replace_reasoning and not any(s.meta.get("reasoning") for s in data.samples):
+        raise MedlvrError("replace_reasoning hides written reasoning steps, but no training record has them "
+                          "(`meta.reasoning`, e.g. the synthetic chain questions)")
     return data
 
 
@@ -97,11 +104,17 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> LatentVLM:
 
 
 class _MicroBatches(torch.utils.data.Dataset):
-    """Micro-batch j of this process, counted from the data position the run starts at."""
+    """Micro-batch j of this process, counted from the data position the run starts at.
 
-    def __init__(self, data: TrainSet, stream: SampleStream, collate: Any, start: int, n: int, batch: int, world: int, rank: int):
+    `target(step, sample)` rewrites a sample's answer for the optimizer step it trains in
+    (the reasoning curriculum's stage); None trains every record on its own answer.
+    """
+
+    def __init__(self, data: TrainSet, stream: SampleStream, collate: Any, start: int, n: int, batch: int, world: int, rank: int,
+                 *, first_step: int = 0, grad_accum: int = 1, target: Callable[[int, VQASample], VQASample] | None = None):  # fmt: skip
         self.data, self.stream, self.collate = data, stream, collate
         self.start, self.n, self.batch, self.world, self.rank = start, n, batch, world, rank
+        self.first_step, self.grad_accum, self.target = first_step, grad_accum, target
 
     def __len__(self) -> int:
         return self.n
@@ -109,6 +122,9 @@ class _MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> dict[str, Any]:
         pos = self.start + j * self.batch * self.world + self.rank * self.batch
         samples = [self.data.samples[i] for i in self.stream.take(pos, self.batch)]
+        if self.target is not None:
+            step = self.first_step + j // self.grad_accum
+            samples = [self.target(step, s) for s in samples]
         return self.collate(samples, images=[[load_image(p) for p in s.images] for s in samples])
 
 
@@ -164,7 +180,9 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=True, with_rois=cfg.uses_rois,
                           image_loader=load_image, max_answer_tokens=cfg.data.max_answer_tokens,
                           sample_fields=_sample_fields(cfg, aux))  # fmt: skip
-    micro = _MicroBatches(data, stream, collate, pos, (total_steps - step) * cfg.grad_accum, cfg.batch_size, world, rank)
+    target = functools.partial(_curriculum_target, cfg, total_steps) if cfg.replace_reasoning else None
+    micro = _MicroBatches(data, stream, collate, pos, (total_steps - step) * cfg.grad_accum, cfg.batch_size, world, rank,
+                          first_step=step, grad_accum=cfg.grad_accum, target=target)  # fmt: skip
     loader = iter(torch.utils.data.DataLoader(micro, batch_size=None, num_workers=cfg.data.num_workers, collate_fn=_keep))
 
     log = setup.Logger(accelerator, out_dir, cfg.log, label=f"sft[{cfg.mode}]", info=lambda row: _progress_line(row, aux),
@@ -275,11 +293,19 @@ def _progress_line(row: dict[str, Any], aux: list[AuxiliaryLoss]) -> str:
     return info
 
 
+def _stage_at(cfg: SFTConfig, step: int, total: int) -> int:
+    """The curriculum stage (0-based) of optimizer step `step`: stages of equal length over the run."""
+    return min(step * len(cfg.curriculum) // total, len(cfg.curriculum) - 1) if cfg.curriculum else 0
+
+
+def _curriculum_target(cfg: SFTConfig, total: int, step: int, sample: VQASample) -> VQASample:
+    """The sample written out with its first s reasoning steps left to the latents, at stage s."""
+    return written_reasoning(sample, hidden=_stage_at(cfg, step, total))
+
+
 def _steps_at(cfg: SFTConfig, step: int, total: int) -> int:
     """K at optimizer step `step`: the curriculum stage's, else the configured K."""
-    if cfg.curriculum:
-        return cfg.curriculum[min(step * len(cfg.curriculum) // total, len(cfg.curriculum) - 1)]
-    return cfg.latent_steps
+    return cfg.curriculum[_stage_at(cfg, step, total)] if cfg.curriculum else cfg.latent_steps
 
 
 def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
