@@ -1,6 +1,6 @@
 """Settings are chosen on VAL: the demo's arms scored on the synthetic val split, by depth.
 
-    .venv/bin/python benchmarks/ablation_val.py --out runs/val [--arms atpbcd] [--seeds 1,2,3]
+    .venv/bin/python benchmarks/ablation_val.py --out runs/val [--arms atpbcde] [--seeds 1,2,3]
         [--budget default] [--backbone DIR] [--max-hops 3] [--latent-steps 6] [key=value ...]
 
 The same runner as `medlvr demo` (two single-threaded arms at a time), with `split=val`,

@@ -10,7 +10,7 @@ from medlvr.recipes.demo_config import DemoConfig
 from medlvr.recipes.stage0 import Stage0Config
 
 demo_app = typer.Typer(
-    help="MedLVR against honest controls on the depth ladder: six arms trained, scored by hop count and compared, with a verdict.",
+    help="MedLVR against honest controls on the depth ladder: seven arms trained, scored by hop count and compared, with a verdict.",
     invoke_without_command=True,
 )
 

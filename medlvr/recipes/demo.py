@@ -5,7 +5,8 @@
 2. The arms (`ARMS`), fine-tuned from the same stage-0 backbone (`medlvr/assets/stage0`,
    a tiny model pretrained to answer 1-hop questions), same data, budget and seeds:
    (a) direct, K = 0; (t) text reasoning; (p) pause: K learned constant inputs;
-   (b) K latent steps, no ROI loss; (c) ROI-SFT with per-hop alignment; (d) (c) + VLPO.
+   (b) K latent steps, no ROI loss; (c) ROI-SFT with per-hop alignment; (d) (c) + VLPO;
+   (e) the latent curriculum: (t)'s written chain handed to the latents one hop at a time.
    Arms train two at a time, each in a single-threaded process (both cores of a laptop).
 3. Every arm scored by the evaluation harness on the test split, by hop count, with
    real and blank images; the latent budget swept for (c) and (d); the evidence maps'
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.recipes.demo_arms import accuracy, prepare_data, run_arm
-from medlvr.recipes.demo_config import ARMS, BUDGETS, ArmResult, DemoConfig, DemoData
+from medlvr.recipes.demo_config import ARMS, BUDGETS, LATENT_ARMS, ArmResult, DemoConfig, DemoData
 
 __all__ = ["ARMS", "BUDGETS", "DemoConfig", "DemoResult", "accuracy", "prepare_data", "run_demo"]
 
@@ -178,7 +179,7 @@ def _explanations(cfg: DemoConfig, data: DemoData, results: Results, out: Path) 
     seed = cfg.seeds[0]
     samples = [s for s in data.tests[cfg.split] if s.rois][: cfg.spec.explain_samples]
     found: dict[str, Any] = {"metrics": {}, "images": []}
-    for arm in (a for a in cfg.arm_list if a in "pbcd"):
+    for arm in (a for a in cfg.arm_list if a in LATENT_ARMS):
         vlm = LatentVLM.from_pretrained(results[arm][seed].model)
         found["metrics"][arm] = explain_metrics(vlm, samples, cfg.latent_steps, seed=seed)
         if arm == "c":

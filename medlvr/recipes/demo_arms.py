@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import VQASample, read_jsonl, write_jsonl
-from medlvr.recipes.demo_config import ArmResult, DemoConfig, DemoData
+from medlvr.recipes.demo_config import WRITTEN_ARMS, ArmResult, DemoConfig, DemoData
 
 CONTROLS = ("blank", "question-only")
 """Grounding controls every arm is scored under (`medlvr.eval.controls`): mean-grey images, no image."""
@@ -112,7 +112,7 @@ def train_arm(
 
     from medlvr.train.sft import run_sft
 
-    mode = {"a": "plain", "t": "plain", "p": "latent", "b": "latent", "c": "roi" if data.has_rois else "latent"}[arm]
+    mode = {"a": "plain", "t": "plain", "p": "latent", "b": "latent", "c": "roi" if data.has_rois else "latent", "e": "latent"}[arm]
     train = data.train_reasoning if arm == "t" and data.train_reasoning else data.train
     sft = load_config(SFTConfig, overrides=[
         *common,
@@ -129,7 +129,8 @@ def train_arm(
         f"align.kind={cfg.align_kind}",
         f"align.weight={cfg.align_weight if mode == 'roi' else 0.0}",
         f"align.assign={cfg.align_assign}",
-        *([f"data.max_answer_tokens={REASONING_TOKENS}"] if arm == "t" else []),
+        *([f"data.max_answer_tokens={REASONING_TOKENS}"] if arm in WRITTEN_ARMS else []),
+        *(["replace_reasoning=true", f"curriculum=[{','.join(map(str, cfg.curriculum()))}]"] if arm == "e" else []),
         *(cfg.sft_overrides if arm == "c" else []),
     ])  # fmt: skip
     result = run_sft(sft, on_step=on_step)
@@ -146,7 +147,7 @@ def evaluate_arm(
 
     vlm = LatentVLM.from_pretrained(model_dir)
     reasoning = "latent" if any(k > 0 for k in latent_steps) else "direct"
-    tokens = REASONING_TOKENS if arm == "t" else 8
+    tokens = REASONING_TOKENS if arm in WRITTEN_ARMS else 8
     rows: dict[str, list[dict[str, Any]]] = {}
     for split, samples in tests.items():
         evaluate(samples, out / split, vlm=vlm, reasoning=reasoning, latent_steps=list(latent_steps), batch_size=32,

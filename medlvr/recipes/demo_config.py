@@ -18,14 +18,20 @@ ARMS = {
     "b": "latent, no ROI loss",
     "c": "ROI-SFT (per-hop alignment)",
     "d": "ROI-SFT + VLPO",
+    "e": "latent curriculum (Coconut)",
 }
 """The arms, same data, budget and seeds. (t) writes the evidence chain before the answer
 ("largest lesion: center; below it: lower middle; answer: dark"); (p) has the same K extra
 positions as (b)-(d) but a learned constant input at each instead of the fed-back state
-(the pause-token control); (c) aligns latent step group k with the ROI of hop k."""
+(the pause-token control); (c) aligns latent step group k with the ROI of hop k; (e) starts
+from (t)'s written chain and hands one written hop at a time to K / hops latent steps
+(`SFTConfig.replace_reasoning`), so at the end it answers after K latent steps like (b)."""
 
-LATENT_ARMS = "pbcd"
+LATENT_ARMS = "pbcde"
 """Arms that run K latent steps."""
+
+WRITTEN_ARMS = "te"
+"""Arms trained on the written evidence chain (synthetic chain questions only)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class BudgetSpec:
 
 BUDGETS: dict[str, BudgetSpec] = {
     "quick": BudgetSpec(n=400, sft_steps=6, vlpo_steps=2, batch_size=8, eval_test=24, sweep=(0, 4),
-                        explain_samples=8, arms="atpbcd", seeds=(1,)),
+                        explain_samples=8, arms="atpbcde", seeds=(1,)),
     # The default and --full train every arm alike (400 steps of 32, about 2.7 epochs of the
     # 4,800 training questions); --full adds arm (b), three seeds and the full K sweep.
     "default": BudgetSpec(n=6000, sft_steps=400, vlpo_steps=15, batch_size=32, eval_test=0, sweep=(0, 2, 6),
@@ -70,8 +76,8 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=list)
     """Training seeds; every arm trains once per seed on the same data (empty = the budget's)."""
     arms: str = ""
-    """Arms to run, letters of atpbcd: (a) direct, (t) text reasoning, (p) pause, (b) latent,
-    (c) ROI-SFT, (d) (c) + VLPO (empty = the budget's; (d) needs (c))."""
+    """Arms to run, letters of atpbcde: (a) direct, (t) text reasoning, (p) pause, (b) latent,
+    (c) ROI-SFT, (d) (c) + VLPO, (e) latent curriculum (empty = the budget's; (d) needs (c))."""
     dataset: Literal["synth", "vqa-rad"] = "synth"
     """The embedded synthetic benchmark (chain questions), or VQA-RAD converted from `data_root`."""
     data_root: str = ""
@@ -81,7 +87,8 @@ class DemoConfig:
     max_hops: int = 3
     """Deepest chain of the synthetic benchmark (questions of 1..max_hops hops, uniformly)."""
     latent_steps: int = 6
-    """K of the latent arms: (p), (b), (c), (d); with chain alignment K / hops steps per hop."""
+    """K of the latent arms: (p), (b), (c), (d), (e); with chain alignment and in (e)'s curriculum
+    K / hops steps per hop."""
     projector: str = "norm"
     """Latent projector of the latent arms (see `LatentConfig.projector`)."""
     align_weight: float = 0.5
@@ -134,13 +141,17 @@ class DemoConfig:
 
     @property
     def arm_list(self) -> list[str]:
-        """The arms of this run in `ARMS` order; text reasoning only where records have a written chain."""
+        """The arms of this run in `ARMS` order; (t) and (e) only where records have a written chain."""
         chosen = self.arms or self.spec.arms
-        return [a for a in ARMS if a in chosen and not (a == "t" and self.dataset != "synth")]
+        return [a for a in ARMS if a in chosen and not (a in WRITTEN_ARMS and self.dataset != "synth")]
 
     def latent_steps_of(self, arm: str) -> int:
         """The latent budget an arm trains and is scored at."""
         return self.latent_steps if arm in LATENT_ARMS else 0
+
+    def curriculum(self) -> list[int]:
+        """(e)'s K per stage: stage s has handed s hops to the latents (about K / hops steps each)."""
+        return [round(s * self.latent_steps / self.max_hops) for s in range(self.max_hops + 1)]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 from medlvr.recipes.demo_arms import accuracy
 from medlvr.recipes.demo_config import ARMS, ArmResult, DemoConfig, DemoData
 
-COMPARISONS = (("c", "a"), ("c", "p"), ("c", "t"), ("c", "b"), ("d", "c"))
+COMPARISONS = (("c", "a"), ("c", "p"), ("c", "t"), ("c", "b"), ("d", "c"), ("e", "a"), ("e", "t"), ("e", "b"))
 """(arm, against): the claims tested at each depth."""
 
 
@@ -154,6 +154,9 @@ def verdict(n: Numbers, pairs: dict[tuple[str, str, int], dict[str, Any]]) -> li
     claim("c", "t", 0.0, "ROI-SFT (c) minus text reasoning (t)")
     claim("c", "b", 0.0, "ROI-SFT (c) minus latent steps without ROI loss (b): what the alignment adds,")
     claim("d", "c", 0.0, "VLPO (d) minus ROI-SFT (c)")
+    claim("e", "a", 0.0, "The latent curriculum (e) minus direct (a)")
+    claim("e", "b", 0.0, "The latent curriculum (e) minus latent steps trained on answers alone (b): what the curriculum adds,")
+    claim("e", "t", 0.0, "The latent curriculum (e) minus the text reasoning it starts from (t)")
     chance = n.chance()
     for control, what in (("blank", "Blank images"), ("question-only", "No image (question only)")):
         acc_c = {arm: _ms(n.per_seed(arm, control=control))[0] for arm in n.arms}
