@@ -72,3 +72,14 @@ def test_demo_rejects_bad_arguments(tmp_path):
     assert res.exit_code == 2 and "arm d (VLPO) starts from arm c" in res.output
     res = CliRunner().invoke(app, ["demo", "--quick", "--arms", "az", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "unknown arm" in res.output
+    res = CliRunner().invoke(app, ["demo", "--quick", "--sft-steps", "-1", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "sft_steps must be >= 0" in res.output
+
+
+def test_sft_steps_overrides_the_budget_for_every_sft_arm_and_the_curriculum_splits_them():
+    from medlvr.recipes.demo_config import BUDGETS, DemoConfig
+
+    assert DemoConfig().spec.sft_steps == BUDGETS["default"].sft_steps == 400
+    longer = DemoConfig(sft_steps=800)
+    assert longer.spec.sft_steps == 800 and longer.spec.batch_size == BUDGETS["default"].batch_size
+    assert longer.curriculum() == [0, 2, 4, 6] and DemoConfig(latent_steps=8).curriculum() == [0, 3, 5, 8]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,8 @@ class DemoConfig:
     """Starting model folder (empty = the shipped stage-0 backbone)."""
     max_hops: int = 3
     """Deepest chain of the synthetic benchmark (questions of 1..max_hops hops, uniformly)."""
+    sft_steps: int = 0
+    """Fine-tuning steps of every SFT arm (0 = the budget's: 400 by default); (e)'s stages split them."""
     latent_steps: int = 6
     """K of the latent arms: (p), (b), (c), (d), (e); with chain alignment and in (e)'s curriculum
     K / hops steps per hop."""
@@ -133,11 +136,14 @@ class DemoConfig:
             raise MedlvrError(f"split must be test or val, got {self.split!r}")
         if self.workers < 1:
             raise MedlvrError(f"workers must be >= 1, got {self.workers}")
+        if self.sft_steps < 0:
+            raise MedlvrError(f"sft_steps must be >= 0 (0 = the budget's), got {self.sft_steps}")
         self.seeds = list(self.seeds or self.spec.seeds)
 
     @property
     def spec(self) -> BudgetSpec:
-        return BUDGETS[self.budget]
+        """The budget preset, with `sft_steps` if set."""
+        return dataclasses.replace(BUDGETS[self.budget], sft_steps=self.sft_steps or BUDGETS[self.budget].sft_steps)
 
     @property
     def arm_list(self) -> list[str]:
