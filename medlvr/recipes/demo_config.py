@@ -58,11 +58,11 @@ BUDGETS: dict[str, BudgetSpec] = {
     "quick": BudgetSpec(n=400, sft_steps=6, vlpo_steps=2, batch_size=8, eval_test=24, sweep=(0, 4),
                         explain_samples=8, arms="atpbcde", seeds=(1,)),
     # The default and --full train every arm alike (400 steps of 32, about 2.7 epochs of the
-    # 4,800 training questions); --full adds arm (b), three seeds and the full K sweep.
+    # 4,800 training questions); --full adds arms (b) and (e), three seeds and the full K sweep.
     "default": BudgetSpec(n=6000, sft_steps=400, vlpo_steps=15, batch_size=32, eval_test=0, sweep=(0, 2, 6),
                           explain_samples=96, arms="atpcd", seeds=(1,)),
     "full": BudgetSpec(n=6000, sft_steps=400, vlpo_steps=15, batch_size=32, eval_test=0, sweep=(0, 2, 4, 6, 8),
-                       explain_samples=200, arms="atpbcd", seeds=(1, 2, 3)),
+                       explain_samples=200, arms="atpbcde", seeds=(1, 2, 3)),
 }  # fmt: skip
 
 
