@@ -73,7 +73,7 @@ def test_probe_loss_is_token_cross_entropy_plus_position_error(position_weight):
     mse = [((probe.position(torch.nn.functional.layer_norm(t, (8,))) - c) ** 2).sum(-1).mean() for t, c in zip(tokens, centres)] if position_weight else [torch.tensor(0.0)] * 2
     assert (probe.position is None) == (position_weight == 0)  # no unused head
     assert torch.allclose(loss[0], ce + position_weight * mse[0])
-    assert torch.allclose(loss[1], torch.tensor(position_weight * float(mse[1])))  # not probed: the position term only
+    assert torch.allclose(loss[1], position_weight * mse[1])  # not probed: the position term only
     assert hits.tolist() == [float((probe.head(tokens[0][[1, 2]]).argmax(-1) == torch.tensor([1, 2])).sum()), 2.0, 1.0]
     with pytest.raises(MedlvrError, match="5 visual tokens but 4"):
         probe(tokens[:1], [TokenTargets(targets[0].labels[:4], centres[0][:4])])

@@ -593,9 +593,12 @@ def test_resuming_a_finished_run_is_a_no_op_and_a_changed_group_size_warns(tmp_p
     assert again.final_model == first.final_model
     assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before, "nothing may be rewritten"
     # A longer run resumed with another group size continues, but is not the interrupted run's continuation.
-    with pytest.warns(UserWarning, match="group_size changed from 2 to 4"):
+    with pytest.warns(UserWarning) as caught:
         longer = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *common, "checkpoint.resume=true", "max_steps=2",
                                "vlpo.group_size=4"))  # fmt: skip
+    said = [str(w.message) for w in caught]
+    assert any("group_size changed from 2 to 4" in m for m in said), said
+    assert any("changed settings, applied from there on" in m and "vlpo.group_size 2 -> 4" in m for m in said), said
     assert [r["step"] for r in longer.history] == [2]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
