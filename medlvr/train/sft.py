@@ -17,8 +17,8 @@ Modes: `plain` (K = 0), `latent` (K steps, CE only), `roi` (K steps + alignment)
 alignment trains the latents the model itself predicts at those positions).
 A curriculum raises K in stages; with `replace_reasoning` (Coconut) the answer is the record's
 written reasoning and stage s leaves its first s steps to the latents. The same entry point runs
-stage-0 pretraining (`plain` on describe records). Auxiliary
-losses (`medlvr.train.auxiliary`; stage 0's visual-token probe is one) add their terms,
+stage-0 pretraining (`plain` on describe records). Auxiliary losses
+(`medlvr.train.auxiliary`; stage 0's visual-token probe is one) add their terms,
 batch fields and metrics through one interface, so this loop names none of them. Model
 set-up, accelerator, logger, validation, checkpoints and export: `medlvr.train.setup`.
 """
@@ -40,8 +40,8 @@ from accelerate.utils import DistributedType, set_seed
 
 from medlvr.config import SFTConfig, save_config
 from medlvr.data.collate import VQACollator
-from medlvr.data.roi import pool_targets, roi_hops
 from medlvr.data.prompts import written_reasoning
+from medlvr.data.roi import pool_targets, roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
