@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import fields
 
-from medlvr.recipes.demo import DemoConfig, run_demo
+# As `medlvr demo` does: transformers' per-load bars off here and in the spawned arm workers.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from medlvr.recipes.demo import DemoConfig, run_demo  # noqa: E402
 
 
 def main() -> None:
