@@ -80,8 +80,7 @@ def parse_options(text: str) -> dict[str, str]:
 class DemoService:
     """Input checks, answering and evidence maps for the web page (one request at a time)."""
 
-    def __init__(self, vlm: LatentVLM, config: ServeConfig | None = None, examples_dir: Path | None = None,
-                 upload_dir: Path | None = None):
+    def __init__(self, vlm: LatentVLM, config: ServeConfig | None = None, upload_dir: Path | None = None):
         self.vlm = vlm
         self.cfg = config or ServeConfig()
         self.upload_dir = upload_dir  # where the server receives uploads: each is deleted when its request ends
@@ -89,7 +88,6 @@ class DemoService:
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
         self.requests = 0
-        self.examples_dir = examples_dir
         self.examples: list[Example] = []
 
     # ---------------------------------------------------------------- inputs
@@ -195,15 +193,14 @@ class DemoService:
         return Result(True, note, answer=text or "(empty answer)", timing=timing, evidence=evidence, regions=regions, preview=image)
 
     # ---------------------------------------------------------------- gallery
-    def make_examples(self, out_dir: Path | None = None) -> list[Example]:
+    def make_examples(self, out_dir: Path) -> list[Example]:
         """A few synthetic benchmark scans with their questions, written as PNGs (for the gallery)."""
         if self.cfg.examples == 0:
             return []
         from medlvr.data.synth import SynthConfig, generate_samples
 
-        out = Path(out_dir or self.examples_dir or tempfile.mkdtemp(prefix="medlvr-examples-"))
+        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.examples_dir = out
         cfg = SynthConfig(n=max(40, 10 * self.cfg.examples), seed=self.cfg.examples_seed, describe=False)
         items = generate_samples(cfg, "test", range(min(self.cfg.examples, cfg.split_counts()["test"])))
         self.examples = []
@@ -314,6 +311,7 @@ class Server:
     def close(self) -> None:
         self.page.close()
         self.cleanup()
+        atexit.unregister(self.cleanup)  # the exit hook would otherwise keep the model alive
 
     def cleanup(self) -> None:
         """Delete every file the server kept (idempotent; also run at interpreter exit)."""
@@ -355,9 +353,11 @@ def serve(vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = Tr
         )
     except BaseException:
         server.cleanup()
+        atexit.unregister(server.cleanup)
         raise
     if block:  # launch returned: the server stopped (Ctrl+C)
         server.cleanup()
+        atexit.unregister(server.cleanup)
     return server
 
 

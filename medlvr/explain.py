@@ -52,7 +52,7 @@ from medlvr.data.schema import VQASample
 from medlvr.errors import MedlvrError
 from medlvr.inference import answer_one
 from medlvr.model.backbones import TokenGrid
-from medlvr.model.latent import GenerationOutput, LatentVLM, eager_attention
+from medlvr.model.latent import GenerationOutput, LatentVLM
 
 MapKind = Literal["similarity", "attention"]
 KINDS: tuple[MapKind, ...] = ("similarity", "attention")
@@ -548,5 +548,4 @@ __all__ = [
     "upsample",
     "render_figure",
     "figure_image",
-    "eager_attention",
 ]

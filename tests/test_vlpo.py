@@ -690,3 +690,14 @@ def test_two_cpu_processes_match_one_process_on_the_same_trajectories(tmp_path, 
                     "ratio_mean", "kl", "kl_update", "entropy", "latent_norm", "response_tokens", "stopped", "grad_norm"):  # fmt: skip
             assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
     assert any(abs(r["loss"]) > 1e-3 for r in hist) and any(r["clip_fraction"] > 0 or r["ratio_mean"] != 1 for r in hist)
+
+
+def test_vlpo_checks_k_against_its_own_answer_limit_not_sft_data_settings(tmp_path, tiny_dir, synth):
+    """VLPO answers within vlpo.max_new_tokens; data.max_answer_tokens (an SFT setting) must not refuse the run."""
+    from medlvr.errors import MedlvrError
+    from medlvr.train.vlpo import run_vlpo
+
+    result = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *_SMALL, "max_steps=1", "data.max_answer_tokens=5000"))
+    assert result.steps == 1
+    with pytest.raises(MedlvrError, match="answer tokens need"):
+        run_vlpo(_cfg(tmp_path / "long", tiny_dir, synth, *_SMALL, "max_steps=1", "vlpo.max_new_tokens=5000"))

@@ -54,7 +54,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from PIL import Image
 
@@ -84,7 +84,7 @@ __all__ = [
 ]
 
 RUN_FILE = "run.json"
-REASONING: tuple[str, ...] = ("direct", "latent", "cot")
+REASONING: tuple[str, ...] = get_args(Reasoning)
 # Token budgets: a short answer fits in 32 tokens; written reasoning needs room before its tag.
 DEFAULT_MAX_NEW_TOKENS = {"direct": 32, "latent": 32, "cot": 256}
 

@@ -226,7 +226,7 @@ class LatentVLM(nn.Module):
         family = detect_family(path)
         safetensors = check_weights(path, allow_pickle=allow_pickle)
         adapter = get_adapter(family)
-        saved = _read_latent_config(path)
+        saved = read_latent_config(path)
         latent = latent or saved or LatentConfig()
         try:
             processor = adapter.load_processor(path)
@@ -270,7 +270,7 @@ class LatentVLM(nn.Module):
         A saved projector of another kind, or pause inputs under `latent.input=hidden`, are
         not loaded (the model starts those modules fresh).
         """
-        saved = _read_latent_config(path)
+        saved = read_latent_config(path)
         if saved is None:
             return
         if (path / PROJECTOR_FILE).is_file() and saved.projector == self.latent.projector:
@@ -698,7 +698,8 @@ def _until_stop(row: list[int], stop_ids: list[int]) -> list[int]:
     return row
 
 
-def _read_latent_config(path: Path) -> LatentConfig | None:
+def read_latent_config(path: Path) -> LatentConfig | None:
+    """The latent settings a model folder was saved with (`medlvr_latent.json`), or None (a plain backbone)."""
     f = path / LATENT_CONFIG_FILE
     if not f.is_file():
         return None
@@ -736,5 +737,5 @@ def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float, reduction:
 
 __all__ = [
     "LatentVLM", "LatentProjector", "PauseInputs", "GenerationOutput", "ForwardOutput", "gaussian_logprob",
-    "eager_attention",
+    "eager_attention", "read_latent_config",
 ]

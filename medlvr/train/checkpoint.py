@@ -213,7 +213,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with _write_errors(f"checkpoint {final}", resumable=True):
+    with _write_errors(f"checkpoint {final}"):
         if save_optimizer:
             rng_to_files(tmp, accelerator.process_index)
             if sharded:
@@ -242,7 +242,7 @@ def save_checkpoint(
 
 
 @contextlib.contextmanager
-def _write_errors(what: str, resumable: bool) -> Iterator[None]:
+def _write_errors(what: str) -> Iterator[None]:
     """A failed write (a full disk, a quota) as one line: what was being written, and why."""
     from safetensors import SafetensorError
 
@@ -250,9 +250,8 @@ def _write_errors(what: str, resumable: bool) -> Iterator[None]:
         yield
     except (OSError, SafetensorError) as err:
         reason = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror and err.filename else str(err)
-        then = ("the checkpoints before it are complete: make room and continue with --resume" if resumable
-                else "make room and run the command again")
-        raise MedlvrError(f"could not write {what} ({reason}); {then}") from None
+        raise MedlvrError(f"could not write {what} ({reason}); the checkpoints before it are complete: "
+                          "make room and continue with --resume") from None
 
 
 def recorded_result(output_dir: str | Path, resume_dir: Path | None, total_steps: int) -> dict[str, Any] | None:
@@ -434,7 +433,7 @@ def export_final(vlm: Any, out: str | Path, *, lora: bool, merge_lora: bool) -> 
     out = Path(out)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with _write_errors(f"the final model {out}", resumable=True):  # the last step's checkpoint is complete
+    with _write_errors(f"the final model {out}"):  # the last step's checkpoint is complete
         tmp.mkdir(parents=True)
         if lora and merge_lora:
             vlm.backbone = vlm.backbone.merge_and_unload()

@@ -85,10 +85,12 @@ def check_data_files(cfg: TrainConfig, wanted: str) -> None:
         raise MedlvrError(f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train files")
 
 
-def build_model(cfg: TrainConfig, latent: LatentConfig, resume_dir: Path | None, *, train_projector: bool, train_pause: bool) -> LatentVLM:
+def build_model(cfg: TrainConfig, latent: LatentConfig, resume_dir: Path | None, *, answer_tokens: int, train_projector: bool,
+                train_pause: bool) -> LatentVLM:
     """LatentVLM in fp32 with freezing, LoRA and checkpointing applied; weights from `resume_dir` if given.
 
-    `latent` is the run's latent set-up with its final K; `train_projector` and `train_pause`
+    `latent` is the run's latent set-up with its final K, `answer_tokens` the stage's answer
+    token limit (checked with K against the model's positions); `train_projector` and `train_pause`
     say whether the latent projector and the pause inputs train (where the model has them):
     a parameter that trains but is unused would also break DDP's gradient reduction.
     """
@@ -99,7 +101,7 @@ def build_model(cfg: TrainConfig, latent: LatentConfig, resume_dir: Path | None,
     lora_bf16 = cfg.model.finetune == "lora" and precision(cfg.model.precision) == "bf16"
     vlm = LatentVLM.from_pretrained(src, latent, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
                                     allow_pickle=cfg.model.allow_pickle)
-    vlm.check_length(0, latent.steps, cfg.data.max_answer_tokens)  # a K the model cannot hold, before any file
+    vlm.check_length(0, latent.steps, answer_tokens)  # a K the model cannot hold, before any file
     frozen = {g for g, on in (("vision", cfg.model.freeze_vision), ("merger", cfg.model.freeze_merger),
                               ("language", cfg.model.freeze_language)) if on}  # fmt: skip
     for name, p in vlm.backbone.named_parameters():

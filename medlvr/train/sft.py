@@ -96,7 +96,8 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> LatentVLM:
     """
     latent = dataclasses.replace(cfg.latent, steps=cfg.latent_steps)
     pause = cfg.latent.input == "pause"
-    return setup.build_model(cfg, latent, resume_dir, train_projector=cfg.mode != "plain" and (not pause or cfg.mode == "roi"),
+    return setup.build_model(cfg, latent, resume_dir, answer_tokens=cfg.data.max_answer_tokens,
+                             train_projector=cfg.mode != "plain" and (not pause or cfg.mode == "roi"),
                              train_pause=cfg.mode != "plain")  # fmt: skip
 
 

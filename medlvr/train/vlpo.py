@@ -33,7 +33,6 @@ optimizer, schedule and data stream (`optim`, `data`); `sft.py` is a sibling, no
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -52,7 +51,7 @@ from medlvr.data.roi import roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.eval.metrics import accuracy_reward
-from medlvr.model.latent import LATENT_CONFIG_FILE, PROJECTOR_FILE, LatentProjector, LatentVLM
+from medlvr.model.latent import PROJECTOR_FILE, LatentProjector, LatentVLM, read_latent_config
 from medlvr.rundir import holds_run_folder
 from medlvr.train import checkpoint as ckpt
 from medlvr.train import setup
@@ -87,16 +86,15 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
     path = Path(cfg.model.path)
     if not path.is_dir():
         raise MedlvrError(f"model.path is not a folder: {cfg.model.path}")
-    saved = path / LATENT_CONFIG_FILE
-    recorded = json.loads(saved.read_text()) if saved.is_file() else {}
-    if saved.is_file():
-        proj = recorded.get("projector")
+    recorded = read_latent_config(path)
+    if recorded is not None:
+        proj = recorded.projector
         if proj != cfg.latent.projector:
             raise MedlvrError(
                 f"the checkpoint's latent projector is {proj!r} but latent.projector={cfg.latent.projector!r}: "
                 f"its trained projector would be dropped; set latent.projector={proj}"
             )
-    if "pause" in (cfg.latent.input, recorded.get("input")):
+    if "pause" in (cfg.latent.input, recorded.input if recorded is not None else None):
         # Rollouts would feed the same constants in every trajectory: nothing to explore or to credit.
         raise MedlvrError(
             "VLPO explores the latent steps with Gaussian noise around the fed-back state, but a pause-input model "
@@ -115,7 +113,8 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
 def build_model(cfg: VLPOConfig, resume_dir: Path | None) -> LatentVLM:
     """The policy `setup.build_model` builds, with dropout off; the projector trains when the latents are actions."""
     trains_latents = latents_are_actions(cfg.latent.steps, cfg.vlpo.latent_policy, cfg.vlpo.latent_sigma)
-    vlm = setup.build_model(cfg, cfg.latent, resume_dir, train_projector=trains_latents, train_pause=False)
+    vlm = setup.build_model(cfg, cfg.latent, resume_dir, answer_tokens=cfg.vlpo.max_new_tokens, train_projector=trains_latents,
+                            train_pause=False)  # fmt: skip
     disable_dropout(vlm)
     return vlm
 
