@@ -37,7 +37,7 @@ def one(args: argparse.Namespace) -> dict:
     from medlvr.data.schema import read_jsonl
     from medlvr.train.data import load_image
     from medlvr.train.optim import build_optimizer
-    from medlvr.train.sft import _losses, build_model
+    from medlvr.train.sft import _aligned, _losses, build_model
 
     mode, k = args.mode, args.k
     cfg = load_config(SFTConfig, None, [f"model.path={args.model}", f"mode={mode}", f"latent.steps={max(k, 1)}",
@@ -55,8 +55,9 @@ def one(args: argparse.Namespace) -> dict:
         if dev == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        ce, al, roi, _ = _losses(cfg, vlm, vlm, batch, k)
-        loss = ce.mean() + (cfg.align.weight * al.sum() / roi.sum().clamp_min(1) if mode == "roi" else 0)
+        aligned = _aligned(batch, vlm.image_token_id, cfg.align.kind) if mode == "roi" else None
+        ce, al, _ = _losses(cfg, vlm, vlm, batch, k, aligned)
+        loss = ce.mean() + (cfg.align.weight * al.sum() / aligned.sum().clamp_min(1) if aligned is not None else 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
         opt.step()

@@ -82,4 +82,4 @@ def test_sft_steps_overrides_the_budget_for_every_sft_arm_and_the_curriculum_spl
     assert DemoConfig().spec.sft_steps == BUDGETS["default"].sft_steps == 400
     longer = DemoConfig(sft_steps=800)
     assert longer.spec.sft_steps == 800 and longer.spec.batch_size == BUDGETS["default"].batch_size
-    assert longer.curriculum() == [0, 2, 4, 6] and DemoConfig(latent_steps=8).curriculum() == [0, 3, 5, 8]
+    assert longer.curriculum() == [0, 2, 4, 6] and DemoConfig(latent_steps=8).curriculum() == [0, 2, 5, 8]

@@ -69,6 +69,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from medlvr.data.prompts import REASONING_SEPARATOR
 from medlvr.data.schema import LETTERS, ROI, VQASample, write_jsonl
 from medlvr.data.synth_render import (
     MODALITIES,
@@ -644,7 +645,7 @@ def _chain(
     q = _Question(f"What is the intensity of {subject}?", target.intensity, "open", [_lesion_roi(les) for les in chain])
     q.meta.update(
         attribute="intensity", hops=h, roi_hops=list(range(1, h + 1)), anchor=kind,
-        directions=[d for _, d in path[1:]], chain=[names[r] for r, _ in path], reasoning="; ".join(steps),
+        directions=[d for _, d in path[1:]], chain=[names[r] for r, _ in path], reasoning=REASONING_SEPARATOR.join(steps),
     )  # fmt: skip
     return target, q
 

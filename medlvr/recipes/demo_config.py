@@ -156,8 +156,12 @@ class DemoConfig:
         return self.latent_steps if arm in LATENT_ARMS else 0
 
     def curriculum(self) -> list[int]:
-        """(e)'s K per stage: stage s has handed s hops to the latents (about K / hops steps each)."""
-        return [round(s * self.latent_steps / self.max_hops) for s in range(self.max_hops + 1)]
+        """(e)'s K per stage: stage s has handed s hops to the latents, as many steps as chain
+        alignment gives those hops (`medlvr.data.roi.hop_of_steps`)."""
+        from medlvr.data.roi import hop_of_steps
+
+        steps = hop_of_steps(self.latent_steps, self.max_hops)
+        return [sum(hop < s for hop in steps) for s in range(self.max_hops + 1)]
 
 
 @dataclass
