@@ -40,13 +40,19 @@ def main() -> None:
         key, _, value = item.partition("=")
         if key not in types:
             raise SystemExit(f"unknown DemoConfig field {key!r}")
-        extra[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
+        extra[key] = (
+            json.loads(value)
+            if value[:1] in "[{0123456789-" or value in ("true", "false")
+            else value
+        )
     cfg = DemoConfig(out=args.out, budget=args.budget, arms=args.arms, seeds=[int(s) for s in args.seeds.split(",")],
                      backbone=args.backbone, max_hops=args.max_hops, latent_steps=args.latent_steps,
                      workers=args.workers, split="val", **extra)  # fmt: skip
     result = run_demo(cfg)
     for r in result.table:
-        print(f"({r['variant']}) {r['split']:<16} {r['mean']:.3f} ± {r['std']:.3f}  seeds {r['per_seed']}  n={r['n']}")
+        print(
+            f"({r['variant']}) {r['split']:<16} {r['mean']:.3f} ± {r['std']:.3f}  seeds {r['per_seed']}  n={r['n']}"
+        )
     print(f"report: {result.report} ({result.seconds / 60:.1f} min)")
 
 

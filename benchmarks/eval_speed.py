@@ -19,9 +19,13 @@ import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=64, help="questions per run")
-    parser.add_argument("--sizes", default="tiny,medium", help="tiny model sizes (tiny, small, medium)")
+    parser.add_argument(
+        "--sizes", default="tiny,medium", help="tiny model sizes (tiny, small, medium)"
+    )
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--latent-steps", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -42,25 +46,55 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = generate(SynthConfig(n=max(4 * args.n, 200), seed=0), tmp / "synth")
-        samples = (read_jsonl(files["test"]) + read_jsonl(files["val"]) + read_jsonl(files["train"]))[: args.n]
+        samples = (
+            read_jsonl(files["test"]) + read_jsonl(files["val"]) + read_jsonl(files["train"])
+        )[: args.n]
         for size in args.sizes.split(","):
             folder = build_tiny(tmp / f"model_{size}", size=size)
-            vlm = LatentVLM.from_pretrained(folder, LatentConfig(steps=args.latent_steps, projector="linear")).eval()
+            vlm = LatentVLM.from_pretrained(
+                folder, LatentConfig(steps=args.latent_steps, projector="linear")
+            ).eval()
             n_params = sum(p.numel() for p in vlm.parameters())
-            evaluate(samples[:4], tmp / f"warm_{size}", vlm=vlm, reasoning="latent", batch_size=4,
-                     max_new_tokens=args.max_new_tokens, progress=False, report=False)
+            evaluate(
+                samples[:4],
+                tmp / f"warm_{size}",
+                vlm=vlm,
+                reasoning="latent",
+                batch_size=4,
+                max_new_tokens=args.max_new_tokens,
+                progress=False,
+                report=False,
+            )
             for bs in batch_sizes:
-                res = evaluate(samples, tmp / f"run_{size}_{bs}", vlm=vlm, reasoning="latent",
-                               latent_steps=[args.latent_steps], batch_size=bs, max_new_tokens=args.max_new_tokens,
-                               progress=False, report=False)
+                res = evaluate(
+                    samples,
+                    tmp / f"run_{size}_{bs}",
+                    vlm=vlm,
+                    reasoning="latent",
+                    latent_steps=[args.latent_steps],
+                    batch_size=bs,
+                    max_new_tokens=args.max_new_tokens,
+                    progress=False,
+                    report=False,
+                )
                 results[(size, bs)] = res.samples_per_s
-                print(f"{size:<7} ({n_params / 1e6:.1f}M params) batch {bs:>3}: {res.n_new} questions in "
-                      f"{res.seconds:.2f} s = {res.samples_per_s:.1f} questions/s", flush=True)
+                print(
+                    f"{size:<7} ({n_params / 1e6:.1f}M params) batch {bs:>3}: {res.n_new} questions in "
+                    f"{res.seconds:.2f} s = {res.samples_per_s:.1f} questions/s",
+                    flush=True,
+                )
 
-    print(f"\nquestions/s, mode latent K={args.latent_steps}, {args.max_new_tokens} new tokens, "
-          f"n={args.n}, {args.threads} thread(s)")
-    head = "| model | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | " + \
-        " | ".join(f"speed-up b{b}" for b in batch_sizes[1:]) + " |"
+    print(
+        f"\nquestions/s, mode latent K={args.latent_steps}, {args.max_new_tokens} new tokens, "
+        f"n={args.n}, {args.threads} thread(s)"
+    )
+    head = (
+        "| model | "
+        + " | ".join(f"batch {b}" for b in batch_sizes)
+        + " | "
+        + " | ".join(f"speed-up b{b}" for b in batch_sizes[1:])
+        + " |"
+    )
     print(head)
     print("|" + "---|" * (1 + 2 * len(batch_sizes) - 1))
     for size in args.sizes.split(","):

@@ -45,11 +45,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:
-        vlm = LatentVLM.from_pretrained(build_tiny(tmp, size=args.size), LatentConfig(steps=args.steps, projector="norm"))
+        vlm = LatentVLM.from_pretrained(
+            build_tiny(tmp, size=args.size), LatentConfig(steps=args.steps, projector="norm")
+        )
     rng = np.random.default_rng(0)
     samples = [VQASample(id=f"q{i}", dataset="bench", split="test", images=["x"], answer="yes", answer_type="closed",
                          question="Is there a lesion in the upper left region?") for i in range(args.prompts)]  # fmt: skip
-    images = [[Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))] for _ in samples]
+    images = [
+        [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))] for _ in samples
+    ]
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     g = args.group
     shared_batch = collate(samples, images=images)
@@ -69,15 +73,27 @@ def main() -> None:
         run(shared)  # warm-up
         results = [run(shared) for _ in range(args.repeats)]
         wall = statistics.median(r[0] for r in results)
-        split = {k: statistics.median(r[1][k] for r in results) for k in ("prefill_s", "latent_s", "decode_s")}
+        split = {
+            k: statistics.median(r[1][k] for r in results)
+            for k in ("prefill_s", "latent_s", "decode_s")
+        }
         rows[name] = (wall, split, results[0][2])
     same = rows["shared prefix"][2] == rows["per-sample"][2]
     n = args.prompts * g
-    table = Table(title=f"{args.size} model, {args.prompts} prompts x G={g}, K={args.steps}, {args.tokens} tokens, {args.threads} threads")
+    table = Table(
+        title=f"{args.size} model, {args.prompts} prompts x G={g}, K={args.steps}, {args.tokens} tokens, {args.threads} threads"
+    )
     for col in ("rollouts", "traj/s", "wall s", "prefill s", "latent s", "decode s"):
         table.add_column(col, justify="right")
     for name, (wall, split, _) in rows.items():
-        table.add_row(name, f"{n / wall:.2f}", f"{wall:.3f}", f"{split['prefill_s']:.3f}", f"{split['latent_s']:.3f}", f"{split['decode_s']:.3f}")
+        table.add_row(
+            name,
+            f"{n / wall:.2f}",
+            f"{wall:.3f}",
+            f"{split['prefill_s']:.3f}",
+            f"{split['latent_s']:.3f}",
+            f"{split['decode_s']:.3f}",
+        )
     console = Console()
     console.print(table)
     speedup = rows["per-sample"][0] / rows["shared prefix"][0]

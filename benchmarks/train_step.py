@@ -57,7 +57,9 @@ def one(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         aligned = _aligned(batch, vlm.image_token_id, cfg.align.kind) if mode == "roi" else None
         ce, al, _ = _losses(cfg, vlm, vlm, batch, k, aligned)
-        loss = ce.mean() + (cfg.align.weight * al.sum() / aligned.sum().clamp_min(1) if aligned is not None else 0)
+        loss = ce.mean() + (
+            cfg.align.weight * al.sum() / aligned.sum().clamp_min(1) if aligned is not None else 0
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
         opt.step()
@@ -66,7 +68,11 @@ def one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     return {"mode": mode, "K": k, "median_s": statistics.median(times), "min_s": min(times), "peak_mib": peak,
             "device": dev, "params_m": sum(p.numel() for p in vlm.parameters()) / 1e6}  # fmt: skip
 
@@ -93,19 +99,35 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="train_step_"))
     model = build_tiny(work / "model", size=args.size)
-    paths = generate(SynthConfig(n=max(4 * args.batch, 40), seed=0, level=3, question_types={"attribute": 1, "relational": 1}), work / "synth")
+    paths = generate(
+        SynthConfig(
+            n=max(4 * args.batch, 40),
+            seed=0,
+            level=3,
+            question_types={"attribute": 1, "relational": 1},
+        ),
+        work / "synth",
+    )
     rows = []
     for mode, k in VARIANTS:
         cmd = [sys.executable, __file__, "--mode", mode, "--k", str(k), "--model", str(model), "--data", str(paths["train"]),
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]  # fmt: skip
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(cmd, capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         rows.append(json.loads(out))
     base = rows[0]["median_s"]
-    print(f"train step, {args.size} model ({rows[0]['params_m']:.1f}M parameters), batch {args.batch}, {rows[0]['device']}, {args.threads} threads")
+    print(
+        f"train step, {args.size} model ({rows[0]['params_m']:.1f}M parameters), batch {args.batch}, {rows[0]['device']}, {args.threads} threads"
+    )
     print(f"{'variant':<14}{'median s/step':>14}{'min s/step':>12}{'vs plain':>10}{'peak MiB':>10}")
     for r in rows:
         name = "plain SFT" if r["mode"] == "plain" else f"ROI-SFT K={r['K']}"
-        print(f"{name:<14}{r['median_s']:>14.3f}{r['min_s']:>12.3f}{r['median_s'] / base:>9.2f}x{r['peak_mib']:>10.0f}")
+        print(
+            f"{name:<14}{r['median_s']:>14.3f}{r['min_s']:>12.3f}{r['median_s'] / base:>9.2f}x{r['peak_mib']:>10.0f}"
+        )
     k4 = next(r for r in rows if r["K"] == 4)["median_s"] / base
     print(f"target ROI-SFT K=4 <= 1.5x plain: {'met' if k4 <= 1.5 else 'NOT met'} ({k4:.2f}x)")
     if args.out:

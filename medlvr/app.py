@@ -80,10 +80,14 @@ def parse_options(text: str) -> dict[str, str]:
 class DemoService:
     """Input checks, answering and evidence maps for the web page (one request at a time)."""
 
-    def __init__(self, vlm: LatentVLM, config: ServeConfig | None = None, upload_dir: Path | None = None):
+    def __init__(
+        self, vlm: LatentVLM, config: ServeConfig | None = None, upload_dir: Path | None = None
+    ):
         self.vlm = vlm
         self.cfg = config or ServeConfig()
-        self.upload_dir = upload_dir  # where the server receives uploads: each is deleted when its request ends
+        self.upload_dir = (
+            upload_dir  # where the server receives uploads: each is deleted when its request ends
+        )
         # The model is shared and explanations switch its attention implementation: one request at a time.
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -103,12 +107,16 @@ class DemoService:
             raise InputError(f"{p.name} is empty")
         limit = self.cfg.max_upload_mb * 1e6
         if size > limit:
-            raise InputError(f"{p.name} is {size / 1e6:.1f} MB; the limit is {self.cfg.max_upload_mb:g} MB")
+            raise InputError(
+                f"{p.name} is {size / 1e6:.1f} MB; the limit is {self.cfg.max_upload_mb:g} MB"
+            )
         with p.open("rb") as fh:
             head = fh.read(132)
         if p.suffix.lower() not in IMAGE_SUFFIXES and head[128:132] != b"DICM":
             kind = p.suffix.lower() or "without extension"
-            raise InputError(f"{p.name}: unsupported file type ({kind}); upload a PNG, JPEG or DICOM image")
+            raise InputError(
+                f"{p.name}: unsupported file type ({kind}); upload a PNG, JPEG or DICOM image"
+            )
         return p
 
     def load(self, path: str | Path | None) -> Image.Image:
@@ -122,15 +130,27 @@ class DemoService:
             raise InputError(f"{p.name} could not be read as an image: {_tail(err)}") from None
         w, h = image.size
         if min(w, h) < self.cfg.min_side:
-            raise InputError(f"{p.name} is {w}x{h} pixels; each side must be at least {self.cfg.min_side}")
+            raise InputError(
+                f"{p.name} is {w}x{h} pixels; each side must be at least {self.cfg.min_side}"
+            )
         if max(w, h) > self.cfg.max_side:
-            raise InputError(f"{p.name} is {w}x{h} pixels; each side must be at most {self.cfg.max_side}")
+            raise InputError(
+                f"{p.name} is {w}x{h} pixels; each side must be at most {self.cfg.max_side}"
+            )
         if max(w, h) / min(w, h) > self.cfg.max_aspect:
-            raise InputError(f"{p.name} is {w}x{h} pixels; the long side may be at most {self.cfg.max_aspect:g}x the short one")
+            raise InputError(
+                f"{p.name} is {w}x{h} pixels; the long side may be at most {self.cfg.max_aspect:g}x the short one"
+            )
         return image
 
     # ---------------------------------------------------------------- requests
-    def answer(self, path: str | Path | None, question: str, options_text: str = "", latent_steps: int | float | None = None) -> Result:
+    def answer(
+        self,
+        path: str | Path | None,
+        question: str,
+        options_text: str = "",
+        latent_steps: int | float | None = None,
+    ) -> Result:
         """Answer one request; never raises: failures come back as a message."""
         with self._count_lock:
             self.requests += 1
@@ -141,7 +161,10 @@ class DemoService:
             result = Result(False, str(err))
         except Exception as err:  # a bug, not the user's fault: keep serving, and log it
             log.exception("demo request failed")
-            result = Result(False, f"internal error ({type(err).__name__}: {_tail(err)}); the server keeps running")
+            result = Result(
+                False,
+                f"internal error ({type(err).__name__}: {_tail(err)}); the server keeps running",
+            )
         finally:
             self.discard(path)
         result.message = without_paths(result.message)
@@ -180,17 +203,39 @@ class DemoService:
         start = time.perf_counter()
         with self._lock:
             if k == 0:
-                ans = inference.answer_one(self.vlm, [image], question, options, latent_steps=0, max_new_tokens=self.cfg.max_new_tokens)
+                ans = inference.answer_one(
+                    self.vlm,
+                    [image],
+                    question,
+                    options,
+                    latent_steps=0,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                )
                 text, gen_s, evidence, regions = ans.text, ans.seconds, None, None
                 note = "K = 0: answered directly, so there are no latent steps to show."
             else:
-                ex = explain(self.vlm, [image], question, options, latent_steps=k, max_new_tokens=self.cfg.max_new_tokens)
+                ex = explain(
+                    self.vlm,
+                    [image],
+                    question,
+                    options,
+                    latent_steps=k,
+                    max_new_tokens=self.cfg.max_new_tokens,
+                )
                 text, gen_s, regions = ex.answer, ex.seconds, ex.regions()
                 evidence = figure_image(ex)
                 note = "Evidence: per latent step, cosine similarity to the visual tokens (top rows) and attention to the image (bottom rows)."
         total = time.perf_counter() - start
         timing = f"answer in {gen_s * 1000:.0f} ms with K = {k} latent steps ({total * 1000:.0f} ms with evidence maps)"
-        return Result(True, note, answer=text or "(empty answer)", timing=timing, evidence=evidence, regions=regions, preview=image)
+        return Result(
+            True,
+            note,
+            answer=text or "(empty answer)",
+            timing=timing,
+            evidence=evidence,
+            regions=regions,
+            preview=image,
+        )
 
     # ---------------------------------------------------------------- gallery
     def make_examples(self, out_dir: Path) -> list[Example]:
@@ -201,8 +246,12 @@ class DemoService:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        cfg = SynthConfig(n=max(40, 10 * self.cfg.examples), seed=self.cfg.examples_seed, describe=False)
-        items = generate_samples(cfg, "test", range(min(self.cfg.examples, cfg.split_counts()["test"])))
+        cfg = SynthConfig(
+            n=max(40, 10 * self.cfg.examples), seed=self.cfg.examples_seed, describe=False
+        )
+        items = generate_samples(
+            cfg, "test", range(min(self.cfg.examples, cfg.split_counts()["test"]))
+        )
         self.examples = []
         for item in items:
             s = item.sample
@@ -239,7 +288,9 @@ def build_app(service: DemoService) -> Any:
     cfg = service.cfg
     default_k = min(max(service.vlm.latent.steps, 0), cfg.max_latent_steps)
     age = CACHE_MINUTES * 60
-    with gr.Blocks(title="MedLVR demo", analytics_enabled=False, delete_cache=(age // 2, age)) as page:
+    with gr.Blocks(
+        title="MedLVR demo", analytics_enabled=False, delete_cache=(age // 2, age)
+    ) as page:
         gr.Markdown(
             "## MedLVR: latent visual reasoning for medical VQA\n"
             "Upload a scan (PNG, JPEG or DICOM), ask a question, optionally give options (one per line, `A=text`), "
@@ -248,17 +299,35 @@ def build_app(service: DemoService) -> Any:
         )
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="Image (PNG, JPEG or DICOM)", file_count="single", type="filepath", elem_id="upload")
+                upload = gr.File(
+                    label="Image (PNG, JPEG or DICOM)",
+                    file_count="single",
+                    type="filepath",
+                    elem_id="upload",
+                )
                 question = gr.Textbox(label="Question", lines=2, elem_id="question")
-                options = gr.Textbox(label="Options (optional, one per line: A=text)", lines=3, elem_id="options")
-                steps = gr.Slider(0, cfg.max_latent_steps, value=default_k, step=1, label="Latent steps K", elem_id="steps")
+                options = gr.Textbox(
+                    label="Options (optional, one per line: A=text)", lines=3, elem_id="options"
+                )
+                steps = gr.Slider(
+                    0,
+                    cfg.max_latent_steps,
+                    value=default_k,
+                    step=1,
+                    label="Latent steps K",
+                    elem_id="steps",
+                )
                 submit = gr.Button("Answer", variant="primary", elem_id="submit")
             with gr.Column(scale=1):
                 status = gr.Markdown("", elem_id="status")
                 answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
                 timing = gr.Textbox(label="Time", interactive=False, elem_id="timing")
-                preview = gr.Image(label="Your image", type="pil", interactive=False, height=220, elem_id="preview")
-        evidence = gr.Image(label="Evidence maps", type="pil", interactive=False, elem_id="evidence")
+                preview = gr.Image(
+                    label="Your image", type="pil", interactive=False, height=220, elem_id="preview"
+                )
+        evidence = gr.Image(
+            label="Evidence maps", type="pil", interactive=False, elem_id="evidence"
+        )
         regions = gr.JSON(label="Top regions", elem_id="regions")
 
         if service.examples:
@@ -280,14 +349,24 @@ def build_app(service: DemoService) -> Any:
             gallery.select(pick, None, [upload, question, options])
 
         def run(path, q, opts, k):
-            r = service.answer(path, q, opts, k)  # deletes the upload: the box is cleared (None) to match
+            r = service.answer(
+                path, q, opts, k
+            )  # deletes the upload: the box is cleared (None) to match
             # The request number tells one answered request from the next when their messages are equal.
-            message = f"request {r.request}: {r.message}" if r.ok else f"**Error** (request {r.request}): {r.message}"
+            message = (
+                f"request {r.request}: {r.message}"
+                if r.ok
+                else f"**Error** (request {r.request}): {r.message}"
+            )
             if not r.ok:
                 return message, "", "", None, None, None, None
             return message, r.answer, r.timing, r.preview, r.evidence, r.regions, None
 
-        submit.click(run, [upload, question, options, steps], [status, answer, timing, preview, evidence, regions, upload])
+        submit.click(
+            run,
+            [upload, question, options, steps],
+            [status, answer, timing, preview, evidence, regions, upload],
+        )
     return page
 
 
@@ -323,7 +402,9 @@ class Server:
                 os.environ["GRADIO_TEMP_DIR"] = self._env
 
 
-def serve(vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = True, quiet: bool = False) -> Server:
+def serve(
+    vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = True, quiet: bool = False
+) -> Server:
     """Build the page and launch it; with `block=False` returns the running `Server` (`.close()` stops it)."""
     cfg = config or ServeConfig()
     folder = Path(tempfile.mkdtemp(prefix="medlvr-demo-"))
@@ -331,7 +412,9 @@ def serve(vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = Tr
     uploads.mkdir()
     # Gradio stores uploads and the images it serves in GRADIO_TEMP_DIR, read when the page is built
     # and launched: a folder of this server's own, so that all of it can be deleted.
-    server = Server(None, DemoService(vlm, cfg, upload_dir=uploads), folder, os.environ.get("GRADIO_TEMP_DIR"))
+    server = Server(
+        None, DemoService(vlm, cfg, upload_dir=uploads), folder, os.environ.get("GRADIO_TEMP_DIR")
+    )
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     atexit.register(server.cleanup)
     try:
@@ -361,5 +444,15 @@ def serve(vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = Tr
     return server
 
 
-__all__ = ["ServeConfig", "DemoService", "Result", "Example", "InputError", "Server", "parse_options", "build_app", "serve",
-           "without_paths"]
+__all__ = [
+    "ServeConfig",
+    "DemoService",
+    "Result",
+    "Example",
+    "InputError",
+    "Server",
+    "parse_options",
+    "build_app",
+    "serve",
+    "without_paths",
+]

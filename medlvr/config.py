@@ -45,10 +45,11 @@ class LatentConfig:
         if self.steps < 0:
             raise MedlvrError(f"latent.steps must be >= 0, got {self.steps}")
         if self.projector not in ("none", "linear", "mlp", "norm"):
-            raise MedlvrError(f"latent.projector must be none, linear, mlp or norm, got {self.projector!r}")
+            raise MedlvrError(
+                f"latent.projector must be none, linear, mlp or norm, got {self.projector!r}"
+            )
         if self.input not in ("hidden", "pause"):
             raise MedlvrError(f"latent.input must be hidden or pause, got {self.input!r}")
-
 
 
 # ---------------------------------------------------------------------------- training groups
@@ -116,7 +117,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.val_samples < 0 or self.max_samples < 0 or self.num_workers < 0:
-            raise MedlvrError("data.val_samples, data.max_samples and data.num_workers must be >= 0")
+            raise MedlvrError(
+                "data.val_samples, data.max_samples and data.num_workers must be >= 0"
+            )
         if self.max_answer_tokens < 2:
             raise MedlvrError(f"data.max_answer_tokens must be >= 2, got {self.max_answer_tokens}")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
@@ -148,11 +151,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.projector_lr < 0:
-            raise MedlvrError(f"optim.lr must be > 0 and optim.projector_lr >= 0, got {self.lr}, {self.projector_lr}")
+            raise MedlvrError(
+                f"optim.lr must be > 0 and optim.projector_lr >= 0, got {self.lr}, {self.projector_lr}"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise MedlvrError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise MedlvrError("optim.warmup_steps, optim.max_grad_norm and optim.weight_decay must be >= 0")
+            raise MedlvrError(
+                "optim.warmup_steps, optim.max_grad_norm and optim.weight_decay must be >= 0"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise MedlvrError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -167,7 +174,9 @@ class LoraConfig:
     """Scaling numerator: the update is scaled by alpha / r."""
     dropout: float = 0.05
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     """Module names (suffixes) that get adapters. The defaults hit the language model's
     attention only (Qwen's vision blocks name theirs `qkv`/`proj`); add `gate_proj`,
     `up_proj`, `down_proj` for the MLPs."""
@@ -184,12 +193,16 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise MedlvrError(f"lora: need r >= 1, alpha > 0, 0 <= dropout < 1, got {self.r}, {self.alpha}, {self.dropout}")
+            raise MedlvrError(
+                f"lora: need r >= 1, alpha > 0, 0 <= dropout < 1, got {self.r}, {self.alpha}, {self.dropout}"
+            )
         if not self.target_modules:
             raise MedlvrError("lora.target_modules is empty")
         if self.train_latent_tokens and "embed_tokens" in self.modules_to_save:
-            raise MedlvrError("lora.modules_to_save trains the whole embed_tokens, the latent tokens' rows included: "
-                              "set lora.train_latent_tokens=false (or drop embed_tokens, 3 rows train without it)")
+            raise MedlvrError(
+                "lora.modules_to_save trains the whole embed_tokens, the latent tokens' rows included: "
+                "set lora.train_latent_tokens=false (or drop embed_tokens, 3 rows train without it)"
+            )
 
 
 @dataclass
@@ -253,9 +266,13 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.weight < 0 or self.position_weight < 0:
-            raise MedlvrError(f"probe.weight and probe.position_weight must be >= 0, got {self.weight}, {self.position_weight}")
+            raise MedlvrError(
+                f"probe.weight and probe.position_weight must be >= 0, got {self.weight}, {self.position_weight}"
+            )
         if "background" in self.labels:
-            raise MedlvrError("probe.labels: 'background' is implicit (the tokens outside every ROI)")
+            raise MedlvrError(
+                "probe.labels: 'background' is implicit (the tokens outside every ROI)"
+            )
 
 
 @dataclass
@@ -282,9 +299,13 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep_last < 1:
-            raise MedlvrError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {self.every}, {self.keep_last}")
+            raise MedlvrError(
+                f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {self.every}, {self.keep_last}"
+            )
         if self.resume and self.overwrite:
-            raise MedlvrError("checkpoint.resume continues the run in output_dir and checkpoint.overwrite deletes it: choose one")
+            raise MedlvrError(
+                "checkpoint.resume continues the run in output_dir and checkpoint.overwrite deletes it: choose one"
+            )
 
 
 @dataclass
@@ -305,8 +326,15 @@ class LogConfig:
     """Answer token limit during validation."""
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.val_every < 0 or self.val_batch_size < 1 or self.val_max_new_tokens < 1:
-            raise MedlvrError("log.every, log.val_batch_size and log.val_max_new_tokens must be >= 1, log.val_every >= 0")
+        if (
+            self.every < 1
+            or self.val_every < 0
+            or self.val_batch_size < 1
+            or self.val_max_new_tokens < 1
+        ):
+            raise MedlvrError(
+                "log.every, log.val_batch_size and log.val_max_new_tokens must be >= 1, log.val_every >= 0"
+            )
 
 
 @dataclass
@@ -352,26 +380,50 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("plain", "latent", "roi", "teacher_forced"):
-            raise MedlvrError(f"mode must be plain, latent, roi or teacher_forced, got {self.mode!r}")
+            raise MedlvrError(
+                f"mode must be plain, latent, roi or teacher_forced, got {self.mode!r}"
+            )
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise MedlvrError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+            raise MedlvrError(
+                f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}"
+            )
         if self.max_steps < 0 or self.epochs <= 0:
-            raise MedlvrError(f"max_steps must be >= 0 and epochs > 0, got {self.max_steps}, {self.epochs}")
+            raise MedlvrError(
+                f"max_steps must be >= 0 and epochs > 0, got {self.max_steps}, {self.epochs}"
+            )
         if any(k < (0 if self.replace_reasoning else 1) for k in self.curriculum):
-            raise MedlvrError(f"curriculum stages need K >= 1 (>= 0 with replace_reasoning), got {list(self.curriculum)}")
+            raise MedlvrError(
+                f"curriculum stages need K >= 1 (>= 0 with replace_reasoning), got {list(self.curriculum)}"
+            )
         if self.replace_reasoning and not self.curriculum:
-            raise MedlvrError("replace_reasoning hides written steps stage by stage: give a curriculum, e.g. [0, 2, 4, 6]")
+            raise MedlvrError(
+                "replace_reasoning hides written steps stage by stage: give a curriculum, e.g. [0, 2, 4, 6]"
+            )
         if self.replace_reasoning and self.mode != "latent":
-            raise MedlvrError(f"replace_reasoning runs with mode=latent (latent steps standing in for written ones), got mode {self.mode!r}")
+            raise MedlvrError(
+                f"replace_reasoning runs with mode=latent (latent steps standing in for written ones), got mode {self.mode!r}"
+            )
         if self.mode == "teacher_forced" and self.latent.input == "pause":
-            raise MedlvrError("mode teacher_forced feeds the ROI targets as the latent inputs, so latent.input=pause "
-                              "would replace nothing: use mode=roi or mode=latent for the pause control")
+            raise MedlvrError(
+                "mode teacher_forced feeds the ROI targets as the latent inputs, so latent.input=pause "
+                "would replace nothing: use mode=roi or mode=latent for the pause control"
+            )
         if self.curriculum and self.mode in ("plain", "teacher_forced"):
-            raise MedlvrError(f"a curriculum raises K; mode {self.mode!r} does not run the latent recurrence")
-        if self.mode in ("latent", "roi", "teacher_forced") and self.latent.steps == 0 and not self.curriculum:
-            raise MedlvrError(f"mode {self.mode!r} needs latent.steps >= 1 (use mode=plain for K = 0)")
+            raise MedlvrError(
+                f"a curriculum raises K; mode {self.mode!r} does not run the latent recurrence"
+            )
+        if (
+            self.mode in ("latent", "roi", "teacher_forced")
+            and self.latent.steps == 0
+            and not self.curriculum
+        ):
+            raise MedlvrError(
+                f"mode {self.mode!r} needs latent.steps >= 1 (use mode=plain for K = 0)"
+            )
         if self.mode in ("roi", "teacher_forced") and self.align.weight == 0:
-            raise MedlvrError(f"mode {self.mode!r} with align.weight=0 trains no alignment: use mode=latent")
+            raise MedlvrError(
+                f"mode {self.mode!r} with align.weight=0 trains no alignment: use mode=latent"
+            )
 
     @property
     def uses_rois(self) -> bool:
@@ -464,22 +516,41 @@ class VLPOParams:
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise MedlvrError(f"vlpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}")
+            raise MedlvrError(
+                f"vlpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
+            )
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise MedlvrError(f"vlpo.temperature must be > 0 and vlpo.top_p in (0, 1], got {self.temperature}, {self.top_p}")
+            raise MedlvrError(
+                f"vlpo.temperature must be > 0 and vlpo.top_p in (0, 1], got {self.temperature}, {self.top_p}"
+            )
         if self.latent_sigma < 0:
             raise MedlvrError(f"vlpo.latent_sigma must be >= 0, got {self.latent_sigma}")
-        if self.max_new_tokens < 1 or self.update_epochs < 1 or self.mini_batches < 1 or self.micro_batch_size < 1:
-            raise MedlvrError("vlpo.max_new_tokens, update_epochs, mini_batches and micro_batch_size must be >= 1")
+        if (
+            self.max_new_tokens < 1
+            or self.update_epochs < 1
+            or self.mini_batches < 1
+            or self.micro_batch_size < 1
+        ):
+            raise MedlvrError(
+                "vlpo.max_new_tokens, update_epochs, mini_batches and micro_batch_size must be >= 1"
+            )
         if not 0 <= self.clip_low < 1 or self.clip_high < 0:
-            raise MedlvrError(f"vlpo.clip_low must be in [0, 1) and vlpo.clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+            raise MedlvrError(
+                f"vlpo.clip_low must be in [0, 1) and vlpo.clip_high >= 0, got {self.clip_low}, {self.clip_high}"
+            )
         if not 0 <= self.latent_clip_low < 1 or self.latent_clip_high < 0:
-            raise MedlvrError(f"vlpo.latent_clip_low must be in [0, 1) and vlpo.latent_clip_high >= 0, "
-                              f"got {self.latent_clip_low}, {self.latent_clip_high}")
+            raise MedlvrError(
+                f"vlpo.latent_clip_low must be in [0, 1) and vlpo.latent_clip_high >= 0, "
+                f"got {self.latent_clip_low}, {self.latent_clip_high}"
+            )
         if self.latent_logprob not in ("mean", "sum"):
-            raise MedlvrError(f"vlpo.latent_logprob must be mean or sum, got {self.latent_logprob!r}")
+            raise MedlvrError(
+                f"vlpo.latent_logprob must be mean or sum, got {self.latent_logprob!r}"
+            )
         if self.aggregation not in ("token", "sequence"):
-            raise MedlvrError(f"vlpo.aggregation must be token or sequence, got {self.aggregation!r}")
+            raise MedlvrError(
+                f"vlpo.aggregation must be token or sequence, got {self.aggregation!r}"
+            )
         if self.beta < 0:
             raise MedlvrError(f"vlpo.beta must be >= 0, got {self.beta}")
         if not any(w != 0 for w in self.rewards.values()):
@@ -511,10 +582,14 @@ class VLPOConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1:
-            raise MedlvrError(f"batch_size and max_steps must be >= 1, got {self.batch_size}, {self.max_steps}")
+            raise MedlvrError(
+                f"batch_size and max_steps must be >= 1, got {self.batch_size}, {self.max_steps}"
+            )
         if self.vlpo.mini_batches > self.batch_size * self.vlpo.group_size:
-            raise MedlvrError(f"vlpo.mini_batches={self.vlpo.mini_batches} exceeds the {self.batch_size * self.vlpo.group_size} "
-                              "trajectories per process and step (batch_size x vlpo.group_size)")
+            raise MedlvrError(
+                f"vlpo.mini_batches={self.vlpo.mini_batches} exceeds the {self.batch_size * self.vlpo.group_size} "
+                "trajectories per process and step (batch_size x vlpo.group_size)"
+            )
 
     @property
     def optimizer_steps(self) -> int:
@@ -553,7 +628,9 @@ class ServeConfig:
         if self.max_upload_mb <= 0:
             raise MedlvrError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
         if not 1 <= self.min_side <= self.max_side:
-            raise MedlvrError(f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+            raise MedlvrError(
+                f"need 1 <= min_side <= max_side, got {self.min_side}, {self.max_side}"
+            )
         if self.max_aspect < 1:
             raise MedlvrError(f"max_aspect must be >= 1, got {self.max_aspect}")
         if self.max_latent_steps < 1 or self.max_new_tokens < 1 or self.examples < 0:
@@ -563,7 +640,9 @@ class ServeConfig:
 T = TypeVar("T")
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None
+) -> T:
     """Build a `schema` instance from an optional YAML file and `key.sub=value` overrides."""
     base = OmegaConf.structured(schema)
     try:
@@ -576,7 +655,9 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise MedlvrError(f"overrides must look like key.sub=value, got {bad}")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([_empty_value(base, o) for o in overrides]))
+            base = OmegaConf.merge(
+                base, OmegaConf.from_dotlist([_empty_value(base, o) for o in overrides])
+            )
         obj = OmegaConf.to_object(base)
     except OmegaConfBaseException as err:
         raise MedlvrError(f"bad configuration: {_first_line(err)}") from None
@@ -596,7 +677,9 @@ def _load_yaml(path: Path) -> Any:
         raise MedlvrError(f"{path} is not valid YAML{where}: {problem}") from None
     if not OmegaConf.is_dict(loaded):
         kind = "list" if OmegaConf.is_list(loaded) else type(loaded).__name__
-        raise MedlvrError(f"{path} must be a mapping of settings (e.g. `mode: roi`) at the top level, not a {kind}")
+        raise MedlvrError(
+            f"{path} must be a mapping of settings (e.g. `mode: roi`) at the top level, not a {kind}"
+        )
     return loaded
 
 
@@ -630,5 +713,22 @@ def _first_line(err: Exception) -> str:
 
 
 __all__ = [
-    "LatentConfig", "ProjectorKind", "LatentInput", "ModelConfig", "DataConfig", "OptimConfig", "LoraConfig",
-    "AlignConfig", "CheckpointConfig", "LogConfig", "SFTConfig", "SFTMode", "VLPOParams", "VLPOConfig", "load_config", "save_config", "to_dict", "field"]
+    "LatentConfig",
+    "ProjectorKind",
+    "LatentInput",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "LoraConfig",
+    "AlignConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "SFTConfig",
+    "SFTMode",
+    "VLPOParams",
+    "VLPOConfig",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "field",
+]

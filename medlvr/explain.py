@@ -91,8 +91,12 @@ class SampleMaps:
     sizes: list[tuple[int, int]]  # (width, height) of each image in original pixels
     cosine: torch.Tensor  # [K, N] raw cosine between proj(h_{k-1}) and each visual token
     similarity: torch.Tensor  # [K, N] softmax(cosine / T): each row sums to 1
-    attention: torch.Tensor  # [K, N] latent -> image-token attention, renormalised: each row sums to 1
-    attention_to_image: torch.Tensor  # [K] share of the latent's attention that goes to image tokens at all
+    attention: (
+        torch.Tensor
+    )  # [K, N] latent -> image-token attention, renormalised: each row sums to 1
+    attention_to_image: (
+        torch.Tensor
+    )  # [K] share of the latent's attention that goes to image tokens at all
     recompute_gap: float  # max |proj(h_{k-1}) - z_k|: 0 when the fed inputs are the latent states (latent.input=hidden)
 
     @property
@@ -113,7 +117,9 @@ class SampleMaps:
         """Split `[..., N]` into one `[..., rows, cols]` map per image on its cells (`TokenGrid.raster`)."""
         total = sum(g.n_tokens for g in self.grids)
         if total != values.shape[-1]:
-            raise MedlvrError(f"maps have {values.shape[-1]} tokens but the token grids hold {total}")
+            raise MedlvrError(
+                f"maps have {values.shape[-1]} tokens but the token grids hold {total}"
+            )
         out, i = [], 0
         for g in self.grids:
             out.append(g.raster(values[..., i : i + g.n_tokens]))
@@ -128,7 +134,9 @@ class SampleMaps:
 # ---------------------------------------------------------------------------- computing maps
 
 
-def _grids(vlm: LatentVLM, images: Sequence[Image.Image]) -> tuple[list[TokenGrid], list[tuple[int, int]]]:
+def _grids(
+    vlm: LatentVLM, images: Sequence[Image.Image]
+) -> tuple[list[TokenGrid], list[tuple[int, int]]]:
     sizes = [im.size for im in images]
     return [vlm.adapter.token_grid(vlm.processor, w, h) for w, h in sizes], sizes
 
@@ -150,9 +158,13 @@ def compute_maps(
     cfg = config or ExplainConfig()
     b, latent_steps = output.latents.shape[:2]
     if latent_steps == 0:
-        raise MedlvrError("there is nothing to explain with 0 latent steps: use --latent-steps >= 1")
+        raise MedlvrError(
+            "there is nothing to explain with 0 latent steps: use --latent-steps >= 1"
+        )
     if output.latent_attentions is None:
-        raise MedlvrError("evidence maps need the latent steps' attentions: generate with output_attentions=True")
+        raise MedlvrError(
+            "evidence maps need the latent steps' attentions: generate with output_attentions=True"
+        )
     if not output.visual_tokens or not any(v.shape[0] for v in output.visual_tokens):
         raise MedlvrError("the sample has no image to explain")
     n_layers = output.latent_attentions.shape[0]
@@ -160,9 +172,13 @@ def compute_maps(
     try:
         picked = [output.latent_attentions[i] for i in layers]  # [B, K, P + K] each
     except IndexError:
-        raise MedlvrError(f"explain layers {cfg.layers} out of range for {n_layers} decoder layers") from None
+        raise MedlvrError(
+            f"explain layers {cfg.layers} out of range for {n_layers} decoder layers"
+        ) from None
     att = torch.stack(picked).mean(0)  # [B, K, P + K]
-    ids = batch["input_ids"]  # [B, L]: the prompt before <|latent_start|> (column L, never an image token)
+    ids = batch[
+        "input_ids"
+    ]  # [B, L]: the prompt before <|latent_start|> (column L, never an image token)
     L = ids.shape[1]
     is_img = (ids == vlm.image_token_id).to(att.device)  # [B, L]
     # The latent states the ROI loss trains: proj(h_{k-1}). They are the fed z_k themselves
@@ -178,7 +194,9 @@ def compute_maps(
             mean = feats.mean(0, keepdim=True)
             feats, zf = feats - mean, zf - mean
         cos = F.normalize(zf, dim=-1) @ F.normalize(feats, dim=-1).T  # [K, N]
-        img_att = att[row][:, :L][:, is_img[row]]  # [K, N]: image positions in prompt order = visual token order
+        img_att = att[row][:, :L][
+            :, is_img[row]
+        ]  # [K, N]: image positions in prompt order = visual token order
         share = img_att.sum(-1)  # [K]
         grids, sizes = _grids(vlm, images[row])
         out_maps.append(
@@ -213,13 +231,17 @@ class Explanation:
     def regions(self) -> dict[str, Any]:
         """The JSON summary: per image and map kind, the top cells of the aggregate and of each step."""
         per_image: list[dict[str, Any]] = []
-        kinds = {kind: self.maps.per_image(self.maps.get(kind)) for kind in KINDS}  # [K, rows, cols] per image
+        kinds = {
+            kind: self.maps.per_image(self.maps.get(kind)) for kind in KINDS
+        }  # [K, rows, cols] per image
         for i, (grid, (w, h)) in enumerate(zip(self.maps.grids, self.maps.sizes)):
             entry: dict[str, Any] = {"image": i, "size": [w, h], "grid": [grid.rows, grid.cols]}
             for kind, maps in kinds.items():
                 steps = maps[i]  # [K, rows, cols]
                 entry[kind] = {
-                    "mass": round(float(steps.mean(0).sum()), 6),  # share of the sample's map on this image
+                    "mass": round(
+                        float(steps.mean(0).sum()), 6
+                    ),  # share of the sample's map on this image
                     "aggregate": top_regions(steps.mean(0), grid, self.config.top_k),
                     "steps": [top_regions(s, grid, self.config.top_k) for s in steps],
                 }
@@ -265,8 +287,18 @@ def explain(
         raise MedlvrError("explanations need at least one image")
     k = vlm.resolve_steps(latent_steps)
     if k < 1:
-        raise MedlvrError(f"there is nothing to explain with {k} latent steps: use --latent-steps >= 1")
-    ans = answer_one(vlm, images, question, options, latent_steps=k, max_new_tokens=max_new_tokens, output_attentions=True)
+        raise MedlvrError(
+            f"there is nothing to explain with {k} latent steps: use --latent-steps >= 1"
+        )
+    ans = answer_one(
+        vlm,
+        images,
+        question,
+        options,
+        latent_steps=k,
+        max_new_tokens=max_new_tokens,
+        output_attentions=True,
+    )
     maps = compute_maps(vlm, ans.batch, ans.output, [images], cfg)[0]
     return Explanation(question, ans.text, k, ans.seconds, images, maps, cfg)
 
@@ -310,7 +342,11 @@ def render_figure(ex: Explanation):
             r = ki * n_img + i
             steps = per_kind[kind][i]  # [K, rows, cols]
             panels = [None, *steps, steps.mean(0)]
-            titles = [f"image {i + 1}" if n_img > 1 else "image"] + [f"{kind[:3]} z{j + 1}" for j in range(k)] + [f"{kind} mean"]
+            titles = (
+                [f"image {i + 1}" if n_img > 1 else "image"]
+                + [f"{kind[:3]} z{j + 1}" for j in range(k)]
+                + [f"{kind} mean"]
+            )
             for c, (panel, title) in enumerate(zip(panels, titles)):
                 ax = axes[r][c]
                 ax.imshow(image, cmap="gray")
@@ -322,7 +358,10 @@ def render_figure(ex: Explanation):
                     title += f"\nmass {float(panel.sum()):.2f}" if n_img > 1 else ""
                 ax.set_title(title, fontsize=8)
                 ax.set_axis_off()
-    fig.suptitle(f"Q: {_short(ex.question)}\nA: {_short(ex.answer)}   (K={ex.latent_steps}, {ex.seconds * 1000:.0f} ms)", fontsize=9)
+    fig.suptitle(
+        f"Q: {_short(ex.question)}\nA: {_short(ex.answer)}   (K={ex.latent_steps}, {ex.seconds * 1000:.0f} ms)",
+        fontsize=9,
+    )
     return fig
 
 
@@ -342,7 +381,9 @@ def _short(text: str, n: int = 90) -> str:
 # ---------------------------------------------------------------------------- faithfulness
 
 
-def roi_coverage(grid: TokenGrid, size: tuple[int, int], boxes: Sequence[Sequence[float]]) -> torch.Tensor:
+def roi_coverage(
+    grid: TokenGrid, size: tuple[int, int], boxes: Sequence[Sequence[float]]
+) -> torch.Tensor:
     """`[rows, cols]`: fraction of each grid cell's pixels inside the union of `boxes` (original pixels).
 
     A pixel belongs to the cell its centre falls in and is inside a box when its
@@ -380,19 +421,28 @@ def pointing_hit(values: torch.Tensor, coverage: torch.Tensor) -> bool:
 
 
 def sample_coverage(
-    sample: VQASample, grids: Sequence[TokenGrid], sizes: Sequence[tuple[int, int]], boxes_of: Callable[[VQASample, int], list] | None = None
+    sample: VQASample,
+    grids: Sequence[TokenGrid],
+    sizes: Sequence[tuple[int, int]],
+    boxes_of: Callable[[VQASample, int], list] | None = None,
 ) -> torch.Tensor:
     """`[M]` ROI coverage of all of a sample's cells (`SampleMaps.cells` order; its visual tokens for one-grid images)."""
     parts = []
     for i, (g, s) in enumerate(zip(grids, sizes)):
-        boxes = boxes_of(sample, i) if boxes_of is not None else [r.box for r in sample.rois if r.image == i]
+        boxes = (
+            boxes_of(sample, i)
+            if boxes_of is not None
+            else [r.box for r in sample.rois if r.image == i]
+        )
         parts.append(roi_coverage(g, s, boxes).reshape(-1))
     return torch.cat(parts)
 
 
 def _hop_boxes(hop_of: Sequence[int], hop: int) -> Callable[[VQASample, int], list]:
     """The boxes of one hop's ROIs on an image (`sample_coverage`'s `boxes_of`)."""
-    return lambda sample, image: [r.box for r, h in zip(sample.rois, hop_of) if h == hop and r.image == image]
+    return lambda sample, image: [
+        r.box for r, h in zip(sample.rois, hop_of) if h == hop and r.image == image
+    ]
 
 
 def _lesion_boxes(sample: VQASample, image: int) -> list:
@@ -433,7 +483,9 @@ def explain_metrics(
     pairs = [(s, None if images is None else images[i]) for i, s in enumerate(samples)]
     kept = [(s, im) for s, im in pairs if s.rois and (s.images or im)]
     if not kept:
-        raise MedlvrError("no sample has both an image and an ROI: explanation metrics need ROI annotations")
+        raise MedlvrError(
+            "no sample has both an image and an ROI: explanation metrics need ROI annotations"
+        )
     if image_loader is None:
         from medlvr.data.images import load_image as image_loader  # noqa: N813
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
@@ -450,15 +502,29 @@ def explain_metrics(
     # assigned to under chain alignment, against a random map and against the other hops?
     hop_hits: dict[str, list[float]] = {n: [] for n in names}
     hop_other: list[float] = []
-    by_hop: dict[int, dict[str, list[float]]] = {}  # hop j -> similarity / random hits of the steps assigned to it
+    by_hop: dict[
+        int, dict[str, list[float]]
+    ] = {}  # hop j -> similarity / random hits of the steps assigned to it
     for start in range(0, len(kept), batch_size):
         chunk = kept[start : start + batch_size]
-        imgs = [[im.convert("RGB") for im in (given if given is not None else [image_loader(p) for p in s.images])] for s, given in chunk]
+        imgs = [
+            [
+                im.convert("RGB")
+                for im in (given if given is not None else [image_loader(p) for p in s.images])
+            ]
+            for s, given in chunk
+        ]
         batch = collate([s for s, _ in chunk], images=imgs)
-        out = vlm.generate(batch, k, max_new_tokens=1, output_attentions=True)  # the chain does not depend on the answer
+        out = vlm.generate(
+            batch, k, max_new_tokens=1, output_attentions=True
+        )  # the chain does not depend on the answer
         for (sample, _), sm in zip(chunk, compute_maps(vlm, batch, out, imgs, cfg)):
             cov = sample_coverage(sample, sm.grids, sm.sizes)  # [M] cells
-            lesions = sample_coverage(sample, sm.grids, sm.sizes, _lesion_boxes) if sample.meta.get("lesions") else None
+            lesions = (
+                sample_coverage(sample, sm.grids, sm.sizes, _lesion_boxes)
+                if sample.meta.get("lesions")
+                else None
+            )
             maps = {kind: sm.cells(sm.aggregate(kind)) for kind in KINDS}  # [M] each
             # A random map over the tokens, placed on the cells as the model's maps are.
             maps["random"] = sm.cells(normalise(torch.rand(sm.similarity.shape[-1], generator=gen)))
@@ -474,16 +540,25 @@ def explain_metrics(
             hop_of = roi_hops(sample)
             if hop_of is not None and max(hop_of) > 0:
                 n_hops = max(hop_of) + 1
-                hop_cov = [sample_coverage(sample, sm.grids, sm.sizes, _hop_boxes(hop_of, j)) for j in range(n_hops)]
+                hop_cov = [
+                    sample_coverage(sample, sm.grids, sm.sizes, _hop_boxes(hop_of, j))
+                    for j in range(n_hops)
+                ]
                 step_maps = {kind: sm.cells(sm.get(kind)) for kind in KINDS}  # [K, M] each
-                step_maps["random"] = sm.cells(normalise(torch.rand(k, sm.similarity.shape[-1], generator=gen)))
+                step_maps["random"] = sm.cells(
+                    normalise(torch.rand(k, sm.similarity.shape[-1], generator=gen))
+                )
                 for step, j in enumerate(hop_of_steps(k, n_hops)):
                     for name, m in step_maps.items():
                         hop_hits[name].append(float(pointing_hit(m[step], hop_cov[j])))
                         if name in ("similarity", "random"):
-                            by_hop.setdefault(j + 1, {"similarity": [], "random": []})[name].append(hop_hits[name][-1])
+                            by_hop.setdefault(j + 1, {"similarity": [], "random": []})[name].append(
+                                hop_hits[name][-1]
+                            )
                     others = [c for i, c in enumerate(hop_cov) if i != j]
-                    hop_other.append(float(any(pointing_hit(step_maps["similarity"][step], c) for c in others)))
+                    hop_other.append(
+                        float(any(pointing_hit(step_maps["similarity"][step], c) for c in others))
+                    )
             chance_hit.append(float((cov > 0).float().mean()))
             chance_mass.append(float(cov.mean()))
             gaps.append(sm.recompute_gap)
@@ -496,7 +571,11 @@ def explain_metrics(
         "n": len(kept),
         "skipped_no_roi": len(samples) - len(kept),
         "latent_steps": k,
-        "config": {"temperature": cfg.temperature, "centre": cfg.centre, "layers": None if cfg.layers is None else list(cfg.layers)},
+        "config": {
+            "temperature": cfg.temperature,
+            "centre": cfg.centre,
+            "layers": None if cfg.layers is None else list(cfg.layers),
+        },
         "chance": {"pointing": mean(chance_hit), "roi_mass": mean(chance_mass)},
         "attention_to_image": mean(to_image),
         "max_recompute_gap": max(gaps),
@@ -506,7 +585,11 @@ def explain_metrics(
         result["hop_pointing"]["similarity_other_hops"] = mean(hop_other)
         result["hop_pointing"]["steps"] = len(hop_other)
         result["hop_pointing"]["by_hop"] = {
-            str(j): {"similarity": mean(v["similarity"]), "random": mean(v["random"]), "steps": len(v["similarity"])}
+            str(j): {
+                "similarity": mean(v["similarity"]),
+                "random": mean(v["random"]),
+                "steps": len(v["similarity"]),
+            }
             for j, v in sorted(by_hop.items())
         }
     for name in names:
@@ -524,7 +607,9 @@ def explain_metrics(
 
 def format_metrics(m: dict[str, Any]) -> str:
     """A small plain-text table of `explain_metrics` output (for the CLI and reports)."""
-    lines = [f"evidence maps, K={m['latent_steps']}, n={m['n']} (skipped without ROI: {m['skipped_no_roi']})"]
+    lines = [
+        f"evidence maps, K={m['latent_steps']}, n={m['n']} (skipped without ROI: {m['skipped_no_roi']})"
+    ]
     lines.append(f"{'map':<12}{'pointing':>10}{'ROI mass':>10}")
     for name in (*KINDS, "random", "chance"):
         e = m[name]

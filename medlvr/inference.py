@@ -20,7 +20,9 @@ class Answer:
     latent_steps: int
     seconds: float
     output: GenerationOutput
-    batch: dict[str, Any] = field(default_factory=dict)  # the prompt batch it answered (explanations read its tokens)
+    batch: dict[str, Any] = field(
+        default_factory=dict
+    )  # the prompt batch it answered (explanations read its tokens)
 
 
 def parse_options(items: Iterable[str], name: str = "--option") -> dict[str, str]:
@@ -46,7 +48,9 @@ def parse_options(items: Iterable[str], name: str = "--option") -> dict[str, str
     return options
 
 
-def make_sample(images: Sequence[Image.Image], question: str, options: dict[str, str] | None = None) -> VQASample:
+def make_sample(
+    images: Sequence[Image.Image], question: str, options: dict[str, str] | None = None
+) -> VQASample:
     """A throw-away `VQASample` for an interactive question (the gold answer is unknown)."""
     options = dict(sorted((options or {}).items()))
     if not question.strip():

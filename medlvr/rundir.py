@@ -87,7 +87,9 @@ def run_folder(folder: str | Path, flag: str, *, main: bool | None = None) -> It
                     folder.rmdir()
 
 
-def holds_run_folder(folder_of: Callable[[dict[str, Any]], str | Path], flag: str) -> Callable[[F], F]:
+def holds_run_folder(
+    folder_of: Callable[[dict[str, Any]], str | Path], flag: str
+) -> Callable[[F], F]:
     """Decorate a function that writes a run folder: `folder_of(arguments by name)` names the folder.
 
     An explicit `rank` argument other than 0 (an unsynchronised shard) does not take the lock.
@@ -101,7 +103,9 @@ def holds_run_folder(folder_of: Callable[[dict[str, Any]], str | Path], flag: st
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             rank = bound.arguments.get("rank")
-            with run_folder(folder_of(bound.arguments), flag, main=None if rank is None else rank == 0):
+            with run_folder(
+                folder_of(bound.arguments), flag, main=None if rank is None else rank == 0
+            ):
                 return fn(*args, **kwargs)
 
         return inner  # type: ignore[return-value]
@@ -195,7 +199,9 @@ def _try_lock(fh: Any) -> bool:
 
 def _busy_message(folder: Path, flag: str) -> str:
     info = holder(folder)
-    who = f"process {info['pid']} on {info.get('host', '?')}" if "pid" in info else "another process"
+    who = (
+        f"process {info['pid']} on {info.get('host', '?')}" if "pid" in info else "another process"
+    )
     what = f" ({info['command']})" if info.get("command") else ""
     since = f", started {info['started']}" if info.get("started") else ""
     return f"{folder} is in use by another run: {who}{what}{since}; wait for it to end or choose another {flag}"
@@ -230,4 +236,12 @@ def _agree(error: Any) -> Any:
     return box[0]
 
 
-__all__ = ["LOCK_FILE", "FolderBusy", "run_folder", "holds_run_folder", "holder", "writable_folder", "check_launch"]
+__all__ = [
+    "LOCK_FILE",
+    "FolderBusy",
+    "run_folder",
+    "holds_run_folder",
+    "holder",
+    "writable_folder",
+    "check_launch",
+]

@@ -33,11 +33,15 @@ def tiny_factory(tmp_path_factory):
 
     built: dict[tuple, Path] = {}
 
-    def make(family: str = "qwen2_5_vl", size: str = "tiny", with_latent_tokens: bool = True) -> Path:
+    def make(
+        family: str = "qwen2_5_vl", size: str = "tiny", with_latent_tokens: bool = True
+    ) -> Path:
         key = (family, size, with_latent_tokens)
         if key not in built:
             out = tmp_path_factory.mktemp(f"{family}_{size}_{int(with_latent_tokens)}")
-            built[key] = build_tiny(out, family=family, size=size, with_latent_tokens=with_latent_tokens)
+            built[key] = build_tiny(
+                out, family=family, size=size, with_latent_tokens=with_latent_tokens
+            )
         return built[key]
 
     return make

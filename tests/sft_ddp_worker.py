@@ -25,7 +25,10 @@ def main() -> None:
     cfg = load_config(SFTConfig, None, sys.argv[2:])
     result = run_sft(cfg)
     rank = int(os.environ.get("RANK", "0"))
-    save_file({n: p.detach().contiguous() for n, p in result.model.named_parameters()}, str(out / f"params-rank{rank}.safetensors"))
+    save_file(
+        {n: p.detach().contiguous() for n, p in result.model.named_parameters()},
+        str(out / f"params-rank{rank}.safetensors"),
+    )
     (out / f"history-rank{rank}.json").write_text(json.dumps(result.history))
 
 

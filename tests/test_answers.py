@@ -5,11 +5,20 @@ from __future__ import annotations
 import pytest
 
 from medlvr.data.schema import VQASample
-from medlvr.eval.answers import AnswerKey, Parsed, answer_key, is_yes_no, normalize_text, parse_answer
+from medlvr.eval.answers import (
+    AnswerKey,
+    Parsed,
+    answer_key,
+    is_yes_no,
+    normalize_text,
+    parse_answer,
+)
 
 OPTS = {"A": "Pneumonia", "B": "Pleural effusion", "C": "Pneumothorax", "D": "Normal"}
 CHOICE = AnswerKey("choice", "B", OPTS)
-HEP = AnswerKey("choice", "A", {"A": "Hepatitis B", "B": "Vitamin D deficiency", "C": "Type A dissection"})
+HEP = AnswerKey(
+    "choice", "A", {"A": "Hepatitis B", "B": "Vitamin D deficiency", "C": "Type A dissection"}
+)
 NOTA = AnswerKey("choice", "D", {"A": "CT", "B": "MRI", "C": "X-ray", "D": "None of the above"})
 YES = AnswerKey("closed", "Yes")  # SLAKE capitalises gold answers
 NO = AnswerKey("closed", "no")
@@ -163,12 +172,16 @@ def test_capitalised_gold_is_yes_no() -> None:
     assert is_yes_no("Yes") and is_yes_no(" NO ") and not is_yes_no("MRI")
 
 
-@pytest.mark.parametrize("gold", ["Yes", "Yes.", " no ", "NO!", "MRI", "yes and no", "Nope", "None"])
+@pytest.mark.parametrize(
+    "gold", ["Yes", "Yes.", " no ", "NO!", "MRI", "yes and no", "Nope", "None"]
+)
 def test_prompt_and_scorer_share_one_yes_no_definition(gold: str) -> None:
     """A question prompted with "Please answer 'yes' or 'no'." is exactly one the scorer reads as yes/no."""
     from medlvr.data.prompts import YES_NO, question_text
 
-    sample = VQASample(id="x", dataset="d", split="test", question="Is it?", answer=gold, answer_type="closed")
+    sample = VQASample(
+        id="x", dataset="d", split="test", question="Is it?", answer=gold, answer_type="closed"
+    )
     prompted = question_text(sample).endswith(YES_NO)
     scored = parse_answer("yes", sample).how.endswith(":yes_no")
     assert prompted == scored == is_yes_no(gold)
@@ -176,8 +189,14 @@ def test_prompt_and_scorer_share_one_yes_no_definition(gold: str) -> None:
 
 def test_sample_and_mapping_inputs_agree() -> None:
     sample = VQASample(
-        id="x", dataset="d", split="test", question="Which finding?", options=OPTS,
-        answer="Pleural effusion", answer_letter="B", answer_type="choice",
+        id="x",
+        dataset="d",
+        split="test",
+        question="Which finding?",
+        options=OPTS,
+        answer="Pleural effusion",
+        answer_letter="B",
+        answer_type="choice",
     )
     fields = {"answer_type": "choice", "gold": "B", "options": OPTS}
     for response in ["B", "pleural effusion", "A and B", "CT"]:
@@ -199,7 +218,11 @@ def test_parsed_is_a_plain_value() -> None:
 @pytest.mark.parametrize(
     ("response", "value", "how"),
     [
-        ("A. Pleural effusion", None, "full:letter_text_conflict"),  # article removal must not hide the letter
+        (
+            "A. Pleural effusion",
+            None,
+            "full:letter_text_conflict",
+        ),  # article removal must not hide the letter
         ("(C) Pleural effusion", None, "full:letter_text_conflict"),
         ("(B) Pleural effusion", "B", "full:letter"),
         ("A pleural effusion", "B", "full:option_text"),  # here "A" is the article

@@ -35,8 +35,17 @@ def png(tmp_path):
 
 def test_parse_options():
     assert parse_options("") == {}
-    assert parse_options("A=left lung\nb. right lung\n\nC) both") == {"A": "left lung", "B": "right lung", "C": "both"}
-    for bad, msg in [("A=x", "at least two"), ("A=x\nA=y", "twice"), ("left lung\nB=x", "one per line"), ("A=\nB=x", "one per line")]:
+    assert parse_options("A=left lung\nb. right lung\n\nC) both") == {
+        "A": "left lung",
+        "B": "right lung",
+        "C": "both",
+    }
+    for bad, msg in [
+        ("A=x", "at least two"),
+        ("A=x\nA=y", "twice"),
+        ("left lung\nB=x", "one per line"),
+        ("A=\nB=x", "one per line"),
+    ]:
         with pytest.raises(InputError, match=msg):
             parse_options(bad)
 
@@ -68,8 +77,12 @@ def test_dicom_upload_is_answered(service, tmp_path):
 def test_tiled_backbone_gets_evidence(tiny_factory, png):
     """SmolVLM's tiles + global view reach the page as one map per image on its finest grid."""
     torch.manual_seed(0)
-    vlm = LatentVLM.from_pretrained(tiny_factory("smolvlm"), LatentConfig(steps=2, projector="linear"))
-    r = DemoService(vlm, ServeConfig(examples=0, max_new_tokens=4)).answer(str(png), "Where is the lesion?", "A=left\nB=right", 2)
+    vlm = LatentVLM.from_pretrained(
+        tiny_factory("smolvlm"), LatentConfig(steps=2, projector="linear")
+    )
+    r = DemoService(vlm, ServeConfig(examples=0, max_new_tokens=4)).answer(
+        str(png), "Where is the lesion?", "A=left\nB=right", 2
+    )
     assert r.ok, r.message
     assert isinstance(r.evidence, Image.Image) and r.evidence.size[0] > 300
     grid = vlm.adapter.token_grid(vlm.processor, 140, 112)
@@ -80,12 +93,37 @@ def test_tiled_backbone_gets_evidence(tiny_factory, png):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda p: p.with_name("notes.txt").write_text("hello") and p.with_name("notes.txt"), "unsupported file type (.txt)"),
-        (lambda p: p.with_name("empty.png").write_bytes(b"") or p.with_name("empty.png"), "is empty"),
-        (lambda p: p.with_name("fake.png").write_text("not a png at all") and p.with_name("fake.png"), "could not be read as an image"),
-        (lambda p: random_image(8, 8).save(p.with_name("tiny.png")) or p.with_name("tiny.png"), "at least 16"),
-        (lambda p: random_image(400, 16).save(p.with_name("strip.png")) or p.with_name("strip.png"), "long side"),
-        (lambda p: p.with_name("big.png").write_bytes(b"\x89PNG" + b"0" * 1_100_000) and p.with_name("big.png"), "the limit is 1 MB"),
+        (
+            lambda p: p.with_name("notes.txt").write_text("hello") and p.with_name("notes.txt"),
+            "unsupported file type (.txt)",
+        ),
+        (
+            lambda p: p.with_name("empty.png").write_bytes(b"") or p.with_name("empty.png"),
+            "is empty",
+        ),
+        (
+            lambda p: (
+                p.with_name("fake.png").write_text("not a png at all") and p.with_name("fake.png")
+            ),
+            "could not be read as an image",
+        ),
+        (
+            lambda p: random_image(8, 8).save(p.with_name("tiny.png")) or p.with_name("tiny.png"),
+            "at least 16",
+        ),
+        (
+            lambda p: (
+                random_image(400, 16).save(p.with_name("strip.png")) or p.with_name("strip.png")
+            ),
+            "long side",
+        ),
+        (
+            lambda p: (
+                p.with_name("big.png").write_bytes(b"\x89PNG" + b"0" * 1_100_000)
+                and p.with_name("big.png")
+            ),
+            "the limit is 1 MB",
+        ),
         (lambda p: p.with_name("gone.png"), "did not arrive"),
         (lambda p: None, "upload an image first"),
     ],
@@ -99,7 +137,11 @@ def test_bad_uploads_become_messages(service, png, make, message):
 
 @pytest.mark.parametrize(
     "question, options, k, message",
-    [("  ", "", 2, "type a question"), ("Q?", "A=x", 2, "at least two"), ("Q?", "", 99, "latent steps must be in 0..16")],
+    [
+        ("  ", "", 2, "type a question"),
+        ("Q?", "A=x", 2, "at least two"),
+        ("Q?", "", 99, "latent steps must be in 0..16"),
+    ],
 )
 def test_bad_form_values_become_messages(service, png, question, options, k, message):
     r = service.answer(str(png), question, options, k)
@@ -135,7 +177,13 @@ def test_examples_come_from_the_synthetic_benchmark(service, tmp_path):
 
 def test_serve_config_checks():
     assert ServeConfig().host == "127.0.0.1"
-    for bad in ({"port": 0}, {"max_upload_mb": 0}, {"min_side": 0}, {"max_aspect": 0.5}, {"examples": -1}):
+    for bad in (
+        {"port": 0},
+        {"max_upload_mb": 0},
+        {"min_side": 0},
+        {"max_aspect": 0.5},
+        {"examples": -1},
+    ):
         with pytest.raises(MedlvrError):
             ServeConfig(**bad)
 
@@ -172,7 +220,9 @@ def test_an_upload_is_deleted_when_its_request_ends(service, png, tmp_path):
     received.write_text("not an image")
     assert not mine.answer(str(received), "What is shown?", "", 1).ok
     assert not received.exists(), "a refused upload goes too"
-    assert mine.answer(str(png), "What is shown?", "", 0).ok and png.is_file(), "a file outside the upload folder stays"
+    assert mine.answer(str(png), "What is shown?", "", 0).ok and png.is_file(), (
+        "a file outside the upload folder stays"
+    )
 
 
 def test_the_server_refuses_an_upload_over_the_limit_and_deletes_its_files_on_close(tiny_dir, png):
@@ -186,15 +236,26 @@ def test_the_server_refuses_an_upload_over_the_limit_and_deletes_its_files_on_cl
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     vlm = LatentVLM.from_pretrained(tiny_dir, LatentConfig(steps=1, projector="linear"))
-    server = serve(vlm, ServeConfig(port=port, max_upload_mb=0.5, examples=1, max_new_tokens=4), block=False, quiet=True)
+    server = serve(
+        vlm,
+        ServeConfig(port=port, max_upload_mb=0.5, examples=1, max_new_tokens=4),
+        block=False,
+        quiet=True,
+    )
     try:
         uploads = server.service.upload_dir
         url = f"http://127.0.0.1:{port}/gradio_api/upload"
-        big = httpx.post(url, files={"files": ("big.png", b"\x89PNG" + b"0" * 600_000, "image/png")}, timeout=60)
+        big = httpx.post(
+            url, files={"files": ("big.png", b"\x89PNG" + b"0" * 600_000, "image/png")}, timeout=60
+        )
         assert big.status_code == 413 and "maximum allowed size" in big.text
         kept = [f for f in uploads.rglob("*") if f.is_file() and f.stat().st_size > 500_000]
-        assert not kept and not list(uploads.rglob("big.png")), "nothing of a refused upload is kept"
-        ok = httpx.post(url, files={"files": ("scan.png", png.read_bytes(), "image/png")}, timeout=60)
+        assert not kept and not list(uploads.rglob("big.png")), (
+            "nothing of a refused upload is kept"
+        )
+        ok = httpx.post(
+            url, files={"files": ("scan.png", png.read_bytes(), "image/png")}, timeout=60
+        )
         assert ok.status_code == 200, ok.text
         [received] = ok.json()
         assert Path(received).is_file() and uploads in Path(received).parents

@@ -49,13 +49,18 @@ def _smolvlm_changed(processor, before: dict, after: dict) -> set[int]:
     # a raster of side x side tokens over cells of token_pixels (pixels past them feed no token).
     side = int(round(processor.image_seq_len**0.5))
     cell = processor.token_pixels
-    diff = (before["pixel_values"][0] != after["pixel_values"][0]).any(1)[:, : side * cell, : side * cell]  # [V, S, S]
+    diff = (before["pixel_values"][0] != after["pixel_values"][0]).any(1)[
+        :, : side * cell, : side * cell
+    ]  # [V, S, S]
     vs, ys, xs = diff.nonzero(as_tuple=True)
     return set((vs * side * side + ys // cell * side + xs // cell).unique().tolist())
 
 
 _CHANGED = {
-    "qwen2_vl": _qwen_changed, "qwen2_5_vl": _qwen_changed, "qwen3_vl": _qwen_changed, "gemma3": _gemma_changed,
+    "qwen2_vl": _qwen_changed,
+    "qwen2_5_vl": _qwen_changed,
+    "qwen3_vl": _qwen_changed,
+    "gemma3": _gemma_changed,
     "smolvlm": _smolvlm_changed,
 }
 
@@ -68,7 +73,8 @@ def _pixels(processor, adapter, image: Image.Image) -> dict:
 def _n_image_tokens(processor, adapter, image: Image.Image, image_token_id: int) -> int:
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}],
-        add_generation_prompt=True, tokenize=False,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     enc = processor(text=[text], images=adapter.processor_images([[image]]), return_tensors="pt")
     return int((enc["input_ids"] == image_token_id).sum())
@@ -89,7 +95,9 @@ def _mid_cell_box(grid: TokenGrid, w: int, h: int, rng: random.Random) -> tuple[
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
-def _mid_cell_box_in_blocks(grid: TokenGrid, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
+def _mid_cell_box_in_blocks(
+    grid: TokenGrid, w: int, h: int, rng: random.Random
+) -> tuple[int, int, int, int]:
     """As `_mid_cell_box` for tiled images: each edge 25-75% into a cell of every view it crosses
     (tile and global cells nest, so such places exist in every cell of the coarser view)."""
 
@@ -131,7 +139,9 @@ def test_box_maps_to_exactly_the_tokens_its_pixels_reach(tiny_factory, family):
             perturbed.paste(ImageOps.invert(image.crop(box)), box[:2])
             changed = _CHANGED[family](processor, before, _pixels(processor, adapter, perturbed))
             predicted = set(box_to_tokens(box, grid, w, h))
-            assert changed == predicted, f"{w}x{h} box {box}: changed {sorted(changed)} predicted {sorted(predicted)}"
+            assert changed == predicted, (
+                f"{w}x{h} box {box}: changed {sorted(changed)} predicted {sorted(predicted)}"
+            )
             checked += 1
     assert checked == 20
 
@@ -141,7 +151,9 @@ def test_box_maps_to_exactly_the_tokens_its_pixels_reach(tiny_factory, family):
 
 def _tiled_grid() -> TokenGrid:
     """An 80x80 image as 2x2 tiles of 2x2 cells (20 px) in row-major order, then a 2x2 global view (40 px)."""
-    tiles = tuple(TokenGrid(2, 2, 20.0, 20.0, x0=40.0 * c, y0=40.0 * r) for r in range(2) for c in range(2))
+    tiles = tuple(
+        TokenGrid(2, 2, 20.0, 20.0, x0=40.0 * c, y0=40.0 * r) for r in range(2) for c in range(2)
+    )
     return TokenGrid(4, 4, 20.0, 20.0, blocks=(*tiles, TokenGrid(2, 2, 40.0, 40.0)))
 
 
@@ -160,7 +172,9 @@ def test_raster_places_tiles_and_spreads_each_global_cell_over_the_cells_under_i
     assert torch.equal(grid.raster(values), expected)
     assert grid.raster(values).sum() == values.sum()  # a distribution stays one
     # Leading dimensions (K steps) ride along.
-    assert torch.equal(grid.raster(torch.stack([values, 2 * values])), torch.stack([expected, 2 * expected]))
+    assert torch.equal(
+        grid.raster(torch.stack([values, 2 * values])), torch.stack([expected, 2 * expected])
+    )
     # One grid: the raster reshape, unchanged.
     plain = TokenGrid(2, 3, 10.0, 10.0)
     flat = torch.arange(6.0)
@@ -215,9 +229,14 @@ def _samples(n: int = 2) -> list[VQASample]:
     shapes = ["round", "square", "oval", "cross"]
     return [
         VQASample(
-            id=f"s{i}", dataset="t", split="train", images=[f"img{i}"],
-            question="What is the shape of the lesion in the upper left region?" + " Describe the lesions." * i,
-            answer=shapes[i % 4], answer_type="open",
+            id=f"s{i}",
+            dataset="t",
+            split="train",
+            images=[f"img{i}"],
+            question="What is the shape of the lesion in the upper left region?"
+            + " Describe the lesions." * i,
+            answer=shapes[i % 4],
+            answer_type="open",
             rois=[ROI(box=(8 + 10 * i, 12, 70 + 10 * i, 60))],
         )
         for i in range(n)
@@ -233,7 +252,9 @@ def _batch(vlm: LatentVLM, n: int = 2):
 @pytest.fixture(scope="module", params=FAMILIES)
 def vlm(request, tiny_factory):
     torch.manual_seed(0)
-    return LatentVLM.from_pretrained(tiny_factory(request.param), LatentConfig(steps=4, projector="linear"))
+    return LatentVLM.from_pretrained(
+        tiny_factory(request.param), LatentConfig(steps=4, projector="linear")
+    )
 
 
 def test_answer_logits_equal_the_backbones_own_forward(vlm):
@@ -267,11 +288,16 @@ def test_answer_logits_equal_the_backbones_own_forward(vlm):
 
 
 def test_qwen3_deepstack_reaches_the_loss_in_both_paths(tiny_factory):
-    vlm = LatentVLM.from_pretrained(tiny_factory("qwen3_vl"), LatentConfig(steps=2, projector="linear"))
+    vlm = LatentVLM.from_pretrained(
+        tiny_factory("qwen3_vl"), LatentConfig(steps=2, projector="linear")
+    )
     batch = _batch(vlm)
     deepstack = [p for n, p in vlm.named_parameters() if "deepstack_merger" in n]
     assert deepstack
-    for kwargs in ({"latent_steps": 2}, {"latent_inputs": 0.1 * torch.randn(2, 2, vlm.hidden_size)}):
+    for kwargs in (
+        {"latent_steps": 2},
+        {"latent_inputs": 0.1 * torch.randn(2, 2, vlm.hidden_size)},
+    ):
         vlm.zero_grad()
         vlm(batch, **kwargs).loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in deepstack), kwargs
@@ -283,7 +309,9 @@ def test_gemma3_image_tokens_attend_bidirectionally_in_the_prefix(tiny_factory):
     batch = _batch(vlm)
     with torch.no_grad():
         with_types = vlm(batch, latent_steps=0).logits
-        without = vlm({k: v for k, v in batch.items() if k != "token_type_ids"}, latent_steps=0).logits
+        without = vlm(
+            {k: v for k, v in batch.items() if k != "token_type_ids"}, latent_steps=0
+        ).logits
     assert (with_types - without).abs().max() > 1e-3
 
 
@@ -299,9 +327,12 @@ def test_short_roi_sft_lowers_answer_and_alignment_losses(vlm):
     def losses():
         out = vlm(batch)
         # Targets are detached: the latents move toward the image evidence, not the reverse.
-        targets = torch.stack([
-            pool_targets(v.detach(), idx, k) for v, idx in zip(out.visual_tokens, batch["roi_index"])
-        ])  # [B, K, d]
+        targets = torch.stack(
+            [
+                pool_targets(v.detach(), idx, k)
+                for v, idx in zip(out.visual_tokens, batch["roi_index"])
+            ]
+        )  # [B, K, d]
         align = (1 - F.cosine_similarity(out.latents.float(), targets.float(), dim=-1)).mean()
         return out.loss, align
 
@@ -355,20 +386,28 @@ def test_new_latent_tokens_start_at_the_mean_row_even_on_spare_rows(tiny_factory
     tokenizer = adapter.load_processor(folder).tokenizer
     model = adapter.model_class.from_pretrained(str(folder))
     n = len(tokenizer)
-    model.resize_token_embeddings(n + 64, mean_resizing=False)  # 64 spare rows, as in a real checkpoint
+    model.resize_token_embeddings(
+        n + 64, mean_resizing=False
+    )  # 64 spare rows, as in a real checkpoint
     if not tied:
-        model.config.tie_word_embeddings = model.config.get_text_config().tie_word_embeddings = False
+        model.config.tie_word_embeddings = model.config.get_text_config().tie_word_embeddings = (
+            False
+        )
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 2)
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in {model.get_input_embeddings(), model.get_output_embeddings()}:
-            layer.weight[n:] = torch.randn_like(layer.weight[n:]) * 5  # spare rows hold something far from the mean
+            layer.weight[n:] = (
+                torch.randn_like(layer.weight[n:]) * 5
+            )  # spare rows hold something far from the mean
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
 
     assert ensure_latent_tokens(model, tokenizer)
     ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-    assert all(n <= i < n + 64 for i in ids) and model.get_input_embeddings().weight.shape[0] == n + 64, "spare rows, no growth"
+    assert (
+        all(n <= i < n + 64 for i in ids) and model.get_input_embeddings().weight.shape[0] == n + 64
+    ), "spare rows, no growth"
     emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     for i in ids:
         assert torch.allclose(emb[i], old_in[:n].mean(0), atol=1e-6)

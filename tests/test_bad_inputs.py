@@ -36,7 +36,19 @@ def data(tmp_path_factory) -> Path:
     from medlvr.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth84")
-    generate(SynthConfig(n=40, seed=0, image_size=84, grid=2, level=1, large_size=1.0, small_size=0.5, describe=False), out)
+    generate(
+        SynthConfig(
+            n=40,
+            seed=0,
+            image_size=84,
+            grid=2,
+            level=1,
+            large_size=1.0,
+            small_size=0.5,
+            describe=False,
+        ),
+        out,
+    )
     return out
 
 
@@ -50,14 +62,21 @@ def image(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------- item 4: bounded sizes
 
 
-def test_latent_steps_beyond_the_models_positions_are_refused_at_once(tiny_dir, image, data, tmp_path):
+def test_latent_steps_beyond_the_models_positions_are_refused_at_once(
+    tiny_dir, image, data, tmp_path
+):
     line = one_error_line(runner.invoke(app, ["predict", "--model", str(tiny_dir), "--image", str(image),
                                               "--question", "Is there a lesion?", "--latent-steps", "1000000"]))  # fmt: skip
-    assert "prompt tokens + K=1000000 latent steps (+2 markers) + 32 answer tokens need" in line and "model holds 4096" in line
+    assert (
+        "prompt tokens + K=1000000 latent steps (+2 markers) + 32 answer tokens need" in line
+        and "model holds 4096" in line
+    )
     out = tmp_path / "R"
     line = one_error_line(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"),
                                               "--reasoning", "latent", "--latent-steps", "0,100000000", "--out", str(out)]))  # fmt: skip
-    assert "K=100000000 latent steps (+2 markers) + 32 answer tokens need 100000034 positions" in line
+    assert (
+        "K=100000000 latent steps (+2 markers) + 32 answer tokens need 100000034 positions" in line
+    )
     assert not out.exists(), "refused before anything is written"
 
 
@@ -67,7 +86,9 @@ def test_a_question_longer_than_the_model_holds_is_refused(tiny_dir, image):
     assert "prompt tokens" in line and "the model holds 4096: shorten the question" in line
 
 
-def test_training_with_more_latent_steps_than_positions_fails_with_one_message(tiny_dir, data, tmp_path):
+def test_training_with_more_latent_steps_than_positions_fails_with_one_message(
+    tiny_dir, data, tmp_path
+):
     from medlvr.config import SFTConfig, load_config
     from medlvr.train.sft import run_sft
 
@@ -103,10 +124,17 @@ def broken_models(tiny_dir, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("kind, message", [("truncated", r"model.safetensors is damaged \(\d[\d,]* bytes, truncated"),
-                                           ("empty", r"model.safetensors is empty; copy or export the model again"),
-                                           ("pickle", r"holds pickle weights only \(pytorch_model.bin\).*--allow-pickle")])
-def test_a_broken_or_pickled_model_folder_is_one_line_in_every_command(broken_models, image, data, tmp_path, kind, message):
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("truncated", r"model.safetensors is damaged \(\d[\d,]* bytes, truncated"),
+        ("empty", r"model.safetensors is empty; copy or export the model again"),
+        ("pickle", r"holds pickle weights only \(pytorch_model.bin\).*--allow-pickle"),
+    ],
+)
+def test_a_broken_or_pickled_model_folder_is_one_line_in_every_command(
+    broken_models, image, data, tmp_path, kind, message
+):
     import re
 
     model = str(broken_models[kind])
@@ -126,7 +154,9 @@ def test_pickle_weights_load_only_when_allowed(broken_models, image):
     assert res.exit_code == 0 and "answer:" in res.output, res.output
 
 
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_resume_is_exact(tiny_dir, data, tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_resume_is_exact(
+    tiny_dir, data, tmp_path, monkeypatch
+):
     """The second checkpoint's write fails as a full disk fails it; --resume from the first then ends
     exactly where an uninterrupted run ends, and removes the half-written folder."""
     from safetensors import SafetensorError
@@ -149,7 +179,10 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_resume_is_exa
     monkeypatch.setattr(ckpt, "optimizer_to_files", full_disk)
     cut = tmp_path / "cut"
     line = one_error_line(runner.invoke(app, [*args, f"output_dir={cut}"]))
-    assert f"could not write checkpoint {cut / 'step-0000002'}" in line and "No space left on device" in line
+    assert (
+        f"could not write checkpoint {cut / 'step-0000002'}" in line
+        and "No space left on device" in line
+    )
     assert "continue with --resume" in line
     assert sorted(p.name for p in cut.glob("*step-*")) == [".tmp-step-0000002", "step-0000001"]
     monkeypatch.undo()
@@ -161,7 +194,9 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_resume_is_exa
     def rows(folder):
         return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
-    assert [(r["step"], r["loss"]) for r in rows(cut)] == [(r["step"], r["loss"]) for r in rows(tmp_path / "full")]
+    assert [(r["step"], r["loss"]) for r in rows(cut)] == [
+        (r["step"], r["loss"]) for r in rows(tmp_path / "full")
+    ]
 
 
 # ---------------------------------------------------------------------------- item 7: one set of rules
@@ -178,19 +213,28 @@ def _with_box(data: Path, out: Path, box: list[float]) -> Path:
     return out
 
 
-def test_an_roi_box_wholly_outside_its_image_fails_validate_and_every_reader(tiny_dir, data, tmp_path):
+def test_an_roi_box_wholly_outside_its_image_fails_validate_and_every_reader(
+    tiny_dir, data, tmp_path
+):
     from medlvr.config import SFTConfig, load_config
     from medlvr.data.schema import DataError, read_jsonl
     from medlvr.train.sft import run_sft
 
     bad = _with_box(data, tmp_path / "outside.jsonl", [100, 100, 120, 120])
     res = runner.invoke(app, ["data", "validate", str(bad)])
-    assert res.exit_code == 1 and "rois.0.box: box [100.0, 100.0, 120.0, 120.0] lies wholly outside its 84x84 image" in res.output
+    assert (
+        res.exit_code == 1
+        and "rois.0.box: box [100.0, 100.0, 120.0, 120.0] lies wholly outside its 84x84 image"
+        in res.output
+    )
     with pytest.raises(DataError, match="lies wholly outside its 84x84 image"):
         read_jsonl(bad)
     cfg = load_config(SFTConfig, None, [f"model.path={tiny_dir}", f"data.train=[{bad}]", "mode=roi",
                                         f"output_dir={tmp_path / 'run'}", "log.progress=false"])  # fmt: skip
-    with pytest.raises(DataError, match=r"^problem in the data: .*outside.jsonl:1: rois.0.box: box .* wholly outside"):
+    with pytest.raises(
+        DataError,
+        match=r"^problem in the data: .*outside.jsonl:1: rois.0.box: box .* wholly outside",
+    ):
         run_sft(cfg)
     # A box partly outside is clipped by training, so every reader accepts it.
     partly = _with_box(data, tmp_path / "partly.jsonl", [70, 70, 120, 120])
@@ -221,13 +265,19 @@ def _slake_root(root: Path, records: list[dict]) -> Path:
 
 def test_a_slake_root_whose_records_lack_fields_converts_nothing_and_fails(tmp_path):
     out = tmp_path / "slake.jsonl"
-    root = _slake_root(tmp_path / "release", [{"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "Yes"}])
-    line = one_error_line(runner.invoke(app, ["data", "convert", "slake", "--root", str(root), "--out", str(out)]))
+    root = _slake_root(
+        tmp_path / "release", [{"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "Yes"}]
+    )
+    line = one_error_line(
+        runner.invoke(app, ["data", "convert", "slake", "--root", str(root), "--out", str(out)])
+    )
     assert "train.json record 0: no q_lang, qid, answer_type field" in line and not out.exists()
     only_zh = {"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "是", "q_lang": "zh", "qid": 1,
                "answer_type": "CLOSED"}  # fmt: skip
     root = _slake_root(tmp_path / "zh", [only_zh])
-    line = one_error_line(runner.invoke(app, ["data", "convert", "slake", "--root", str(root), "--out", str(out)]))
+    line = one_error_line(
+        runner.invoke(app, ["data", "convert", "slake", "--root", str(root), "--out", str(out)])
+    )
     assert f"slake: no question converted from {root}" in line and not out.exists()
 
 
@@ -235,8 +285,10 @@ def test_a_malformed_release_json_names_its_file(tmp_path):
     (tmp_path / "VQA_RAD Dataset Public.json").write_text('[{"qid": 1,\n  "question": }]')
     line = one_error_line(runner.invoke(app, ["data", "convert", "vqa-rad", "--root", str(tmp_path), "--out",
                                               str(tmp_path / "out.jsonl")]))  # fmt: skip
-    assert line == (f"error: vqa-rad: {tmp_path / 'VQA_RAD Dataset Public.json'} is not valid JSON: "
-                    "Expecting value at line 2, column 15")
+    assert line == (
+        f"error: vqa-rad: {tmp_path / 'VQA_RAD Dataset Public.json'} is not valid JSON: "
+        "Expecting value at line 2, column 15"
+    )
 
 
 # ---------------------------------------------------------------------------- item 9: small ones
@@ -280,7 +332,12 @@ def ws(tiny_dir, data, broken_models, tmp_path_factory) -> dict[str, Path]:
     from tests.conftest import REPO
 
     root = tmp_path_factory.mktemp("user")
-    w = {"root": root, "model": Path(shutil.copytree(tiny_dir, root / "model")), "data": data, **broken_models}
+    w = {
+        "root": root,
+        "model": Path(shutil.copytree(tiny_dir, root / "model")),
+        "data": data,
+        **broken_models,
+    }
     w["train"], w["test"] = data / "train.jsonl", data / "test.jsonl"
     w["img"] = root / "scan.png"
     random_image(84, 84).save(w["img"])
@@ -307,10 +364,14 @@ def ws(tiny_dir, data, broken_models, tmp_path_factory) -> dict[str, Path]:
     w["rad"] = root / "vqa-rad"
     w["rad"].mkdir()
     (w["rad"] / "VQA_RAD Dataset Public.json").write_text("[{")
-    w["slake"] = _slake_root(root / "slake", [{"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "Yes"}])
+    w["slake"] = _slake_root(
+        root / "slake", [{"img_name": "xmlab1/source.jpg", "question": "q?", "answer": "Yes"}]
+    )
     w["pathvqa"] = root / "pathvqa"
     (w["pathvqa"] / "qas" / "test").mkdir(parents=True)
-    (w["pathvqa"] / "qas" / "test" / "test_qa.pkl").write_bytes(pickle.dumps([{"image": "x", "question": "q", "answer": "no"}]))
+    (w["pathvqa"] / "qas" / "test" / "test_qa.pkl").write_bytes(
+        pickle.dumps([{"image": "x", "question": "q", "answer": "no"}])
+    )
     # A finished evaluation (mode direct) and a training run with a checkpoint.
     w["evalrun"] = root / "evalrun"
     evaluate([w["test"]], w["evalrun"], model=w["model"], limit=2, progress=False)
@@ -321,9 +382,13 @@ def ws(tiny_dir, data, broken_models, tmp_path_factory) -> dict[str, Path]:
     # Two folders another run is writing.
     w["busy"] = root / "busy"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    code = ("import sys, time; from medlvr.rundir import run_folder\n"
-            "with run_folder(sys.argv[1], '--out'):\n    print('ready', flush=True); time.sleep(900)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(w["busy"])], stdout=subprocess.PIPE, env=env, text=True)
+    code = (
+        "import sys, time; from medlvr.rundir import run_folder\n"
+        "with run_folder(sys.argv[1], '--out'):\n    print('ready', flush=True); time.sleep(900)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(w["busy"])], stdout=subprocess.PIPE, env=env, text=True
+    )
     assert holder.stdout.readline().strip() == "ready"
     yield w
     holder.send_signal(signal.SIGKILL)
@@ -347,143 +412,679 @@ def _vlpo(w: dict[str, Path], *overrides: str, init: Path | None = None) -> list
 
 
 def _eval(w: dict[str, Path], *args: str, model: str = "model", out: str = "new_eval") -> list[str]:
-    return ["eval", "--model", str(w[model]), "--data", str(w["test"]), "--limit", "2", "--out", str(w["root"] / out), *args]
+    return [
+        "eval",
+        "--model",
+        str(w[model]),
+        "--data",
+        str(w["test"]),
+        "--limit",
+        "2",
+        "--out",
+        str(w["root"] / out),
+        *args,
+    ]
 
 
 # (case id, arguments from the user's folder, what the one line must say)
 CASES: list[tuple[str, object, str]] = [
     # model
-    ("init-tiny family", lambda w: ["model", "init-tiny", "--out", str(w["root"] / "m"), "--family", "nope"], "unknown backbone family"),
-    ("init-tiny size", lambda w: ["model", "init-tiny", "--out", str(w["root"] / "m"), "--size", "huge"], "unknown size 'huge'"),
-    ("init-tiny out is a file", lambda w: ["model", "init-tiny", "--out", str(w["file"])], "a-file"),
+    (
+        "init-tiny family",
+        lambda w: ["model", "init-tiny", "--out", str(w["root"] / "m"), "--family", "nope"],
+        "unknown backbone family",
+    ),
+    (
+        "init-tiny size",
+        lambda w: ["model", "init-tiny", "--out", str(w["root"] / "m"), "--size", "huge"],
+        "unknown size 'huge'",
+    ),
+    (
+        "init-tiny out is a file",
+        lambda w: ["model", "init-tiny", "--out", str(w["file"])],
+        "a-file",
+    ),
     # data synth
-    ("synth level", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--level", "9"], "level must be one of"),
-    ("synth image size", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--image-size", "100"], "multiple of 28"),
-    ("synth distractors", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--distractors", "x-y"], "--distractors: expected a range 'LO-HI'"),
-    ("synth question types", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--question-types", "bogus"], "bogus"),
-    ("synth n", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--n", "0"], "n must be positive"),
-    ("synth hops", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--hops", "2-9"], "hops must be a range"),
-    ("synth answers", lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--answers", "digits"], "--answers: expected one of words, letters"),
+    (
+        "synth level",
+        lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--level", "9"],
+        "level must be one of",
+    ),
+    (
+        "synth image size",
+        lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--image-size", "100"],
+        "multiple of 28",
+    ),
+    (
+        "synth distractors",
+        lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--distractors", "x-y"],
+        "--distractors: expected a range 'LO-HI'",
+    ),
+    (
+        "synth question types",
+        lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--question-types", "bogus"],
+        "bogus",
+    ),
+    (
+        "synth n",
+        lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--n", "0"],
+        "n must be positive",
+    ),
+    (
+        "synth hops",
+        lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--hops", "2-9"],
+        "hops must be a range",
+    ),
+    (
+        "synth answers",
+        lambda w: ["data", "synth", "--out", str(w["root"] / "s"), "--answers", "digits"],
+        "--answers: expected one of words, letters",
+    ),
     # data convert
-    ("convert source", lambda w: ["data", "convert", "nope", "--root", str(w["rad"]), "--out", str(w["root"] / "o.jsonl")], "unknown source 'nope'"),
-    ("convert root", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["root"] / "nowhere"), "--out", str(w["root"] / "o.jsonl")], "release folder not found"),
-    ("convert json", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["root"] / "o.jsonl")], "is not valid JSON"),
-    ("convert split", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--split", "dev", "--out", str(w["root"] / "o.jsonl")], "unknown split 'dev'"),
-    ("convert slake fields", lambda w: ["data", "convert", "slake", "--root", str(w["slake"]), "--out", str(w["root"] / "o.jsonl")], "no q_lang, qid, answer_type field"),
-    ("convert pickle", lambda w: ["data", "convert", "pathvqa", "--root", str(w["pathvqa"]), "--split", "test", "--out", str(w["root"] / "o.jsonl")], "--allow-pickle"),
+    (
+        "convert source",
+        lambda w: [
+            "data",
+            "convert",
+            "nope",
+            "--root",
+            str(w["rad"]),
+            "--out",
+            str(w["root"] / "o.jsonl"),
+        ],
+        "unknown source 'nope'",
+    ),
+    (
+        "convert root",
+        lambda w: [
+            "data",
+            "convert",
+            "vqa-rad",
+            "--root",
+            str(w["root"] / "nowhere"),
+            "--out",
+            str(w["root"] / "o.jsonl"),
+        ],
+        "release folder not found",
+    ),
+    (
+        "convert json",
+        lambda w: [
+            "data",
+            "convert",
+            "vqa-rad",
+            "--root",
+            str(w["rad"]),
+            "--out",
+            str(w["root"] / "o.jsonl"),
+        ],
+        "is not valid JSON",
+    ),
+    (
+        "convert split",
+        lambda w: [
+            "data",
+            "convert",
+            "vqa-rad",
+            "--root",
+            str(w["rad"]),
+            "--split",
+            "dev",
+            "--out",
+            str(w["root"] / "o.jsonl"),
+        ],
+        "unknown split 'dev'",
+    ),
+    (
+        "convert slake fields",
+        lambda w: [
+            "data",
+            "convert",
+            "slake",
+            "--root",
+            str(w["slake"]),
+            "--out",
+            str(w["root"] / "o.jsonl"),
+        ],
+        "no q_lang, qid, answer_type field",
+    ),
+    (
+        "convert pickle",
+        lambda w: [
+            "data",
+            "convert",
+            "pathvqa",
+            "--root",
+            str(w["pathvqa"]),
+            "--split",
+            "test",
+            "--out",
+            str(w["root"] / "o.jsonl"),
+        ],
+        "--allow-pickle",
+    ),
     # data ground
     ("ground source", lambda w: ["data", "ground", "nope", "--out", str(w["root"] / "g")], "nope"),
-    ("ground coco without annotations", lambda w: ["data", "ground", "coco", "--out", str(w["root"] / "g"), "--images", str(w["root"])], "annotation"),
-    ("ground fractions", lambda w: ["data", "ground", "coco", "--out", str(w["root"] / "g"), "--fractions", "train=2"], "fraction"),
+    (
+        "ground coco without annotations",
+        lambda w: [
+            "data",
+            "ground",
+            "coco",
+            "--out",
+            str(w["root"] / "g"),
+            "--images",
+            str(w["root"]),
+        ],
+        "annotation",
+    ),
+    (
+        "ground fractions",
+        lambda w: [
+            "data",
+            "ground",
+            "coco",
+            "--out",
+            str(w["root"] / "g"),
+            "--fractions",
+            "train=2",
+        ],
+        "fraction",
+    ),
     # data validate / inspect
-    ("validate missing", lambda w: ["data", "validate", str(w["root"] / "nowhere.jsonl")], "data file not found"),
-    ("inspect missing", lambda w: ["data", "inspect", str(w["root"] / "nowhere.jsonl")], "data file not found"),
-    ("inspect empty", lambda w: ["data", "inspect", str(w["empty_jsonl"])], "the file has no records"),
-    ("inspect malformed", lambda w: ["data", "inspect", str(w["malformed_jsonl"])], "malformed JSON"),
+    (
+        "validate missing",
+        lambda w: ["data", "validate", str(w["root"] / "nowhere.jsonl")],
+        "data file not found",
+    ),
+    (
+        "inspect missing",
+        lambda w: ["data", "inspect", str(w["root"] / "nowhere.jsonl")],
+        "data file not found",
+    ),
+    (
+        "inspect empty",
+        lambda w: ["data", "inspect", str(w["empty_jsonl"])],
+        "the file has no records",
+    ),
+    (
+        "inspect malformed",
+        lambda w: ["data", "inspect", str(w["malformed_jsonl"])],
+        "malformed JSON",
+    ),
     # train sft
-    ("sft config missing", lambda w: ["train", "sft", "--config", str(w["root"] / "nowhere.yaml")], "config file not found"),
-    ("sft config yaml", lambda w: ["train", "sft", "--config", str(w["bad_yaml"])], "is not valid YAML at line 3"),
-    ("sft config list", lambda w: ["train", "sft", "--config", str(w["list_yaml"])], "at the top level, not a list"),
+    (
+        "sft config missing",
+        lambda w: ["train", "sft", "--config", str(w["root"] / "nowhere.yaml")],
+        "config file not found",
+    ),
+    (
+        "sft config yaml",
+        lambda w: ["train", "sft", "--config", str(w["bad_yaml"])],
+        "is not valid YAML at line 3",
+    ),
+    (
+        "sft config list",
+        lambda w: ["train", "sft", "--config", str(w["list_yaml"])],
+        "at the top level, not a list",
+    ),
     ("sft unknown key", lambda w: _sft(w, "optim.learning_rate=1"), "Key 'learning_rate' not in"),
     ("sft bad value", lambda w: _sft(w, "batch_size=two"), "batch_size"),
     ("sft no model", lambda w: [*_sft(w), "model.path="], "model.path is not set"),
-    ("sft model missing", lambda w: _sft(w, f"model.path={w['root'] / 'nowhere'}"), "model.path is not a folder"),
-    ("sft data missing", lambda w: _sft(w, f"data.train=[{w['root'] / 'nowhere.jsonl'}]"), "not found"),
-    ("sft data empty", lambda w: _sft(w, f"data.train=[{w['empty_jsonl']}]"), "the file has no records"),
-    ("sft data malformed", lambda w: _sft(w, f"data.train=[{w['malformed_jsonl']}]"), "malformed JSON"),
-    ("sft roi outside", lambda w: _sft(w, f"data.train=[{w['outside_jsonl']}]", "mode=roi"), "wholly outside its 84x84 image"),
-    ("sft missing image", lambda w: _sft(w, f"data.train=[{w['missing_image_jsonl']}]"), "image not found"),
+    (
+        "sft model missing",
+        lambda w: _sft(w, f"model.path={w['root'] / 'nowhere'}"),
+        "model.path is not a folder",
+    ),
+    (
+        "sft data missing",
+        lambda w: _sft(w, f"data.train=[{w['root'] / 'nowhere.jsonl'}]"),
+        "not found",
+    ),
+    (
+        "sft data empty",
+        lambda w: _sft(w, f"data.train=[{w['empty_jsonl']}]"),
+        "the file has no records",
+    ),
+    (
+        "sft data malformed",
+        lambda w: _sft(w, f"data.train=[{w['malformed_jsonl']}]"),
+        "malformed JSON",
+    ),
+    (
+        "sft roi outside",
+        lambda w: _sft(w, f"data.train=[{w['outside_jsonl']}]", "mode=roi"),
+        "wholly outside its 84x84 image",
+    ),
+    (
+        "sft missing image",
+        lambda w: _sft(w, f"data.train=[{w['missing_image_jsonl']}]"),
+        "image not found",
+    ),
     ("sft weights", lambda w: _sft(w, "data.weights=[1,2]"), "data.weights has 2 entries for 1"),
     ("sft val empty", lambda w: _sft(w, f"data.val={w['empty_jsonl']}"), "the file has no records"),
     ("sft holds a run", lambda w: _sft(w, f"output_dir={w['run']}"), "holds a run"),
-    ("sft resume and overwrite", lambda w: [*_sft(w, f"output_dir={w['run']}"), "--resume", "--overwrite"], "choose one"),
-    ("sft resume changed seed", lambda w: [*_sft(w, f"output_dir={w['run']}", "mode=plain", "latent.steps=4", "seed=3"), "--resume"], "seed 0 -> 3"),
+    (
+        "sft resume and overwrite",
+        lambda w: [*_sft(w, f"output_dir={w['run']}"), "--resume", "--overwrite"],
+        "choose one",
+    ),
+    (
+        "sft resume changed seed",
+        lambda w: [
+            *_sft(w, f"output_dir={w['run']}", "mode=plain", "latent.steps=4", "seed=3"),
+            "--resume",
+        ],
+        "seed 0 -> 3",
+    ),
     ("sft busy", lambda w: _sft(w, f"output_dir={w['busy']}"), "in use by another run"),
-    ("sft truncated model", lambda w: _sft(w, f"model.path={w['truncated']}"), "model.safetensors is damaged"),
-    ("sft empty model", lambda w: _sft(w, f"model.path={w['empty']}"), "model.safetensors is empty"),
+    (
+        "sft truncated model",
+        lambda w: _sft(w, f"model.path={w['truncated']}"),
+        "model.safetensors is damaged",
+    ),
+    (
+        "sft empty model",
+        lambda w: _sft(w, f"model.path={w['empty']}"),
+        "model.safetensors is empty",
+    ),
     ("sft pickle model", lambda w: _sft(w, f"model.path={w['pickle']}"), "pickle weights only"),
     ("sft positions", lambda w: _sft(w, "latent.steps=5000"), "the model holds 4096"),
-    ("sft output is a file", lambda w: _sft(w, f"output_dir={w['file']}"), "it is a file, not a folder"),
+    (
+        "sft output is a file",
+        lambda w: _sft(w, f"output_dir={w['file']}"),
+        "it is a file, not a folder",
+    ),
     # train vlpo
-    ("vlpo no init", lambda w: ["train", "vlpo", f"data.train=[{w['train']}]"], "model.path is not set"),
-    ("vlpo init missing", lambda w: _vlpo(w, init=w["root"] / "nowhere"), "model.path is not a folder"),
+    (
+        "vlpo no init",
+        lambda w: ["train", "vlpo", f"data.train=[{w['train']}]"],
+        "model.path is not set",
+    ),
+    (
+        "vlpo init missing",
+        lambda w: _vlpo(w, init=w["root"] / "nowhere"),
+        "model.path is not a folder",
+    ),
     ("vlpo group size", lambda w: _vlpo(w, "vlpo.group_size=1"), "vlpo.group_size must be >= 2"),
     ("vlpo reward", lambda w: _vlpo(w, "vlpo.rewards={nope: 1.0}"), "nope"),
     ("vlpo holds a run", lambda w: _vlpo(w, f"output_dir={w['run']}"), "holds a run"),
     ("vlpo busy", lambda w: _vlpo(w, f"output_dir={w['busy']}"), "in use by another run"),
-    ("vlpo truncated init", lambda w: _vlpo(w, init=w["truncated"]), "model.safetensors is damaged"),
-    ("vlpo data empty", lambda w: _vlpo(w, f"data.train=[{w['empty_jsonl']}]"), "the file has no records"),
+    (
+        "vlpo truncated init",
+        lambda w: _vlpo(w, init=w["truncated"]),
+        "model.safetensors is damaged",
+    ),
+    (
+        "vlpo data empty",
+        lambda w: _vlpo(w, f"data.train=[{w['empty_jsonl']}]"),
+        "the file has no records",
+    ),
     ("vlpo empty init", lambda w: _vlpo(w, init=w["empty"]), "model.safetensors is empty"),
     ("vlpo pickle init", lambda w: _vlpo(w, init=w["pickle"]), "pickle weights only"),
-    ("vlpo config yaml", lambda w: ["train", "vlpo", "--config", str(w["bad_yaml"])], "is not valid YAML at line 3"),
-    ("vlpo config list", lambda w: ["train", "vlpo", "--config", str(w["list_yaml"])], "at the top level, not a list"),
+    (
+        "vlpo config yaml",
+        lambda w: ["train", "vlpo", "--config", str(w["bad_yaml"])],
+        "is not valid YAML at line 3",
+    ),
+    (
+        "vlpo config list",
+        lambda w: ["train", "vlpo", "--config", str(w["list_yaml"])],
+        "at the top level, not a list",
+    ),
     # eval
-    ("eval no model", lambda w: ["eval", "--data", str(w["test"]), "--out", str(w["root"] / "e")], "needs --model"),
-    ("eval data missing", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["root"] / "nowhere.jsonl"), "--out", str(w["root"] / "e")], "data file not found"),
-    ("eval data empty", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["empty_jsonl"]), "--out", str(w["root"] / "e")], "the file has no records"),
-    ("eval data malformed", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["malformed_jsonl"]), "--out", str(w["root"] / "e")], "malformed JSON"),
-    ("eval duplicate ids", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["test"]), str(w["test"]), "--out", str(w["root"] / "e")], "duplicate question id"),
+    (
+        "eval no model",
+        lambda w: ["eval", "--data", str(w["test"]), "--out", str(w["root"] / "e")],
+        "needs --model",
+    ),
+    (
+        "eval data missing",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w["model"]),
+            "--data",
+            str(w["root"] / "nowhere.jsonl"),
+            "--out",
+            str(w["root"] / "e"),
+        ],
+        "data file not found",
+    ),
+    (
+        "eval data empty",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w["model"]),
+            "--data",
+            str(w["empty_jsonl"]),
+            "--out",
+            str(w["root"] / "e"),
+        ],
+        "the file has no records",
+    ),
+    (
+        "eval data malformed",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w["model"]),
+            "--data",
+            str(w["malformed_jsonl"]),
+            "--out",
+            str(w["root"] / "e"),
+        ],
+        "malformed JSON",
+    ),
+    (
+        "eval duplicate ids",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w["model"]),
+            "--data",
+            str(w["test"]),
+            str(w["test"]),
+            "--out",
+            str(w["root"] / "e"),
+        ],
+        "duplicate question id",
+    ),
     ("eval reasoning", lambda w: _eval(w, "--reasoning", "bogus"), "reasoning must be one of"),
-    ("eval latent steps text", lambda w: _eval(w, "--reasoning", "latent", "--latent-steps", "x"), "latent steps must be integers"),
-    ("eval latent steps negative", lambda w: _eval(w, "--reasoning", "latent", "--latent-steps=-1"), "latent steps must be >= 0"),
-    ("eval latent steps direct", lambda w: _eval(w, "--latent-steps", "4"), "use --reasoning latent"),
-    ("eval positions", lambda w: _eval(w, "--reasoning", "latent", "--latent-steps", "100000000"), "the model holds 4096"),
-    ("eval image control", lambda w: _eval(w, "--image-control", "sepia"), "image control must be one of"),
+    (
+        "eval latent steps text",
+        lambda w: _eval(w, "--reasoning", "latent", "--latent-steps", "x"),
+        "latent steps must be integers",
+    ),
+    (
+        "eval latent steps negative",
+        lambda w: _eval(w, "--reasoning", "latent", "--latent-steps=-1"),
+        "latent steps must be >= 0",
+    ),
+    (
+        "eval latent steps direct",
+        lambda w: _eval(w, "--latent-steps", "4"),
+        "use --reasoning latent",
+    ),
+    (
+        "eval positions",
+        lambda w: _eval(w, "--reasoning", "latent", "--latent-steps", "100000000"),
+        "the model holds 4096",
+    ),
+    (
+        "eval image control",
+        lambda w: _eval(w, "--image-control", "sepia"),
+        "image control must be one of",
+    ),
     ("eval batch size", lambda w: _eval(w, "--batch-size", "0"), "batch_size must be >= 1"),
     ("eval limit", lambda w: _eval(w, "--limit", "0"), "limit must be >= 1"),
     ("eval busy", lambda w: _eval(w, out="busy"), "in use by another run"),
-    ("eval other reasoning", lambda w: _eval(w, "--reasoning", "cot", out="evalrun"), "holds a run with reasoning='direct'"),
+    (
+        "eval other reasoning",
+        lambda w: _eval(w, "--reasoning", "cot", out="evalrun"),
+        "holds a run with reasoning='direct'",
+    ),
     ("eval out is a file", lambda w: _eval(w, out="a-file"), "it is a file, not a folder"),
     ("eval truncated model", lambda w: _eval(w, model="truncated"), "model.safetensors is damaged"),
     ("eval empty model", lambda w: _eval(w, model="empty"), "model.safetensors is empty"),
     ("eval pickle model", lambda w: _eval(w, model="pickle"), "pickle weights only"),
     ("eval model without config", lambda w: _eval(w, model="no_config"), "no config.json"),
     # eval report / compare
-    ("report missing", lambda w: ["eval", "report", str(w["root"] / "nowhere")], "run folder not found"),
+    (
+        "report missing",
+        lambda w: ["eval", "report", str(w["root"] / "nowhere")],
+        "run folder not found",
+    ),
     ("report busy", lambda w: ["eval", "report", str(w["busy"])], "in use by another run"),
     ("report no predictions", lambda w: ["eval", "report", str(w["no_config"])], "predictions"),
-    ("compare missing", lambda w: ["eval", "compare", str(w["evalrun"]), str(w["root"] / "nowhere")], "nowhere"),
+    (
+        "compare missing",
+        lambda w: ["eval", "compare", str(w["evalrun"]), str(w["root"] / "nowhere")],
+        "nowhere",
+    ),
     # predict
-    ("predict no image", lambda w: ["predict", "--model", str(w["model"]), "--question", "Why?"], "at least one --image"),
-    ("predict image missing", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["root"] / "gone.png"), "--question", "Why?"], "image not found"),
-    ("predict not an image", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["txt"]), "--question", "Why?"], "unknown image format"),
-    ("predict option", lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--option", "yes"], "--option must look like A=text"),
-    ("predict latent steps", lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--latent-steps", "-1"], "--latent-steps must be >= 0"),
-    ("predict positions", lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--latent-steps", "1000000"], "the model holds 4096"),
-    ("predict long question", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["img"]), "--question", "is " * 5000], "shorten the question"),
-    ("predict empty question", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["img"]), "--question", " "], "the question is empty"),
-    ("predict model missing", lambda w: ["predict", "--model", str(w["root"] / "nowhere"), *_q(w)], "model folder not found"),
-    ("predict model without config", lambda w: ["predict", "--model", str(w["no_config"]), *_q(w)], "no config.json"),
-    ("predict truncated model", lambda w: ["predict", "--model", str(w["truncated"]), *_q(w)], "model.safetensors is damaged"),
-    ("predict empty model", lambda w: ["predict", "--model", str(w["empty"]), *_q(w)], "model.safetensors is empty"),
-    ("predict pickle model", lambda w: ["predict", "--model", str(w["pickle"]), *_q(w)], "pickle weights only"),
+    (
+        "predict no image",
+        lambda w: ["predict", "--model", str(w["model"]), "--question", "Why?"],
+        "at least one --image",
+    ),
+    (
+        "predict image missing",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["root"] / "gone.png"),
+            "--question",
+            "Why?",
+        ],
+        "image not found",
+    ),
+    (
+        "predict not an image",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["txt"]),
+            "--question",
+            "Why?",
+        ],
+        "unknown image format",
+    ),
+    (
+        "predict option",
+        lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--option", "yes"],
+        "--option must look like A=text",
+    ),
+    (
+        "predict latent steps",
+        lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--latent-steps", "-1"],
+        "--latent-steps must be >= 0",
+    ),
+    (
+        "predict positions",
+        lambda w: ["predict", "--model", str(w["model"]), *_q(w), "--latent-steps", "1000000"],
+        "the model holds 4096",
+    ),
+    (
+        "predict long question",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["img"]),
+            "--question",
+            "is " * 5000,
+        ],
+        "shorten the question",
+    ),
+    (
+        "predict empty question",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["img"]),
+            "--question",
+            " ",
+        ],
+        "the question is empty",
+    ),
+    (
+        "predict model missing",
+        lambda w: ["predict", "--model", str(w["root"] / "nowhere"), *_q(w)],
+        "model folder not found",
+    ),
+    (
+        "predict model without config",
+        lambda w: ["predict", "--model", str(w["no_config"]), *_q(w)],
+        "no config.json",
+    ),
+    (
+        "predict truncated model",
+        lambda w: ["predict", "--model", str(w["truncated"]), *_q(w)],
+        "model.safetensors is damaged",
+    ),
+    (
+        "predict empty model",
+        lambda w: ["predict", "--model", str(w["empty"]), *_q(w)],
+        "model.safetensors is empty",
+    ),
+    (
+        "predict pickle model",
+        lambda w: ["predict", "--model", str(w["pickle"]), *_q(w)],
+        "pickle weights only",
+    ),
     # explain
-    ("explain latent steps", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--latent-steps", "0"], "--latent-steps must be >= 1"),
-    ("explain out suffix", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["root"] / "e.jpg")], "--out must be a .png"),
-    ("explain out below a file", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["file"] / "e.png")], "it is a file, not a folder"),
-    ("explain image missing", lambda w: ["explain", "--model", str(w["model"]), "--image", str(w["root"] / "gone.png"), "--question", "Why?"], "image not found"),
-    ("explain truncated model", lambda w: ["explain", "--model", str(w["truncated"]), *_q(w), "--out", str(w["root"] / "e.png")], "model.safetensors is damaged"),
-    ("explain pickle model", lambda w: ["explain", "--model", str(w["pickle"]), *_q(w), "--out", str(w["root"] / "e.png")], "pickle weights only"),
-    ("explain empty model", lambda w: ["explain", "--model", str(w["empty"]), *_q(w), "--out", str(w["root"] / "e.png")], "model.safetensors is empty"),
+    (
+        "explain latent steps",
+        lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--latent-steps", "0"],
+        "--latent-steps must be >= 1",
+    ),
+    (
+        "explain out suffix",
+        lambda w: [
+            "explain",
+            "--model",
+            str(w["model"]),
+            *_q(w),
+            "--out",
+            str(w["root"] / "e.jpg"),
+        ],
+        "--out must be a .png",
+    ),
+    (
+        "explain out below a file",
+        lambda w: [
+            "explain",
+            "--model",
+            str(w["model"]),
+            *_q(w),
+            "--out",
+            str(w["file"] / "e.png"),
+        ],
+        "it is a file, not a folder",
+    ),
+    (
+        "explain image missing",
+        lambda w: [
+            "explain",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["root"] / "gone.png"),
+            "--question",
+            "Why?",
+        ],
+        "image not found",
+    ),
+    (
+        "explain truncated model",
+        lambda w: [
+            "explain",
+            "--model",
+            str(w["truncated"]),
+            *_q(w),
+            "--out",
+            str(w["root"] / "e.png"),
+        ],
+        "model.safetensors is damaged",
+    ),
+    (
+        "explain pickle model",
+        lambda w: [
+            "explain",
+            "--model",
+            str(w["pickle"]),
+            *_q(w),
+            "--out",
+            str(w["root"] / "e.png"),
+        ],
+        "pickle weights only",
+    ),
+    (
+        "explain empty model",
+        lambda w: [
+            "explain",
+            "--model",
+            str(w["empty"]),
+            *_q(w),
+            "--out",
+            str(w["root"] / "e.png"),
+        ],
+        "model.safetensors is empty",
+    ),
     # serve
-    ("serve port", lambda w: ["serve", "--model", str(w["model"]), "--port", "70000"], "port must be in 1..65535"),
-    ("serve upload limit", lambda w: ["serve", "--model", str(w["model"]), "--max-upload-mb", "0"], "max_upload_mb must be > 0"),
-    ("serve model missing", lambda w: ["serve", "--model", str(w["root"] / "nowhere")], "model folder not found"),
-    ("serve truncated model", lambda w: ["serve", "--model", str(w["truncated"])], "model.safetensors is damaged"),
-    ("serve port not a number", lambda w: ["serve", "--model", str(w["model"]), "--port", "http"], "--port: expected an integer, got 'http'"),
+    (
+        "serve port",
+        lambda w: ["serve", "--model", str(w["model"]), "--port", "70000"],
+        "port must be in 1..65535",
+    ),
+    (
+        "serve upload limit",
+        lambda w: ["serve", "--model", str(w["model"]), "--max-upload-mb", "0"],
+        "max_upload_mb must be > 0",
+    ),
+    (
+        "serve model missing",
+        lambda w: ["serve", "--model", str(w["root"] / "nowhere")],
+        "model folder not found",
+    ),
+    (
+        "serve truncated model",
+        lambda w: ["serve", "--model", str(w["truncated"])],
+        "model.safetensors is damaged",
+    ),
+    (
+        "serve port not a number",
+        lambda w: ["serve", "--model", str(w["model"]), "--port", "http"],
+        "--port: expected an integer, got 'http'",
+    ),
     ("serve pickle model", lambda w: ["serve", "--model", str(w["pickle"])], "pickle weights only"),
     # demo
-    ("demo budgets", lambda w: ["demo", "--quick", "--full", "--out", str(w["root"] / "d")], "choose one of --quick and --full"),
-    ("demo seeds", lambda w: ["demo", "--seeds", "a,b", "--out", str(w["root"] / "d")], "--seeds: expected an integer, got 'a'"),
-    ("demo dataset", lambda w: ["demo", "--dataset", "imagenet", "--out", str(w["root"] / "d")], "imagenet"),
-    ("demo arms", lambda w: ["demo", "--arms", "xyz", "--out", str(w["root"] / "d")], "unknown arm(s) x, y, z"),
-    ("demo budget twice", lambda w: ["demo", "--quick", "--budget", "full", "--out", str(w["root"] / "d")], "choose one of --budget and --quick/--full"),
-    ("backbone lr", lambda w: ["demo", "backbone", "--out", str(w["root"] / "b"), "--lr", "fast"], "--lr: expected a number, got 'fast'"),
+    (
+        "demo budgets",
+        lambda w: ["demo", "--quick", "--full", "--out", str(w["root"] / "d")],
+        "choose one of --quick and --full",
+    ),
+    (
+        "demo seeds",
+        lambda w: ["demo", "--seeds", "a,b", "--out", str(w["root"] / "d")],
+        "--seeds: expected an integer, got 'a'",
+    ),
+    (
+        "demo dataset",
+        lambda w: ["demo", "--dataset", "imagenet", "--out", str(w["root"] / "d")],
+        "imagenet",
+    ),
+    (
+        "demo arms",
+        lambda w: ["demo", "--arms", "xyz", "--out", str(w["root"] / "d")],
+        "unknown arm(s) x, y, z",
+    ),
+    (
+        "demo budget twice",
+        lambda w: ["demo", "--quick", "--budget", "full", "--out", str(w["root"] / "d")],
+        "choose one of --budget and --quick/--full",
+    ),
+    (
+        "backbone lr",
+        lambda w: ["demo", "backbone", "--out", str(w["root"] / "b"), "--lr", "fast"],
+        "--lr: expected a number, got 'fast'",
+    ),
 ]
 
 
 def _files(root: Path) -> dict[Path, tuple[int, bytes]]:
-    return {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(root.rglob("*")) if f.is_file()}
+    return {
+        f: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(root.rglob("*")) if f.is_file()
+    }
 
 
 @pytest.mark.parametrize("case, args, message", CASES, ids=[c[0] for c in CASES])
@@ -494,5 +1095,7 @@ def test_bad_input_table(ws, case, args, message):
     line = one_error_line(res)
     assert message in line, line
     after = {**_files(ws["root"]), **_files(ws["data"])}
-    assert {f: v for f, v in after.items() if f in before} == before, f"{case}: a file the user had was changed"
+    assert {f: v for f, v in after.items() if f in before} == before, (
+        f"{case}: a file the user had was changed"
+    )
     assert not set(after) - set(before), f"{case}: left {sorted(set(after) - set(before))}"

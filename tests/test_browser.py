@@ -125,7 +125,10 @@ def test_upload_answer_evidence_and_bad_upload(server, browser, tmp_path):
 
     # The gallery: clicking a synthetic example loads its image and question.
     page.locator("#examples img").first.click()
-    page.wait_for_function("() => document.querySelector('#question textarea').value.startsWith('Is there') === false", timeout=WAIT_MS)
+    page.wait_for_function(
+        "() => document.querySelector('#question textarea').value.startsWith('Is there') === false",
+        timeout=WAIT_MS,
+    )
     page.locator("#upload").get_by_text(".png").first.wait_for(timeout=WAIT_MS)
     assert page.locator("#question textarea").input_value().endswith("?")
     page.close()

@@ -52,7 +52,9 @@ def _app() -> tuple[typer.Typer, list[Toy]]:
     @toy_app.command()
     @config_options(Toy, grammars={"span": RANGE}, aliases={"rate": ["--r"]})
     @user_errors
-    def run(knobs: Knobs, out: str = typer.Option("here", "--out", help="A command's own option.")) -> None:
+    def run(
+        knobs: Knobs, out: str = typer.Option("here", "--out", help="A command's own option.")
+    ) -> None:
         """Build a Toy."""
         built.append(knobs.build())
 
@@ -71,9 +73,15 @@ def test_help_lists_each_field_with_its_docstring_and_default():
     assert res.exit_code == 0, res.output
     for flag, doc in (("--n", "How many things, a docstring over two lines."), ("--rate", "A fraction."), ("--span", "An inclusive range."),
                       ("--verbose", "Say more."), ("--out", "A command's own option.")):  # fmt: skip
-        line = next(line for line in res.output.splitlines() if f" {flag} " in line or f" {flag}," in line)
+        line = next(
+            line for line in res.output.splitlines() if f" {flag} " in line or f" {flag}," in line
+        )
         assert doc in line, line
-    assert "[default: 3]" in res.output and "[default: 1-3]" in res.output and "[default: a=1.0]" in res.output
+    assert (
+        "[default: 3]" in res.output
+        and "[default: 1-3]" in res.output
+        and "[default: a=1.0]" in res.output
+    )
     assert "fast|slow" in res.output and "--r " in res.output and "--undocumented" in res.output
 
 
@@ -85,7 +93,16 @@ def test_options_not_given_keep_the_dataclass_defaults_and_given_ones_are_parsed
             "--label", "x", "--verbose"]  # fmt: skip
     res = runner.invoke(toy_app, args)
     assert res.exit_code == 0, res.output
-    assert built[-1] == Toy(n=7, rate=0.25, mode="slow", span=(2, 4), seeds=[1, 2], weights={"a": 2.0, "b": 0.5}, label="x", verbose=True)
+    assert built[-1] == Toy(
+        n=7,
+        rate=0.25,
+        mode="slow",
+        span=(2, 4),
+        seeds=[1, 2],
+        weights={"a": 2.0, "b": 0.5},
+        label="x",
+        verbose=True,
+    )
 
 
 @pytest.mark.parametrize("args, message", [
@@ -129,6 +146,8 @@ def test_every_config_field_is_an_option_of_its_command(command, schema, exclude
     cls = getattr(importlib.import_module(module), name)
     res = runner.invoke(cli_app, [*command, "--help"], env={"COLUMNS": "240"})
     assert res.exit_code == 0, res.output
-    flags = {flag for word in res.output.split() for flag in word.split(",") if flag.startswith("--")}
+    flags = {
+        flag for word in res.output.split() for flag in word.split(",") if flag.startswith("--")
+    }
     for f in dataclasses.fields(cls):
         assert (f"--{f.name.replace('_', '-')}" in flags) == (f.name not in excluded), f.name

@@ -19,8 +19,20 @@ def image_path(tmp_path_factory):
 
 
 def test_predict_prints_answer_steps_and_time(tiny_dir, image_path):
-    res = runner.invoke(app, ["predict", "--model", str(tiny_dir), "--image", str(image_path),
-                              "--question", "Is there a lesion?", "--latent-steps", "3"])
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            str(tiny_dir),
+            "--image",
+            str(image_path),
+            "--question",
+            "Is there a lesion?",
+            "--latent-steps",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "answer:" in res.output
     assert "latent steps: 3" in res.output
@@ -28,13 +40,31 @@ def test_predict_prints_answer_steps_and_time(tiny_dir, image_path):
 
 
 def test_predict_with_options_and_two_images(tiny_dir, image_path):
-    res = runner.invoke(app, ["predict", "--model", str(tiny_dir), "--image", str(image_path), "--image", str(image_path),
-                              "--question", "Which shape?", "--option", "A=round", "--option", "B=square"])
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            str(tiny_dir),
+            "--image",
+            str(image_path),
+            "--image",
+            str(image_path),
+            "--question",
+            "Which shape?",
+            "--option",
+            "A=round",
+            "--option",
+            "B=square",
+        ],
+    )
     assert res.exit_code == 0, res.output
 
 
 def test_init_tiny_writes_a_loadable_folder(tmp_path):
-    res = runner.invoke(app, ["model", "init-tiny", "--out", str(tmp_path / "m"), "--family", "qwen2_vl"])
+    res = runner.invoke(
+        app, ["model", "init-tiny", "--out", str(tmp_path / "m"), "--family", "qwen2_vl"]
+    )
     assert res.exit_code == 0, res.output
     assert "qwen2_vl (tiny" in res.output
     assert (tmp_path / "m" / "config.json").is_file()
@@ -48,14 +78,28 @@ def test_init_tiny_writes_a_loadable_folder(tmp_path):
     ],
 )
 def test_predict_bad_arguments_exit_2(tiny_dir, image_path, args, message):
-    res = runner.invoke(app, ["predict", "--model", str(tiny_dir), "--image", str(image_path), "--question", "q?", *args])
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            str(tiny_dir),
+            "--image",
+            str(image_path),
+            "--question",
+            "q?",
+            *args,
+        ],
+    )
     assert res.exit_code == 2
     assert message in res.output
     assert "Traceback" not in res.output
 
 
 def test_predict_without_image_exit_2(tiny_dir):
-    res = runner.invoke(app, ["predict", "--model", str(tiny_dir), "--question", "Is there a lesion?"])
+    res = runner.invoke(
+        app, ["predict", "--model", str(tiny_dir), "--question", "Is there a lesion?"]
+    )
     assert res.exit_code == 2 and "needs at least one --image" in res.output
 
 
@@ -63,16 +107,22 @@ def test_predict_unreadable_image_exit_2(tiny_dir, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
     for path in (bad, tmp_path / "missing.png"):
-        res = runner.invoke(app, ["predict", "--model", str(tiny_dir), "--image", str(path), "--question", "q?"])
+        res = runner.invoke(
+            app, ["predict", "--model", str(tiny_dir), "--image", str(path), "--question", "q?"]
+        )
         assert res.exit_code == 2, res.output
         assert str(path.name) in res.output and "Traceback" not in res.output
 
 
 def test_predict_folder_that_is_not_a_model_exit_2(tmp_path, image_path):
-    res = runner.invoke(app, ["predict", "--model", str(tmp_path), "--image", str(image_path), "--question", "q?"])
+    res = runner.invoke(
+        app, ["predict", "--model", str(tmp_path), "--image", str(image_path), "--question", "q?"]
+    )
     assert res.exit_code == 2 and "not a model folder" in res.output
 
 
 def test_init_tiny_unknown_family_exit_2(tmp_path):
-    res = runner.invoke(app, ["model", "init-tiny", "--out", str(tmp_path / "m"), "--family", "llava"])
+    res = runner.invoke(
+        app, ["model", "init-tiny", "--out", str(tmp_path / "m"), "--family", "llava"]
+    )
     assert res.exit_code == 2 and "unknown backbone family 'llava'" in res.output

@@ -11,9 +11,15 @@ from medlvr.errors import MedlvrError
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("mode: roi\nlatent: [1,\n", r"not valid YAML at line 3, column 1: did not find expected node content"),
+        (
+            "mode: roi\nlatent: [1,\n",
+            r"not valid YAML at line 3, column 1: did not find expected node content",
+        ),
         ("mode: roi\n\tseed: 2\n", r"not valid YAML at line 2, column 1: found a tab character"),
-        ("- mode: roi\n- seed: 2\n", r"must be a mapping of settings .* at the top level, not a list"),
+        (
+            "- mode: roi\n- seed: 2\n",
+            r"must be a mapping of settings .* at the top level, not a list",
+        ),
     ],
 )
 def test_a_broken_recipe_is_one_line_naming_the_file(tmp_path, text, message):

@@ -25,7 +25,20 @@ def _jpeg() -> bytes:
 
 def test_convert_vqa_rad_and_validate_clean(vqa_rad_root, tmp_path):
     out = tmp_path / "vqa_rad.jsonl"
-    res = runner.invoke(app, ["data", "convert", "vqa-rad", "--root", str(vqa_rad_root), "--out", str(out), "--split", "test"])
+    res = runner.invoke(
+        app,
+        [
+            "data",
+            "convert",
+            "vqa-rad",
+            "--root",
+            str(vqa_rad_root),
+            "--out",
+            str(out),
+            "--split",
+            "test",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "451" in res.output and "closed=272" in res.output and "open=179" in res.output
     samples = read_jsonl(out, check_images=True)
@@ -36,14 +49,20 @@ def test_convert_vqa_rad_and_validate_clean(vqa_rad_root, tmp_path):
 
 
 def test_convert_unknown_source_is_a_one_line_error(tmp_path):
-    res = runner.invoke(app, ["data", "convert", "nope", "--root", str(tmp_path), "--out", str(tmp_path / "o.jsonl")])
+    res = runner.invoke(
+        app,
+        ["data", "convert", "nope", "--root", str(tmp_path), "--out", str(tmp_path / "o.jsonl")],
+    )
     assert res.exit_code == 2
     assert "unknown source 'nope'" in res.output and "vqa-rad" in res.output
     assert "Traceback" not in res.output
 
 
 def test_convert_missing_release_file(tmp_path):
-    res = runner.invoke(app, ["data", "convert", "slake", "--root", str(tmp_path), "--out", str(tmp_path / "o.jsonl")])
+    res = runner.invoke(
+        app,
+        ["data", "convert", "slake", "--root", str(tmp_path), "--out", str(tmp_path / "o.jsonl")],
+    )
     assert res.exit_code == 2 and "train.json" in res.output
 
 
@@ -62,18 +81,33 @@ def test_convert_pathvqa_pickle_flag_and_parquet_images_beside_output(tmp_path):
     assert res.exit_code == 0, res.output
     assert "closed=1" in res.output
 
-    pq.write_table(pa.Table.from_pylist([{"image": {"bytes": _jpeg(), "path": None}, "question": "What?", "answer": "x"}]),
-                   root / "test-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"image": {"bytes": _jpeg(), "path": None}, "question": "What?", "answer": "x"}]
+        ),
+        root / "test-00000-of-00001.parquet",
+    )
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     [s] = read_jsonl(out)
     assert s.images[0].startswith(str((tmp_path / "out" / "images" / "pathvqa").resolve()))
-    assert json.loads(out.read_text())["images"][0].startswith("images/pathvqa/")  # relative on disk
+    assert json.loads(out.read_text())["images"][0].startswith(
+        "images/pathvqa/"
+    )  # relative on disk
 
 
 def _record(i: int, image: str, **over) -> dict:
-    rec = {"id": f"s{i}", "dataset": "t", "split": "test", "images": [image], "question": "Which?",
-           "options": {"A": "x", "B": "y"}, "answer": "x", "answer_letter": "A", "answer_type": "choice"}
+    rec = {
+        "id": f"s{i}",
+        "dataset": "t",
+        "split": "test",
+        "images": [image],
+        "question": "Which?",
+        "options": {"A": "x", "B": "y"},
+        "answer": "x",
+        "answer_letter": "A",
+        "answer_type": "choice",
+    }
     rec.update(over)
     return rec
 
@@ -88,13 +122,13 @@ def test_validate_reports_every_problem_with_its_line(tmp_path):
     no_question = _record(3, "good.jpg")
     del no_question["question"]
     lines = [
-        json.dumps(_record(1, "good.jpg")),                                   # 1: clean
-        '{"id": "s2", "dataset": ',                                           # 2: malformed JSON
-        json.dumps(no_question),                                              # 3: missing field
-        json.dumps(_record(4, "good.jpg", answer_letter="E")),                # 4: gold letter not among options
-        json.dumps(_record(1, "good.jpg")),                                   # 5: duplicate id
-        json.dumps(_record(6, "absent.jpg")),                                 # 6: missing image
-        json.dumps(_record(7, "cut.png")),                                    # 7: unreadable image
+        json.dumps(_record(1, "good.jpg")),  # 1: clean
+        '{"id": "s2", "dataset": ',  # 2: malformed JSON
+        json.dumps(no_question),  # 3: missing field
+        json.dumps(_record(4, "good.jpg", answer_letter="E")),  # 4: gold letter not among options
+        json.dumps(_record(1, "good.jpg")),  # 5: duplicate id
+        json.dumps(_record(6, "absent.jpg")),  # 6: missing image
+        json.dumps(_record(7, "cut.png")),  # 7: unreadable image
     ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -31,26 +31,62 @@ def test_quick_demo_reports_every_arm_by_depth(first):
     for arm in "atpbcde":
         rows = [r for r in table if r["variant"] == arm]
         assert [r["hops"] for r in rows] == [None, 1, 2, 3]
-        assert sum(r["n"] for r in rows[1:]) == rows[0]["n"] == 24  # every test question has a depth
+        assert (
+            sum(r["n"] for r in rows[1:]) == rows[0]["n"] == 24
+        )  # every test question has a depth
         assert all(0.0 <= r["mean"] <= 1.0 for r in rows)
-    assert {r["variant"]: r["K"] for r in table} == {"a": 0, "t": 0, "p": 6, "b": 6, "c": 6, "d": 6, "e": 6}
+    assert {r["variant"]: r["K"] for r in table} == {
+        "a": 0,
+        "t": 0,
+        "p": 6,
+        "b": 6,
+        "c": 6,
+        "d": 6,
+        "e": 6,
+    }
     pairs = {(p["arm"], p["against"], p["hops"]) for p in results["pairs"]}
-    assert {("c", "a", 3), ("c", "p", 3), ("c", "t", 3), ("d", "c", 3), ("e", "a", 3), ("e", "t", 3), ("e", "b", 3)} <= pairs
-    assert set(results["controls"]["blank"]) == set(results["controls"]["question-only"]) == set("atpbcde")
+    assert {
+        ("c", "a", 3),
+        ("c", "p", 3),
+        ("c", "t", 3),
+        ("d", "c", 3),
+        ("e", "a", 3),
+        ("e", "t", 3),
+        ("e", "b", 3),
+    } <= pairs
+    assert (
+        set(results["controls"]["blank"])
+        == set(results["controls"]["question-only"])
+        == set("atpbcde")
+    )
     assert 0 < results["chance"] <= 1
-    assert {"p", "b", "c", "d", "e"} == set(results["explain"]) and all("hop_pointing" in m for m in results["explain"].values())
+    assert {"p", "b", "c", "d", "e"} == set(results["explain"]) and all(
+        "hop_pointing" in m for m in results["explain"].values()
+    )
     report = (out / "report.md").read_text()
-    for text in ("## Verdict", "Regime: direct (a)", "ROI-SFT (c) minus the pause control (p)", "Blank images",
-                 "The latent curriculum (e) minus the text reasoning it starts from (t)",
-                 "## Paired comparisons by depth", "per-hop pointing", "ms / question"):
+    for text in (
+        "## Verdict",
+        "Regime: direct (a)",
+        "ROI-SFT (c) minus the pause control (p)",
+        "Blank images",
+        "The latent curriculum (e) minus the text reasoning it starts from (t)",
+        "## Paired comparisons by depth",
+        "per-hop pointing",
+        "ms / question",
+    ):
         assert text in report, text
     for name in ("accuracy_by_hops.png", "accuracy_vs_k.png", "training_curves.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     # the text-reasoning arm was trained on the chain written out, the others on the bare answer
     t_train = (out / "data" / "train_reasoning.jsonl").read_text()
-    assert "; answer: " in t_train and "largest lesion: " in t_train or "smallest lesion: " in t_train
+    assert (
+        "; answer: " in t_train and "largest lesion: " in t_train or "smallest lesion: " in t_train
+    )
     # the curriculum arm handed one hop per stage to K / hops = 2 latent steps, ending at K = 6
-    e_rows = [json.loads(line) for line in (out / "runs" / "e_seed1" / "metrics.jsonl").read_text().splitlines()]
+    e_rows = [
+        json.loads(line)
+        for line in (out / "runs" / "e_seed1" / "metrics.jsonl").read_text().splitlines()
+    ]
     e_config = (out / "runs" / "e_seed1" / "config.yaml").read_text()
     assert "replace_reasoning: true" in e_config and "- 0\n- 2\n- 4\n- 6" in e_config
     assert [r["latent_steps"] for r in e_rows if "latent_steps" in r][-1] == 6
@@ -60,7 +96,9 @@ def test_quick_demo_is_reproducible_in_parallel(first, tmp_path):
     _, results = first
     again = _run(tmp_path / "b", "--arms", "ac", "--workers", "2")
     key = lambda r: (r["variant"], r["split"], r["per_seed"], r["n"])  # noqa: E731
-    assert [key(r) for r in again["table"]] == [key(r) for r in results["table"] if r["variant"] in "ac"]
+    assert [key(r) for r in again["table"]] == [
+        key(r) for r in results["table"] if r["variant"] in "ac"
+    ]
 
 
 def test_demo_rejects_bad_arguments(tmp_path):
@@ -82,4 +120,9 @@ def test_sft_steps_overrides_the_budget_for_every_sft_arm_and_the_curriculum_spl
     assert DemoConfig().spec.sft_steps == BUDGETS["default"].sft_steps == 400
     longer = DemoConfig(sft_steps=800)
     assert longer.spec.sft_steps == 800 and longer.spec.batch_size == BUDGETS["default"].batch_size
-    assert longer.curriculum() == [0, 2, 4, 6] and DemoConfig(latent_steps=8).curriculum() == [0, 2, 5, 8]
+    assert longer.curriculum() == [0, 2, 4, 6] and DemoConfig(latent_steps=8).curriculum() == [
+        0,
+        2,
+        5,
+        8,
+    ]

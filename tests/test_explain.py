@@ -55,7 +55,9 @@ def test_roi_mass_of_the_box_indicator_is_one_and_of_its_complement_zero():
     assert torch.equal(cov, inside)
     assert roi_mass(inside, cov) == pytest.approx(1.0)
     assert roi_mass(1 - inside, cov) == pytest.approx(0.0)
-    assert roi_mass(torch.ones(4, 6), cov) == pytest.approx(2 / 24)  # a uniform map: the box's share of the area
+    assert roi_mass(torch.ones(4, 6), cov) == pytest.approx(
+        2 / 24
+    )  # a uniform map: the box's share of the area
 
 
 def test_roi_coverage_is_fractional_for_a_box_inside_one_cell():
@@ -94,7 +96,13 @@ def test_normalise_and_top_regions():
 
 def test_maps_have_grid_shape_sum_to_one_and_reproduce_the_latent_chain(vlm, tmp_path):
     images = [random_image(140, 100, seed=1), random_image(168, 168, seed=2)]
-    ex = explain(vlm, images, "What is the shape of the lesion?", {"A": "round", "B": "square"}, latent_steps=3)
+    ex = explain(
+        vlm,
+        images,
+        "What is the shape of the lesion?",
+        {"A": "round", "B": "square"},
+        latent_steps=3,
+    )
     m = ex.maps
     grids = [vlm.adapter.token_grid(vlm.processor, *im.size) for im in images]
     n = sum(g.n_tokens for g in grids)
@@ -133,7 +141,14 @@ def test_explanations_and_roi_metrics_work_for_every_family(tiny_factory, family
     torch.manual_seed(0)
     vlm = LatentVLM.from_pretrained(tiny_factory(family), LatentConfig(steps=2, projector="linear"))
     images = [random_image(140, 100, seed=1), random_image(96, 160, seed=2)]
-    ex = explain(vlm, images, "Where is the lesion?", {"A": "left", "B": "right"}, latent_steps=2, max_new_tokens=4)
+    ex = explain(
+        vlm,
+        images,
+        "Where is the lesion?",
+        {"A": "left", "B": "right"},
+        latent_steps=2,
+        max_new_tokens=4,
+    )
     m = ex.maps
     grids = [vlm.adapter.token_grid(vlm.processor, *im.size) for im in images]
     n = sum(g.n_tokens for g in grids)
@@ -144,7 +159,9 @@ def test_explanations_and_roi_metrics_work_for_every_family(tiny_factory, family
         assert torch.allclose(maps.sum(-1), torch.ones(2), atol=1e-5)
         per_image = m.per_image(maps)
         assert [tuple(t.shape) for t in per_image] == [(2, g.rows, g.cols) for g in grids]
-        assert torch.allclose(sum(t.sum((-2, -1)) for t in per_image), torch.ones(2), atol=1e-5)  # still sums to 1 per step
+        assert torch.allclose(
+            sum(t.sum((-2, -1)) for t in per_image), torch.ones(2), atol=1e-5
+        )  # still sums to 1 per step
         assert m.cells(maps).shape == (2, n_cells)
 
     # An indicator map over the tokens of a box on image 2 puts all its mass inside the box. The box is one
@@ -157,7 +174,12 @@ def test_explanations_and_roi_metrics_work_for_every_family(tiny_factory, family
     tokens = [grids[0].n_tokens + t for t in box_to_tokens(inner, grids[1], w, h)]
     indicator = torch.zeros(n)
     indicator[tokens] = 1.0 / len(tokens)
-    cov = torch.cat([roi_coverage(grids[0], images[0].size, []).flatten(), roi_coverage(grids[1], (w, h), [box]).flatten()])
+    cov = torch.cat(
+        [
+            roi_coverage(grids[0], images[0].size, []).flatten(),
+            roi_coverage(grids[1], (w, h), [box]).flatten(),
+        ]
+    )
     assert cov.shape == (n_cells,)
     assert roi_mass(m.cells(indicator), cov) == pytest.approx(1.0, abs=1e-6)
     assert pointing_hit(m.cells(indicator), cov)
@@ -239,7 +261,12 @@ def test_explain_metrics_keys_floor_and_skips(vlm):
 # ---------------------------------------------------------------------------- faithfulness after ROI training
 
 
-def _align_loss(latents: torch.Tensor, visual: list[torch.Tensor], roi_index: list[torch.Tensor], tau: float = 0.1) -> torch.Tensor:
+def _align_loss(
+    latents: torch.Tensor,
+    visual: list[torch.Tensor],
+    roi_index: list[torch.Tensor],
+    tau: float = 0.1,
+) -> torch.Tensor:
     """InfoNCE of each latent z_k: its pooled ROI target against the image's non-ROI tokens (NOTES-synthetic.md)."""
     losses = []
     for z, v, idx in zip(latents, visual, roi_index):  # z [K, d], v [N, d]
@@ -247,7 +274,9 @@ def _align_loss(latents: torch.Tensor, visual: list[torch.Tensor], roi_index: li
         target = pool_targets(v, idx, k)  # [K, d]
         keep = torch.ones(v.shape[0], dtype=torch.bool)
         keep[idx] = False
-        cands = torch.cat([target[:, None], v[keep][None].expand(k, -1, -1)], 1)  # [K, 1 + N_neg, d]
+        cands = torch.cat(
+            [target[:, None], v[keep][None].expand(k, -1, -1)], 1
+        )  # [K, 1 + N_neg, d]
         logits = F.cosine_similarity(z[:, None], cands, dim=-1) / tau  # [K, 1 + N_neg]
         losses.append(F.cross_entropy(logits, torch.zeros(k, dtype=torch.long)))
     return torch.stack(losses).mean()
@@ -258,7 +287,9 @@ def test_roi_trained_similarity_maps_beat_the_random_floor(tiny_factory):
     """A tiny model trained with answer loss + ROI alignment: its maps put more mass on held-out ROIs than chance."""
     torch.manual_seed(0)
     started = time.perf_counter()
-    vlm = LatentVLM.from_pretrained(tiny_factory(size="tiny"), LatentConfig(steps=2, projector="linear"))
+    vlm = LatentVLM.from_pretrained(
+        tiny_factory(size="tiny"), LatentConfig(steps=2, projector="linear")
+    )
     train, test = _synth(64, 24, seed=0)
     collate = VQACollator(vlm.processor, vlm.adapter)
     test_samples, test_images = [s for s, _ in test], [im for _, im in test]
@@ -315,12 +346,17 @@ def test_cli_explain_writes_png_and_json(tiny_dir, tmp_path):
 def test_cli_explain_user_errors_exit_2(tiny_dir, tmp_path, extra, message):
     img = tmp_path / "scan.png"
     random_image(56, 56).save(img)
-    res = CliRunner().invoke(cli_app, ["explain", "--model", str(tiny_dir), "--image", str(img), "--question", "Q?", *extra])
+    res = CliRunner().invoke(
+        cli_app,
+        ["explain", "--model", str(tiny_dir), "--image", str(img), "--question", "Q?", *extra],
+    )
     assert res.exit_code == 2 and message in res.output
 
 
 def test_cli_explain_unreadable_image_exit_2(tiny_dir, tmp_path):
     bad = tmp_path / "scan.png"
     bad.write_text("not a png")
-    res = CliRunner().invoke(cli_app, ["explain", "--model", str(tiny_dir), "--image", str(bad), "--question", "Q?"])
+    res = CliRunner().invoke(
+        cli_app, ["explain", "--model", str(tiny_dir), "--image", str(bad), "--question", "Q?"]
+    )
     assert res.exit_code == 2 and "error" in res.output

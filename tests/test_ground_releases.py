@@ -28,7 +28,9 @@ def _png(path: Path, size: tuple[int, int]) -> None:
 
 def _jpeg(path: Path, size: tuple[int, int], array: np.ndarray | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    (Image.fromarray(array) if array is not None else Image.new("RGB", size, (90, 40, 40))).save(path, quality=95)
+    (Image.fromarray(array) if array is not None else Image.new("RGB", size, (90, 40, 40))).save(
+        path, quality=95
+    )
 
 
 def _dicom(path: Path, width: int, height: int) -> None:
@@ -41,7 +43,11 @@ def _dicom(path: Path, width: int, height: int) -> None:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "DX"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+        "DX",
+    )
     ds.set_pixel_data(np.full((height, width), 900, np.uint16), "MONOCHROME1", 12)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -78,7 +84,9 @@ def nih_root(tmp_path) -> Path:
         "00000007_000.png,Mass,0,7,45,M,PA,2048,2500,0.168,0.168,\n"
         "00000008_000.png,No Finding,0,8,45,M,PA,2048,2500,0.168,0.168,\n"  # not on disk
     )
-    (root / "train_val_list.txt").write_text("00000001_000.png\n00000002_001.png\n00000005_000.png\n00000006_000.png\n00000008_000.png\n")
+    (root / "train_val_list.txt").write_text(
+        "00000001_000.png\n00000002_001.png\n00000005_000.png\n00000006_000.png\n00000008_000.png\n"
+    )
     (root / "test_list.txt").write_text("00000003_000.png\n00000004_000.png\n00000007_000.png\n")
     for name, folder in [("00000001_000", 1), ("00000002_001", 1), ("00000005_000", 1), ("00000006_000", 1),
                          ("00000003_000", 2), ("00000004_000", 2), ("00000007_000", 2)]:  # fmt: skip
@@ -95,13 +103,36 @@ def test_nih_cxr14(nih_root):
     assert by["location", "00000001_000.png", ("Nodule",)].answer == "upper right"
     assert by["location", "00000001_000.png", ("Effusion",)].answer == "lower left"
     assert by["location", "00000004_000.png", ("Mass",)].answer == "center"
-    assert by["location", "00000001_000.png", ("Nodule",)].rois[0].box == (100.5, 200.25, 150.5, 240.25)
-    assert by["count", "00000003_000.png", ("Nodule",)].rois[0].box == (1000, 1000, 1024, 1024)  # clipped
+    assert by["location", "00000001_000.png", ("Nodule",)].rois[0].box == (
+        100.5,
+        200.25,
+        150.5,
+        240.25,
+    )
+    assert by["count", "00000003_000.png", ("Nodule",)].rois[0].box == (
+        1000,
+        1000,
+        1024,
+        1024,
+    )  # clipped
     # negatives come only from the data entry: image 2 is labelled Nodule without a box, image 6 Effusion
-    negatives = {(s.meta["image"], s.meta["labels"][0]) for s in result.samples if s.question_type == "presence" and s.answer == "no"}
-    assert not negatives & {("00000002_001.png", "Nodule"), ("00000006_000.png", "Effusion"), ("00000004_000.png", "Nodule")}
-    assert all(s.modality == "X-Ray" and s.meta["group"] == s.meta["image"][:8] for s in result.samples)
-    assert Counter(s.answer for s in result.samples if s.question_type == "presence") == {"yes": 5, "no": 5}
+    negatives = {
+        (s.meta["image"], s.meta["labels"][0])
+        for s in result.samples
+        if s.question_type == "presence" and s.answer == "no"
+    }
+    assert not negatives & {
+        ("00000002_001.png", "Nodule"),
+        ("00000006_000.png", "Effusion"),
+        ("00000004_000.png", "Nodule"),
+    }
+    assert all(
+        s.modality == "X-Ray" and s.meta["group"] == s.meta["image"][:8] for s in result.samples
+    )
+    assert Counter(s.answer for s in result.samples if s.question_type == "presence") == {
+        "yes": 5,
+        "no": 5,
+    }
     assert split_leaks(result.samples) == {}
 
 
@@ -109,7 +140,9 @@ def test_nih_without_data_entry_has_no_negatives(nih_root):
     (nih_root / "Data_Entry_2017.csv").unlink()
     result = ground("nih-cxr14", root=nih_root)
     assert not any(s.question_type == "presence" for s in result.samples)
-    assert result.skipped["presence: positives without a matching negative"] == 5  # boxed findings: 3 train, 2 test
+    assert (
+        result.skipped["presence: positives without a matching negative"] == 5
+    )  # boxed findings: 3 train, 2 test
 
 
 # ---------------------------------------------------------------------------- VinDr-CXR
@@ -152,16 +185,27 @@ def test_vindr_cxr_fuses_readers(vindr_root):
                              ("test", "presence"): 4, ("test", "location"): 2, ("test", "count"): 2, ("test", "size"): 1}  # fmt: skip
     by = {(s.question_type, s.meta["image"], tuple(s.meta["labels"])): s for s in result.samples}
     cardio = by["location", "a1", ("Cardiomegaly",)]
-    assert cardio.rois[0].box == (31.0, 61.0, 71.0, 91.0) and cardio.answer == "center"  # mean of R8 and R9
+    assert (
+        cardio.rois[0].box == (31.0, 61.0, 71.0, 91.0) and cardio.answer == "center"
+    )  # mean of R8 and R9
     effusions = by["count", "a3", ("Pleural effusion",)]
-    assert effusions.answer == "2" and [r.box for r in effusions.rois] == [(1.0, 81.0, 30.0, 119.0), (70.5, 79.5, 99.5, 119.5)]
+    assert effusions.answer == "2" and [r.box for r in effusions.rois] == [
+        (1.0, 81.0, 30.0, 119.0),
+        (70.5, 79.5, 99.5, 119.5),
+    ]
     # a finding one reader saw is neither a negative nor counted
-    assert not any(s.meta["image"] == "a3" and s.meta["labels"] == ["Cardiomegaly"] for s in result.samples)
+    assert not any(
+        s.meta["image"] == "a3" and s.meta["labels"] == ["Cardiomegaly"] for s in result.samples
+    )
     assert not any("Nodule/Mass" in s.meta["labels"] for s in result.samples)
     assert result.samples[0].images[0].endswith(".dicom")
     # a stricter merge keeps only the left effusion (three readers): still present, no longer countable
     strict = ground("vindr-cxr", root=vindr_root, split="train", min_readers=3)
-    effusion = {(s.question_type, s.meta["image"], s.answer) for s in strict.samples if "Pleural effusion" in s.meta["labels"]}
+    effusion = {
+        (s.question_type, s.meta["image"], s.answer)
+        for s in strict.samples
+        if "Pleural effusion" in s.meta["labels"]
+    }
     assert effusion == {("presence", "a3", "yes"), ("presence", "a2", "no")}
     assert {s.split for s in strict.samples} == {"train"}
 
@@ -170,12 +214,72 @@ def test_vindr_cxr_fuses_readers(vindr_root):
 
 MS_CXR_HEADER = "dicom_id,category_name,label_text,path,x,y,w,h,image_width,image_height"
 MS_CXR_ROWS = [
-    ("d1", "Pneumonia", "Patchy opacity", "files/p10/p10000001/s50000001/d1.jpg", 300, 500, 200, 250, "train"),
-    ("d1", "Pleural Effusion", "Right pleural effusion", "files/p10/p10000001/s50000001/d1.jpg", 50, 800, 250, 300, "train"),
-    ("d2", "Pneumothorax", "Small left apical pneumothorax", "files/p10/p10000002/s50000002/d2.jpg", 700, 100, 150, 200, "val"),
-    ("d3", "Consolidation", "Consolidation", "files/p11/p11000003/s50000003/d3.jpg", 100, 100, 300, 300, "test"),
-    ("d3", "Consolidation", "Consolidation", "files/p11/p11000003/s50000003/d3.jpg", 120, 150, 200, 150, "test"),
-    ("d4", "Atelectasis", "Bibasilar atelectasis", "files/p10/p10000001/s50000009/d4.jpg", 100, 900, 800, 200, "train"),
+    (
+        "d1",
+        "Pneumonia",
+        "Patchy opacity",
+        "files/p10/p10000001/s50000001/d1.jpg",
+        300,
+        500,
+        200,
+        250,
+        "train",
+    ),
+    (
+        "d1",
+        "Pleural Effusion",
+        "Right pleural effusion",
+        "files/p10/p10000001/s50000001/d1.jpg",
+        50,
+        800,
+        250,
+        300,
+        "train",
+    ),
+    (
+        "d2",
+        "Pneumothorax",
+        "Small left apical pneumothorax",
+        "files/p10/p10000002/s50000002/d2.jpg",
+        700,
+        100,
+        150,
+        200,
+        "val",
+    ),
+    (
+        "d3",
+        "Consolidation",
+        "Consolidation",
+        "files/p11/p11000003/s50000003/d3.jpg",
+        100,
+        100,
+        300,
+        300,
+        "test",
+    ),
+    (
+        "d3",
+        "Consolidation",
+        "Consolidation",
+        "files/p11/p11000003/s50000003/d3.jpg",
+        120,
+        150,
+        200,
+        150,
+        "test",
+    ),
+    (
+        "d4",
+        "Atelectasis",
+        "Bibasilar atelectasis",
+        "files/p10/p10000001/s50000009/d4.jpg",
+        100,
+        900,
+        800,
+        200,
+        "train",
+    ),
 ]
 
 
@@ -184,7 +288,9 @@ def _ms_cxr(root: Path, version: str) -> Path:
     split = version == "v1.1.0"
     lines = [MS_CXR_HEADER + (",split" if split else "")]
     for d, cat, text, path, x, y, w, h, s in MS_CXR_ROWS:
-        lines.append(f'{d},{cat},"{text}",{path},{x},{y},{w},{h},1000,1200' + (f",{s}" if split else ""))
+        lines.append(
+            f'{d},{cat},"{text}",{path},{x},{y},{w},{h},1000,1200' + (f",{s}" if split else "")
+        )
         _jpeg(root / "mimic" / path, (1000, 1200))
     (root / f"MS_CXR_Local_Alignment_{version}.csv").write_text("\n".join(lines) + "\n")
     return root
@@ -194,14 +300,33 @@ def test_ms_cxr_phrase_grounding(tmp_path):
     root = _ms_cxr(tmp_path / "ms-cxr", "v1.1.0")
     result = ground("ms-cxr", root=root, images=root / "mimic")
     assert _made(result) == {("train", "grounding"): 3, ("test", "grounding"): 1}
-    assert result.skipped == {"grounding: the phrase states the position, or its boxes are apart": 1}  # the left apical one
+    assert result.skipped == {
+        "grounding: the phrase states the position, or its boxes are apart": 1
+    }  # the left apical one
     qs = {s.question: s for s in result.samples}
-    patchy = qs["Which region of this image shows patchy opacity? Left and right are the patient's sides."]
-    assert patchy.answer == "center" and patchy.rois[0].box == (300, 500, 500, 750) and patchy.rois[0].label == "Pneumonia"
+    patchy = qs[
+        "Which region of this image shows patchy opacity? Left and right are the patient's sides."
+    ]
+    assert (
+        patchy.answer == "center"
+        and patchy.rois[0].box == (300, 500, 500, 750)
+        and patchy.rois[0].label == "Pneumonia"
+    )
     assert qs["Which region of this image shows right pleural effusion?"].answer == "lower"
-    assert qs["Which region of this image shows bibasilar atelectasis? Left and right are the patient's sides."].answer == "center"
-    consolidation = qs["Which region of this image shows consolidation? Left and right are the patient's sides."]
-    assert consolidation.answer == "upper right" and len(consolidation.rois) == 2 and consolidation.split == "test"
+    assert (
+        qs[
+            "Which region of this image shows bibasilar atelectasis? Left and right are the patient's sides."
+        ].answer
+        == "center"
+    )
+    consolidation = qs[
+        "Which region of this image shows consolidation? Left and right are the patient's sides."
+    ]
+    assert (
+        consolidation.answer == "upper right"
+        and len(consolidation.rois) == 2
+        and consolidation.split == "test"
+    )
     assert {s.meta["group"] for s in result.samples if s.split == "train"} == {"p10000001"}
     assert all(Path(s.images[0]).is_file() for s in result.samples)
 
@@ -241,16 +366,33 @@ def kvasir_root(tmp_path) -> Path:
 
 
 def test_kvasir_seg_boxes_and_masks_agree(kvasir_root):
-    result = ground("kvasir-seg", root=kvasir_root.parent)  # the folder holding Kvasir-SEG/ works too
+    result = ground(
+        "kvasir-seg", root=kvasir_root.parent
+    )  # the folder holding Kvasir-SEG/ works too
     # no official split: seeded by image, 0.8 / 0.1 / 0.1 of three images cut at round(2.4, 2.7, 3) = 2, 3, 3
     assert _made(result) == {("train", "location"): 2, ("train", "count"): 2, ("val", "count"): 1}
-    assert result.skipped == {"presence: positives without a matching negative": 3}  # every image has a polyp
+    assert result.skipped == {
+        "presence: positives without a matching negative": 3
+    }  # every image has a polyp
     from_masks = ground("kvasir-seg", root=kvasir_root, regions="masks")
-    boxes = sorted((s.meta["image"], r.box) for s in result.samples if s.question_type == "count" for r in s.rois)
-    mask_boxes = sorted((s.meta["image"], r.box) for s in from_masks.samples if s.question_type == "count" for r in s.rois)
+    boxes = sorted(
+        (s.meta["image"], r.box)
+        for s in result.samples
+        if s.question_type == "count"
+        for r in s.rois
+    )
+    mask_boxes = sorted(
+        (s.meta["image"], r.box)
+        for s in from_masks.samples
+        if s.question_type == "count"
+        for r in s.rois
+    )
     assert len(boxes) == len(mask_boxes) == 4
     for (ka, a), (kb, b) in zip(boxes, mask_boxes):
-        assert ka == kb and np.abs(np.subtract(a, b)).max() <= 1, (a, b)  # JPEG edges blur by a pixel at most
+        assert ka == kb and np.abs(np.subtract(a, b)).max() <= 1, (
+            a,
+            b,
+        )  # JPEG edges blur by a pixel at most
     two = next(s for s in result.samples if s.question_type == "count" and s.answer == "2")
     assert two.meta["image"] == "cju0qoxqj9q6s0835b43399p4" and two.modality == "Endoscopy"
 
@@ -268,7 +410,12 @@ def _slake_record(qid: int, img: str, modality: str, location: str, lang: str = 
 def slake_root(tmp_path) -> Path:
     root = tmp_path / "Slake1.0"
     images = {  # folder -> (modality, region, detection objects, split file)
-        "xmlab1": ("CT", "Abdomen", [{"Liver": [20, 30, 80, 60]}, {"Spleen": [140, 40, 30, 30]}, {"Kidney": [1, 1, 0, 4]}], "train.json"),
+        "xmlab1": (
+            "CT",
+            "Abdomen",
+            [{"Liver": [20, 30, 80, 60]}, {"Spleen": [140, 40, 30, 30]}, {"Kidney": [1, 1, 0, 4]}],
+            "train.json",
+        ),
         "xmlab2": ("CT", "Abdomen", [{"Liver": [30, 30, 60, 50]}], "train.json"),
         "xmlab3": ("MRI", "Brain", [{"Brain": [40, 20, 120, 120]}], "train.json"),
         "xmlab5": ("CT", "Abdomen", [{"Spleen": [10, 10, 20, 20]}], "test.json"),
@@ -283,7 +430,10 @@ def slake_root(tmp_path) -> Path:
             mask[y : y + h, x : x + w] = value * 40
         mask[150:156, 190:196] = 250  # a value no box names
         Image.fromarray(mask).save(root / "imgs" / folder / "mask.png")
-        records[file] += [_slake_record(2 * i, folder, modality, region), _slake_record(2 * i + 1, folder, modality, region, "zh")]
+        records[file] += [
+            _slake_record(2 * i, folder, modality, region),
+            _slake_record(2 * i + 1, folder, modality, region, "zh"),
+        ]
     for file, recs in records.items():
         (root / file).write_text(json.dumps(recs))
     return root
@@ -293,25 +443,48 @@ def test_slake_regions_from_detection_and_masks(slake_root):
     result = ground("slake-ground", root=slake_root)
     assert _made(result) == {("train", "presence"): 2, ("train", "location"): 4, ("train", "count"): 4, ("train", "size"): 1,
                              ("test", "location"): 1, ("test", "count"): 1}  # fmt: skip
-    presence = {(s.meta["image"], s.meta["labels"][0], s.answer) for s in result.samples if s.question_type == "presence"}
-    assert presence == {("xmlab1", "Spleen", "yes"), ("xmlab2", "Spleen", "no")}  # never asked of the brain MRI
+    presence = {
+        (s.meta["image"], s.meta["labels"][0], s.answer)
+        for s in result.samples
+        if s.question_type == "presence"
+    }
+    assert presence == {
+        ("xmlab1", "Spleen", "yes"),
+        ("xmlab2", "Spleen", "no"),
+    }  # never asked of the brain MRI
     by = {(s.question_type, s.meta["image"], tuple(s.meta["labels"])): s for s in result.samples}
-    assert by["location", "xmlab1", ("Liver",)].answer == "middle right" and by["location", "xmlab1", ("Spleen",)].answer == "middle left"
+    assert (
+        by["location", "xmlab1", ("Liver",)].answer == "middle right"
+        and by["location", "xmlab1", ("Spleen",)].answer == "middle left"
+    )
     [size] = [s for s in result.samples if s.question_type == "size"]
-    assert size.meta["image"] == "xmlab1" and size.answer == "liver" and sorted(size.meta["labels"]) == ["Liver", "Spleen"]
-    assert all(s.dataset == "slake-ground" and s.organ in ("Abdomen", "Brain") for s in result.samples)
+    assert (
+        size.meta["image"] == "xmlab1"
+        and size.answer == "liver"
+        and sorted(size.meta["labels"]) == ["Liver", "Spleen"]
+    )
+    assert all(
+        s.dataset == "slake-ground" and s.organ in ("Abdomen", "Brain") for s in result.samples
+    )
     masks = ground("slake-ground", root=slake_root, regions="masks")
-    assert [s.model_dump(exclude={"id"}) for s in masks.samples] == [s.model_dump(exclude={"id"}) for s in result.samples]
+    assert [s.model_dump(exclude={"id"}) for s in masks.samples] == [
+        s.model_dump(exclude={"id"}) for s in result.samples
+    ]
     with pytest.raises(SourceError, match="regions must be 'boxes' or 'masks'"):
         ground("slake-ground", root=slake_root, regions="polygons")
 
 
-@pytest.mark.parametrize("release, broken", [
-    ("kvasir-seg", "kavsir_bboxes.json"),
-    ("slake-ground", "train.json"),
-    ("slake-ground", "imgs/xmlab2/detection.json"),
-])
-def test_a_malformed_release_json_is_one_error_naming_its_file(release, broken, kvasir_root, slake_root):
+@pytest.mark.parametrize(
+    "release, broken",
+    [
+        ("kvasir-seg", "kavsir_bboxes.json"),
+        ("slake-ground", "train.json"),
+        ("slake-ground", "imgs/xmlab2/detection.json"),
+    ],
+)
+def test_a_malformed_release_json_is_one_error_naming_its_file(
+    release, broken, kvasir_root, slake_root
+):
     root = kvasir_root if release == "kvasir-seg" else slake_root
     (root / broken).write_text('[{"Liver": [30, 30,')
     with pytest.raises(SourceError, match=rf"{root / broken} is not valid JSON: .* at line 1"):
@@ -340,7 +513,9 @@ def all_outputs(nih_root, vindr_root, kvasir_root, slake_root, tmp_path):
     }
 
 
-def test_every_box_is_inside_its_image_and_reaches_tokens_of_every_family(all_outputs, tiny_factory):
+def test_every_box_is_inside_its_image_and_reaches_tokens_of_every_family(
+    all_outputs, tiny_factory
+):
     grids = {}
     for family in families():
         adapter = get_adapter(family)

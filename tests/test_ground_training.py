@@ -23,13 +23,22 @@ def detection_release(folder: Path, n: int = 160, size: int = 112, seed: int = 0
     (folder / "images").mkdir(parents=True)
     images, annotations = [], []
     for i in range(n):
-        im = Image.fromarray(rng.normal(60, 12, (size, size)).clip(0, 255).astype(np.uint8)).convert("RGB")
+        im = Image.fromarray(
+            rng.normal(60, 12, (size, size)).clip(0, 255).astype(np.uint8)
+        ).convert("RGB")
         draw = ImageDraw.Draw(im)
         for category, side, colour in ((1, 14, (230, 230, 230)), (2, 30, (150, 40, 40))):
             if rng.random() < 0.5:
                 x, y = (int(v) for v in rng.integers(0, size - side, 2))
                 draw.ellipse([x, y, x + side, y + side], fill=colour)
-                annotations.append({"id": len(annotations), "image_id": i, "category_id": category, "bbox": [x, y, side, side]})
+                annotations.append(
+                    {
+                        "id": len(annotations),
+                        "image_id": i,
+                        "category_id": category,
+                        "bbox": [x, y, side, side],
+                    }
+                )
         im.save(folder / "images" / f"{i}.png")
         images.append({"id": i, "file_name": f"{i}.png", "width": size, "height": size})
     path = folder / "instances.json"
@@ -42,7 +51,12 @@ def detection_release(folder: Path, n: int = 160, size: int = 112, seed: int = 0
 def mixture(tmp_path_factory, vqa_rad_root) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("mixture")
     release = detection_release(out / "release")
-    grounded = ground("coco", annotations=[f"train={release}"], images=str(out / "release" / "images"), dataset="toy-ground")
+    grounded = ground(
+        "coco",
+        annotations=[f"train={release}"],
+        images=str(out / "release" / "images"),
+        dataset="toy-ground",
+    )
     write_jsonl(grounded.samples, out / "grounded.jsonl")
     # VQA-RAD is read from ../shared and only referenced: the JSONL points at its images there.
     write_jsonl(convert("vqa-rad", vqa_rad_root, "train"), out / "vqa-rad-train.jsonl")
@@ -70,6 +84,8 @@ def test_roi_sft_on_vqa_rad_plus_grounded_data_lowers_the_roi_loss(mixture, tiny
     result = run_sft(cfg)
     ce = [r["ce"] for r in result.history]
     align = [r["align"] for r in result.history if r.get("align") is not None]
-    assert len(ce) == 30 and len(align) == 30  # every batch of the mixture holds grounded samples with ROIs
+    assert (
+        len(ce) == 30 and len(align) == 30
+    )  # every batch of the mixture holds grounded samples with ROIs
     assert np.mean(align[-5:]) < np.mean(align[:5]) - 0.15, align
     assert np.mean(ce[-5:]) < 0.6 * np.mean(ce[:5]), ce

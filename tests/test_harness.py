@@ -64,15 +64,26 @@ def test_vqa_rad_scripted_predictor_gives_exact_accuracies(vqa_rad_root, tmp_pat
         group = [s for s in samples if s.answer_type == kind]
         right = sum(1 for s in group if _even(s.id) or s.answer.strip().lower() == "yes")
         expected[kind] = right / len(group)
-    assert 0.3 < expected["closed"] < 1 and 0.3 < expected["open"] < 1  # the script is not trivially right
+    assert (
+        0.3 < expected["closed"] < 1 and 0.3 < expected["open"] < 1
+    )  # the script is not trivially right
 
-    result = evaluate(samples, tmp_path / "run", predictor=gold_or_yes, batch_size=64, progress=False)
+    result = evaluate(
+        samples, tmp_path / "run", predictor=gold_or_yes, batch_size=64, progress=False
+    )
     by_type = result.summary["by_answer_type"]
     assert by_type["closed"]["accuracy"] == pytest.approx(expected["closed"], abs=1e-12)
     assert by_type["open"]["accuracy"] == pytest.approx(expected["open"], abs=1e-12)
-    assert result.summary["overall"]["closed_accuracy"] == pytest.approx(expected["closed"], abs=1e-12)
+    assert result.summary["overall"]["closed_accuracy"] == pytest.approx(
+        expected["closed"], abs=1e-12
+    )
     assert result.summary["overall"]["n"] == 451 and result.summary["overall"]["n_errors"] == 0
-    for name in ("summary.json", "report.md", "plots/accuracy_by_dataset.png", "plots/accuracy_by_question_type.png"):
+    for name in (
+        "summary.json",
+        "report.md",
+        "plots/accuracy_by_dataset.png",
+        "plots/accuracy_by_question_type.png",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
 
 
@@ -91,12 +102,23 @@ def _tiny_set(tmp_path: Path, n: int = 24, missing: tuple[int, ...] = ()) -> Pat
         kind = ("closed", "open", "choice")[i % 3]
         fields = {"answer": "yes" if i % 4 else "no"}
         if kind == "choice":
-            fields = {"options": {"A": "round", "B": "square"}, "answer": "round", "answer_letter": "A"}
-        samples.append(VQASample(
-            id=f"q{i:03d}", dataset="toy" if i % 2 else "toy2", split="test", images=[str(path)],
-            question="Is there a lesion?" + " really" * (i % 5), answer_type=kind, question_type=f"t{i % 4}",
-            **fields,
-        ))
+            fields = {
+                "options": {"A": "round", "B": "square"},
+                "answer": "round",
+                "answer_letter": "A",
+            }
+        samples.append(
+            VQASample(
+                id=f"q{i:03d}",
+                dataset="toy" if i % 2 else "toy2",
+                split="test",
+                images=[str(path)],
+                question="Is there a lesion?" + " really" * (i % 5),
+                answer_type=kind,
+                question_type=f"t{i % 4}",
+                **fields,
+            )
+        )
     write_jsonl(samples, tmp_path / "test.jsonl")
     return tmp_path / "test.jsonl"
 
@@ -125,13 +147,27 @@ class CrashAfter:
 
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
     data = _tiny_set(tmp_path)
-    ref = evaluate([data], tmp_path / "ref", predictor=keyed, reasoning="latent", latent_steps=[0, 2],
-                   batch_size=5, progress=False)
+    ref = evaluate(
+        [data],
+        tmp_path / "ref",
+        predictor=keyed,
+        reasoning="latent",
+        latent_steps=[0, 2],
+        batch_size=5,
+        progress=False,
+    )
 
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        evaluate([data], run, predictor=CrashAfter(17), reasoning="latent", latent_steps=[0, 2], batch_size=5,
-                 progress=False)
+        evaluate(
+            [data],
+            run,
+            predictor=CrashAfter(17),
+            reasoning="latent",
+            latent_steps=[0, 2],
+            batch_size=5,
+            progress=False,
+        )
     kept = read_predictions(run)
     assert 0 < len(kept) < 48 and len(kept) % 5 == 0  # whole batches were flushed before the crash
     with (run / PREDICTIONS_FILE).open("a") as fh:
@@ -143,8 +179,15 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
         calls.extend((s.id, k) for s in samples)
         return keyed(samples, images, k)
 
-    res = evaluate([data], run, predictor=counting, reasoning="latent", latent_steps=[0, 2], batch_size=5,
-                   progress=False)
+    res = evaluate(
+        [data],
+        run,
+        predictor=counting,
+        reasoning="latent",
+        latent_steps=[0, 2],
+        batch_size=5,
+        progress=False,
+    )
     assert res.n_skipped == len(kept) and len(calls) == 48 - len(kept)
     assert not {(r["id"], r["latent_steps"]) for r in kept} & set(calls)
     assert _strip_timing(res.summary) == _strip_timing(ref.summary)
@@ -166,18 +209,36 @@ def test_missing_image_is_an_error_row_and_the_run_goes_on(tmp_path):
 
 def test_two_direct_shards_merge_to_the_single_process_result(tmp_path):
     data = _tiny_set(tmp_path, n=13)
-    one = evaluate([data], tmp_path / "one", predictor=keyed, reasoning="latent", latent_steps="0,4", batch_size=3,
-                   progress=False)
+    one = evaluate(
+        [data],
+        tmp_path / "one",
+        predictor=keyed,
+        reasoning="latent",
+        latent_steps="0,4",
+        batch_size=3,
+        progress=False,
+    )
     for r in (1, 0):
-        part = evaluate([data], tmp_path / "two", predictor=keyed, reasoning="latent", latent_steps=[0, 4], batch_size=3,
-                        rank=r, world_size=2, progress=False)
+        part = evaluate(
+            [data],
+            tmp_path / "two",
+            predictor=keyed,
+            reasoning="latent",
+            latent_steps=[0, 4],
+            batch_size=3,
+            rank=r,
+            world_size=2,
+            progress=False,
+        )
         assert part.summary is None and part.n_samples == (7 if r == 0 else 6)
     assert (tmp_path / "two" / "predictions.rank1.jsonl").is_file()
     merge_shards(tmp_path / "two")
     two = write_report(tmp_path / "two")["data"]
     assert not list((tmp_path / "two").glob("predictions.rank*"))
     assert _strip_timing(two) == _strip_timing(one.summary)
-    assert _strip_timing(read_predictions(tmp_path / "two")) == _strip_timing(read_predictions(tmp_path / "one"))
+    assert _strip_timing(read_predictions(tmp_path / "two")) == _strip_timing(
+        read_predictions(tmp_path / "one")
+    )
 
 
 _WORKER = """
@@ -198,15 +259,35 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     data = _tiny_set(tmp_path, n=11)
-    one = evaluate([data], tmp_path / "one", predictor=keyed, reasoning="latent", latent_steps=[0, 2], batch_size=3,
-                   progress=False)
+    one = evaluate(
+        [data],
+        tmp_path / "one",
+        predictor=keyed,
+        reasoning="latent",
+        latent_steps=[0, 2],
+        batch_size=3,
+        progress=False,
+    )
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(_WORKER))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(data), str(tmp_path / "two")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(data),
+            str(tmp_path / "two"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -241,7 +322,10 @@ def test_a_run_written_before_reasoning_had_its_name_is_still_checked_and_resume
     with pytest.raises(MedlvrError, match="reasoning='direct'"):
         evaluate([data], run, predictor=keyed, reasoning="cot", progress=False)
     res = evaluate([data], run, predictor=keyed, reasoning="direct", progress=False)
-    assert res.summary["overall"]["n"] == 3 and json.loads((run / "run.json").read_text())["reasoning"] == "direct"
+    assert (
+        res.summary["overall"]["n"] == 3
+        and json.loads((run / "run.json").read_text())["reasoning"] == "direct"
+    )
 
 
 def test_batches_are_sorted_by_prompt_length_deterministically(tmp_path):
@@ -281,11 +365,22 @@ def test_blank_images_answer_alike_and_shuffled_is_a_fixed_derangement(tmp_path)
         for s, imgs in zip(samples, images):
             kind = _kind(s, imgs, own)
             seen[(s.id, kind)] = [(im.mode, im.size) for im in imgs]
-            out.append(hashlib.md5(b"".join(im.tobytes() for im in imgs)).hexdigest()[:8] if imgs else "none")
+            out.append(
+                hashlib.md5(b"".join(im.tobytes() for im in imgs)).hexdigest()[:8]
+                if imgs
+                else "none"
+            )
         return out
 
-    res = evaluate([data], tmp_path / "run", predictor=by_pixels, image_control="none,blank,shuffled", batch_size=4,
-                   control_seed=3, progress=False)
+    res = evaluate(
+        [data],
+        tmp_path / "run",
+        predictor=by_pixels,
+        image_control="none,blank,shuffled",
+        batch_size=4,
+        control_seed=3,
+        progress=False,
+    )
     rows = read_predictions(tmp_path / "run")
     resp = {(r["id"], r["image_control"]): r["response"] for r in rows}
     # Blank: same-size same-mode grey images; q000 and q003 share a size (32x32) but differ in pixels.
@@ -296,9 +391,15 @@ def test_blank_images_answer_alike_and_shuffled_is_a_fixed_derangement(tmp_path)
     donors = shuffle_donors(read_jsonl(data), seed=3)
     shuffled = {r["id"]: r for r in rows if r["image_control"] == "shuffled"}
     assert {i: r["images_from"] for i, r in shuffled.items()} == donors
-    assert all(r["images_from"] != i for i, r in shuffled.items()) and len(set(donors.values())) == 9
+    assert (
+        all(r["images_from"] != i for i, r in shuffled.items()) and len(set(donors.values())) == 9
+    )
     assert all(shuffled[i]["response"] == resp[(d, "none")] for i, d in donors.items())
-    assert res.summary["overall"]["n"] == 9 and set(res.summary["by_image_control"]) == {"none", "blank", "shuffled"}
+    assert res.summary["overall"]["n"] == 9 and set(res.summary["by_image_control"]) == {
+        "none",
+        "blank",
+        "shuffled",
+    }
 
 
 def test_each_blank_image_is_made_once_for_every_k_of_a_batch(tmp_path, monkeypatch):
@@ -308,8 +409,17 @@ def test_each_blank_image_is_made_once_for_every_k_of_a_batch(tmp_path, monkeypa
     made = []
     real_blank = harness.blank_like
     monkeypatch.setattr(harness, "blank_like", lambda im: made.append(im.size) or real_blank(im))
-    evaluate([data], tmp_path / "run", predictor=keyed, reasoning="latent", latent_steps=[0, 2, 4],
-             image_control="none,blank", batch_size=4, progress=False, report=False)
+    evaluate(
+        [data],
+        tmp_path / "run",
+        predictor=keyed,
+        reasoning="latent",
+        latent_steps=[0, 2, 4],
+        image_control="none,blank",
+        batch_size=4,
+        progress=False,
+        report=False,
+    )
     assert len(made) == 9  # one per question's image, not one per K
     rows = read_predictions(tmp_path / "run")
     assert len(rows) == 9 * 3 * 2
@@ -322,26 +432,45 @@ def test_control_summary_equals_hand_computation(tmp_path):
     data = _tiny_set(tmp_path, n=24)
     samples = read_jsonl(data)
     own = {s.id: s.images for s in samples}
-    right = {"none": lambda i, sid: True, "blank": lambda i, sid: _even(sid), "shuffled": lambda i, sid: False,
-             "question-only": lambda i, sid: i % 3 == 0}
+    right = {
+        "none": lambda i, sid: True,
+        "blank": lambda i, sid: _even(sid),
+        "shuffled": lambda i, sid: False,
+        "question-only": lambda i, sid: i % 3 == 0,
+    }
 
     def scripted(batch, images, k):
-        return [s.gold if right[_kind(s, imgs, own)](int(s.id[1:]), s.id) else "maybe" for s, imgs in zip(batch, images)]
+        return [
+            s.gold if right[_kind(s, imgs, own)](int(s.id[1:]), s.id) else "maybe"
+            for s, imgs in zip(batch, images)
+        ]
 
-    res = evaluate([data], tmp_path / "run", predictor=scripted, reasoning="latent", latent_steps=[0, 2],
-                   image_control="none,blank,shuffled,question-only", batch_size=5, progress=False)
+    res = evaluate(
+        [data],
+        tmp_path / "run",
+        predictor=scripted,
+        reasoning="latent",
+        latent_steps=[0, 2],
+        image_control="none,blank,shuffled,question-only",
+        batch_size=5,
+        progress=False,
+    )
     s = res.summary
     expected = {c: sum(f(i, x.id) for i, x in enumerate(samples)) / 24 for c, f in right.items()}
     assert expected["blank"] not in (0.0, 1.0)
     assert list(s["by_image_control"]) == ["none", "blank", "shuffled", "question-only"]
     for c, acc in expected.items():
-        assert s["by_image_control"][c]["n"] == 48 and s["by_image_control"][c]["accuracy"] == pytest.approx(acc)
+        assert s["by_image_control"][c]["n"] == 48 and s["by_image_control"][c][
+            "accuracy"
+        ] == pytest.approx(acc)
         assert s["by_image_control_latent_steps"][c]["2"]["accuracy"] == pytest.approx(acc)
         if c != "none":
             assert s["real_minus_control"][c]["delta"] == pytest.approx(1 - acc)
     assert s["overall"]["n"] == 48 and s["overall"]["accuracy"] == 1.0  # the real-image rows only
     dep = s["image_dependence"]
-    assert dep["overall"]["n"] == 48 and dep["overall"]["delta"] == pytest.approx(1 - expected["blank"])
+    assert dep["overall"]["n"] == 48 and dep["overall"]["delta"] == pytest.approx(
+        1 - expected["blank"]
+    )
     toy = [x.id for i, x in enumerate(samples) if i % 2]  # dataset "toy" holds the odd indices
     assert dep["by_dataset"]["toy"]["delta"] == pytest.approx(1 - sum(map(_even, toy)) / len(toy))
     md = (tmp_path / "run" / "report.md").read_text()
@@ -360,7 +489,9 @@ def test_question_only_prompts_have_no_image_placeholder(tmp_path):
     evaluate([data], tmp_path / "run", predictor=spy, image_control="question-only", progress=False)
     assert got and all(paths == [] and imgs == [] for paths, imgs in got)
     rows = read_predictions(tmp_path / "run")
-    assert {r["image_control"] for r in rows} == {"question-only"} and not any(r.get("error") for r in rows)
+    assert {r["image_control"] for r in rows} == {"question-only"} and not any(
+        r.get("error") for r in rows
+    )
 
 
 @pytest.mark.parametrize("family", families())
@@ -372,10 +503,21 @@ def test_every_family_answers_a_question_only_prompt(tiny_factory, family, tmp_p
     data = _tiny_set(tmp_path, n=3)
     vlm = LatentVLM.from_pretrained(tiny_factory(family))
     text_only = [s.model_copy(update={"images": []}) for s in read_jsonl(data)]
-    batch = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)(text_only, [[]] * 3)
-    assert int((batch["input_ids"] == vlm.image_token_id).sum()) == 0 and batch.get("pixel_values") is None
-    res = evaluate([data], tmp_path / "run", vlm=vlm, image_control="none,question-only", max_new_tokens=2,
-                   progress=False)
+    batch = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)(
+        text_only, [[]] * 3
+    )
+    assert (
+        int((batch["input_ids"] == vlm.image_token_id).sum()) == 0
+        and batch.get("pixel_values") is None
+    )
+    res = evaluate(
+        [data],
+        tmp_path / "run",
+        vlm=vlm,
+        image_control="none,question-only",
+        max_new_tokens=2,
+        progress=False,
+    )
     assert res.summary["by_image_control"]["question-only"]["n"] == 3 and res.n_errors == 0
 
 
@@ -385,7 +527,9 @@ def test_a_family_without_text_only_prompts_fails_in_one_line(tiny_dir, tmp_path
     vlm = LatentVLM.from_pretrained(tiny_dir)
     monkeypatch.setattr(type(vlm.adapter), "text_only", False)
     with pytest.raises(MedlvrError, match="qwen2_5_vl cannot answer without an image"):
-        evaluate([_tiny_set(tmp_path, n=2)], tmp_path / "run", vlm=vlm, image_control="question-only")
+        evaluate(
+            [_tiny_set(tmp_path, n=2)], tmp_path / "run", vlm=vlm, image_control="question-only"
+        )
 
 
 def test_resuming_with_a_new_condition_computes_only_its_rows(tmp_path):
@@ -399,7 +543,9 @@ def test_resuming_with_a_new_condition_computes_only_its_rows(tmp_path):
         calls.extend((s.id, np.asarray(imgs[0]).max()) for s, imgs in zip(samples, images))
         return keyed(samples, images, k)
 
-    res = evaluate([data], run, predictor=counting, image_control="none,blank", batch_size=3, progress=False)
+    res = evaluate(
+        [data], run, predictor=counting, image_control="none,blank", batch_size=3, progress=False
+    )
     assert (res.n_new, res.n_skipped) == (10, 10)
     assert len(calls) == 10 and all(peak == 128 for _, peak in calls)  # blank images only
     after = read_predictions(run)
@@ -409,27 +555,64 @@ def test_resuming_with_a_new_condition_computes_only_its_rows(tmp_path):
 
     evaluate([data], run, predictor=keyed, image_control="shuffled", control_seed=1, progress=False)
     with pytest.raises(MedlvrError, match="control_seed=1"):
-        evaluate([data], run, predictor=keyed, image_control="shuffled", control_seed=2, progress=False)
+        evaluate(
+            [data], run, predictor=keyed, image_control="shuffled", control_seed=2, progress=False
+        )
 
 
 def test_accuracy_by_hops_has_exact_counts_and_a_plot(tmp_path):
     hops = [1] * 3 + [2] * 4 + [3] * 5
-    samples = [VQASample(id=f"h{i:02d}", dataset="chain", split="test", images=[], question=f"Hop question {i}?",
-                         answer="yes", answer_type="closed", meta={"hops": h}) for i, h in enumerate(hops)]
-    samples += [VQASample(id=f"r{i}", dataset="other", split="test", images=[], question="Is it?", answer="no",
-                          answer_type="closed") for i in range(2)]
+    samples = [
+        VQASample(
+            id=f"h{i:02d}",
+            dataset="chain",
+            split="test",
+            images=[],
+            question=f"Hop question {i}?",
+            answer="yes",
+            answer_type="closed",
+            meta={"hops": h},
+        )
+        for i, h in enumerate(hops)
+    ]
+    samples += [
+        VQASample(
+            id=f"r{i}",
+            dataset="other",
+            split="test",
+            images=[],
+            question="Is it?",
+            answer="no",
+            answer_type="closed",
+        )
+        for i in range(2)
+    ]
     # Right on h00, h03, h04, h07, h08, h09 (1 of 3 at 1 hop, 2 of 4 at 2, 3 of 5 at 3) and on r0.
     good = {"h00", "h03", "h04", "h07", "h08", "h09", "r0"}
 
     def scripted(batch, images, k):
         return [s.gold if s.id in good and k == 0 else "maybe" for s in batch]
 
-    res = evaluate(samples, tmp_path / "run", predictor=scripted, reasoning="latent", latent_steps=[0, 2],
-                   image_control="none,blank", progress=False)
+    res = evaluate(
+        samples,
+        tmp_path / "run",
+        predictor=scripted,
+        reasoning="latent",
+        latent_steps=[0, 2],
+        image_control="none,blank",
+        progress=False,
+    )
     by_hops = res.summary["by_hops"]
     assert list(by_hops) == ["1", "2", "3", "unknown"]
-    assert {h: m["n"] for h, m in by_hops.items()} == {"1": 6, "2": 8, "3": 10, "unknown": 4}  # K=0 and K=2
-    assert [by_hops[h]["accuracy"] for h in ("1", "2", "3")] == pytest.approx([1 / 6, 2 / 8, 3 / 10])
+    assert {h: m["n"] for h, m in by_hops.items()} == {
+        "1": 6,
+        "2": 8,
+        "3": 10,
+        "unknown": 4,
+    }  # K=0 and K=2
+    assert [by_hops[h]["accuracy"] for h in ("1", "2", "3")] == pytest.approx(
+        [1 / 6, 2 / 8, 3 / 10]
+    )
     curves = res.summary["by_image_control_latent_steps_hops"]
     assert (curves["blank"]["0"]["3"]["n"], curves["blank"]["0"]["3"]["accuracy"]) == (5, 3 / 5)
     assert curves["none"]["2"]["1"]["accuracy"] == 0.0

@@ -20,7 +20,9 @@ from medlvr.errors import ImageError, MedlvrError
 
 
 def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return np.clip(np.rint((values.astype(np.float64) - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+    return np.clip(np.rint((values.astype(np.float64) - lo) / (hi - lo) * 255), 0, 255).astype(
+        np.uint8
+    )
 
 
 def _gray(im: Image.Image) -> np.ndarray:
@@ -88,7 +90,9 @@ def test_multi_frame_picks_one_frame():
     for k in (0, 7):
         got = _gray(load_image(path, dicom_frame=k))
         assert np.array_equal(got, _window(frames[k], frames[k].min(), frames[k].max()))
-    assert not np.array_equal(_gray(load_image(path, dicom_frame=0)), _gray(load_image(path, dicom_frame=14)))
+    assert not np.array_equal(
+        _gray(load_image(path, dicom_frame=0)), _gray(load_image(path, dicom_frame=14))
+    )
     with pytest.raises(ImageError, match="frame 15 out of range.*15 frame"):
         load_image(path, dicom_frame=15)
 
@@ -103,7 +107,9 @@ def test_rgb_dicom_kept():
 def test_dicom_without_extension_is_sniffed(tmp_path):
     plain = tmp_path / "IM000001"
     shutil.copy(get_testdata_file("CT_small.dcm"), plain)
-    assert np.array_equal(np.asarray(load_image(plain)), np.asarray(load_image(get_testdata_file("CT_small.dcm"))))
+    assert np.array_equal(
+        np.asarray(load_image(plain)), np.asarray(load_image(get_testdata_file("CT_small.dcm")))
+    )
 
 
 def test_truncated_dicom():
@@ -160,7 +166,9 @@ def test_nifti_axis_and_robust_range(tmp_path):
 
 
 def test_truncated_nifti(tmp_path):
-    path = _nifti(tmp_path, np.random.default_rng(0).random((32, 32, 32)).astype(np.float32), "t.nii.gz")
+    path = _nifti(
+        tmp_path, np.random.default_rng(0).random((32, 32, 32)).astype(np.float32), "t.nii.gz"
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="t.nii.gz"):
@@ -217,7 +225,9 @@ def test_exif_orientation_applied(tmp_path):
 
 def test_truncated_png(tmp_path):
     path = tmp_path / "cut.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        path
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match=r"cannot read image .*cut\.png"):
@@ -241,7 +251,12 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("side", [8_000, 40_000])  # ours (64M > 50M) and Pillow's own bomb limit

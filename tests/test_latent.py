@@ -22,8 +22,12 @@ def _samples(n_images=(1, 1)):
     for i, n in enumerate(n_images):
         out.append(
             VQASample(
-                id=f"s{i}", dataset="t", split="test", images=[f"img{i}_{j}" for j in range(n)],
-                question=qs[i % 2] * (1 + i), answer="round" if i % 2 == 0 else "yes",
+                id=f"s{i}",
+                dataset="t",
+                split="test",
+                images=[f"img{i}_{j}" for j in range(n)],
+                question=qs[i % 2] * (1 + i),
+                answer="round" if i % 2 == 0 else "yes",
                 answer_type="open" if i % 2 == 0 else "closed",
                 rois=[ROI(box=(10, 10, 60, 40))] if i % 2 == 0 else [],
             )
@@ -44,15 +48,27 @@ def _batch(vlm, sizes=((140, 100), (224, 224)), n_images=(1, 1), with_answers=Tr
 @pytest.fixture(scope="module", params=FAMILIES)
 def vlm(request, tiny_factory):
     torch.manual_seed(0)
-    return LatentVLM.from_pretrained(tiny_factory(request.param), LatentConfig(steps=4, projector="linear"))
+    return LatentVLM.from_pretrained(
+        tiny_factory(request.param), LatentConfig(steps=4, projector="linear")
+    )
 
 
 def test_k0_greedy_equals_backbone_generate(vlm):
     batch = _batch(vlm, with_answers=False)
     assert (batch["attention_mask"][:, 0] == 0).any(), "the batch must be left-padded"
-    keys = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "image_grid_thw", "mm_token_type_ids", "token_type_ids")
-    ref = vlm.backbone.generate(**{k: batch[k] for k in keys if k in batch}, max_new_tokens=12, do_sample=False)
-    ref = ref[:, batch["input_ids"].shape[1]:].tolist()
+    keys = (
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "pixel_attention_mask",
+        "image_grid_thw",
+        "mm_token_type_ids",
+        "token_type_ids",
+    )
+    ref = vlm.backbone.generate(
+        **{k: batch[k] for k in keys if k in batch}, max_new_tokens=12, do_sample=False
+    )
+    ref = ref[:, batch["input_ids"].shape[1] :].tolist()
     out = vlm.generate(batch, latent_steps=0, max_new_tokens=12)
     stops = set(vlm.stop_ids)
     for mine, theirs in zip(out.token_ids, ref):
@@ -85,8 +101,13 @@ def test_several_images_per_sample(vlm):
     out = vlm.generate(batch, latent_steps=2, max_new_tokens=3)
     fwd = vlm(batch, latent_steps=2)
     assert len(out.texts) == 2
-    grids = [vlm.adapter.token_grid(vlm.processor, w, h) for w, h in ((84, 56), (112, 140), (56, 56))]
-    assert [v.shape[0] for v in fwd.visual_tokens] == [grids[0].n_tokens + grids[1].n_tokens, grids[2].n_tokens]
+    grids = [
+        vlm.adapter.token_grid(vlm.processor, w, h) for w, h in ((84, 56), (112, 140), (56, 56))
+    ]
+    assert [v.shape[0] for v in fwd.visual_tokens] == [
+        grids[0].n_tokens + grids[1].n_tokens,
+        grids[2].n_tokens,
+    ]
 
 
 def test_training_forward_gradients_reach_vision_lm_and_projector(vlm):
@@ -97,16 +118,27 @@ def test_training_forward_gradients_reach_vision_lm_and_projector(vlm):
     assert torch.isfinite(out.loss)
     out.loss.backward()
     named = dict(vlm.named_parameters())
-    vision = [p for n, p in named.items() if vlm.adapter.parameter_group(n) != "language" and p.grad is not None]
+    vision = [
+        p
+        for n, p in named.items()
+        if vlm.adapter.parameter_group(n) != "language" and p.grad is not None
+    ]
     # Decoder layers, by a name every family shares (its language model is `language_model`, `text_model` ...).
-    lm = [p for n, p in named.items() if ".layers." in n and vlm.adapter.parameter_group(n) == "language" and p.grad is not None]
+    lm = [
+        p
+        for n, p in named.items()
+        if ".layers." in n and vlm.adapter.parameter_group(n) == "language" and p.grad is not None
+    ]
     assert vision and any(p.grad.abs().sum() > 0 for p in vision)
     assert lm and any(p.grad.abs().sum() > 0 for p in lm)
     # The projector touches the answer only through the latent steps.
     assert vlm.projector.linear.weight.grad.abs().sum() > 0
     vlm.zero_grad()
     vlm(batch, latent_steps=0).loss.backward()
-    assert vlm.projector.linear.weight.grad is None or vlm.projector.linear.weight.grad.abs().sum() == 0
+    assert (
+        vlm.projector.linear.weight.grad is None
+        or vlm.projector.linear.weight.grad.abs().sum() == 0
+    )
     vlm.eval()
 
 

@@ -38,8 +38,12 @@ def test_alignment_is_zero_or_minimal_at_the_target():
     assert alignment_loss("mse", t.clone(), t, mask).abs().max() < 1e-12
     # InfoNCE: at the target the positive wins against unrelated negatives
     negs, nmask = pad_tokens(neg, 8)
-    at = alignment_loss("infonce", t.clone(), t, mask, negatives=negs, negatives_mask=nmask, temperature=0.1)
-    away = alignment_loss("infonce", -t.clone(), t, mask, negatives=negs, negatives_mask=nmask, temperature=0.1)
+    at = alignment_loss(
+        "infonce", t.clone(), t, mask, negatives=negs, negatives_mask=nmask, temperature=0.1
+    )
+    away = alignment_loss(
+        "infonce", -t.clone(), t, mask, negatives=negs, negatives_mask=nmask, temperature=0.1
+    )
     assert (at < 0.5).all() and (away > at).all()
 
 
@@ -55,8 +59,12 @@ def test_infonce_penalises_the_shared_direction_that_cosine_rewards():
     on_roi = roi.view(1, 1, d)
     negs, nmask = pad_tokens([others], d)
     cos_mean = alignment_loss("cosine", on_mean, roi.view(1, 1, d), mask)
-    nce_mean = alignment_loss("infonce", on_mean, roi.view(1, 1, d), mask, negatives=negs, negatives_mask=nmask)
-    nce_roi = alignment_loss("infonce", on_roi, roi.view(1, 1, d), mask, negatives=negs, negatives_mask=nmask)
+    nce_mean = alignment_loss(
+        "infonce", on_mean, roi.view(1, 1, d), mask, negatives=negs, negatives_mask=nmask
+    )
+    nce_roi = alignment_loss(
+        "infonce", on_roi, roi.view(1, 1, d), mask, negatives=negs, negatives_mask=nmask
+    )
     assert cos_mean < 0.2, "cosine is nearly satisfied by the shared direction"
     assert nce_mean > nce_roi + 0.5, "InfoNCE separates the ROI from the image's other tokens"
 
@@ -85,7 +93,16 @@ def test_unknown_kind_and_shape_mismatch():
 def test_sample_mean_ce_sums_the_same_over_any_split():
     torch.manual_seed(0)
     lp = -torch.rand(6, 5)
-    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    mask = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1],
+            [1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 0, 0, 0, 0],
+        ]
+    )
     whole = sample_mean_ce(lp, mask).sum()
     halves = sample_mean_ce(lp[:3], mask[:3]).sum() + sample_mean_ce(lp[3:], mask[3:]).sum()
     assert torch.allclose(whole, halves)

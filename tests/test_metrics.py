@@ -14,8 +14,15 @@ def _sample(i: int, answer_type: str, answer: str, dataset: str = "vqa-rad", **k
     if answer_type == "choice":
         kw.setdefault("options", {"A": "CT", "B": "MRI", "C": "X-ray"})
         kw.setdefault("answer_letter", next(k for k, v in kw["options"].items() if v == answer))
-    return VQASample(id=f"q{i}", dataset=dataset, split="test", question="?", answer=answer,
-                     answer_type=answer_type, **kw)
+    return VQASample(
+        id=f"q{i}",
+        dataset=dataset,
+        split="test",
+        question="?",
+        answer=answer,
+        answer_type=answer_type,
+        **kw,
+    )
 
 
 def test_token_scores_hand_computed() -> None:
@@ -57,12 +64,16 @@ def test_score_closed_and_choice() -> None:
 
 
 def test_numbers_score_as_numbers() -> None:
-    """".5 cm" is 0.5 cm (a wrong "5 cm" must not score right), "2.0" is 2 (issue 13, item 6)."""
+    """ ".5 cm" is 0.5 cm (a wrong "5 cm" must not score right), "2.0" is 2 (issue 13, item 6)."""
     half = _sample(1, "open", ".5 cm")
     assert score(half, "0.5 cm").correct and score(half, "0.50 cm.").correct
     assert not score(half, "5 cm").correct and not accuracy_reward(half, "5 cm")
     count = _sample(2, "open", "2")
-    assert score(count, "2.0").correct and score(count, "two").correct and not score(count, "20").correct
+    assert (
+        score(count, "2.0").correct
+        and score(count, "two").correct
+        and not score(count, "20").correct
+    )
     assert score(_sample(3, "closed", "Yes."), "yes").correct
 
 
@@ -77,24 +88,42 @@ def test_reward_is_the_scorer() -> None:
 
 def _rows() -> list[dict]:
     s = [
-        _sample(1, "closed", "Yes", modality="CT", question_type="PRES", meta={"content_type": "Organ"}),
+        _sample(
+            1, "closed", "Yes", modality="CT", question_type="PRES", meta={"content_type": "Organ"}
+        ),
         _sample(2, "closed", "no", modality="CT", question_type="PRES"),
         _sample(3, "closed", "MRI", modality="MRI", question_type="MODALITY"),
         _sample(4, "open", "left lung", modality="X-Ray", question_type="POS"),
         _sample(5, "open", "2", modality="X-Ray", question_type="COUNT"),
-        _sample(6, "choice", "CT", dataset="omnimed", modality="CT", question_type="Modality Recognition"),
-        _sample(7, "choice", "MRI", dataset="omnimed", modality="MRI", question_type="Modality Recognition"),
+        _sample(
+            6,
+            "choice",
+            "CT",
+            dataset="omnimed",
+            modality="CT",
+            question_type="Modality Recognition",
+        ),
+        _sample(
+            7,
+            "choice",
+            "MRI",
+            dataset="omnimed",
+            modality="MRI",
+            question_type="Modality Recognition",
+        ),
         _sample(8, "choice", "X-ray", dataset="omnimed", modality=None, question_type="Anatomy"),
     ]
     return [
-        prediction_row(s[0], "Yes", latent_steps=0, latency_s=1.0, n_tokens=2),            # right
-        prediction_row(s[1], "yes, no", latent_steps=0, latency_s=2.0, n_tokens=4),        # invalid
-        prediction_row(s[2], "MRI", latent_steps=0, latency_s=3.0, n_tokens=2),            # right
-        prediction_row(s[3], "left lower lung", latent_steps=4, latency_s=4.0, n_tokens=6),  # wrong, recall 1
-        prediction_row(s[4], "two", latent_steps=4, latency_s=5.0, n_tokens=1),            # right
-        prediction_row(s[5], "A", latent_steps=4, latency_s=6.0, n_tokens=1),              # right
-        prediction_row(s[6], None, latent_steps=4, error="image not found: x.png"),        # error
-        prediction_row(s[7], "A and C", latent_steps=4, latency_s=8.0, n_tokens=3),        # invalid
+        prediction_row(s[0], "Yes", latent_steps=0, latency_s=1.0, n_tokens=2),  # right
+        prediction_row(s[1], "yes, no", latent_steps=0, latency_s=2.0, n_tokens=4),  # invalid
+        prediction_row(s[2], "MRI", latent_steps=0, latency_s=3.0, n_tokens=2),  # right
+        prediction_row(
+            s[3], "left lower lung", latent_steps=4, latency_s=4.0, n_tokens=6
+        ),  # wrong, recall 1
+        prediction_row(s[4], "two", latent_steps=4, latency_s=5.0, n_tokens=1),  # right
+        prediction_row(s[5], "A", latent_steps=4, latency_s=6.0, n_tokens=1),  # right
+        prediction_row(s[6], None, latent_steps=4, error="image not found: x.png"),  # error
+        prediction_row(s[7], "A and C", latent_steps=4, latency_s=8.0, n_tokens=3),  # invalid
     ]
 
 
@@ -131,7 +160,9 @@ def test_summary_exact_counts() -> None:
     assert q["PRES"]["invalid_rate"] == 1 / 2
     a = summ["by_answer_type"]
     assert {k: v["n"] for k, v in a.items()} == {"choice": 3, "closed": 3, "open": 2}
-    assert summ["by_content_type"]["Organ"]["n"] == 1 and summ["by_content_type"]["unknown"]["n"] == 7
+    assert (
+        summ["by_content_type"]["Organ"]["n"] == 1 and summ["by_content_type"]["unknown"]["n"] == 7
+    )
 
     k = summ["by_latent_steps"]
     assert list(k) == ["0", "4"]
@@ -149,8 +180,15 @@ def test_error_row_is_wrong_not_invalid() -> None:
 
 
 def test_summary_recomputes_missing_token_fields() -> None:
-    row = {"id": "x", "answer_type": "open", "gold": "left lung", "parsed": "left lower lung",
-           "correct": False, "invalid": False, "dataset": "d"}
+    row = {
+        "id": "x",
+        "answer_type": "open",
+        "gold": "left lung",
+        "parsed": "left lower lung",
+        "correct": False,
+        "invalid": False,
+        "dataset": "d",
+    }
     o = summarize([row])["overall"]
     assert o["open_token_recall"] == 1.0 and o["open_token_f1"] == pytest.approx(0.8)
     assert "by_latent_steps" not in summarize([row]) and "by_content_type" not in summarize([row])
@@ -167,5 +205,9 @@ def test_every_vqa_rad_gold_scores_itself(vqa_rad_root) -> None:
     assert len(records) == 2248
     for r in records:
         row = {"answer_type": r["answer_type"], "answer": r["answer"]}
-        for response in (str(r["answer"]), f"<answer>{r['answer']}</answer>", f"The answer is {r['answer']}."):
+        for response in (
+            str(r["answer"]),
+            f"<answer>{r['answer']}</answer>",
+            f"The answer is {r['answer']}.",
+        ):
             assert score(row, response).correct, (r["qid"], r["answer"], response)

@@ -20,7 +20,9 @@ def _pair(path: Path, steps: int = 3) -> tuple[LatentVLM, LatentVLM]:
     """The same weights with fed-back (`hidden`) and constant (`pause`) latent inputs."""
     torch.manual_seed(0)
     hidden = LatentVLM.from_pretrained(path, LatentConfig(steps=steps, projector="norm"))
-    pause = LatentVLM.from_pretrained(path, LatentConfig(steps=steps, projector="norm", input="pause"))
+    pause = LatentVLM.from_pretrained(
+        path, LatentConfig(steps=steps, projector="norm", input="pause")
+    )
     return hidden, pause
 
 
@@ -44,7 +46,9 @@ def test_pause_output_differs_from_hidden_and_its_inputs_ignore_the_prompt(pair)
     assert pause.pause is not None and hidden.pause is None
     one = _batch(pause)
     # other questions in each row, other images
-    two = VQACollator(pause.processor, pause.adapter)(_samples()[::-1], images=[[random_image(84, 84, seed=5)], [random_image(112, 56, seed=6)]])
+    two = VQACollator(pause.processor, pause.adapter)(
+        _samples()[::-1], images=[[random_image(84, 84, seed=5)], [random_image(112, 56, seed=6)]]
+    )
     with torch.no_grad():
         h, p = hidden(one, latent_steps=3), pause(one, latent_steps=3)
         p2 = pause(two, latent_steps=3)
@@ -66,7 +70,9 @@ def test_pause_inputs_start_at_token_scale_and_extra_steps_reuse_the_last(pair):
     assert torch.allclose(w.pow(2).mean(-1).sqrt(), torch.full((3,), pause._embed_rms()), rtol=1e-4)
     with torch.no_grad():
         out = pause.generate(_batch(pause, with_answers=False), 5, max_new_tokens=2)
-    assert torch.equal(out.latents[:, 3], out.latents[:, 2]) and torch.equal(out.latents[:, 4], out.latents[:, 2])
+    assert torch.equal(out.latents[:, 3], out.latents[:, 2]) and torch.equal(
+        out.latents[:, 4], out.latents[:, 2]
+    )
 
 
 def test_k0_is_unaffected_by_pause(pair):
@@ -112,16 +118,25 @@ def test_pause_save_load_round_trip_is_exact(tiny_dir, tmp_path):
         before = pause.generate(batch, 3, max_new_tokens=6)
     pause.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / PAUSE_FILE).is_file()
-    torch.manual_seed(123)  # a fresh initialisation would differ: the weights must come from the file
+    torch.manual_seed(
+        123
+    )  # a fresh initialisation would differ: the weights must come from the file
     again = LatentVLM.from_pretrained(tmp_path / "m")
     assert again.latent == pause.latent and again.latent.input == "pause"
     after = again.generate(batch, 3, max_new_tokens=6)
     assert after.token_ids == before.token_ids and torch.equal(after.latents, before.latents)
     # more steps than saved: the extra rows start as the last saved one (the run-time rule)
-    longer = LatentVLM.from_pretrained(tmp_path / "m", LatentConfig(steps=5, projector="norm", input="pause"))
-    assert torch.equal(longer.pause.weight[:3], pause.pause.weight) and torch.equal(longer.pause.weight[4], pause.pause.weight[2])
+    longer = LatentVLM.from_pretrained(
+        tmp_path / "m", LatentConfig(steps=5, projector="norm", input="pause")
+    )
+    assert torch.equal(longer.pause.weight[:3], pause.pause.weight) and torch.equal(
+        longer.pause.weight[4], pause.pause.weight[2]
+    )
     # loaded as hidden, the pause inputs are not used
-    assert LatentVLM.from_pretrained(tmp_path / "m", LatentConfig(steps=3, projector="norm")).pause is None
+    assert (
+        LatentVLM.from_pretrained(tmp_path / "m", LatentConfig(steps=3, projector="norm")).pause
+        is None
+    )
 
 
 def test_pause_refuses_latent_exploration_teacher_forcing_and_vlpo(pair, tiny_dir, tmp_path):
@@ -135,8 +150,15 @@ def test_pause_refuses_latent_exploration_teacher_forcing_and_vlpo(pair, tiny_di
     with pytest.raises(MedlvrError, match="latent.input"):
         LatentConfig(input="echo")
     pause.save_pretrained(tmp_path / "m")
-    for path, extra in ((tiny_dir, ["latent.input=pause"]), (tmp_path / "m", [])):  # by config, or by the checkpoint
-        cfg = load_config(VLPOConfig, None, [f"model.path={path}", "latent.projector=norm", "data.train=[x.jsonl]", *extra])
+    for path, extra in (
+        (tiny_dir, ["latent.input=pause"]),
+        (tmp_path / "m", []),
+    ):  # by config, or by the checkpoint
+        cfg = load_config(
+            VLPOConfig,
+            None,
+            [f"model.path={path}", "latent.projector=norm", "data.train=[x.jsonl]", *extra],
+        )
         with pytest.raises(MedlvrError, match="start VLPO from a latent.input=hidden checkpoint"):
             check_config(cfg)
 
@@ -151,7 +173,9 @@ def test_sft_in_pause_mode_trains_the_pause_inputs(tiny_dir, synth, tmp_path):
     start = build_model(cfg, None)
     init = start.pause.weight.detach().clone()
     groups = build_optimizer(start.named_parameters(), cfg.optim).param_groups
-    assert any(g["lr"] == 0.01 and any(p is start.pause.weight for p in g["params"]) for g in groups)
+    assert any(
+        g["lr"] == 0.01 and any(p is start.pause.weight for p in g["params"]) for g in groups
+    )
     result = run_sft(cfg)
     trained = result.model.pause.weight.detach()
     assert trained.shape == init.shape and (trained - init).abs().max() > 1e-4
@@ -163,7 +187,9 @@ def test_sft_in_pause_mode_trains_the_pause_inputs(tiny_dir, synth, tmp_path):
     # without the ROI loss nothing reads the projector in pause mode: it is frozen (DDP needs no unused parameters)
     latent_only = build_model(load_config(SFTConfig, None, [*base_overrides(tiny_dir, synth, tmp_path / "l"), "mode=latent",
                                                               "latent.input=pause"]), None)  # fmt: skip
-    assert latent_only.pause.weight.requires_grad and not any(p.requires_grad for p in latent_only.projector.parameters())
+    assert latent_only.pause.weight.requires_grad and not any(
+        p.requires_grad for p in latent_only.projector.parameters()
+    )
 
 
 def test_cli_trains_the_pause_control(tiny_dir, synth, tmp_path):
@@ -171,19 +197,36 @@ def test_cli_trains_the_pause_control(tiny_dir, synth, tmp_path):
 
     from medlvr.cli import app
 
-    args = ["train", "sft", *base_overrides(tiny_dir, synth, tmp_path / "run"), "mode=latent", "max_steps=2", "latent.input=pause"]
+    args = [
+        "train",
+        "sft",
+        *base_overrides(tiny_dir, synth, tmp_path / "run"),
+        "mode=latent",
+        "max_steps=2",
+        "latent.input=pause",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "done: 2 steps" in res.output and (tmp_path / "run" / "final" / PAUSE_FILE).is_file()
     assert LatentVLM.from_pretrained(tmp_path / "run" / "final").latent.input == "pause"
 
 
-def test_pause_run_resumes_exactly_and_gathered_states_save_the_pause_inputs(tiny_dir, synth, tmp_path):
+def test_pause_run_resumes_exactly_and_gathered_states_save_the_pause_inputs(
+    tiny_dir, synth, tmp_path
+):
     from medlvr.train.sft import run_sft
 
     def cfg(out: Path, *extra: str) -> SFTConfig:
-        common = ["mode=roi", "latent.input=pause", "max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1"]
-        return load_config(SFTConfig, None, [*base_overrides(tiny_dir, synth, out), *common, *extra])
+        common = [
+            "mode=roi",
+            "latent.input=pause",
+            "max_steps=4",
+            "checkpoint.every=2",
+            "checkpoint.keep_last=1",
+        ]
+        return load_config(
+            SFTConfig, None, [*base_overrides(tiny_dir, synth, out), *common, *extra]
+        )
 
     full = run_sft(cfg(tmp_path / "full"))
     with pytest.raises(Killed):

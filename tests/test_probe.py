@@ -13,7 +13,14 @@ from medlvr.config import SFTConfig, load_config
 from medlvr.data.schema import ROI, VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import TokenGrid
-from medlvr.train.probe import IGNORE, TokenLabeler, TokenProbe, TokenTargets, probe_labels, token_centres
+from medlvr.train.probe import (
+    IGNORE,
+    TokenLabeler,
+    TokenProbe,
+    TokenTargets,
+    probe_labels,
+    token_centres,
+)
 from medlvr.train.sft import run_sft
 
 
@@ -67,14 +74,30 @@ def test_probe_loss_is_token_cross_entropy_plus_position_error(position_weight):
     probe = TokenProbe(8, ["background", "x", "y"], position_weight)
     tokens = [torch.randn(5, 8), torch.randn(3, 8)]
     centres = [torch.rand(5, 2), torch.rand(3, 2)]
-    targets = [TokenTargets(torch.tensor([0, 1, 2, IGNORE, 0]), centres[0]), TokenTargets(torch.full((3,), IGNORE), centres[1])]
+    targets = [
+        TokenTargets(torch.tensor([0, 1, 2, IGNORE, 0]), centres[0]),
+        TokenTargets(torch.full((3,), IGNORE), centres[1]),
+    ]
     loss, hits = probe(tokens, targets)
-    ce = torch.nn.functional.cross_entropy(probe.head(tokens[0][[0, 1, 2, 4]]), torch.tensor([0, 1, 2, 0]))
-    mse = [((probe.position(torch.nn.functional.layer_norm(t, (8,))) - c) ** 2).sum(-1).mean() for t, c in zip(tokens, centres)] if position_weight else [torch.tensor(0.0)] * 2
+    ce = torch.nn.functional.cross_entropy(
+        probe.head(tokens[0][[0, 1, 2, 4]]), torch.tensor([0, 1, 2, 0])
+    )
+    mse = (
+        [
+            ((probe.position(torch.nn.functional.layer_norm(t, (8,))) - c) ** 2).sum(-1).mean()
+            for t, c in zip(tokens, centres)
+        ]
+        if position_weight
+        else [torch.tensor(0.0)] * 2
+    )
     assert (probe.position is None) == (position_weight == 0)  # no unused head
     assert torch.allclose(loss[0], ce + position_weight * mse[0])
     assert torch.allclose(loss[1], position_weight * mse[1])  # not probed: the position term only
-    assert hits.tolist() == [float((probe.head(tokens[0][[1, 2]]).argmax(-1) == torch.tensor([1, 2])).sum()), 2.0, 1.0]
+    assert hits.tolist() == [
+        float((probe.head(tokens[0][[1, 2]]).argmax(-1) == torch.tensor([1, 2])).sum()),
+        2.0,
+        1.0,
+    ]
     with pytest.raises(MedlvrError, match="5 visual tokens but 4"):
         probe(tokens[:1], [TokenTargets(targets[0].labels[:4], centres[0][:4])])
 
@@ -99,7 +122,12 @@ def test_stage0_records_carry_the_described_attributes(describe_data):
         elif s.answer == "nothing":  # inspect: an empty region
             assert s.question_type == "inspect" and labels == ["region"]
         else:  # ground / inspect: the one lesion named
-            assert len(labels) == 1 and labels[0].split()[-1] in ("round", "square", "triangle", "cross")
+            assert len(labels) == 1 and labels[0].split()[-1] in (
+                "round",
+                "square",
+                "triangle",
+                "cross",
+            )
 
 
 def test_probe_trains_checkpoints_resumes_and_is_not_exported(tiny_dir, describe_data, tmp_path):
@@ -112,14 +140,21 @@ def test_probe_trains_checkpoints_resumes_and_is_not_exported(tiny_dir, describe
         ])  # fmt: skip
 
     full = run_sft(cfg(tmp_path / "full"))
-    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert sum("probe" in r for r in rows) == 16
-    probe = [r["probe"] for r in rows if r.get("probe") is not None]  # None: no describe record in the batch
+    probe = [
+        r["probe"] for r in rows if r.get("probe") is not None
+    ]  # None: no describe record in the batch
     assert len(probe) >= 10 and sum(probe[-4:]) / 4 < 0.8 * sum(probe[:4]) / 4, probe
     assert all(0 <= r["probe_acc"] <= 1 for r in rows if r.get("probe_acc") is not None)
     ckpt = tmp_path / "full" / "step-0000008"
     classes = len(probe_labels(read_jsonl(describe_data), ["describe"])) + 1
-    assert load_file(ckpt / "probe.safetensors")["head.weight"].shape == (classes, full.model.hidden_size)
+    assert load_file(ckpt / "probe.safetensors")["head.weight"].shape == (
+        classes,
+        full.model.hidden_size,
+    )
     # The export is the model alone: no probe tensor anywhere in it.
     exported = [k for f in full.final_model.glob("*.safetensors") for k in load_file(f)]
     assert exported and not any("probe" in k for k in exported)

@@ -27,17 +27,30 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _sample(i: int, dataset: str) -> VQASample:
-    return VQASample(id=f"{dataset}-{i}", dataset=dataset, split="test", question="Is there a mass?",
-                     answer="Yes" if i % 2 else "no", answer_type="closed", modality="CT",
-                     question_type="PRES" if i % 3 else "POS")
+    return VQASample(
+        id=f"{dataset}-{i}",
+        dataset=dataset,
+        split="test",
+        question="Is there a mass?",
+        answer="Yes" if i % 2 else "no",
+        answer_type="closed",
+        modality="CT",
+        question_type="PRES" if i % 3 else "POS",
+    )
 
 
-def _write_run(run: Path, answers: dict[tuple[str, int], str], extra: list[dict] | None = None) -> Path:
+def _write_run(
+    run: Path, answers: dict[tuple[str, int], str], extra: list[dict] | None = None
+) -> Path:
     """A run dir whose predictions answer each (sample id, K) with the given response."""
     run.mkdir(parents=True, exist_ok=True)
     samples = {s.id: s for d in ("rad", "slake") for s in (_sample(i, d) for i in range(10))}
-    rows = [prediction_row(samples[sid], resp, latent_steps=k, latency_s=0.1 * (1 + len(resp)), n_tokens=len(resp))
-            for (sid, k), resp in answers.items()]
+    rows = [
+        prediction_row(
+            samples[sid], resp, latent_steps=k, latency_s=0.1 * (1 + len(resp)), n_tokens=len(resp)
+        )
+        for (sid, k), resp in answers.items()
+    ]
     rows += extra or []
     with (run / "predictions.jsonl").open("w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
@@ -65,7 +78,11 @@ def test_report_files_and_plots(tmp_path: Path) -> None:
     out = write_report(run)
     assert (run / SUMMARY_FILE).is_file() and (run / REPORT_FILE).is_file()
     names = sorted(p.name for p in out["plots"])
-    assert names == ["accuracy_by_dataset.png", "accuracy_by_latent_steps.png", "accuracy_by_question_type.png"]
+    assert names == [
+        "accuracy_by_dataset.png",
+        "accuracy_by_latent_steps.png",
+        "accuracy_by_question_type.png",
+    ]
     for p in out["plots"]:
         assert p.parent == run / PLOTS_DIR
         assert p.read_bytes()[:8] == PNG_MAGIC
@@ -79,8 +96,15 @@ def test_report_files_and_plots(tmp_path: Path) -> None:
     assert summary["overall"]["n_invalid"] == 1
     assert list(summary["by_latent_steps"]) == ["0", "2", "4"]
     md = (run / REPORT_FILE).read_text()
-    for heading in ("## Overall", "## By dataset", "## By question type", "## By latent steps K",
-                    "## Invalid answers", "## Errors", f"]({PLOTS_DIR}/accuracy_by_dataset.png)"):
+    for heading in (
+        "## Overall",
+        "## By dataset",
+        "## By question type",
+        "## By latent steps K",
+        "## Invalid answers",
+        "## Errors",
+        f"]({PLOTS_DIR}/accuracy_by_dataset.png)",
+    ):
         assert heading in md
     assert "image not found: /x.png" in md
 
@@ -88,13 +112,20 @@ def test_report_files_and_plots(tmp_path: Path) -> None:
 def test_single_k_has_no_k_plot(tmp_path: Path) -> None:
     run = _write_run(tmp_path / "run", {(f"rad-{i}", 0): "yes" for i in range(4)})
     out = write_report(run, title="tiny")
-    assert [p.name for p in out["plots"]] == ["accuracy_by_dataset.png", "accuracy_by_question_type.png"]
+    assert [p.name for p in out["plots"]] == [
+        "accuracy_by_dataset.png",
+        "accuracy_by_question_type.png",
+    ]
     assert (run / REPORT_FILE).read_text().startswith("# tiny")
 
 
 def test_mcnemar_against_hand_computation() -> None:
     # 6 wins, 1 loss: p = 2 * P(X <= 1), X ~ Bin(7, 1/2) = 2 * (1 + 7) / 128
-    assert mcnemar_exact(6, 1) == pytest.approx(2 * (comb(7, 0) + comb(7, 1)) / 2**7) == pytest.approx(0.125)
+    assert (
+        mcnemar_exact(6, 1)
+        == pytest.approx(2 * (comb(7, 0) + comb(7, 1)) / 2**7)
+        == pytest.approx(0.125)
+    )
     assert mcnemar_exact(1, 6) == pytest.approx(0.125)
     assert mcnemar_exact(3, 3) == pytest.approx(1.0)
     assert mcnemar_exact(0, 0) == 1.0
@@ -116,11 +147,24 @@ def test_bootstrap_ci_is_seeded_and_covers_delta() -> None:
 def test_compare_wins_losses_and_pvalue(tmp_path: Path) -> None:
     ids = [f"rad-{i}" for i in range(10)] + [f"slake-{i}" for i in range(10)]
     # A right on rad-0..6 and slake-*, B flips: wins on rad-7..9 and slake-0..2 (6), loss on rad-0 (1)
-    a = {(sid, 4): _gold(sid) if sid not in ("rad-7", "rad-8", "rad-9", "slake-0", "slake-1", "slake-2")
-         else _flip(_gold(sid)) for sid in ids}
+    a = {
+        (sid, 4): _gold(sid)
+        if sid not in ("rad-7", "rad-8", "rad-9", "slake-0", "slake-1", "slake-2")
+        else _flip(_gold(sid))
+        for sid in ids
+    }
     b = {(sid, 4): _flip(_gold(sid)) if sid == "rad-0" else _gold(sid) for sid in ids}
-    extra_a = [{"id": "only-a", "dataset": "rad", "answer_type": "closed", "gold": "yes", "correct": True,
-                "invalid": False, "latent_steps": 4}]  # unmatched, only in A
+    extra_a = [
+        {
+            "id": "only-a",
+            "dataset": "rad",
+            "answer_type": "closed",
+            "gold": "yes",
+            "correct": True,
+            "invalid": False,
+            "latent_steps": 4,
+        }
+    ]  # unmatched, only in A
     run_a = _write_run(tmp_path / "a", a, extra_a)
     run_b = _write_run(tmp_path / "b", b)
 
@@ -132,7 +176,14 @@ def test_compare_wins_losses_and_pvalue(tmp_path: Path) -> None:
     assert p["acc_a"] == 14 / 20 and p["acc_b"] == 19 / 20 and p["delta"] == pytest.approx(5 / 20)
     assert p["mcnemar_p"] == pytest.approx(0.125)
     assert p["ci"][0] <= 0.25 <= p["ci"][1]
-    assert sorted(x["id"] for x in c["won"]) == ["rad-7", "rad-8", "rad-9", "slake-0", "slake-1", "slake-2"]
+    assert sorted(x["id"] for x in c["won"]) == [
+        "rad-7",
+        "rad-8",
+        "rad-9",
+        "slake-0",
+        "slake-1",
+        "slake-2",
+    ]
     assert [x["id"] for x in c["lost"]] == ["rad-0"]
     rad = c["paired_by_dataset"]["rad"]
     assert (rad["wins"], rad["losses"]) == (3, 1)
@@ -181,4 +232,6 @@ def test_compare_with_no_common_question(tmp_path: Path) -> None:
     run_b = _write_run(tmp_path / "b", {("rad-2", 0): "no"})
     c = compare(run_a, run_b, out_dir=tmp_path / "cmp", n_boot=100)
     assert c["paired"]["n"] == 0 and c["paired"]["ci"] is None and c["paired"]["mcnemar_p"] == 1.0
-    json.loads((tmp_path / "cmp" / "compare.json").read_text(), parse_constant=lambda x: pytest.fail(x))
+    json.loads(
+        (tmp_path / "cmp" / "compare.json").read_text(), parse_constant=lambda x: pytest.fail(x)
+    )

@@ -30,13 +30,17 @@ def test_box_partly_outside_is_clipped_with_a_warning():
 
 
 def test_empty_box_is_an_error():
-    with pytest.raises(MedlvrError, match="wholly outside its 140x100 image"):  # the readers' rule (schema.box_outside)
+    with pytest.raises(
+        MedlvrError, match="wholly outside its 140x100 image"
+    ):  # the readers' rule (schema.box_outside)
         box_to_tokens((150, 10, 160, 20), GRID, 140, 100)
 
 
 def test_indices_offset_by_earlier_images():
     g2 = TokenGrid(2, 2, 28.0, 28.0)
-    idx = sample_roi_indices([(1, (0, 0, 10, 10)), (0, (0, 0, 10, 10))], [GRID, g2], [(140, 100), (56, 56)])
+    idx = sample_roi_indices(
+        [(1, (0, 0, 10, 10)), (0, (0, 0, 10, 10))], [GRID, g2], [(140, 100), (56, 56)]
+    )
     assert idx.tolist() == [0, 20]
 
 
@@ -54,13 +58,22 @@ def test_token_grid_follows_the_processor_on_non_square_images(tiny_dir):
     vlm = LatentVLM.from_pretrained(tiny_dir)
     for w, h in ((140, 100), (300, 90), (57, 233)):
         grid = vlm.adapter.token_grid(vlm.processor, w, h)
-        thw = vlm.processor.image_processor(images=[random_image(w, h)], return_tensors="pt")["image_grid_thw"][0]
+        thw = vlm.processor.image_processor(images=[random_image(w, h)], return_tensors="pt")[
+            "image_grid_thw"
+        ][0]
         assert (grid.rows, grid.cols) == (int(thw[1]) // 2, int(thw[2]) // 2)
 
 
 def _sample(**kw):
-    base = dict(id="x", dataset="d", split="test", images=["a"], question="Which shape?", answer="round",
-                answer_type="open")
+    base = dict(
+        id="x",
+        dataset="d",
+        split="test",
+        images=["a"],
+        question="Which shape?",
+        answer="round",
+        answer_type="open",
+    )
     base.update(kw)
     return VQASample(**base)
 
@@ -75,8 +88,18 @@ def test_prompts_per_answer_type():
 
 def test_collator_pads_left_masks_labels_and_maps_rois(tiny_dir):
     vlm = LatentVLM.from_pretrained(tiny_dir)
-    samples = [_sample(id="a", rois=[ROI(box=(0, 0, 30, 30))]), _sample(id="b", question="Is there a lesion in the upper left region?", answer="yes", answer_type="closed")]
-    batch = VQACollator(vlm.processor, vlm.adapter)(samples, images=[[random_image(140, 100)], [random_image(56, 56)]])
+    samples = [
+        _sample(id="a", rois=[ROI(box=(0, 0, 30, 30))]),
+        _sample(
+            id="b",
+            question="Is there a lesion in the upper left region?",
+            answer="yes",
+            answer_type="closed",
+        ),
+    ]
+    batch = VQACollator(vlm.processor, vlm.adapter)(
+        samples, images=[[random_image(140, 100)], [random_image(56, 56)]]
+    )
     am = batch["attention_mask"]
     assert (am[:, -1] == 1).all() and (am[:, 0] == 0).sum() == 1  # left padded
     stop = vlm.tokenizer.eos_token_id  # the chat turn end (<|im_end|>)
@@ -98,9 +121,19 @@ def test_data_inspect_counts_and_draws(tmp_path):
 
     img = tmp_path / "i.png"
     random_image(64, 64).save(img)
-    rows = [_sample(id=str(i), images=[str(img)], rois=[ROI(box=(1, 1, 9, 9))] if i % 2 else [], modality="CT") for i in range(4)]
+    rows = [
+        _sample(
+            id=str(i),
+            images=[str(img)],
+            rois=[ROI(box=(1, 1, 9, 9))] if i % 2 else [],
+            modality="CT",
+        )
+        for i in range(4)
+    ]
     write_jsonl(rows, tmp_path / "d.jsonl")
-    res = CliRunner().invoke(app, ["data", "inspect", str(tmp_path / "d.jsonl"), "--png", str(tmp_path / "s.png")])
+    res = CliRunner().invoke(
+        app, ["data", "inspect", str(tmp_path / "d.jsonl"), "--png", str(tmp_path / "s.png")]
+    )
     assert res.exit_code == 0, res.output
     assert "4 samples, 2 with ROIs (50.0%" in res.output and "CT: 4" in res.output
     from PIL import Image
@@ -120,6 +153,8 @@ def test_truncated_answers_keep_their_stop_token(tiny_dir):
     stop = vlm.tokenizer.eos_token_id
     full = vlm.tokenizer(long, add_special_tokens=False)["input_ids"]
     assert len(full) > 4, "the answer must need truncating"
-    rows = [row[mask.bool()].tolist() for row, mask in zip(batch["answer_ids"], batch["answer_mask"])]
+    rows = [
+        row[mask.bool()].tolist() for row, mask in zip(batch["answer_ids"], batch["answer_mask"])
+    ]
     assert rows[0] == full[:3] + [stop]  # max_answer_tokens counts the stop token
     assert rows[1][-1] == stop and vlm.tokenizer.decode(rows[1][:-1]) == "round"

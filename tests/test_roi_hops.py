@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medlvr.data.roi import assigned_targets, chain_targets, hop_of_steps, hop_roi_indices, roi_hops, sample_roi_indices
+from medlvr.data.roi import (
+    assigned_targets,
+    chain_targets,
+    hop_of_steps,
+    hop_roi_indices,
+    roi_hops,
+    sample_roi_indices,
+)
 from medlvr.data.schema import ROI, VQASample
 from medlvr.errors import MedlvrError
 from medlvr.model.backbones import TokenGrid
@@ -34,7 +41,17 @@ def _hops() -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("k", "h", "expected"),
-    [(4, 3, [0, 1, 2, 2]), (2, 3, [1, 2]), (6, 2, [0, 0, 0, 1, 1, 1]), (5, 2, [0, 0, 1, 1, 1]), (3, 1, [0, 0, 0]), (3, 3, [0, 1, 2]), (2, 4, [1, 3]), (6, 4, [0, 1, 1, 2, 3, 3]), (0, 2, [])],
+    [
+        (4, 3, [0, 1, 2, 2]),
+        (2, 3, [1, 2]),
+        (6, 2, [0, 0, 0, 1, 1, 1]),
+        (5, 2, [0, 0, 1, 1, 1]),
+        (3, 1, [0, 0, 0]),
+        (3, 3, [0, 1, 2]),
+        (2, 4, [1, 3]),
+        (6, 4, [0, 1, 1, 2, 3, 3]),
+        (0, 2, []),
+    ],
 )
 def test_hop_of_steps_examples(k, h, expected):
     assert hop_of_steps(k, h) == expected
@@ -46,7 +63,9 @@ def test_hop_of_steps_groups_are_contiguous_balanced_and_end_on_the_last_hop():
             steps = hop_of_steps(k, h)
             assert steps == sorted(steps) and steps[-1] == h - 1
             counts = [steps.count(j) for j in range(h)]
-            if k >= h:  # every hop gets floor or ceil of K/h: the first hop floor, the final hop ceil
+            if (
+                k >= h
+            ):  # every hop gets floor or ceil of K/h: the first hop floor, the final hop ceil
                 assert set(counts) <= {k // h, math.ceil(k / h)} and sum(counts) == k
                 assert counts[0] == k // h and counts[-1] == math.ceil(k / h)
             else:  # one hop per step, spread evenly: the first hop gets none
@@ -57,13 +76,21 @@ def test_hop_indices_follow_the_boxes_per_hop():
     assert [t.tolist() for t in _hops()] == HOP_TOKENS
     # no roi_hops: one hop holding every ROI, i.e. the raster indices
     one = hop_roi_indices(_sample(), [GRID], SIZE)
-    assert len(one) == 1 and one[0].tolist() == sample_roi_indices([(0, b) for b in BOXES], [GRID], SIZE).tolist()
+    assert (
+        len(one) == 1
+        and one[0].tolist() == sample_roi_indices([(0, b) for b in BOXES], [GRID], SIZE).tolist()
+    )
     assert hop_roi_indices(_sample(boxes=[]), [GRID], SIZE) == []
 
 
 @pytest.mark.parametrize(
     ("k", "expected"),
-    [(4, [3.0, 16.0, 2.0, 15.0]), (2, [16.0, 8.5]), (6, [0.5, 5.5, 13.5, 18.5, 2.0, 15.0]), (3, [3.0, 16.0, 8.5])],
+    [
+        (4, [3.0, 16.0, 2.0, 15.0]),
+        (2, [16.0, 8.5]),
+        (6, [0.5, 5.5, 13.5, 18.5, 2.0, 15.0]),
+        (3, [3.0, 16.0, 8.5]),
+    ],
 )
 def test_chain_targets_equal_hand_computed_means(k, expected):
     out = chain_targets(TOKENS, _hops(), k)
@@ -73,12 +100,22 @@ def test_chain_targets_equal_hand_computed_means(k, expected):
 
 def test_raster_first_and_chain_on_the_same_sample():
     hops = _hops()
-    union = sample_roi_indices([(0, b) for b in BOXES], [GRID], SIZE)  # [0, 1, 2, 5, 6, 13, 14, 15, 18, 19]
+    union = sample_roi_indices(
+        [(0, b) for b in BOXES], [GRID], SIZE
+    )  # [0, 1, 2, 5, 6, 13, 14, 15, 18, 19]
     assert assigned_targets(TOKENS, union, 4, "raster")[:, 0].tolist() == [1.0, 8.0, 14.5, 18.5]
     assert assigned_targets(TOKENS, union, 4, "first")[:, 0].tolist() == [pytest.approx(9.3)]
-    assert assigned_targets(TOKENS, union, 4, "chain", hops)[:, 0].tolist() == [3.0, 16.0, 2.0, 15.0]
+    assert assigned_targets(TOKENS, union, 4, "chain", hops)[:, 0].tolist() == [
+        3.0,
+        16.0,
+        2.0,
+        15.0,
+    ]
     # one hop (no roi_hops): chain is raster
-    assert torch.equal(assigned_targets(TOKENS, union, 4, "chain", [union]), assigned_targets(TOKENS, union, 4, "raster"))
+    assert torch.equal(
+        assigned_targets(TOKENS, union, 4, "chain", [union]),
+        assigned_targets(TOKENS, union, 4, "raster"),
+    )
     with pytest.raises(MedlvrError, match="align.assign"):
         assigned_targets(TOKENS, union, 4, "diagonal")
 
@@ -87,11 +124,15 @@ def test_batch_targets_mask_and_negatives_under_chain():
     hops = _hops()
     union = torch.cat(hops).unique()
     vis = [TOKENS, TOKENS + 100]
-    targets, mask, negatives = roi_targets(vis, [union, torch.zeros(0, dtype=torch.long)], 4, assign="chain", hop_index=[hops, []])
+    targets, mask, negatives = roi_targets(
+        vis, [union, torch.zeros(0, dtype=torch.long)], 4, assign="chain", hop_index=[hops, []]
+    )
     assert targets.shape == (2, 4, 2) and mask.tolist() == [True, False]
     assert targets[0, :, 0].tolist() == [3.0, 16.0, 2.0, 15.0] and (targets[1] == 0).all()
     # negatives: the other visual tokens of the image, every hop's ROIs excluded
-    assert sorted(negatives[0][:, 0].tolist()) == [float(i) for i in range(20) if i not in union.tolist()]
+    assert sorted(negatives[0][:, 0].tolist()) == [
+        float(i) for i in range(20) if i not in union.tolist()
+    ]
     assert negatives[1].shape == (20, 2)
     first, _, _ = roi_targets(vis, [union, torch.zeros(0, dtype=torch.long)], 4, assign="first")
     assert first.shape == (2, 1, 2)
@@ -115,7 +156,12 @@ def test_malformed_roi_hops_are_clear_errors(meta, message):
 
 def test_roi_hops_parsing():
     assert roi_hops(_sample(roi_hops=[1, 2, 3, 3], hops=3)) == [0, 1, 2, 2]
-    assert roi_hops(_sample(roi_hops=[1, 2, 3, 3])) == [0, 1, 2, 2]  # hops defaults to the largest hop
+    assert roi_hops(_sample(roi_hops=[1, 2, 3, 3])) == [
+        0,
+        1,
+        2,
+        2,
+    ]  # hops defaults to the largest hop
     assert roi_hops(_sample()) is None
     assert roi_hops(_sample(boxes=[], roi_hops=[])) is None
 

@@ -33,7 +33,19 @@ def data(tmp_path_factory) -> Path:
     from medlvr.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth84")
-    generate(SynthConfig(n=40, seed=0, image_size=84, grid=2, level=1, large_size=1.0, small_size=0.5, describe=False), out)
+    generate(
+        SynthConfig(
+            n=40,
+            seed=0,
+            image_size=84,
+            grid=2,
+            level=1,
+            large_size=1.0,
+            small_size=0.5,
+            describe=False,
+        ),
+        out,
+    )
     return out
 
 
@@ -46,17 +58,23 @@ def sft_cfg(tiny_dir: Path, data: Path, out: Path, *overrides: str) -> SFTConfig
 
 
 def snapshot(folder: Path) -> dict[Path, tuple[int, bytes]]:
-    return {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(folder.rglob("*")) if f.is_file()}
+    return {
+        f: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(folder.rglob("*")) if f.is_file()
+    }
 
 
 class Holder:
     """Another process holding a folder's run lock, as a running `medlvr eval` or `train` would."""
 
     def __init__(self, folder: Path):
-        code = ("import sys, time; from medlvr.rundir import run_folder\n"
-                "with run_folder(sys.argv[1], '--out'):\n    print('ready', flush=True); time.sleep(600)")
+        code = (
+            "import sys, time; from medlvr.rundir import run_folder\n"
+            "with run_folder(sys.argv[1], '--out'):\n    print('ready', flush=True); time.sleep(600)"
+        )
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, env=env, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, env=env, text=True
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def kill(self) -> None:
@@ -89,7 +107,9 @@ def one_error_line(res) -> str:
 # ---------------------------------------------------------------------------- item 1: one writer per folder
 
 
-def test_a_second_eval_into_a_busy_folder_is_refused_naming_the_first(tiny_dir, data, tmp_path, holder):
+def test_a_second_eval_into_a_busy_folder_is_refused_naming_the_first(
+    tiny_dir, data, tmp_path, holder
+):
     out = tmp_path / "R"
     res = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"), "--limit", "3",
                                    "--out", str(out)])  # fmt: skip
@@ -99,9 +119,14 @@ def test_a_second_eval_into_a_busy_folder_is_refused_naming_the_first(tiny_dir, 
     line = one_error_line(CliRunner().invoke(app, [
         "eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"), "--latent-steps", "2", "--reasoning", "latent",
         "--limit", "2", "--out", str(out)]))  # fmt: skip
-    assert f"in use by another run: process {first.proc.pid}" in line and "choose another --out" in line
+    assert (
+        f"in use by another run: process {first.proc.pid}" in line
+        and "choose another --out" in line
+    )
     assert snapshot(out) == before, "the refused run must not touch the folder"
-    one_error_line(CliRunner().invoke(app, ["eval", "report", str(out)]))  # nor may a report rebuild
+    one_error_line(
+        CliRunner().invoke(app, ["eval", "report", str(out)])
+    )  # nor may a report rebuild
     first.kill()  # kill -9: the operating system drops the lock with the process
     res = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"), "--limit", "3",
                                    "--out", str(out)])  # fmt: skip
@@ -112,7 +137,9 @@ def test_a_second_eval_into_a_busy_folder_is_refused_naming_the_first(tiny_dir, 
 def test_a_second_training_run_into_a_busy_output_dir_is_refused(tiny_dir, data, tmp_path, holder):
     out = tmp_path / "run"
     first = holder(out)
-    with pytest.raises(FolderBusy, match=f"process {first.proc.pid} on .* choose another output_dir"):
+    with pytest.raises(
+        FolderBusy, match=f"process {first.proc.pid} on .* choose another output_dir"
+    ):
         run_sft(sft_cfg(tiny_dir, data, out))
     assert [p.name for p in out.iterdir()] == [LOCK_FILE]
 
@@ -123,7 +150,9 @@ def test_the_lock_is_reentrant_in_one_process_and_a_folder_it_created_goes_when_
         assert (out / LOCK_FILE).is_file()
     assert not out.exists()
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(MedlvrError, match="cannot write the folder of --out .*a-file/x: Not a directory"):
+    with pytest.raises(
+        MedlvrError, match="cannot write the folder of --out .*a-file/x: Not a directory"
+    ):
         with run_folder(tmp_path / "a-file" / "x", "--out"):
             pass
 
@@ -134,10 +163,15 @@ def test_the_lock_is_reentrant_in_one_process_and_a_folder_it_created_goes_when_
 def test_an_output_dir_holding_a_run_needs_resume_or_overwrite(tiny_dir, data, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run_sft(sft_cfg(tiny_dir, data, out), on_step=kill_at(1))  # a crashed run: step-0000001, metrics
+        run_sft(
+            sft_cfg(tiny_dir, data, out), on_step=kill_at(1)
+        )  # a crashed run: step-0000001, metrics
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    with pytest.raises(MedlvrError, match=r"holds a run \(config.yaml, metrics.jsonl, step-0000001\): pass --resume"):
+    with pytest.raises(
+        MedlvrError,
+        match=r"holds a run \(config.yaml, metrics.jsonl, step-0000001\): pass --resume",
+    ):
         run_sft(sft_cfg(tiny_dir, data, out))
     assert snapshot(out) == before, "refused: nothing truncated or deleted"
 
@@ -172,14 +206,27 @@ def test_resume_applies_and_records_a_changed_learning_rate(tiny_dir, data, tmp_
     out = tmp_path / "run"
     with pytest.raises(Killed):
         run_sft(sft_cfg(tiny_dir, data, out), on_step=kill_at(1))
-    with pytest.warns(UserWarning, match=r"at step 1 with changed settings, applied .*: latent.steps 1 -> 2, "
-                                         r"optim.lr 0.001 -> 1e-05"):
-        result = run_sft(sft_cfg(tiny_dir, data, out, "checkpoint.resume=true", "optim.lr=1e-5", "latent.steps=2"))
-    assert [(r["step"], r["lr"], r["latent_steps"]) for r in result.history] == [(2, pytest.approx(1e-5), 2)]
+    with pytest.warns(
+        UserWarning,
+        match=r"at step 1 with changed settings, applied .*: latent.steps 1 -> 2, "
+        r"optim.lr 0.001 -> 1e-05",
+    ):
+        result = run_sft(
+            sft_cfg(
+                tiny_dir, data, out, "checkpoint.resume=true", "optim.lr=1e-5", "latent.steps=2"
+            )
+        )
+    assert [(r["step"], r["lr"], r["latent_steps"]) for r in result.history] == [
+        (2, pytest.approx(1e-5), 2)
+    ]
     recorded = load_config(SFTConfig, out / "config.yaml")
     assert recorded.optim.lr == pytest.approx(1e-5) and recorded.latent.steps == 2
-    assert load_config(SFTConfig, out / "step-0000002" / "config.yaml").optim.lr == pytest.approx(1e-5)
-    assert load_config(SFTConfig, out / "step-0000001" / "config.yaml").optim.lr == pytest.approx(1e-3)
+    assert load_config(SFTConfig, out / "step-0000002" / "config.yaml").optim.lr == pytest.approx(
+        1e-5
+    )
+    assert load_config(SFTConfig, out / "step-0000001" / "config.yaml").optim.lr == pytest.approx(
+        1e-3
+    )
 
 
 def test_resume_refuses_a_setting_the_checkpoint_was_made_with(tiny_dir, data, tmp_path):
@@ -187,9 +234,16 @@ def test_resume_refuses_a_setting_the_checkpoint_was_made_with(tiny_dir, data, t
     with pytest.raises(Killed):
         run_sft(sft_cfg(tiny_dir, data, out), on_step=kill_at(1))
     before = snapshot(out)
-    with pytest.raises(MedlvrError, match=r"cannot resume .* with changed settings: latent.projector 'norm' -> 'linear', "
-                                          r"seed 0 -> 1 \(the checkpoint was made with the old values\)"):
-        run_sft(sft_cfg(tiny_dir, data, out, "checkpoint.resume=true", "seed=1", "latent.projector=linear"))
+    with pytest.raises(
+        MedlvrError,
+        match=r"cannot resume .* with changed settings: latent.projector 'norm' -> 'linear', "
+        r"seed 0 -> 1 \(the checkpoint was made with the old values\)",
+    ):
+        run_sft(
+            sft_cfg(
+                tiny_dir, data, out, "checkpoint.resume=true", "seed=1", "latent.projector=linear"
+            )
+        )
     assert snapshot(out) == before
 
 
@@ -200,7 +254,9 @@ def test_resume_continues_exactly_when_nothing_changed(tiny_dir, data, tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed = run_sft(sft_cfg(tiny_dir, data, tmp_path / "cut", "checkpoint.resume=true"))
-    assert not [w for w in caught if "changed" in str(w.message)], "no setting changed: nothing to report"
+    assert not [w for w in caught if "changed" in str(w.message)], (
+        "no setting changed: nothing to report"
+    )
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], abs=1e-6)
     assert resumed.history[-1]["lr"] == full.history[-1]["lr"]
 
@@ -228,7 +284,12 @@ def test_a_sharded_engine_save_leaves_no_rng_pickle_and_lists_its_own_files(tiny
     class ShardedLike:
         """One process that says FSDP and saves the engine state with accelerate's own save_state."""
 
-        distributed_type, is_main_process, process_index, num_processes = DistributedType.FSDP, True, 0, 1
+        distributed_type, is_main_process, process_index, num_processes = (
+            DistributedType.FSDP,
+            True,
+            0,
+            1,
+        )
         real = Accelerator(cpu=True)
 
         def get_state_dict(self, model):
@@ -238,8 +299,12 @@ def test_a_sharded_engine_save_leaves_no_rng_pickle_and_lists_its_own_files(tiny
             pass
 
         def save_state(self, path, safe_serialization):
-            self.real.save_state(path, safe_serialization=safe_serialization)  # writes random_states_0.pkl
-            torch.save(optimizer.state_dict(), Path(path) / "optimizer.bin")  # as FSDP's full optimizer state
+            self.real.save_state(
+                path, safe_serialization=safe_serialization
+            )  # writes random_states_0.pkl
+            torch.save(
+                optimizer.state_dict(), Path(path) / "optimizer.bin"
+            )  # as FSDP's full optimizer state
 
     step = save_checkpoint(ShardedLike(), vlm, vlm, optimizer, scheduler, output_dir=tmp_path, step=1,
                            trainer_state={"samples_seen": 2}, config=cfg, lora=False)  # fmt: skip
@@ -249,7 +314,9 @@ def test_a_sharded_engine_save_leaves_no_rng_pickle_and_lists_its_own_files(tiny
     assert torch.equal(load_file(step / "rng-rank0.safetensors")["torch"], torch.get_rng_state())
 
 
-def test_a_launch_whose_processes_did_not_join_one_group_stops(tiny_dir, data, tmp_path, monkeypatch):
+def test_a_launch_whose_processes_did_not_join_one_group_stops(
+    tiny_dir, data, tmp_path, monkeypatch
+):
     """`accelerate launch` with a GPU config on a machine without GPUs can start N lone processes
     (each rank 0 of a world of one) that would all train into one output_dir."""
     from types import SimpleNamespace
@@ -259,8 +326,11 @@ def test_a_launch_whose_processes_did_not_join_one_group_stops(tiny_dir, data, t
     monkeypatch.setenv("WORLD_SIZE", "2")
     alone = SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO")
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: alone)
-    with pytest.raises(MedlvrError, match=r"the launcher started 2 processes \(WORLD_SIZE=2\) but accelerate joined 1 "
-                                          r"\(DistributedType.NO\): each would run alone .* --nproc_per_node 2"):
+    with pytest.raises(
+        MedlvrError,
+        match=r"the launcher started 2 processes \(WORLD_SIZE=2\) but accelerate joined 1 "
+        r"\(DistributedType.NO\): each would run alone .* --nproc_per_node 2",
+    ):
         run_sft(sft_cfg(tiny_dir, data, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
     monkeypatch.setattr(accelerate, "PartialState", lambda: alone)

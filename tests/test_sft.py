@@ -69,10 +69,21 @@ def test_bad_configuration_fails_before_any_compute(tiny_dir, synth, tmp_path, o
 def test_lambda_without_roi_data_fails(tiny_dir, synth, tmp_path):
     samples = [s.model_copy(update={"rois": []}) for s in read_jsonl(synth / "train.jsonl")]
     write_jsonl(samples, synth / "no_roi.jsonl")
-    cfg = make_cfg(tiny_dir, synth, tmp_path / "run", f"data.train=[{synth / 'no_roi.jsonl'}]", "mode=roi")
+    cfg = make_cfg(
+        tiny_dir, synth, tmp_path / "run", f"data.train=[{synth / 'no_roi.jsonl'}]", "mode=roi"
+    )
     with pytest.raises(MedlvrError, match="no training record has ROIs"):
         run_sft(cfg)
-    run_sft(make_cfg(tiny_dir, synth, tmp_path / "ok", f"data.train=[{synth / 'no_roi.jsonl'}]", "mode=latent", "max_steps=1"))
+    run_sft(
+        make_cfg(
+            tiny_dir,
+            synth,
+            tmp_path / "ok",
+            f"data.train=[{synth / 'no_roi.jsonl'}]",
+            "mode=latent",
+            "max_steps=1",
+        )
+    )
 
 
 @pytest.mark.parametrize("mode", ["roi", "teacher_forced"])
@@ -96,7 +107,9 @@ def test_roi_loss_is_normalised_by_the_samples_that_contribute(tiny_dir, synth, 
         runs[name] = result
     assert runs["none"].metrics["align"] > 0
     assert runs["whole"].metrics["align"] == pytest.approx(runs["none"].metrics["align"], rel=1e-6)
-    if mode == "roi":  # (teacher forcing feeds a sample's ROI targets as its latents: the CE differs too)
+    if (
+        mode == "roi"
+    ):  # (teacher forcing feeds a sample's ROI targets as its latents: the CE differs too)
         a, b = params(runs["none"].model), params(runs["whole"].model)
         assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
 
@@ -105,12 +118,18 @@ def test_alignment_mask_counts_samples_with_a_signal():
     from medlvr.train.losses import alignment_mask
 
     roi = [torch.zeros(0, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([0, 1, 2])]
-    assert alignment_mask(roi, [3, 3, 3], "infonce").tolist() == [False, True, False]  # no negatives: no signal
+    assert alignment_mask(roi, [3, 3, 3], "infonce").tolist() == [
+        False,
+        True,
+        False,
+    ]  # no negatives: no signal
     assert alignment_mask(roi, [3, 3, 3], "cosine").tolist() == [False, True, True]
     assert alignment_mask(roi, [3, 3, 3], "mse").tolist() == [False, True, True]
 
 
-def test_the_alignment_mask_is_computed_once_per_micro_batch(tiny_dir, synth, tmp_path, monkeypatch):
+def test_the_alignment_mask_is_computed_once_per_micro_batch(
+    tiny_dir, synth, tmp_path, monkeypatch
+):
     """R, the step's normaliser, and each micro-batch's alignment loss read one mask per micro-batch."""
     from medlvr.train import sft
 
@@ -122,7 +141,9 @@ def test_the_alignment_mask_is_computed_once_per_micro_batch(tiny_dir, synth, tm
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sft, "alignment_mask", spy)
-    result = run_sft(make_cfg(tiny_dir, synth, tmp_path / "run", "mode=roi", "grad_accum=2", "max_steps=2"))
+    result = run_sft(
+        make_cfg(tiny_dir, synth, tmp_path / "run", "mode=roi", "grad_accum=2", "max_steps=2")
+    )
     assert len(calls) == 2 * 2 and all(r["align"] is not None for r in result.history)
 
 
@@ -156,7 +177,16 @@ def test_chain_alignment_trains_on_multi_hop_records(tiny_dir, synth, tmp_path):
     assert all(r["align"] is not None and r["align"] == r["align"] for r in result.history)
     bad = _two_hop(synth, "bad_hops.jsonl", [1, 3])
     with pytest.raises(MedlvrError, match="must lie in 1..2"):
-        run_sft(make_cfg(tiny_dir, synth, tmp_path / "bad", f"data.train=[{bad}]", "mode=roi", "align.assign=chain"))
+        run_sft(
+            make_cfg(
+                tiny_dir,
+                synth,
+                tmp_path / "bad",
+                f"data.train=[{bad}]",
+                "mode=roi",
+                "align.assign=chain",
+            )
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -182,7 +212,9 @@ def test_roi_sft_lowers_both_losses_and_beats_the_untrained_model(tiny_dir, synt
     assert sum(al[-5:]) / 5 < sum(al[:5]) / 5 - 0.05, al
     assert result.metrics["val_accuracy"] > acc0, (acc0, result.metrics["val_accuracy"])
     # the run leaves metrics, a resumable checkpoint and a loadable export behind
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows[-1].get("final") and rows[-1]["val_accuracy"] == result.metrics["val_accuracy"]
     reloaded = LatentVLM.from_pretrained(result.final_model)
     assert reloaded.latent.steps == 2
@@ -195,7 +227,13 @@ def test_roi_sft_lowers_both_losses_and_beats_the_untrained_model(tiny_dir, synt
         ["mode=latent", "latent.projector=mlp"],
         ["mode=teacher_forced", "align.kind=cosine"],
         ["mode=roi", "align.kind=mse", "align.assign=first", "curriculum=[1,2]"],
-        ["mode=roi", "model.gradient_checkpointing=true", "grad_accum=2", "batch_size=2", "model.freeze_vision=true"],
+        [
+            "mode=roi",
+            "model.gradient_checkpointing=true",
+            "grad_accum=2",
+            "batch_size=2",
+            "model.freeze_vision=true",
+        ],
     ],
     ids=["plain", "latent-mlp", "teacher-forced", "roi-curriculum", "roi-ckpt-accum-frozen"],
 )
@@ -224,7 +262,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_dir, synth, tmp_path)
     with pytest.raises(Killed):
         run_sft(make_cfg(tiny_dir, synth, tmp_path / "cut", *common), on_step=kill_at(3))
     assert [p.name for p in (tmp_path / "cut").glob("step-*")] == ["step-0000003"]
-    resumed = run_sft(make_cfg(tiny_dir, synth, tmp_path / "cut", *common, "checkpoint.resume=true"))
+    resumed = run_sft(
+        make_cfg(tiny_dir, synth, tmp_path / "cut", *common, "checkpoint.resume=true")
+    )
     assert [r["step"] for r in resumed.history] == [4, 5, 6]
     for a, b in zip(full.history[3:], resumed.history):
         assert a["step"] == b["step"]
@@ -238,7 +278,10 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_dir, synth, tmp_path)
     files = [f for f in (tmp_path / "cut").rglob("*") if f.is_file()]
     before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
     again = run_sft(make_cfg(tiny_dir, synth, tmp_path / "cut", *common, "checkpoint.resume=true"))
-    assert again.steps == 6 and again.metrics == json.loads((tmp_path / "cut" / "result.json").read_text())["metrics"]
+    assert (
+        again.steps == 6
+        and again.metrics == json.loads((tmp_path / "cut" / "result.json").read_text())["metrics"]
+    )
     assert again.metrics["ce"] == pytest.approx(resumed.metrics["ce"])
     assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before
 
@@ -263,11 +306,15 @@ def test_lora_changes_only_adapters_and_the_merged_export_matches(tiny_dir, synt
     assert (result.final_model / "adapter" / "adapter_model.safetensors").is_file()
     after = params(vlm)
     lora_names = [n for n in after if "lora_" in n]
-    assert lora_names and any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora_names if "lora_B" in n)
+    assert lora_names and any(
+        not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora_names if "lora_B" in n
+    )
     # The latent special tokens' rows train through peft's trainable tokens (issue 13, item 3), not the whole embedding.
     deltas = [n for n in after if "trainable_tokens_delta" in n]
     assert len(deltas) == 1 and after[deltas[0]].shape == (3, vlm.hidden_size)
-    assert after[deltas[0]].abs().sum(-1)[[0, 2]].gt(0).all(), "<|latent_start|> and <|latent_end|> rows must learn"
+    assert after[deltas[0]].abs().sum(-1)[[0, 2]].gt(0).all(), (
+        "<|latent_start|> and <|latent_end|> rows must learn"
+    )
     for name, value in after.items():
         if "lora_" in name or "trainable_tokens_delta" in name or name.startswith("projector."):
             continue
@@ -276,7 +323,9 @@ def test_lora_changes_only_adapters_and_the_merged_export_matches(tiny_dir, synt
         assert torch.equal(value, base[plain]), f"{name} changed"
 
     samples = read_jsonl(synth / "val.jsonl")[:3]
-    batch = VQACollator(vlm.processor, vlm.adapter)(samples, images=[[load_image(p) for p in s.images] for s in samples])
+    batch = VQACollator(vlm.processor, vlm.adapter)(
+        samples, images=[[load_image(p) for p in s.images] for s in samples]
+    )
     vlm.eval()
     with torch.no_grad():
         adapter_logits = vlm(batch, latent_steps=2).logits
@@ -310,11 +359,16 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tiny_dir
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir()
     one.mkdir()
-    proc = torchrun(worker, str(two), *base_overrides(tiny_dir, synth, two / "run"), *common, "batch_size=2")
+    proc = torchrun(
+        worker, str(two), *base_overrides(tiny_dir, synth, two / "run"), *common, "batch_size=2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = run_sft(make_cfg(tiny_dir, synth, one / "run", *common, "batch_size=4"))
 
-    p0, p1 = load_file(str(two / "params-rank0.safetensors")), load_file(str(two / "params-rank1.safetensors"))
+    p0, p1 = (
+        load_file(str(two / "params-rank0.safetensors")),
+        load_file(str(two / "params-rank1.safetensors")),
+    )
     assert all(torch.equal(p0[n], p1[n]) for n in p0), "ranks diverged"
     ref = {n: p.detach() for n, p in single.model.named_parameters()}
     diff = max((p0[n] - ref[n]).abs().max().item() for n in p0)
@@ -334,7 +388,13 @@ def test_cli_trains_resumes_and_reports_user_errors(tiny_dir, synth, tmp_path):
     from medlvr.cli import app
 
     runner = CliRunner()
-    args = ["train", "sft", *base_overrides(tiny_dir, synth, tmp_path / "run"), "mode=latent", "max_steps=2"]
+    args = [
+        "train",
+        "sft",
+        *base_overrides(tiny_dir, synth, tmp_path / "run"),
+        "mode=latent",
+        "max_steps=2",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "done: 2 steps" in res.output and (tmp_path / "run" / "final" / "config.json").is_file()
@@ -344,12 +404,19 @@ def test_cli_trains_resumes_and_reports_user_errors(tiny_dir, synth, tmp_path):
     assert res.exit_code == 2 and "batch_size" in res.output
 
 
-@pytest.mark.parametrize("recipe", ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_8b", "medgemma_4b", "smolvlm2_2b"])
+@pytest.mark.parametrize(
+    "recipe",
+    ["tiny", "qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_8b", "medgemma_4b", "smolvlm2_2b"],
+)
 def test_recipes_parse(recipe):
     repo = Path(__file__).resolve().parent.parent
     cfg = load_config(SFTConfig, repo / "configs" / recipe / "sft.yaml")
-    assert cfg.mode == "roi" and cfg.align.kind == "infonce" and not Path(cfg.model.path).is_absolute()
-    if cfg.model.finetune == "lora":  # the latent tokens' rows train through peft's trainable tokens, not embed_tokens
+    assert (
+        cfg.mode == "roi" and cfg.align.kind == "infonce" and not Path(cfg.model.path).is_absolute()
+    )
+    if (
+        cfg.model.finetune == "lora"
+    ):  # the latent tokens' rows train through peft's trainable tokens, not embed_tokens
         assert cfg.lora.train_latent_tokens and "embed_tokens" not in cfg.lora.modules_to_save
 
 
@@ -358,7 +425,9 @@ def test_embed_tokens_in_modules_to_save_and_trainable_latent_rows_exclude_each_
 
     with pytest.raises(MedlvrError, match="train_latent_tokens=false"):
         LoraConfig(modules_to_save=["embed_tokens"])
-    assert LoraConfig(modules_to_save=["embed_tokens"], train_latent_tokens=False).modules_to_save == ["embed_tokens"]
+    assert LoraConfig(
+        modules_to_save=["embed_tokens"], train_latent_tokens=False
+    ).modules_to_save == ["embed_tokens"]
 
 
 # ---------------------------------------------------------------------------- the reasoning curriculum
@@ -406,17 +475,30 @@ def test_reasoning_curriculum_settings_are_checked(tiny_dir, chains, tmp_path, o
 
 def test_reasoning_curriculum_needs_records_with_written_reasoning(tiny_dir, synth, tmp_path):
     with pytest.raises(MedlvrError, match="no training record has them"):
-        run_sft(make_cfg(tiny_dir, synth, tmp_path / "run", "mode=latent", "replace_reasoning=true", "curriculum=[0,2]"))
+        run_sft(
+            make_cfg(
+                tiny_dir,
+                synth,
+                tmp_path / "run",
+                "mode=latent",
+                "replace_reasoning=true",
+                "curriculum=[0,2]",
+            )
+        )
 
 
-def test_reasoning_curriculum_hands_written_steps_to_the_latents_one_stage_at_a_time(tiny_dir, chains, tmp_path, monkeypatch):
+def test_reasoning_curriculum_hands_written_steps_to_the_latents_one_stage_at_a_time(
+    tiny_dir, chains, tmp_path, monkeypatch
+):
     seen = _recording_targets(monkeypatch)
     common = ("mode=latent", "replace_reasoning=true", "curriculum=[0,2,4]", "max_steps=6", "data.max_answer_tokens=48",
               "checkpoint.every=3", "checkpoint.keep_last=1")  # fmt: skip
     full = run_sft(make_cfg(tiny_dir, chains, tmp_path / "full", *common))
     assert [r["latent_steps"] for r in full.history] == [0, 0, 2, 2, 4, 4]
     written = [[answer.count("; ") for answer in batch] for batch in seen]
-    assert written == [[2] * 4] * 2 + [[1] * 4] * 2 + [[0] * 4] * 2  # hops written before "answer: X": 2, 1, 0
+    assert (
+        written == [[2] * 4] * 2 + [[1] * 4] * 2 + [[0] * 4] * 2
+    )  # hops written before "answer: X": 2, 1, 0
     records = {s.id: s for s in read_jsonl(chains / "train.jsonl")}
     golds = {r.answer for r in records.values()}
     assert all(a.startswith("answer: ") and a.removeprefix("answer: ") in golds for a in seen[-1])
@@ -425,7 +507,9 @@ def test_reasoning_curriculum_hands_written_steps_to_the_latents_one_stage_at_a_
     with pytest.raises(Killed):
         run_sft(make_cfg(tiny_dir, chains, tmp_path / "cut", *common), on_step=kill_at(3))
     seen.clear()
-    resumed = run_sft(make_cfg(tiny_dir, chains, tmp_path / "cut", *common, "checkpoint.resume=true"))
+    resumed = run_sft(
+        make_cfg(tiny_dir, chains, tmp_path / "cut", *common, "checkpoint.resume=true")
+    )
     assert [r["latent_steps"] for r in resumed.history] == [2, 4, 4]
     assert [[a.count("; ") for a in batch] for batch in seen] == [[1] * 4, [0] * 4, [0] * 4]
     for a, b in zip(full.history[3:], resumed.history):

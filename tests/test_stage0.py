@@ -10,7 +10,9 @@ from medlvr.recipes.stage0 import ASSET, parse_description
 
 
 def test_parse_description_reads_every_lesion():
-    text = "upper left: small bright round; center: large dark cross; Lower Right: small dark square"
+    text = (
+        "upper left: small bright round; center: large dark cross; Lower Right: small dark square"
+    )
     assert parse_description(text) == {
         "upper left": ("small", "bright", "round"),
         "center": ("large", "dark", "cross"),
@@ -29,10 +31,22 @@ def test_tiny_stage0_run_writes_a_loadable_model_and_its_card(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     scores = json.loads((out / "stage0_metrics.json").read_text())
-    assert scores["describe_records"] == scores["inspect_records"] == scores["hop1_questions"] == 4 and scores["steps"] == 3
-    assert scores["ground_records"] <= 4  # a crowded chain image may have no lesion to name by its attributes
+    assert (
+        scores["describe_records"] == scores["inspect_records"] == scores["hop1_questions"] == 4
+        and scores["steps"] == 3
+    )
+    assert (
+        scores["ground_records"] <= 4
+    )  # a crowded chain image may have no lesion to name by its attributes
     assert sum(v for k, v in scores.items() if k.startswith("hop1_") and k.endswith("_n")) == 4
-    for key in ("region_found", "shape_acc", "size_acc", "intensity_acc", "ground_acc", "inspect_acc"):
+    for key in (
+        "region_found",
+        "shape_acc",
+        "size_acc",
+        "intensity_acc",
+        "ground_acc",
+        "inspect_acc",
+    ):
         assert 0.0 <= scores[key] <= 1.0, key
     assert scores["final_probe_token_acc"] is None or 0.0 <= scores["final_probe_token_acc"] <= 1.0
     card = (out / "STAGE0.md").read_text()

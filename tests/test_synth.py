@@ -22,7 +22,9 @@ from medlvr.data.synth import (
 )
 from medlvr.data.synth_render import SHAPES
 
-CFG = SynthConfig(n=240, seed=7, answers="letters", texture=0.5)  # every question type, answered with option letters
+CFG = SynthConfig(
+    n=240, seed=7, answers="letters", texture=0.5
+)  # every question type, answered with option letters
 FILES = (*SPLITS, "describe")
 
 
@@ -44,7 +46,12 @@ def _by_region(meta: dict) -> dict[str, dict]:
 
 
 def _adjective(shape: str) -> str:
-    return {"round": "round", "square": "square", "triangle": "triangular", "cross": "cross-shaped"}[shape]
+    return {
+        "round": "round",
+        "square": "square",
+        "triangle": "triangular",
+        "cross": "cross-shaped",
+    }[shape]
 
 
 # ---------------------------------------------------------------- files, counts, determinism
@@ -72,7 +79,10 @@ def test_counts_per_split_are_exact(synth_dir: Path, records: dict[str, list]) -
 
 def test_same_seed_gives_identical_bytes(tmp_path: Path) -> None:
     cfg = SynthConfig(n=40, seed=3)
-    a, b = generate(cfg, tmp_path / "a", workers=1), generate(cfg, tmp_path / "b", workers=2, chunk=7)
+    a, b = (
+        generate(cfg, tmp_path / "a", workers=1),
+        generate(cfg, tmp_path / "b", workers=2, chunk=7),
+    )
     for name in (*FILES, "manifest"):
         assert a[name].read_bytes() == b[name].read_bytes(), name
     images_a = sorted(p.name for p in a["images"].iterdir())
@@ -103,7 +113,9 @@ def test_choice_letters_are_valid(records: dict[str, list]) -> None:
     for name in FILES:
         for r in records[name]:
             if r.answer_type == "choice":
-                assert list(r.options) == list("ABCD"[: len(r.options)]) and 2 <= len(r.options) <= 4
+                assert (
+                    list(r.options) == list("ABCD"[: len(r.options)]) and 2 <= len(r.options) <= 4
+                )
                 assert len(set(r.options.values())) == len(r.options)
                 assert r.options[r.answer_letter] == r.answer
             else:
@@ -143,7 +155,9 @@ def test_held_pairs_only_in_compositional(records: dict[str, list]) -> None:
 
 
 def test_roi_boxes_are_tight_around_the_lesion_pixels(records: dict[str, list]) -> None:
-    items = generate_samples(CFG, "train", range(40)) + generate_samples(CFG, "compositional", range(20))
+    items = generate_samples(CFG, "train", range(40)) + generate_samples(
+        CFG, "compositional", range(20)
+    )
     for item in items:
         on = item.image.astype(np.int16)
         off = render(CFG, item.scene, lesions=False).astype(np.int16)
@@ -154,11 +168,16 @@ def test_roi_boxes_are_tight_around_the_lesion_pixels(records: dict[str, list]) 
             x0, y0, x1, y1 = les.box
             ys, xs = np.nonzero(changed[y0:y1, x0:x1])
             # tight: the changed pixels touch every side of the box
-            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (0, 0, x1 - x0, y1 - y0), (item.sample.id, les)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (0, 0, x1 - x0, y1 - y0), (
+                item.sample.id,
+                les,
+            )
             sign = 1 if les.intensity == "bright" else -1
             assert (sign * (on - off)[y0:y1, x0:x1][changed[y0:y1, x0:x1]] > 20).all()
             span = max(x1 - x0, y1 - y0)
-            assert 0.9 * les.extent - 2 <= span <= les.extent + 1  # squares are drawn at 0.9 of the extent
+            assert (
+                0.9 * les.extent - 2 <= span <= les.extent + 1
+            )  # squares are drawn at 0.9 of the extent
             covered[y0:y1, x0:x1] = True
             rx0, ry0, rx1, ry1 = CFG.region_box(les.region)
             assert rx0 <= x0 and ry0 <= y0 and x1 <= rx1 and y1 <= ry1
@@ -184,7 +203,10 @@ def test_lesion_sizes_follow_the_token_cell() -> None:
         for les in item.scene.lesions:
             spans[les.size].append(les.extent)
     # extents are jittered by +-10% around small_size / large_size token cells
-    assert max(spans["small"]) <= CFG.small_size * 1.1 * 28 and min(spans["large"]) >= CFG.large_size * 0.9 * 28
+    assert (
+        max(spans["small"]) <= CFG.small_size * 1.1 * 28
+        and min(spans["large"]) >= CFG.large_size * 0.9 * 28
+    )
     assert max(spans["small"]) < min(spans["large"])
 
 
@@ -201,10 +223,10 @@ def _check_chain(r, at: dict[str, dict]) -> None:
     m = re.fullmatch(r"What is the intensity of (.+)\?", r.question)
     subject, phrases = m.group(1), []
     while subject.startswith("the lesion "):
-        rest = subject[len("the lesion "):]
+        rest = subject[len("the lesion ") :]
         phrase = next(p for p in _STEP if rest.startswith(p + " "))
         phrases.append(phrase)
-        subject = rest[len(phrase) + 1:]
+        subject = rest[len(phrase) + 1 :]
     (kind,) = re.fullmatch(r"the (largest|smallest) lesion", subject).groups()
     size = "large" if kind == "largest" else "small"
     (anchor,) = [les for les in lesions if les["size"] == size]  # the one lesion of its size
@@ -223,7 +245,10 @@ def _check_chain(r, at: dict[str, dict]) -> None:
     assert r.meta["chain"] == [les["region"] for les in path]
     assert r.meta["reasoning"].startswith(f"{kind} lesion: {anchor['region']}")
     # the image is exactly half bright: its majority says nothing
-    assert len(lesions) in (6, 8) and sum(les["intensity"] == "bright" for les in lesions) == len(lesions) // 2
+    assert (
+        len(lesions) in (6, 8)
+        and sum(les["intensity"] == "bright" for les in lesions) == len(lesions) // 2
+    )
 
 
 def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read top to bottom
@@ -246,13 +271,22 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read
         assert boxes == [tuple(at[region]["box"])]
     elif qtype == "location":
         (words,) = re.findall(r"Where is the (.+) lesion\?", q)
-        matches = [les for les in lesions if words == " ".join(
-            _adjective(les[k]) if k == "shape" else les[k] for k in ("size", "intensity", "shape") if k in meta["descriptor"]
-        )]
+        matches = [
+            les
+            for les in lesions
+            if words
+            == " ".join(
+                _adjective(les[k]) if k == "shape" else les[k]
+                for k in ("size", "intensity", "shape")
+                if k in meta["descriptor"]
+            )
+        ]
         assert len(matches) == 1 and matches[0]["region"] == r.answer
         assert boxes == [tuple(matches[0]["box"])]
     elif qtype == "comparison":
-        word, a, b = re.findall(r"Which lesion is (\w+): the one in the (.+) region or the one in the (.+) region\?", q)[0]
+        word, a, b = re.findall(
+            r"Which lesion is (\w+): the one in the (.+) region or the one in the (.+) region\?", q
+        )[0]
         attr, value = {"larger": ("size", "large"), "smaller": ("size", "small"),
                        "brighter": ("intensity", "bright"), "darker": ("intensity", "dark")}[word]  # fmt: skip
         assert at[a][attr] != at[b][attr]
@@ -266,7 +300,10 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read
         assert r.answer == ("yes" if at[a]["shape"] == at[b]["shape"] else "no")
         assert set(boxes) == {tuple(at[a]["box"]), tuple(at[b]["box"])}
     elif qtype == "relational":
-        phrase, anchor_words = re.findall(r"What shape is the lesion (to the right of|to the left of|above|below) the (.+) lesion\?", q)[0]
+        phrase, anchor_words = re.findall(
+            r"What shape is the lesion (to the right of|to the left of|above|below) the (.+) lesion\?",
+            q,
+        )[0]
         superlative = {"brightest": ("intensity", "bright"), "darkest": ("intensity", "dark"),
                        "largest": ("size", "large"), "smallest": ("size", "small")}  # fmt: skip
         if anchor_words in superlative:
@@ -278,7 +315,12 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read
         names = CFG.region_names()
         g = CFG.grid
         ar, ac = divmod(names.index(anchors[0]["region"]), g)
-        dr, dc = {"to the right of": (0, 1), "to the left of": (0, -1), "above": (-1, 0), "below": (1, 0)}[phrase]
+        dr, dc = {
+            "to the right of": (0, 1),
+            "to the left of": (0, -1),
+            "above": (-1, 0),
+            "below": (1, 0),
+        }[phrase]
         target = at[names[(ar + dr) * g + ac + dc]]
         assert r.answer == target["shape"]
         # nothing further along the same direction: one reading only
@@ -288,12 +330,18 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read
             rr, cc = rr + dr, cc + dc
         assert boxes == [tuple(anchors[0]["box"]), tuple(target["box"])]
     elif qtype == "describe":
-        expected = "; ".join(f"{les['region']}: {les['size']} {les['intensity']} {les['shape']}" for les in lesions)
+        expected = "; ".join(
+            f"{les['region']}: {les['size']} {les['intensity']} {les['shape']}" for les in lesions
+        )
         assert r.answer == expected and q == "Describe the lesions."
         assert len(boxes) == len(lesions)
     elif qtype == "ground":
         (words,) = re.findall(r"Where is the (.+) lesion\?", q)
-        matches = [les for les in lesions if words == f"{les['size']} {les['intensity']} {_adjective(les['shape'])}"]
+        matches = [
+            les
+            for les in lesions
+            if words == f"{les['size']} {les['intensity']} {_adjective(les['shape'])}"
+        ]
         assert len(matches) == 1 and matches[0]["region"] == r.answer
         assert boxes == [tuple(matches[0]["box"])]
     elif qtype == "inspect":
@@ -301,7 +349,9 @@ def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read
         inside = [les for les in lesions if les["region"] == region]
         if inside:
             (les,) = inside
-            assert r.answer == f"{les['size']} {les['intensity']} {les['shape']}" and boxes == [tuple(les["box"])]
+            assert r.answer == f"{les['size']} {les['intensity']} {les['shape']}" and boxes == [
+                tuple(les["box"])
+            ]
         else:
             assert r.answer == "nothing" and r.rois[0].label == "region"
     elif qtype == "chain":
@@ -332,7 +382,9 @@ def test_both_presence_answers_occur(records: dict[str, list]) -> None:
 
 def test_level_one_has_single_lesions_and_no_two_lesion_question_types() -> None:
     cfg = SynthConfig(n=60, seed=2, level=1)
-    items = generate_samples(cfg, "train", render_images=False) + generate_samples(cfg, "compositional", render_images=False)
+    items = generate_samples(cfg, "train", render_images=False) + generate_samples(
+        cfg, "compositional", render_images=False
+    )
     assert {len(i.scene.lesions) for i in items} == {1}
     assert {i.sample.question_type for i in items} <= {"presence", "attribute", "location", "count"}
     for item in items:
@@ -359,7 +411,14 @@ def _check_answer_cfg(cfg: SynthConfig, sample) -> None:
 
 
 def test_image_size_and_grid_knobs(tmp_path: Path) -> None:
-    cfg = SynthConfig(n=12, seed=0, image_size=224, grid=2, question_types={"attribute": 1, "relational": 1}, describe=False)
+    cfg = SynthConfig(
+        n=12,
+        seed=0,
+        image_size=224,
+        grid=2,
+        question_types={"attribute": 1, "relational": 1},
+        describe=False,
+    )
     paths = generate(cfg, tmp_path, workers=1)
     assert "describe" not in paths
     recs = read_jsonl(paths["train"])
@@ -396,12 +455,18 @@ def test_cli_synth(tmp_path: Path) -> None:
 
     runner = CliRunner()
     out = tmp_path / "cli"
-    result = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "20", "--seed", "1", "--level", "2"])
+    result = runner.invoke(
+        app, ["data", "synth", "--out", str(out), "--n", "20", "--seed", "1", "--level", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert len(read_jsonl(out / "train.jsonl")) == SynthConfig(n=20).split_counts()["train"]
-    bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--image-size", "100"])
+    bad = runner.invoke(
+        app, ["data", "synth", "--out", str(out), "--n", "5", "--image-size", "100"]
+    )
     assert bad.exit_code == 2 and "multiple of 28" in bad.output
-    bad = runner.invoke(app, ["data", "synth", "--out", str(out), "--n", "5", "--question-types", "colour"])
+    bad = runner.invoke(
+        app, ["data", "synth", "--out", str(out), "--n", "5", "--question-types", "colour"]
+    )
     assert bad.exit_code == 2 and "unknown question type" in bad.output
 
 
@@ -439,11 +504,20 @@ def test_default_world_answers_in_words_and_asks_shape_only_of_large_lesions() -
     cfg = SynthConfig(n=400, seed=3)
     items = generate_samples(cfg, "train", render_images=False)
     assert all(i.sample.answer_type in ("open", "closed") and not i.sample.options for i in items)
-    shapes = [i for i in items if i.sample.question_type == "attribute" and i.sample.meta["attribute"] == "shape"]
+    shapes = [
+        i
+        for i in items
+        if i.sample.question_type == "attribute" and i.sample.meta["attribute"] == "shape"
+    ]
     assert shapes and all(i.scene.lesions[i.scene.target].size == "large" for i in shapes)
-    assert all(i.sample.meta["hops"] >= 1 and len(i.sample.meta["roi_hops"]) == len(i.sample.rois) for i in items)
+    assert all(
+        i.sample.meta["hops"] >= 1 and len(i.sample.meta["roi_hops"]) == len(i.sample.rois)
+        for i in items
+    )
     letters = make_sample(SynthConfig(n=400, seed=3, answers="letters"), "train", 0)[1]
-    assert letters == make_sample(cfg, "train", 0)[1]  # the same scenes, whichever way answers are written
+    assert (
+        letters == make_sample(cfg, "train", 0)[1]
+    )  # the same scenes, whichever way answers are written
 
 
 def test_chain_depths_are_uniform_and_no_shortcut_predicts_the_answer() -> None:
@@ -463,10 +537,19 @@ def test_chain_depths_are_uniform_and_no_shortcut_predicts_the_answer() -> None:
     assert 0.45 < rate(s.answer == "bright" for s in samples) < 0.55
     # The first hop's lesion (the anchor) and the one before the last say nothing about the answer.
     at = [{les["region"]: les for les in s.meta["lesions"]} for s in deep]
-    assert 0.45 < rate(a[s.meta["chain"][0]]["intensity"] == s.answer for s, a in zip(deep, at)) < 0.55
-    assert 0.45 < rate(a[s.meta["chain"][-2]]["intensity"] == s.answer for s, a in zip(deep, at)) < 0.55
+    assert (
+        0.45 < rate(a[s.meta["chain"][0]]["intensity"] == s.answer for s, a in zip(deep, at)) < 0.55
+    )
+    assert (
+        0.45
+        < rate(a[s.meta["chain"][-2]]["intensity"] == s.answer for s, a in zip(deep, at))
+        < 0.55
+    )
     # Nor does the image's majority: every image is exactly half bright.
-    assert all(sum(les["intensity"] == "bright" for les in s.meta["lesions"]) * 2 == s.meta["n_lesions"] for s in samples)
+    assert all(
+        sum(les["intensity"] == "bright" for les in s.meta["lesions"]) * 2 == s.meta["n_lesions"]
+        for s in samples
+    )
 
 
 def test_written_reasoning_spells_out_the_chain_and_parses_to_the_answer() -> None:
@@ -479,7 +562,9 @@ def test_written_reasoning_spells_out_the_chain_and_parses_to_the_answer() -> No
     regions = sample.meta["chain"]
     assert written.answer == f"{sample.meta['reasoning']}; answer: {sample.answer}"
     assert all(region in written.answer for region in regions) and written.answer.count(";") == 3
-    assert score(sample, written.answer).correct  # the evaluation parser reads the answer after the chain
+    assert score(
+        sample, written.answer
+    ).correct  # the evaluation parser reads the answer after the chain
     # The curriculum's stages: the first `hidden` hops left to the latent steps, one at a time.
     steps = sample.meta["reasoning"].split("; ")
     assert len(steps) == 3 and all(step.endswith(region) for step, region in zip(steps, regions))

@@ -33,9 +33,15 @@ def test_latent_paths_raise_no_future_or_deprecation_warning(tiny_factory, famil
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.manual_seed(0)
-        vlm = LatentVLM.from_pretrained(tiny_factory(family), LatentConfig(steps=2, projector="linear"))
-        batch = VQACollator(vlm.processor, vlm.adapter, with_answers=True)([sample], images=[[random_image(64, 48)]])
-        vlm.generate(batch, latent_steps=2, max_new_tokens=3)  # prefill, latent steps, decoding on the cache
+        vlm = LatentVLM.from_pretrained(
+            tiny_factory(family), LatentConfig(steps=2, projector="linear")
+        )
+        batch = VQACollator(vlm.processor, vlm.adapter, with_answers=True)(
+            [sample], images=[[random_image(64, 48)]]
+        )
+        vlm.generate(
+            batch, latent_steps=2, max_new_tokens=3
+        )  # prefill, latent steps, decoding on the cache
         vlm.train()
         vlm(batch, latent_steps=2).loss.backward()  # the training recurrence
     shown = [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught

@@ -49,7 +49,11 @@ def test_latent_logprob_is_the_per_dimension_gaussian_density():
         # ratios are the d-th root of the exact density ratio
         mu2 = mu + 0.01
         exact_ratio = torch.distributions.Normal(mu2, sigma).log_prob(z).sum(-1) - exact
-        assert torch.allclose(gaussian_logprob(z, mu2, sigma) - gaussian_logprob(z, mu, sigma), exact_ratio / d, atol=1e-4)
+        assert torch.allclose(
+            gaussian_logprob(z, mu2, sigma) - gaussian_logprob(z, mu, sigma),
+            exact_ratio / d,
+            atol=1e-4,
+        )
 
 
 def test_latent_logprob_sum_is_the_exact_density_and_its_ratio_the_true_one():
@@ -62,10 +66,18 @@ def test_latent_logprob_sum_is_the_exact_density_and_its_ratio_the_true_one():
         exact = torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1)
         const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
         assert torch.allclose(gaussian_logprob(z, mu, sigma, "sum"), exact + const, atol=1e-4)
-        assert torch.allclose(gaussian_logprob(z, mu, sigma, "sum"), d * gaussian_logprob(z, mu, sigma, "mean"), atol=1e-4)
+        assert torch.allclose(
+            gaussian_logprob(z, mu, sigma, "sum"),
+            d * gaussian_logprob(z, mu, sigma, "mean"),
+            atol=1e-4,
+        )
         mu2 = mu + 0.01
         exact_ratio = torch.distributions.Normal(mu2, sigma).log_prob(z).sum(-1) - exact
-        assert torch.allclose(gaussian_logprob(z, mu2, sigma, "sum") - gaussian_logprob(z, mu, sigma, "sum"), exact_ratio, atol=1e-3)
+        assert torch.allclose(
+            gaussian_logprob(z, mu2, sigma, "sum") - gaussian_logprob(z, mu, sigma, "sum"),
+            exact_ratio,
+            atol=1e-3,
+        )
     with pytest.raises(ValueError, match="mean or sum"):
         gaussian_logprob(z, mu, sigma, "max")
 
@@ -82,7 +94,9 @@ def test_latent_units_have_their_own_clip_range():
     per_seq.sum().backward()
     # A > 0: latent units clipped at 1.05 (no gradient), tokens not (1.105 < 1.28); A < 0: nothing clipped.
     assert st["clipped"] == 2 and st["latent_clipped"] == 2 and st["latent_units"] == 4
-    assert (lp.grad[0, :2] == 0).all() and (lp.grad[0, 2:4] != 0).all() and (lp.grad[1, :3] != 0).all()
+    assert (
+        (lp.grad[0, :2] == 0).all() and (lp.grad[0, 2:4] != 0).all() and (lp.grad[1, :3] != 0).all()
+    )
     assert torch.allclose(per_seq[0], -(2 * 1.05 + 2 * math.exp(0.1)) * torch.ones(()))
     # Without a latent range the token range applies to every unit (the old behaviour).
     same, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, latent_steps=2)
@@ -112,7 +126,11 @@ def test_policy_loss_clipping_aggregation_and_normalisers():
     # On-policy: ratio 1, nothing clipped, loss = -A per unit.
     lp = old.clone().requires_grad_(True)
     per_seq, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.3)
-    assert torch.allclose(per_seq, torch.tensor([-3.0, 4.0])) and st["clipped"] == 0 and st["units"] == 5
+    assert (
+        torch.allclose(per_seq, torch.tensor([-3.0, 4.0]))
+        and st["clipped"] == 0
+        and st["units"] == 5
+    )
     per_seq.sum().backward()
     assert torch.allclose(lp.grad, -adv[:, None] * mask)
     # Ratio e^0.5 > 1.3 with A > 0 is clipped (no gradient); with A < 0 it is not.
@@ -158,7 +176,9 @@ def synth(tmp_path_factory):
     from medlvr.data.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth_vlpo")
-    return generate(SynthConfig(n=120, seed=3, level=1, question_types={"presence": 1.0}, describe=False), out)
+    return generate(
+        SynthConfig(n=120, seed=3, level=1, question_types={"presence": 1.0}, describe=False), out
+    )
 
 
 def _prompts(paths, n, split="train"):
@@ -188,10 +208,14 @@ def test_shared_prefix_rollouts_equal_per_sample_rollouts(vlm, synth):
     assert shared.token_ids == naive.token_ids
     assert (shared.latents - naive.latents).abs().max() < 1e-5
     assert (shared.latent_means - naive.latent_means).abs().max() < 1e-5
-    assert len(shared.visual_tokens) == 12 and all(torch.equal(a, b) for a, b in zip(shared.visual_tokens, naive.visual_tokens))
+    assert len(shared.visual_tokens) == 12 and all(
+        torch.equal(a, b) for a, b in zip(shared.visual_tokens, naive.visual_tokens)
+    )
     # The noise really is there, and rows of one group differ.
     assert (shared.latents - shared.latent_means).abs().max() > 1e-2
-    assert len({tuple(t) for t in shared.token_ids[:4]}) > 1 or not torch.equal(shared.latents[0], shared.latents[1])
+    assert len({tuple(t) for t in shared.token_ids[:4]}) > 1 or not torch.equal(
+        shared.latents[0], shared.latents[1]
+    )
     # Greedy, no latent noise: every row of a group is the prompt's single greedy trajectory.
     g1 = _rollouts(vlm, samples, images, seed=0, shared=True, sigma=0.0, temperature=1e-9)
     g2 = _rollouts(vlm, samples, images, seed=1, shared=False, sigma=0.0, temperature=1e-9)
@@ -215,7 +239,9 @@ def test_recomputed_logprobs_are_those_of_the_sampled_trajectory(vlm, synth):
     exact = torch.distributions.Normal(ro.latent_means, sigma).log_prob(ro.latents).sum(-1)
     const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
     assert torch.allclose(lp.logp[:, :k], (exact + const) / d, atol=1e-4)
-    assert torch.equal(lp.logp[:, k:] * (1 - batch["answer_mask"]), torch.zeros_like(lp.logp[:, k:])), "padding is 0"
+    assert torch.equal(
+        lp.logp[:, k:] * (1 - batch["answer_mask"]), torch.zeros_like(lp.logp[:, k:])
+    ), "padding is 0"
     # Teacher-forcing the greedy answer: every greedy token is the forward's argmax (no off-by-one).
     greedy = vlm.generate(col(samples, images=images), 3, max_new_tokens=6)
     b2 = col(samples, images=images)
@@ -233,9 +259,13 @@ def test_trajectory_latent_units_follow_the_configured_density(vlm, synth, kind)
     ro = _rollouts(vlm, samples, images, seed=3, shared=True, sigma=sigma, g=2)
     col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     batch = col(ro.samples, images=ro.images)
-    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stop_tokens, pad_id(vlm))
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(
+        ro.token_ids, ro.stop_tokens, pad_id(vlm)
+    )
     with torch.no_grad():
-        lp = trajectory_logprobs(vlm, batch, ro.latents, temperature=1.0, latent_sigma=sigma, latent_logprob=kind)
+        lp = trajectory_logprobs(
+            vlm, batch, ro.latents, temperature=1.0, latent_sigma=sigma, latent_logprob=kind
+        )
     d = vlm.hidden_size
     exact = torch.distributions.Normal(ro.latent_means, sigma).log_prob(ro.latents).sum(-1)
     const = d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
@@ -246,7 +276,10 @@ def test_vlpo_latent_options_are_validated():
     from medlvr.config import VLPOParams
     from medlvr.errors import MedlvrError
 
-    assert VLPOParams(latent_logprob="sum", latent_clip_low=0.1, latent_clip_high=0.1).latent_logprob == "sum"
+    assert (
+        VLPOParams(latent_logprob="sum", latent_clip_low=0.1, latent_clip_high=0.1).latent_logprob
+        == "sum"
+    )
     with pytest.raises(MedlvrError, match="latent_logprob"):
         VLPOParams(latent_logprob="max")
     with pytest.raises(MedlvrError, match="latent_clip"):
@@ -255,7 +288,11 @@ def test_vlpo_latent_options_are_validated():
 
 def test_gpu_vlpo_recipe_parses_and_trains_the_latent_token_rows():
     cfg = load_config(VLPOConfig, REPO / "configs" / "qwen2_5_vl_7b" / "vlpo.yaml")
-    assert cfg.model.finetune == "lora" and cfg.lora.train_latent_tokens and "embed_tokens" not in cfg.lora.modules_to_save
+    assert (
+        cfg.model.finetune == "lora"
+        and cfg.lora.train_latent_tokens
+        and "embed_tokens" not in cfg.lora.modules_to_save
+    )
 
 
 def test_mini_batches_split_each_process_into_the_same_optimizer_steps():
@@ -266,7 +303,9 @@ def test_mini_batches_split_each_process_into_the_same_optimizer_steps():
 
     assert _mini_batches(8, 2, 3) == [[[0, 2, 4], [6]], [[1, 3, 5], [7]]]
     one = _mini_batches(8, 2, 8)  # one process, 8 trajectories
-    two = [_mini_batches(4, 2, 8) for _ in range(2)]  # two processes, 4 each: rank r's row i is global 4r + i
+    two = [
+        _mini_batches(4, 2, 8) for _ in range(2)
+    ]  # two processes, 4 each: rank r's row i is global 4r + i
     for m in range(2):
         assert one[m][0] == [4 * r + i for r in range(2) for i in two[r][m][0]]
     assert [len(parts) for parts in (_mini_batches(n, 4, 1) for n in (4, 8, 13))] == [4, 4, 4]
@@ -284,8 +323,12 @@ def test_the_stop_token_trained_is_the_one_sampled(vlm, synth, monkeypatch):
 
     samples, images = _prompts(synth, 2)
     col = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
-    first = [ids[0] for ids in vlm.generate(col(samples, images=images), 3, max_new_tokens=1).token_ids]
-    assert not set(first) & set(vlm.stop_ids), "the first greedy tokens must not be stop tokens already"
+    first = [
+        ids[0] for ids in vlm.generate(col(samples, images=images), 3, max_new_tokens=1).token_ids
+    ]
+    assert not set(first) & set(vlm.stop_ids), (
+        "the first greedy tokens must not be stop tokens already"
+    )
     monkeypatch.setattr(vlm, "stop_ids", sorted({*vlm.stop_ids, *first}))
     ro = _rollouts(vlm, samples, images, seed=0, shared=True, sigma=0.0, temperature=1e-9, g=2)
     assert ro.token_ids == [[], [], [], []] and ro.stopped == [True] * 4
@@ -299,7 +342,9 @@ def test_the_stop_token_trained_is_the_one_sampled(vlm, synth, monkeypatch):
     ids, mask = answer_tensors(cut.token_ids, cut.stop_tokens, pad_id(vlm))
     assert ids.tolist() == cut.token_ids and mask.tolist() == [[1, 1]] * 2
     ro = _rollouts(vlm, samples, images, seed=0, shared=True, g=2)
-    assert ro.stop_tokens == [None] * 4 and ro.stopped == [False] * 4  # `stopped` follows the stop tokens
+    assert (
+        ro.stop_tokens == [None] * 4 and ro.stopped == [False] * 4
+    )  # `stopped` follows the stop tokens
 
 
 def test_held_out_roi_evidence_reuses_the_rollouts_visual_tokens(vlm, synth):
@@ -311,7 +356,15 @@ def test_held_out_roi_evidence_reuses_the_rollouts_visual_tokens(vlm, synth):
     tower = dict(vlm.backbone.named_modules())["model.visual"]
     calls: list[int] = []
     val = read_jsonl(synth["val"])[:4]
-    kw = dict(latent_steps=3, n_samples=2, temperature=1.0, latent_sigma=0.05, max_new_tokens=2, seed=0, batch_size=2)
+    kw = dict(
+        latent_steps=3,
+        n_samples=2,
+        temperature=1.0,
+        latent_sigma=0.05,
+        max_new_tokens=2,
+        seed=0,
+        batch_size=2,
+    )
     passes, held = {}, {}
     handle = tower.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -333,7 +386,11 @@ def _cfg_overrides(tmp_path: Path, model_path: Path, synth, *extra: str) -> list
 
 
 def _cfg(tmp_path: Path, model_path: Path, synth, *extra: str) -> VLPOConfig:
-    return load_config(VLPOConfig, REPO / "configs" / "tiny" / "vlpo.yaml", _cfg_overrides(tmp_path, model_path, synth, *extra))
+    return load_config(
+        VLPOConfig,
+        REPO / "configs" / "tiny" / "vlpo.yaml",
+        _cfg_overrides(tmp_path, model_path, synth, *extra),
+    )
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -355,7 +412,9 @@ def test_first_epoch_ratio_is_one_kl_zero_then_positive(tmp_path, tiny_dir, synt
                          latent_sigma=0.05, max_new_tokens=4, generator=gen)  # fmt: skip
     vlm.train()
     batch = col(ro.samples, images=ro.images)
-    batch["answer_ids"], batch["answer_mask"] = answer_tensors(ro.token_ids, ro.stop_tokens, pad_id(vlm))
+    batch["answer_ids"], batch["answer_mask"] = answer_tensors(
+        ro.token_ids, ro.stop_tokens, pad_id(vlm)
+    )
     mask = unit_mask(batch["answer_mask"], 2, latent_actions=True)  # [8, K + T] the policy units
     kw = dict(temperature=1.0, latent_sigma=0.05)
 
@@ -370,7 +429,9 @@ def test_first_epoch_ratio_is_one_kl_zero_then_positive(tmp_path, tiny_dir, synt
     assert torch.equal(kl_k3(old.logp, ref0) * mask, torch.zeros_like(old.logp))
     new = trajectory_logprobs(vlm, batch, ro.latents, **kw)
     ratio = torch.exp(new.logp - old.logp)[mask.bool()]
-    assert torch.equal(ratio, torch.ones_like(ratio)), "first epoch on fresh rollouts must be exactly on-policy"
+    assert torch.equal(ratio, torch.ones_like(ratio)), (
+        "first epoch on fresh rollouts must be exactly on-policy"
+    )
     adv = group_advantages(torch.arange(8.0), 4)
     per_seq, st = policy_loss(new.logp, old.logp, adv, mask, ref_logp=ref0, beta=0.1)
     assert st["clipped"] == 0
@@ -400,12 +461,16 @@ def test_cli_runs_vlpo_and_rejects_bad_input(tmp_path, tiny_dir, synth):
             "vlpo.mini_batches=2", "checkpoint.every=1", f"output_dir={tmp_path / 'run'}", "log.progress=false"]  # fmt: skip
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     keys = {"reward_mean", "reward_std", "accuracy", "kl", "clip_fraction", "entropy", "flat_groups", "latent_norm",
             "rollout_s", "logprob_s", "update_s", "reward/accuracy", "reward/format"}  # fmt: skip
     assert keys <= set(rows[0]) and rows[0]["kl"] == 0.0  # first rollouts: policy == reference
     assert "val_reward" in rows[-1]
-    assert (tmp_path / "run" / "final" / "config.json").is_file() and (tmp_path / "run" / "tb").is_dir()
+    assert (tmp_path / "run" / "final" / "config.json").is_file() and (
+        tmp_path / "run" / "tb"
+    ).is_dir()
     assert (tmp_path / "run" / "step-0000002" / "trainer_state.json").is_file()
     bad = runner.invoke(app, args + ["vlpo.rewards.acuracy=1.0"])
     assert bad.exit_code == 2 and "unknown reward 'acuracy'" in bad.output
@@ -430,7 +495,9 @@ def test_short_vlpo_run_raises_held_out_reward(tmp_path, tiny_dir, synth):
     start = run_sft(sft).final_model
     val = read_jsonl(synth["val"])[:32]
     rewards = RewardSet({"accuracy": 1.0, "format": 0.2})
-    kw = dict(latent_steps=2, n_samples=4, temperature=1.0, latent_sigma=0.02, max_new_tokens=4, seed=1)
+    kw = dict(
+        latent_steps=2, n_samples=4, temperature=1.0, latent_sigma=0.02, max_new_tokens=4, seed=1
+    )
     before = held_out_reward(LatentVLM.from_pretrained(start), val, rewards, **kw)
     cfg = _cfg(tmp_path, start, synth, "max_steps=10", "optim.lr=2e-3", "vlpo.max_new_tokens=4", "checkpoint.every=0",
                "data.val=\"\"", "latent.steps=2")  # fmt: skip
@@ -460,7 +527,10 @@ class _Killed(RuntimeError):
 
 @pytest.mark.parametrize(
     "extra",
-    [["model.finetune=full", "vlpo.beta=0"], ["model.finetune=lora", "lora.r=4", "lora.dropout=0", "vlpo.beta=0.05"]],
+    [
+        ["model.finetune=full", "vlpo.beta=0"],
+        ["model.finetune=lora", "lora.r=4", "lora.dropout=0", "vlpo.beta=0.05"],
+    ],
     ids=["full", "lora-kl"],
 )
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, synth, extra):
@@ -490,13 +560,17 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_dir, synth,
                 assert b[key] is None, key
             else:
                 assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
-    assert full.history[2]["reward_std"] > 0 or full.history[3]["reward_std"] > 0, "rollouts must be sampled"
+    assert full.history[2]["reward_std"] > 0 or full.history[3]["reward_std"] > 0, (
+        "rollouts must be sampled"
+    )
     pa = _params(LatentVLM.from_pretrained(full.final_model))
     pb = _params(LatentVLM.from_pretrained(resumed.final_model))
     assert pa.keys() == pb.keys()
     assert max((pa[n] - pb[n]).abs().max().item() for n in pa) < 1e-5
     start = _params(LatentVLM.from_pretrained(tiny_dir))
-    assert any(not torch.equal(start[n], pa[n]) for n in pa if n in start), "training must move the weights"
+    assert any(not torch.equal(start[n], pa[n]) for n in pa if n in start), (
+        "training must move the weights"
+    )
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [p.name for p in run_dir.glob("step-*")] == ["step-0000004"], "keep_last=1"
@@ -514,7 +588,9 @@ def _two_hop(synth, out: Path, roi_hops: list[int]) -> Path:
     return out
 
 
-def test_roi_evidence_chain_scores_each_hop_in_training_and_held_out(tmp_path, tiny_dir, synth, monkeypatch):
+def test_roi_evidence_chain_scores_each_hop_in_training_and_held_out(
+    tmp_path, tiny_dir, synth, monkeypatch
+):
     """`vlpo.rewards.roi_evidence_chain` scores ROI evidence as ROI-SFT's `align.assign=chain` aligns:
     every reward context, of the rollouts and of the held-out reward, carries chain and the record's
     ROI indices per hop, and the scores are the per-hop ones (not raster chunks)."""
@@ -535,20 +611,35 @@ def test_roi_evidence_chain_scores_each_hop_in_training_and_held_out(tmp_path, t
     small = [o for o in _SMALL if "roi_evidence" not in o]
     run_vlpo(_cfg(tmp_path, tiny_dir, synth, *small, "vlpo.rewards.roi_evidence_chain=1.0", f"data.train=[{data}]",
                   f"data.val={data}", "data.val_samples=2", "max_steps=1", "checkpoint.every=0"))  # fmt: skip
-    assert len(seen) == 2 * 2 + 2 * 4  # the step's 2 prompts x 2 rollouts, then 2 held-out prompts x eval_samples 4
+    assert (
+        len(seen) == 2 * 2 + 2 * 4
+    )  # the step's 2 prompts x 2 rollouts, then 2 held-out prompts x eval_samples 4
     for sample, z, ctx in seen:
         assert ctx.assign == "chain" and len(ctx.roi_hop_index) == 2, sample.id
         assert torch.equal(torch.cat(ctx.roi_hop_index).unique(), ctx.roi_index)
     chain = [rewards.roi_evidence(s, "", z, c) for s, z, c in seen]
-    raster = [rewards.roi_evidence(s, "", z, dataclasses.replace(c, assign="raster")) for s, z, c in seen]
+    raster = [
+        rewards.roi_evidence(s, "", z, dataclasses.replace(c, assign="raster")) for s, z, c in seen
+    ]
     assert chain != pytest.approx(raster)
     bad = _two_hop(synth, tmp_path / "bad_hops.jsonl", [1, 3])
     with pytest.raises(MedlvrError, match="must lie in 1..2"):
-        check_config(_cfg(tmp_path, tiny_dir, synth, *small, "vlpo.rewards.roi_evidence_chain=1.0", f"data.train=[{bad}]"))
+        check_config(
+            _cfg(
+                tmp_path,
+                tiny_dir,
+                synth,
+                *small,
+                "vlpo.rewards.roi_evidence_chain=1.0",
+                f"data.train=[{bad}]",
+            )
+        )
 
 
 @pytest.mark.parametrize("context", ["vlpo.latent_sigma=0", "vlpo.latent_policy=false"])
-def test_latents_that_are_context_are_not_policy_units(tmp_path, tiny_dir, synth, monkeypatch, context):
+def test_latents_that_are_context_are_not_policy_units(
+    tmp_path, tiny_dir, synth, monkeypatch, context
+):
     """With sigma = 0 or the latent policy off, the K latent steps are context: no update unit,
     in the loss's mask nor in its normaliser (issue 13, item 1: they were counted as K units of
     ratio 1, scaling token gradients by T / (T + K) and diluting clipping and KL)."""
@@ -567,7 +658,18 @@ def test_latents_that_are_context_are_not_policy_units(tmp_path, tiny_dir, synth
 
     monkeypatch.setattr(vlpo, "policy_loss", loss_spy)
     monkeypatch.setattr(vlpo, "policy_normaliser", normaliser_spy)
-    result = vlpo.run_vlpo(_cfg(tmp_path, tiny_dir, synth, *_SMALL, "max_steps=1", "checkpoint.every=0", "vlpo.beta=0.05", context))
+    result = vlpo.run_vlpo(
+        _cfg(
+            tmp_path,
+            tiny_dir,
+            synth,
+            *_SMALL,
+            "max_steps=1",
+            "checkpoint.every=0",
+            "vlpo.beta=0.05",
+            context,
+        )
+    )
     k = 2  # latent.steps in _SMALL
     assert masks["loss"] and masks["normaliser"]
     for m in masks["loss"] + masks["normaliser"]:
@@ -576,10 +678,14 @@ def test_latents_that_are_context_are_not_policy_units(tmp_path, tiny_dir, synth
     # Every logged per-unit mean is over answer tokens only: 4 trajectories, their sampled tokens (+ stop).
     row = result.history[0]
     units = sum(int(m[:, k:].sum()) for m in masks["loss"])
-    assert units == round(4 * row["response_tokens"] + 4 * row["stopped"]) * 2  # 2 update epochs in the recipe
+    assert (
+        units == round(4 * row["response_tokens"] + 4 * row["stopped"]) * 2
+    )  # 2 update epochs in the recipe
 
 
-def test_resuming_a_finished_run_is_a_no_op_and_a_changed_group_size_warns(tmp_path, tiny_dir, synth):
+def test_resuming_a_finished_run_is_a_no_op_and_a_changed_group_size_warns(
+    tmp_path, tiny_dir, synth
+):
     from medlvr.train.vlpo import run_vlpo
 
     common = (*_SMALL, "max_steps=1", "checkpoint.every=0")
@@ -591,14 +697,19 @@ def test_resuming_a_finished_run_is_a_no_op_and_a_changed_group_size_warns(tmp_p
     again = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *common, "checkpoint.resume=true"))
     assert again.steps == 1 and again.history == [] and again.metrics == first.metrics
     assert again.final_model == first.final_model
-    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before, "nothing may be rewritten"
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before, (
+        "nothing may be rewritten"
+    )
     # A longer run resumed with another group size continues, but is not the interrupted run's continuation.
     with pytest.warns(UserWarning) as caught:
         longer = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *common, "checkpoint.resume=true", "max_steps=2",
                                "vlpo.group_size=4"))  # fmt: skip
     said = [str(w.message) for w in caught]
     assert any("group_size changed from 2 to 4" in m for m in said), said
-    assert any("changed settings, applied from there on" in m and "vlpo.group_size 2 -> 4" in m for m in said), said
+    assert any(
+        "changed settings, applied from there on" in m and "vlpo.group_size 2 -> 4" in m
+        for m in said
+    ), said
     assert [r["step"] for r in longer.history] == [2]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -645,7 +756,9 @@ def _rollouts_of_ranks(world: int, per_rank: int, seed: int):
 
 @pytest.mark.slow  # ~15-20 s: two spawned processes import torch and transformers
 @pytest.mark.distributed
-def test_two_cpu_processes_match_one_process_on_the_same_trajectories(tmp_path, tiny_dir, synth, monkeypatch):
+def test_two_cpu_processes_match_one_process_on_the_same_trajectories(
+    tmp_path, tiny_dir, synth, monkeypatch
+):
     """torchrun (gloo) x2 at 2 prompts each vs one process at 4 prompts drawing the ranks' streams.
 
     Ranks must hold identical parameters, and every logged aggregate (rewards, accuracy,
@@ -674,7 +787,10 @@ def test_two_cpu_processes_match_one_process_on_the_same_trajectories(tmp_path, 
     monkeypatch.setattr(vlpo, "sample_rollouts", _rollouts_of_ranks(world=2, per_rank=2, seed=0))
     single = vlpo.run_vlpo(_cfg(one, tiny_dir, synth, *common, "batch_size=4"))
 
-    p0, p1 = load_file(str(two / "params-rank0.safetensors")), load_file(str(two / "params-rank1.safetensors"))
+    p0, p1 = (
+        load_file(str(two / "params-rank0.safetensors")),
+        load_file(str(two / "params-rank1.safetensors")),
+    )
     assert all(torch.equal(p0[n], p1[n]) for n in p0), "ranks diverged"
     ref = {n: p.detach() for n, p in single.model.named_parameters()}
     start = _params(LatentVLM.from_pretrained(tiny_dir))
@@ -683,21 +799,40 @@ def test_two_cpu_processes_match_one_process_on_the_same_trajectories(tmp_path, 
     assert diff < 5e-4 < moved, (diff, moved)
     hist = json.loads((two / "history-rank0.json").read_text())
     assert [r["step"] for r in hist] == [r["step"] for r in single.history] == [1, 2, 3]
-    assert [r["optimizer_steps"] for r in hist] == [r["optimizer_steps"] for r in single.history] == [4, 8, 12]
+    assert (
+        [r["optimizer_steps"] for r in hist]
+        == [r["optimizer_steps"] for r in single.history]
+        == [4, 8, 12]
+    )
     for a, b in zip(hist, single.history):
         assert a["samples_seen"] == b["samples_seen"]
         for key in ("reward_mean", "reward_std", "accuracy", "reward/roi_evidence", "flat_groups", "loss", "clip_fraction",
                     "ratio_mean", "kl", "kl_update", "entropy", "latent_norm", "response_tokens", "stopped", "grad_norm"):  # fmt: skip
             assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
-    assert any(abs(r["loss"]) > 1e-3 for r in hist) and any(r["clip_fraction"] > 0 or r["ratio_mean"] != 1 for r in hist)
+    assert any(abs(r["loss"]) > 1e-3 for r in hist) and any(
+        r["clip_fraction"] > 0 or r["ratio_mean"] != 1 for r in hist
+    )
 
 
-def test_vlpo_checks_k_against_its_own_answer_limit_not_sft_data_settings(tmp_path, tiny_dir, synth):
+def test_vlpo_checks_k_against_its_own_answer_limit_not_sft_data_settings(
+    tmp_path, tiny_dir, synth
+):
     """VLPO answers within vlpo.max_new_tokens; data.max_answer_tokens (an SFT setting) must not refuse the run."""
     from medlvr.errors import MedlvrError
     from medlvr.train.vlpo import run_vlpo
 
-    result = run_vlpo(_cfg(tmp_path, tiny_dir, synth, *_SMALL, "max_steps=1", "data.max_answer_tokens=5000"))
+    result = run_vlpo(
+        _cfg(tmp_path, tiny_dir, synth, *_SMALL, "max_steps=1", "data.max_answer_tokens=5000")
+    )
     assert result.steps == 1
     with pytest.raises(MedlvrError, match="answer tokens need"):
-        run_vlpo(_cfg(tmp_path / "long", tiny_dir, synth, *_SMALL, "max_steps=1", "vlpo.max_new_tokens=5000"))
+        run_vlpo(
+            _cfg(
+                tmp_path / "long",
+                tiny_dir,
+                synth,
+                *_SMALL,
+                "max_steps=1",
+                "vlpo.max_new_tokens=5000",
+            )
+        )

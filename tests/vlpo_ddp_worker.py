@@ -27,7 +27,10 @@ def main() -> None:
     recipe = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "vlpo.yaml"
     result = run_vlpo(load_config(VLPOConfig, recipe, sys.argv[2:]))
     rank = int(os.environ.get("RANK", "0"))
-    save_file({n: p.detach().contiguous() for n, p in result.model.named_parameters()}, str(out / f"params-rank{rank}.safetensors"))
+    save_file(
+        {n: p.detach().contiguous() for n, p in result.model.named_parameters()},
+        str(out / f"params-rank{rank}.safetensors"),
+    )
     (out / f"history-rank{rank}.json").write_text(json.dumps(result.history))
 
 

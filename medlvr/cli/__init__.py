@@ -21,7 +21,11 @@ app = typer.Typer(
 
 @app.callback()
 def options(
-    verbose: bool = typer.Option(False, "--verbose", help="Also show transformers' own progress bars (loading and saving weights)."),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        help="Also show transformers' own progress bars (loading and saving weights).",
+    ),
 ) -> None:
     # medlvr shows its own progress; a bar per load and save would drown it. huggingface_hub's
     # variable, read by transformers when it is imported (after this: commands import it lazily),

@@ -14,7 +14,13 @@ console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Errors that mean "bad input", never a bug: shown without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    PermissionError,
+    OSError,
+)
 
 
 def user_errors(fn: F) -> F:
@@ -34,7 +40,8 @@ def user_errors(fn: F) -> F:
 
 
 ALLOW_PICKLE = typer.Option(
-    False, "--allow-pickle",
+    False,
+    "--allow-pickle",
     help="Load a model folder whose weights are pickle only (pytorch_model.bin): unpickling runs code, so only for trusted files.",
 )
 """The one `--allow-pickle` of the commands that load a model."""

@@ -91,7 +91,11 @@ def grammar_for(tp: Any) -> Grammar:
             return choices[text]
 
         return Grammar("|".join(choices), choose)
-    elif origin in (list, tuple) and args and (origin is list or args[-1] is Ellipsis or len(set(args)) == 1):
+    elif (
+        origin in (list, tuple)
+        and args
+        and (origin is list or args[-1] is Ellipsis or len(set(args)) == 1)
+    ):
         item = grammar_for(args[0])
         size = len(args) if origin is tuple and args[-1] is not Ellipsis else None
 
@@ -114,7 +118,11 @@ def grammar_for(tp: Any) -> Grammar:
                 out[key.strip()] = value.parse(raw)
             return out
 
-        return Grammar(f"KEY={value.metavar},...", mapping, lambda v: ",".join(f"{k}={value.show(x)}" for k, x in v.items()))
+        return Grammar(
+            f"KEY={value.metavar},...",
+            mapping,
+            lambda v: ",".join(f"{k}={value.show(x)}" for k, x in v.items()),
+        )
     raise TypeError(f"no command-line grammar for {tp!r}: give the field one in `grammars`")
 
 
@@ -165,7 +173,9 @@ class Knobs:
         for name, raw in self._given.items():
             knob = self._knobs[name]
             if name in fixed:
-                raise ValueError(f"{knob.flag} cannot be combined with the option of this command that sets it")
+                raise ValueError(
+                    f"{knob.flag} cannot be combined with the option of this command that sets it"
+                )
             if knob.grammar is None:
                 values[name] = raw
                 continue
@@ -190,7 +200,9 @@ def config_options(
     hints = typing.get_type_hints(schema)
     docs = field_docs(schema)
     fields = [f for f in dataclasses.fields(schema) if f.init and f.name not in exclude]
-    unknown = (set(grammars) | set(aliases) | set(exclude)) - {f.name for f in dataclasses.fields(schema)}
+    unknown = (set(grammars) | set(aliases) | set(exclude)) - {
+        f.name for f in dataclasses.fields(schema)
+    }
     if unknown:
         raise TypeError(f"{schema.__name__} has no field(s) {sorted(unknown)}")
 
@@ -199,10 +211,16 @@ def config_options(
         own_hints = typing.get_type_hints(fn)
         if "knobs" not in own.parameters:
             raise TypeError(f"{fn.__name__} must take a `knobs: Knobs` parameter")
-        params = [p.replace(annotation=own_hints.get(p.name, p.annotation)) for p in own.parameters.values() if p.name != "knobs"]
+        params = [
+            p.replace(annotation=own_hints.get(p.name, p.annotation))
+            for p in own.parameters.values()
+            if p.name != "knobs"
+        ]
         clash = {p.name for p in params} & {f.name for f in fields}
         if clash:
-            raise TypeError(f"{fn.__name__}: parameter(s) {sorted(clash)} are also fields of {schema.__name__}")
+            raise TypeError(
+                f"{fn.__name__}: parameter(s) {sorted(clash)} are also fields of {schema.__name__}"
+            )
         knobs: dict[str, _Knob] = {}
         shown: dict[str, Any] = {}  # field -> the default typer passes when the option is not given
         for f in fields:
@@ -218,9 +236,19 @@ def config_options(
                 knobs[f.name] = _Knob(flag, grammar)
                 # The default is shown as text; a value not from the command line is never parsed.
                 shown[f.name] = default if default in (None, ...) else grammar.show(default)
-                option = typer.Option(shown[f.name], flag, *aliases.get(f.name, ()), metavar=grammar.metavar, help=help_text)
+                option = typer.Option(
+                    shown[f.name],
+                    flag,
+                    *aliases.get(f.name, ()),
+                    metavar=grammar.metavar,
+                    help=help_text,
+                )
                 annotation = str | None
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+            params.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+                )
+            )
 
         def command(**kwargs: Any) -> Any:
             # A value other than the shown default was given; the default itself stays the field's.
@@ -228,7 +256,11 @@ def config_options(
             given = {name: v for name, v in values.items() if v != shown[name]}
             return fn(knobs=Knobs(schema, knobs, given), **kwargs)
 
-        command.__name__, command.__qualname__, command.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        command.__name__, command.__qualname__, command.__doc__ = (
+            fn.__name__,
+            fn.__qualname__,
+            fn.__doc__,
+        )
         command.__module__ = fn.__module__
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}

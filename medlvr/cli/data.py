@@ -24,7 +24,11 @@ def _question_types(text: str) -> dict[str, float]:
 @user_errors
 def synth(
     knobs: Knobs,
-    out: str = typer.Option(..., "--out", help="Output folder: images/, train/val/test/compositional/describe .jsonl, manifest.json."),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Output folder: images/, train/val/test/compositional/describe .jsonl, manifest.json.",
+    ),
     workers: int = typer.Option(0, "--workers", help="Processes (0 = auto, up to 2)."),
 ) -> None:
     """Generate the embedded synthetic benchmark (no download) with exact lesion ROIs; every other
@@ -42,11 +46,24 @@ def synth(
 @app.command("convert")
 @user_errors
 def convert(
-    source: str = typer.Argument(..., help="Benchmark: vqa-rad, slake, pathvqa, omnimedvqa, pmc-vqa, mmmu-med, medxpertqa-mm, medframeqa."),
+    source: str = typer.Argument(
+        ...,
+        help="Benchmark: vqa-rad, slake, pathvqa, omnimedvqa, pmc-vqa, mmmu-med, medxpertqa-mm, medframeqa.",
+    ),
     root: str = typer.Option(..., "--root", help="The unpacked release folder."),
-    out: str = typer.Option(..., "--out", help="Output JSONL file (image paths written relative to its folder when below it)."),
-    split: str = typer.Option(None, "--split", help="One split (default: all the converter knows)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="PathVQA: read the .pkl release (unpickling executes code: only for trusted files)."),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Output JSONL file (image paths written relative to its folder when below it).",
+    ),
+    split: str = typer.Option(
+        None, "--split", help="One split (default: all the converter knows)."
+    ),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="PathVQA: read the .pkl release (unpickling executes code: only for trusted files).",
+    ),
 ) -> None:
     """Convert a benchmark release to VQASample JSONL and print counts by split and answer type."""
     from collections import Counter
@@ -64,7 +81,11 @@ def convert(
     n = write_jsonl(samples, out_path)
     counts = Counter((s.split, s.answer_type) for s in samples)
     for split_name in sorted({s for s, _ in counts}):
-        per_type = "  ".join(f"{t}={counts[split_name, t]}" for t in ("closed", "open", "choice") if counts[split_name, t])
+        per_type = "  ".join(
+            f"{t}={counts[split_name, t]}"
+            for t in ("closed", "open", "choice")
+            if counts[split_name, t]
+        )
         total = sum(c for (s, _), c in counts.items() if s == split_name)
         console.print(f"{split_name:>10}: {total:>6}  {per_type}", highlight=False, soft_wrap=True)
     console.print(f"wrote {n} samples to {out_path}", highlight=False, soft_wrap=True)
@@ -73,33 +94,114 @@ def convert(
 @app.command("ground")
 @user_errors
 def ground(
-    source: str = typer.Argument(..., help="A release preset (nih-cxr14, vindr-cxr, ms-cxr, kvasir-seg, slake-ground) or a generic input (coco, csv, masks, nifti)."),
-    out: str = typer.Option(..., "--out", help="Output folder: one JSONL per split (train.jsonl, val.jsonl, test.jsonl); NIfTI slices go to its images/."),
+    source: str = typer.Argument(
+        ...,
+        help="A release preset (nih-cxr14, vindr-cxr, ms-cxr, kvasir-seg, slake-ground) or a generic input (coco, csv, masks, nifti).",
+    ),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Output folder: one JSONL per split (train.jsonl, val.jsonl, test.jsonl); NIfTI slices go to its images/.",
+    ),
     root: str = typer.Option(None, "--root", help="Presets: the unpacked release folder."),
-    annotations: list[str] = typer.Option([], "--annotations", help="coco, csv: an annotation file, [SPLIT=]FILE (repeatable; SPLIT is its official split)."),
-    images: str = typer.Option(None, "--images", help="coco, csv, masks, nifti: the image folder; ms-cxr: the MIMIC-CXR-JPG folder holding files/ (default --root)."),
-    masks: str = typer.Option(None, "--masks", help="masks, nifti: the folder of label maps or label volumes."),
-    columns: str = typer.Option(None, "--columns", help="csv: 'image=COL,label=COL,x0=..,y0=..,x1=..,y1=..' or x,y,w,h; optional phrase, group, split, width, height, reader; COL may be #N (N-th column)."),
-    image_suffix: str = typer.Option(None, "--image-suffix", help="csv: appended to the image column to name the file (e.g. .png)."),
-    labels: str = typer.Option(None, "--labels", help="masks, nifti: mask values and names, '1=liver,2=liver tumour'."),
-    group_field: str = typer.Option(None, "--group-field", help="coco: image field holding the patient id (the split unit)."),
-    phrase_field: str = typer.Option(None, "--phrase-field", help="coco: annotation field holding a phrase (phrase grounding)."),
-    min_iou: float = typer.Option(None, "--min-iou", help="csv with a reader column, vindr-cxr: IoU for boxes of different readers to be one finding (default 0.4)."),
-    min_readers: int = typer.Option(None, "--min-readers", help="csv with a reader column, vindr-cxr: readers a finding needs to be kept (default 2)."),
-    min_area: int = typer.Option(None, "--min-area", help="masks, nifti, kvasir-seg, slake-ground: smallest connected component kept, in pixels."),
-    threshold: int = typer.Option(None, "--threshold", help="masks: binarise grey masks at this level (JPEG masks)."),
-    mask_suffix: str = typer.Option(None, "--mask-suffix", help="masks, nifti: stripped from a mask's name to find its image (e.g. _mask)."),
+    annotations: list[str] = typer.Option(
+        [],
+        "--annotations",
+        help="coco, csv: an annotation file, [SPLIT=]FILE (repeatable; SPLIT is its official split).",
+    ),
+    images: str = typer.Option(
+        None,
+        "--images",
+        help="coco, csv, masks, nifti: the image folder; ms-cxr: the MIMIC-CXR-JPG folder holding files/ (default --root).",
+    ),
+    masks: str = typer.Option(
+        None, "--masks", help="masks, nifti: the folder of label maps or label volumes."
+    ),
+    columns: str = typer.Option(
+        None,
+        "--columns",
+        help="csv: 'image=COL,label=COL,x0=..,y0=..,x1=..,y1=..' or x,y,w,h; optional phrase, group, split, width, height, reader; COL may be #N (N-th column).",
+    ),
+    image_suffix: str = typer.Option(
+        None,
+        "--image-suffix",
+        help="csv: appended to the image column to name the file (e.g. .png).",
+    ),
+    labels: str = typer.Option(
+        None, "--labels", help="masks, nifti: mask values and names, '1=liver,2=liver tumour'."
+    ),
+    group_field: str = typer.Option(
+        None, "--group-field", help="coco: image field holding the patient id (the split unit)."
+    ),
+    phrase_field: str = typer.Option(
+        None, "--phrase-field", help="coco: annotation field holding a phrase (phrase grounding)."
+    ),
+    min_iou: float = typer.Option(
+        None,
+        "--min-iou",
+        help="csv with a reader column, vindr-cxr: IoU for boxes of different readers to be one finding (default 0.4).",
+    ),
+    min_readers: int = typer.Option(
+        None,
+        "--min-readers",
+        help="csv with a reader column, vindr-cxr: readers a finding needs to be kept (default 2).",
+    ),
+    min_area: int = typer.Option(
+        None,
+        "--min-area",
+        help="masks, nifti, kvasir-seg, slake-ground: smallest connected component kept, in pixels.",
+    ),
+    threshold: int = typer.Option(
+        None, "--threshold", help="masks: binarise grey masks at this level (JPEG masks)."
+    ),
+    mask_suffix: str = typer.Option(
+        None,
+        "--mask-suffix",
+        help="masks, nifti: stripped from a mask's name to find its image (e.g. _mask).",
+    ),
     axis: int = typer.Option(None, "--axis", help="nifti: slicing axis 0, 1 or 2 (default 2)."),
-    slice_step: int = typer.Option(None, "--slice-step", help="nifti: keep every N-th labelled slice (default 1)."),
-    empty_slices: int = typer.Option(None, "--empty-slices", help="nifti: label-free slices per volume kept as negatives (default 0)."),
-    regions: str = typer.Option(None, "--regions", help="kvasir-seg, slake-ground: regions from the release's 'boxes' (default) or its 'masks'."),
-    split: str = typer.Option(None, "--split", help="vindr-cxr: one official split (default: all)."),
-    dataset: str = typer.Option(None, "--dataset", help="Dataset name of the samples (default: the source)."),
-    question_types: str = typer.Option(None, "--question-types", help="Question types, e.g. 'presence,location,count,size,grounding' (default: all)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, the negatives and option order."),
-    fractions: str = typer.Option(None, "--fractions", help="Split of patients/images without an official split (default 'train=0.8,val=0.1,test=0.1')."),
-    val_fraction: float = typer.Option(None, "--val-fraction", help="Move this fraction of train patients/images to val (releases without a val split)."),
-    sides: str = typer.Option(None, "--sides", help="Left/right in answers: 'image' (viewer) or 'patient' (radiological convention)."),
+    slice_step: int = typer.Option(
+        None, "--slice-step", help="nifti: keep every N-th labelled slice (default 1)."
+    ),
+    empty_slices: int = typer.Option(
+        None,
+        "--empty-slices",
+        help="nifti: label-free slices per volume kept as negatives (default 0).",
+    ),
+    regions: str = typer.Option(
+        None,
+        "--regions",
+        help="kvasir-seg, slake-ground: regions from the release's 'boxes' (default) or its 'masks'.",
+    ),
+    split: str = typer.Option(
+        None, "--split", help="vindr-cxr: one official split (default: all)."
+    ),
+    dataset: str = typer.Option(
+        None, "--dataset", help="Dataset name of the samples (default: the source)."
+    ),
+    question_types: str = typer.Option(
+        None,
+        "--question-types",
+        help="Question types, e.g. 'presence,location,count,size,grounding' (default: all).",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the split, the negatives and option order."
+    ),
+    fractions: str = typer.Option(
+        None,
+        "--fractions",
+        help="Split of patients/images without an official split (default 'train=0.8,val=0.1,test=0.1').",
+    ),
+    val_fraction: float = typer.Option(
+        None,
+        "--val-fraction",
+        help="Move this fraction of train patients/images to val (releases without a val split).",
+    ),
+    sides: str = typer.Option(
+        None,
+        "--sides",
+        help="Left/right in answers: 'image' (viewer) or 'patient' (radiological convention).",
+    ),
 ) -> None:
     """Build grounded VQA (presence, location, count, size, phrase grounding) with exact ROIs from boxes or masks."""
     opts = {k: v for k, v in locals().items() if k not in ("source", "out") and v not in (None, [])}
@@ -131,7 +233,9 @@ def ground(
 @user_errors
 def validate(
     file: str = typer.Argument(..., help="A VQASample JSONL file."),
-    images: bool = typer.Option(True, "--images/--no-images", help="Check that every image exists and decodes."),
+    images: bool = typer.Option(
+        True, "--images/--no-images", help="Check that every image exists and decodes."
+    ),
 ) -> None:
     """List every problem of a JSONL file with its line number; exit code 1 if there are any."""
     from medlvr.data.validate import validate_file
@@ -148,8 +252,12 @@ def validate(
 @app.command("inspect")
 @user_errors
 def inspect(
-    files: list[str] = typer.Argument(..., help="One or more VQASample JSONL files (e.g. the parts of a training mixture)."),
-    png: str = typer.Option("", help="Where to draw a few samples with their ROI boxes (default: FIRST_FILE.png)."),
+    files: list[str] = typer.Argument(
+        ..., help="One or more VQASample JSONL files (e.g. the parts of a training mixture)."
+    ),
+    png: str = typer.Option(
+        "", help="Where to draw a few samples with their ROI boxes (default: FIRST_FILE.png)."
+    ),
     n: int = typer.Option(6, help="Samples drawn."),
 ) -> None:
     """Counts by dataset, split, type and modality, ROI coverage per source, and a PNG of a few samples with their boxes."""
@@ -162,10 +270,23 @@ def inspect(
     samples = [s for part in per_file.values() for s in part]
     stats = dataset_stats(samples)
     name = files[0] if len(files) == 1 else f"{len(files)} files"
-    console.print(f"[bold]{name}[/]: {stats['n']} samples, {stats['with_roi']} with ROIs "
-                  f"({stats['roi_coverage']:.1%}, {stats['rois_per_sample']:.2f} boxes each)", highlight=False, soft_wrap=True)
-    for key in ("dataset", "split", "answer_type", "question_type", "modality", "images_per_sample"):
-        counts = ", ".join(f"{k}: {v}" for k, v in sorted(stats[key].items(), key=lambda kv: (-kv[1], str(kv[0]))))
+    console.print(
+        f"[bold]{name}[/]: {stats['n']} samples, {stats['with_roi']} with ROIs "
+        f"({stats['roi_coverage']:.1%}, {stats['rois_per_sample']:.2f} boxes each)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for key in (
+        "dataset",
+        "split",
+        "answer_type",
+        "question_type",
+        "modality",
+        "images_per_sample",
+    ):
+        counts = ", ".join(
+            f"{k}: {v}" for k, v in sorted(stats[key].items(), key=lambda kv: (-kv[1], str(kv[0])))
+        )
         console.print(f"  {key:>18}  {counts}", highlight=False, soft_wrap=True)
     console.print("ROI coverage per source:", highlight=False)
     for c in roi_coverage(per_file):

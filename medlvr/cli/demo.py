@@ -25,8 +25,14 @@ def register(app: typer.Typer) -> None:
 def demo(
     ctx: typer.Context,
     knobs: Knobs,
-    quick: bool = typer.Option(False, "--quick", help="About a minute: one tiny pass through everything (--budget quick)."),
-    full: bool = typer.Option(False, "--full", help="Every arm, 3 seeds, longer runs: the numbers in README (--budget full)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="About a minute: one tiny pass through everything (--budget quick)."
+    ),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="Every arm, 3 seeds, longer runs: the numbers in README (--budget full).",
+    ),
 ) -> None:
     """MedLVR against honest controls on the depth ladder: (a) direct, (t) text reasoning, (p) pause,
     (b) latent, (c) ROI-SFT, (d) ROI-SFT + VLPO; trained, scored and compared in report.md. Every
@@ -43,14 +49,22 @@ def demo(
     result = run_demo(cfg, log=lambda m: console.print(f"[bold cyan]{m}[/]"))
     from rich.table import Table
 
-    table = Table(title=f"MedLVR demo: test accuracy by reasoning depth (mean ± std over seeds {cfg.seeds})")
+    table = Table(
+        title=f"MedLVR demo: test accuracy by reasoning depth (mean ± std over seeds {cfg.seeds})"
+    )
     groups = list(dict.fromkeys(r["split"] for r in result.table))
     for col in ("arm", "K", *groups):
         table.add_column(col)
     for arm in dict.fromkeys(r["variant"] for r in result.table):
-        cells = {r["split"]: f"{r['mean']:.3f} ± {r['std']:.3f}" for r in result.table if r["variant"] == arm}
+        cells = {
+            r["split"]: f"{r['mean']:.3f} ± {r['std']:.3f}"
+            for r in result.table
+            if r["variant"] == arm
+        }
         first = next(r for r in result.table if r["variant"] == arm)
-        table.add_row(f"({arm}) {first['name']}", str(first["K"]), *(cells.get(g, "–") for g in groups))
+        table.add_row(
+            f"({arm}) {first['name']}", str(first["K"]), *(cells.get(g, "–") for g in groups)
+        )
     console.print(table)
     console.print(f"report: {result.report}  ({result.seconds / 60:.1f} min)")
 

@@ -34,7 +34,11 @@ class _EvalGroup(TyperGroup):
                 if i + 1 < len(args):
                     out.append(args[i + 1])
                     i += 1
-                while i + 1 < len(args) and not args[i + 1].startswith("-") and args[i + 1] not in self.commands:
+                while (
+                    i + 1 < len(args)
+                    and not args[i + 1].startswith("-")
+                    and args[i + 1] not in self.commands
+                ):
                     out += ["--data", args[i + 1]]
                     i += 1
             i += 1
@@ -53,31 +57,53 @@ app = typer.Typer(
 @user_errors
 def eval_run(
     ctx: typer.Context,
-    model: Path | None = typer.Option(None, "--model", help="Model folder (tiny, medlvr checkpoint or Qwen-VL)."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model folder (tiny, medlvr checkpoint or Qwen-VL)."
+    ),
     allow_pickle: bool = ALLOW_PICKLE,
-    data: list[Path] = typer.Option([], "--data", help="Test JSONL file(s): --data A.jsonl B.jsonl."),
+    data: list[Path] = typer.Option(
+        [], "--data", help="Test JSONL file(s): --data A.jsonl B.jsonl."
+    ),
     reasoning: str = typer.Option(
-        "direct", "--reasoning", help="How the model reasons before answering: direct (K=0), latent (K latent steps) or "
-        "cot (written reasoning, K=0)."),
+        "direct",
+        "--reasoning",
+        help="How the model reasons before answering: direct (K=0), latent (K latent steps) or "
+        "cot (written reasoning, K=0).",
+    ),
     latent_steps: str | None = typer.Option(
-        None, "--latent-steps", help="K, or a sweep like 0,2,4,8 (reasoning latent; default: the model's K)."),
-    out: Path | None = typer.Option(None, "--out", help="Run folder: predictions.jsonl, summary.json, report.md, plots."),
+        None,
+        "--latent-steps",
+        help="K, or a sweep like 0,2,4,8 (reasoning latent; default: the model's K).",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run folder: predictions.jsonl, summary.json, report.md, plots."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per generate call."),
     max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens", help="Answer token limit (default 32; 256 with reasoning cot)."),
-    limit: int | None = typer.Option(None, "--limit", help="Only the first N questions (over all files, in order)."),
+        None, "--max-new-tokens", help="Answer token limit (default 32; 256 with reasoning cot)."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Only the first N questions (over all files, in order)."
+    ),
     explain_metrics: bool = typer.Option(
-        False, "--explain-metrics",
-        help="Also score the evidence maps (pointing game, ROI mass, random floor) on questions with ROIs, per K >= 1."),
+        False,
+        "--explain-metrics",
+        help="Also score the evidence maps (pointing game, ROI mass, random floor) on questions with ROIs, per K >= 1.",
+    ),
     image_control: str = typer.Option(
-        "none", "--image-control",
+        "none",
+        "--image-control",
         help="Image condition(s), comma-separated, each a full pass like each K: none (the real images), "
-             "blank (each image replaced by one of the same size and mode, every pixel grey 128), shuffled "
-             "(the images of another question: a fixed derangement among questions with the same image count), "
-             "question-only (no image, no image placeholder in the prompt). "
-             "E.g. none,blank,shuffled,question-only; the report shows image dependence = real minus blank."),
+        "blank (each image replaced by one of the same size and mode, every pixel grey 128), shuffled "
+        "(the images of another question: a fixed derangement among questions with the same image count), "
+        "question-only (no image, no image placeholder in the prompt). "
+        "E.g. none,blank,shuffled,question-only; the report shows image dependence = real minus blank.",
+    ),
     control_seed: int = typer.Option(
-        0, "--control-seed", help="Seed of the shuffled permutation (a resumed run must keep its seed)."),
+        0,
+        "--control-seed",
+        help="Seed of the shuffled permutation (a resumed run must keep its seed).",
+    ),
 ) -> None:
     """Answer every question, score it with the one scorer, and write the run's reports.
 
@@ -90,7 +116,11 @@ def eval_run(
     if model is None and not data and out is None:
         console.print(ctx.get_help())
         raise typer.Exit(code=0)
-    missing = [name for name, v in (("--model", model), ("--data", data or None), ("--out", out)) if v is None]
+    missing = [
+        name
+        for name, v in (("--model", model), ("--data", data or None), ("--out", out))
+        if v is None
+    ]
     if missing:
         raise ValueError(f"medlvr eval needs {', '.join(missing)}")
 
@@ -99,16 +129,30 @@ def eval_run(
     from medlvr.eval.harness import evaluate, parse_latent_steps
 
     _init_distributed()
-    result = evaluate(data, out, model=model, reasoning=reasoning, latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
-                      batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, explain=explain_metrics,
-                      image_control=image_control, control_seed=control_seed, allow_pickle=allow_pickle)
+    result = evaluate(
+        data,
+        out,
+        model=model,
+        reasoning=reasoning,
+        latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        explain=explain_metrics,
+        image_control=image_control,
+        control_seed=control_seed,
+        allow_pickle=allow_pickle,
+    )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if result.summary is None:
         return
     o = result.summary["overall"]
-    console.print(f"{result.n_new} new rows ({result.n_skipped} already done), {result.samples_per_s:.2f} samples/s; "
-                  f"errors {o['n_errors']}, invalid {o['n_invalid']}", highlight=False)
+    console.print(
+        f"{result.n_new} new rows ({result.n_skipped} already done), {result.samples_per_s:.2f} samples/s; "
+        f"errors {o['n_errors']}, invalid {o['n_invalid']}",
+        highlight=False,
+    )
     _print_summary(result.summary)
     if "explain" in result.summary:
         from medlvr.explain import format_metrics
@@ -127,7 +171,9 @@ def _init_distributed() -> None:
 
         from medlvr.rundir import check_launch
 
-        state = PartialState()  # reads RANK/WORLD_SIZE/MASTER_ADDR and initialises torch.distributed
+        state = (
+            PartialState()
+        )  # reads RANK/WORLD_SIZE/MASTER_ADDR and initialises torch.distributed
         check_launch(state.num_processes, state.distributed_type)
 
 
@@ -146,8 +192,10 @@ def report_cmd(
     with run_folder(run, "run folder"):  # not while an evaluation writes it
         written = write_report(run, title=title)
     _print_summary(written["data"])
-    console.print(f"wrote {written['summary']}, {written['report']} and {len(written['plots'])} plot(s)",
-                  highlight=False)
+    console.print(
+        f"wrote {written['summary']}, {written['report']} and {len(written['plots'])} plot(s)",
+        highlight=False,
+    )
 
 
 @app.command("compare")
@@ -155,8 +203,12 @@ def report_cmd(
 def compare_cmd(
     run_a: Path = typer.Argument(..., help="Baseline run folder (A)."),
     run_b: Path = typer.Argument(..., help="Candidate run folder (B)."),
-    out: Path | None = typer.Option(None, "--out", help="Also write compare.json and compare.md here."),
-    n_boot: int = typer.Option(10_000, "--n-boot", help="Bootstrap resamples for the CI of the delta."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Also write compare.json and compare.md here."
+    ),
+    n_boot: int = typer.Option(
+        10_000, "--n-boot", help="Bootstrap resamples for the CI of the delta."
+    ),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
     """B against A: metrics side by side with deltas, per-question wins and losses, McNemar and bootstrap CI."""
@@ -167,31 +219,63 @@ def compare_cmd(
     table = Table(title=f"B = {run_b}  vs  A = {run_a}  (in %)")
     for col in ("scope", "metric", "A", "B", "delta"):
         table.add_column(col, justify="left" if col in ("scope", "metric") else "right")
-    scopes = [("all", m["overall"])] + [(f"dataset {k}", v) for k, v in m.get("by_dataset", {}).items()]
+    scopes = [("all", m["overall"])] + [
+        (f"dataset {k}", v) for k, v in m.get("by_dataset", {}).items()
+    ]
     scopes += [(f"K={k}", v) for k, v in m.get("by_latent_steps", {}).items()]
     scopes += [(f"images={k}", v) for k, v in m.get("by_image_control", {}).items()]
     for name, metrics in scopes:
-        for key in ("accuracy", "closed_accuracy", "choice_accuracy", "open_token_f1", "invalid_rate"):
+        for key in (
+            "accuracy",
+            "closed_accuracy",
+            "choice_accuracy",
+            "open_token_f1",
+            "invalid_rate",
+        ):
             v = metrics[key]
             if v["a"] is None and v["b"] is None:
                 continue
             table.add_row(name, key, _pct(v["a"]), _pct(v["b"]), _pct(v["delta"], signed=True))
     console.print(table)
-    tests = Table(title=f"Paired on {c['matched_on']}: {c['paired']['n']} questions "
-                        f"({c['only_a']} only in A, {c['only_b']} only in B)")
-    for col in ("scope", "n", "acc A", "acc B", "delta", "B wins", "B losses", "McNemar p", "CI of delta"):
+    tests = Table(
+        title=f"Paired on {c['matched_on']}: {c['paired']['n']} questions "
+        f"({c['only_a']} only in A, {c['only_b']} only in B)"
+    )
+    for col in (
+        "scope",
+        "n",
+        "acc A",
+        "acc B",
+        "delta",
+        "B wins",
+        "B losses",
+        "McNemar p",
+        "CI of delta",
+    ):
         tests.add_column(col, justify="left" if col == "scope" else "right")
     scopes = [("all", c["paired"])] + list(c["paired_by_dataset"].items())
     scopes += [(f"images={k}", v) for k, v in c["paired_by_image_control"].items()]
     for name, p in scopes:
         ci = "–" if p["ci"] is None else f"[{_pct(p['ci'][0], True)}, {_pct(p['ci'][1], True)}]"
-        tests.add_row(name, str(p["n"]), _pct(p["acc_a"]), _pct(p["acc_b"]), _pct(p["delta"], True),
-                      str(p["wins"]), str(p["losses"]), f"{p['mcnemar_p']:.4g}", ci)
+        tests.add_row(
+            name,
+            str(p["n"]),
+            _pct(p["acc_a"]),
+            _pct(p["acc_b"]),
+            _pct(p["delta"], True),
+            str(p["wins"]),
+            str(p["losses"]),
+            f"{p['mcnemar_p']:.4g}",
+            ci,
+        )
     console.print(tests)
     dep = c["image_dependence"]
     if dep["a"] is not None or dep["b"] is not None:
-        console.print(f"image dependence (real − blank, points): A {_pct(dep['a'], True)}, B {_pct(dep['b'], True)}, "
-                      f"B − A {_pct(dep['delta'], True)}", highlight=False)
+        console.print(
+            f"image dependence (real − blank, points): A {_pct(dep['a'], True)}, B {_pct(dep['b'], True)}, "
+            f"B − A {_pct(dep['delta'], True)}",
+            highlight=False,
+        )
     for label, items in (("B wins", c["won"]), ("B losses", c["lost"])):
         shown = ", ".join(pair_label(x) for x in items[:20])
         more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
@@ -211,27 +295,51 @@ def _print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="Accuracy (%)" + (f", images={main}" if main else ""))
     for col in ("scope", "n", "acc", "closed", "choice", "open EM", "tok F1", "invalid", "errors"):
         table.add_column(col, justify="left" if col == "scope" else "right")
-    scopes = [("all", summary["overall"])] + [(f"dataset {k}", v) for k, v in summary["by_dataset"].items()]
+    scopes = [("all", summary["overall"])] + [
+        (f"dataset {k}", v) for k, v in summary["by_dataset"].items()
+    ]
     scopes += [(f"K={k}", v) for k, v in summary.get("by_latent_steps", {}).items()]
     scopes += [(f"hops={k}", v) for k, v in summary.get("by_hops", {}).items()]
     for name, m in scopes:
-        table.add_row(name, str(m["n"]), _pct(m["accuracy"]), _pct(m["closed_accuracy"]), _pct(m["choice_accuracy"]),
-                      _pct(m["open_exact_match"]), _pct(m["open_token_f1"]), _pct(m["invalid_rate"]),
-                      str(m["n_errors"]))
+        table.add_row(
+            name,
+            str(m["n"]),
+            _pct(m["accuracy"]),
+            _pct(m["closed_accuracy"]),
+            _pct(m["choice_accuracy"]),
+            _pct(m["open_exact_match"]),
+            _pct(m["open_token_f1"]),
+            _pct(m["invalid_rate"]),
+            str(m["n_errors"]),
+        )
     console.print(table)
     if not main:
         return
-    controls = Table(title="Image controls (%; Δ real = real − control, on the questions both answered)")
+    controls = Table(
+        title="Image controls (%; Δ real = real − control, on the questions both answered)"
+    )
     for col in ("images", "n", "acc", "closed", "choice", "open EM", "invalid", "Δ real"):
-        controls.add_column(col, justify="left" if col == "images" else "right", no_wrap=col == "images")
+        controls.add_column(
+            col, justify="left" if col == "images" else "right", no_wrap=col == "images"
+        )
     gaps = summary.get("real_minus_control", {})
     for name, m in summary["by_image_control"].items():
-        controls.add_row(name, str(m["n"]), _pct(m["accuracy"]), _pct(m["closed_accuracy"]),
-                         _pct(m["choice_accuracy"]), _pct(m["open_exact_match"]), _pct(m["invalid_rate"]),
-                         _pct(gaps.get(name, {}).get("delta"), signed=True))
+        controls.add_row(
+            name,
+            str(m["n"]),
+            _pct(m["accuracy"]),
+            _pct(m["closed_accuracy"]),
+            _pct(m["choice_accuracy"]),
+            _pct(m["open_exact_match"]),
+            _pct(m["invalid_rate"]),
+            _pct(gaps.get(name, {}).get("delta"), signed=True),
+        )
     console.print(controls)
     dep = summary.get("image_dependence")
     if dep and dep["overall"]["n"]:
         o = dep["overall"]
-        console.print(f"image dependence (real − blank): {_pct(o['delta'], True)} points "
-                      f"(real {_pct(o['real'])}, blank {_pct(o['control'])}, n={o['n']})", highlight=False)
+        console.print(
+            f"image dependence (real − blank): {_pct(o['delta'], True)} points "
+            f"(real {_pct(o['real'])}, blank {_pct(o['control'])}, n={o['n']})",
+            highlight=False,
+        )

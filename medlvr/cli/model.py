@@ -16,7 +16,10 @@ app = typer.Typer(no_args_is_help=True, help="Build and inspect backbones.")
 def init_tiny(
     out: Path = typer.Option(..., "--out", help="Folder to write the model to."),
     family: str = typer.Option("qwen2_5_vl", help="Backbone family (see `medlvr model families`)."),
-    size: str = typer.Option("tiny", help="tiny (~0.2M), mini (~1.2M, the demo), small (~3.6M) or medium (~24M parameters)."),
+    size: str = typer.Option(
+        "tiny",
+        help="tiny (~0.2M), mini (~1.2M, the demo), small (~3.6M) or medium (~24M parameters).",
+    ),
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
 ) -> None:
     """Write a randomly initialised backbone of the real class, with an offline tokenizer and processor."""

@@ -15,12 +15,20 @@ def register(app: typer.Typer) -> None:
 
 @user_errors
 def predict(
-    model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
+    model: Path = typer.Option(
+        ..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."
+    ),
     allow_pickle: bool = ALLOW_PICKLE,
-    image: list[Path] = typer.Option([], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."),
+    image: list[Path] = typer.Option(
+        [], "--image", help="Image file (PNG, JPEG, DICOM, NIfTI); repeat for several."
+    ),
     question: str = typer.Option(..., "--question", help="The question."),
-    option: list[str] = typer.Option([], "--option", help="A choice, as A=text (or A. text, A) text); repeat for each option."),
-    latent_steps: int | None = typer.Option(None, "--latent-steps", help="K latent steps (default: the model's)."),
+    option: list[str] = typer.Option(
+        [], "--option", help="A choice, as A=text (or A. text, A) text); repeat for each option."
+    ),
+    latent_steps: int | None = typer.Option(
+        None, "--latent-steps", help="K latent steps (default: the model's)."
+    ),
     max_new_tokens: int = typer.Option(32, help="Answer token limit."),
 ) -> None:
     """Answer a question about medical images, with K latent steps before the answer."""
@@ -36,6 +44,11 @@ def predict(
 
     images = [load_image(p) for p in image]  # unreadable paths fail here, before loading the model
     vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
-    result = answer_one(vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens)
+    result = answer_one(
+        vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens
+    )
     console.print(f"[bold]answer:[/] {result.text}", highlight=False)
-    console.print(f"latent steps: {result.latent_steps}   time: {result.seconds * 1000:.1f} ms", highlight=False)
+    console.print(
+        f"latent steps: {result.latent_steps}   time: {result.seconds * 1000:.1f} ms",
+        highlight=False,
+    )

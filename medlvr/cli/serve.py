@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def serve(
     knobs: Knobs,
-    model: Path = typer.Option(..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."),
+    model: Path = typer.Option(
+        ..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."
+    ),
     allow_pickle: bool = ALLOW_PICKLE,
 ) -> None:
     """Serve the web demo: upload an image, ask, see the answer, the time and the evidence maps;
@@ -37,7 +39,10 @@ def serve(
     from medlvr.model.latent import LatentVLM
 
     if cfg.host not in LOOPBACK:
-        err_console.print(f"[yellow]warning:[/] binding {cfg.host}: the demo is reachable from other machines", highlight=False)
+        err_console.print(
+            f"[yellow]warning:[/] binding {cfg.host}: the demo is reachable from other machines",
+            highlight=False,
+        )
     vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
     console.print(f"MedLVR demo on http://{cfg.host}:{cfg.port} (Ctrl+C to stop)", highlight=False)
     run_serve(vlm, cfg, block=True, quiet=True)

@@ -14,11 +14,21 @@ app = typer.Typer(no_args_is_help=True, help="train commands.")
 @app.command("sft", context_settings={"allow_extra_args": False})
 @user_errors
 def sft(
-    config: Path | None = typer.Option(None, "--config", help="YAML recipe (e.g. configs/tiny/sft.yaml)."),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. mode=latent latent.steps=8 optim.lr=1e-4."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in output_dir and start over."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML recipe (e.g. configs/tiny/sft.yaml)."
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="Dotted overrides, e.g. mode=latent latent.steps=8 optim.lr=1e-4."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the newest checkpoint in output_dir."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete the run in output_dir and start over."
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the resolved config and exit."
+    ),
 ) -> None:
     """Stage 1: ROI-supervised fine-tuning (modes plain, latent, roi, teacher_forced). Multi-process: torchrun or accelerate launch."""
     from omegaconf import OmegaConf
@@ -32,20 +42,41 @@ def sft(
     from medlvr.train.sft import run_sft
 
     result = run_sft(cfg)
-    shown = {k: v for k, v in result.metrics.items() if k in ("loss", "ce", "align", "val_accuracy") and v is not None}
-    console.print(f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), highlight=False)
+    shown = {
+        k: v
+        for k, v in result.metrics.items()
+        if k in ("loss", "ce", "align", "val_accuracy") and v is not None
+    }
+    console.print(
+        f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+        highlight=False,
+    )
     console.print(f"model: {result.final_model}", highlight=False)
 
 
 @app.command("vlpo", context_settings={"allow_extra_args": False})
 @user_errors
 def vlpo(
-    config: Path | None = typer.Option(None, "--config", help="YAML recipe (e.g. configs/tiny/vlpo.yaml)."),
-    init: Path | None = typer.Option(None, "--init", help="Starting checkpoint (the SFT export, e.g. runs/sft/final); sets model.path."),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. vlpo.group_size=8 vlpo.beta=0.04."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete the run in output_dir and start over."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML recipe (e.g. configs/tiny/vlpo.yaml)."
+    ),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        help="Starting checkpoint (the SFT export, e.g. runs/sft/final); sets model.path.",
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="Dotted overrides, e.g. vlpo.group_size=8 vlpo.beta=0.04."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the newest checkpoint in output_dir."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Delete the run in output_dir and start over."
+    ),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print the resolved config and exit."
+    ),
 ) -> None:
     """Stage 2: VLPO, group-relative policy optimisation over latent steps and answers. Multi-process: torchrun or accelerate launch."""
     from omegaconf import OmegaConf
@@ -60,11 +91,21 @@ def vlpo(
     from medlvr.train.vlpo import run_vlpo
 
     result = run_vlpo(cfg)
-    shown = {k: v for k, v in result.metrics.items() if k in ("reward_mean", "accuracy", "val_reward", "val_accuracy") and v is not None}
-    console.print(f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), highlight=False)
+    shown = {
+        k: v
+        for k, v in result.metrics.items()
+        if k in ("reward_mean", "accuracy", "val_reward", "val_accuracy") and v is not None
+    }
+    console.print(
+        f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+        highlight=False,
+    )
     console.print(f"model: {result.final_model}", highlight=False)
 
 
 def _run_choice(resume: bool, overwrite: bool) -> list[str]:
     """`--resume` / `--overwrite` as overrides (the config checks that they are not both set)."""
-    return [*(["checkpoint.resume=true"] if resume else []), *(["checkpoint.overwrite=true"] if overwrite else [])]
+    return [
+        *(["checkpoint.resume=true"] if resume else []),
+        *(["checkpoint.overwrite=true"] if overwrite else []),
+    ]

@@ -40,7 +40,10 @@ class VQACollator:
         with_rois: bool = True,
         image_loader: Callable[[str], Image.Image] = _default_loader,
         max_answer_tokens: int = 64,
-        sample_fields: Mapping[str, Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], Any]] | None = None,
+        sample_fields: Mapping[
+            str, Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], Any]
+        ]
+        | None = None,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -55,25 +58,43 @@ class VQACollator:
         self.sample_fields = dict(sample_fields or {})
         stops = adapter.stop_token_ids(self.tokenizer)
         # The chat turn's end token (e.g. <|im_end|>) ends every answer.
-        self.stop_token = self.tokenizer.eos_token if self.tokenizer.eos_token_id in stops else self.tokenizer.convert_ids_to_tokens(stops[0])
+        self.stop_token = (
+            self.tokenizer.eos_token
+            if self.tokenizer.eos_token_id in stops
+            else self.tokenizer.convert_ids_to_tokens(stops[0])
+        )
 
     def prompts(self, samples: Sequence[VQASample]) -> list[str]:
         return [
-            self.processor.apply_chat_template(chat_messages(s, self.reasoning), add_generation_prompt=True, tokenize=False)
+            self.processor.apply_chat_template(
+                chat_messages(s, self.reasoning), add_generation_prompt=True, tokenize=False
+            )
             for s in samples
         ]
 
-    def __call__(self, samples: Sequence[VQASample], images: Sequence[Sequence[Image.Image]] | None = None) -> dict[str, Any]:
+    def __call__(
+        self, samples: Sequence[VQASample], images: Sequence[Sequence[Image.Image]] | None = None
+    ) -> dict[str, Any]:
         if not samples:
             raise MedlvrError("empty batch")
         if images is None:
             images = [[self.load(p) for p in s.images] for s in samples]
         if len(images) != len(samples):
-            raise MedlvrError(f"batch size mismatch: {len(samples)} samples, {len(images)} image lists")
+            raise MedlvrError(
+                f"batch size mismatch: {len(samples)} samples, {len(images)} image lists"
+            )
         self.tokenizer.padding_side = "left"
         flat = self.adapter.processor_images([list(imgs) for imgs in images])
         # verbose=False: a prompt too long for the model is refused in one line by LatentVLM.check_length.
-        batch = dict(self.processor(text=self.prompts(samples), images=flat, return_tensors="pt", padding=True, verbose=False))
+        batch = dict(
+            self.processor(
+                text=self.prompts(samples),
+                images=flat,
+                return_tensors="pt",
+                padding=True,
+                verbose=False,
+            )
+        )
         batch["images_per_sample"] = [len(imgs) for imgs in images]
         batch["sample_ids"] = [s.id for s in samples]
         if self.with_answers:
@@ -81,19 +102,25 @@ class VQACollator:
             # truncation, which would stay switched on in the fast backend (and be saved with it).
             # The text is cut, never the stop token: a long answer still learns to stop.
             stop_id = self.tokenizer.convert_tokens_to_ids(self.stop_token)
-            texts = self.tokenizer([target_text(s) for s in samples], add_special_tokens=False)["input_ids"]
+            texts = self.tokenizer([target_text(s) for s in samples], add_special_tokens=False)[
+                "input_ids"
+            ]
             rows = [ids[: self.max_answer_tokens - 1] + [stop_id] for ids in texts]
             width = max(len(r) for r in rows)
             pad = self.tokenizer.pad_token_id
             batch["answer_ids"] = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-            batch["answer_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            batch["answer_mask"] = torch.tensor(
+                [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+            )
         if self.with_rois:
             batch["roi_index"] = [self._roi_index(s, imgs) for s, imgs in zip(samples, images)]
         for key, field in self.sample_fields.items():
             batch[key] = [field(s, *self._grids(imgs)) for s, imgs in zip(samples, images)]
         return batch
 
-    def _grids(self, images: Sequence[Image.Image]) -> tuple[list[TokenGrid], list[tuple[int, int]]]:
+    def _grids(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[list[TokenGrid], list[tuple[int, int]]]:
         sizes = [im.size for im in images]
         return [self.adapter.token_grid(self.processor, w, h) for w, h in sizes], sizes
 

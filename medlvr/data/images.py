@@ -60,9 +60,20 @@ def load_image(
         return _load_pil(path, max_pixels)
     except ImageError:
         raise
-    except (OSError, EOFError, SyntaxError, ValueError, zlib.error, RuntimeError, NotImplementedError, AttributeError) as err:
+    except (
+        OSError,
+        EOFError,
+        SyntaxError,
+        ValueError,
+        zlib.error,
+        RuntimeError,
+        NotImplementedError,
+        AttributeError,
+    ) as err:
         # Decoders report truncation and corruption with many exception types.
-        raise ImageError(f"cannot read image {path}: corrupt or truncated {kind} file ({_one_line(err)})") from None
+        raise ImageError(
+            f"cannot read image {path}: corrupt or truncated {kind} file ({_one_line(err)})"
+        ) from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -118,7 +129,9 @@ def _load_pil(path: Path, max_pixels: int) -> Image.Image:
         try:
             im = Image.open(path)
         except UnidentifiedImageError:
-            raise ImageError(f"unknown image format: {path} is not PNG/JPEG/DICOM/NIfTI or another known format") from None
+            raise ImageError(
+                f"unknown image format: {path} is not PNG/JPEG/DICOM/NIfTI or another known format"
+            ) from None
         except Image.DecompressionBombError as err:
             raise ImageError(f"image too large: {path} ({_one_line(err)})") from None
         with im:
@@ -153,7 +166,9 @@ def _first(value: Any) -> float:
     return float(value)
 
 
-def _load_dicom(path: Path, window: tuple[float, float] | None, frame: int, max_pixels: int) -> Image.Image:
+def _load_dicom(
+    path: Path, window: tuple[float, float] | None, frame: int, max_pixels: int
+) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, pixel_array
@@ -219,10 +234,14 @@ def _load_nifti(path: Path, axis: int, index: int | None, max_pixels: int) -> Im
             raise ImageError(f"nifti_axis must be 0, 1 or 2, got {axis}")
         k = shape[axis] // 2 if index is None else index
         if not 0 <= k < shape[axis]:
-            raise ImageError(f"NIfTI slice {k} out of range: {path} has {shape[axis]} slices along axis {axis}")
+            raise ImageError(
+                f"NIfTI slice {k} out of range: {path} has {shape[axis]} slices along axis {axis}"
+            )
         in_plane = [s for i, s in enumerate(shape[:3]) if i != axis]
         _check_size(path, in_plane[0], in_plane[1], max_pixels)
-        slicer: list[Any] = [slice(None)] * 3 + [0] * (len(shape) - 3)  # first volume of a 4-D series
+        slicer: list[Any] = [slice(None)] * 3 + [0] * (
+            len(shape) - 3
+        )  # first volume of a 4-D series
         slicer[axis] = k
         plane = np.asanyarray(img.dataobj[tuple(slicer)])  # the proxy applies scl_slope/scl_inter
     plane = np.nan_to_num(plane.astype(np.float64))

@@ -24,7 +24,9 @@ def dataset_stats(samples: Sequence[VQASample]) -> dict[str, Any]:
         "images_per_sample": Counter(len(s.images) for s in samples),
         "with_roi": len(with_roi),
         "roi_coverage": len(with_roi) / len(samples) if samples else 0.0,
-        "rois_per_sample": (sum(len(s.rois) for s in with_roi) / len(with_roi)) if with_roi else 0.0,
+        "rois_per_sample": (sum(len(s.rois) for s in with_roi) / len(with_roi))
+        if with_roi
+        else 0.0,
     }
 
 
@@ -52,9 +54,20 @@ def roi_coverage(files: dict[str, Sequence[VQASample]]) -> list[Coverage]:
     out = []
     for name, samples in files.items():
         datasets = sorted({s.dataset for s in samples})
-        parts = [(name, samples)] + ([(f"{name} [{d}]", [s for s in samples if s.dataset == d]) for d in datasets] if len(datasets) > 1 else [])
+        parts = [(name, samples)] + (
+            [(f"{name} [{d}]", [s for s in samples if s.dataset == d]) for d in datasets]
+            if len(datasets) > 1
+            else []
+        )
         for label, part in parts:
-            out.append(Coverage(label, len(part), sum(bool(s.rois) for s in part), sum(len(s.rois) for s in part)))
+            out.append(
+                Coverage(
+                    label,
+                    len(part),
+                    sum(bool(s.rois) for s in part),
+                    sum(len(s.rois) for s in part),
+                )
+            )
     return out
 
 
@@ -81,7 +94,11 @@ def render_samples(samples: Sequence[VQASample], out: Path, n: int = 6, loader=N
         for roi in s.rois:
             if roi.image == 0:
                 x0, y0, x1, y1 = roi.box
-                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.5))
+                ax.add_patch(
+                    Rectangle(
+                        (x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="red", linewidth=1.5
+                    )
+                )
         gold = f"{s.answer_letter}. {s.answer}" if s.answer_letter else s.answer
         ax.set_title(f"{_wrap(s.question)}\n-> {gold}", fontsize=8)
     fig.tight_layout()

@@ -28,7 +28,9 @@ COT = "Think step by step, then give the final answer inside <answer></answer>."
 def instruction(sample: VQASample, reasoning: Reasoning = "direct") -> str:
     if sample.answer_type == "choice":
         base = CHOICE
-    elif yes_no_question(sample):  # the scorer's definition: asked as yes/no exactly when scored as one
+    elif yes_no_question(
+        sample
+    ):  # the scorer's definition: asked as yes/no exactly when scored as one
         base = YES_NO
     else:
         base = SHORT
@@ -41,7 +43,9 @@ def question_text(sample: VQASample, reasoning: Reasoning = "direct") -> str:
     """Question, options (one per line, `A. text`) and the instruction."""
     parts = [sample.question.strip()]
     if sample.options:
-        parts.append("Options:\n" + "\n".join(f"{k}. {v}" for k, v in sorted(sample.options.items())))
+        parts.append(
+            "Options:\n" + "\n".join(f"{k}. {v}" for k, v in sorted(sample.options.items()))
+        )
     parts.append(instruction(sample, reasoning))
     return "\n".join(parts)
 
@@ -74,7 +78,9 @@ def written_reasoning(sample: VQASample, hidden: int = 0) -> VQASample:
     if hidden < 0:
         raise ValueError(f"hidden reasoning steps must be >= 0, got {hidden}")
     shown = chain.split(REASONING_SEPARATOR)[hidden:]
-    return sample.model_copy(update={"answer": REASONING_SEPARATOR.join([*shown, f"answer: {sample.answer}"])})
+    return sample.model_copy(
+        update={"answer": REASONING_SEPARATOR.join([*shown, f"answer: {sample.answer}"])}
+    )
 
 
 def chat_messages(sample: VQASample, reasoning: Reasoning = "direct") -> list[dict]:

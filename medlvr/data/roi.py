@@ -27,7 +27,9 @@ def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, floa
     """Clip a box to the image, warning if it stuck out; an empty result is an error."""
     x0, y0, x1, y1 = (float(v) for v in box)
     cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
-    if (why := box_outside(box, width, height)) is not None:  # the readers' rule (`medlvr data validate`)
+    if (
+        why := box_outside(box, width, height)
+    ) is not None:  # the readers' rule (`medlvr data validate`)
         raise MedlvrError(f"ROI {why}")
     if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
         warnings.warn(f"ROI box {list(box)} clipped to the {width}x{height} image", stacklevel=2)
@@ -50,7 +52,12 @@ def box_to_tokens(box: Sequence[float], grid: TokenGrid, width: int, height: int
         x0, y0, x1, y1 = clipped
         bx1, by1 = block.x0 + block.cols * block.cell_w, block.y0 + block.rows * block.cell_h
         if x1 > block.x0 and x0 < bx1 and y1 > block.y0 and y0 < by1:
-            local = (max(x0, block.x0) - block.x0, max(y0, block.y0) - block.y0, x1 - block.x0, y1 - block.y0)
+            local = (
+                max(x0, block.x0) - block.x0,
+                max(y0, block.y0) - block.y0,
+                x1 - block.x0,
+                y1 - block.y0,
+            )
             out.extend(offset + t for t in _cells(local, block))
         offset += block.n_tokens
     return out
@@ -122,10 +129,14 @@ def roi_hops(sample: VQASample) -> list[int] | None:
     if hops is None or not sample.rois:
         return None
     where = f"sample {sample.id!r}: meta.roi_hops"
-    if not isinstance(hops, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hops):
+    if not isinstance(hops, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) for h in hops
+    ):
         raise MedlvrError(f"{where} must be a list of 1-based hop numbers, got {hops!r}")
     if len(hops) != len(sample.rois):
-        raise MedlvrError(f"{where} has {len(hops)} entries for {len(sample.rois)} ROIs (one hop per ROI)")
+        raise MedlvrError(
+            f"{where} has {len(hops)} entries for {len(sample.rois)} ROIs (one hop per ROI)"
+        )
     n = sample.meta.get("hops", max(hops, default=0))
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise MedlvrError(f"sample {sample.id!r}: meta.hops must be an integer >= 1, got {n!r}")
@@ -133,11 +144,15 @@ def roi_hops(sample: VQASample) -> list[int] | None:
         raise MedlvrError(f"{where} = {hops} must lie in 1..{n} (meta.hops)")
     missing = sorted(set(range(1, n + 1)) - set(hops))
     if missing:
-        raise MedlvrError(f"{where} = {hops}: hop(s) {missing} of {n} have no ROI to align their latent steps to")
+        raise MedlvrError(
+            f"{where} = {hops}: hop(s) {missing} of {n} have no ROI to align their latent steps to"
+        )
     return [h - 1 for h in hops]
 
 
-def hop_roi_indices(sample: VQASample, grids: Sequence[TokenGrid], sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+def hop_roi_indices(
+    sample: VQASample, grids: Sequence[TokenGrid], sizes: Sequence[tuple[int, int]]
+) -> list[torch.Tensor]:
     """Per hop, in reasoning order, the sample's visual-token indices covered by that hop's ROIs.
 
     Each entry is `sample_roi_indices` of the hop's ROIs (sorted, raster order); a sample
@@ -147,7 +162,10 @@ def hop_roi_indices(sample: VQASample, grids: Sequence[TokenGrid], sizes: Sequen
         return []
     rois = [(r.image, r.box) for r in sample.rois]
     hops = roi_hops(sample) or [0] * len(rois)
-    return [sample_roi_indices([r for r, h in zip(rois, hops) if h == j], grids, sizes) for j in range(max(hops) + 1)]
+    return [
+        sample_roi_indices([r for r, h in zip(rois, hops) if h == j], grids, sizes)
+        for j in range(max(hops) + 1)
+    ]
 
 
 def hop_of_steps(k: int, hops: int) -> list[int]:
@@ -166,7 +184,9 @@ def hop_of_steps(k: int, hops: int) -> list[int]:
     return [-(-(i + 1) * hops // k) - 1 for i in range(k)]
 
 
-def chain_targets(visual_tokens: torch.Tensor, hop_indices: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+def chain_targets(
+    visual_tokens: torch.Tensor, hop_indices: Sequence[torch.Tensor], k: int
+) -> torch.Tensor:
     """K per-hop targets `[k, d]`: the s steps of hop j (`hop_of_steps`) pool hop j's ROI tokens as `pool_targets` does."""
     steps = hop_of_steps(k, len(hop_indices))
     parts = []
@@ -174,13 +194,18 @@ def chain_targets(visual_tokens: torch.Tensor, hop_indices: Sequence[torch.Tenso
         s = steps.count(j)
         if s:
             if idx.numel() == 0:
-                raise MedlvrError(f"hop {j + 1} of {len(hop_indices)} has no ROI tokens to align its {s} latent step(s) to")
+                raise MedlvrError(
+                    f"hop {j + 1} of {len(hop_indices)} has no ROI tokens to align its {s} latent step(s) to"
+                )
             parts.append(pool_targets(visual_tokens, idx, s))
     return torch.cat(parts) if parts else visual_tokens.new_zeros(0, visual_tokens.shape[-1])
 
 
 def assigned_targets(
-    visual_tokens: torch.Tensor, roi_index: torch.Tensor, k: int, assign: str = "raster",
+    visual_tokens: torch.Tensor,
+    roi_index: torch.Tensor,
+    k: int,
+    assign: str = "raster",
     hop_indices: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One sample's alignment targets under `align.assign`: `[k, d]`, or `[1, d]` for `first`.

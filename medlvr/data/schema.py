@@ -84,7 +84,9 @@ class VQASample(BaseModel):
                 raise ValueError(f"option key {letter!r} is not a capital letter A-J")
         for roi in self.rois:
             if roi.image >= max(len(self.images), 1):
-                raise ValueError(f"ROI refers to image {roi.image} but the sample has {len(self.images)} image(s)")
+                raise ValueError(
+                    f"ROI refers to image {roi.image} but the sample has {len(self.images)} image(s)"
+                )
         return self
 
     @property
@@ -93,7 +95,9 @@ class VQASample(BaseModel):
         return self.answer_letter if self.answer_type == "choice" else self.answer
 
 
-def box_outside(box: tuple[float, float, float, float] | list[float], width: int, height: int) -> str | None:
+def box_outside(
+    box: tuple[float, float, float, float] | list[float], width: int, height: int
+) -> str | None:
     """Why a box covers no pixel of a `width` x `height` image, or None if it covers some.
 
     The one rule for every reader, `medlvr data validate` and training (`medlvr.data.roi.clip_box`):
@@ -115,8 +119,12 @@ class RecordProblem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else self.path  # line 0: the file as a whole
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        where = (
+            f"{self.path}:{self.line}" if self.line else self.path
+        )  # line 0: the file as a whole
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
 
 
 class DataError(ValueError):
@@ -140,11 +148,15 @@ class LoadReport:
     problems: list[RecordProblem] = field(default_factory=list)
 
 
-def _parse_line(text: str, path: str, lineno: int, base: Path) -> tuple[VQASample | None, list[RecordProblem]]:
+def _parse_line(
+    text: str, path: str, lineno: int, base: Path
+) -> tuple[VQASample | None, list[RecordProblem]]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
-        return None, [RecordProblem(path, lineno, "", f"malformed JSON: {err.msg} at column {err.colno}")]
+        return None, [
+            RecordProblem(path, lineno, "", f"malformed JSON: {err.msg} at column {err.colno}")
+        ]
     if not isinstance(raw, dict):
         return None, [RecordProblem(path, lineno, "", "a record must be a JSON object")]
     try:
@@ -155,7 +167,9 @@ def _parse_line(text: str, path: str, lineno: int, base: Path) -> tuple[VQASampl
             loc = ".".join(str(p) for p in e["loc"]) or "record"
             problems.append(RecordProblem(path, lineno, loc, e["msg"]))
         return None, problems
-    sample.images = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in sample.images]
+    sample.images = [
+        str((base / p).resolve()) if not Path(p).is_absolute() else p for p in sample.images
+    ]
     return sample, []
 
 
@@ -181,14 +195,27 @@ def check_samples(
     sizes: dict[str, tuple[int, int] | None] = {}
     for lineno, sample in rows:
         if sample.id in seen:
-            problems.append(RecordProblem(path, lineno, "id", f"duplicate id {sample.id!r} (first at line {seen[sample.id]})"))
+            problems.append(
+                RecordProblem(
+                    path,
+                    lineno,
+                    "id",
+                    f"duplicate id {sample.id!r} (first at line {seen[sample.id]})",
+                )
+            )
         else:
             seen[sample.id] = lineno
         if check_images:
             bad = set()
             for i, img in enumerate(sample.images):
                 p = Path(img)
-                why = "image not found" if not p.is_file() else "image file is empty" if p.stat().st_size == 0 else None
+                why = (
+                    "image not found"
+                    if not p.is_file()
+                    else "image file is empty"
+                    if p.stat().st_size == 0
+                    else None
+                )
                 if why is not None:
                     problems.append(RecordProblem(path, lineno, f"images.{i}", f"{why}: {img}"))
                     bad.add(i)
@@ -196,7 +223,9 @@ def check_samples(
                 size = None if roi.image in bad else _image_size(sample.images[roi.image], sizes)
                 why = box_outside(roi.box, *size) if size is not None else None
                 if why is not None:
-                    problems.append(RecordProblem(path, lineno, f"rois.{j}.box", f"{why} (image {roi.image})"))
+                    problems.append(
+                        RecordProblem(path, lineno, f"rois.{j}.box", f"{why} (image {roi.image})")
+                    )
     return problems
 
 

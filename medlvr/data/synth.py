@@ -88,7 +88,12 @@ SPLITS = ("train", "val", "test", "compositional")
 SIZES = ("small", "large")
 INTENSITIES = ("bright", "dark")
 TEXTURES = ("smooth", "mottled")
-SHAPE_ADJECTIVE = {"round": "round", "square": "square", "triangle": "triangular", "cross": "cross-shaped"}
+SHAPE_ADJECTIVE = {
+    "round": "round",
+    "square": "square",
+    "triangle": "triangular",
+    "cross": "cross-shaped",
+}
 
 REGION_NAMES = {
     2: ("upper left", "upper right", "lower left", "lower right"),
@@ -102,9 +107,25 @@ REGION_NAMES = {
 LEVEL_DISTRACTORS = {1: (0, 0), 2: (1, 2), 3: (1, 3), 4: (2, 5), 5: (3, 8)}
 """Curriculum level -> inclusive range of distractor lesions (lesions besides the primary one)."""
 
-DEFAULT_MIX = {"presence": 0.1, "attribute": 0.15, "location": 0.1, "comparison": 0.1, "count": 0.05, "relational": 0.1, "chain": 0.4}
+DEFAULT_MIX = {
+    "presence": 0.1,
+    "attribute": 0.15,
+    "location": 0.1,
+    "comparison": 0.1,
+    "count": 0.05,
+    "relational": 0.1,
+    "chain": 0.4,
+}
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.1, "compositional": 0.1}
-MIN_LESIONS = {"presence": 1, "attribute": 1, "location": 1, "comparison": 2, "count": 1, "relational": 2, "chain": 2}
+MIN_LESIONS = {
+    "presence": 1,
+    "attribute": 1,
+    "location": 1,
+    "comparison": 2,
+    "count": 1,
+    "relational": 2,
+    "chain": 2,
+}
 """Lesions a question type needs in the image (comparisons and relations need two; a chain image
 sets its own lesion count, see `_chain`, whatever the level)."""
 MAX_HOPS = 4
@@ -114,7 +135,9 @@ _CHAIN_ANCHORS = {"largest": ("large", "small"), "smallest": ("small", "large")}
 
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "compositional": 4}
 _MARGIN_PX = 2  # a lesion keeps this far from its region's border
-_MAX_LESIONS = 9  # distinct (size, intensity, shape) descriptors stay available under every constraint
+_MAX_LESIONS = (
+    9  # distinct (size, intensity, shape) descriptors stay available under every constraint
+)
 _DIRECTIONS = {  # name -> (d_row, d_col) from the anchor to the asked lesion, and the phrase
     "right": ((0, 1), "to the right of"),
     "left": ((0, -1), "to the left of"),
@@ -198,7 +221,9 @@ class SynthConfig:
         if self.n <= 0:
             raise bad(f"n must be positive, got {self.n}")
         if self.image_size <= 0 or self.image_size % TOKEN_PX:
-            raise bad(f"image_size must be a positive multiple of {TOKEN_PX} (one visual token per {TOKEN_PX} px), got {self.image_size}")
+            raise bad(
+                f"image_size must be a positive multiple of {TOKEN_PX} (one visual token per {TOKEN_PX} px), got {self.image_size}"
+            )
         if self.grid < 2:
             raise bad(f"grid must be at least 2, got {self.grid}")
         if self.level not in LEVEL_DISTRACTORS:
@@ -206,10 +231,14 @@ class SynthConfig:
         if self.distractors is not None:
             lo, hi = (int(v) for v in self.distractors)
             if not 0 <= lo <= hi:
-                raise bad(f"distractors must be a range (lo, hi) with 0 <= lo <= hi, got {self.distractors}")
+                raise bad(
+                    f"distractors must be a range (lo, hi) with 0 <= lo <= hi, got {self.distractors}"
+                )
             self.distractors = (lo, hi)
         if self.distractor_range[1] + 1 > min(self.grid**2, _MAX_LESIONS):
-            raise bad(f"at most {min(self.grid**2, _MAX_LESIONS) - 1} distractors fit, got {self.distractor_range}")
+            raise bad(
+                f"at most {min(self.grid**2, _MAX_LESIONS) - 1} distractors fit, got {self.distractor_range}"
+            )
         if not 0 < self.small_size < self.large_size:
             raise bad(f"need 0 < small_size < large_size, got {self.small_size}, {self.large_size}")
         region = self.image_size // self.grid
@@ -221,7 +250,9 @@ class SynthConfig:
         if not 0 < self.contrast <= 0.5:
             raise bad(f"contrast must be in (0, 0.5], got {self.contrast}")
         if not 0 < self.window < 1 or 0.9 * self.contrast <= self.window / 2:
-            raise bad(f"need 0 < window < 1 and 0.9 * contrast > window / 2 (bright above dark everywhere), got contrast {self.contrast}, window {self.window}")
+            raise bad(
+                f"need 0 < window < 1 and 0.9 * contrast > window / 2 (bright above dark everywhere), got contrast {self.contrast}, window {self.window}"
+            )
         for name in ("noise", "texture", "same_shape_distractors", "anatomy_blend"):
             if not 0 <= getattr(self, name) <= 1:
                 raise bad(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -232,23 +263,42 @@ class SynthConfig:
         self.modalities = tuple(self.modalities)
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if not self.modalities or unknown:
-            raise bad(f"unknown or no modalities {unknown}; expected some of {', '.join(MODALITIES)}")
+            raise bad(
+                f"unknown or no modalities {unknown}; expected some of {', '.join(MODALITIES)}"
+            )
         if self.question_types is not None:
             unknown = [f for f in self.question_types if f not in QUESTION_TYPES]
             if unknown:
-                raise bad(f"unknown question type {', '.join(map(repr, unknown))}; expected some of {', '.join(QUESTION_TYPES)}")
-            if any(w < 0 for w in self.question_types.values()) or sum(self.question_types.values()) <= 0:
-                raise bad(f"question-type weights must be >= 0 and not all 0, got {self.question_types}")
+                raise bad(
+                    f"unknown question type {', '.join(map(repr, unknown))}; expected some of {', '.join(QUESTION_TYPES)}"
+                )
+            if (
+                any(w < 0 for w in self.question_types.values())
+                or sum(self.question_types.values()) <= 0
+            ):
+                raise bad(
+                    f"question-type weights must be >= 0 and not all 0, got {self.question_types}"
+                )
             most = self.distractor_range[1] + 1
             for qtype, w in self.question_types.items():
                 if w > 0 and MIN_LESIONS[qtype] > most:
-                    raise bad(f"question type {qtype!r} needs {MIN_LESIONS[qtype]} lesions but level {self.level} / distractors {self.distractor_range} allow at most {most}")
+                    raise bad(
+                        f"question type {qtype!r} needs {MIN_LESIONS[qtype]} lesions but level {self.level} / distractors {self.distractor_range} allow at most {most}"
+                    )
         unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown or any(v < 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-6:
-            raise bad(f"splits must map some of {', '.join(SPLITS)} to fractions >= 0 summing to 1, got {self.splits}")
+        if (
+            unknown
+            or any(v < 0 for v in self.splits.values())
+            or abs(sum(self.splits.values()) - 1) > 1e-6
+        ):
+            raise bad(
+                f"splits must map some of {', '.join(SPLITS)} to fractions >= 0 summing to 1, got {self.splits}"
+            )
         lo, hi = (int(v) for v in self.hops)
         if not 1 <= lo <= hi <= MAX_HOPS:
-            raise bad(f"hops must be a range (lo, hi) with 1 <= lo <= hi <= {MAX_HOPS}, got {self.hops}")
+            raise bad(
+                f"hops must be a range (lo, hi) with 1 <= lo <= hi <= {MAX_HOPS}, got {self.hops}"
+            )
         self.hops = (lo, hi)
         if self.grid != 3 and self.question_mix.get("chain"):
             raise bad(f"chain questions are laid out on the 3x3 grid, got grid {self.grid}")
@@ -257,7 +307,9 @@ class SynthConfig:
         if self.shape_questions not in ("large", "all", "none"):
             raise bad(f"shape_questions must be large, all or none, got {self.shape_questions!r}")
         if not 0 <= self.held_per_region < len(SHAPES):
-            raise bad(f"held_per_region must be in [0, {len(SHAPES) - 1}], got {self.held_per_region}")
+            raise bad(
+                f"held_per_region must be in [0, {len(SHAPES) - 1}], got {self.held_per_region}"
+            )
 
     @property
     def distractor_range(self) -> tuple[int, int]:
@@ -273,7 +325,11 @@ class SynthConfig:
         """Normalised question-type weights (zero weights dropped)."""
         if self.question_types is None:
             most = self.distractor_range[1] + 1
-            mix = {f: w for f, w in DEFAULT_MIX.items() if MIN_LESIONS[f] <= most and (f != "chain" or self.grid == 3)}
+            mix = {
+                f: w
+                for f, w in DEFAULT_MIX.items()
+                if MIN_LESIONS[f] <= most and (f != "chain" or self.grid == 3)
+            }
         else:
             mix = {f: w for f, w in self.question_types.items() if w > 0}
         total = sum(mix.values())
@@ -281,7 +337,11 @@ class SynthConfig:
 
     def split_counts(self) -> dict[str, int]:
         """Exact records per split: floors for val/test/compositional, the rest to train."""
-        counts = {s: int(np.floor(self.n * self.splits.get(s, 0.0) + 1e-9)) for s in SPLITS if s != "train"}
+        counts = {
+            s: int(np.floor(self.n * self.splits.get(s, 0.0) + 1e-9))
+            for s in SPLITS
+            if s != "train"
+        }
         if self.held_per_region == 0:
             counts["compositional"] = 0
         counts = {"train": self.n - sum(counts.values()), **counts}
@@ -291,7 +351,9 @@ class SynthConfig:
         """Names of the grid regions in raster order."""
         if self.grid in REGION_NAMES:
             return REGION_NAMES[self.grid]
-        return tuple(f"row {r + 1} column {c + 1}" for r in range(self.grid) for c in range(self.grid))
+        return tuple(
+            f"row {r + 1} column {c + 1}" for r in range(self.grid) for c in range(self.grid)
+        )
 
     def region_box(self, region: int) -> tuple[int, int, int, int]:
         """`[x0, y0, x1, y1]` of a region in pixel edges."""
@@ -308,7 +370,9 @@ class SynthConfig:
         pairs = []
         for region in range(self.grid**2):
             r, c = divmod(region, self.grid)
-            pairs.extend((SHAPES[(r + c + j) % len(SHAPES)], region) for j in range(self.held_per_region))
+            pairs.extend(
+                (SHAPES[(r + c + j) % len(SHAPES)], region) for j in range(self.held_per_region)
+            )
         return pairs
 
 
@@ -387,7 +451,9 @@ class _SceneBuilder:
         self.lesions: list[Lesion] = []
         self.blocked: set[int] = set()
         self.banned_shapes: set[str] = set()
-        self.defaults: dict[str, str] = {}  # attribute -> value forced on lesions that do not set it
+        self.defaults: dict[
+            str, str
+        ] = {}  # attribute -> value forced on lesions that do not set it
 
     def occupied(self) -> set[int]:
         return {les.region for les in self.lesions}
@@ -429,8 +495,10 @@ class _SceneBuilder:
         if not cands:
             return None
         present = sorted({c[0] for c in cands}, key=SHAPES.index)
-        if prefer_shape is not None and prefer_shape in present and (
-            len(present) == 1 or self.rng.random() < self.cfg.same_shape_distractors
+        if (
+            prefer_shape is not None
+            and prefer_shape in present
+            and (len(present) == 1 or self.rng.random() < self.cfg.same_shape_distractors)
         ):
             shape = prefer_shape
         else:
@@ -467,7 +535,9 @@ def _rng(cfg: SynthConfig, split: str, index: int, stream: int) -> np.random.Gen
     return np.random.default_rng([cfg.seed, _SPLIT_CODE.get(split, 9), index, stream])
 
 
-def _choice(rng: np.random.Generator, texts: Sequence[str], gold: str) -> tuple[dict[str, str], str]:
+def _choice(
+    rng: np.random.Generator, texts: Sequence[str], gold: str
+) -> tuple[dict[str, str], str]:
     """Options shuffled deterministically onto letters A, B, ...; returns (options, gold letter)."""
     order = rng.permutation(len(texts))
     options = {LETTERS[i]: texts[j] for i, j in enumerate(order)}
@@ -475,7 +545,14 @@ def _choice(rng: np.random.Generator, texts: Sequence[str], gold: str) -> tuple[
     return options, letter
 
 
-def _ask(cfg: SynthConfig, rng: np.random.Generator, text: str, texts: Sequence[str], gold: str, rois: list[ROI]) -> _Question:
+def _ask(
+    cfg: SynthConfig,
+    rng: np.random.Generator,
+    text: str,
+    texts: Sequence[str],
+    gold: str,
+    rois: list[ROI],
+) -> _Question:
     """A question over a closed set of answers: a word answer (open), or a choice of letters (`cfg.answers`).
 
     The options are shuffled in both cases, so the rng stream, and with it every
@@ -535,50 +612,99 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         primary = b.add(held=comp)
         b.fill(n, primary.shape)
         if yes:
-            q = _Question(f"Is there a lesion in {in_region(primary)}?", "yes", "closed", [_lesion_roi(primary)])
+            q = _Question(
+                f"Is there a lesion in {in_region(primary)}?",
+                "yes",
+                "closed",
+                [_lesion_roi(primary)],
+            )
         else:
             empty = [r for r in range(cells) if r not in b.occupied()]
             region = empty[int(rng.integers(len(empty)))]
             box = ROI(box=cfg.region_box(region), label="region")
-            q = _Question(f"Is there a lesion in the {names[region]} region?", "no", "closed", [box])
+            q = _Question(
+                f"Is there a lesion in the {names[region]} region?", "no", "closed", [box]
+            )
             q.meta["region"] = names[region]
             primary = None
     elif qtype == "attribute":
         primary = b.add(held=comp)
         b.fill(n, primary.shape)
         attrs = ["size", "intensity"]
-        if cfg.shape_questions == "all" or (cfg.shape_questions == "large" and primary.size == "large"):
+        if cfg.shape_questions == "all" or (
+            cfg.shape_questions == "large" and primary.size == "large"
+        ):
             attrs.append("shape")
         if 0 < cfg.texture < 1:
             attrs.append("texture")
         attr = attrs[int(rng.integers(len(attrs)))]
-        values = {"shape": SHAPES, "size": SIZES, "intensity": INTENSITIES, "texture": TEXTURES}[attr]
-        q = _ask(cfg, rng, f"What is the {attr} of the lesion in {in_region(primary)}?", values, getattr(primary, attr), [_lesion_roi(primary)])
+        values = {"shape": SHAPES, "size": SIZES, "intensity": INTENSITIES, "texture": TEXTURES}[
+            attr
+        ]
+        q = _ask(
+            cfg,
+            rng,
+            f"What is the {attr} of the lesion in {in_region(primary)}?",
+            values,
+            getattr(primary, attr),
+            [_lesion_roi(primary)],
+        )
         q.meta["attribute"] = attr
     elif qtype == "location":
         primary = b.add(held=comp)
         b.fill(n, primary.shape)
-        for keys in (("shape",), ("size", "shape"), ("intensity", "shape"), ("size", "intensity", "shape")):
+        for keys in (
+            ("shape",),
+            ("size", "shape"),
+            ("intensity", "shape"),
+            ("size", "intensity", "shape"),
+        ):
             if sum(les.words(keys) == primary.words(keys) for les in b.lesions) == 1:
                 break
         gold = names[primary.region]
         others = [names[les.region] for les in b.lesions if les is not primary]
         empty = [names[r] for r in range(cells) if r not in b.occupied()]
-        others = [others[i] for i in rng.permutation(len(others))] + [empty[i] for i in rng.permutation(len(empty))]
-        q = _ask(cfg, rng, f"Where is the {primary.words(keys)} lesion?", [gold, *others[:3]], gold, [_lesion_roi(primary)])
+        others = [others[i] for i in rng.permutation(len(others))] + [
+            empty[i] for i in rng.permutation(len(empty))
+        ]
+        q = _ask(
+            cfg,
+            rng,
+            f"Where is the {primary.words(keys)} lesion?",
+            [gold, *others[:3]],
+            gold,
+            [_lesion_roi(primary)],
+        )
         q.meta["descriptor"] = list(keys)
     elif qtype == "comparison":
         attr = ("size", "intensity")[int(rng.integers(2))]
         primary = b.add(held=comp)
-        opposite = {"size": dict(zip(SIZES, SIZES[::-1])), "intensity": dict(zip(INTENSITIES, INTENSITIES[::-1]))}[attr]
+        opposite = {
+            "size": dict(zip(SIZES, SIZES[::-1])),
+            "intensity": dict(zip(INTENSITIES, INTENSITIES[::-1])),
+        }[attr]
         partner = b.add(**{attr: opposite[getattr(primary, attr)]})
         b.fill(n, primary.shape)
-        word = {"size": ("larger", "smaller"), "intensity": ("brighter", "darker")}[attr][int(rng.integers(2))]
-        winner_value = {"larger": "large", "smaller": "small", "brighter": "bright", "darker": "dark"}[word]
+        word = {"size": ("larger", "smaller"), "intensity": ("brighter", "darker")}[attr][
+            int(rng.integers(2))
+        ]
+        winner_value = {
+            "larger": "large",
+            "smaller": "small",
+            "brighter": "bright",
+            "darker": "dark",
+        }[word]
         winner = primary if getattr(primary, attr) == winner_value else partner
         first, second = (primary, partner) if rng.random() < 0.5 else (partner, primary)
         text = f"Which lesion is {word}: the one in {in_region(first)} or the one in {in_region(second)}?"
-        q = _ask(cfg, rng, text, [names[first.region], names[second.region]], names[winner.region], [_lesion_roi(first), _lesion_roi(second)])
+        q = _ask(
+            cfg,
+            rng,
+            text,
+            [names[first.region], names[second.region]],
+            names[winner.region],
+            [_lesion_roi(first), _lesion_roi(second)],
+        )
         q.meta["attribute"] = attr
     elif qtype == "count":
         primary = b.add(held=comp)
@@ -621,7 +747,9 @@ def _chain(
     h = int(rng.integers(cfg.hops[0], cfg.hops[1] + 1))
     kind = tuple(_CHAIN_ANCHORS)[int(rng.integers(len(_CHAIN_ANCHORS)))]
     anchor_size, other_size = _CHAIN_ANCHORS[kind]
-    n = 8 if 2 * h > 6 else (6, 8)[int(rng.integers(2))]  # distractors can balance any chain: h <= n / 2
+    n = (
+        8 if 2 * h > 6 else (6, 8)[int(rng.integers(2))]
+    )  # distractors can balance any chain: h <= n / 2
     path = _chain_path(rng, g, h)
     chain_intensity = [INTENSITIES[int(rng.integers(2))] for _ in range(h)]
     bright = n // 2 - chain_intensity.count("bright")
@@ -630,11 +758,17 @@ def _chain(
     chain = []
     for i, (region, _) in enumerate(path):
         size = anchor_size if i == 0 else other_size
-        chain.append(_add_named(b, region=region, size=size, intensity=chain_intensity[i], held=comp and i == h - 1))
+        chain.append(
+            _add_named(
+                b, region=region, size=size, intensity=chain_intensity[i], held=comp and i == h - 1
+            )
+        )
     free = b.free_regions()
     for region, intensity in zip((free[i] for i in rng.permutation(len(free))), spare):
         _add_named(b, region=region, size=other_size, intensity=intensity)
-    if any(les is None for les in chain) or len(b.lesions) != n:  # pragma: no cover - every region admits 3 shapes
+    if (
+        any(les is None for les in chain) or len(b.lesions) != n
+    ):  # pragma: no cover - every region admits 3 shapes
         raise RuntimeError("chain scene did not fit")
     target = chain[-1]
     subject, steps = f"the {kind} lesion", [f"{kind} lesion: {names[path[0][0]]}"]
@@ -642,7 +776,12 @@ def _chain(
         phrase = _DIRECTIONS[direction][1]
         subject = f"the lesion {phrase} {subject}"
         steps.append(f"{phrase} it: {names[region]}")
-    q = _Question(f"What is the intensity of {subject}?", target.intensity, "open", [_lesion_roi(les) for les in chain])
+    q = _Question(
+        f"What is the intensity of {subject}?",
+        target.intensity,
+        "open",
+        [_lesion_roi(les) for les in chain],
+    )
     q.meta.update(
         attribute="intensity", hops=h, roi_hops=list(range(1, h + 1)), anchor=kind,
         directions=[d for _, d in path[1:]], chain=[names[r] for r, _ in path], reasoning=REASONING_SEPARATOR.join(steps),
@@ -677,7 +816,12 @@ def _chain_path(rng: np.random.Generator, g: int, h: int) -> list[tuple[int, str
 
 
 def _relational(
-    cfg: SynthConfig, rng: np.random.Generator, b: _SceneBuilder, n: int, comp: bool, names: Sequence[str]
+    cfg: SynthConfig,
+    rng: np.random.Generator,
+    b: _SceneBuilder,
+    n: int,
+    comp: bool,
+    names: Sequence[str],
 ) -> tuple[Lesion, _Question]:
     g = cfg.grid
     if rng.random() < 0.4:  # "Are the lesions in X and Y the same shape?"
@@ -688,7 +832,9 @@ def _relational(
         b.fill(n, primary.shape)
         first, second = sorted((primary, partner), key=lambda les: les.region)
         text = f"Are the lesions in the {names[first.region]} and {names[second.region]} regions the same shape?"
-        q = _Question(text, "yes" if same else "no", "closed", [_lesion_roi(first), _lesion_roi(second)])
+        q = _Question(
+            text, "yes" if same else "no", "closed", [_lesion_roi(first), _lesion_roi(second)]
+        )
         q.meta["variant"] = "same_shape"
         return primary, q
 
@@ -699,11 +845,17 @@ def _relational(
         b.defaults[attr] = rest
     primary = b.add(held=comp)
     r, c = divmod(primary.region, g)
-    directions = [d for d, ((dr, dc), _) in _DIRECTIONS.items() if 0 <= r - dr < g and 0 <= c - dc < g]
+    directions = [
+        d for d, ((dr, dc), _) in _DIRECTIONS.items() if 0 <= r - dr < g and 0 <= c - dc < g
+    ]
     directions = [directions[i] for i in rng.permutation(len(directions))]
     # When held pairs leave no neighbour a shape of its own, fall back to the
     # superlative the target's attributes already allow.
-    kinds = [kind] if kind != "shape" else [kind, "darkest" if primary.intensity == "bright" else "brightest"]
+    kinds = (
+        [kind]
+        if kind != "shape"
+        else [kind, "darkest" if primary.intensity == "bright" else "brightest"]
+    )
     anchor = None
     for kind in kinds:
         if kind != "shape":
@@ -713,7 +865,9 @@ def _relational(
             (dr, dc), phrase = _DIRECTIONS[direction]
             anchor_region = (r - dr) * g + (c - dc)
             if kind == "shape":
-                anchor = b.add(region=anchor_region, shapes=[s for s in SHAPES if s != primary.shape])
+                anchor = b.add(
+                    region=anchor_region, shapes=[s for s in SHAPES if s != primary.shape]
+                )
             else:
                 anchor = b.add(region=anchor_region, **{attr: mine})
             if anchor is not None:
@@ -791,8 +945,14 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
         dataset=DATASET, split="describe", images=[image_name(scene.split, scene.index)],
         modality=scene.modality, organ=MODALITIES[scene.modality],
     )  # fmt: skip
-    meta = {"level": cfg.level, "n_lesions": len(scene.lesions), "lesions": [les.to_meta(names) for les in scene.lesions]}
-    answer = "; ".join(f"{names[les.region]}: {les.size} {les.intensity} {les.shape}" for les in scene.lesions)
+    meta = {
+        "level": cfg.level,
+        "n_lesions": len(scene.lesions),
+        "lesions": [les.to_meta(names) for les in scene.lesions],
+    }
+    answer = "; ".join(
+        f"{names[les.region]}: {les.size} {les.intensity} {les.shape}" for les in scene.lesions
+    )
     describe = VQASample(
         id=f"{DATASET}-describe-{scene.split}-{scene.index:06d}",
         question="Describe the lesions.",
@@ -829,7 +989,11 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
     else:
         target = int(rng.integers(len(scene.lesions)))
         les = scene.lesions[target]
-        region, answer, rois = les.region, f"{les.size} {les.intensity} {les.shape}", [_described_roi(les)]
+        region, answer, rois = (
+            les.region,
+            f"{les.size} {les.intensity} {les.shape}",
+            [_described_roi(les)],
+        )
     inspect = VQASample(
         id=f"{DATASET}-inspect-{scene.split}-{scene.index:06d}",
         question=f"What is in the {names[region]} region?",
@@ -858,12 +1022,18 @@ def render(cfg: SynthConfig, scene: Scene, *, lesions: bool = True) -> np.ndarra
         if lesions:
             paint_lesion(img, geom, sign * les.contrast, les.texture == "mottled", paint_rng)
     if cfg.noise > 0:
-        img += cfg.noise * _rng(cfg, scene.split, scene.index, 4).standard_normal(img.shape, dtype=np.float32)
+        img += cfg.noise * _rng(cfg, scene.split, scene.index, 4).standard_normal(
+            img.shape, dtype=np.float32
+        )
     return to_uint8(img)
 
 
 def generate_samples(
-    cfg: SynthConfig, split: str = "train", indices: Iterable[int] | None = None, *, render_images: bool = True
+    cfg: SynthConfig,
+    split: str = "train",
+    indices: Iterable[int] | None = None,
+    *,
+    render_images: bool = True,
 ) -> list[SynthItem]:
     """Records of `split` (all of them, or `indices`) in memory, with their scenes and pixels."""
     if indices is None:
@@ -881,7 +1051,9 @@ def _chunk(args: tuple[SynthConfig, str, str, int, int]) -> tuple[list[VQASample
     records, stage0 = [], []
     for i in range(start, stop):
         sample, scene = make_sample(cfg, split, i)
-        Image.fromarray(render(cfg, scene)).save(Path(out_dir) / image_name(split, i), compress_level=1)
+        Image.fromarray(render(cfg, scene)).save(
+            Path(out_dir) / image_name(split, i), compress_level=1
+        )
         records.append(sample)
         if split == "train" and cfg.describe:
             stage0.extend(stage0_samples(cfg, scene))
@@ -889,7 +1061,12 @@ def _chunk(args: tuple[SynthConfig, str, str, int, int]) -> tuple[list[VQASample
 
 
 def generate(
-    cfg: SynthConfig, out_dir: str | Path, *, workers: int | None = None, progress: bool = False, chunk: int = 250
+    cfg: SynthConfig,
+    out_dir: str | Path,
+    *,
+    workers: int | None = None,
+    progress: bool = False,
+    chunk: int = 250,
 ) -> dict[str, Path]:
     """Write `images/*.png`, one JSONL per split, `describe.jsonl` and `manifest.json` under `out_dir`.
 
@@ -900,7 +1077,11 @@ def generate(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = cfg.split_counts()
-    jobs = [(cfg, str(out), s, a, min(a + chunk, k)) for s, k in counts.items() for a in range(0, k, chunk)]
+    jobs = [
+        (cfg, str(out), s, a, min(a + chunk, k))
+        for s, k in counts.items()
+        for a in range(0, k, chunk)
+    ]
     if workers is None:
         workers = 1 if cfg.n < 1000 else max(1, min(2, os.cpu_count() or 1))
     records: dict[str, list[VQASample]] = {s: [] for s in counts}
@@ -916,14 +1097,24 @@ def generate(
         if workers <= 1 or len(jobs) <= 1:
             collect(map(_chunk, jobs), advance)
         else:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            ctx = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            )
             with ctx.Pool(workers) as pool:
                 collect(pool.imap(_chunk, jobs), advance)
 
     if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        with Progress(
+            TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        ) as bar:
             task = bar.add_task("images", total=cfg.n)
             run(lambda k: bar.advance(task, k))
     else:
@@ -943,7 +1134,9 @@ def generate(
     return paths
 
 
-def build_manifest(cfg: SynthConfig, records: dict[str, list[VQASample]], stage0: list[VQASample]) -> dict[str, Any]:
+def build_manifest(
+    cfg: SynthConfig, records: dict[str, list[VQASample]], stage0: list[VQASample]
+) -> dict[str, Any]:
     """Config, counts by split and question type, lesion-count histogram, held pairs and regions."""
     names = cfg.region_names()
     counts: dict[str, Any] = {}
@@ -953,7 +1146,9 @@ def build_manifest(cfg: SynthConfig, records: dict[str, list[VQASample]], stage0
         counts[split] = {
             "total": len(recs),
             "by_question_type": dict(sorted(Counter(r.question_type for r in recs).items())),
-            "by_n_lesions": {str(k): v for k, v in sorted(Counter(r.meta["n_lesions"] for r in recs).items())},
+            "by_n_lesions": {
+                str(k): v for k, v in sorted(Counter(r.meta["n_lesions"] for r in recs).items())
+            },
         }
     return {
         "dataset": DATASET,
@@ -979,7 +1174,9 @@ def parse_weights(text: str, known: Sequence[str], what: str) -> dict[str, float
         try:
             out[name] = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"bad weight {weight!r} for {what} {name!r}: expected a number") from None
+            raise ValueError(
+                f"bad weight {weight!r} for {what} {name!r}: expected a number"
+            ) from None
     if not out:
         raise ValueError(f"no {what} given")
     return out

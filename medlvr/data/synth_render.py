@@ -27,6 +27,7 @@ def gaussian_filter(image: np.ndarray, sigma: float) -> np.ndarray:
 
     return blur(image, sigma)
 
+
 TOKEN_PX = 28
 """Pixels covered by one Qwen2.5-VL visual token after the 2x2 merge (patch 14)."""
 
@@ -99,7 +100,9 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c)
 
 
-def _ellipse(size: int, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0) -> np.ndarray:
+def _ellipse(
+    size: int, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0
+) -> np.ndarray:
     """Normalised squared radius of an (optionally rotated) ellipse: < 1 inside. [size, size]"""
     x, y = _grid(size)
     dx, dy = x - cx, y - cy
@@ -117,7 +120,9 @@ def _soft(r2: np.ndarray, edge: float = 0.08) -> np.ndarray:
 def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Band-limited noise, about `cells` blobs across, roughly in [-1, 1]. [size, size]"""
     coarse = rng.standard_normal((cells + 3, cells + 3)).astype(np.float32)
-    img = Image.fromarray(coarse).resize((size + 2 * size // cells, size + 2 * size // cells), Image.BICUBIC)
+    img = Image.fromarray(coarse).resize(
+        (size + 2 * size // cells, size + 2 * size // cells), Image.BICUBIC
+    )
     off = size // cells
     return np.asarray(img, dtype=np.float32)[off : off + size, off : off + size] / 1.5
 
@@ -154,7 +159,9 @@ def _chest_xray(rng: np.random.Generator, size: int) -> np.ndarray:
     j = rng.uniform(-0.03, 0.03, size=4)
     img = 0.25 + 0.45 * _soft(_ellipse(size, 0.5, 0.6, 0.56, 0.62), 0.3)
     for side in (-1, 1):  # lung fields: dark
-        img -= 0.32 * _soft(_ellipse(size, 0.5 + side * (0.2 + j[0]), 0.47 + j[1], 0.17, 0.34, side * 0.12), 0.4)
+        img -= 0.32 * _soft(
+            _ellipse(size, 0.5 + side * (0.2 + j[0]), 0.47 + j[1], 0.17, 0.34, side * 0.12), 0.4
+        )
     img += 0.25 * _soft(_ellipse(size, 0.55 + j[2], 0.66 + j[3], 0.13, 0.17), 0.5)  # heart
     x, y = _grid(size)
     img += 0.15 * np.exp(-(((x - 0.5) / 0.05) ** 2))  # spine
@@ -164,9 +171,17 @@ def _chest_xray(rng: np.random.Generator, size: int) -> np.ndarray:
     for k in range(7):
         y0 = (0.16 + 0.1 * k + j[1]) * size
         for side in (-1, 1):
-            pts = [((0.5 + side * t) * size, y0 + (0.12 * t - 0.35 * t * t) * size * -1 + 0.05 * size * t) for t in np.linspace(0.05, 0.45, 9)]
+            pts = [
+                (
+                    (0.5 + side * t) * size,
+                    y0 + (0.12 * t - 0.35 * t * t) * size * -1 + 0.05 * size * t,
+                )
+                for t in np.linspace(0.05, 0.45, 9)
+            ]
             draw.line(pts, fill=255, width=width)
-    draw.line([(0.12 * size, 0.14 * size), (0.45 * size, 0.2 * size)], fill=255, width=width + 1)  # clavicles
+    draw.line(
+        [(0.12 * size, 0.14 * size), (0.45 * size, 0.2 * size)], fill=255, width=width + 1
+    )  # clavicles
     draw.line([(0.88 * size, 0.14 * size), (0.55 * size, 0.2 * size)], fill=255, width=width + 1)
     img += 0.12 * gaussian_filter(np.asarray(ribs, dtype=np.float32) / 255.0, 1.0)
     return img
@@ -176,11 +191,15 @@ def _brain_mri(rng: np.random.Generator, size: int) -> np.ndarray:
     j = rng.uniform(-0.02, 0.02, size=3)
     head = _ellipse(size, 0.5 + j[0], 0.5 + j[1], 0.46, 0.49)
     brain = _ellipse(size, 0.5 + j[0], 0.5 + j[1], 0.4, 0.43)
-    img = 0.08 + 0.55 * _soft(head, 0.05) - 0.35 * _soft(brain, 0.05) * (1 - _soft(brain, 0.5))  # skull, CSF rim
+    img = (
+        0.08 + 0.55 * _soft(head, 0.05) - 0.35 * _soft(brain, 0.05) * (1 - _soft(brain, 0.5))
+    )  # skull, CSF rim
     gyri = smooth_noise(rng, size, 14)
     img += _soft(brain, 0.2) * (0.1 + 0.12 * np.tanh(3 * gyri))  # grey/white matter
     for side in (-1, 1):  # ventricles
-        img -= 0.3 * _soft(_ellipse(size, 0.5 + side * 0.06 + j[0], 0.48 + j[2], 0.045, 0.14, side * 0.35), 0.4)
+        img -= 0.3 * _soft(
+            _ellipse(size, 0.5 + side * 0.06 + j[0], 0.48 + j[2], 0.045, 0.14, side * 0.35), 0.4
+        )
     return img
 
 
@@ -191,7 +210,9 @@ def _ct(rng: np.random.Generator, size: int) -> np.ndarray:
     img += 0.12 * _soft(_ellipse(size, 0.33 + j[1], 0.45, 0.17, 0.2, 0.3), 0.2)  # liver
     img += 0.06 * _soft(_ellipse(size, 0.66 + j[2], 0.42, 0.1, 0.09), 0.3)  # spleen
     for side in (-1, 1):
-        img += 0.14 * _soft(_ellipse(size, 0.5 + side * 0.17, 0.66 + j[3], 0.05, 0.08, side * 0.4), 0.3)  # kidneys
+        img += 0.14 * _soft(
+            _ellipse(size, 0.5 + side * 0.17, 0.66 + j[3], 0.05, 0.08, side * 0.4), 0.3
+        )  # kidneys
     img += 0.5 * _soft(_ellipse(size, 0.5, 0.8 + j[0], 0.06, 0.055), 0.3)  # vertebral body
     img += 0.4 * _soft(_ellipse(size, 0.5, 0.88 + j[0], 0.02, 0.04), 0.3)  # spinous process
     gas = smooth_noise(rng, size, 10)
@@ -216,7 +237,11 @@ def _fundus(rng: np.random.Generator, size: int) -> np.ndarray:
             angle += rng.uniform(-0.25, 0.25)
             x, y = x + np.cos(angle) * size * 0.06, y + np.sin(angle) * size * 0.06
         draw.line(pts, fill=255, width=max(size // 60, 2))
-    img -= 0.18 * gaussian_filter(np.asarray(vessels, dtype=np.float32) / 255.0, 0.7) * _soft(retina, 0.04)
+    img -= (
+        0.18
+        * gaussian_filter(np.asarray(vessels, dtype=np.float32) / 255.0, 0.7)
+        * _soft(retina, 0.04)
+    )
     return img
 
 
@@ -253,7 +278,9 @@ def _draw_anatomy(rng: np.random.Generator, modality: str, size: int) -> np.ndar
 @functools.lru_cache(maxsize=512)
 def _anatomy_variant(modality: str, size: int, variant: int) -> np.ndarray:
     """Anatomy drawing number `variant` of `modality`: a pure function of its arguments, cached per process."""
-    img = _draw_anatomy(np.random.default_rng([variant, list(_STYLES).index(modality), size]), modality, size)
+    img = _draw_anatomy(
+        np.random.default_rng([variant, list(_STYLES).index(modality), size]), modality, size
+    )
     img.setflags(write=False)
     return img
 

@@ -9,7 +9,9 @@ from medlvr.data.schema import RecordProblem, iter_jsonl, load_jsonl
 from medlvr.errors import ImageError
 
 
-def validate_file(path: str | Path, *, check_images: bool = True, decode_images: bool = True) -> list[RecordProblem]:
+def validate_file(
+    path: str | Path, *, check_images: bool = True, decode_images: bool = True
+) -> list[RecordProblem]:
     """All problems of `path`, sorted by line.
 
     Schema problems (malformed JSON, missing fields, a gold letter not among the
@@ -36,6 +38,10 @@ def validate_file(path: str | Path, *, check_images: bool = True, decode_images:
                     except ImageError as err:
                         verdict[image] = str(err)
                 if verdict[image] is not None:
-                    problems.append(RecordProblem(str(path), lineno, f"images.{i}", f"unreadable image: {verdict[image]}"))
+                    problems.append(
+                        RecordProblem(
+                            str(path), lineno, f"images.{i}", f"unreadable image: {verdict[image]}"
+                        )
+                    )
     problems.sort(key=lambda p: p.line)
     return problems

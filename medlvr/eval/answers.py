@@ -66,7 +66,15 @@ from typing import Any
 
 from medlvr.data.schema import VQASample
 
-__all__ = ["Parsed", "AnswerKey", "answer_key", "parse_answer", "normalize_text", "is_yes_no", "yes_no_question"]
+__all__ = [
+    "Parsed",
+    "AnswerKey",
+    "answer_key",
+    "parse_answer",
+    "normalize_text",
+    "is_yes_no",
+    "yes_no_question",
+]
 
 
 @dataclass(frozen=True)
@@ -121,18 +129,47 @@ def answer_key(sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey) -> A
     else:
         gold = f.get("answer")
     if gold is None:
-        raise ValueError("the fields need `gold`, or `answer` (and `answer_letter` for choice questions)")
+        raise ValueError(
+            "the fields need `gold`, or `answer` (and `answer_letter` for choice questions)"
+        )
     options = {str(k).strip().upper(): str(v) for k, v in (f.get("options") or {}).items()}
     return AnswerKey(answer_type, str(gold).strip(), options)
 
 
 # --------------------------------------------------------------------------- normalisation
 
-_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-          "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-          "nineteen"]
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
-         "ninety": 90}
+_UNITS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = {
+    "twenty": 20,
+    "thirty": 30,
+    "forty": 40,
+    "fifty": 50,
+    "sixty": 60,
+    "seventy": 70,
+    "eighty": 80,
+    "ninety": 90,
+}
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(_UNITS)} | {w: str(v) for w, v in _TENS.items()}
 _COMPOUND = re.compile(r"\b(" + "|".join(_TENS) + r")[\s-]+(" + "|".join(_UNITS[1:10]) + r")\b")
 _ARTICLES = {"a", "an", "the"}
@@ -226,9 +263,9 @@ def _extract_span(response: str) -> tuple[str, str]:
     for last_open in _OPEN_TAG.finditer(text):
         pass
     if last_open is not None:
-        closed_after = re.search(r"</answer>", text[last_open.end():], re.IGNORECASE)
+        closed_after = re.search(r"</answer>", text[last_open.end() :], re.IGNORECASE)
         if closed_after is None:  # truncated generation inside the final tag
-            return "tag", text[last_open.end():].strip()
+            return "tag", text[last_open.end() :].strip()
     if tags:
         return "tag", tags[-1].strip()
     parts = _THINK_END.split(text)
@@ -238,7 +275,7 @@ def _extract_span(response: str) -> tuple[str, str]:
         return "boxed", boxed.strip()
     markers = list(_MARKER.finditer(text))
     if markers:
-        rest = text[markers[-1].end():].lstrip()
+        rest = text[markers[-1].end() :].lstrip()
         return "marker", rest.split("\n", 1)[0].strip()
     return "full", text.strip()
 
@@ -246,12 +283,41 @@ def _extract_span(response: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- choice letters
 
 _DECOR = " \t\r\n*_`'\"“”‘’"
-_BARE_LETTER = re.compile(r"^(?:option|choice)?\s*[\(\[]?\s*([A-Ja-j])\s*[\)\]]?\s*[.:)]?$", re.IGNORECASE)
+_BARE_LETTER = re.compile(
+    r"^(?:option|choice)?\s*[\(\[]?\s*([A-Ja-j])\s*[\)\]]?\s*[.:)]?$", re.IGNORECASE
+)
 _LEADING_LETTER = re.compile(r"^(?:[\(\[]([A-Ja-j])[\)\]]|([A-Ja-j])[.:)])\s*(.+)$", re.DOTALL)
 # Words after which a capital "A" is a letter, not the article ("A and B", "A is correct").
-_AFTER_LETTER = {"and", "or", "nor", "is", "was", "are", "seems", "appears", "looks", "would", "could",
-                 "should", "must", "might", "because", "since", "as", "vs", "versus", "then", "than",
-                 "best", "fits", "matches", "corresponds", "remains", "through", "to"}
+_AFTER_LETTER = {
+    "and",
+    "or",
+    "nor",
+    "is",
+    "was",
+    "are",
+    "seems",
+    "appears",
+    "looks",
+    "would",
+    "could",
+    "should",
+    "must",
+    "might",
+    "because",
+    "since",
+    "as",
+    "vs",
+    "versus",
+    "then",
+    "than",
+    "best",
+    "fits",
+    "matches",
+    "corresponds",
+    "remains",
+    "through",
+    "to",
+}
 _CAPITAL = re.compile(r"(?<![\w\-'’.])([A-J])(?![\w\-'’])(?!\.\w)")
 _PAREN_LOWER = re.compile(r"[\(\[]([a-j])[\)\]]")
 _NAMED = re.compile(r"\b(?:option|choice)\s*[\(\[]?([A-Ja-j])(?![\w\-'’])", re.IGNORECASE)
@@ -263,7 +329,7 @@ def _letters_in(span: str, options: Mapping[str, str]) -> set[str]:
     for m in _CAPITAL.finditer(span):
         letter = m.group(1)
         if letter == "A":
-            nxt = re.match(r" ([a-z0-9][\w-]*)", span[m.end():])
+            nxt = re.match(r" ([a-z0-9][\w-]*)", span[m.end() :])
             if nxt and nxt.group(1) not in _AFTER_LETTER:
                 continue  # the article: "A mass is seen"
         found.add(letter)
@@ -321,7 +387,9 @@ _YES = re.compile(r"\byes\b", re.IGNORECASE)
 _NO = re.compile(r"\bno\b", re.IGNORECASE)
 
 
-def parse_answer(response: str, sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey) -> Parsed:
+def parse_answer(
+    response: str, sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey
+) -> Parsed:
     """Read a model response as an answer to a question; see the module docstring for the rules.
 
     `sample_or_fields` is a `VQASample`, an `AnswerKey` or a mapping (see

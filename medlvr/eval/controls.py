@@ -32,8 +32,16 @@ from PIL import Image
 
 from medlvr.data.schema import VQASample
 
-__all__ = ["IMAGE_CONTROLS", "REAL", "GREY", "condition_of", "order_conditions", "blank_like", "shuffle_donors",
-           "kept_own"]
+__all__ = [
+    "IMAGE_CONTROLS",
+    "REAL",
+    "GREY",
+    "condition_of",
+    "order_conditions",
+    "blank_like",
+    "shuffle_donors",
+    "kept_own",
+]
 
 REAL = "none"
 IMAGE_CONTROLS: tuple[str, ...] = (REAL, "blank", "shuffled", "question-only")

@@ -61,8 +61,15 @@ from PIL import Image
 from medlvr.data.prompts import Reasoning, question_text
 from medlvr.data.schema import VQASample, load_jsonl
 from medlvr.errors import MedlvrError
-from medlvr.eval.controls import IMAGE_CONTROLS, REAL, blank_like, condition_of, kept_own, order_conditions, \
-    shuffle_donors
+from medlvr.eval.controls import (
+    IMAGE_CONTROLS,
+    REAL,
+    blank_like,
+    condition_of,
+    kept_own,
+    order_conditions,
+    shuffle_donors,
+)
 from medlvr.eval.metrics import prediction_row
 from medlvr.eval.report import PREDICTIONS_FILE, write_report
 from medlvr.rundir import holds_run_folder
@@ -97,7 +104,9 @@ class Generated:
     n_tokens: int | None = None
 
 
-Predictor = Callable[[Sequence[VQASample], Sequence[Sequence[Image.Image]], int], Sequence["str | Generated"]]
+Predictor = Callable[
+    [Sequence[VQASample], Sequence[Sequence[Image.Image]], int], Sequence["str | Generated"]
+]
 """`predictor(samples, images, latent_steps) -> one response per sample` (a str or a `Generated`).
 
 `images[i]` are the loaded images of `samples[i]`, in order. A model is
@@ -128,7 +137,8 @@ def _parse_list(text: Any, convert: Callable[[Any], Any], what: str) -> list[Any
 
 
 def parse_latent_steps(text: str | int | Sequence[int] | None) -> list[int] | None:
-    """"0,2,4,8" -> [0, 2, 4, 8] (order kept, duplicates dropped); None stays None."""
+    """ "0,2,4,8" -> [0, 2, 4, 8] (order kept, duplicates dropped); None stays None."""
+
     def step(item: Any) -> int:
         try:
             k = int(item)
@@ -142,10 +152,13 @@ def parse_latent_steps(text: str | int | Sequence[int] | None) -> list[int] | No
 
 
 def parse_image_controls(text: str | Sequence[str] | None) -> list[str]:
-    """"none,blank" -> ["none", "blank"] (order kept, duplicates dropped); None -> ["none"]."""
+    """ "none,blank" -> ["none", "blank"] (order kept, duplicates dropped); None -> ["none"]."""
+
     def control(item: Any) -> str:
         if str(item).strip() not in IMAGE_CONTROLS:
-            raise MedlvrError(f"image control must be one of {', '.join(IMAGE_CONTROLS)}, got {item!r}")
+            raise MedlvrError(
+                f"image control must be one of {', '.join(IMAGE_CONTROLS)}, got {item!r}"
+            )
         return str(item).strip()
 
     return [REAL] if text is None else _parse_list(text, control, "image control")
@@ -159,10 +172,16 @@ class ModelPredictor:
 
         self.vlm = vlm
         self.max_new_tokens = max_new_tokens
-        self.collate = VQACollator(vlm.processor, vlm.adapter, reasoning=reasoning, with_answers=False, with_rois=False)
+        self.collate = VQACollator(
+            vlm.processor, vlm.adapter, reasoning=reasoning, with_answers=False, with_rois=False
+        )
 
-    def __call__(self, samples: Sequence[VQASample], images: Sequence[Sequence[Image.Image]],
-                 latent_steps: int) -> list[Generated]:
+    def __call__(
+        self,
+        samples: Sequence[VQASample],
+        images: Sequence[Sequence[Image.Image]],
+        latent_steps: int,
+    ) -> list[Generated]:
         import torch
 
         batch = self.collate(list(samples), images=[list(imgs) for imgs in images])
@@ -208,8 +227,10 @@ def load_samples(paths: Sequence[str | Path], limit: int | None = None) -> list[
     for path in paths:
         for s in load_jsonl(path, check_images=False).samples:
             if s.id in seen:
-                raise MedlvrError(f"duplicate question id {s.id!r} in {path} (also in {seen[s.id]}): "
-                                  "ids must be unique over all data files")
+                raise MedlvrError(
+                    f"duplicate question id {s.id!r} in {path} (also in {seen[s.id]}): "
+                    "ids must be unique over all data files"
+                )
             seen[s.id] = str(path)
             samples.append(s)
     if limit is not None:
@@ -219,7 +240,9 @@ def load_samples(paths: Sequence[str | Path], limit: int | None = None) -> list[
     return samples
 
 
-def sort_for_batching(samples: Iterable[VQASample], reasoning: Reasoning = "direct") -> list[VQASample]:
+def sort_for_batching(
+    samples: Iterable[VQASample], reasoning: Reasoning = "direct"
+) -> list[VQASample]:
     """Sorted by (number of images, prompt length in characters, id): similar lengths share a batch."""
     return sorted(samples, key=lambda s: (len(s.images), len(question_text(s, reasoning)), s.id))
 
@@ -230,7 +253,9 @@ def _default_loader(path: str) -> Image.Image:
     return load_image(path)
 
 
-def _load_images(sample: VQASample, loader: Callable[[str], Image.Image]) -> tuple[list[Image.Image], str | None]:
+def _load_images(
+    sample: VQASample, loader: Callable[[str], Image.Image]
+) -> tuple[list[Image.Image], str | None]:
     """(images, None), or ([], reason) when one is missing or unreadable."""
     images = []
     for path in sample.images:
@@ -277,7 +302,11 @@ Key = tuple[str, int, str]
 
 
 def _key(row: Mapping[str, Any]) -> Key:
-    return str(row["id"]), int(row["latent_steps"] if row.get("latent_steps") is not None else 0), condition_of(row)
+    return (
+        str(row["id"]),
+        int(row["latent_steps"] if row.get("latent_steps") is not None else 0),
+        condition_of(row),
+    )
 
 
 def _done_keys(out: Path) -> set[Key]:
@@ -318,9 +347,13 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool
     group = dist.is_available() and dist.is_initialized()
     if group:
         g_rank, g_world = dist.get_rank(), dist.get_world_size()
-        if (rank is not None and rank != g_rank) or (world_size is not None and world_size != g_world):
-            raise MedlvrError(f"rank/world_size {rank}/{world_size} disagree with the process group "
-                              f"{g_rank}/{g_world}")
+        if (rank is not None and rank != g_rank) or (
+            world_size is not None and world_size != g_world
+        ):
+            raise MedlvrError(
+                f"rank/world_size {rank}/{world_size} disagree with the process group "
+                f"{g_rank}/{g_world}"
+            )
         return g_rank, g_world, True
     rank = 0 if rank is None else rank
     world_size = 1 if world_size is None else world_size
@@ -350,22 +383,33 @@ def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
         for key in ("model", "reasoning", "control_seed"):
             if key == "model" and (old.get(key) is None or settings.get(key) is None):
                 continue  # an in-memory model or a predictor has no identity to check
-            if key == "control_seed" and not ("shuffled" in old_controls and "shuffled" in settings["image_controls"]):
+            if key == "control_seed" and not (
+                "shuffled" in old_controls and "shuffled" in settings["image_controls"]
+            ):
                 continue  # the seed only makes the shuffled rows
             if old.get(key) != settings.get(key):
-                raise MedlvrError(f"{out} holds a run with {key}={old.get(key)!r}, not {settings.get(key)!r}: "
-                                  "use another --out")
-        settings = {**old, **settings,
-                    "latent_steps": sorted(set(old.get("latent_steps", [])) | set(settings["latent_steps"])),
-                    "image_controls": order_conditions([*old_controls, *settings["image_controls"]]),
-                    "data": list(dict.fromkeys([*old.get("data", []), *settings["data"]]))}
+                raise MedlvrError(
+                    f"{out} holds a run with {key}={old.get(key)!r}, not {settings.get(key)!r}: "
+                    "use another --out"
+                )
+        settings = {
+            **old,
+            **settings,
+            "latent_steps": sorted(
+                set(old.get("latent_steps", [])) | set(settings["latent_steps"])
+            ),
+            "image_controls": order_conditions([*old_controls, *settings["image_controls"]]),
+            "data": list(dict.fromkeys([*old.get("data", []), *settings["data"]])),
+        }
     if rank == 0:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         tmp.replace(path)
 
 
-@holds_run_folder(lambda args: args["out_dir"], "--out")  # a second run into the same folder is refused
+@holds_run_folder(
+    lambda args: args["out_dir"], "--out"
+)  # a second run into the same folder is refused
 def evaluate(
     data: Sequence[str | Path] | Sequence[VQASample],
     out_dir: str | Path,
@@ -418,7 +462,9 @@ def evaluate(
     conds = parse_image_controls(image_control)
     if reasoning in ("direct", "cot"):
         if latent_steps is not None and latent_steps != [0]:
-            raise MedlvrError(f"reasoning {reasoning} answers without latent steps (K=0); use --reasoning latent for K={latent_steps}")
+            raise MedlvrError(
+                f"reasoning {reasoning} answers without latent steps (K=0); use --reasoning latent for K={latent_steps}"
+            )
         latent_steps = [0]
     rank, world_size, synced = _dist_info(rank, world_size)
 
@@ -439,23 +485,37 @@ def evaluate(
         predictor = ModelPredictor(vlm, reasoning, max_new_tokens)
     if latent_steps is None:
         raise MedlvrError("reasoning latent with a predictor needs latent_steps")
-    if vlm is not None:  # before anything is written: a K the model cannot hold fails every question
+    if (
+        vlm is not None
+    ):  # before anything is written: a K the model cannot hold fails every question
         vlm.check_length(0, max(latent_steps), max_new_tokens)
     assert predictor is not None
     if explain and (vlm is None or max(latent_steps) < 1):
         raise MedlvrError("explanation metrics need a model and reasoning latent with K >= 1")
     if "question-only" in conds and vlm is not None and not vlm.adapter.text_only:
-        raise MedlvrError(f"backbone family {vlm.adapter.family} cannot answer without an image: "
-                          "drop question-only from the image controls")
+        raise MedlvrError(
+            f"backbone family {vlm.adapter.family} cannot answer without an image: "
+            "drop question-only from the image controls"
+        )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_run_file(out, {
-        "model": str(Path(model).resolve()) if model is not None else None,
-        "reasoning": reasoning, "latent_steps": latent_steps, "data": data_names, "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size, "limit": limit, "world_size": world_size,
-        "image_controls": conds, "control_seed": control_seed,
-    }, rank)
+    _check_run_file(
+        out,
+        {
+            "model": str(Path(model).resolve()) if model is not None else None,
+            "reasoning": reasoning,
+            "latent_steps": latent_steps,
+            "data": data_names,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "limit": limit,
+            "world_size": world_size,
+            "image_controls": conds,
+            "control_seed": control_seed,
+        },
+        rank,
+    )
 
     mine = sort_for_batching(samples, reasoning)[rank::world_size]  # this rank's strided slice
     shard = out / PREDICTIONS_FILE if world_size == 1 else _shard_file(out, rank)
@@ -470,28 +530,48 @@ def evaluate(
 
     n_new = n_err = 0
     t0 = time.perf_counter()
-    label = f"eval {reasoning} K={','.join(map(str, latent_steps))}" + ("" if conds == [REAL] else f" images={','.join(conds)}")
+    label = f"eval {reasoning} K={','.join(map(str, latent_steps))}" + (
+        "" if conds == [REAL] else f" images={','.join(conds)}"
+    )
     bar = _Bar(n_todo, enabled=progress and rank == 0, label=label)
     with shard.open("a", encoding="utf-8") as fh, bar:
         for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
+            chunk = pending[start : start + batch_size]
             for c, k in runs:
                 todo = [shown(s, c) for s in chunk if (s.id, k, c) not in done]
                 if not todo:
                     continue
-                rows = [prediction_row(s, None, latent_steps=k, error=v.error, reasoning=reasoning, **v.fields)
-                        for s, v in todo if v.error is not None]
+                rows = [
+                    prediction_row(
+                        s, None, latent_steps=k, error=v.error, reasoning=reasoning, **v.fields
+                    )
+                    for s, v in todo
+                    if v.error is not None
+                ]
                 good = [(s, v) for s, v in todo if v.error is None]
                 if good:
                     t = time.perf_counter()
-                    responses = list(predictor([v.sample for _, v in good], [v.images for _, v in good], k))
+                    responses = list(
+                        predictor([v.sample for _, v in good], [v.images for _, v in good], k)
+                    )
                     per_sample = (time.perf_counter() - t) / len(good)
                     if len(responses) != len(good):
-                        raise MedlvrError(f"the predictor returned {len(responses)} responses for {len(good)} questions")
+                        raise MedlvrError(
+                            f"the predictor returned {len(responses)} responses for {len(good)} questions"
+                        )
                     for (s, v), r in zip(good, responses):
                         g = r if isinstance(r, Generated) else Generated(str(r))
-                        rows.append(prediction_row(s, g.text, latent_steps=k, latency_s=per_sample,
-                                                   n_tokens=g.n_tokens, reasoning=reasoning, **v.fields))
+                        rows.append(
+                            prediction_row(
+                                s,
+                                g.text,
+                                latent_steps=k,
+                                latency_s=per_sample,
+                                n_tokens=g.n_tokens,
+                                reasoning=reasoning,
+                                **v.fields,
+                            )
+                        )
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 fh.flush()  # one batch on disk: a crash after this loses nothing of it
@@ -502,7 +582,9 @@ def evaluate(
             shown.forget()
     seconds = time.perf_counter() - t0
 
-    result = EvalResult(out, len(mine), n_new, n_skipped, n_err, seconds, n_new / seconds if seconds > 0 else 0.0)
+    result = EvalResult(
+        out, len(mine), n_new, n_skipped, n_err, seconds, n_new / seconds if seconds > 0 else 0.0
+    )
     if world_size > 1 and not synced:
         return result  # an unsynchronised shard: the caller merges once every shard is written
     _barrier(synced)
@@ -531,18 +613,27 @@ class _View:
 class _Shown:
     """The images of each question under each condition, loaded (and blanked) once per batch of questions."""
 
-    def __init__(self, samples: Sequence[VQASample], seed: int | None, load: Callable[[str], Image.Image],
-                 warn: bool):
+    def __init__(
+        self,
+        samples: Sequence[VQASample],
+        seed: int | None,
+        load: Callable[[str], Image.Image],
+        warn: bool,
+    ):
         self.load = load
         self.by_id = {s.id: s for s in samples}
         self.donors = shuffle_donors(samples, seed) if seed is not None else {}
         kept = kept_own(samples, self.donors)
         if kept and warn:
-            warnings.warn(f"image control shuffled: {len(kept)} question(s) still see an image of their own "
-                          f"(no other question of their image count has other images), e.g. {kept[0]}",
-                          stacklevel=3)
+            warnings.warn(
+                f"image control shuffled: {len(kept)} question(s) still see an image of their own "
+                f"(no other question of their image count has other images), e.g. {kept[0]}",
+                stacklevel=3,
+            )
         self.cache: dict[str, tuple[list[Image.Image], str | None]] = {}
-        self.views: dict[tuple[str, str], tuple[VQASample, _View]] = {}  # every K of a batch sees one view
+        self.views: dict[
+            tuple[str, str], tuple[VQASample, _View]
+        ] = {}  # every K of a batch sees one view
 
     def _images(self, s: VQASample) -> tuple[list[Image.Image], str | None]:
         if s.id not in self.cache:
@@ -567,15 +658,23 @@ class _Shown:
             donor = self.by_id[self.donors[s.id]]
             fields["images_from"] = donor.id
             images, err = self._images(donor)
-            return s, _View(s.model_copy(update={"images": list(donor.images), "rois": []}), images, err, fields)
+            return s, _View(
+                s.model_copy(update={"images": list(donor.images), "rois": []}), images, err, fields
+            )
         images, err = self._images(s)
         if condition == "blank":
             images = [blank_like(im) for im in images]
         return s, _View(s, images, err, fields)
 
 
-def _explain(vlm: Any, samples: Sequence[VQASample], latent_steps: Sequence[int], out: Path, batch_size: int,
-             load: Callable[[str], Image.Image]) -> dict[str, Any]:
+def _explain(
+    vlm: Any,
+    samples: Sequence[VQASample],
+    latent_steps: Sequence[int],
+    out: Path,
+    batch_size: int,
+    load: Callable[[str], Image.Image],
+) -> dict[str, Any]:
     """Evidence-map faithfulness per K on the questions with ROIs whose images load; saved as explain.json."""
     from medlvr.eval.report import EXPLAIN_FILE
     from medlvr.explain import explain_metrics
@@ -588,8 +687,13 @@ def _explain(vlm: Any, samples: Sequence[VQASample], latent_steps: Sequence[int]
                 kept.append(s)
                 images.append(imgs)
     if not kept:
-        raise MedlvrError("--explain-metrics: no question with an ROI and a readable image in the data")
-    result = {str(k): explain_metrics(vlm, kept, k, images=images, batch_size=batch_size) for k in latent_steps}
+        raise MedlvrError(
+            "--explain-metrics: no question with an ROI and a readable image in the data"
+        )
+    result = {
+        str(k): explain_metrics(vlm, kept, k, images=images, batch_size=batch_size)
+        for k in latent_steps
+    }
     tmp = out / (EXPLAIN_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmp.replace(out / EXPLAIN_FILE)
@@ -606,11 +710,21 @@ class _Bar:
 
     def __enter__(self) -> _Bar:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self.progress.start()
             self.task = self.progress.add_task(self.label, total=self.total, rate="")
@@ -633,4 +747,3 @@ def run_settings(out_dir: str | Path) -> dict[str, Any]:
     """The `run.json` of a run directory ({} when absent)."""
     path = Path(out_dir) / RUN_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-

@@ -147,10 +147,16 @@ def prediction_row(
         row.update(parsed=None, parse_how="error", correct=False, invalid=False, error=str(error))
     else:
         s = score(sample, response or "")
-        row.update(parsed=s.parsed.value, parse_how=s.parsed.how, correct=s.correct, invalid=s.invalid)
+        row.update(
+            parsed=s.parsed.value, parse_how=s.parsed.how, correct=s.correct, invalid=s.invalid
+        )
         if sample.answer_type == "open":
-            row.update(exact_match=s.exact_match, token_precision=s.token_precision,
-                       token_recall=s.token_recall, token_f1=s.token_f1)
+            row.update(
+                exact_match=s.exact_match,
+                token_precision=s.token_precision,
+                token_recall=s.token_recall,
+                token_f1=s.token_f1,
+            )
     row.update(extra)
     return row
 
@@ -178,8 +184,12 @@ def _open_tokens(row: Mapping[str, Any]) -> tuple[float, float, float, float]:
     if _has_error(row) or row.get("invalid"):
         return 0.0, 0.0, 0.0, 0.0
     if row.get("token_recall") is not None:
-        return (float(row.get("exact_match", row.get("correct", 0.0))), float(row.get("token_precision", 0.0)),
-                float(row["token_recall"]), float(row.get("token_f1", 0.0)))
+        return (
+            float(row.get("exact_match", row.get("correct", 0.0))),
+            float(row.get("token_precision", 0.0)),
+            float(row["token_recall"]),
+            float(row.get("token_f1", 0.0)),
+        )
     p, r, f = token_scores(str(row.get("parsed") or ""), str(row.get("gold") or ""))
     return float(bool(row.get("correct"))), p, r, f
 
@@ -194,9 +204,14 @@ def _metrics(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     by_type: dict[str, list[bool]] = defaultdict(list)
     for r, c in zip(rows, ok):
         by_type[str(r.get("answer_type", "")).strip().lower()].append(c)
-    opens = [_open_tokens(r) for r in rows if str(r.get("answer_type", "")).strip().lower() == "open"]
-    latencies = [float(r["latency_s"]) for r in rows
-                 if isinstance(r.get("latency_s"), (int, float)) and math.isfinite(r["latency_s"])]
+    opens = [
+        _open_tokens(r) for r in rows if str(r.get("answer_type", "")).strip().lower() == "open"
+    ]
+    latencies = [
+        float(r["latency_s"])
+        for r in rows
+        if isinstance(r.get("latency_s"), (int, float)) and math.isfinite(r["latency_s"])
+    ]
     tokens = [float(r["n_tokens"]) for r in rows if isinstance(r.get("n_tokens"), (int, float))]
     n_invalid = sum(1 for r in rows if r.get("invalid") and not _has_error(r))
     return {
@@ -226,8 +241,9 @@ def _group_key(value: Any) -> str:
     return str(value).strip()
 
 
-def _split(rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], Any]
-           ) -> dict[str, list[Mapping[str, Any]]]:
+def _split(
+    rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], Any]
+) -> dict[str, list[Mapping[str, Any]]]:
     """Rows by group name (`key(row)` as a string, `unknown` when missing), integers in numeric order."""
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -256,6 +272,7 @@ def _gap(real: list[Mapping[str, Any]], control: list[Mapping[str, Any]]) -> dic
     Paired, so a control run over part of the questions (or a half-finished
     one) is compared on those questions only. Overall, per dataset and per K.
     """
+
     def key(r: Mapping[str, Any]) -> tuple[str, str]:
         return str(r.get("id")), _group_key(_latent_steps(r))
 
@@ -269,9 +286,11 @@ def _gap(real: list[Mapping[str, Any]], control: list[Mapping[str, Any]]) -> dic
         acc_b = sum(_right(b[key(r)]) for r in rows) / len(rows)
         return {"n": len(rows), "real": acc_a, "control": acc_b, "delta": acc_a - acc_b}
 
-    return {"overall": one(both),
-            "by_dataset": {d: one(g) for d, g in _split(both, lambda r: r.get("dataset")).items()},
-            "by_latent_steps": {k: one(g) for k, g in _split(both, _latent_steps).items()}}
+    return {
+        "overall": one(both),
+        "by_dataset": {d: one(g) for d, g in _split(both, lambda r: r.get("dataset")).items()},
+        "by_latent_steps": {k: one(g) for k, g in _split(both, _latent_steps).items()},
+    }
 
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -314,7 +333,8 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         summary["by_image_control"] = {c: _metrics(by_cond[c]) for c in conds}
         summary["by_image_control_dataset"] = {c: _grouped(by_cond[c], "dataset") for c in conds}
         summary["by_image_control_latent_steps"] = {
-            c: {k: _metrics(g) for k, g in _split(by_cond[c], _latent_steps).items()} for c in conds}
+            c: {k: _metrics(g) for k, g in _split(by_cond[c], _latent_steps).items()} for c in conds
+        }
         if REAL in by_cond:
             gaps = {c: _gap(by_cond[REAL], by_cond[c]) for c in conds if c != REAL}
             summary["real_minus_control"] = {c: g["overall"] for c, g in gaps.items()}
@@ -322,7 +342,9 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 summary["image_dependence"] = gaps["blank"]
     if any(_field(r, "hops") is not None for r in rows):
         summary["by_image_control_latent_steps_hops"] = {
-            c: {k: _grouped(g, "hops") for k, g in _split(by_cond[c], _latent_steps).items()} for c in conds}
+            c: {k: _grouped(g, "hops") for k, g in _split(by_cond[c], _latent_steps).items()}
+            for c in conds
+        }
     return summary
 
 

@@ -86,9 +86,11 @@ _SECTIONS = [
     ("by_hops", "hops"),
     ("by_latent_steps", "latent steps K"),
 ]
-_CONTROL_LEGEND = (f"none = the real images; blank = each image replaced by one of the same size and mode, "
-                   f"every pixel grey {GREY}; shuffled = the images of another question (a fixed derangement, "
-                   "`control_seed` in run.json); question-only = no image and no image placeholder in the prompt.")
+_CONTROL_LEGEND = (
+    f"none = the real images; blank = each image replaced by one of the same size and mode, "
+    f"every pixel grey {GREY}; shuffled = the images of another question (a fixed derangement, "
+    "`control_seed` in run.json); question-only = no image and no image placeholder in the prompt."
+)
 
 
 # --------------------------------------------------------------------------- I/O
@@ -114,7 +116,9 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise MedlvrError(f"{path}:{lineno}: malformed JSON: {err.msg}") from None
             if not isinstance(row, dict) or "id" not in row:
-                raise MedlvrError(f"{path}:{lineno}: a prediction row must be an object with an `id`")
+                raise MedlvrError(
+                    f"{path}:{lineno}: a prediction row must be an object with an `id`"
+                )
             rows.append(row)
     return rows
 
@@ -140,8 +144,11 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:.1f}"
 
 
-def _table(groups: Mapping[str, Mapping[str, Any]], label: str,
-           extra: tuple[str, Mapping[str, str]] | None = None) -> list[str]:
+def _table(
+    groups: Mapping[str, Mapping[str, Any]],
+    label: str,
+    extra: tuple[str, Mapping[str, str]] | None = None,
+) -> list[str]:
     """A metrics table, one row per group; `extra` = (header, group -> cell) adds a last column."""
     head = [label] + [h for _, h, _ in _COLUMNS] + ([extra[0]] if extra else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -165,28 +172,49 @@ def _controls_markdown(summary: Mapping[str, Any]) -> list[str]:
     """The grounding-control section: every condition beside the real one, and the image dependence."""
     conds = summary["by_image_control"]
     gaps = summary.get("real_minus_control", {})
-    out = ["## Grounding controls", "", _CONTROL_LEGEND,
-           f"The tables above are over the `{summary['image_control_main']}` rows; "
-           "`real − control` is the accuracy with real images minus under the control, in points, "
-           "on the (question, K) both answered.", ""]
+    out = [
+        "## Grounding controls",
+        "",
+        _CONTROL_LEGEND,
+        f"The tables above are over the `{summary['image_control_main']}` rows; "
+        "`real − control` is the accuracy with real images minus under the control, in points, "
+        "on the (question, K) both answered.",
+        "",
+    ]
     dep = summary.get("image_dependence")
     if dep and dep["overall"]["n"]:
         o = dep["overall"]
-        out += [f"**Image dependence (real − blank): {_points(o['delta'])} points** "
-                f"(real {_fmt(o['real'], 'pct')}, blank {_fmt(o['control'], 'pct')}, n={o['n']}).", ""]
-    out += _table(conds, "images", ("real − control", {c: _gap_cell(g) for c, g in gaps.items()})) + [""]
+        out += [
+            f"**Image dependence (real − blank): {_points(o['delta'])} points** "
+            f"(real {_fmt(o['real'], 'pct')}, blank {_fmt(o['control'], 'pct')}, n={o['n']}).",
+            "",
+        ]
+    out += _table(
+        conds, "images", ("real − control", {c: _gap_cell(g) for c, g in gaps.items()})
+    ) + [""]
     per_k = summary.get("by_image_control_latent_steps", {})
     if any(len(v) > 1 for v in per_k.values()):
         cells = {f"{c}, K={k}": m for c, by_k in per_k.items() for k, m in by_k.items()}
         out += ["### By image condition and K", ""] + _table(cells, "images, K") + [""]
     if dep:
-        scopes = {**{f"dataset {d}": g for d, g in dep["by_dataset"].items()},
-                  **{f"K={k}": g for k, g in dep["by_latent_steps"].items()}}
-        if len(scopes) > 2:  # more than the one dataset and the one K, which repeat the overall line
-            out += ["### Image dependence by dataset and K", "", "| scope | n | real | blank | real − blank |",
-                    "|---|---|---|---|---|"]
-            out += [f"| {name} | {g['n']} | {_fmt(g['real'], 'pct')} | {_fmt(g['control'], 'pct')} | "
-                    f"{_points(g['delta'])} |" for name, g in scopes.items()]
+        scopes = {
+            **{f"dataset {d}": g for d, g in dep["by_dataset"].items()},
+            **{f"K={k}": g for k, g in dep["by_latent_steps"].items()},
+        }
+        if (
+            len(scopes) > 2
+        ):  # more than the one dataset and the one K, which repeat the overall line
+            out += [
+                "### Image dependence by dataset and K",
+                "",
+                "| scope | n | real | blank | real − blank |",
+                "|---|---|---|---|---|",
+            ]
+            out += [
+                f"| {name} | {g['n']} | {_fmt(g['real'], 'pct')} | {_fmt(g['control'], 'pct')} | "
+                f"{_points(g['delta'])} |"
+                for name, g in scopes.items()
+            ]
             out.append("")
     return out
 
@@ -208,20 +236,32 @@ def _hops_markdown(summary: Mapping[str, Any]) -> list[str]:
     if len(series) < 2:
         return []  # the single curve is the "By hops" table
     hops = list(dict.fromkeys(h for curve in series.values() for h in curve))
-    out = ["## Accuracy by hops, per condition and K", "", "Accuracy in % (n).", "",
-           "| hops | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
+    out = [
+        "## Accuracy by hops, per condition and K",
+        "",
+        "Accuracy in % (n).",
+        "",
+        "| hops | " + " | ".join(series) + " |",
+        "|---|" + "---|" * len(series),
+    ]
     for h in hops:
-        cells = [f"{_fmt(curve[h]['accuracy'], 'pct')} ({curve[h]['n']})" if h in curve else "–"
-                 for curve in series.values()]
+        cells = [
+            f"{_fmt(curve[h]['accuracy'], 'pct')} ({curve[h]['n']})" if h in curve else "–"
+            for curve in series.values()
+        ]
         out.append(f"| {h} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
-def _markdown(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str,
-              plots: Sequence[Path]) -> str:
+def _markdown(
+    summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str, plots: Sequence[Path]
+) -> str:
     out = [f"# {title}", ""]
-    out += ["Accuracies and rates in %. Invalid = unparseable answer (scored wrong); errors = rows whose "
-            "image or generation failed (scored wrong, not invalid). Token recall/F1 on open questions.", ""]
+    out += [
+        "Accuracies and rates in %. Invalid = unparseable answer (scored wrong); errors = rows whose "
+        "image or generation failed (scored wrong, not invalid). Token recall/F1 on open questions.",
+        "",
+    ]
     out += ["## Overall", ""] + _table({"all": summary["overall"]}, "scope") + [""]
     macro = summary.get("dataset_macro_accuracy")
     if macro is not None:
@@ -233,32 +273,54 @@ def _markdown(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], tit
     if summary.get("by_image_control"):
         out += _controls_markdown(summary)
     if summary.get("explain"):
-        out += ["## Evidence maps on questions with ROIs", "",
-                "Pointing game (peak inside an ROI) and ROI mass (share of the map inside the ROIs), in %; "
-                "`random` is a seeded random map, `chance` the expectation of a uniform one.", "",
-                "| K | n | map | pointing | ROI mass |", "|---|---|---|---|---|"]
+        out += [
+            "## Evidence maps on questions with ROIs",
+            "",
+            "Pointing game (peak inside an ROI) and ROI mass (share of the map inside the ROIs), in %; "
+            "`random` is a seeded random map, `chance` the expectation of a uniform one.",
+            "",
+            "| K | n | map | pointing | ROI mass |",
+            "|---|---|---|---|---|",
+        ]
         for k, m in summary["explain"].items():
             for name in ("similarity", "attention", "random", "chance"):
                 if isinstance(m.get(name), Mapping):
-                    out.append(f"| {k} | {m.get('n', '')} | {name} | {_fmt(m[name].get('pointing'), 'pct')} | "
-                               f"{_fmt(m[name].get('roi_mass'), 'pct')} |")
+                    out.append(
+                        f"| {k} | {m.get('n', '')} | {name} | {_fmt(m[name].get('pointing'), 'pct')} | "
+                        f"{_fmt(m[name].get('roi_mass'), 'pct')} |"
+                    )
         out.append("")
     if plots:
         out += ["## Plots", ""] + [f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in plots] + [""]
     invalid = [r for r in rows if r.get("invalid") and not r.get("error")]
     errors = [r for r in rows if r.get("error")]
     if invalid:
-        out += [f"## Invalid answers (first {min(10, len(invalid))} of {len(invalid)})", "",
-                "| id | K | rule | response |", "|---|---|---|---|"]
+        out += [
+            f"## Invalid answers (first {min(10, len(invalid))} of {len(invalid)})",
+            "",
+            "| id | K | rule | response |",
+            "|---|---|---|---|",
+        ]
         for r in invalid[:10]:
             resp = " ".join(str(r.get("response", "")).split())
             resp = (resp[:117] + "...") if len(resp) > 120 else resp
-            where = f"{r.get('latent_steps', '')}" + ("" if condition_of(r) == REAL else f" ({condition_of(r)})")
-            out.append(f"| {r['id']} | {where} | {r.get('parse_how', '')} | {resp.replace('|', chr(92) + '|')} |")
+            where = f"{r.get('latent_steps', '')}" + (
+                "" if condition_of(r) == REAL else f" ({condition_of(r)})"
+            )
+            out.append(
+                f"| {r['id']} | {where} | {r.get('parse_how', '')} | {resp.replace('|', chr(92) + '|')} |"
+            )
         out.append("")
     if errors:
-        out += [f"## Errors (first {min(10, len(errors))} of {len(errors)})", "", "| id | error |", "|---|---|"]
-        out += [f"| {r['id']} | {str(r['error']).replace('|', chr(92) + '|')} |" for r in errors[:10]]
+        out += [
+            f"## Errors (first {min(10, len(errors))} of {len(errors)})",
+            "",
+            "| id | error |",
+            "|---|---|",
+        ]
+        out += [
+            f"| {r['id']} | {str(r['error']).replace('|', chr(92) + '|')} |" for r in errors[:10]
+        ]
         out.append("")
     return "\n".join(out)
 
@@ -274,9 +336,16 @@ def _bar_plot(groups: Mapping[str, Mapping[str, Any]], title: str, path: Path) -
     ax = fig.add_subplot()
     bars = ax.bar(range(len(names)), acc, color="#4c72b0")
     for bar, n in zip(bars, names):
-        ax.annotate(f"n={groups[n]['n']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right", fontsize=8)
+        ax.annotate(
+            f"n={groups[n]['n']}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_xticks(
+        range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right", fontsize=8
+    )
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -292,14 +361,25 @@ def _k_plot(summary: Mapping[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(5, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(x, [100 * (by_k[k]["accuracy"] or 0.0) for k in latent_steps], marker="o", linewidth=2, label="all")
+    ax.plot(
+        x,
+        [100 * (by_k[k]["accuracy"] or 0.0) for k in latent_steps],
+        marker="o",
+        linewidth=2,
+        label="all",
+    )
     per_ds = summary.get("by_latent_steps_dataset", {})
     datasets = sorted({d for k in latent_steps for d in per_ds.get(k, {})})
     if len(datasets) > 1:
         for d in datasets:
-            pts = [(float(k), per_ds[k][d]["accuracy"]) for k in latent_steps
-                   if d in per_ds.get(k, {}) and per_ds[k][d]["accuracy"] is not None]
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", linestyle="--", label=d)
+            pts = [
+                (float(k), per_ds[k][d]["accuracy"])
+                for k in latent_steps
+                if d in per_ds.get(k, {}) and per_ds[k][d]["accuracy"] is not None
+            ]
+            ax.plot(
+                [p[0] for p in pts], [100 * p[1] for p in pts], marker=".", linestyle="--", label=d
+            )
     ax.set_xticks(x, latent_steps)
     return _save_lines(fig, ax, "latent budget K", "Accuracy against the latent budget", path)
 
@@ -323,9 +403,16 @@ def _hops_plot(summary: Mapping[str, Any], path: Path) -> Path:
     for label, curve in _hop_series(summary).items():
         pts = sorted((int(h), m["accuracy"]) for h, m in curve.items() if m["accuracy"] is not None)
         hops.update(h for h, _ in pts)
-        control = label.split(",")[0] in IMAGE_CONTROLS[1:]  # the controls dashed, the real images solid
-        ax.plot([h for h, _ in pts], [100 * a for _, a in pts], marker="o", linestyle="--" if control else "-",
-                label=label)
+        control = (
+            label.split(",")[0] in IMAGE_CONTROLS[1:]
+        )  # the controls dashed, the real images solid
+        ax.plot(
+            [h for h, _ in pts],
+            [100 * a for _, a in pts],
+            marker="o",
+            linestyle="--" if control else "-",
+            label=label,
+        )
     ax.set_xticks(sorted(hops))
     ax.set_ylim(0, 105)
     return _save_lines(fig, ax, "hops", "Accuracy against reasoning depth", path)
@@ -334,9 +421,14 @@ def _hops_plot(summary: Mapping[str, Any], path: Path) -> Path:
 def _plots(summary: Mapping[str, Any], plot_dir: Path) -> list[Path]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths = [
-        _bar_plot(summary["by_dataset"], "Accuracy per dataset", plot_dir / "accuracy_by_dataset.png"),
-        _bar_plot(summary["by_question_type"], "Accuracy per question type",
-                  plot_dir / "accuracy_by_question_type.png"),
+        _bar_plot(
+            summary["by_dataset"], "Accuracy per dataset", plot_dir / "accuracy_by_dataset.png"
+        ),
+        _bar_plot(
+            summary["by_question_type"],
+            "Accuracy per question type",
+            plot_dir / "accuracy_by_question_type.png",
+        ),
     ]
     if len([k for k in summary.get("by_latent_steps", {}) if k != "unknown"]) > 1:
         paths.append(_k_plot(summary, plot_dir / "accuracy_by_latent_steps.png"))
@@ -349,7 +441,10 @@ def _plots(summary: Mapping[str, Any], plot_dir: Path) -> list[Path]:
 
 
 def write_report(
-    run_dir: str | Path, rows: Iterable[Mapping[str, Any]] | None = None, *, title: str | None = None
+    run_dir: str | Path,
+    rows: Iterable[Mapping[str, Any]] | None = None,
+    *,
+    title: str | None = None,
 ) -> dict[str, Any]:
     """Write `summary.json`, `report.md` and `plots/*.png` into `run_dir`.
 
@@ -368,7 +463,9 @@ def write_report(
     _write_text(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     plots = _plots(summary, run_dir / PLOTS_DIR)
     report_path = run_dir / REPORT_FILE
-    _write_text(report_path, _markdown(summary, rows, title or f"Evaluation: {run_dir.name}", plots))
+    _write_text(
+        report_path, _markdown(summary, rows, title or f"Evaluation: {run_dir.name}", plots)
+    )
     return {"summary": summary_path, "report": report_path, "plots": plots, "data": summary}
 
 
@@ -384,7 +481,11 @@ def mcnemar_exact(wins: int, losses: int) -> float:
 
 
 def paired_bootstrap_ci(
-    a_correct: Sequence[bool], b_correct: Sequence[bool], *, n_boot: int = 10_000, seed: int = 0,
+    a_correct: Sequence[bool],
+    b_correct: Sequence[bool],
+    *,
+    n_boot: int = 10_000,
+    seed: int = 0,
     confidence: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of mean(b) - mean(a) over paired questions (see the module docstring)."""
@@ -407,10 +508,18 @@ PairKey = tuple[str, Any, Any]
 """(id, K or None, image condition or None): None where the runs are paired across that field."""
 
 
-def _index(rows: Sequence[Mapping[str, Any]], by_k: bool, by_c: bool) -> dict[PairKey, Mapping[str, Any]]:
+def _index(
+    rows: Sequence[Mapping[str, Any]], by_k: bool, by_c: bool
+) -> dict[PairKey, Mapping[str, Any]]:
     # A resumed run may repeat a question: the last row wins (it is the most recent answer).
-    return {(str(r["id"]), r.get("latent_steps") if by_k else None, condition_of(r) if by_c else None): r
-            for r in rows}
+    return {
+        (
+            str(r["id"]),
+            r.get("latent_steps") if by_k else None,
+            condition_of(r) if by_c else None,
+        ): r
+        for r in rows
+    }
 
 
 def _paired_on(a: set[Any], b: set[Any]) -> bool:
@@ -427,7 +536,11 @@ def _side_by_side(sa: Mapping[str, Any], sb: Mapping[str, Any]) -> dict[str, Any
         out = {}
         for key, _, _ in _COLUMNS:
             va, vb = (ma or {}).get(key), (mb or {}).get(key)
-            out[key] = {"a": va, "b": vb, "delta": (vb - va) if va is not None and vb is not None else None}
+            out[key] = {
+                "a": va,
+                "b": vb,
+                "delta": (vb - va) if va is not None and vb is not None else None,
+            }
         return out
 
     result: dict[str, Any] = {"overall": pair(sa["overall"], sb["overall"])}
@@ -439,8 +552,13 @@ def _side_by_side(sa: Mapping[str, Any], sb: Mapping[str, Any]) -> dict[str, Any
 
 
 def compare(
-    run_a_dir: str | Path, run_b_dir: str | Path, *, out_dir: str | Path | None = None, n_boot: int = 10_000,
-    seed: int = 0, confidence: float = 0.95,
+    run_a_dir: str | Path,
+    run_b_dir: str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Compare run B (candidate) against run A (baseline) on their `predictions.jsonl`.
 
@@ -459,7 +577,9 @@ def compare(
     also writes `compare.json` and `compare.md` there.
     """
     rows_a, rows_b = read_predictions(run_a_dir), read_predictions(run_b_dir)
-    by_k = _paired_on({r.get("latent_steps") for r in rows_a}, {r.get("latent_steps") for r in rows_b})
+    by_k = _paired_on(
+        {r.get("latent_steps") for r in rows_a}, {r.get("latent_steps") for r in rows_b}
+    )
     conds_a, conds_b = {condition_of(r) for r in rows_a}, {condition_of(r) for r in rows_b}
     by_c = _paired_on(conds_a, conds_b)
     ia, ib = _index(rows_a, by_k, by_c), _index(rows_b, by_k, by_c)
@@ -476,11 +596,16 @@ def compare(
         n = len(selected)
         low, high = paired_bootstrap_ci(a, b, n_boot=n_boot, seed=seed, confidence=confidence)
         return {
-            "n": n, "wins": wins, "losses": losses, "ties": n - wins - losses,
-            "acc_a": sum(a) / n if n else None, "acc_b": sum(b) / n if n else None,
+            "n": n,
+            "wins": wins,
+            "losses": losses,
+            "ties": n - wins - losses,
+            "acc_a": sum(a) / n if n else None,
+            "acc_b": sum(b) / n if n else None,
             "delta": (sum(b) - sum(a)) / n if n else None,
             "mcnemar_p": mcnemar_exact(wins, losses),
-            "ci": [low, high] if n else None, "confidence": confidence,  # no NaN in JSON
+            "ci": [low, high] if n else None,
+            "confidence": confidence,  # no NaN in JSON
         }
 
     datasets = sorted({str(ia[k].get("dataset")) for k in keys})
@@ -491,17 +616,25 @@ def compare(
     result = {
         "run_a": str(run_a_dir),
         "run_b": str(run_b_dir),
-        "matched_on": "+".join(["id"] + ["latent_steps"] * by_k + ["image_control"] * (by_c and bool(controls))),
+        "matched_on": "+".join(
+            ["id"] + ["latent_steps"] * by_k + ["image_control"] * (by_c and bool(controls))
+        ),
         "main_image_control": conds[0] if conds else None,
         "only_a": len(set(ia) - set(ib)),
         "only_b": len(set(ib) - set(ia)),
         "metrics": _side_by_side(sa, sb),
         "paired": paired(keys),
-        "paired_by_dataset": {d: paired([k for k in keys if str(ia[k].get("dataset")) == d]) for d in datasets},
-        "paired_by_image_control": {c: paired([k for k in common if k[2] == c]) for c in conds} if len(conds) > 1
+        "paired_by_dataset": {
+            d: paired([k for k in keys if str(ia[k].get("dataset")) == d]) for d in datasets
+        },
+        "paired_by_image_control": {c: paired([k for k in common if k[2] == c]) for c in conds}
+        if len(conds) > 1
         else {},
-        "image_dependence": {"a": dep_a, "b": dep_b,
-                             "delta": dep_b - dep_a if dep_a is not None and dep_b is not None else None},
+        "image_dependence": {
+            "a": dep_a,
+            "b": dep_b,
+            "delta": dep_b - dep_a if dep_a is not None and dep_b is not None else None,
+        },
         "won": [_pair_key(k) for k in won],
         "lost": [_pair_key(k) for k in lost],
         "bootstrap": {"n_boot": n_boot, "seed": seed},
@@ -509,7 +642,9 @@ def compare(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / COMPARE_JSON, json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n")
+        _write_text(
+            out / COMPARE_JSON, json.dumps(result, indent=2, ensure_ascii=False, default=str) + "\n"
+        )
         _write_text(out / COMPARE_MD, _compare_markdown(result))
     return result
 
@@ -521,7 +656,11 @@ def _pair_key(k: PairKey) -> dict[str, Any]:
 def pair_label(x: Mapping[str, Any]) -> str:
     """`id@K=2` / `id@K=2@blank` for a won/lost entry of `compare` (real images and unpaired fields unmarked)."""
     k, c = x.get("latent_steps"), x.get("image_control")
-    return str(x["id"]) + (f"@K={k}" if k is not None else "") + (f"@{c}" if c not in (None, REAL) else "")
+    return (
+        str(x["id"])
+        + (f"@K={k}" if k is not None else "")
+        + (f"@{c}" if c not in (None, REAL) else "")
+    )
 
 
 def _compare_markdown(c: Mapping[str, Any]) -> str:
@@ -535,20 +674,34 @@ def _compare_markdown(c: Mapping[str, Any]) -> str:
         return "–" if bounds is None else f"[{pct(bounds[0])}, {pct(bounds[1])}]"
 
     p = c["paired"]
-    out = [f"# Comparison: B = {c['run_b']} against A = {c['run_a']}", "",
-           f"Paired on {c['matched_on']}: {p['n']} questions in both runs ({c['only_a']} only in A, "
-           f"{c['only_b']} only in B).", "",
-           "| scope | n | acc A | acc B | delta | B wins | B losses | McNemar p | "
-           f"{int(100 * p['confidence'])}% CI of delta |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"# Comparison: B = {c['run_b']} against A = {c['run_a']}",
+        "",
+        f"Paired on {c['matched_on']}: {p['n']} questions in both runs ({c['only_a']} only in A, "
+        f"{c['only_b']} only in B).",
+        "",
+        "| scope | n | acc A | acc B | delta | B wins | B losses | McNemar p | "
+        f"{int(100 * p['confidence'])}% CI of delta |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     scopes = [("all", p)] + list(c["paired_by_dataset"].items())
     scopes += [(f"images={k}", v) for k, v in c.get("paired_by_image_control", {}).items()]
     for name, s in scopes:
-        out.append(f"| {name} | {s['n']} | {plain(s['acc_a'])} | {plain(s['acc_b'])} | {pct(s['delta'])} | "
-                   f"{s['wins']} | {s['losses']} | {s['mcnemar_p']:.4g} | {ci(s['ci'])} |")
-    out += ["", "## Metrics side by side (A / B / delta, in %)", "",
-            "| scope | acc | invalid | open token F1 |", "|---|---|---|---|"]
+        out.append(
+            f"| {name} | {s['n']} | {plain(s['acc_a'])} | {plain(s['acc_b'])} | {pct(s['delta'])} | "
+            f"{s['wins']} | {s['losses']} | {s['mcnemar_p']:.4g} | {ci(s['ci'])} |"
+        )
+    out += [
+        "",
+        "## Metrics side by side (A / B / delta, in %)",
+        "",
+        "| scope | acc | invalid | open token F1 |",
+        "|---|---|---|---|",
+    ]
     m = c["metrics"]
-    rows = [("all", m["overall"])] + [(f"dataset {k}", v) for k, v in m.get("by_dataset", {}).items()]
+    rows = [("all", m["overall"])] + [
+        (f"dataset {k}", v) for k, v in m.get("by_dataset", {}).items()
+    ]
     rows += [(f"K={k}", v) for k, v in m.get("by_latent_steps", {}).items()]
     rows += [(f"images={k}", v) for k, v in m.get("by_image_control", {}).items()]
     for name, v in rows:
@@ -558,8 +711,11 @@ def _compare_markdown(c: Mapping[str, Any]) -> str:
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     dep = c.get("image_dependence", {})
     if dep.get("a") is not None or dep.get("b") is not None:
-        out += ["", f"Image dependence (real − blank, points): A {pct(dep['a'])}, B {pct(dep['b'])}, "
-                    f"B − A {pct(dep['delta'])}."]
+        out += [
+            "",
+            f"Image dependence (real − blank, points): A {pct(dep['a'])}, B {pct(dep['b'])}, "
+            f"B − A {pct(dep['delta'])}.",
+        ]
     for label, items in (("B wins", c["won"]), ("B losses", c["lost"])):
         if items:
             shown = ", ".join(pair_label(x) for x in items[:30])

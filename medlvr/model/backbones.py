@@ -82,23 +82,31 @@ class TokenGrid:
 @functools.lru_cache(maxsize=256)
 def _raster_index(grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For `TokenGrid.raster`: (token, cell, weight) triples placing every block's cells on the grid."""
-    cy = grid.y0 + (torch.arange(grid.rows, dtype=torch.float64) + 0.5) * grid.cell_h  # [rows] cell centres, pixels
+    cy = (
+        grid.y0 + (torch.arange(grid.rows, dtype=torch.float64) + 0.5) * grid.cell_h
+    )  # [rows] cell centres, pixels
     cx = grid.x0 + (torch.arange(grid.cols, dtype=torch.float64) + 0.5) * grid.cell_w  # [cols]
     src, dst, weight = [], [], []
     offset = 0
     for block in grid.blocks:
         if block.blocks:
             raise MedlvrError("TokenGrid blocks cannot have blocks of their own")
-        br = torch.floor((cy - block.y0) / block.cell_h).long()  # [rows] block row under each grid row
+        br = torch.floor(
+            (cy - block.y0) / block.cell_h
+        ).long()  # [rows] block row under each grid row
         bc = torch.floor((cx - block.x0) / block.cell_w).long()  # [cols]
         rs = torch.nonzero((br >= 0) & (br < block.rows)).flatten()
         cs = torch.nonzero((bc >= 0) & (bc < block.cols)).flatten()
         cell = (rs[:, None] * grid.cols + cs[None, :]).flatten()  # grid cells inside the block
-        token = (br[rs][:, None] * block.cols + bc[cs][None, :]).flatten()  # the block cell over each
+        token = (
+            br[rs][:, None] * block.cols + bc[cs][None, :]
+        ).flatten()  # the block cell over each
         count = torch.bincount(token, minlength=block.n_tokens)  # [block tokens]
         if (count == 0).any():
             # A block cell over no grid-cell centre would drop its value: the grid must be the finest view.
-            raise MedlvrError(f"a {block.rows}x{block.cols} block has cells finer than its {grid.rows}x{grid.cols} grid")
+            raise MedlvrError(
+                f"a {block.rows}x{block.cols} block has cells finer than its {grid.rows}x{grid.cols} grid"
+            )
         src.append(offset + token)
         dst.append(cell)
         weight.append(1.0 / count[token].double())
@@ -119,7 +127,9 @@ class PrefixInputs:
     """The prompt as the backbone takes it, built once per batch by `BackboneAdapter.prefix_inputs`."""
 
     embeds: torch.Tensor  # [B, L, d] prompt input embeddings
-    visual: list[torch.Tensor]  # per image [n, d] post-projection visual tokens (with grad), prompt order
+    visual: list[
+        torch.Tensor
+    ]  # per image [n, d] post-projection visual tokens (with grad), prompt order
     # Extra forward arguments of every pass that covers the whole prompt (cached
     # prefill and uncached full passes; never the appended steps), e.g. Qwen3-VL's
     # encoder outputs, whose deepstack features the backbone adds at the image slots.
@@ -169,14 +179,18 @@ class BackboneAdapter(ABC):
         """Post-projection visual tokens, one `[n_tokens, d]` tensor per image, in prompt order."""
 
     @abstractmethod
-    def prefix_position_ids(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, PositionState]:
+    def prefix_position_ids(
+        self, model: PreTrainedModel, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, PositionState]:
         """Position ids of the (left-padded) prompt and the state appended positions continue from."""
 
     @abstractmethod
     def appended_position_ids(self, state: PositionState, length: int) -> torch.Tensor:
         """Position ids of `length` positions appended after the prefix (does not advance `state`)."""
 
-    def prefix_inputs(self, model: PreTrainedModel, batch: dict[str, Any], embeds: torch.Tensor) -> PrefixInputs:
+    def prefix_inputs(
+        self, model: PreTrainedModel, batch: dict[str, Any], embeds: torch.Tensor
+    ) -> PrefixInputs:
         """The prompt's input embeddings `embeds [B, L, d]` with the visual tokens in place.
 
         By default the post-projection features replace the image-token
@@ -189,7 +203,9 @@ class BackboneAdapter(ABC):
             mask = (batch["input_ids"] == self.image_token_id(model)).unsqueeze(-1)  # [B, L, 1]
             feats = torch.cat(visual, 0).to(embeds.dtype)  # [N, d]
             if int(mask.sum()) != feats.shape[0]:
-                raise MedlvrError(f"{int(mask.sum())} image tokens in the prompt but {feats.shape[0]} visual features")
+                raise MedlvrError(
+                    f"{int(mask.sum())} image tokens in the prompt but {feats.shape[0]} visual features"
+                )
             embeds = embeds.masked_scatter(mask, feats)
         return PrefixInputs(embeds, visual, {})
 
@@ -308,7 +324,9 @@ class QwenVLAdapter(BackboneAdapter):
         return _QWEN_CHAT_TEMPLATE
 
     def build_tiny_processor(self, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
 
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=56 * 56,
@@ -319,7 +337,9 @@ class QwenVLAdapter(BackboneAdapter):
             image_mean=list(_CLIP_MEAN),
             image_std=list(_CLIP_STD),
         )
-        return qwen_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+        return qwen_processor_class()(
+            image_processor, tokenizer, chat_template=tokenizer.chat_template
+        )
 
     def _vision_config(self, spec: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         return {
@@ -345,7 +365,9 @@ class QwenVLAdapter(BackboneAdapter):
         # The three mRoPE sections (time, height, width) must sum to head_dim / 2.
         half = head_dim // 2
         sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.tiny_special_tokens()["additional"]}
+        ids = {
+            t: tokenizer.convert_tokens_to_ids(t) for t in self.tiny_special_tokens()["additional"]
+        }
         text = {
             "vocab_size": len(tokenizer),
             "hidden_size": spec.hidden,
@@ -354,7 +376,11 @@ class QwenVLAdapter(BackboneAdapter):
             "num_attention_heads": spec.heads,
             "num_key_value_heads": spec.kv_heads,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": sections,
+            },
             "tie_word_embeddings": True,
             # Wider than the 0.02 of real checkpoints, so a random tiny model's
             # outputs depend visibly on its input (tests compare token sequences).
@@ -382,10 +408,14 @@ class QwenVLAdapter(BackboneAdapter):
     def image_features(self, model: PreTrainedModel, batch: dict[str, Any]) -> list[torch.Tensor]:
         if batch.get("pixel_values") is None:
             return []
-        out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        out = model.model.get_image_features(
+            batch["pixel_values"], batch["image_grid_thw"], return_dict=True
+        )
         return list(out.pooler_output)
 
-    def prefix_position_ids(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, PositionState]:
+    def prefix_position_ids(
+        self, model: PreTrainedModel, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, PositionState]:
         am = batch["attention_mask"]
         text_pos = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # [B, L]
         if batch.get("image_grid_thw") is None:
@@ -404,8 +434,12 @@ class QwenVLAdapter(BackboneAdapter):
         return position_ids, state
 
     def appended_position_ids(self, state: PositionState, length: int) -> torch.Tensor:
-        t = state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]  # [B, T]
-        return torch.cat([t[None], (t + state.delta[:, None])[None].expand(3, -1, -1)], dim=0)  # [4, B, T]
+        t = (
+            state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]
+        )  # [B, T]
+        return torch.cat(
+            [t[None], (t + state.delta[:, None])[None].expand(3, -1, -1)], dim=0
+        )  # [4, B, T]
 
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
@@ -414,7 +448,11 @@ class QwenVLAdapter(BackboneAdapter):
         factor = ip.patch_size * ip.merge_size
         size = dict(ip.size)
         rh, rw = smart_resize(
-            height, width, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]
+            height,
+            width,
+            factor=factor,
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
         )
         rows, cols = rh // factor, rw // factor
         return TokenGrid(rows=rows, cols=cols, cell_w=width / cols, cell_h=height / rows)
@@ -467,7 +505,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return Qwen3VLForConditionalGeneration
 
     def build_tiny_processor(self, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
 
         # Qwen3-VL's own settings: 16-px patches and mean/std 0.5 (not CLIP's).
         image_processor = Qwen2VLImageProcessorPil(
@@ -479,7 +519,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
             image_mean=[0.5, 0.5, 0.5],
             image_std=[0.5, 0.5, 0.5],
         )
-        return qwen_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+        return qwen_processor_class()(
+            image_processor, tokenizer, chat_template=tokenizer.chat_template
+        )
 
     def _vision_config(self, spec: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         return {
@@ -513,14 +555,20 @@ class Qwen3VLAdapter(QwenVLAdapter):
         }
         return config
 
-    def prefix_inputs(self, model: PreTrainedModel, batch: dict[str, Any], embeds: torch.Tensor) -> PrefixInputs:
+    def prefix_inputs(
+        self, model: PreTrainedModel, batch: dict[str, Any], embeds: torch.Tensor
+    ) -> PrefixInputs:
         if batch.get("pixel_values") is None:
             return PrefixInputs(embeds, [], {})
-        out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        out = model.model.get_image_features(
+            batch["pixel_values"], batch["image_grid_thw"], return_dict=True
+        )
         visual = list(out.pooler_output)
         n_slots = int((batch["input_ids"] == self.image_token_id(model)).sum())
         if n_slots != sum(v.shape[0] for v in visual):
-            raise MedlvrError(f"{n_slots} image tokens in the prompt but {sum(v.shape[0] for v in visual)} visual features")
+            raise MedlvrError(
+                f"{n_slots} image tokens in the prompt but {sum(v.shape[0] for v in visual)} visual features"
+            )
         # `embeds` keeps embed(image_token_id) at the image slots: the backbone locates
         # them by that value, scatters `pooler_output` there and adds the deepstack features.
         return PrefixInputs(embeds, visual, {"mm_encoder_outputs": {"image": out}})
@@ -549,14 +597,20 @@ _GEMMA_CHAT_TEMPLATE = (
 class _TextPositions:
     """1-D RoPE (Gemma 3; SmolVLM's Llama decoder): a position counts the attended tokens before it in its row."""
 
-    def prefix_position_ids(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, PositionState]:
+    def prefix_position_ids(
+        self, model: PreTrainedModel, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, PositionState]:
         am = batch["attention_mask"]
         position_ids = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 0)  # [B, L]
-        state = PositionState(next_pos=am.long().sum(-1), delta=torch.zeros_like(am[:, 0], dtype=torch.long))
+        state = PositionState(
+            next_pos=am.long().sum(-1), delta=torch.zeros_like(am[:, 0], dtype=torch.long)
+        )
         return position_ids, state
 
     def appended_position_ids(self, state: PositionState, length: int) -> torch.Tensor:
-        return state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]  # [B, T]
+        return (
+            state.next_pos[:, None] + torch.arange(length, device=state.next_pos.device)[None]
+        )  # [B, T]
 
 
 class _NestedImages:
@@ -589,7 +643,11 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
         return Gemma3ForConditionalGeneration
 
     def tiny_special_tokens(self) -> dict[str, Any]:
-        named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        named = {
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        }
         return {
             "pad_token": "<pad>",
             "eos_token": "<end_of_turn>",
@@ -612,7 +670,9 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
             do_pan_and_scan=False,
         )
         return Gemma3Processor(
-            image_processor, tokenizer, chat_template=tokenizer.chat_template,
+            image_processor,
+            tokenizer,
+            chat_template=tokenizer.chat_template,
             image_seq_length=self.tokens_per_side**2,
         )
 
@@ -620,7 +680,9 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
         from transformers import Gemma3Config
 
         head_dim = spec.hidden // spec.heads
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.tiny_special_tokens()["additional"]}
+        ids = {
+            t: tokenizer.convert_tokens_to_ids(t) for t in self.tiny_special_tokens()["additional"]
+        }
         text = {
             "vocab_size": len(tokenizer),
             "hidden_size": spec.hidden,
@@ -631,7 +693,9 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
             "head_dim": head_dim,
             "query_pre_attn_scalar": head_dim,
             # Gemma 3 alternates local (sliding) and global layers; keep both kinds.
-            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.layers)],
+            "layer_types": [
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.layers)
+            ],
             "sliding_window": 512,
             "max_position_embeddings": 4096,
             "initializer_range": 0.1,
@@ -690,10 +754,14 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
         ip = processor.image_processor
         if getattr(ip, "do_pan_and_scan", False):
-            raise MedlvrError("ROI mapping for Gemma 3 assumes pan-and-scan is off (its crops add token blocks)")
+            raise MedlvrError(
+                "ROI mapping for Gemma 3 assumes pan-and-scan is off (its crops add token blocks)"
+            )
         side = int(round(processor.image_seq_length**0.5))
         if side * side != processor.image_seq_length:
-            raise MedlvrError(f"Gemma 3 image_seq_length {processor.image_seq_length} is not a square")
+            raise MedlvrError(
+                f"Gemma 3 image_seq_length {processor.image_seq_length} is not a square"
+            )
         # The whole image is squashed to S x S, so cells are width/side by height/side original pixels.
         return TokenGrid(rows=side, cols=side, cell_w=width / side, cell_h=height / side)
 
@@ -738,10 +806,14 @@ def smolvlm_processor_class() -> type[ProcessorMixin]:
 
         def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169,
                      token_pixels: int | None = None, chat_template=None, **kwargs):  # fmt: skip
-            self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
+            self.fake_image_token = getattr(
+                tokenizer, "fake_image_token", "<fake_token_around_image>"
+            )
             self.image_token = getattr(tokenizer, "image_token", "<image>")
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
+            self.end_of_utterance_token = getattr(
+                tokenizer, "end_of_utterance_token", "<end_of_utterance>"
+            )
             self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
             self.video_token = getattr(tokenizer, "video_token", "<video>")
             self.image_seq_len = image_seq_len
@@ -754,7 +826,9 @@ def smolvlm_processor_class() -> type[ProcessorMixin]:
         def _process_images(self, images, **kwargs):
             processed, replacements = super()._process_images(images, **kwargs)
             processed["image_rows_cols"] = [
-                [r, c] for rows, cols in zip(processed["rows"], processed["cols"]) for r, c in zip(rows, cols)
+                [r, c]
+                for rows, cols in zip(processed["rows"], processed["cols"])
+                for r, c in zip(rows, cols)
             ]
             return processed, replacements
 
@@ -790,18 +864,30 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
         return SmolVLMForConditionalGeneration
 
     def tiny_special_tokens(self) -> dict[str, Any]:
-        tiles = [f"<row_{r}_col_{c}>" for r in range(1, self.tile_rc + 1) for c in range(1, self.tile_rc + 1)]
+        tiles = [
+            f"<row_{r}_col_{c}>"
+            for r in range(1, self.tile_rc + 1)
+            for c in range(1, self.tile_rc + 1)
+        ]
         return {
             "pad_token": "<pad>",
             "eos_token": "<end_of_utterance>",
-            "additional": ["<|im_start|>", "<fake_token_around_image>", "<global-img>", "<image>", *tiles],
+            "additional": [
+                "<|im_start|>",
+                "<fake_token_around_image>",
+                "<global-img>",
+                "<image>",
+                *tiles,
+            ],
         }
 
     def tiny_chat_template(self) -> str:
         return _SMOLVLM_CHAT_TEMPLATE
 
     def build_tiny_processor(self, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+            SmolVLMImageProcessorPil,
+        )
 
         image_processor = SmolVLMImageProcessorPil(
             size={"longest_edge": 2 * self.tile_size},
@@ -859,13 +945,19 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
         if cfg.is_file():
             data = json.loads(cfg.read_text())
             vision, scale = data.get("vision_config") or {}, data.get("scale_factor")
-        extra = {"token_pixels": int(vision["patch_size"]) * int(scale)} if "patch_size" in vision and scale else {}
+        extra = (
+            {"token_pixels": int(vision["patch_size"]) * int(scale)}
+            if "patch_size" in vision and scale
+            else {}
+        )
         return smolvlm_processor_class().from_pretrained(str(path), **extra)
 
     def image_features(self, model: PreTrainedModel, batch: dict[str, Any]) -> list[torch.Tensor]:
         if batch.get("pixel_values") is None:
             return []
-        out = model.model.get_image_features(batch["pixel_values"], batch.get("pixel_attention_mask"), return_dict=True)
+        out = model.model.get_image_features(
+            batch["pixel_values"], batch.get("pixel_attention_mask"), return_dict=True
+        )
         # pooler_output: per sample, the tokens of all its views (tiles, then global, image by image).
         feats = torch.cat(list(out.pooler_output), 0)  # [N, d]
         layout = batch.get("image_rows_cols")
@@ -878,7 +970,9 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
         views = layout[:, 0].long() * layout[:, 1].long() + 1  # [n_images] tiles + the global image
         per_view = feats.shape[0] // max(int(views.sum()), 1)
         if per_view * int(views.sum()) != feats.shape[0]:
-            raise MedlvrError(f"{feats.shape[0]} visual tokens do not split into {int(views.sum())} image views")
+            raise MedlvrError(
+                f"{feats.shape[0]} visual tokens do not split into {int(views.sum())} image views"
+            )
         return list(feats.split((views * per_view).tolist()))
 
     def embedding_scale(self, model: PreTrainedModel) -> float:
@@ -938,7 +1032,14 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
 
 
 _ADAPTERS: dict[str, BackboneAdapter] = {
-    a.family: a for a in (QwenVLAdapter(), Qwen2VLAdapter(), Qwen3VLAdapter(), Gemma3Adapter(), SmolVLMAdapter())
+    a.family: a
+    for a in (
+        QwenVLAdapter(),
+        Qwen2VLAdapter(),
+        Qwen3VLAdapter(),
+        Gemma3Adapter(),
+        SmolVLMAdapter(),
+    )
 }
 
 
@@ -955,7 +1056,9 @@ def get_adapter(family: str) -> BackboneAdapter:
     try:
         return _ADAPTERS[family]
     except KeyError:
-        raise MedlvrError(f"unknown backbone family {family!r}; known: {', '.join(families())}") from None
+        raise MedlvrError(
+            f"unknown backbone family {family!r}; known: {', '.join(families())}"
+        ) from None
 
 
 def detect_family(path: str | Path) -> str:
@@ -973,7 +1076,9 @@ def detect_family(path: str | Path) -> str:
     for adapter in _ADAPTERS.values():
         if model_type in adapter.model_types:
             return adapter.family
-    raise MedlvrError(f"{path}: model_type {model_type!r} has no adapter; known families: {', '.join(families())}")
+    raise MedlvrError(
+        f"{path}: model_type {model_type!r} has no adapter; known families: {', '.join(families())}"
+    )
 
 
 def ensure_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -986,20 +1091,32 @@ def ensure_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     for 151,665 tokenizer entries), and a new token placed on one would otherwise keep
     whatever that untrained row holds.
     """
-    missing = [t for t in LATENT_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [
+        t
+        for t in LATENT_TOKENS
+        if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)
+    ]
     if not missing:
         return False
-    n_vocab = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])  # rows of the tokens there before
-    tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    n_vocab = min(
+        len(tokenizer), model.get_input_embeddings().weight.shape[0]
+    )  # rows of the tokens there before
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+    )
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set just below
+        model.resize_token_embeddings(
+            len(tokenizer), mean_resizing=False
+        )  # the new rows are set just below
     new = torch.tensor(tokenizer.convert_tokens_to_ids(missing))
-    layers = {id(m.weight): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    layers = {
+        id(m.weight): m
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+    }
     with torch.no_grad():
         for layer in layers.values():  # a tied head shares the input matrix: set once
             layer.weight[new] = layer.weight[:n_vocab].float().mean(0).to(layer.weight.dtype)
             if getattr(layer, "bias", None) is not None:
                 layer.bias[new] = layer.bias[:n_vocab].float().mean().to(layer.bias.dtype)
     return True
-
-

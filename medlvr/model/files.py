@@ -15,7 +15,13 @@ from pathlib import Path
 from medlvr.errors import MedlvrError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+PICKLE_WEIGHTS = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.pt",
+    "model.pth",
+    "model.ckpt",
+)
 
 
 def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
@@ -34,17 +40,25 @@ def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
                 pass
         except (SafetensorError, OSError) as err:
             size = f.stat().st_size
-            what = "empty" if size == 0 else f"damaged ({size:,} bytes, truncated or not safetensors: {err})"
+            what = (
+                "empty"
+                if size == 0
+                else f"damaged ({size:,} bytes, truncated or not safetensors: {err})"
+            )
             raise MedlvrError(f"{f} is {what}; copy or export the model again") from None
     index = path / SAFETENSORS_INDEX
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as err:
-            raise MedlvrError(f"{index} is not a safetensors index ({type(err).__name__}: {err})") from None
+            raise MedlvrError(
+                f"{index} is not a safetensors index ({type(err).__name__}: {err})"
+            ) from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise MedlvrError(f"{path} lacks {len(missing)} weight shard(s) listed in {SAFETENSORS_INDEX}, e.g. {missing[0]}")
+            raise MedlvrError(
+                f"{path} lacks {len(missing)} weight shard(s) listed in {SAFETENSORS_INDEX}, e.g. {missing[0]}"
+            )
         return True
     if (path / "model.safetensors").is_file():
         return True
@@ -52,8 +66,10 @@ def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
     if not pickled:
         raise MedlvrError(f"{path} has no model weights (model.safetensors)")
     if not allow_pickle:
-        raise MedlvrError(f"{path} holds pickle weights only ({pickled[0]}): loading them runs code stored in the file; "
-                          "convert them to safetensors, or pass --allow-pickle (model.allow_pickle=true) if you trust them")
+        raise MedlvrError(
+            f"{path} holds pickle weights only ({pickled[0]}): loading them runs code stored in the file; "
+            "convert them to safetensors, or pass --allow-pickle (model.allow_pickle=true) if you trust them"
+        )
     return False
 
 

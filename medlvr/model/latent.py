@@ -105,7 +105,9 @@ class PauseInputs(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         base = mean_embedding.detach().float().cpu()
-        rows = base / base.pow(2).mean().add(1e-12).sqrt() + 0.1 * torch.randn(n, base.shape[-1], generator=g)  # [n, d]
+        rows = base / base.pow(2).mean().add(1e-12).sqrt() + 0.1 * torch.randn(
+            n, base.shape[-1], generator=g
+        )  # [n, d]
         self.weight = nn.Parameter(rows * rows.pow(2).mean(-1, keepdim=True).rsqrt() * embed_rms)
 
     def forward(self, k: int, b: int) -> torch.Tensor:
@@ -129,10 +131,16 @@ class GenerationOutput:
     texts: list[str]
     token_ids: list[list[int]]  # answer tokens per row, stop token excluded
     latents: torch.Tensor  # [B*G, K, d] the fed latent inputs z_k
-    latent_means: torch.Tensor  # [B*G, K, d] proj(h_{k-1}), the mean z_k was sampled around (pause: not fed)
+    latent_means: (
+        torch.Tensor
+    )  # [B*G, K, d] proj(h_{k-1}), the mean z_k was sampled around (pause: not fed)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    stop_tokens: list[int | None] = field(default_factory=list)  # the stop id that ended each row; None: cut at the limit
-    visual_tokens: list[torch.Tensor] = field(default_factory=list)  # per prompt [N_i, d], all its images, prompt order
+    stop_tokens: list[int | None] = field(
+        default_factory=list
+    )  # the stop id that ended each row; None: cut at the limit
+    visual_tokens: list[torch.Tensor] = field(
+        default_factory=list
+    )  # per prompt [N_i, d], all its images, prompt order
     # With `output_attentions`: [n_layers, B*G, K, P + K] each latent step's attention (mean over heads) over
     # the positions before it and itself (P = the prompt with <|latent_start|>), zero on the later steps.
     latent_attentions: torch.Tensor | None = None
@@ -150,7 +158,9 @@ class ForwardOutput:
     # then the latent positions). `hidden` feeds it as z_k (equal to latents unless latents were given); `pause`
     # does not feed it. ROI alignment trains this in every mode: the outputs at the latent positions, not the inputs.
     latent_means: torch.Tensor
-    visual_tokens: list[torch.Tensor]  # per sample [N_i, d], all its images' visual tokens, prompt order
+    visual_tokens: list[
+        torch.Tensor
+    ]  # per sample [N_i, d], all its images' visual tokens, prompt order
     token_logprobs: torch.Tensor | None = None  # [B, T] log p(answer_ids[:, t]) (0 on padding)
 
 
@@ -178,7 +188,13 @@ class LatentVLM(nn.Module):
     `proj(h_{k-1})` are computed and returned as `latent_means` either way.
     """
 
-    def __init__(self, backbone: PreTrainedModel, processor: Any, family: str, latent: LatentConfig | None = None):
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        processor: Any,
+        family: str,
+        latent: LatentConfig | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.processor = processor
@@ -197,9 +213,13 @@ class LatentVLM(nn.Module):
         self.projector = LatentProjector(self.latent.projector, d, embed_rms=self._embed_rms())
         self.projector.to(device=self.device, dtype=self.backbone.dtype)
         self.pause: PauseInputs | None = None
-        if self.latent.input == "pause":  # seeded by the global seed (e.g. run_sft's), without drawing from it
+        if (
+            self.latent.input == "pause"
+        ):  # seeded by the global seed (e.g. run_sft's), without drawing from it
             mean = self.backbone.get_input_embeddings().weight.float().mean(0)
-            self.pause = PauseInputs(max(1, self.latent.steps), mean, self._embed_rms(), torch.initial_seed())
+            self.pause = PauseInputs(
+                max(1, self.latent.steps), mean, self._embed_rms(), torch.initial_seed()
+            )
             self.pause.to(device=self.device, dtype=self.backbone.dtype)
 
     # ------------------------------------------------------------------ loading
@@ -230,7 +250,9 @@ class LatentVLM(nn.Module):
         latent = latent or saved or LatentConfig()
         try:
             processor = adapter.load_processor(path)
-            backbone = adapter.model_class.from_pretrained(str(path), dtype=dtype or "auto", use_safetensors=safetensors)
+            backbone = adapter.model_class.from_pretrained(
+                str(path), dtype=dtype or "auto", use_safetensors=safetensors
+            )
         except (OSError, SafetensorError) as err:
             raise MedlvrError(f"cannot load a model from {path}: {err}") from None
         model = cls(backbone, processor, family, latent)
@@ -249,16 +271,25 @@ class LatentVLM(nn.Module):
         self.save_latent_files(path)
         return path
 
-    def save_latent_files(self, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    def save_latent_files(
+        self, path: Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """The latent modules' weights (projector, pause inputs) and the latent config, into folder `path`.
 
         `state_dict` (LatentVLM keys) is the gathered state under FSDP/ZeRO-3, where the
         modules' own parameters are shards.
         """
-        for prefix, name, module in (("projector.", PROJECTOR_FILE, self.projector), ("pause.", PAUSE_FILE, self.pause)):
+        for prefix, name, module in (
+            ("projector.", PROJECTOR_FILE, self.projector),
+            ("pause.", PAUSE_FILE, self.pause),
+        ):
             if module is None:
                 continue
-            own = module.state_dict().items() if state_dict is None else ((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix))
+            own = (
+                module.state_dict().items()
+                if state_dict is None
+                else ((k[len(prefix) :], v) for k, v in state_dict.items() if k.startswith(prefix))
+            )
             state = {k: v.detach().contiguous().cpu() for k, v in own}
             if state:
                 save_file(state, str(path / name))
@@ -303,7 +334,9 @@ class LatentVLM(nn.Module):
     def _embed_rms(self) -> float:
         w = self.backbone.get_input_embeddings().weight.float()
         # What the decoder sees is the embedding module's output (Gemma scales rows by sqrt(d)).
-        return float(w.pow(2).mean(-1).sqrt().mean()) * self.adapter.embedding_scale(self.base_model)
+        return float(w.pow(2).mean(-1).sqrt().mean()) * self.adapter.embedding_scale(
+            self.base_model
+        )
 
     @torch.no_grad()
     def visual_tokens(self, batch: dict[str, Any]) -> list[torch.Tensor]:
@@ -348,7 +381,9 @@ class LatentVLM(nn.Module):
         if ids is None or batch.get("attention_mask") is None:
             raise MedlvrError("a batch needs input_ids and attention_mask")
         if ids.shape != batch["attention_mask"].shape:
-            raise MedlvrError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(batch['attention_mask'].shape)} differ")
+            raise MedlvrError(
+                f"input_ids {tuple(ids.shape)} and attention_mask {tuple(batch['attention_mask'].shape)} differ"
+            )
         if bool((batch["attention_mask"][:, -1] == 0).any()):
             raise MedlvrError("prompts must be left-padded (the last column has padding)")
         n_img_tokens = int((ids == self.image_token_id).sum())
@@ -372,7 +407,9 @@ class LatentVLM(nn.Module):
         return out.logits, out.hidden_states[-1]
 
     # ------------------------------------------------------------------ phases
-    def _prefill(self, batch: dict[str, Any], with_latent_start: bool, use_cache: bool = True) -> _Prefix:
+    def _prefill(
+        self, batch: dict[str, Any], with_latent_start: bool, use_cache: bool = True
+    ) -> _Prefix:
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         ids, am = batch["input_ids"], batch["attention_mask"]
         if with_latent_start:
@@ -390,20 +427,43 @@ class LatentVLM(nn.Module):
         position_ids, state = self.adapter.prefix_position_ids(self.base_model, batch)
         cache = DynamicCache(config=self.backbone.config) if use_cache else None
         logits, hidden = self._forward(
-            prefix.embeds, am, position_ids, cache, logits_to_keep=1,
-            **prefix.kwargs, **self.adapter.prefill_kwargs(batch),
+            prefix.embeds,
+            am,
+            position_ids,
+            cache,
+            logits_to_keep=1,
+            **prefix.kwargs,
+            **self.adapter.prefill_kwargs(batch),
         )
         return _Prefix(
-            cache, am, state, hidden[:, -1], logits[:, -1], prefix.visual, prefix.embeds, position_ids,
-            prefix.kwargs, batch,
+            cache,
+            am,
+            state,
+            hidden[:, -1],
+            logits[:, -1],
+            prefix.visual,
+            prefix.embeds,
+            position_ids,
+            prefix.kwargs,
+            batch,
         )
 
-    def _append(self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None = None, logits_to_keep: int = 1):
+    def _append(
+        self,
+        pre: _Prefix,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        logits_to_keep: int = 1,
+    ):
         """Feed `embeds [B, T, d]` after everything so far, on the cache; advances the state."""
         pos = self._advance(pre, embeds, mask)
-        return self._forward(embeds, pre.attention_mask, pos, pre.cache, logits_to_keep=logits_to_keep)
+        return self._forward(
+            embeds, pre.attention_mask, pos, pre.cache, logits_to_keep=logits_to_keep
+        )
 
-    def _latent_step(self, pre: _Prefix, z: torch.Tensor, attentions: list | None = None) -> torch.Tensor:
+    def _latent_step(
+        self, pre: _Prefix, z: torch.Tensor, attentions: list | None = None
+    ) -> torch.Tensor:
         """Feed one latent `z [B, d]`; returns the new last hidden state `[B, d]`.
 
         Runs the decoder without the LM head: a latent step needs no vocabulary
@@ -413,16 +473,26 @@ class LatentVLM(nn.Module):
         pos = self._advance(pre, z[:, None], None)
         extra = {"output_attentions": True} if attentions is not None else {}
         out = self.base_model.model(
-            inputs_embeds=z[:, None], attention_mask=pre.attention_mask, position_ids=pos,
-            use_cache=True, **{self.cache_argument: pre.cache}, **extra,
+            inputs_embeds=z[:, None],
+            attention_mask=pre.attention_mask,
+            position_ids=pos,
+            use_cache=True,
+            **{self.cache_argument: pre.cache},
+            **extra,
         )
         if attentions is not None:
             attentions.append(out.attentions)
         return out.last_hidden_state[:, -1]
 
-    def _advance(self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _advance(
+        self, pre: _Prefix, embeds: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         b, t = embeds.shape[:2]
-        mask = torch.ones(b, t, dtype=pre.attention_mask.dtype, device=embeds.device) if mask is None else mask
+        mask = (
+            torch.ones(b, t, dtype=pre.attention_mask.dtype, device=embeds.device)
+            if mask is None
+            else mask
+        )
         pre.attention_mask = torch.cat([pre.attention_mask, mask.to(pre.attention_mask.dtype)], 1)
         pos = self.adapter.appended_position_ids(pre.state, t)
         pre.state.next_pos = pre.state.next_pos + t
@@ -458,7 +528,9 @@ class LatentVLM(nn.Module):
         latent_steps = self.resolve_steps(latent_steps)
         self.check_length(batch["input_ids"].shape[1], latent_steps, max_new_tokens)
         if latent_sigma > 0 and self.pause is not None:
-            raise MedlvrError("latent_sigma > 0 explores around the fed-back state; latent.input=pause feeds learned constants")
+            raise MedlvrError(
+                "latent_sigma > 0 explores around the fed-back state; latent.input=pause feeds learned constants"
+            )
         if max_new_tokens < 1:
             raise MedlvrError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if group_size < 1:
@@ -470,7 +542,8 @@ class LatentVLM(nn.Module):
             pre.cache.batch_repeat_interleave(group_size)
             pre.attention_mask = pre.attention_mask.repeat_interleave(group_size, 0)
             pre.state = PositionState(
-                pre.state.next_pos.repeat_interleave(group_size, 0), pre.state.delta.repeat_interleave(group_size, 0)
+                pre.state.next_pos.repeat_interleave(group_size, 0),
+                pre.state.delta.repeat_interleave(group_size, 0),
             )
             pre.last_hidden = pre.last_hidden.repeat_interleave(group_size, 0)
             pre.last_logits = pre.last_logits.repeat_interleave(group_size, 0)
@@ -488,11 +561,17 @@ class LatentVLM(nn.Module):
                 mu = self.projector(h)  # [B, d]
                 z = mu if pause is None else pause[:, k].to(mu.dtype)
                 if latent_sigma > 0:
-                    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+                    noise = torch.randn(
+                        mu.shape, generator=generator, device=mu.device, dtype=torch.float32
+                    )
                     z = mu + latent_sigma * noise.to(mu.dtype)
                 means[:, k], latents[:, k] = mu, z
                 h = self._latent_step(pre, z, rows if output_attentions else None)
-        attentions = _step_attentions(rows, pre.attention_mask.shape[1]) if output_attentions and rows else None
+        attentions = (
+            _step_attentions(rows, pre.attention_mask.shape[1])
+            if output_attentions and rows
+            else None
+        )
         if latent_steps > 0:
             end = self.embed(torch.full((b, 1), self.latent_end_id, device=self.device))
             logits, _ = self._append(pre, end)
@@ -500,7 +579,11 @@ class LatentVLM(nn.Module):
         timings["latent_s"] = tick()
 
         stop = torch.tensor(self.stop_ids, device=self.device)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.stop_ids[0]
+        )
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out_ids: list[torch.Tensor] = []
         for step in range(max_new_tokens):
@@ -519,10 +602,21 @@ class LatentVLM(nn.Module):
 
         seqs = torch.stack(out_ids, 1).tolist() if out_ids else [[] for _ in range(b)]
         token_ids = [_until_stop(row, self.stop_ids) for row in seqs]
-        stop_tokens = [row[len(ids)] if len(ids) < len(row) else None for row, ids in zip(seqs, token_ids)]
+        stop_tokens = [
+            row[len(ids)] if len(ids) < len(row) else None for row, ids in zip(seqs, token_ids)
+        ]
         texts = self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
         visual = _per_sample(pre.visual, pre.batch, pre.batch["input_ids"].shape[0])
-        return GenerationOutput([t.strip() for t in texts], token_ids, latents, means, timings, stop_tokens, visual, attentions)
+        return GenerationOutput(
+            [t.strip() for t in texts],
+            token_ids,
+            latents,
+            means,
+            timings,
+            stop_tokens,
+            visual,
+            attentions,
+        )
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -544,20 +638,31 @@ class LatentVLM(nn.Module):
         self._check_batch(batch)
         if batch.get("answer_ids") is None or batch.get("answer_mask") is None:
             raise MedlvrError("a training batch needs answer_ids and answer_mask")
-        latent_steps = self.resolve_steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
+        latent_steps = (
+            self.resolve_steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
+        )
         answer = batch["answer_ids"].to(self.device)
         amask = batch["answer_mask"].to(self.device)
         if answer.shape[0] != batch["input_ids"].shape[0]:
-            raise MedlvrError(f"batch size mismatch: {batch['input_ids'].shape[0]} prompts, {answer.shape[0]} answers")
+            raise MedlvrError(
+                f"batch size mismatch: {batch['input_ids'].shape[0]} prompts, {answer.shape[0]} answers"
+            )
         self.check_length(batch["input_ids"].shape[1], latent_steps, answer.shape[1])
-        recompute = latent_inputs is None and latent_steps > 0 and _checkpointing(self.base_model) and self.training
+        recompute = (
+            latent_inputs is None
+            and latent_steps > 0
+            and _checkpointing(self.base_model)
+            and self.training
+        )
         if latent_inputs is not None or recompute:
             return self._parallel_forward(batch, latent_steps, answer, amask, latent_inputs)
 
         pre = self._prefill(batch, with_latent_start=latent_steps > 0)
         zs, mus = [], []
         h = pre.last_hidden
-        pause = self.pause(latent_steps, h.shape[0]) if self.pause is not None else None  # [B, K, d]
+        pause = (
+            self.pause(latent_steps, h.shape[0]) if self.pause is not None else None
+        )  # [B, K, d]
         for k in range(latent_steps):
             mu = self.projector(h)
             z = mu if pause is None else pause[:, k].to(mu.dtype)
@@ -567,10 +672,16 @@ class LatentVLM(nn.Module):
         tail, tmask = self._tail(answer, amask, latent_steps)
         logits, _ = self._append(pre, self.embed(tail), tmask, logits_to_keep=0)
         # The tail is <|latent_end|> + answer: position t (from <|latent_end|>) predicts answer_ids[:, t].
-        pred = logits[:, :-1] if latent_steps > 0 else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
+        pred = (
+            logits[:, :-1]
+            if latent_steps > 0
+            else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
+        )
         return self._finish(pred, answer, amask, zs, mus, pre.visual, batch)
 
-    def _tail(self, answer: torch.Tensor, amask: torch.Tensor, latent_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tail(
+        self, answer: torch.Tensor, amask: torch.Tensor, latent_steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if latent_steps == 0:
             return answer, amask
         end = torch.full_like(answer[:, :1], self.latent_end_id)
@@ -587,13 +698,19 @@ class LatentVLM(nn.Module):
         def full(latents: torch.Tensor, with_tail: bool):
             k = latents.shape[1]
             parts = [pre.embeds, latents.to(pre.embeds.dtype)] + ([tail_emb] if with_tail else [])
-            masks = [pre.attention_mask, pre.attention_mask.new_ones(b, k)] + ([tmask.to(pre.attention_mask.dtype)] if with_tail else [])
+            masks = [pre.attention_mask, pre.attention_mask.new_ones(b, k)] + (
+                [tmask.to(pre.attention_mask.dtype)] if with_tail else []
+            )
             n_app = k + (tail.shape[1] if with_tail else 0)
-            pos = torch.cat([pre.position_ids, self.adapter.appended_position_ids(pre.state, n_app)], -1)
+            pos = torch.cat(
+                [pre.position_ids, self.adapter.appended_position_ids(pre.state, n_app)], -1
+            )
             extra = {**pre.kwargs, **self.adapter.prefill_kwargs(_extend_types(pre.batch, n_app))}
             return self._forward(torch.cat(parts, 1), torch.cat(masks, 1), pos, None, **extra)
 
-        if latent_inputs is None and self.pause is not None:  # pause inputs are known up front: one pass
+        if (
+            latent_inputs is None and self.pause is not None
+        ):  # pause inputs are known up front: one pass
             latents = self.pause(latent_steps, b)
         elif latent_inputs is None:  # recompute the chain: pass k sees z_1..z_{k-1}
             zs: list[torch.Tensor] = []
@@ -609,7 +726,9 @@ class LatentVLM(nn.Module):
         # mu_k = proj(h at the position before z_k): positions L-1 .. L+K-2
         mus = [self.projector(hidden[:, L - 1 + k]) for k in range(latent_steps)]
         t = answer.shape[1]
-        pred = logits[:, -t - 1 : -1] if latent_steps > 0 else logits[:, L - 1 : L - 1 + t]  # <|latent_end|> predicts answer_ids[:, 0]
+        pred = (
+            logits[:, -t - 1 : -1] if latent_steps > 0 else logits[:, L - 1 : L - 1 + t]
+        )  # <|latent_end|> predicts answer_ids[:, 0]
         return self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch)
 
     def _finish(self, pred, answer, amask, zs, mus, visual, batch) -> ForwardOutput:
@@ -629,7 +748,9 @@ class LatentVLM(nn.Module):
 def _checkpointing(model: PreTrainedModel) -> bool:
     """Whether activation checkpointing is on (it makes the decoder layers drop the KV cache)."""
     flag = getattr(type(model), "is_activation_checkpointing", None)
-    return bool(model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing)
+    return bool(
+        model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing
+    )
 
 
 def _extend_types(batch: dict[str, Any], n: int) -> dict[str, Any]:
@@ -646,7 +767,9 @@ def _per_sample(visual: list[torch.Tensor], batch: dict[str, Any], b: int) -> li
         return []
     counts = batch.get("images_per_sample") or ([1] * b if len(visual) == b else None)
     if counts is None or sum(counts) != len(visual):
-        raise MedlvrError(f"cannot assign {len(visual)} images to {b} samples: pass images_per_sample")
+        raise MedlvrError(
+            f"cannot assign {len(visual)} images to {b} samples: pass images_per_sample"
+        )
     out, i = [], 0
     for c in counts:
         chunk = visual[i : i + c]
@@ -674,11 +797,15 @@ def _step_attentions(rows: list[tuple[torch.Tensor, ...]], width: int) -> torch.
 
     `rows[k][layer]` is step k's `[B, H, 1, width - K + k + 1]` (the positions before it and itself).
     """
-    steps = [torch.stack([a[:, :, -1].float().mean(1) for a in layers]) for layers in rows]  # [n_layers, B, P + k]
+    steps = [
+        torch.stack([a[:, :, -1].float().mean(1) for a in layers]) for layers in rows
+    ]  # [n_layers, B, P + k]
     return torch.stack([F.pad(s, (0, width - s.shape[-1])) for s in steps], 2)
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator
+) -> torch.Tensor:
     if not do_sample or temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, -1)
@@ -721,7 +848,9 @@ class _Clock:
         return dt
 
 
-def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float, reduction: str = "mean") -> torch.Tensor:
+def gaussian_logprob(
+    z: torch.Tensor, mu: torch.Tensor, sigma: float, reduction: str = "mean"
+) -> torch.Tensor:
     """Gaussian log-density of latent steps `z ~ N(mu, sigma^2 I)`, shape [.., K] (`vlpo.latent_logprob`).
 
     `sum`: the step's log-density `-||z - mu||^2 / (2 sigma^2)`, so ratios are the true
@@ -736,6 +865,12 @@ def gaussian_logprob(z: torch.Tensor, mu: torch.Tensor, sigma: float, reduction:
 
 
 __all__ = [
-    "LatentVLM", "LatentProjector", "PauseInputs", "GenerationOutput", "ForwardOutput", "gaussian_logprob",
-    "eager_attention", "read_latent_config",
+    "LatentVLM",
+    "LatentProjector",
+    "PauseInputs",
+    "GenerationOutput",
+    "ForwardOutput",
+    "gaussian_logprob",
+    "eager_attention",
+    "read_latent_config",
 ]

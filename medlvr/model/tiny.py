@@ -68,7 +68,9 @@ SPECS: dict[str, TinySpec] = {
 }
 
 
-def build_tokenizer(family: str, vocab_size: int = 1024, latent_tokens: bool = True) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    family: str, vocab_size: int = 1024, latent_tokens: bool = True
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE with the family's special tokens, chat template and (optionally) the latent tokens."""
     adapter = get_adapter(family)
     specials = adapter.tiny_special_tokens()

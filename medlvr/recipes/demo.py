@@ -57,7 +57,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     data = prepare_data(cfg, out / "data", progress=cfg.progress)
     jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arm_list]
     workers = min(cfg.workers, len(jobs))
-    log(f"[2/4] train and score {len(jobs)} arm runs ({', '.join(cfg.arm_list)} x seeds {cfg.seeds}), {workers} at a time")
+    log(
+        f"[2/4] train and score {len(jobs)} arm runs ({', '.join(cfg.arm_list)} x seeds {cfg.seeds}), {workers} at a time"
+    )
     results = _run_all(cfg, jobs, backbone, data, out, workers, log)
 
     log("[3/4] evidence maps per hop")
@@ -127,8 +129,18 @@ def _single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _worker(cfg: DemoConfig, arm: str, seed: int, backbone: Path, data: DemoData, out: Path, steps: Any) -> ArmResult:
-    return run_arm(cfg, arm, seed, backbone, data, out, on_step=lambda row: steps.put(((arm, seed), row["step"])))
+def _worker(
+    cfg: DemoConfig, arm: str, seed: int, backbone: Path, data: DemoData, out: Path, steps: Any
+) -> ArmResult:
+    return run_arm(
+        cfg,
+        arm,
+        seed,
+        backbone,
+        data,
+        out,
+        on_step=lambda row: steps.put(((arm, seed), row["step"])),
+    )
 
 
 class _Progress:
@@ -140,9 +152,20 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
             self.progress.start()
         return self
 

@@ -73,8 +73,14 @@ def _head(samples: list[VQASample], n: int) -> list[VQASample]:
 
 
 def train_arm(
-    cfg: DemoConfig, arm: str, seed: int, backbone: Path, data: DemoData, run_dir: Path,
-    init: Path | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+    cfg: DemoConfig,
+    arm: str,
+    seed: int,
+    backbone: Path,
+    data: DemoData,
+    run_dir: Path,
+    init: Path | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Train one arm for one seed; returns the exported model folder and the logged history."""
     from medlvr.config import SFTConfig, VLPOConfig, load_config
@@ -112,7 +118,14 @@ def train_arm(
 
     from medlvr.train.sft import run_sft
 
-    mode = {"a": "plain", "t": "plain", "p": "latent", "b": "latent", "c": "roi" if data.has_rois else "latent", "e": "latent"}[arm]
+    mode = {
+        "a": "plain",
+        "t": "plain",
+        "p": "latent",
+        "b": "latent",
+        "c": "roi" if data.has_rois else "latent",
+        "e": "latent",
+    }[arm]
     train = data.train_reasoning if arm == "t" and data.train_reasoning else data.train
     sft = load_config(SFTConfig, overrides=[
         *common,
@@ -138,7 +151,12 @@ def train_arm(
 
 
 def evaluate_arm(
-    cfg: DemoConfig, arm: str, model_dir: Path, tests: dict[str, list[VQASample]], out: Path, latent_steps: Sequence[int],
+    cfg: DemoConfig,
+    arm: str,
+    model_dir: Path,
+    tests: dict[str, list[VQASample]],
+    out: Path,
+    latent_steps: Sequence[int],
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
     """Harness rows per scored split for every K in `latent_steps`, and the grounding controls (`CONTROLS`) at the arm's K."""
     from medlvr.eval.harness import evaluate
@@ -167,7 +185,12 @@ def arm_latent_steps(cfg: DemoConfig, arm: str, data: DemoData) -> list[int]:
 
 
 def run_arm(
-    cfg: DemoConfig, arm: str, seed: int, backbone: Path, data: DemoData, out: Path,
+    cfg: DemoConfig,
+    arm: str,
+    seed: int,
+    backbone: Path,
+    data: DemoData,
+    out: Path,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> ArmResult:
     """Train and score one arm for one seed (what a worker process runs)."""
@@ -184,7 +207,11 @@ def run_arm(
     return ArmResult(arm, seed, str(model), history, rows, controls, scored, seconds)
 
 
-def accuracy(rows: list[dict[str, Any]], latent_steps: int, key: Callable[[dict[str, Any]], Any] | None = None) -> dict[Any, float]:
+def accuracy(
+    rows: list[dict[str, Any]],
+    latent_steps: int,
+    key: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[Any, float]:
     """Accuracy of the rows at `latent_steps`, overall (key None) or grouped by `key(row)`."""
     groups: dict[Any, list[bool]] = defaultdict(list)
     for r in rows:

@@ -124,12 +124,16 @@ class DemoConfig:
         if self.dataset == "vqa-rad" and not self.data_root:
             raise MedlvrError("--dataset vqa-rad needs --data-root (the release folder)")
         if self.latent_steps < 1:
-            raise MedlvrError(f"latent_steps must be >= 1 for the latent arms, got {self.latent_steps}")
+            raise MedlvrError(
+                f"latent_steps must be >= 1 for the latent arms, got {self.latent_steps}"
+            )
         if not 1 <= self.max_hops <= 4:
             raise MedlvrError(f"max_hops must be 1-4, got {self.max_hops}")
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown:
-            raise MedlvrError(f"unknown arm(s) {', '.join(unknown)}; choose letters of {''.join(ARMS)}")
+            raise MedlvrError(
+                f"unknown arm(s) {', '.join(unknown)}; choose letters of {''.join(ARMS)}"
+            )
         if "d" in self.arm_list and "c" not in self.arm_list:
             raise MedlvrError("arm d (VLPO) starts from arm c: add c")
         if self.split not in ("test", "val"):
@@ -143,13 +147,17 @@ class DemoConfig:
     @property
     def spec(self) -> BudgetSpec:
         """The budget preset, with `sft_steps` if set."""
-        return dataclasses.replace(BUDGETS[self.budget], sft_steps=self.sft_steps or BUDGETS[self.budget].sft_steps)
+        return dataclasses.replace(
+            BUDGETS[self.budget], sft_steps=self.sft_steps or BUDGETS[self.budget].sft_steps
+        )
 
     @property
     def arm_list(self) -> list[str]:
         """The arms of this run in `ARMS` order; (t) and (e) only where records have a written chain."""
         chosen = self.arms or self.spec.arms
-        return [a for a in ARMS if a in chosen and not (a in WRITTEN_ARMS and self.dataset != "synth")]
+        return [
+            a for a in ARMS if a in chosen and not (a in WRITTEN_ARMS and self.dataset != "synth")
+        ]
 
     def latent_steps_of(self, arm: str) -> int:
         """The latent budget an arm trains and is scored at."""

@@ -17,7 +17,16 @@ from typing import Any
 from medlvr.recipes.demo_arms import accuracy
 from medlvr.recipes.demo_config import ARMS, ArmResult, DemoConfig, DemoData
 
-COMPARISONS = (("c", "a"), ("c", "p"), ("c", "t"), ("c", "b"), ("d", "c"), ("e", "a"), ("e", "t"), ("e", "b"))
+COMPARISONS = (
+    ("c", "a"),
+    ("c", "p"),
+    ("c", "t"),
+    ("c", "b"),
+    ("d", "c"),
+    ("e", "a"),
+    ("e", "t"),
+    ("e", "b"),
+)
 """(arm, against): the claims tested at each depth."""
 
 
@@ -45,16 +54,32 @@ class Numbers:
 
     def rows(self, arm: str, seed: int, latent_steps: int | None = None) -> list[dict[str, Any]]:
         k = self.cfg.latent_steps_of(arm) if latent_steps is None else latent_steps
-        return [r for r in self.results[arm][seed].rows[self.split] if int(r.get("latent_steps") or 0) == k]
+        return [
+            r
+            for r in self.results[arm][seed].rows[self.split]
+            if int(r.get("latent_steps") or 0) == k
+        ]
 
-    def per_seed(self, arm: str, depth: int | None = None, latent_steps: int | None = None, control: str = "none") -> list[float]:
+    def per_seed(
+        self,
+        arm: str,
+        depth: int | None = None,
+        latent_steps: int | None = None,
+        control: str = "none",
+    ) -> list[float]:
         """Accuracy per seed, on all questions or those of one depth, with real images or under a control."""
         out = []
         for seed in self.cfg.seeds:
             rows = self.rows(arm, seed, latent_steps)
             if control != "none":
-                rows = [r for r in self.results[arm][seed].controls if r.get("image_control") == control]
-            ok = [bool(r["correct"]) for r in rows if depth is None or self.hop_of.get(r["id"]) == depth]
+                rows = [
+                    r for r in self.results[arm][seed].controls if r.get("image_control") == control
+                ]
+            ok = [
+                bool(r["correct"])
+                for r in rows
+                if depth is None or self.hop_of.get(r["id"]) == depth
+            ]
             if ok:
                 out.append(sum(ok) / len(ok))
         return out
@@ -67,8 +92,16 @@ class Numbers:
             return None
         a_ok, b_ok = [], []
         for seed in self.cfg.seeds:
-            mine = {r["id"]: bool(r["correct"]) for r in self.rows(arm, seed) if self.hop_of.get(r["id"]) == depth}
-            theirs = {r["id"]: bool(r["correct"]) for r in self.rows(other, seed) if self.hop_of.get(r["id"]) == depth}
+            mine = {
+                r["id"]: bool(r["correct"])
+                for r in self.rows(arm, seed)
+                if self.hop_of.get(r["id"]) == depth
+            }
+            theirs = {
+                r["id"]: bool(r["correct"])
+                for r in self.rows(other, seed)
+                if self.hop_of.get(r["id"]) == depth
+            }
             for qid in sorted(mine.keys() & theirs.keys()):
                 a_ok.append(theirs[qid])
                 b_ok.append(mine[qid])
@@ -107,7 +140,11 @@ def results_table(n: Numbers) -> list[dict[str, Any]]:
         for depth in [None, *n.depths]:
             per_seed = n.per_seed(arm, depth)
             m, s = _ms(per_seed)
-            count = sum(1 for r in n.rows(arm, n.cfg.seeds[0]) if depth is None or n.hop_of.get(r["id"]) == depth)
+            count = sum(
+                1
+                for r in n.rows(arm, n.cfg.seeds[0])
+                if depth is None or n.hop_of.get(r["id"]) == depth
+            )
             table.append({"variant": arm, "name": ARMS[arm], "split": n.split if depth is None else f"{n.split}, {depth} hop(s)",
                           "hops": depth, "K": n.cfg.latent_steps_of(arm), "mean": m, "std": s, "per_seed": per_seed, "n": count})  # fmt: skip
     return table
@@ -136,11 +173,19 @@ def verdict(n: Numbers, pairs: dict[tuple[str, str, int], dict[str, Any]]) -> li
         delta = 100 * (_ms(x)[0] - _ms(y)[0])
         if several:
             shown = _apart(x, y, margin)
-            how = "seed spreads apart" if shown or _ms(x)[0] - _ms(y)[0] < 0 else "seed spreads overlap"
+            how = (
+                "seed spreads apart"
+                if shown or _ms(x)[0] - _ms(y)[0] < 0
+                else "seed spreads overlap"
+            )
         else:
             shown = bool(p) and delta >= 100 * margin and p["p"] < 0.05 and p["ci"][0] > 0
             how = "one seed: judged by the paired test"
-        test = f"McNemar p = {p['p']:.3g}, 95% CI [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]" if p else "no paired test"
+        test = (
+            f"McNemar p = {p['p']:.3g}, 95% CI [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]"
+            if p
+            else "no paired test"
+        )
         lines.append(f"- {text} at {h} hops: **{delta:+.1f} points** ({_fmt(x)} vs {_fmt(y)}; {how}; {test}); "
                      f"threshold {100 * margin:+.0f} points: **{'met' if shown else 'not met'}**.")  # fmt: skip
 
@@ -150,12 +195,27 @@ def verdict(n: Numbers, pairs: dict[tuple[str, str, int], dict[str, Any]]) -> li
         lines.append(f"- Regime: direct (a) answers {n.depths[0]}-hop questions at {a1:.3f} and {h}-hop ones at {ad:.3f} "
                      f"({100 * (ad - a1):+.1f} points): {'the depth regime exists, so extra steps can pay' if regime else 'the regime (>= 0.90 at 1 hop, >= 20 points lower at the deepest) is not reached, so comparisons say little'}.")  # fmt: skip
     claim("c", "a", 0.10, "ROI-SFT (c) minus direct (a)")
-    claim("c", "p", 0.05, "ROI-SFT (c) minus the pause control (p): what the fed-back states add beyond extra positions,")
+    claim(
+        "c",
+        "p",
+        0.05,
+        "ROI-SFT (c) minus the pause control (p): what the fed-back states add beyond extra positions,",
+    )
     claim("c", "t", 0.0, "ROI-SFT (c) minus text reasoning (t)")
-    claim("c", "b", 0.0, "ROI-SFT (c) minus latent steps without ROI loss (b): what the alignment adds,")
+    claim(
+        "c",
+        "b",
+        0.0,
+        "ROI-SFT (c) minus latent steps without ROI loss (b): what the alignment adds,",
+    )
     claim("d", "c", 0.0, "VLPO (d) minus ROI-SFT (c)")
     claim("e", "a", 0.0, "The latent curriculum (e) minus direct (a)")
-    claim("e", "b", 0.0, "The latent curriculum (e) minus latent steps trained on answers alone (b): what the curriculum adds,")
+    claim(
+        "e",
+        "b",
+        0.0,
+        "The latent curriculum (e) minus latent steps trained on answers alone (b): what the curriculum adds,",
+    )
     claim("e", "t", 0.0, "The latent curriculum (e) minus the text reasoning it starts from (t)")
     chance = n.chance()
     for control, what in (("blank", "Blank images"), ("question-only", "No image (question only)")):
@@ -167,11 +227,15 @@ def verdict(n: Numbers, pairs: dict[tuple[str, str, int], dict[str, Any]]) -> li
     best = max(n.arms, key=lambda a: _ms(acc(a, h))[0])
     lines.append(f"- Best arm at {h} hops: ({best}) {ARMS[best]}, {_fmt(acc(best, h))}.")
     if not several:
-        lines.append(f"- {len(cfg.seeds)} seed(s): seed spreads need `--full` (3 seeds); differences under ~3 points are noise.")
+        lines.append(
+            f"- {len(cfg.seeds)} seed(s): seed spreads need `--full` (3 seeds); differences under ~3 points are noise."
+        )
     return lines
 
 
-def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: dict, out: Path, seconds: float):
+def write_demo_report(
+    cfg: DemoConfig, data: DemoData, results: dict, explain: dict, out: Path, seconds: float
+):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +245,12 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
     plots.mkdir(parents=True, exist_ok=True)
     n = Numbers(cfg, data, results)
     table = results_table(n)
-    pairs = {(a, b, d): p for d in n.depths for a, b in COMPARISONS if (p := n.paired(a, b, d)) is not None}
+    pairs = {
+        (a, b, d): p
+        for d in n.depths
+        for a, b in COMPARISONS
+        if (p := n.paired(a, b, d)) is not None
+    }
     said = verdict(n, pairs)
 
     lines = [
@@ -202,7 +271,9 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
         "",
         f"## Accuracy by reasoning depth ({cfg.split})",
         "",
-        "| arm | K | " + " | ".join(f"{d} hop(s)" for d in n.depths) + " | all | blank image | no image | ms / question | tokens written |",
+        "| arm | K | "
+        + " | ".join(f"{d} hop(s)" for d in n.depths)
+        + " | all | blank image | no image | ms / question | tokens written |",
         "|---|---|" + "---|" * (len(n.depths) + 5),
     ]
     for arm in n.arms:
@@ -226,14 +297,25 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
     sweep_arms = [a for a in "cd" if a in n.arms]
     if sweep_arms:
         latent_steps = sorted(set(results[sweep_arms[0]][cfg.seeds[0]].latent_steps))
-        lines += ["", "## Accuracy against the latent budget K at inference", "",
-                  "| arm | questions | " + " | ".join(f"K={k}" for k in latent_steps) + " |", "|---|---|" + "---|" * len(latent_steps)]
+        lines += [
+            "",
+            "## Accuracy against the latent budget K at inference",
+            "",
+            "| arm | questions | " + " | ".join(f"K={k}" for k in latent_steps) + " |",
+            "|---|---|" + "---|" * len(latent_steps),
+        ]
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm in sweep_arms:
             for depth, label in ((None, "all"), (n.deepest, f"{n.deepest} hops")):
                 vals = [n.per_seed(arm, depth, k) for k in latent_steps]
                 lines.append(f"| ({arm}) | {label} | " + " | ".join(_fmt(v) for v in vals) + " |")
-                ax.plot(latent_steps, [_ms(v)[0] for v in vals], marker="o", ls="-" if depth is None else "--", label=f"({arm}) {label}")
+                ax.plot(
+                    latent_steps,
+                    [_ms(v)[0] for v in vals],
+                    marker="o",
+                    ls="-" if depth is None else "--",
+                    label=f"({arm}) {label}",
+                )
         ax.set_xlabel("latent steps K at inference")
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)
@@ -257,19 +339,34 @@ def write_demo_report(cfg: DemoConfig, data: DemoData, results: dict, explain: d
 
             lines.append(f"| ({arm}) | {cell(hp.get('similarity'))} | {cell(hp.get('attention'))} | {cell(hp.get('random'))} | "
                          f"{cell(hp.get('similarity_other_hops'))} | {hp.get('steps', 0)} | {cell(m.get('similarity', {}).get('roi_mass'))} |")  # fmt: skip
-        by_hop = {arm: m.get("hop_pointing", {}).get("by_hop", {}) for arm, m in explain["metrics"].items()}
+        by_hop = {
+            arm: m.get("hop_pointing", {}).get("by_hop", {})
+            for arm, m in explain["metrics"].items()
+        }
         hops = sorted({int(j) for v in by_hop.values() for j in v})
         if hops:
-            lines += ["", "Similarity pointing by the hop a step group is assigned to (random floor in brackets):", "",
-                      "| arm | " + " | ".join(f"hop {j}" for j in hops) + " |", "|---|" + "---|" * len(hops)]
+            lines += [
+                "",
+                "Similarity pointing by the hop a step group is assigned to (random floor in brackets):",
+                "",
+                "| arm | " + " | ".join(f"hop {j}" for j in hops) + " |",
+                "|---|" + "---|" * len(hops),
+            ]
             for arm, v in by_hop.items():
-                cells = [f"{v[str(j)]['similarity']:.3f} ({v[str(j)]['random']:.3f})" if str(j) in v else "–" for j in hops]
+                cells = [
+                    f"{v[str(j)]['similarity']:.3f} ({v[str(j)]['random']:.3f})"
+                    if str(j) in v
+                    else "–"
+                    for j in hops
+                ]
                 lines.append(f"| ({arm}) | " + " | ".join(cells) + " |")
         for img in explain.get("images", []):
             lines.append(f"\n![explanation]({Path(img).relative_to(out)})")
 
     _curves(plt, n, plots / "training_curves.png")
-    lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in sorted(plots.glob("*.png"))]
+    lines += ["", "## Plots", ""] + [
+        f"![{p.stem}](plots/{p.name})" for p in sorted(plots.glob("*.png"))
+    ]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     payload = {"table": table, "pairs": [p for p in pairs.values()], "chance": n.chance(),
@@ -285,7 +382,14 @@ def _depth_plot(plt, n: Numbers, path: Path) -> None:
     for i, arm in enumerate(n.arms):
         stats = [_ms(n.per_seed(arm, d)) for d in n.depths]
         xs = [d + (i - len(n.arms) / 2) * 0.04 for d in n.depths]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=f"({arm}) {ARMS[arm]}")
+        ax.errorbar(
+            xs,
+            [m for m, _ in stats],
+            yerr=[s for _, s in stats],
+            marker="o",
+            capsize=3,
+            label=f"({arm}) {ARMS[arm]}",
+        )
     ax.axhline(n.chance(), color="grey", ls=":", label="chance")
     ax.set_xticks(n.depths)
     ax.set_xlabel("hops (lookups in sequence)")
@@ -308,7 +412,12 @@ def _curves(plt, n: Numbers, path: Path) -> None:
     if "c" in n.arms:
         aligned = [h for h in n.results["c"][seed].history if h.get("align") is not None]
         if aligned:
-            ax.plot([h["step"] for h in aligned], [h["align"] for h in aligned], "--", label="(c) alignment loss")
+            ax.plot(
+                [h["step"] for h in aligned],
+                [h["align"] for h in aligned],
+                "--",
+                label="(c) alignment loss",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -174,7 +174,10 @@ _LESION = re.compile(r"([a-z ]+):\s*(small|large)\s+(bright|dark)\s+(\w+)")
 
 def parse_description(text: str) -> dict[str, tuple[str, str, str]]:
     """'upper left: small bright round; center: ...' -> region -> (size, intensity, shape)."""
-    return {m.group(1).strip(): (m.group(2), m.group(3), m.group(4)) for m in _LESION.finditer(text.lower())}
+    return {
+        m.group(1).strip(): (m.group(2), m.group(3), m.group(4))
+        for m in _LESION.finditer(text.lower())
+    }
 
 
 def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32) -> dict[str, Any]:
@@ -187,7 +190,9 @@ def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     lesions = found = shape = size = intensity = exact = 0
     ground_n = ground_ok = inspect_n = inspect_ok = 0
-    hop1: dict[str, list[bool]] = {}  # "chain", "attribute:size", "presence", ... -> correct per question
+    hop1: dict[
+        str, list[bool]
+    ] = {}  # "chain", "attribute:size", "presence", ... -> correct per question
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         texts = vlm.generate(collate(chunk), 0, max_new_tokens=80).texts
@@ -244,8 +249,13 @@ def _card(cfg: Stage0Config, scores: dict[str, Any]) -> str:
         f"--position-weight {cfg.position_weight} --question-share {cfg.question_share}"
         + (f" --init {cfg.init}" if cfg.init else "")
     )
-    start = f"continued from `{cfg.init}`" if cfg.init else f"random initialisation, seed {cfg.seed}"
-    rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scores.items())
+    start = (
+        f"continued from `{cfg.init}`" if cfg.init else f"random initialisation, seed {cfg.seed}"
+    )
+    rows = "\n".join(
+        f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in scores.items()
+    )
     return f"""# Stage-0 backbone of the laptop demo
 
 A `{cfg.size}` Qwen2.5-VL backbone ({start}) pretrained with `run_sft` (mode `plain`,

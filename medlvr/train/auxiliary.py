@@ -38,7 +38,9 @@ class AuxiliaryLoss(Protocol):
     sample_fields: Mapping[str, Callable[..., Any]]
     """Batch keys it reads, each computed per sample by the collator (`VQACollator(sample_fields=...)`)."""
 
-    def loss(self, module: nn.Module, fwd: ForwardOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, module: nn.Module, fwd: ForwardOutput, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-sample loss `[B]` through `module` (the prepared `self.module`), and named sums for its metrics."""
         ...
 
@@ -51,7 +53,9 @@ class AuxiliaryLoss(Protocol):
         ...
 
 
-def auxiliary_losses(cfg: SFTConfig, samples: Sequence[VQASample], hidden_size: int, resume_dir: Path | None) -> list[AuxiliaryLoss]:
+def auxiliary_losses(
+    cfg: SFTConfig, samples: Sequence[VQASample], hidden_size: int, resume_dir: Path | None
+) -> list[AuxiliaryLoss]:
     """The auxiliary losses `cfg` switches on, their modules' weights from `resume_dir` when resuming."""
     losses: list[AuxiliaryLoss] = []
     if cfg.probe.weight:

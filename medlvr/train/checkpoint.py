@@ -58,7 +58,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in out.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -89,7 +93,9 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
             else:
                 scalars[f"{idx}.{key}"] = val
     save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+    (folder / "optimizer.json").write_text(
+        json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+    )
 
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -100,7 +106,9 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = val
     if len(meta["param_groups"]) != len(optimizer.param_groups):
-        raise MedlvrError("the checkpoint's optimizer has different parameter groups: was the config changed?")
+        raise MedlvrError(
+            "the checkpoint's optimizer has different parameter groups: was the config changed?"
+        )
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -113,7 +121,13 @@ def rng_to_files(folder: Path, rank: int) -> None:
     np_state = np.random.get_state()
     py_state = random.getstate()
     meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
     (folder / f"rng-rank{rank}.json").write_text(json.dumps(meta))
@@ -140,7 +154,9 @@ def rng_from_files(folder: Path, rank: int) -> bool:
 # ---------------------------------------------------------------------------- model
 
 
-def save_model_files(vlm: Any, folder: Path, *, lora: bool, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_model_files(
+    vlm: Any, folder: Path, *, lora: bool, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """`model/` (full) or `adapter/` (LoRA) under `folder`; returns it.
 
     `state_dict` (LatentVLM keys) is the gathered state under FSDP/ZeRO-3, where the
@@ -149,7 +165,9 @@ def save_model_files(vlm: Any, folder: Path, *, lora: bool, state_dict: dict[str
     if lora:
         out = folder / "adapter"
         bb_state = _strip(state_dict, "backbone.") if state_dict is not None else None
-        vlm.backbone.save_pretrained(str(out), state_dict=bb_state) if bb_state else vlm.backbone.save_pretrained(str(out))
+        vlm.backbone.save_pretrained(
+            str(out), state_dict=bb_state
+        ) if bb_state else vlm.backbone.save_pretrained(str(out))
         vlm.processor.save_pretrained(str(out))
         vlm.save_latent_files(out, state_dict)  # projector, pause inputs, latent config
         return out
@@ -164,7 +182,7 @@ def save_model_files(vlm: Any, folder: Path, *, lora: bool, state_dict: dict[str
 
 
 def _strip(state: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in (state or {}).items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in (state or {}).items() if k.startswith(prefix)}
 
 
 def load_adapter_files(vlm: Any, folder: Path) -> None:
@@ -176,7 +194,9 @@ def load_adapter_files(vlm: Any, folder: Path) -> None:
     result = set_peft_model_state_dict(vlm.backbone, weights)
     bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if bad:
-        raise MedlvrError(f"adapter in {src} does not fit the model (e.g. {bad[0]}): was lora.target_modules changed?")
+        raise MedlvrError(
+            f"adapter in {src} does not fit the model (e.g. {bad[0]}): was lora.target_modules changed?"
+        )
     vlm.load_latent_files(src)
 
 
@@ -218,22 +238,36 @@ def save_checkpoint(
             rng_to_files(tmp, accelerator.process_index)
             if sharded:
                 accelerator.save_state(str(tmp / "engine_state"), safe_serialization=True)
-                (tmp / "engine_state" / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
+                (tmp / "engine_state" / f"random_states_{accelerator.process_index}.pkl").unlink(
+                    missing_ok=True
+                )
                 accelerator.wait_for_everyone()  # every rank's RNG pickle is gone before the listing below
         if accelerator.is_main_process:
             save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
             for stem, tensors in (extra or {}).items():
-                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{stem}.safetensors")
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    tmp / f"{stem}.safetensors",
+                )
             if save_optimizer:
                 if not sharded:
                     optimizer_to_files(optimizer, tmp)
                 (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             save_config(config, tmp / "config.yaml")
-            state = {**trainer_state, "step": step, "saved_at": time.time(), "world_size": accelerator.num_processes}
-            pickled = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.suffix in PICKLE_SUFFIXES)
+            state = {
+                **trainer_state,
+                "step": step,
+                "saved_at": time.time(),
+                "world_size": accelerator.num_processes,
+            }
+            pickled = sorted(
+                str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.suffix in PICKLE_SUFFIXES
+            )
             if pickled:  # the sharded engines' optimizer state (see the module docstring)
                 state["pickle_files"] = pickled
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))  # written last: marks completeness
+            (tmp / TRAINER_STATE).write_text(
+                json.dumps(state, indent=2)
+            )  # written last: marks completeness
             _replace_dir(tmp, final)
             if keep_last:
                 prune_checkpoints(output_dir, keep_last)
@@ -249,12 +283,20 @@ def _write_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (OSError, SafetensorError) as err:
-        reason = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror and err.filename else str(err)
-        raise MedlvrError(f"could not write {what} ({reason}); the checkpoints before it are complete: "
-                          "make room and continue with --resume") from None
+        reason = (
+            f"{err.strerror}: {err.filename}"
+            if isinstance(err, OSError) and err.strerror and err.filename
+            else str(err)
+        )
+        raise MedlvrError(
+            f"could not write {what} ({reason}); the checkpoints before it are complete: "
+            "make room and continue with --resume"
+        ) from None
 
 
-def recorded_result(output_dir: str | Path, resume_dir: Path | None, total_steps: int) -> dict[str, Any] | None:
+def recorded_result(
+    output_dir: str | Path, resume_dir: Path | None, total_steps: int
+) -> dict[str, Any] | None:
     """`result.json` of a finished run when the checkpoint to resume is its last step, else None.
 
     Resuming a finished run is then a no-op: no model is loaded and nothing is
@@ -270,7 +312,10 @@ def recorded_result(output_dir: str | Path, resume_dir: Path | None, total_steps
     if step < total_steps or result.get("steps") != step:
         return None
     if step > total_steps:
-        warnings.warn(f"the run in {output_dir} finished at step {step}, beyond {total_steps} steps: nothing to do", stacklevel=3)
+        warnings.warn(
+            f"the run in {output_dir} finished at step {step}, beyond {total_steps} steps: nothing to do",
+            stacklevel=3,
+        )
     return result
 
 
@@ -287,7 +332,11 @@ LEFTOVERS = re.compile(r"^\.(tmp|old)-(step-\d{7}|final)$")  # a save or an expo
 FIXED_ON_RESUME = ("mode", "seed", "model.path", "model.finetune", "model.freeze_vision", "model.freeze_merger",
                    "model.freeze_language", "latent.projector", "latent.input", "lora.", "probe.", "data.train",
                    "data.weights", "data.max_samples")  # fmt: skip
-NOT_SETTINGS = ("output_dir", "checkpoint.resume", "checkpoint.overwrite")  # where and how, not what, the run trains
+NOT_SETTINGS = (
+    "output_dir",
+    "checkpoint.resume",
+    "checkpoint.overwrite",
+)  # where and how, not what, the run trains
 
 
 def run_files(output_dir: str | Path) -> list[str]:
@@ -295,7 +344,11 @@ def run_files(output_dir: str | Path) -> list[str]:
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if STEP_DIR.match(p.name) or LEFTOVERS.match(p.name) or p.name in RUN_FILES)
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if STEP_DIR.match(p.name) or LEFTOVERS.match(p.name) or p.name in RUN_FILES
+    )
 
 
 def _trained(output_dir: Path, found: list[str]) -> bool:
@@ -321,28 +374,40 @@ def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
     trained = _trained(out, found)
     if trained and not (ck.resume or ck.overwrite):
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-        raise MedlvrError(f"{out} holds a run ({shown}): pass --resume (checkpoint.resume=true) to continue it, or "
-                          "--overwrite (checkpoint.overwrite=true) to delete it and start over")
+        raise MedlvrError(
+            f"{out} holds a run ({shown}): pass --resume (checkpoint.resume=true) to continue it, or "
+            "--overwrite (checkpoint.overwrite=true) to delete it and start over"
+        )
     resume_dir = latest_checkpoint(out) if ck.resume else None
     applied: list[str] = []
     if resume_dir is not None:
         applied, fixed = config_changes(cfg, resume_dir / "config.yaml")
         if fixed:
-            raise MedlvrError(f"cannot resume {out} with changed settings: {', '.join(fixed)} (the checkpoint was "
-                              "made with the old values); set them back, or start a new run with --overwrite or another output_dir")
+            raise MedlvrError(
+                f"cannot resume {out} with changed settings: {', '.join(fixed)} (the checkpoint was "
+                "made with the old values); set them back, or start a new run with --overwrite or another output_dir"
+            )
     accelerator.wait_for_everyone()  # every process has looked before the main one deletes
     if accelerator.is_main_process:
         # Overwrite: the old run goes; a resume: the leftovers of a save cut short; a start that never
         # trained left only its config and empty logs, which the new start replaces.
-        for name in [n for n in found if LEFTOVERS.match(n)] if trained and not ck.overwrite else found:
+        for name in (
+            [n for n in found if LEFTOVERS.match(n)] if trained and not ck.overwrite else found
+        ):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         if ck.resume and resume_dir is None and found:
-            warnings.warn(f"checkpoint.resume is set but {out} has no complete checkpoint: starting over", stacklevel=2)
+            warnings.warn(
+                f"checkpoint.resume is set but {out} has no complete checkpoint: starting over",
+                stacklevel=2,
+            )
         if applied:
             step = json.loads((resume_dir / TRAINER_STATE).read_text())["step"]  # type: ignore[operator]
-            warnings.warn(f"resuming {out} at step {step} with changed settings, applied from there on (config.yaml "
-                          f"records them): {', '.join(applied)}", stacklevel=2)
+            warnings.warn(
+                f"resuming {out} at step {step} with changed settings, applied from there on (config.yaml "
+                f"records them): {', '.join(applied)}",
+                stacklevel=2,
+            )
     accelerator.wait_for_everyone()
     return resume_dir
 
@@ -359,7 +424,9 @@ def config_changes(cfg: Any, saved: Path) -> tuple[list[str], list[str]]:
     for key in sorted(set(old) & set(new)):  # a setting newer than the checkpoint has no old value
         if old[key] == new[key] or key.startswith(NOT_SETTINGS):
             continue
-        (fixed if key.startswith(FIXED_ON_RESUME) else applied).append(f"{key} {old[key]!r} -> {new[key]!r}")
+        (fixed if key.startswith(FIXED_ON_RESUME) else applied).append(
+            f"{key} {old[key]!r} -> {new[key]!r}"
+        )
     return applied, fixed
 
 
@@ -385,27 +452,40 @@ def load_training_state(
     `scheduler` were built with, so a changed `optim.*` applies from the resumed step on.
     """
     if not (folder / "scheduler.json").is_file():
-        raise MedlvrError(f"{folder} has no optimizer state (saved with checkpoint.save_optimizer=false): cannot resume exactly")
-    built = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+        raise MedlvrError(
+            f"{folder} has no optimizer state (saved with checkpoint.save_optimizer=false): cannot resume exactly"
+        )
+    built = [
+        {k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups
+    ]
     if _sharded(accelerator):
         accelerator.load_state(str(folder / "engine_state"))
     else:
         optimizer_from_files(optimizer, folder)
     sched = json.loads((folder / "scheduler.json").read_text())
     sched["base_lrs"] = [g["initial_lr"] for g in built]
-    sched["_last_lr"] = [base * f(sched["last_epoch"]) for base, f in zip(sched["base_lrs"], scheduler.lr_lambdas)]
+    sched["_last_lr"] = [
+        base * f(sched["last_epoch"]) for base, f in zip(sched["base_lrs"], scheduler.lr_lambdas)
+    ]
     scheduler.load_state_dict(sched)
     for group, hyper, lr in zip(optimizer.param_groups, built, sched["_last_lr"]):
         group.update(hyper, lr=lr)
     if not rng_from_files(folder, accelerator.process_index):
         import warnings
 
-        warnings.warn(f"{folder} has no RNG state for rank {accelerator.process_index}; dropout streams will differ", stacklevel=2)
+        warnings.warn(
+            f"{folder} has no RNG state for rank {accelerator.process_index}; dropout streams will differ",
+            stacklevel=2,
+        )
     return json.loads((folder / TRAINER_STATE).read_text())
 
 
 def resume_training(
-    accelerator: Any, folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any, expected: dict[str, int]
+    accelerator: Any,
+    folder: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    expected: dict[str, int],
 ) -> tuple[int, int, dict[str, Any]]:
     """`load_training_state`, then (step, samples seen, last logged metrics).
 

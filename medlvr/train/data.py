@@ -67,9 +67,13 @@ class SampleStream:
         if weights:
             n_files = int(source.max()) + 1
             if len(weights) != n_files:
-                raise MedlvrError(f"data.weights has {len(weights)} entries for {n_files} training files")
+                raise MedlvrError(
+                    f"data.weights has {len(weights)} entries for {n_files} training files"
+                )
             counts = np.bincount(source, minlength=n_files).astype(np.float64)
-            w = np.asarray(weights, dtype=np.float64)[source] / counts[source]  # each file gets its weight's share
+            w = (
+                np.asarray(weights, dtype=np.float64)[source] / counts[source]
+            )  # each file gets its weight's share
             self.prob = w / w.sum()
         self._cache: dict[int, np.ndarray] = {}
 
@@ -77,7 +81,11 @@ class SampleStream:
         """Sample indices of epoch `e` (a permutation, or weighted draws with replacement)."""
         if e not in self._cache:
             rng = np.random.default_rng([self.seed, e])
-            order = rng.permutation(self.n) if self.prob is None else rng.choice(self.n, self.n, p=self.prob)
+            order = (
+                rng.permutation(self.n)
+                if self.prob is None
+                else rng.choice(self.n, self.n, p=self.prob)
+            )
             self._cache = {e: order}  # one epoch at a time is enough
         return self._cache[e]
 
@@ -94,8 +102,12 @@ class SampleStream:
 
 
 def roi_targets(
-    visual_tokens: Sequence[torch.Tensor], roi_index: Sequence[torch.Tensor], k: int, *,
-    assign: str = "raster", hop_index: Sequence[Sequence[torch.Tensor]] | None = None,
+    visual_tokens: Sequence[torch.Tensor],
+    roi_index: Sequence[torch.Tensor],
+    k: int,
+    *,
+    assign: str = "raster",
+    hop_index: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Pooled ROI targets `[B, k, d]` (`[B, 1, d]` for `first`), the ROI mask `[B]`, and per-sample negatives.
 
@@ -109,7 +121,9 @@ def roi_targets(
         raise MedlvrError("ROI alignment needs images: the batch has no visual tokens")
     d = visual_tokens[0].shape[-1]
     dev = visual_tokens[0].device
-    targets = torch.zeros(len(visual_tokens), 1 if assign == "first" else k, d, device=dev, dtype=torch.float32)
+    targets = torch.zeros(
+        len(visual_tokens), 1 if assign == "first" else k, d, device=dev, dtype=torch.float32
+    )
     mask = torch.zeros(len(visual_tokens), dtype=torch.bool, device=dev)
     negatives: list[torch.Tensor] = []
     for i, (vis, idx) in enumerate(zip(visual_tokens, roi_index)):
@@ -117,7 +131,9 @@ def roi_targets(
         keep = torch.ones(vis.shape[0], dtype=torch.bool, device=dev)
         if idx.numel():
             idx = idx.to(dev)
-            targets[i] = assigned_targets(vis, idx, k, assign, hop_index[i] if hop_index is not None else None)
+            targets[i] = assigned_targets(
+                vis, idx, k, assign, hop_index[i] if hop_index is not None else None
+            )
             mask[i] = True
             keep[idx] = False
         negatives.append(vis[keep])

@@ -26,7 +26,9 @@ from medlvr.config import PolicyAggregation
 ALIGN_KINDS = ("cosine", "mse", "infonce")
 
 
-def cosine_alignment(latents: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def cosine_alignment(
+    latents: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """`1 - cos(z_k, t_k)`, averaged over the K steps: `[B]`, zero where `mask` is False."""
     cos = F.cosine_similarity(latents.float(), targets.detach().float(), dim=-1, eps=1e-6)  # [B, K]
     return (1.0 - cos).mean(-1) * mask.to(cos.dtype)
@@ -77,7 +79,9 @@ def alignment_loss(
 ) -> torch.Tensor:
     """Per-sample alignment loss `[B]` of the given kind (`cosine`, `mse`, `infonce`)."""
     if latents.shape != targets.shape:
-        raise ValueError(f"latents {tuple(latents.shape)} and targets {tuple(targets.shape)} differ")
+        raise ValueError(
+            f"latents {tuple(latents.shape)} and targets {tuple(targets.shape)} differ"
+        )
     if kind == "cosine":
         return cosine_alignment(latents, targets, mask)
     if kind == "mse":
@@ -89,7 +93,9 @@ def alignment_loss(
     raise ValueError(f"unknown alignment kind {kind!r}; expected one of {', '.join(ALIGN_KINDS)}")
 
 
-def alignment_mask(roi_index: Sequence[torch.Tensor], n_tokens: Sequence[int], kind: str) -> torch.Tensor:
+def alignment_mask(
+    roi_index: Sequence[torch.Tensor], n_tokens: Sequence[int], kind: str
+) -> torch.Tensor:
     """`[B]` bool: the samples whose alignment term carries a signal, the ones its normaliser counts.
 
     A sample counts when its ROI covers some of its `n_tokens` visual tokens (`roi_index` may be
@@ -97,10 +103,14 @@ def alignment_mask(roi_index: Sequence[torch.Tensor], n_tokens: Sequence[int], k
     the softmax has one entry and the loss is 0 whatever the latents.
     """
     counts = [int(idx.numel()) for idx in roi_index]
-    return torch.tensor([0 < c and (kind != "infonce" or c < n) for c, n in zip(counts, n_tokens)], dtype=torch.bool)
+    return torch.tensor(
+        [0 < c and (kind != "infonce" or c < n) for c, n in zip(counts, n_tokens)], dtype=torch.bool
+    )
 
 
-def pad_tokens(tokens: Sequence[torch.Tensor], d: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_tokens(
+    tokens: Sequence[torch.Tensor], d: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack per-sample token sets `[N_i, d]` into `[B, max N, d]` with a `[B, max N]` mask."""
     n = max((int(t.shape[0]) for t in tokens), default=0)
     n = max(n, 1)  # keep a column so shapes stay valid when every set is empty
@@ -144,6 +154,7 @@ __all__ = [
 # `logp [N, K + T]` holds the latent log-densities (`gaussian_logprob`, per dimension or
 # summed: `vlpo.latent_logprob`) and the answer-token log-probabilities side by side,
 # `mask [N, K + T]` marks the units that are actions (`rollout.unit_mask`).
+
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The k3 estimator of KL(pi || ref) per unit (Schulman, "Approximating KL divergence", 2020).
@@ -194,7 +205,9 @@ def policy_loss(
     if aggregation not in get_args(PolicyAggregation):
         raise ValueError(f"unknown aggregation {aggregation!r}; expected token or sequence")
     if not (logp.shape == old_logp.shape == mask.shape):
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask {tuple(mask.shape)} differ")
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask {tuple(mask.shape)} differ"
+        )
     m = mask.to(torch.float32)
     adv = advantages.float()[:, None]  # [N, 1]
     ratio = torch.exp(logp.float() - old_logp.float().detach())  # [N, U]
@@ -203,7 +216,9 @@ def policy_loss(
     low[:latent_steps] = 1.0 - (clip_low if latent_clip_low is None else latent_clip_low)
     high[:latent_steps] = 1.0 + (clip_high if latent_clip_high is None else latent_clip_high)
     clipped_ratio = torch.clamp(ratio, min=low, max=high)
-    unit = -torch.minimum(ratio * adv, clipped_ratio * adv)  # [N, U]; the clipped branch has no gradient
+    unit = -torch.minimum(
+        ratio * adv, clipped_ratio * adv
+    )  # [N, U]; the clipped branch has no gradient
     kl = torch.zeros_like(unit)
     if ref_logp is not None:
         kl = kl_k3(logp, ref_logp.detach())

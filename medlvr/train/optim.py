@@ -11,7 +11,9 @@ from torch import nn
 from medlvr.config import OptimConfig
 
 
-def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: decay on matrices only; the latent projector and pause inputs at `projector_lr`.
 
     Norm weights, biases and scalar scales are not decayed (decaying a norm gain
@@ -29,7 +31,9 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Optim
     param_groups = []
     for (decay, proj), params in sorted(groups.items()):
         lr = cfg.projector_lr if proj and cfg.projector_lr > 0 else cfg.lr
-        param_groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr})
+        param_groups.append(
+            {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr}
+        )
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -45,7 +49,9 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the peak, then cosine/linear decay to `min_lr_ratio` at `total_steps`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
 

@@ -32,7 +32,9 @@ def probe_labels(samples: Sequence[VQASample], question_types: Sequence[str] = (
     """Every ROI label on the samples the probe applies to, sorted (background not included)."""
     labels = {r.label for s in samples if _applies(s, question_types) for r in s.rois if r.label}
     if not labels:
-        raise MedlvrError("probe: no labelled ROIs on the training samples it applies to (check probe.question_types)")
+        raise MedlvrError(
+            "probe: no labelled ROIs on the training samples it applies to (check probe.question_types)"
+        )
     return sorted(labels)
 
 
@@ -44,7 +46,9 @@ class TokenTargets(NamedTuple):
     """What the probe learns for one sample's visual tokens."""
 
     labels: torch.Tensor  # [N] long: 0 background, i for classes[i], -100 not probed
-    centres: torch.Tensor  # [N, 2] float: each token's cell centre (y, x) as a fraction of its image
+    centres: (
+        torch.Tensor
+    )  # [N, 2] float: each token's cell centre (y, x) as a fraction of its image
 
 
 def token_centres(grid: TokenGrid, width: int, height: int) -> torch.Tensor:
@@ -69,17 +73,25 @@ class TokenLabeler:
         self.index = {c: i for i, c in enumerate(self.classes)}
         self.question_types = list(question_types)
 
-    def __call__(self, sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]) -> TokenTargets:
+    def __call__(
+        self, sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]
+    ) -> TokenTargets:
         offsets = [0]
         for g in grids:
             offsets.append(offsets[-1] + g.n_tokens)
-        centres = torch.cat([token_centres(g, w, h) for g, (w, h) in zip(grids, sizes)]) if grids else torch.zeros(0, 2)
+        centres = (
+            torch.cat([token_centres(g, w, h) for g, (w, h) in zip(grids, sizes)])
+            if grids
+            else torch.zeros(0, 2)
+        )
         if not _applies(sample, self.question_types):
             return TokenTargets(torch.full((offsets[-1],), IGNORE, dtype=torch.long), centres)
         out = torch.zeros(offsets[-1], dtype=torch.long)
         for roi in sample.rois:
             w, h = sizes[roi.image]
-            tokens = torch.tensor(box_to_tokens(roi.box, grids[roi.image], w, h)) + offsets[roi.image]
+            tokens = (
+                torch.tensor(box_to_tokens(roi.box, grids[roi.image], w, h)) + offsets[roi.image]
+            )
             out[tokens] = self.index.get(roi.label or "", IGNORE)
         return TokenTargets(out, centres)
 
@@ -100,14 +112,18 @@ class TokenProbe(nn.Module):
         self.position_weight = position_weight
         self.position = nn.Linear(hidden_size, 2) if position_weight else None
 
-    def forward(self, visual_tokens: Sequence[torch.Tensor], targets: Sequence[TokenTargets]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, visual_tokens: Sequence[torch.Tensor], targets: Sequence[TokenTargets]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample loss `[B]`: mean token cross-entropy where probed (else 0) plus `position_weight`
         times the mean squared position error (every sample); and counts `[3]`: foreground
         tokens classified right, foreground tokens, probed samples."""
         losses, hits = [], torch.zeros(3)
         for tokens, (y, centres) in zip(visual_tokens, targets):
             if not tokens.shape[0] == y.shape[0] == centres.shape[0]:
-                raise MedlvrError(f"probe: {tokens.shape[0]} visual tokens but {y.shape[0]} token labels, {centres.shape[0]} positions")
+                raise MedlvrError(
+                    f"probe: {tokens.shape[0]} visual tokens but {y.shape[0]} token labels, {centres.shape[0]} positions"
+                )
             y = y.to(tokens.device)
             position = tokens.new_zeros(())
             if self.position is not None:
@@ -118,11 +134,15 @@ class TokenProbe(nn.Module):
             logits = self.head(tokens.float())  # [N, C]
             keep = y != IGNORE
             if not keep.any():
-                losses.append(logits.sum() * 0.0 + self.position_weight * position)  # zero terms keep DDP's graph whole
+                losses.append(
+                    logits.sum() * 0.0 + self.position_weight * position
+                )  # zero terms keep DDP's graph whole
                 continue
             losses.append(F.cross_entropy(logits[keep], y[keep]) + self.position_weight * position)
             fg = keep & (y > 0)
-            hits += torch.tensor([float((logits[fg].argmax(-1) == y[fg]).sum()), float(fg.sum()), 1.0])
+            hits += torch.tensor(
+                [float((logits[fg].argmax(-1) == y[fg]).sum()), float(fg.sum()), 1.0]
+            )
         return torch.stack(losses), hits
 
 
@@ -135,24 +155,46 @@ class ProbeLoss:
     name = "probe"
 
     def __init__(self, cfg: ProbeConfig, samples: Sequence[VQASample], hidden_size: int):
-        labeler = TokenLabeler(cfg.labels or probe_labels(samples, cfg.question_types), cfg.question_types)
+        labeler = TokenLabeler(
+            cfg.labels or probe_labels(samples, cfg.question_types), cfg.question_types
+        )
         self.weight = cfg.weight
         self.module = TokenProbe(hidden_size, labeler.classes, cfg.position_weight)
         self.sample_fields = {"token_labels": labeler}
 
-    def loss(self, module: nn.Module, fwd: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, module: nn.Module, fwd: Any, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         loss, hits = module(fwd.visual_tokens, batch["token_labels"])  # [B], [3]
         right, tokens, probed = hits.tolist()
-        return loss, {"probe": float(loss.detach().sum()), "probe_right": right, "probe_tokens": tokens, "probe_samples": probed}
+        return loss, {
+            "probe": float(loss.detach().sum()),
+            "probe_right": right,
+            "probe_tokens": tokens,
+            "probe_samples": probed,
+        }
 
     def metrics(self, totals: Mapping[str, float]) -> dict[str, float | None]:
         return {
-            "probe": totals["probe"] / totals["probe_samples"] if totals["probe_samples"] else None,  # mean over probed samples
-            "probe_acc": totals["probe_right"] / totals["probe_tokens"] if totals["probe_tokens"] else None,  # foreground tokens only
+            "probe": totals["probe"] / totals["probe_samples"]
+            if totals["probe_samples"]
+            else None,  # mean over probed samples
+            "probe_acc": totals["probe_right"] / totals["probe_tokens"]
+            if totals["probe_tokens"]
+            else None,  # foreground tokens only
         }
 
     def progress(self, row: Mapping[str, Any]) -> str:
         return f" probe {row['probe']:.3f}" if row.get("probe") is not None else ""
 
 
-__all__ = ["BACKGROUND", "IGNORE", "ProbeLoss", "TokenLabeler", "TokenProbe", "TokenTargets", "probe_labels", "token_centres"]
+__all__ = [
+    "BACKGROUND",
+    "IGNORE",
+    "ProbeLoss",
+    "TokenLabeler",
+    "TokenProbe",
+    "TokenTargets",
+    "probe_labels",
+    "token_centres",
+]

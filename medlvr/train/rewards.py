@@ -56,15 +56,21 @@ class RewardContext:
 
 
 class RewardFn(Protocol):
-    def __call__(self, sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext) -> float: ...
+    def __call__(
+        self, sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext
+    ) -> float: ...
 
 
-def accuracy(sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext) -> float:
+def accuracy(
+    sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext
+) -> float:
     """1.0 when the evaluation scorer marks the response correct, else 0.0 (invalid answers earn 0)."""
     return accuracy_reward(sample, response)
 
 
-def format_reward(sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext) -> float:
+def format_reward(
+    sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext
+) -> float:
     """1.0 when the answer parses under the evaluation parser and the rollout stopped by itself.
 
     "Parses" is `score(...).invalid is False`: the same rule that counts invalid
@@ -76,7 +82,9 @@ def format_reward(sample: VQASample, response: str, latents: torch.Tensor, conte
     return 0.0 if score(sample, response).invalid else 1.0
 
 
-def roi_evidence(sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext) -> float:
+def roi_evidence(
+    sample: VQASample, response: str, latents: torch.Tensor, context: RewardContext
+) -> float:
     """Mean cosine between the latents z_k and their ROI targets, in [-1, 1].
 
     Targets are `assigned_targets(visual_tokens, roi_index, K, context.assign, ...)`, the
@@ -87,17 +95,32 @@ def roi_evidence(sample: VQASample, response: str, latents: torch.Tensor, contex
     steps, earns 0 (no evidence to point at; the group advantage removes the constant).
     """
     k = latents.shape[0]
-    if k == 0 or context.visual_tokens is None or context.roi_index is None or context.roi_index.numel() == 0:
+    if (
+        k == 0
+        or context.visual_tokens is None
+        or context.roi_index is None
+        or context.roi_index.numel() == 0
+    ):
         return 0.0
-    targets = assigned_targets(context.visual_tokens, context.roi_index, k, context.assign, context.roi_hop_index).float()  # [K or 1, d]
+    targets = assigned_targets(
+        context.visual_tokens, context.roi_index, k, context.assign, context.roi_hop_index
+    ).float()  # [K or 1, d]
     z = latents[: targets.shape[0]].to(targets.device).float()  # [K or 1, d]
     return float(F.cosine_similarity(z, targets, dim=-1).mean())
 
 
-ROI_EVIDENCE = {"roi_evidence": "raster", "roi_evidence_first": "first", "roi_evidence_chain": "chain"}
+ROI_EVIDENCE = {
+    "roi_evidence": "raster",
+    "roi_evidence_first": "first",
+    "roi_evidence_chain": "chain",
+}
 """The names of `roi_evidence` and the `align.assign` each scores under (`RewardSet.assign`)."""
 
-BUILTIN: dict[str, RewardFn] = {"accuracy": accuracy, "format": format_reward, **dict.fromkeys(ROI_EVIDENCE, roi_evidence)}
+BUILTIN: dict[str, RewardFn] = {
+    "accuracy": accuracy,
+    "format": format_reward,
+    **dict.fromkeys(ROI_EVIDENCE, roi_evidence),
+}
 """Rewards available by name; anything else is an import path `module:function`."""
 
 NEEDS_VISUAL = set(ROI_EVIDENCE)
@@ -109,7 +132,9 @@ def resolve_reward(name: str) -> RewardFn:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
-        raise MedlvrError(f"unknown reward {name!r}: use one of {', '.join(BUILTIN)} or an import path module:function")
+        raise MedlvrError(
+            f"unknown reward {name!r}: use one of {', '.join(BUILTIN)} or an import path module:function"
+        )
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -136,14 +161,20 @@ class RewardSet:
         self.fns: dict[str, RewardFn] = {n: resolve_reward(n) for n in active}
         assigns = sorted({ROI_EVIDENCE[n] for n in active if n in ROI_EVIDENCE})
         if len(assigns) > 1:
-            raise MedlvrError(f"vlpo.rewards scores ROI evidence under {' and '.join(assigns)}: keep one of "
-                              f"{', '.join(n for n in ROI_EVIDENCE if n in active)}")
-        self.assign = assigns[0] if assigns else "raster"  # every context's `assign`: the ROI-evidence reward's
+            raise MedlvrError(
+                f"vlpo.rewards scores ROI evidence under {' and '.join(assigns)}: keep one of "
+                f"{', '.join(n for n in ROI_EVIDENCE if n in active)}"
+            )
+        self.assign = (
+            assigns[0] if assigns else "raster"
+        )  # every context's `assign`: the ROI-evidence reward's
 
     @property
     def needs_visual(self) -> bool:
         """Whether the loop must put visual tokens and ROI indices into the contexts."""
-        return any(n in NEEDS_VISUAL or getattr(self.fns[n], "needs_visual", False) for n in self.fns)
+        return any(
+            n in NEEDS_VISUAL or getattr(self.fns[n], "needs_visual", False) for n in self.fns
+        )
 
     def __call__(
         self,
@@ -158,7 +189,9 @@ class RewardSet:
         """
         n = len(samples)
         if not (len(responses) == len(contexts) == latents.shape[0] == n):
-            raise MedlvrError(f"reward inputs disagree: {n} samples, {len(responses)} responses, {latents.shape[0]} latents, {len(contexts)} contexts")
+            raise MedlvrError(
+                f"reward inputs disagree: {n} samples, {len(responses)} responses, {latents.shape[0]} latents, {len(contexts)} contexts"
+            )
         parts: dict[str, torch.Tensor] = {}
         for name, fn in self.fns.items():
             vals = []
@@ -167,7 +200,9 @@ class RewardSet:
                 try:
                     v = float(v)
                 except (TypeError, ValueError):
-                    raise MedlvrError(f"reward {name!r} returned {type(v).__name__}, expected a float") from None
+                    raise MedlvrError(
+                        f"reward {name!r} returned {type(v).__name__}, expected a float"
+                    ) from None
                 if v != v or v in (float("inf"), float("-inf")):
                     raise MedlvrError(f"reward {name!r} returned {v} for sample {s.id}")
                 vals.append(v)

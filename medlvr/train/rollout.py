@@ -41,12 +41,16 @@ class Rollouts:
     images: list[list[Image.Image]]  # [N] the prompt's images, repeated G times (same objects)
     texts: list[str]  # [N] decoded answers
     token_ids: list[list[int]]  # [N] answer tokens, stop token excluded
-    stop_tokens: list[int | None]  # [N] the stop token that ended the rollout (sampled: trained); None at the token limit
+    stop_tokens: list[
+        int | None
+    ]  # [N] the stop token that ended the rollout (sampled: trained); None at the token limit
     latents: torch.Tensor  # [N, K, d] sampled latent inputs z_k
     latent_means: torch.Tensor  # [N, K, d] the means they were sampled around (rollout policy)
     group_size: int
     timings: dict[str, float] = field(default_factory=dict)
-    visual_tokens: list[torch.Tensor] = field(default_factory=list)  # [N] the prompt's [n_i, d] from the prefill (detached)
+    visual_tokens: list[torch.Tensor] = field(
+        default_factory=list
+    )  # [N] the prompt's [n_i, d] from the prefill (detached)
 
     @property
     def stopped(self) -> list[bool]:
@@ -81,18 +85,34 @@ def sample_rollouts(
     repeated G times and prefilled G times (same random stream, see the module docstring).
     """
     g = group_size
-    per_row = (lambda items: repeat_rows(items, g)) if shared_prefix else list  # generate's rows -> the N rows
+    per_row = (
+        (lambda items: repeat_rows(items, g)) if shared_prefix else list
+    )  # generate's rows -> the N rows
     if shared_prefix:
         batch = collator(list(samples), images=[list(i) for i in images])
         out = vlm.generate(
-            batch, latent_steps, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-            top_p=top_p, latent_sigma=latent_sigma, group_size=g, generator=generator,
+            batch,
+            latent_steps,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            latent_sigma=latent_sigma,
+            group_size=g,
+            generator=generator,
         )
     else:
         batch = collator(repeat_rows(samples, g), images=repeat_rows([list(i) for i in images], g))
         out = vlm.generate(
-            batch, latent_steps, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-            top_p=top_p, latent_sigma=latent_sigma, group_size=1, generator=generator,
+            batch,
+            latent_steps,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            latent_sigma=latent_sigma,
+            group_size=1,
+            generator=generator,
         )
     return Rollouts(
         samples=repeat_rows(samples, g),
@@ -108,7 +128,9 @@ def sample_rollouts(
     )
 
 
-def answer_tensors(token_ids: Sequence[Sequence[int]], stop_tokens: Sequence[int | None], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_tensors(
+    token_ids: Sequence[Sequence[int]], stop_tokens: Sequence[int | None], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled responses -> `answer_ids [N, T]`, `answer_mask [N, T]` for the training forward.
 
     Each row's own stop token (`stop_tokens`, the one `generate` sampled, e.g. `<|endoftext|>`
@@ -117,7 +139,10 @@ def answer_tensors(token_ids: Sequence[Sequence[int]], stop_tokens: Sequence[int
     Right-padded with `pad_id` (masked out). Every row keeps at least one position, so an
     empty, unstopped row is all padding.
     """
-    rows = [list(ids) + ([stop] if stop is not None else []) for ids, stop in zip(token_ids, stop_tokens)]
+    rows = [
+        list(ids) + ([stop] if stop is not None else [])
+        for ids, stop in zip(token_ids, stop_tokens)
+    ]
     t = max(1, max((len(r) for r in rows), default=1))
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), t), dtype=torch.long)
@@ -134,7 +159,9 @@ def pad_id(vlm: LatentVLM) -> int:
     return int(pad if pad is not None else vlm.stop_ids[0])
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """Group-relative advantages `[N]`: reward minus its group's mean, divided by the group's std if `scale`.
 
     `rewards [N]` with N = B*G in `generate`'s row order. The std is the unbiased one
@@ -209,7 +236,9 @@ def trajectory_logprobs(
         entropy = -(logp_all.exp() * logp_all).sum(-1) * amask  # [N, T]
     k = latents.shape[1]
     if latents_are_actions(k, latent_policy, latent_sigma):
-        lat = gaussian_logprob(latents.to(out.latent_means.device), out.latent_means, latent_sigma, latent_logprob)  # [N, K]
+        lat = gaussian_logprob(
+            latents.to(out.latent_means.device), out.latent_means, latent_sigma, latent_logprob
+        )  # [N, K]
     else:
         lat = tok.new_zeros(tok.shape[0], k)
     return TrajectoryLogprobs(

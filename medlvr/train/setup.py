@@ -46,9 +46,13 @@ class TrainResult:
     """What `run_sft` and `run_vlpo` return."""
 
     output_dir: Path
-    final_model: Path  # the export: loads in LatentVLM.from_pretrained, `medlvr predict`, transformers
+    final_model: (
+        Path  # the export: loads in LatentVLM.from_pretrained, `medlvr predict`, transformers
+    )
     steps: int
-    metrics: dict[str, Any]  # the last logged training row, plus the held-out `val_*` numbers when `data.val` is set
+    metrics: dict[
+        str, Any
+    ]  # the last logged training row, plus the held-out `val_*` numbers when `data.val` is set
     history: list[dict[str, Any]] = field(default_factory=list)  # every logged row (this process)
     model: Any = None  # the trained LatentVLM in memory (LoRA merged when the export merged it); None for a finished run's no-op resume
 
@@ -66,7 +70,9 @@ def precision(name: str) -> str:
 def open_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's accelerator; refuses N lone copies that would share `output_dir`."""
     torch.set_flush_denormal(True)  # denormals made early CPU steps ~7x slower (NOTES-synthetic.md)
-    accelerator = Accelerator(mixed_precision=precision(cfg.model.precision), cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=precision(cfg.model.precision), cpu=not torch.cuda.is_available()
+    )
     check_launch(accelerator.num_processes, accelerator.distributed_type)
     return accelerator
 
@@ -82,11 +88,20 @@ def check_data_files(cfg: TrainConfig, wanted: str) -> None:
     if cfg.data.val:
         check_files([cfg.data.val], "validation data")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train):
-        raise MedlvrError(f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train files")
+        raise MedlvrError(
+            f"data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.train)} data.train files"
+        )
 
 
-def build_model(cfg: TrainConfig, latent: LatentConfig, resume_dir: Path | None, *, answer_tokens: int, train_projector: bool,
-                train_pause: bool) -> LatentVLM:
+def build_model(
+    cfg: TrainConfig,
+    latent: LatentConfig,
+    resume_dir: Path | None,
+    *,
+    answer_tokens: int,
+    train_projector: bool,
+    train_pause: bool,
+) -> LatentVLM:
     """LatentVLM in fp32 with freezing, LoRA and checkpointing applied; weights from `resume_dir` if given.
 
     `latent` is the run's latent set-up with its final K, `answer_tokens` the stage's answer
@@ -99,8 +114,12 @@ def build_model(cfg: TrainConfig, latent: LatentConfig, resume_dir: Path | None,
     # Trained weights stay fp32 (master copies; autocast computes in bf16). A LoRA run keeps
     # the frozen base in bf16 when autocasting to bf16 anyway: half the weight memory.
     lora_bf16 = cfg.model.finetune == "lora" and precision(cfg.model.precision) == "bf16"
-    vlm = LatentVLM.from_pretrained(src, latent, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
-                                    allow_pickle=cfg.model.allow_pickle)
+    vlm = LatentVLM.from_pretrained(
+        src,
+        latent,
+        dtype=torch.bfloat16 if lora_bf16 else torch.float32,
+        allow_pickle=cfg.model.allow_pickle,
+    )
     vlm.check_length(0, latent.steps, answer_tokens)  # a K the model cannot hold, before any file
     frozen = {g for g, on in (("vision", cfg.model.freeze_vision), ("merger", cfg.model.freeze_merger),
                               ("language", cfg.model.freeze_language)) if on}  # fmt: skip
@@ -112,7 +131,9 @@ def build_model(cfg: TrainConfig, latent: LatentConfig, resume_dir: Path | None,
         if enable is not None:  # transformers >= 5
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            vlm.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            vlm.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     if cfg.model.finetune == "lora":
         _add_lora(vlm, cfg, resume_dir)
     vlm.projector.float()  # trainable: fp32 master weights (peft keeps adapters in fp32 too)
@@ -129,7 +150,11 @@ def _add_lora(vlm: LatentVLM, cfg: TrainConfig, resume_dir: Path | None) -> None
     from peft import get_peft_model
 
     # The latent tokens' rows train through peft's trainable tokens: 3 rows, not the whole embedding.
-    latent_rows = [vlm.latent_start_id, vlm.latent_pad_id, vlm.latent_end_id] if cfg.lora.train_latent_tokens else None
+    latent_rows = (
+        [vlm.latent_start_id, vlm.latent_pad_id, vlm.latent_end_id]
+        if cfg.lora.train_latent_tokens
+        else None
+    )
     peft_cfg = PeftLoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules), modules_to_save=list(cfg.lora.modules_to_save) or None,
@@ -139,7 +164,12 @@ def _add_lora(vlm: LatentVLM, cfg: TrainConfig, resume_dir: Path | None) -> None
         with warnings.catch_warnings():
             # Not ours: peft's PeftModel.__init__ (0.21) reads `model.is_gradient_checkpointing`,
             # which transformers 5.24 deprecated in favour of `is_activation_checkpointing`.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils")
+            warnings.filterwarnings(
+                "ignore",
+                "`is_gradient_checkpointing` is deprecated",
+                FutureWarning,
+                r"transformers\.modeling_utils",
+            )
             vlm.backbone = get_peft_model(vlm.backbone, peft_cfg)
     except ValueError as err:
         raise MedlvrError(f"LoRA: {err}") from None
@@ -147,7 +177,9 @@ def _add_lora(vlm: LatentVLM, cfg: TrainConfig, resume_dir: Path | None) -> None
         ckpt.load_adapter_files(vlm, resume_dir)
 
 
-def hop_fields(chain: bool) -> dict[str, Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], Any]]:
+def hop_fields(
+    chain: bool,
+) -> dict[str, Callable[[VQASample, list[TokenGrid], list[tuple[int, int]]], Any]]:
     """The collator's `sample_fields` for chain assignment (`align.assign=chain`), else none.
 
     `roi_hop_index`: each sample's ROI token indices per hop (`hop_roi_indices`; none without an image).
@@ -155,7 +187,9 @@ def hop_fields(chain: bool) -> dict[str, Callable[[VQASample, list[TokenGrid], l
     return {"roi_hop_index": _hop_index} if chain else {}
 
 
-def _hop_index(sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+def _hop_index(
+    sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]
+) -> list[torch.Tensor]:
     return hop_roi_indices(sample, grids, sizes) if grids else []
 
 
@@ -166,13 +200,20 @@ def reduce_sums(accelerator: Accelerator, sums: Mapping[str, float]) -> dict[str
     """Named per-process sums (float64), summed over the processes."""
     if accelerator.num_processes == 1:
         return dict(sums)
-    total = accelerator.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=accelerator.device), "sum")
+    total = accelerator.reduce(
+        torch.tensor(list(sums.values()), dtype=torch.float64, device=accelerator.device), "sum"
+    )
     return dict(zip(sums, total.cpu().tolist()))
 
 
 @torch.no_grad()
 def validation_accuracy(
-    vlm: Any, samples: Sequence[VQASample], *, latent_steps: int, batch_size: int = 16, max_new_tokens: int = 16,
+    vlm: Any,
+    samples: Sequence[VQASample],
+    *,
+    latent_steps: int,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
     accelerator: Any = None,
 ) -> float:
     """Accuracy of greedy answers under the evaluation scorer (`medlvr.eval.metrics.score`).
@@ -215,23 +256,40 @@ class Logger:
         if not self.main:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step and self.path.is_file():  # drop rows a crashed run wrote after its last checkpoint
-            rows = [r for r in self.path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= resume_step]
+        if (
+            resume_step and self.path.is_file()
+        ):  # drop rows a crashed run wrote after its last checkpoint
+            rows = [
+                r
+                for r in self.path.read_text().splitlines()
+                if r.strip() and json.loads(r).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(r + "\n" for r in rows))
         elif not resume_step:
             self.path.write_text("")
         if log.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # the tensorboard package is optional
+                from torch.utils.tensorboard import (
+                    SummaryWriter,
+                )  # the tensorboard package is optional
             except ImportError:
-                warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only", stacklevel=2)
+                warnings.warn(
+                    "tensorboard is not installed: metrics go to metrics.jsonl only", stacklevel=2
+                )
             else:
                 self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step or None)
 
     def start(self, total: int, done: int) -> None:
         if not (self.main and self.log.progress):
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
@@ -251,8 +309,17 @@ class Logger:
             fh.write(json.dumps({**row, "time": time.time()}) + "\n")
         if self.tb is not None:
             for key, val in row.items():
-                if isinstance(val, (int, float)) and not isinstance(val, bool) and key != "step" and np.isfinite(val):
-                    self.tb.add_scalar(f"train/{key}" if key != "val_accuracy" else "val/accuracy", val, row["step"])
+                if (
+                    isinstance(val, (int, float))
+                    and not isinstance(val, bool)
+                    and key != "step"
+                    and np.isfinite(val)
+                ):
+                    self.tb.add_scalar(
+                        f"train/{key}" if key != "val_accuracy" else "val/accuracy",
+                        val,
+                        row["step"],
+                    )
             self.tb.flush()
 
     def stop(self) -> None:
@@ -279,7 +346,14 @@ def save(cfg: TrainConfig, accelerator: Accelerator, model: Any, vlm: LatentVLM,
     )  # fmt: skip
 
 
-def export(cfg: TrainConfig, accelerator: Accelerator, vlm: LatentVLM, log: Logger, step: int, metrics: dict[str, Any]) -> Path:
+def export(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    vlm: LatentVLM,
+    log: Logger,
+    step: int,
+    metrics: dict[str, Any],
+) -> Path:
     """The run's tail: `output_dir/final` and `result.json` (main process), then the logger closes.
 
     Goes last: merging LoRA changes the model in place.
@@ -287,14 +361,27 @@ def export(cfg: TrainConfig, accelerator: Accelerator, vlm: LatentVLM, log: Logg
     out_dir = Path(cfg.output_dir)
     final = out_dir / "final"
     if accelerator.is_main_process:
-        ckpt.export_final(vlm, final, lora=cfg.model.finetune == "lora", merge_lora=cfg.checkpoint.merge_lora)
-        (out_dir / "result.json").write_text(json.dumps({"steps": step, "metrics": metrics, "final_model": str(final)}, indent=2))
+        ckpt.export_final(
+            vlm, final, lora=cfg.model.finetune == "lora", merge_lora=cfg.checkpoint.merge_lora
+        )
+        (out_dir / "result.json").write_text(
+            json.dumps({"steps": step, "metrics": metrics, "final_model": str(final)}, indent=2)
+        )
     accelerator.wait_for_everyone()
     log.close()
     return final
 
 
 __all__ = [
-    "TrainResult", "precision", "open_accelerator", "check_data_files", "build_model", "hop_fields", "reduce_sums",
-    "validation_accuracy", "Logger", "save", "export",
+    "TrainResult",
+    "precision",
+    "open_accelerator",
+    "check_data_files",
+    "build_model",
+    "hop_fields",
+    "reduce_sums",
+    "validation_accuracy",
+    "Logger",
+    "save",
+    "export",
 ]

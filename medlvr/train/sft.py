@@ -63,13 +63,25 @@ SFTResult = TrainResult  # what `run_sft` returns
 def check_config(cfg: SFTConfig) -> TrainSet:
     """Everything that can be checked without a model: paths, data records, ROI availability."""
     if not cfg.model.path:
-        raise MedlvrError("model.path is not set (a model folder, e.g. from `medlvr model init-tiny`)")
+        raise MedlvrError(
+            "model.path is not set (a model folder, e.g. from `medlvr model init-tiny`)"
+        )
     if not Path(cfg.model.path).is_dir():
         raise MedlvrError(f"model.path is not a folder: {cfg.model.path}")
     setup.check_data_files(cfg, "training JSONL files")
     if cfg.model.finetune == "lora" and cfg.model.freeze_language:
-        warnings.warn("model.freeze_language has no effect with LoRA (the backbone is frozen anyway)", stacklevel=2)
-    if cfg.model.freeze_vision and cfg.model.freeze_merger and cfg.model.freeze_language and cfg.model.finetune == "full" and cfg.latent.projector in ("none", "norm") and cfg.mode == "plain":
+        warnings.warn(
+            "model.freeze_language has no effect with LoRA (the backbone is frozen anyway)",
+            stacklevel=2,
+        )
+    if (
+        cfg.model.freeze_vision
+        and cfg.model.freeze_merger
+        and cfg.model.freeze_language
+        and cfg.model.finetune == "full"
+        and cfg.latent.projector in ("none", "norm")
+        and cfg.mode == "plain"
+    ):
         raise MedlvrError("everything is frozen: nothing would train")
     data = load_train_set(cfg.data.train, cfg.data.max_samples)
     if cfg.uses_rois and not data.has_roi.any():
@@ -81,10 +93,14 @@ def check_config(cfg: SFTConfig) -> TrainSet:
         for s in data.samples:
             roi_hops(s)  # malformed multi-hop metadata fails here, not mid-run in the collator
     if any(not s.images for s in data.samples) and cfg.uses_rois:
-        warnings.warn("some training records have no image: they get no alignment term", stacklevel=2)
+        warnings.warn(
+            "some training records have no image: they get no alignment term", stacklevel=2
+        )
     if cfg.replace_reasoning and not any(s.meta.get("reasoning") for s in data.samples):
-        raise MedlvrError("replace_reasoning hides written reasoning steps, but no training record has them "
-                          "(`meta.reasoning`, e.g. the synthetic chain questions)")
+        raise MedlvrError(
+            "replace_reasoning hides written reasoning steps, but no training record has them "
+            "(`meta.reasoning`, e.g. the synthetic chain questions)"
+        )
     return data
 
 
@@ -137,7 +153,9 @@ def _keep(batch: Any) -> Any:
 
 
 @holds_run_folder(lambda args: args["cfg"].output_dir, "output_dir")  # one run writes it at a time
-def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def run_sft(
+    cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None
+) -> TrainResult:
     """Train `cfg` and export the model to `output_dir/final`; see the module docstring for the loss.
 
     `on_step(row)` is called on every process after each optimizer step (after any
@@ -152,7 +170,9 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.grad_accum > 1:
         # DeepSpeed steps inside backward and rescales by its own accumulation count; this
         # loop accumulates explicitly, so the two would fight. Raise batch_size instead.
-        raise MedlvrError("with DeepSpeed use grad_accum=1 (raise batch_size or the number of GPUs instead)")
+        raise MedlvrError(
+            "with DeepSpeed use grad_accum=1 (raise batch_size or the number of GPUs instead)"
+        )
     out_dir = Path(cfg.output_dir)
     resume_dir = ckpt.start_or_resume(accelerator, cfg)  # refuses a run it would overwrite or mix
     global_batch = cfg.batch_size * world * cfg.grad_accum
@@ -164,7 +184,10 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     set_seed(cfg.seed)
     vlm = build_model(cfg, resume_dir)
     aux = auxiliary_losses(cfg, data.samples, vlm.hidden_size, resume_dir)
-    named = [*vlm.named_parameters(), *(p for a in aux for p in a.module.named_parameters(prefix=f"{a.name}."))]
+    named = [
+        *vlm.named_parameters(),
+        *(p for a in aux for p in a.module.named_parameters(prefix=f"{a.name}.")),
+    ]
     optimizer = build_optimizer(named, cfg.optim)
     scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
     model, *aux_modules, optimizer = accelerator.prepare(vlm, *(a.module for a in aux), optimizer)
@@ -173,7 +196,9 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     step, pos = 0, 0  # optimizer steps done; samples consumed by all processes together
     last_row: dict[str, Any] = {}
     if resume_dir is not None:  # last_row: what the export reports if no step is left to run
-        step, pos, last_row = ckpt.resume_training(accelerator, resume_dir, optimizer, scheduler, {"global_batch": global_batch})
+        step, pos, last_row = ckpt.resume_training(
+            accelerator, resume_dir, optimizer, scheduler, {"global_batch": global_batch}
+        )
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per process
 
@@ -181,10 +206,16 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=True, with_rois=cfg.uses_rois,
                           image_loader=load_image, max_answer_tokens=cfg.data.max_answer_tokens,
                           sample_fields=_sample_fields(cfg, aux))  # fmt: skip
-    target = functools.partial(_curriculum_target, cfg, total_steps) if cfg.replace_reasoning else None
+    target = (
+        functools.partial(_curriculum_target, cfg, total_steps) if cfg.replace_reasoning else None
+    )
     micro = _MicroBatches(data, stream, collate, pos, (total_steps - step) * cfg.grad_accum, cfg.batch_size, world, rank,
                           first_step=step, grad_accum=cfg.grad_accum, target=target)  # fmt: skip
-    loader = iter(torch.utils.data.DataLoader(micro, batch_size=None, num_workers=cfg.data.num_workers, collate_fn=_keep))
+    loader = iter(
+        torch.utils.data.DataLoader(
+            micro, batch_size=None, num_workers=cfg.data.num_workers, collate_fn=_keep
+        )
+    )
 
     log = setup.Logger(accelerator, out_dir, cfg.log, label=f"sft[{cfg.mode}]", info=lambda row: _progress_line(row, aux),
                        resume_step=step if resume_dir is not None else 0)  # fmt: skip
@@ -208,26 +239,44 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             k = _steps_at(cfg, step, total_steps)
             batches = [next(loader) for _ in range(cfg.grad_accum)]
             # [B] per micro-batch: the samples whose alignment term counts, and R, their count over the step
-            aligned = [_aligned(b, vlm.image_token_id, cfg.align.kind) for b in batches] if lam else [None] * len(batches)
+            aligned = (
+                [_aligned(b, vlm.image_token_id, cfg.align.kind) for b in batches]
+                if lam
+                else [None] * len(batches)
+            )
             n_roi = _aligned_samples(aligned, accelerator) if lam else 0
-            sums = {"ce": 0.0, "align": 0.0, "samples": 0.0}  # this process's sums over the step's micro-batches
+            sums = {
+                "ce": 0.0,
+                "align": 0.0,
+                "samples": 0.0,
+            }  # this process's sums over the step's micro-batches
             for m, (batch, align_mask) in enumerate(zip(batches, aligned)):
                 sync = m == cfg.grad_accum - 1
                 with accelerator.no_sync(model) if not sync else nullcontext():
                     with accelerator.autocast():
                         ce, al, fwd = _losses(cfg, model, vlm, batch, k, align_mask)
-                        terms = [a.loss(module, fwd, batch) for a, module in zip(aux, aux_modules)]  # ([B], named sums)
-                    loss = (ce.sum() + sum(a.weight * t.sum() for a, (t, _) in zip(aux, terms))) / global_batch
+                        terms = [
+                            a.loss(module, fwd, batch) for a, module in zip(aux, aux_modules)
+                        ]  # ([B], named sums)
+                    loss = (
+                        ce.sum() + sum(a.weight * t.sum() for a, (t, _) in zip(aux, terms))
+                    ) / global_batch
                     if lam and n_roi:
                         loss = loss + lam * al.sum() / n_roi
-                    accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global sum
+                    accelerator.backward(
+                        loss * world
+                    )  # DDP averages over processes; the loss is a global sum
                 sums["ce"] += float(ce.detach().sum())
                 sums["align"] += float(al.detach().sum())
                 sums["samples"] += len(ce)
                 for _, named_sums in terms:
                     for key, val in named_sums.items():
                         sums[key] = sums.get(key, 0.0) + val
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 else None
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                if cfg.optim.max_grad_norm > 0
+                else None
+            )
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -250,7 +299,12 @@ def run_sft(cfg: SFTConfig, *, on_step: Callable[[dict[str, Any]], None] | None 
             row["samples_per_s"] = n_window / max(now - t_window, 1e-9)
             if step % cfg.log.every == 0 or step == total_steps:
                 t_window, n_window = now, 0
-            if cfg.log.val_every and val_samples and step % cfg.log.val_every == 0 and step < total_steps:
+            if (
+                cfg.log.val_every
+                and val_samples
+                and step % cfg.log.val_every == 0
+                and step < total_steps
+            ):
                 row["val_accuracy"] = validation_accuracy(
                     vlm, val_samples, latent_steps=k, batch_size=cfg.log.val_batch_size,
                     max_new_tokens=cfg.log.val_max_new_tokens, accelerator=accelerator,
@@ -296,7 +350,9 @@ def _progress_line(row: dict[str, Any], aux: list[AuxiliaryLoss]) -> str:
 
 def _stage_at(cfg: SFTConfig, step: int, total: int) -> int:
     """The curriculum stage (0-based) of optimizer step `step`: stages of equal length over the run."""
-    return min(step * len(cfg.curriculum) // total, len(cfg.curriculum) - 1) if cfg.curriculum else 0
+    return (
+        min(step * len(cfg.curriculum) // total, len(cfg.curriculum) - 1) if cfg.curriculum else 0
+    )
 
 
 def _curriculum_target(cfg: SFTConfig, total: int, step: int, sample: VQASample) -> VQASample:
@@ -335,7 +391,11 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
     if cfg.align.assign == "first":
         latents, targets = latents[:, :1], targets[:, :1]
     mask = mask & aligned.to(mask.device)  # the ones R counts
-    neg, neg_mask = pad_tokens(negatives, latents.shape[-1], latents.device) if cfg.align.kind == "infonce" else (None, None)
+    neg, neg_mask = (
+        pad_tokens(negatives, latents.shape[-1], latents.device)
+        if cfg.align.kind == "infonce"
+        else (None, None)
+    )
     al = alignment_loss(cfg.align.kind, latents, targets, mask, negatives=neg, negatives_mask=neg_mask,
                         temperature=cfg.align.temperature)  # fmt: skip
     return ce, al, fwd
@@ -346,7 +406,9 @@ def _aligned(batch: dict[str, Any], image_token_id: int, kind: str) -> torch.Ten
 
     A sample's visual tokens are its image tokens in the prompt (one per visual token in every family).
     """
-    return alignment_mask(batch["roi_index"], (batch["input_ids"] == image_token_id).sum(-1).tolist(), kind)
+    return alignment_mask(
+        batch["roi_index"], (batch["input_ids"] == image_token_id).sum(-1).tolist(), kind
+    )
 
 
 def _aligned_samples(aligned: list[torch.Tensor], accelerator: Any) -> int:
@@ -357,13 +419,17 @@ def _aligned_samples(aligned: list[torch.Tensor], accelerator: Any) -> int:
     return int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
 
 
-def _roi_targets(cfg: SFTConfig, visual: Any, batch: dict[str, Any], k: int, fed: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _roi_targets(
+    cfg: SFTConfig, visual: Any, batch: dict[str, Any], k: int, fed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The batch's alignment targets under `align.assign` (`train.data.roi_targets`).
 
     `fed`: the K latent inputs of teacher forcing, raster chunks when only the first latent is aligned.
     """
     assign = "raster" if fed and cfg.align.assign == "first" else cfg.align.assign
-    return roi_targets(visual, batch["roi_index"], k, assign=assign, hop_index=batch.get("roi_hop_index"))
+    return roi_targets(
+        visual, batch["roi_index"], k, assign=assign, hop_index=batch.get("roi_hop_index")
+    )
 
 
 def _pool_all(tokens: torch.Tensor, k: int) -> torch.Tensor:

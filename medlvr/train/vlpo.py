@@ -82,7 +82,9 @@ VLPOResult = TrainResult  # what `run_vlpo` returns
 def check_config(cfg: VLPOConfig) -> TrainSet:
     """Everything checkable before loading a model: paths, records, rewards, the checkpoint's latent set-up."""
     if not cfg.model.path:
-        raise MedlvrError("model.path is not set: give the SFT checkpoint with --init (e.g. runs/sft/final)")
+        raise MedlvrError(
+            "model.path is not set: give the SFT checkpoint with --init (e.g. runs/sft/final)"
+        )
     path = Path(cfg.model.path)
     if not path.is_dir():
         raise MedlvrError(f"model.path is not a folder: {cfg.model.path}")
@@ -112,7 +114,9 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
 
 def build_model(cfg: VLPOConfig, resume_dir: Path | None) -> LatentVLM:
     """The policy `setup.build_model` builds, with dropout off; the projector trains when the latents are actions."""
-    trains_latents = latents_are_actions(cfg.latent.steps, cfg.vlpo.latent_policy, cfg.vlpo.latent_sigma)
+    trains_latents = latents_are_actions(
+        cfg.latent.steps, cfg.vlpo.latent_policy, cfg.vlpo.latent_sigma
+    )
     vlm = setup.build_model(cfg, cfg.latent, resume_dir, answer_tokens=cfg.vlpo.max_new_tokens, train_projector=trains_latents,
                             train_pause=False)  # fmt: skip
     disable_dropout(vlm)
@@ -148,8 +152,13 @@ class Reference:
             self.projector = _reference_projector(cfg, vlm)
             self.copy = None
         else:
-            self.copy = LatentVLM.from_pretrained(cfg.model.path, vlm.latent, dtype=vlm.backbone.dtype, device=vlm.device,
-                                                  allow_pickle=cfg.model.allow_pickle)
+            self.copy = LatentVLM.from_pretrained(
+                cfg.model.path,
+                vlm.latent,
+                dtype=vlm.backbone.dtype,
+                device=vlm.device,
+                allow_pickle=cfg.model.allow_pickle,
+            )
             self.copy.requires_grad_(False)
             self.copy.eval()
 
@@ -212,8 +221,13 @@ def held_out_reward(
             vlm, collate, chunk, images, group_size=n_samples, latent_steps=latent_steps, temperature=temperature,
             latent_sigma=latent_sigma, max_new_tokens=max_new_tokens, generator=gen,
         )  # fmt: skip
-        rois = collate(chunk, images=images) if rewards.needs_visual else {}  # the ROI indices (no model pass)
-        roi_index, hops = (repeat_rows(rois.get(key, [None] * len(chunk)), n_samples) for key in ("roi_index", "roi_hop_index"))
+        rois = (
+            collate(chunk, images=images) if rewards.needs_visual else {}
+        )  # the ROI indices (no model pass)
+        roi_index, hops = (
+            repeat_rows(rois.get(key, [None] * len(chunk)), n_samples)
+            for key in ("roi_index", "roi_hop_index")
+        )
         visual = ro.visual_tokens if rewards.needs_visual else [None] * len(ro.texts)
         ctxs = _reward_contexts(ro, rewards, 0, visual, roi_index, hops)
         total, _ = rewards(ro.samples, ro.texts, ro.latents.cpu(), ctxs)
@@ -230,7 +244,9 @@ def held_out_reward(
 
 
 @holds_run_folder(lambda args: args["cfg"].output_dir, "output_dir")  # one run writes it at a time
-def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None) -> VLPOResult:
+def run_vlpo(
+    cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None
+) -> VLPOResult:
     """Optimise the policy of `cfg` from the checkpoint `model.path`; export to `output_dir/final`."""
     data = check_config(cfg)
     p = cfg.vlpo
@@ -260,16 +276,23 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     last_row: dict[str, Any] = {}
     if resume_dir is not None:  # last_row: what the export reports if no step is left to run
         expected = {"group_size": p.group_size, "prompts_per_step": cfg.batch_size * world}
-        step, pos, last_row = ckpt.resume_training(accelerator, resume_dir, optimizer, scheduler, expected)
+        step, pos, last_row = ckpt.resume_training(
+            accelerator, resume_dir, optimizer, scheduler, expected
+        )
     start_step = step
 
     stream = SampleStream(data.source, cfg.seed, cfg.data.weights)
-    prompt_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False, image_loader=load_image)
+    prompt_collate = VQACollator(
+        vlm.processor, vlm.adapter, with_answers=False, with_rois=False, image_loader=load_image
+    )
     traj_collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=rewards.needs_visual,
                                image_loader=load_image, sample_fields=setup.hop_fields(rewards.assign == "chain"))  # fmt: skip
     pad = pad_id(vlm)
     logprobs = functools.partial(
-        trajectory_logprobs, temperature=p.temperature, latent_sigma=p.latent_sigma, latent_policy=p.latent_policy,
+        trajectory_logprobs,
+        temperature=p.temperature,
+        latent_sigma=p.latent_sigma,
+        latent_policy=p.latent_policy,
         latent_logprob=p.latent_logprob,
     )  # (model, batch, latents) -> TrajectoryLogprobs, for the rollout policy, the reference and the update
     log = setup.Logger(accelerator, out_dir, cfg.log, label="vlpo", info=_progress_line,
@@ -288,7 +311,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             idx = stream.take(pos + rank * cfg.batch_size, cfg.batch_size)
             samples = [data.samples[i] for i in idx]
             images = [[load_image(path) for path in s.images] for s in samples]
-            gen = torch.Generator(device=vlm.device).manual_seed(_rollout_seed(cfg.seed, rank, step))
+            gen = torch.Generator(device=vlm.device).manual_seed(
+                _rollout_seed(cfg.seed, rank, step)
+            )
             vlm.eval()
             ro = sample_rollouts(
                 vlm, prompt_collate, samples, images, group_size=p.group_size, latent_steps=latent_steps,
@@ -302,10 +327,14 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             t0 = time.perf_counter()
             n_traj = len(ro.texts)
             micro: list[_Micro] = []
-            parts_per_opt: list[list[int]] = []  # per optimizer step, its micro-batches (indices into `micro`)
+            parts_per_opt: list[
+                list[int]
+            ] = []  # per optimizer step, its micro-batches (indices into `micro`)
             for part in _mini_batches(n_traj, p.mini_batches, p.micro_batch_size):
                 parts_per_opt.append(list(range(len(micro), len(micro) + len(part))))
-                micro.extend(_micro_batch(ro, rows, traj_collate, pad, trains_latents) for rows in part)
+                micro.extend(
+                    _micro_batch(ro, rows, traj_collate, pad, trains_latents) for rows in part
+                )
             old, ref, entropy_sum = [], [], 0.0
             visual: list[torch.Tensor | None] = [None] * n_traj
             with torch.no_grad():
@@ -332,12 +361,24 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
 
             # ---- 4. clipped policy updates
             t0 = time.perf_counter()
-            stats = dict.fromkeys(("clipped", "kl", "ratio", "units", "loss", "latent_clipped", "latent_units"), 0.0)
+            stats = dict.fromkeys(
+                ("clipped", "kl", "ratio", "units", "loss", "latent_clipped", "latent_units"), 0.0
+            )
             grad_norms: list[float] = []
             for _epoch in range(p.update_epochs):
                 for group in parts_per_opt:
-                    norm_local = sum(float(policy_normaliser(micro[j].mask, p.aggregation)) for j in group)
-                    norm = float(accelerator.reduce(torch.tensor(norm_local, device=accelerator.device), "sum")) if world > 1 else norm_local
+                    norm_local = sum(
+                        float(policy_normaliser(micro[j].mask, p.aggregation)) for j in group
+                    )
+                    norm = (
+                        float(
+                            accelerator.reduce(
+                                torch.tensor(norm_local, device=accelerator.device), "sum"
+                            )
+                        )
+                        if world > 1
+                        else norm_local
+                    )
                     for n_mb, j in enumerate(group):
                         mb = micro[j]
                         sync = n_mb == len(group) - 1
@@ -351,11 +392,19 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                                 aggregation=p.aggregation, ref_logp=ref[j] if ref else None, beta=p.beta,
                             )  # fmt: skip
                             loss = per_seq.sum() / max(norm, 1.0)
-                            accelerator.backward(loss * world)  # DDP averages over processes; the loss is a global sum
+                            accelerator.backward(
+                                loss * world
+                            )  # DDP averages over processes; the loss is a global sum
                         for key in stats:
                             stats[key] += float(loss.detach()) if key == "loss" else float(st[key])
                     if cfg.optim.max_grad_norm > 0:
-                        grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)))
+                        grad_norms.append(
+                            float(
+                                accelerator.clip_grad_norm_(
+                                    model.parameters(), cfg.optim.max_grad_norm
+                                )
+                            )
+                        )
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -366,7 +415,9 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
             # ---- metrics: this process's sums, reduced over processes
             acc = torch.tensor([accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts)])
             flat = flat_groups(reward, p.group_size).float()
-            kl_units = [kl_k3(o, r) * mb.mask for o, r, mb in zip(old, ref, micro)]  # [n, K + T] each (none without a reference)
+            kl_units = [
+                kl_k3(o, r) * mb.mask for o, r, mb in zip(old, ref, micro)
+            ]  # [n, K + T] each (none without a reference)
             z = ro.latents.float()
             sums = {
                 "reward": float(reward.sum()), "reward_sq": float(reward.pow(2).sum()), "accuracy": float(acc.sum()),
@@ -399,21 +450,34 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
                 row[f"reward/{name}"] = tot[f"reward/{name}"] / n
             units = max(tot["update_units"], 1.0)
             row["clip_fraction"] = tot["update_clipped"] / units
-            latent_units = tot["update_latent_units"]  # per update pass; rollout_latent_units: in the rollouts once
-            row["clip_fraction_latent"] = tot["update_latent_clipped"] / latent_units if latent_units else None
-            row["kl_latent"] = tot["kl_latent"] / tot["rollout_latent_units"] if ref and latent_units else None
+            latent_units = tot[
+                "update_latent_units"
+            ]  # per update pass; rollout_latent_units: in the rollouts once
+            row["clip_fraction_latent"] = (
+                tot["update_latent_clipped"] / latent_units if latent_units else None
+            )
+            row["kl_latent"] = (
+                tot["kl_latent"] / tot["rollout_latent_units"] if ref and latent_units else None
+            )
             row["kl_update"] = tot["update_kl"] / units if ref else None
             row["ratio_mean"] = tot["update_ratio"] / units
             # Each process's loss is its share of the global sum (normalised over all processes), so
             # the reduced sum is already the global loss: mean over the step's optimizer steps.
             row["loss"] = tot["update_loss"] / (p.update_epochs * len(parts_per_opt))
             row["lr"] = scheduler.get_last_lr()[0]
-            row["optimizer_steps"] = scheduler.last_epoch  # update_epochs x mini_batches per step, whatever the process count
+            row["optimizer_steps"] = (
+                scheduler.last_epoch
+            )  # update_epochs x mini_batches per step, whatever the process count
             row["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else None
             row.update(times)
             row["trajectories_per_s"] = n_traj / max(sum(times.values()), 1e-9)
             row["samples_seen"] = pos
-            if cfg.log.val_every and val_samples and step % cfg.log.val_every == 0 and step < cfg.max_steps:
+            if (
+                cfg.log.val_every
+                and val_samples
+                and step % cfg.log.val_every == 0
+                and step < cfg.max_steps
+            ):
                 row.update(_validate(cfg, vlm, val_samples, rewards, accelerator))
             last_row = row
             if step % cfg.log.every == 0 or step == cfg.max_steps or "val_reward" in row:
@@ -432,7 +496,13 @@ def run_vlpo(cfg: VLPOConfig, *, on_step: Callable[[dict[str, Any]], None] | Non
     metrics = dict(last_row)
     if val_samples:
         metrics.update(_validate(cfg, vlm, val_samples, rewards, accelerator))
-        log.write({"step": step, **{k: v for k, v in metrics.items() if k.startswith("val_")}, "final": True})
+        log.write(
+            {
+                "step": step,
+                **{k: v for k, v in metrics.items() if k.startswith("val_")},
+                "final": True,
+            }
+        )
     final = setup.export(cfg, accelerator, vlm, log, step, metrics)
     return TrainResult(out_dir, final, step, metrics, history, vlm)
 
@@ -458,10 +528,15 @@ def _mini_batches(n: int, mini_batches: int, micro_batch_size: int) -> list[list
     global batch). `VLPOConfig` checks n >= M, so no step is empty.
     """
     parts = [list(range(m, n, mini_batches)) for m in range(mini_batches)]
-    return [[rows[a : a + micro_batch_size] for a in range(0, len(rows), micro_batch_size)] for rows in parts]
+    return [
+        [rows[a : a + micro_batch_size] for a in range(0, len(rows), micro_batch_size)]
+        for rows in parts
+    ]
 
 
-def _micro_batch(ro: Rollouts, rows: list[int], collate: Any, pad: int, latent_actions: bool) -> _Micro:
+def _micro_batch(
+    ro: Rollouts, rows: list[int], collate: Any, pad: int, latent_actions: bool
+) -> _Micro:
     """Trajectories `rows` of the rollouts, collated with their sampled answers and their unit mask."""
     batch = collate([ro.samples[i] for i in rows], images=[ro.images[i] for i in rows])
     batch["answer_ids"], batch["answer_mask"] = answer_tensors(
@@ -490,7 +565,9 @@ def _reward_contexts(ro: Rollouts, rewards: RewardSet, step: int, visual: Sequen
     ]  # fmt: skip
 
 
-def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: RewardSet, accelerator: Any) -> dict[str, float]:
+def _validate(
+    cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: RewardSet, accelerator: Any
+) -> dict[str, float]:
     p = cfg.vlpo
     held = held_out_reward(
         vlm, samples, rewards, latent_steps=cfg.latent.steps, n_samples=p.eval_samples, temperature=p.temperature,
@@ -501,7 +578,11 @@ def _validate(cfg: VLPOConfig, vlm: Any, samples: list[VQASample], rewards: Rewa
         vlm, samples, latent_steps=cfg.latent.steps, batch_size=cfg.log.val_batch_size,
         max_new_tokens=cfg.log.val_max_new_tokens, accelerator=accelerator,
     )  # fmt: skip
-    return {"val_reward": held["reward"], "val_sampled_accuracy": held["accuracy"], "val_accuracy": greedy}
+    return {
+        "val_reward": held["reward"],
+        "val_sampled_accuracy": held["accuracy"],
+        "val_accuracy": greedy,
+    }
 
 
 def _save(cfg: VLPOConfig, accelerator: Any, model: Any, vlm: Any, optimizer: Any, scheduler: Any, step: int, pos: int,
@@ -523,4 +604,12 @@ def _progress_line(row: dict[str, Any]) -> str:
     return info
 
 
-__all__ = ["run_vlpo", "check_config", "build_model", "held_out_reward", "disable_dropout", "Reference", "VLPOResult"]
+__all__ = [
+    "run_vlpo",
+    "check_config",
+    "build_model",
+    "held_out_reward",
+    "disable_dropout",
+    "Reference",
+    "VLPOResult",
+]

@@ -24,7 +24,14 @@ from typing import Any
 from medlvr.data.ground.annotations import AnnotatedImage, Region
 from medlvr.data.ground.build import GroundConfig, GroundResult, build_grounded
 from medlvr.data.ground.generic import GENERIC, read_generic
-from medlvr.data.ground.readers import CsvColumns, ReaderFusion, read_box_csv, read_coco, read_mask_folder, read_nifti_folder
+from medlvr.data.ground.readers import (
+    CsvColumns,
+    ReaderFusion,
+    read_box_csv,
+    read_coco,
+    read_mask_folder,
+    read_nifti_folder,
+)
 from medlvr.data.ground.releases import RELEASES
 from medlvr.data.sources._common import SourceError
 
@@ -48,9 +55,14 @@ def ground(source: str, **opts: Any) -> GroundResult:
         if not root.is_dir():
             raise SourceError(f"{source}: release folder not found: {root} (give it with --root)")
         release = RELEASES[source]
-        read, defaults = functools.partial(release.read, root), {"dataset": source, **release.defaults}
+        read, defaults = (
+            functools.partial(release.read, root),
+            {"dataset": source, **release.defaults},
+        )
     else:
-        raise SourceError(f"unknown source {source!r}; releases: {', '.join(RELEASES)}; generic inputs: {', '.join(GENERIC)}")
+        raise SourceError(
+            f"unknown source {source!r}; releases: {', '.join(RELEASES)}; generic inputs: {', '.join(GENERIC)}"
+        )
     accepted = inspect.signature(read).parameters
     if unknown := sorted(set(reader_opts) - set(accepted)):
         raise SourceError(f"{source}: option(s) not used by this source: {', '.join(unknown)}")

@@ -60,7 +60,9 @@ class AnnotatedImage:
         if not self.group:
             self.group = self.key
         if self.regions and (not self.width or not self.height):
-            raise SourceError(f"image {self.key}: regions need the image size, got {self.width}x{self.height}")
+            raise SourceError(
+                f"image {self.key}: regions need the image size, got {self.width}x{self.height}"
+            )
 
     @property
     def labels(self) -> set[str]:
@@ -106,7 +108,9 @@ def clip_box(box: Box, width: int, height: int, min_side: float = 1.0) -> Box | 
     return (x0, y0, x1, y1)
 
 
-def fuse_reader_boxes(boxes: Sequence[tuple[str, Box]], min_iou: float, min_readers: int) -> tuple[list[Box], int]:
+def fuse_reader_boxes(
+    boxes: Sequence[tuple[str, Box]], min_iou: float, min_readers: int
+) -> tuple[list[Box], int]:
     """Merge one finding's boxes from several readers of one image.
 
     Boxes are clustered greedily in a fixed order (reader, then coordinates): a box joins the

@@ -59,7 +59,9 @@ class GroundConfig:
     def __post_init__(self) -> None:
         unknown = set(self.question_types) - set(q.QUESTION_TYPES)
         if unknown or not self.question_types:
-            raise SourceError(f"unknown question types {sorted(unknown)}; known: {', '.join(q.QUESTION_TYPES)}")
+            raise SourceError(
+                f"unknown question types {sorted(unknown)}; known: {', '.join(q.QUESTION_TYPES)}"
+            )
         if self.size_ratio < 1 or self.max_size_pairs < 0:
             raise SourceError("size_ratio must be >= 1 and max_size_pairs >= 0")
         if self.sides not in ("image", "patient"):
@@ -86,13 +88,17 @@ class GroundResult:
         """Lines for a terminal: questions per split and question type, then what was skipped."""
         lines = []
         for split in sorted({s for s, _ in self.made}, key=lambda s: (SPLIT_ORDER.get(s, 9), s)):
-            per = "  ".join(f"{f}={self.made[split, f]}" for f in q.QUESTION_TYPES if self.made[split, f])
+            per = "  ".join(
+                f"{f}={self.made[split, f]}" for f in q.QUESTION_TYPES if self.made[split, f]
+            )
             total = sum(c for (s, _), c in self.made.items() if s == split)
             n_images = len({s.meta["image"] for s in self.samples if s.split == split})
             lines.append(f"{split:>6}: {total:>6} questions on {n_images} images  {per}")
         lines += [f"skipped: {reason}: {n}" for reason, n in sorted(self.skipped.items())]
         if self.straddling_groups:
-            lines.append(f"warning: {len(self.straddling_groups)} group(s) straddle official splits, e.g. {self.straddling_groups[0]}")
+            lines.append(
+                f"warning: {len(self.straddling_groups)} group(s) straddle official splits, e.g. {self.straddling_groups[0]}"
+            )
         return lines
 
 
@@ -108,15 +114,27 @@ def build_grounded(images: Sequence[AnnotatedImage], cfg: GroundConfig) -> Groun
         _clip_regions(im, cfg, result.skipped)
         im.modality = im.modality or cfg.modality
         im.organ = im.organ or cfg.organ
-    result.straddling_groups = assign_splits(result.images, cfg.seed, cfg.fractions, cfg.val_fraction)
+    result.straddling_groups = assign_splits(
+        result.images, cfg.seed, cfg.fractions, cfg.val_fraction
+    )
     vocabulary = sorted({r.label for im in result.images for r in im.regions})
-    presence = _presence_plan(result.images, vocabulary, cfg, result.skipped) if "presence" in cfg.question_types else {}
-    ordered = sorted(result.images, key=lambda im: (SPLIT_ORDER.get(im.split or "", 9), im.split or "", im.key))
+    presence = (
+        _presence_plan(result.images, vocabulary, cfg, result.skipped)
+        if "presence" in cfg.question_types
+        else {}
+    )
+    ordered = sorted(
+        result.images, key=lambda im: (SPLIT_ORDER.get(im.split or "", 9), im.split or "", im.key)
+    )
     for im in ordered:
-        for qtype, question, answer, options, regions, labels in _questions(im, presence.get(im.key, []), cfg, result.skipped):
+        for qtype, question, answer, options, regions, labels in _questions(
+            im, presence.get(im.key, []), cfg, result.skipped
+        ):
             n = result.made[im.split, qtype]
             result.made[im.split, qtype] += 1
-            result.samples.append(_sample(im, cfg, qtype, n, question, answer, options, regions, labels))
+            result.samples.append(
+                _sample(im, cfg, qtype, n, question, answer, options, regions, labels)
+            )
     _render_used(result)
     return result
 
@@ -165,13 +183,17 @@ def _presence_plan(
 Question = tuple[str, str, str, dict[str, str], list[Region], list[str]]
 
 
-def _questions(im: AnnotatedImage, presence: list[tuple[str, bool]], cfg: GroundConfig, skipped: Counter) -> list[Question]:
+def _questions(
+    im: AnnotatedImage, presence: list[tuple[str, bool]], cfg: GroundConfig, skipped: Counter
+) -> list[Question]:
     """(question type, question, answer, options, ROI regions, labels) of one image."""
     out: list[Question] = []
     by_label: dict[str, list[Region]] = defaultdict(list)
     for r in im.regions:
         by_label[r.label].append(r)
-    countable = {label: regions for label, regions in sorted(by_label.items()) if label not in im.partial}
+    countable = {
+        label: regions for label, regions in sorted(by_label.items()) if label not in im.partial
+    }
     for label, present in presence:
         out.append(("presence", q.presence_question(cfg.name(label)), "yes" if present else "no", {},
                     by_label[label] if present else [], [label]))  # fmt: skip
@@ -179,15 +201,35 @@ def _questions(im: AnnotatedImage, presence: list[tuple[str, bool]], cfg: Ground
         for label, regions in countable.items():
             if len(regions) != 1:
                 continue
-            choice = q.position_choice([regions[0].box], im.width, im.height, cfg.sides, q.named_axes(cfg.name(label)))  # type: ignore[arg-type]
+            choice = q.position_choice(
+                [regions[0].box], im.width, im.height, cfg.sides, q.named_axes(cfg.name(label))
+            )  # type: ignore[arg-type]
             if choice is None:
                 skipped["location: the name states the position"] += 1
                 continue
             options, letter = choice
-            out.append(("location", q.location_question(cfg.name(label), options, cfg.sides), letter, options, regions, [label]))
+            out.append(
+                (
+                    "location",
+                    q.location_question(cfg.name(label), options, cfg.sides),
+                    letter,
+                    options,
+                    regions,
+                    [label],
+                )
+            )
     if "count" in cfg.question_types:
         for label, regions in countable.items():
-            out.append(("count", q.count_question(cfg.name(label)), str(len(regions)), {}, regions, [label]))
+            out.append(
+                (
+                    "count",
+                    q.count_question(cfg.name(label)),
+                    str(len(regions)),
+                    {},
+                    regions,
+                    [label],
+                )
+            )
     if "size" in cfg.question_types:
         out.extend(_size_questions(im, countable, cfg, skipped))
     if "grounding" in cfg.question_types:
@@ -195,7 +237,9 @@ def _questions(im: AnnotatedImage, presence: list[tuple[str, bool]], cfg: Ground
     return out
 
 
-def _size_questions(im: AnnotatedImage, countable: dict[str, list[Region]], cfg: GroundConfig, skipped: Counter) -> list[Question]:
+def _size_questions(
+    im: AnnotatedImage, countable: dict[str, list[Region]], cfg: GroundConfig, skipped: Counter
+) -> list[Question]:
     single = [(label, regions[0]) for label, regions in countable.items() if len(regions) == 1]
     pairs = []
     for i, (la, ra) in enumerate(single):
@@ -211,7 +255,16 @@ def _size_questions(im: AnnotatedImage, countable: dict[str, list[Region]], cfg:
         (la, ra), (lb, rb) = pairs[k] if rng.random() < 0.5 else pairs[k][::-1]
         options = {"A": cfg.name(la), "B": cfg.name(lb)}
         letter = "A" if area(ra.box) > area(rb.box) else "B"
-        out.append(("size", q.size_question(cfg.name(la), cfg.name(lb)), letter, options, [ra, rb], [la, lb]))
+        out.append(
+            (
+                "size",
+                q.size_question(cfg.name(la), cfg.name(lb)),
+                letter,
+                options,
+                [ra, rb],
+                [la, lb],
+            )
+        )
     return out
 
 
@@ -222,12 +275,23 @@ def _grounding_questions(im: AnnotatedImage, cfg: GroundConfig, skipped: Counter
             by_phrase[r.phrase, r.label].append(r)
     out: list[Question] = []
     for (phrase, label), regions in sorted(by_phrase.items()):
-        choice = q.position_choice([r.box for r in regions], im.width, im.height, cfg.sides, q.named_axes(phrase))  # type: ignore[arg-type]
+        choice = q.position_choice(
+            [r.box for r in regions], im.width, im.height, cfg.sides, q.named_axes(phrase)
+        )  # type: ignore[arg-type]
         if choice is None:
             skipped["grounding: the phrase states the position, or its boxes are apart"] += 1
             continue
         options, letter = choice
-        out.append(("grounding", q.grounding_question(phrase, options, cfg.sides), letter, options, regions, [label]))
+        out.append(
+            (
+                "grounding",
+                q.grounding_question(phrase, options, cfg.sides),
+                letter,
+                options,
+                regions,
+                [label],
+            )
+        )
     return out
 
 
@@ -250,8 +314,13 @@ def _sample(
         modality=im.modality,
         organ=im.organ,
         question_type=qtype,
-        meta={"image": im.key, "group": im.group, "labels": labels,
-              "image_size": [im.width, im.height], **im.meta},  # fmt: skip
+        meta={
+            "image": im.key,
+            "group": im.group,
+            "labels": labels,
+            "image_size": [im.width, im.height],
+            **im.meta,
+        },  # fmt: skip
     )
 
 

@@ -53,7 +53,9 @@ class BaselineScore:
     prior: float
 
 
-def question_only_baseline(train: Sequence[VQASample], test: Sequence[VQASample]) -> dict[str, BaselineScore]:
+def question_only_baseline(
+    train: Sequence[VQASample], test: Sequence[VQASample]
+) -> dict[str, BaselineScore]:
     """Per question type: accuracy of a naive Bayes over the words of question + options, and of the prior."""
     out = {}
     question_types = sorted({s.question_type or "-" for s in test})
@@ -65,7 +67,9 @@ def question_only_baseline(train: Sequence[VQASample], test: Sequence[VQASample]
         model = _NaiveBayes([_words(s) for s in tr], [s.gold for s in tr])
         prior = Counter(s.gold for s in tr).most_common(1)[0][0]
         accuracy = sum(model.predict(_words(s)) == s.gold for s in te) / len(te)
-        out[qtype] = BaselineScore(qtype, len(te), accuracy, sum(s.gold == prior for s in te) / len(te))
+        out[qtype] = BaselineScore(
+            qtype, len(te), accuracy, sum(s.gold == prior for s in te) / len(te)
+        )
     return out
 
 
@@ -91,7 +95,11 @@ class _NaiveBayes:
 
         def score(label: str) -> tuple[float, int]:
             logp = math.log(self.prior[label] / n)
-            logp += sum(math.log((self.counts[label][w] + 1) / (self.totals[label] + v)) for w in words if w in self.vocab)
+            logp += sum(
+                math.log((self.counts[label][w] + 1) / (self.totals[label] + v))
+                for w in words
+                if w in self.vocab
+            )
             return logp, self.prior[label]
 
         return max(sorted(self.prior), key=score)

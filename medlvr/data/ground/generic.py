@@ -10,7 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medlvr.data.ground.annotations import AnnotatedImage
-from medlvr.data.ground.readers import CsvColumns, ReaderFusion, read_box_csv, read_coco, read_mask_folder, read_nifti_folder
+from medlvr.data.ground.readers import (
+    CsvColumns,
+    ReaderFusion,
+    read_box_csv,
+    read_coco,
+    read_mask_folder,
+    read_nifti_folder,
+)
 from medlvr.data.sources._common import SourceError
 
 GENERIC = ("coco", "csv", "masks", "nifti")
@@ -21,7 +28,9 @@ def parse_annotation_files(specs: Sequence[str]) -> list[tuple[Path, str | None]
     out = []
     for spec in specs:
         split, sep, file = spec.partition("=")
-        path, split = (Path(file), split.strip()) if sep and not Path(spec).is_file() else (Path(spec), None)
+        path, split = (
+            (Path(file), split.strip()) if sep and not Path(spec).is_file() else (Path(spec), None)
+        )
         if not path.is_file():
             raise SourceError(f"annotation file not found: {path}")
         out.append((path, split or None))
@@ -39,7 +48,9 @@ def parse_labels(spec: str) -> dict[int, str]:
             raise SourceError(f"label spec {part!r}: expected <mask value>=<name>, e.g. 1=liver")
         out[int(value)] = name.strip()
     if not out:
-        raise SourceError("give the mask values and their names with --labels, e.g. '1=liver,2=liver tumour'")
+        raise SourceError(
+            "give the mask values and their names with --labels, e.g. '1=liver,2=liver tumour'"
+        )
     return out
 
 
@@ -75,7 +86,9 @@ def read_generic(
                 for im in read_coco(path, root, split=split, group_field=group_field, phrase_field=phrase_field)]  # fmt: skip
     if kind == "csv":
         if not columns:
-            raise SourceError("csv: give the columns with --columns, e.g. 'image=file,label=finding,x0=xmin,y0=ymin,x1=xmax,y1=ymax'")
+            raise SourceError(
+                "csv: give the columns with --columns, e.g. 'image=file,label=finding,x0=xmin,y0=ymin,x1=xmax,y1=ymax'"
+            )
         spec = CsvColumns.parse(columns)
         fusion = ReaderFusion(min_iou, min_readers) if spec.reader else None
         return [im for path, split in parse_annotation_files(annotations)
@@ -83,7 +96,14 @@ def read_generic(
     if masks is None or not Path(masks).is_dir():
         raise SourceError(f"{kind}: give the mask folder with --masks (got {masks})")
     if kind == "masks":
-        return read_mask_folder(Path(masks), root, parse_labels(labels), min_area=min_area, threshold=threshold, mask_suffix=mask_suffix)
+        return read_mask_folder(
+            Path(masks),
+            root,
+            parse_labels(labels),
+            min_area=min_area,
+            threshold=threshold,
+            mask_suffix=mask_suffix,
+        )
     if export_dir is None:
         raise SourceError("nifti: slices need an export folder")
     return read_nifti_folder(Path(masks), root, parse_labels(labels), Path(export_dir), axis=axis, slice_step=slice_step,

@@ -48,7 +48,13 @@ PATIENT_SIDES_NOTE = " Left and right are the patient's sides."
 def display_name(label: str) -> str:
     """A label as it reads inside a question: capitalised words lower-cased, acronyms kept
     ("Nodule/Mass" -> "nodule/mass", "Enlarged PA" -> "enlarged PA", "ILD" -> "ILD")."""
-    return re.sub(r"[A-Za-z]+", lambda m: m.group().lower() if m.group()[1:].islower() or len(m.group()) == 1 else m.group(), label.strip())
+    return re.sub(
+        r"[A-Za-z]+",
+        lambda m: (
+            m.group().lower() if m.group()[1:].islower() or len(m.group()) == 1 else m.group()
+        ),
+        label.strip(),
+    )
 
 
 def named_axes(text: str) -> tuple[bool, bool]:
@@ -113,7 +119,9 @@ def size_question(a: str, b: str) -> str:
 
 
 def grounding_question(phrase: str, options: dict[str, str], sides: Sides) -> str:
-    return f"Which region of this image shows {display_name(phrase).rstrip('.')}?" + _sides_note(options, sides)
+    return f"Which region of this image shows {display_name(phrase).rstrip('.')}?" + _sides_note(
+        options, sides
+    )
 
 
 def _sides_note(options: dict[str, str], sides: Sides) -> str:

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medlvr.data.ground.annotations import AnnotatedImage, Box, Region, fuse_reader_boxes, image_size, xywh
+from medlvr.data.ground.annotations import (
+    AnnotatedImage,
+    Box,
+    Region,
+    fuse_reader_boxes,
+    image_size,
+    xywh,
+)
 from medlvr.data.sources._common import SourceError, read_json, text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
@@ -49,7 +56,9 @@ def read_coco(
         entries = data["images"]
         annotations = data.get("annotations", [])
     except (KeyError, TypeError) as err:
-        raise SourceError(f"{path}: not a COCO detection file ({type(err).__name__}: {err})") from None
+        raise SourceError(
+            f"{path}: not a COCO detection file ({type(err).__name__}: {err})"
+        ) from None
     by_image: dict[object, list[dict]] = defaultdict(list)
     for ann in annotations:
         by_image[ann["image_id"]].append(ann)
@@ -59,7 +68,9 @@ def read_coco(
         for ann in by_image.get(entry["id"], []):
             label = categories.get(ann["category_id"])
             if label is None:
-                raise SourceError(f"{path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
+                raise SourceError(
+                    f"{path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}"
+                )
             phrase = text(ann.get(phrase_field)) if phrase_field else ""
             regions.append(Region(label, xywh(*ann["bbox"]), phrase or None))
             if ann.get("iscrowd"):
@@ -106,7 +117,9 @@ class CsvColumns:
         corners = [self.x0, self.y0, self.x1, self.y1]
         size = [self.x, self.y, self.w, self.h]
         if not (all(corners) and not any(size)) and not (all(size) and not any(corners)):
-            raise SourceError("box columns: give all of x0,y0,x1,y1 (corners) or all of x,y,w,h (corner and size)")
+            raise SourceError(
+                "box columns: give all of x0,y0,x1,y1 (corners) or all of x,y,w,h (corner and size)"
+            )
 
     @classmethod
     def parse(cls, spec: str) -> CsvColumns:
@@ -119,7 +132,9 @@ class CsvColumns:
             if not sep or not value:
                 raise SourceError(f"column spec {part!r}: expected key=column")
             if key not in known:
-                raise SourceError(f"column spec: unknown key {key!r}; known: {', '.join(sorted(known))}")
+                raise SourceError(
+                    f"column spec: unknown key {key!r}; known: {', '.join(sorted(known))}"
+                )
             values[key] = value
         for required in ("image", "label"):
             if required not in values:
@@ -171,7 +186,9 @@ def read_box_csv(
         entry = entries.setdefault(key, {"boxes": defaultdict(list), "first": cell})
         box = _row_box(cell, path, lineno)
         if box is not None and cell["label"]:
-            entry["boxes"][cell["label"]].append((cell.get("reader", ""), box, cell.get("phrase") or None))
+            entry["boxes"][cell["label"]].append(
+                (cell.get("reader", ""), box, cell.get("phrase") or None)
+            )
     out = []
     for key, entry in entries.items():
         first = entry["first"]
@@ -213,7 +230,9 @@ def _column_index(spec: str, header: Sequence[str], path: Path) -> int:
         return i
     names = [h.strip() for h in header]
     if spec not in names:
-        raise SourceError(f"{path}: no column {spec!r}; columns: {', '.join(repr(n) for n in names)}")
+        raise SourceError(
+            f"{path}: no column {spec!r}; columns: {', '.join(repr(n) for n in names)}"
+        )
     return names.index(spec)
 
 
@@ -238,7 +257,9 @@ def _regions(
         if fusion is None:
             regions.extend(Region(label, box, phrase) for _, box, phrase in marks)
             continue
-        fused, dropped = fuse_reader_boxes([(reader, box) for reader, box, _ in marks], fusion.min_iou, fusion.min_readers)
+        fused, dropped = fuse_reader_boxes(
+            [(reader, box) for reader, box, _ in marks], fusion.min_iou, fusion.min_readers
+        )
         regions.extend(Region(label, box) for box in fused)
         if dropped:
             partial.add(label)
@@ -313,14 +334,20 @@ def read_mask_folder(
     by_stem = {p.stem: p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     out = []
     for mask_path in found:
-        stem = mask_path.stem[: -len(mask_suffix)] if mask_suffix and mask_path.stem.endswith(mask_suffix) else mask_path.stem
+        stem = (
+            mask_path.stem[: -len(mask_suffix)]
+            if mask_suffix and mask_path.stem.endswith(mask_suffix)
+            else mask_path.stem
+        )
         if stem not in by_stem:
             raise SourceError(f"mask {mask_path.name} has no image {stem}.* in {images}")
         image = by_stem[stem]
         label_map = read_mask_array(mask_path, threshold)
         width, height = image_size(image)
         if label_map.shape != (height, width):
-            raise SourceError(f"mask {mask_path} is {label_map.shape[1]}x{label_map.shape[0]}, its image {width}x{height}")
+            raise SourceError(
+                f"mask {mask_path} is {label_map.shape[1]}x{label_map.shape[0]}, its image {width}x{height}"
+            )
         out.append(AnnotatedImage(
             key=stem, path=str(image.resolve()), width=width, height=height,
             regions=label_regions(label_map, labels, min_area), split=split, modality=modality, organ=organ,
@@ -359,23 +386,40 @@ def read_nifti_folder(
     if not found:
         raise SourceError(f"no NIfTI label volumes in {labels_dir}")
     if axis not in (0, 1, 2) or slice_step < 1 or empty_slices < 0:
-        raise SourceError(f"axis must be 0, 1 or 2, slice_step >= 1 and empty_slices >= 0; got {axis}, {slice_step}, {empty_slices}")
+        raise SourceError(
+            f"axis must be 0, 1 or 2, slice_step >= 1 and empty_slices >= 0; got {axis}, {slice_step}, {empty_slices}"
+        )
     out = []
     for label_path in found:
         case = label_path.name.removesuffix(".gz").removesuffix(".nii")
         case = case[: -len(mask_suffix)] if mask_suffix and case.endswith(mask_suffix) else case
-        image_path = next((images_dir / f"{case}{ext}" for ext in (".nii.gz", ".nii") if (images_dir / f"{case}{ext}").is_file()), None)
+        image_path = next(
+            (
+                images_dir / f"{case}{ext}"
+                for ext in (".nii.gz", ".nii")
+                if (images_dir / f"{case}{ext}").is_file()
+            ),
+            None,
+        )
         if image_path is None:
-            raise SourceError(f"label volume {label_path.name} has no image volume {case}.nii[.gz] in {images_dir}")
+            raise SourceError(
+                f"label volume {label_path.name} has no image volume {case}.nii[.gz] in {images_dir}"
+            )
         volume = np.asanyarray(nib.load(str(label_path)).dataobj).astype(np.int64)
         image_shape = tuple(nib.load(str(image_path)).shape[:3])
         if volume.shape[:3] != image_shape:
-            raise SourceError(f"{label_path.name}: label volume {volume.shape[:3]} and image volume {image_shape} differ")
+            raise SourceError(
+                f"{label_path.name}: label volume {volume.shape[:3]} and image volume {image_shape} differ"
+            )
         listed = np.isin(volume, list(labels))
         has_label = listed.any(axis=tuple(i for i in range(3) if i != axis))
         labelled = np.flatnonzero(has_label)[::slice_step]
         empty = np.flatnonzero(~has_label)
-        picks = empty[np.linspace(0, len(empty) - 1, empty_slices).round().astype(int)] if empty_slices and len(empty) else []
+        picks = (
+            empty[np.linspace(0, len(empty) - 1, empty_slices).round().astype(int)]
+            if empty_slices and len(empty)
+            else []
+        )
         for k in sorted({*labelled.tolist(), *np.asarray(picks, dtype=int).tolist()}):
             plane = np.rot90(np.take(volume, k, axis=axis))  # as load_image orients the image plane
             height, width = plane.shape

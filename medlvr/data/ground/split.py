@@ -40,7 +40,11 @@ def assign_splits(
             im.split = chosen[im.group] if im.group in chosen else next(iter(official[im.group]))
     if val_fraction:
         train_groups = sorted({im.group for im in images if im.split == "train"} - set(straddling))
-        moved = set(_cut(train_groups, seed + 1, {"val": val_fraction, "train": 1 - val_fraction}, keep="val"))
+        moved = set(
+            _cut(
+                train_groups, seed + 1, {"val": val_fraction, "train": 1 - val_fraction}, keep="val"
+            )
+        )
         for im in images:
             if im.group in moved:
                 im.split = "val"
@@ -48,7 +52,11 @@ def assign_splits(
 
 
 def check_fractions(fractions: Mapping[str, float], val_fraction: float = 0.0) -> None:
-    if not fractions or abs(sum(fractions.values()) - 1.0) > 1e-6 or any(f < 0 for f in fractions.values()):
+    if (
+        not fractions
+        or abs(sum(fractions.values()) - 1.0) > 1e-6
+        or any(f < 0 for f in fractions.values())
+    ):
         raise SourceError(f"split fractions must be >= 0 and sum to 1, got {dict(fractions)}")
     if not 0.0 <= val_fraction < 1.0:
         raise SourceError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -64,12 +72,16 @@ def parse_fractions(spec: str) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise SourceError(f"split fraction {part!r}: expected <split>=<fraction>, e.g. train=0.8")
+            raise SourceError(
+                f"split fraction {part!r}: expected <split>=<fraction>, e.g. train=0.8"
+            )
     check_fractions(out)
     return out
 
 
-def _cut(groups: Sequence[str], seed: int, fractions: Mapping[str, float], keep: str | None = None) -> dict[str, str]:
+def _cut(
+    groups: Sequence[str], seed: int, fractions: Mapping[str, float], keep: str | None = None
+) -> dict[str, str]:
     order = np.random.default_rng(seed).permutation(len(groups))
     bounds = np.round(np.cumsum(list(fractions.values())) * len(groups)).astype(int)
     names = list(fractions)

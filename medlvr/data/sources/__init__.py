@@ -48,11 +48,15 @@ def convert(name: str, root: str | Path, split: str | None = None, **opts: Any) 
     try:
         samples = SOURCES[name](root, split, **opts)
     except KeyError as err:  # a field every record of the release has
-        raise SourceError(f"{name}: a record under {root} has no {err} field: is --root the {name} release?") from None
+        raise SourceError(
+            f"{name}: a record under {root} has no {err} field: is --root the {name} release?"
+        ) from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "record"
-        raise SourceError(f"{name}: a record under {root} does not convert: {where}: {first['msg']}") from None
+        raise SourceError(
+            f"{name}: a record under {root} does not convert: {where}: {first['msg']}"
+        ) from None
     if not samples:  # empty input is an error: never a file of 0 samples and exit code 0
         which = f"split {split!r} of " if split else ""
         raise SourceError(f"{name}: no question converted from {which}{root}")

@@ -24,7 +24,9 @@ def release_file(root: Path, rel: str, dataset: str) -> Path:
     """`root / rel`, or a `SourceError` that says which release file is missing."""
     path = Path(root) / rel
     if not path.is_file():
-        raise SourceError(f"{dataset}: release file not found: {path} (is --root the unpacked release folder?)")
+        raise SourceError(
+            f"{dataset}: release file not found: {path} (is --root the unpacked release folder?)"
+        )
     return path
 
 
@@ -33,9 +35,13 @@ def read_json(path: Path, dataset: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise SourceError(f"{dataset}: {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+        raise SourceError(
+            f"{dataset}: {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+        ) from None
     except UnicodeDecodeError as err:
-        raise SourceError(f"{dataset}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise SourceError(
+            f"{dataset}: {path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
     except OSError as err:
         raise SourceError(f"{dataset}: cannot read {path}: {err.strerror or err}") from None
 
@@ -48,7 +54,9 @@ def release_glob(root: Path, pattern: str, dataset: str) -> list[Path]:
     return found
 
 
-def pick_splits(split: str | None, known: Sequence[str], dataset: str, aliases: dict[str, str] | None = None) -> list[str]:
+def pick_splits(
+    split: str | None, known: Sequence[str], dataset: str, aliases: dict[str, str] | None = None
+) -> list[str]:
     """All known splits for `None`, else the one asked for (after aliases), or a `SourceError`."""
     if split is None:
         return list(known)
@@ -75,7 +83,7 @@ def open_or_closed(answer: str) -> str:
 def strip_prefix(option: str, letter: str) -> str:
     """'A:Diffuse uptake' -> 'Diffuse uptake', only when the prefix is this option's own letter."""
     m = _PREFIX.match(option)
-    return option[m.end():].strip() if m and m.group(1) == letter else option.strip()
+    return option[m.end() :].strip() if m and m.group(1) == letter else option.strip()
 
 
 def lettered(options: Iterable[Any]) -> dict[str, str]:
@@ -111,7 +119,13 @@ def image_bytes(cell: Any) -> bytes | None:
 
 def save_image(data: bytes, image_dir: Path) -> Path:
     """Write embedded image bytes once, named by content hash (stable, deduplicated across questions)."""
-    ext = ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg" if data[:2] == b"\xff\xd8" else ".img"
+    ext = (
+        ".png"
+        if data[:8] == b"\x89PNG\r\n\x1a\n"
+        else ".jpg"
+        if data[:2] == b"\xff\xd8"
+        else ".img"
+    )
     path = Path(image_dir).resolve() / (hashlib.sha1(data).hexdigest()[:20] + ext)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,11 +44,15 @@ def convert_medframeqa(
             frames = [image_bytes(rec.get(f"image_{k}")) for k in range(1, MAX_FRAMES + 1)]
             images = [str(save_image(d, out_dir)) for d in frames if d is not None]
             if len(images) < 2:
-                raise SourceError(f"{NAME}: question_id {qid}: {len(images)} frame(s), expected 2 to 5")
+                raise SourceError(
+                    f"{NAME}: question_id {qid}: {len(images)} frame(s), expected 2 to 5"
+                )
             options = lettered(rec.get("options") or [])
             letter = text(rec.get("correct_answer")).upper()
             if letter not in options:
-                raise SourceError(f"{NAME}: question_id {qid}: gold letter {letter!r} is not among the options {sorted(options)}")
+                raise SourceError(
+                    f"{NAME}: question_id {qid}: gold letter {letter!r} is not among the options {sorted(options)}"
+                )
             samples.append(
                 VQASample(
                     id=f"{NAME}-{qid}",
@@ -62,7 +66,10 @@ def convert_medframeqa(
                     answer_type="choice",
                     modality=text(rec.get("modality")) or None,
                     organ=text(rec.get("organ")) or None,
-                    meta={"system": rec.get("system"), "reasoning_chain": rec.get("reasoning_chain")},
+                    meta={
+                        "system": rec.get("system"),
+                        "reasoning_chain": rec.get("reasoning_chain"),
+                    },
                 )
             )
     return samples

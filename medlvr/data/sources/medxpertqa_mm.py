@@ -36,13 +36,17 @@ def convert_medxpertqa_mm(root: Path, split: str | None = None, **opts: Any) -> 
             options = {text(k): text(v) for k, v in rec["options"].items()}
             letter = text(rec.get("label"))
             if letter not in options:
-                raise SourceError(f"{NAME}: {path}:{lineno} id {rec.get('id')}: gold letter {letter!r} is not among the options {sorted(options)}")
+                raise SourceError(
+                    f"{NAME}: {path}:{lineno} id {rec.get('id')}: gold letter {letter!r} is not among the options {sorted(options)}"
+                )
             samples.append(
                 VQASample(
                     id=f"{NAME}-{text(rec['id'])}",
                     dataset=NAME,
                     split=name,
-                    images=[str((root / "images" / text(f)).resolve()) for f in rec.get("images", [])],
+                    images=[
+                        str((root / "images" / text(f)).resolve()) for f in rec.get("images", [])
+                    ],
                     question=text(rec["question"]),
                     options=options,
                     answer=options[letter],
@@ -50,7 +54,10 @@ def convert_medxpertqa_mm(root: Path, split: str | None = None, **opts: Any) -> 
                     answer_type="choice",
                     organ=text(rec.get("body_system")) or None,
                     question_type=text(rec.get("question_type")) or None,
-                    meta={"medical_task": rec.get("medical_task"), "body_system": rec.get("body_system")},
+                    meta={
+                        "medical_task": rec.get("medical_task"),
+                        "body_system": rec.get("body_system"),
+                    },
                 )
             )
     return samples

@@ -20,7 +20,13 @@ from medlvr.data.sources._common import (
 )
 
 NAME = "mmmu-med"
-SUBJECTS = ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine", "Pharmacy", "Public_Health")
+SUBJECTS = (
+    "Basic_Medical_Science",
+    "Clinical_Medicine",
+    "Diagnostics_and_Laboratory_Medicine",
+    "Pharmacy",
+    "Public_Health",
+)
 SPLITS = ["dev", "validation", "test"]
 PUBLIC_SPLITS = ["dev", "validation"]
 ALIASES = {"val": "validation"}
@@ -35,7 +41,9 @@ def _options(raw: Any, where: str) -> list[str]:
     try:
         value = ast.literal_eval(text(raw) or "[]")
     except (ValueError, SyntaxError) as err:
-        raise SourceError(f"{NAME}: {where}: options is not a list literal ({err}): {raw!r}") from None
+        raise SourceError(
+            f"{NAME}: {where}: options is not a list literal ({err}): {raw!r}"
+        ) from None
     if not isinstance(value, list):
         raise SourceError(f"{NAME}: {where}: options is not a list: {raw!r}")
     return [text(o) for o in value]
@@ -71,7 +79,9 @@ def convert_mmmu_med(
         for subject in SUBJECTS:
             shards = sorted((root / subject).glob(f"{name}-*.parquet"))
             if not shards:
-                raise SourceError(f"{NAME}: release file not found: {root / subject}/{name}-*.parquet")
+                raise SourceError(
+                    f"{NAME}: release file not found: {root / subject}/{name}-*.parquet"
+                )
             for shard in shards:
                 for rec in read_parquet_rows(shard):
                     samples.append(_sample(rec, name, subject, out_dir))
@@ -90,10 +100,14 @@ def _sample(rec: dict[str, Any], split: str, subject: str, out_dir: Path) -> VQA
     options_list = _options(rec.get("options"), rid)
     used = {f"<image {k}>" for k in _TAG.findall(" ".join([text(rec["question"]), *options_list]))}
     if used - set(tags):
-        raise SourceError(f"{NAME}: {rid}: placeholder(s) {sorted(used - set(tags))} refer to absent images")
+        raise SourceError(
+            f"{NAME}: {rid}: placeholder(s) {sorted(used - set(tags))} refer to absent images"
+        )
     answer = text(rec.get("answer"))
     if answer in ("", "?"):
-        raise SourceError(f"{NAME}: {rid}: the answer is hidden ({answer!r}); MMMU test answers are not public")
+        raise SourceError(
+            f"{NAME}: {rid}: the answer is hidden ({answer!r}); MMMU test answers are not public"
+        )
     common: dict[str, Any] = dict(
         id=f"{NAME}-{rid}",
         dataset=NAME,
@@ -101,12 +115,25 @@ def _sample(rec: dict[str, Any], split: str, subject: str, out_dir: Path) -> VQA
         images=images,
         question=text(rec["question"]),
         question_type=text(rec.get("question_type")) or None,
-        meta={"subject": subject, "subfield": rec.get("subfield"), "img_type": rec.get("img_type"),
-              "topic_difficulty": rec.get("topic_difficulty"), "image_tags": tags},
+        meta={
+            "subject": subject,
+            "subfield": rec.get("subfield"),
+            "img_type": rec.get("img_type"),
+            "topic_difficulty": rec.get("topic_difficulty"),
+            "image_tags": tags,
+        },
     )
     if text(rec.get("question_type")) == "multiple-choice":
         options = lettered(options_list)
         if answer not in options:
-            raise SourceError(f"{NAME}: {rid}: gold letter {answer!r} is not among the options {sorted(options)}")
-        return VQASample(**common, options=options, answer=options[answer], answer_letter=answer, answer_type="choice")
+            raise SourceError(
+                f"{NAME}: {rid}: gold letter {answer!r} is not among the options {sorted(options)}"
+            )
+        return VQASample(
+            **common,
+            options=options,
+            answer=options[answer],
+            answer_letter=answer,
+            answer_type="choice",
+        )
     return VQASample(**common, answer=answer, answer_type=open_or_closed(answer))

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import LETTERS, VQASample
-from medlvr.data.sources._common import SourceError, letter_of, pick_splits, read_json, release_glob, text
+from medlvr.data.sources._common import (
+    SourceError,
+    letter_of,
+    pick_splits,
+    read_json,
+    release_glob,
+    text,
+)
 
 NAME = "omnimedvqa"
 QA_GLOB = "QA_information/Open-access/*.json"
@@ -30,9 +37,13 @@ def convert_omnimedvqa(root: Path, split: str | None = None, **opts: Any) -> lis
         records = read_json(path, NAME)
         for rec in records:
             qid = text(rec.get("question_id"))
-            options = {L: text(rec[f"option_{L}"]) for L in LETTERS[:4] if text(rec.get(f"option_{L}"))}
+            options = {
+                L: text(rec[f"option_{L}"]) for L in LETTERS[:4] if text(rec.get(f"option_{L}"))
+            }
             if len(options) < 2:
-                raise SourceError(f"{NAME}: {path.name} question_id {qid}: {len(options)} option(s), need 2 to 4")
+                raise SourceError(
+                    f"{NAME}: {path.name} question_id {qid}: {len(options)} option(s), need 2 to 4"
+                )
             gold = text(rec.get("gt_answer"))
             letter = letter_of(gold, options)
             if letter is None:

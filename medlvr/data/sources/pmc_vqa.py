@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import VQASample
-from medlvr.data.sources._common import SourceError, letter_of, lettered, pick_splits, release_file, text
+from medlvr.data.sources._common import (
+    SourceError,
+    letter_of,
+    lettered,
+    pick_splits,
+    release_file,
+    text,
+)
 
 NAME = "pmc-vqa"
 FILES = {"v1": "test_clean.csv", "v2": "test_2.csv"}
@@ -20,10 +27,14 @@ def _image(root: Path, figure: str) -> Path:
         path = root / folder / figure
         if path.is_file():
             return path.resolve()
-    return (root / IMAGE_DIRS[0] / figure).resolve()  # reported as missing by `medlvr data validate`
+    return (
+        root / IMAGE_DIRS[0] / figure
+    ).resolve()  # reported as missing by `medlvr data validate`
 
 
-def convert_pmc_vqa(root: Path, split: str | None = None, *, version: str | None = None, **opts: Any) -> list[VQASample]:
+def convert_pmc_vqa(
+    root: Path, split: str | None = None, *, version: str | None = None, **opts: Any
+) -> list[VQASample]:
     """Convert the PMC-VQA test set.
 
     Release files: v1 `test_clean.csv` (2,000 rows: Figure_path, Question,
@@ -49,9 +60,15 @@ def convert_pmc_vqa(root: Path, split: str | None = None, *, version: str | None
             options = lettered(rec.get(f"Choice {L}", "") for L in "ABCD")
             gold = text(rec.get("Answer_label")) or text(rec.get("Answer"))
             # A letter wins; otherwise match the answer text, which may carry a prefix ("B:Diffuse uptake").
-            letter = gold if gold in options else letter_of(_drop_any_prefix(text(rec.get("Answer"))), options)
+            letter = (
+                gold
+                if gold in options
+                else letter_of(_drop_any_prefix(text(rec.get("Answer"))), options)
+            )
             if letter is None:
-                raise SourceError(f"{NAME}: {path.name} row {row}: gold {gold!r} is not among the options {options}")
+                raise SourceError(
+                    f"{NAME}: {path.name} row {row}: gold {gold!r} is not among the options {options}"
+                )
             meta: dict[str, Any] = {"version": version, "row": row}
             if text(rec.get("Caption")):
                 meta["caption"] = text(rec["Caption"])

@@ -55,16 +55,24 @@ def convert_slake(root: Path, split: str | None = None, **opts: Any) -> list[VQA
         for i, rec in enumerate(read_json(path, NAME)):
             missing = [f for f in REQUIRED if not isinstance(rec, dict) or f not in rec]
             if missing:  # a record of another release (or a truncated one), never skipped silently
-                raise SourceError(f"{NAME}: {path} record {i}: no {', '.join(missing)} field: is --root the SLAKE release?")
+                raise SourceError(
+                    f"{NAME}: {path} record {i}: no {', '.join(missing)} field: is --root the SLAKE release?"
+                )
             if rec["q_lang"] != "en":
                 continue
             kind = text(rec.get("answer_type")).lower()
             if kind not in ("open", "closed"):
-                raise SourceError(f"{NAME}: {path.name} qid {rec.get('qid')}: unknown answer_type {rec.get('answer_type')!r}")
+                raise SourceError(
+                    f"{NAME}: {path.name} qid {rec.get('qid')}: unknown answer_type {rec.get('answer_type')!r}"
+                )
             image = (root / "imgs" / text(rec["img_name"])).resolve()
             rois, dropped = _rois(image.parent, cache)
-            meta = {"content_type": rec.get("content_type"), "base_type": rec.get("base_type"),
-                    "img_id": rec.get("img_id"), "qid": rec.get("qid")}
+            meta = {
+                "content_type": rec.get("content_type"),
+                "base_type": rec.get("base_type"),
+                "img_id": rec.get("img_id"),
+                "qid": rec.get("qid"),
+            }
             if dropped:
                 meta["empty_boxes_dropped"] = dropped
             samples.append(

@@ -43,8 +43,14 @@ def convert_vqa_rad(root: Path, split: str | None = None, **opts: Any) -> list[V
             continue
         kind = text(rec.get("answer_type")).lower()
         if kind not in ("open", "closed"):
-            raise SourceError(f"{NAME}: qid {rec.get('qid')}: unknown answer_type {rec.get('answer_type')!r}")
-        qtypes = [QTYPE_FIXES.get(t, t) for t in (p.strip().upper() for p in text(rec.get("question_type")).split(",")) if t]
+            raise SourceError(
+                f"{NAME}: qid {rec.get('qid')}: unknown answer_type {rec.get('answer_type')!r}"
+            )
+        qtypes = [
+            QTYPE_FIXES.get(t, t)
+            for t in (p.strip().upper() for p in text(rec.get("question_type")).split(","))
+            if t
+        ]
         samples.append(
             VQASample(
                 id=f"{NAME}-{text(rec['qid'])}",

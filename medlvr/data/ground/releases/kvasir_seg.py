@@ -30,23 +30,36 @@ MASK_THRESHOLD = 128
 DEFAULTS: dict[str, Any] = {"modality": "Endoscopy", "organ": "Colon"}
 
 
-def read_kvasir_seg(root: Path, regions: Literal["boxes", "masks"] = "boxes", min_area: int = 64) -> list[AnnotatedImage]:
+def read_kvasir_seg(
+    root: Path, regions: Literal["boxes", "masks"] = "boxes", min_area: int = 64
+) -> list[AnnotatedImage]:
     """Annotated images of every entry of `kavsir_bboxes.json`."""
     root = Path(root)
     if not (root / BOX_FILE).is_file() and (root / "Kvasir-SEG" / BOX_FILE).is_file():
         root = root / "Kvasir-SEG"
     path = root / BOX_FILE
     if not path.is_file():
-        raise SourceError(f"{NAME}: release file not found: {path} (is --root the unpacked Kvasir-SEG folder?)")
+        raise SourceError(
+            f"{NAME}: release file not found: {path} (is --root the unpacked Kvasir-SEG folder?)"
+        )
     if regions not in ("boxes", "masks"):
         raise SourceError(f"{NAME}: regions must be 'boxes' or 'masks', got {regions!r}")
     out = []
     for key, entry in read_json(path, NAME).items():
         image = root / "images" / f"{key}.jpg"
         if regions == "masks":
-            found = label_regions(read_mask_array(root / "masks" / f"{key}.jpg", MASK_THRESHOLD), {1: "polyp"}, min_area)
+            found = label_regions(
+                read_mask_array(root / "masks" / f"{key}.jpg", MASK_THRESHOLD),
+                {1: "polyp"},
+                min_area,
+            )
         else:
-            found = [Region(text(b.get("label")) or "polyp", (b["xmin"], b["ymin"], b["xmax"], b["ymax"])) for b in entry["bbox"]]
+            found = [
+                Region(
+                    text(b.get("label")) or "polyp", (b["xmin"], b["ymin"], b["xmax"], b["ymax"])
+                )
+                for b in entry["bbox"]
+            ]
         out.append(AnnotatedImage(key=key, path=str(image.resolve()), width=int(entry["width"]), height=int(entry["height"]),
                                   regions=found))  # fmt: skip
     return out

@@ -29,7 +29,12 @@ from medlvr.data.ground.readers import CsvColumns, csv_header, read_box_csv
 from medlvr.data.sources._common import release_glob
 
 NAME = "ms-cxr"
-DEFAULTS: dict[str, Any] = {"sides": "patient", "modality": "X-Ray", "organ": "Chest", "question_types": ("grounding",)}
+DEFAULTS: dict[str, Any] = {
+    "sides": "patient",
+    "modality": "X-Ray",
+    "organ": "Chest",
+    "question_types": ("grounding",),
+}
 
 
 def read_ms_cxr(root: Path, images: Path | None = None) -> list[AnnotatedImage]:

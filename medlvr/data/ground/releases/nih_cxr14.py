@@ -47,7 +47,9 @@ def read_nih_cxr14(root: Path) -> list[AnnotatedImage]:
     root = Path(root)
     files = {p.name: p for p in root.glob("images*/**/*.png")}
     splits = _split_lists(root)
-    boxed = read_box_csv(release_file(root, BOX_FILE, NAME), root, COLUMNS, resolve=lambda name: _find(files, name))
+    boxed = read_box_csv(
+        release_file(root, BOX_FILE, NAME), root, COLUMNS, resolve=lambda name: _find(files, name)
+    )
     entries = _data_entry(root)
     labels = {r.label for im in boxed for r in im.regions}
     out = []
@@ -66,7 +68,9 @@ def read_nih_cxr14(root: Path) -> list[AnnotatedImage]:
 
 def _find(files: dict[str, Path], name: str) -> Path:
     if name not in files:
-        raise SourceError(f"{NAME}: image {name} not found under images*/ (is --root the unpacked release?)")
+        raise SourceError(
+            f"{NAME}: image {name} not found under images*/ (is --root the unpacked release?)"
+        )
     return files[name]
 
 
@@ -81,7 +85,13 @@ def _split_lists(root: Path) -> dict[str, str]:
     for split, name in SPLIT_LISTS.items():
         path = root / name
         if path.is_file():
-            out.update({line.strip(): split for line in path.read_text(encoding="utf-8").splitlines() if line.strip()})
+            out.update(
+                {
+                    line.strip(): split
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()
+                }
+            )
     return out
 
 
@@ -93,5 +103,12 @@ def _data_entry(root: Path) -> dict[str, set[str]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     if rows and not {"Image Index", "Finding Labels"} <= set(rows[0]):
-        raise SourceError(f"{NAME}: {path.name} lacks the 'Image Index' and 'Finding Labels' columns")
-    return {text(r["Image Index"]): {ENTRY_NAMES.get(f, f) for f in text(r["Finding Labels"]).split("|")} for r in rows}
+        raise SourceError(
+            f"{NAME}: {path.name} lacks the 'Image Index' and 'Finding Labels' columns"
+        )
+    return {
+        text(r["Image Index"]): {
+            ENTRY_NAMES.get(f, f) for f in text(r["Finding Labels"]).split("|")
+        }
+        for r in rows
+    }

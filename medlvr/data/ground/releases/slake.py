@@ -36,7 +36,9 @@ DEFAULTS: dict[str, Any] = {"sides": "patient", "negatives_within": ("modality",
 MIN_NAMING_IOU = 0.5
 
 
-def read_slake(root: Path, regions: Literal["boxes", "masks"] = "boxes", min_area: int = 16) -> list[AnnotatedImage]:
+def read_slake(
+    root: Path, regions: Literal["boxes", "masks"] = "boxes", min_area: int = 16
+) -> list[AnnotatedImage]:
     """Annotated images of every `imgs/*/source.jpg` that has a `detection.json`."""
     root = Path(root)
     if regions not in ("boxes", "masks"):
@@ -48,7 +50,11 @@ def read_slake(root: Path, regions: Literal["boxes", "masks"] = "boxes", min_are
         image = folder / "source.jpg"
         width, height = image_size(image)
         boxes = _detections(det)
-        found = _mask_regions(folder / "mask.png", boxes, width, height, min_area) if regions == "masks" else boxes
+        found = (
+            _mask_regions(folder / "mask.png", boxes, width, height, min_area)
+            if regions == "masks"
+            else boxes
+        )
         split, modality, organ = info.get(f"{folder.name}/source.jpg", (None, None, None))
         out.append(AnnotatedImage(key=folder.name, path=str(image.resolve()), width=width, height=height, regions=found,
                                   split=split, modality=modality, organ=organ))  # fmt: skip
@@ -63,7 +69,10 @@ def _image_info(root: Path) -> dict[str, tuple[str, str | None, str | None]]:
         if not path.is_file():
             continue
         for rec in read_json(path, NAME):
-            info.setdefault(text(rec["img_name"]), (split, text(rec.get("modality")) or None, text(rec.get("location")) or None))
+            info.setdefault(
+                text(rec["img_name"]),
+                (split, text(rec.get("modality")) or None, text(rec.get("location")) or None),
+            )
     return info
 
 
@@ -71,10 +80,14 @@ def _detections(path: Path) -> list[Region]:
     return [Region(text(name), box) for name, box in read_detections(path)[0]]
 
 
-def _mask_regions(path: Path, boxes: list[Region], width: int, height: int, min_area: int) -> list[Region]:
+def _mask_regions(
+    path: Path, boxes: list[Region], width: int, height: int, min_area: int
+) -> list[Region]:
     label_map = read_mask_array(path)
     if label_map.shape != (height, width):
-        raise SourceError(f"{NAME}: {path} is {label_map.shape[1]}x{label_map.shape[0]}, its image {width}x{height}")
+        raise SourceError(
+            f"{NAME}: {path} is {label_map.shape[1]}x{label_map.shape[0]}, its image {width}x{height}"
+        )
     out = []
     for value in np.unique(label_map[label_map > 0]).tolist():
         ys, xs = np.nonzero(label_map == value)

@@ -34,16 +34,33 @@ from medlvr.data.sources._common import pick_splits, release_file
 
 NAME = "vindr-cxr"
 SPLITS = ("train", "test")
-COLUMNS = CsvColumns(image="image_id", label="class_name", x0="x_min", y0="y_min", x1="x_max", y1="y_max", reader="rad_id")
+COLUMNS = CsvColumns(
+    image="image_id",
+    label="class_name",
+    x0="x_min",
+    y0="y_min",
+    x1="x_max",
+    y1="y_max",
+    reader="rad_id",
+)
 DEFAULTS: dict[str, Any] = {"sides": "patient", "modality": "X-Ray", "organ": "Chest"}
 
 
-def read_vindr_cxr(root: Path, split: str | None = None, *, min_iou: float = 0.4, min_readers: int = 2) -> list[AnnotatedImage]:
+def read_vindr_cxr(
+    root: Path, split: str | None = None, *, min_iou: float = 0.4, min_readers: int = 2
+) -> list[AnnotatedImage]:
     """Annotated images of the requested official split(s), train boxes fused across readers."""
     root = Path(root)
     out: list[AnnotatedImage] = []
     for name in pick_splits(split, SPLITS, NAME):
         path = release_file(root, f"annotations/annotations_{name}.csv", NAME)
         fusion = ReaderFusion(min_iou, min_readers) if name == "train" else None
-        out += read_box_csv(path, root, COLUMNS, split=name, fusion=fusion, resolve=lambda key, n=name: root / n / f"{key}.dicom")
+        out += read_box_csv(
+            path,
+            root,
+            COLUMNS,
+            split=name,
+            fusion=fusion,
+            resolve=lambda key, n=name: root / n / f"{key}.dicom",
+        )
     return out
