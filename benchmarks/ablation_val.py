@@ -19,7 +19,7 @@ from dataclasses import fields
 # As `medlvr demo` does: transformers' per-load bars off here and in the spawned arm workers.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from medlvr.recipes.demo import DemoConfig, run_demo  # noqa: E402
+from medlvr.recipes.demo import DemoConfig, run_demo
 
 
 def main() -> None:

@@ -256,6 +256,7 @@ class DemoService:
         for item in items:
             s = item.sample
             path = out / f"{s.id}.png"
+            assert item.image is not None  # generate_samples renders by default
             Image.fromarray(item.image).save(path)
             opts = "\n".join(f"{k}={v}" for k, v in sorted(s.options.items()))
             self.examples.append(Example(path, s.question, opts, f"{s.modality}: {s.question}"))

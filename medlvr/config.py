@@ -696,7 +696,7 @@ def _empty_value(base: Any, override: str) -> str:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain dict of a config dataclass (for saving next to checkpoints)."""
-    if not is_dataclass(cfg):
+    if not is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"expected a config dataclass, got {type(cfg).__name__}")
     return asdict(cfg)
 

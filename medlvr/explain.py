@@ -487,7 +487,9 @@ def explain_metrics(
             "no sample has both an image and an ROI: explanation metrics need ROI annotations"
         )
     if image_loader is None:
-        from medlvr.data.images import load_image as image_loader  # noqa: N813
+        from medlvr.data.images import load_image
+
+        image_loader = load_image
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     gen = torch.Generator().manual_seed(seed)
 
@@ -525,7 +527,9 @@ def explain_metrics(
                 if sample.meta.get("lesions")
                 else None
             )
-            maps = {kind: sm.cells(sm.aggregate(kind)) for kind in KINDS}  # [M] each
+            maps: dict[str, torch.Tensor] = {
+                kind: sm.cells(sm.aggregate(kind)) for kind in KINDS
+            }  # [M] each
             # A random map over the tokens, placed on the cells as the model's maps are.
             maps["random"] = sm.cells(normalise(torch.rand(sm.similarity.shape[-1], generator=gen)))
             for name, m in maps.items():
@@ -544,7 +548,9 @@ def explain_metrics(
                     sample_coverage(sample, sm.grids, sm.sizes, _hop_boxes(hop_of, j))
                     for j in range(n_hops)
                 ]
-                step_maps = {kind: sm.cells(sm.get(kind)) for kind in KINDS}  # [K, M] each
+                step_maps: dict[str, torch.Tensor] = {
+                    kind: sm.cells(sm.get(kind)) for kind in KINDS
+                }  # [K, M] each
                 step_maps["random"] = sm.cells(
                     normalise(torch.rand(k, sm.similarity.shape[-1], generator=gen))
                 )

@@ -180,9 +180,7 @@ def _release(folder: Path) -> None:
 
 
 def _try_lock(fh: Any) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if sys.platform == "win32":
         import msvcrt
 
         try:
@@ -190,6 +188,8 @@ def _try_lock(fh: Any) -> bool:
         except OSError:
             return False
         return True
+    import fcntl
+
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

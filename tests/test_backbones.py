@@ -37,7 +37,7 @@ def _qwen_changed(processor, before: dict, after: dict) -> set[int]:
 
 def _gemma_changed(processor, before: dict, after: dict) -> set[int]:
     # pixel_values [1, 3, S, S]; tokens average-pool square cells of S/side pixels, raster order.
-    side = int(round(processor.image_seq_length**0.5))
+    side = round(processor.image_seq_length**0.5)
     diff = (before["pixel_values"][0] != after["pixel_values"][0]).any(0)  # [S, S]
     cell = diff.shape[0] // side
     ys, xs = diff.nonzero(as_tuple=True)
@@ -47,7 +47,7 @@ def _gemma_changed(processor, before: dict, after: dict) -> set[int]:
 def _smolvlm_changed(processor, before: dict, after: dict) -> set[int]:
     # pixel_values [1, views, 3, M, M]: the tiles row-major, then the global image; each view
     # a raster of side x side tokens over cells of token_pixels (pixels past them feed no token).
-    side = int(round(processor.image_seq_len**0.5))
+    side = round(processor.image_seq_len**0.5)
     cell = processor.token_pixels
     diff = (before["pixel_values"][0] != after["pixel_values"][0]).any(1)[
         :, : side * cell, : side * cell

@@ -145,7 +145,7 @@ def test_a_broken_or_pickled_model_folder_is_one_line_in_every_command(
                  ["train", "sft", f"model.path={model}", f"data.train=[{data / 'train.jsonl'}]", "mode=plain",
                   f"output_dir={tmp_path / 'run'}", "max_steps=1", "log.progress=false"]):  # fmt: skip
         assert re.search(message, one_error_line(runner.invoke(app, args))), args
-    assert not [p for p in tmp_path.iterdir()], "nothing written"
+    assert not list(tmp_path.iterdir()), "nothing written"
 
 
 def test_pickle_weights_load_only_when_allowed(broken_models, image):

@@ -93,7 +93,7 @@ def test_multi_frame_picks_one_frame():
     assert not np.array_equal(
         _gray(load_image(path, dicom_frame=0)), _gray(load_image(path, dicom_frame=14))
     )
-    with pytest.raises(ImageError, match="frame 15 out of range.*15 frame"):
+    with pytest.raises(ImageError, match=r"frame 15 out of range.*15 frame"):
         load_image(path, dicom_frame=15)
 
 
@@ -114,7 +114,7 @@ def test_dicom_without_extension_is_sniffed(tmp_path):
 
 def test_truncated_dicom():
     path = get_testdata_file("MR_truncated.dcm")
-    with pytest.raises(ImageError, match="MR_truncated.dcm"):
+    with pytest.raises(ImageError, match=r"MR_truncated.dcm"):
         load_image(path)
 
 
@@ -123,7 +123,7 @@ def test_dicom_size_guard(tmp_path):
     ds.Rows = ds.Columns = 10_000
     out = tmp_path / "huge.dcm"
     ds.save_as(out)
-    with pytest.raises(ImageError, match="too large.*10000x10000"):
+    with pytest.raises(ImageError, match=r"too large.*10000x10000"):
         load_image(out)
 
 
@@ -171,7 +171,7 @@ def test_truncated_nifti(tmp_path):
     )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match="t.nii.gz"):
+    with pytest.raises(ImageError, match=r"t.nii.gz"):
         load_image(path)
 
 

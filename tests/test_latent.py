@@ -211,7 +211,7 @@ def test_bad_inputs_raise_clear_errors(vlm):
         vlm(bad)
     with pytest.raises(MedlvrError, match="unknown backbone family"):
         get_adapter("llava")
-    with pytest.raises(MedlvrError, match="latent.steps"):
+    with pytest.raises(MedlvrError, match=r"latent.steps"):
         LatentConfig(steps=-2)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -114,8 +116,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor(schedule):
     cfg = OptimConfig(warmup_steps=4, schedule=schedule, min_lr_ratio=0.1)
     f = [lr_factor(s, 20, cfg) for s in range(21)]
     assert f[0] == pytest.approx(0.25) and f[3] == pytest.approx(1.0)
-    assert all(a <= b + 1e-12 for a, b in zip(f[:4], f[1:4]))
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(f[:4]))
     if schedule == "constant":
         assert f[20] == 1.0
     else:
-        assert f[20] == pytest.approx(0.1) and all(a >= b - 1e-12 for a, b in zip(f[4:], f[5:]))
+        assert f[20] == pytest.approx(0.1) and all(
+            a >= b - 1e-12 for a, b in itertools.pairwise(f[4:])
+        )

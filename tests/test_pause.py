@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from medlvr.config import LatentConfig, SFTConfig, VLPOConfig, load_config
+from medlvr.data.collate import VQACollator
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import PAUSE_FILE, LatentVLM
-from medlvr.data.collate import VQACollator
 from tests.conftest import Killed, kill_at, random_image
 from tests.test_latent import _batch, _samples
 from tests.test_sft import base_overrides
@@ -143,11 +143,11 @@ def test_pause_refuses_latent_exploration_teacher_forcing_and_vlpo(pair, tiny_di
     from medlvr.train.vlpo import check_config
 
     _, pause = pair
-    with pytest.raises(MedlvrError, match="latent.input=pause"):
+    with pytest.raises(MedlvrError, match=r"latent.input=pause"):
         pause.generate(_batch(pause, with_answers=False), 3, latent_sigma=0.05)
-    with pytest.raises(MedlvrError, match="latent.input=pause"):
+    with pytest.raises(MedlvrError, match=r"latent.input=pause"):
         load_config(SFTConfig, None, ["mode=teacher_forced", "latent.input=pause"])
-    with pytest.raises(MedlvrError, match="latent.input"):
+    with pytest.raises(MedlvrError, match=r"latent.input"):
         LatentConfig(input="echo")
     pause.save_pretrained(tmp_path / "m")
     for path, extra in (
@@ -159,7 +159,7 @@ def test_pause_refuses_latent_exploration_teacher_forcing_and_vlpo(pair, tiny_di
             None,
             [f"model.path={path}", "latent.projector=norm", "data.train=[x.jsonl]", *extra],
         )
-        with pytest.raises(MedlvrError, match="start VLPO from a latent.input=hidden checkpoint"):
+        with pytest.raises(MedlvrError, match=r"start VLPO from a latent.input=hidden checkpoint"):
             check_config(cfg)
 
 

@@ -10,7 +10,7 @@ from medlvr.data.prompts import CHOICE, SHORT, YES_NO, question_text, target_tex
 from medlvr.data.roi import box_to_tokens, pool_targets, sample_roi_indices
 from medlvr.data.schema import ROI, VQASample
 from medlvr.errors import MedlvrError
-from medlvr.model.backbones import TokenGrid, get_adapter
+from medlvr.model.backbones import TokenGrid
 from medlvr.model.latent import LatentVLM
 from tests.conftest import random_image
 

@@ -116,7 +116,7 @@ def test_raster_first_and_chain_on_the_same_sample():
         assigned_targets(TOKENS, union, 4, "chain", [union]),
         assigned_targets(TOKENS, union, 4, "raster"),
     )
-    with pytest.raises(MedlvrError, match="align.assign"):
+    with pytest.raises(MedlvrError, match=r"align.assign"):
         assigned_targets(TOKENS, union, 4, "diagonal")
 
 

@@ -150,11 +150,13 @@ def test_the_lock_is_reentrant_in_one_process_and_a_folder_it_created_goes_when_
         assert (out / LOCK_FILE).is_file()
     assert not out.exists()
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(
-        MedlvrError, match="cannot write the folder of --out .*a-file/x: Not a directory"
+    with (
+        pytest.raises(
+            MedlvrError, match=r"cannot write the folder of --out .*a-file/x: Not a directory"
+        ),
+        run_folder(tmp_path / "a-file" / "x", "--out"),
     ):
-        with run_folder(tmp_path / "a-file" / "x", "--out"):
-            pass
+        pass
 
 
 # ---------------------------------------------------------------------------- item 2: no silent restart

@@ -162,7 +162,6 @@ def _two_hop(synth: Path, name: str, roi_hops: list[int]) -> Path:
 def test_chain_alignment_trains_on_multi_hop_records(tiny_dir, synth, tmp_path):
     from medlvr.data.collate import VQACollator
     from medlvr.model.latent import LatentVLM
-
     from medlvr.train.sft import _sample_fields
 
     data = _two_hop(synth, "two_hop.jsonl", [1, 2])
@@ -176,7 +175,7 @@ def test_chain_alignment_trains_on_multi_hop_records(tiny_dir, synth, tmp_path):
     result = run_sft(cfg)
     assert all(r["align"] is not None and r["align"] == r["align"] for r in result.history)
     bad = _two_hop(synth, "bad_hops.jsonl", [1, 3])
-    with pytest.raises(MedlvrError, match="must lie in 1..2"):
+    with pytest.raises(MedlvrError, match=r"must lie in 1..2"):
         run_sft(
             make_cfg(
                 tiny_dir,

@@ -49,7 +49,9 @@ def test_registry_lists_every_benchmark_and_rejects_unknown(tmp_path):
         "medxpertqa-mm",
         "medframeqa",
     }
-    with pytest.raises(SourceError, match="unknown source 'rad'.*known: medframeqa, medxpertqa-mm"):
+    with pytest.raises(
+        SourceError, match=r"unknown source 'rad'.*known: medframeqa, medxpertqa-mm"
+    ):
         convert("rad", tmp_path)
     with pytest.raises(SourceError, match="release folder not found"):
         convert("slake", tmp_path / "absent")
@@ -116,7 +118,7 @@ def test_vqa_rad_quirks(vqa_rad):
 
 
 def test_vqa_rad_missing_release_file(tmp_path):
-    with pytest.raises(SourceError, match="release file not found: .*VQA_RAD Dataset Public.json"):
+    with pytest.raises(SourceError, match=r"release file not found: .*VQA_RAD Dataset Public.json"):
         convert("vqa-rad", tmp_path)
 
 
@@ -237,7 +239,7 @@ def test_pathvqa_pickle_needs_explicit_flag(tmp_path):
         pickle.dump([{"image": "val_0001", "question": "Is it benign?", "answer": "yes"}], fh)
     (tmp_path / "images" / "val").mkdir(parents=True)
     (tmp_path / "images" / "val" / "val_0001.jpg").write_bytes(_jpeg())
-    with pytest.raises(SourceError, match="unpickling executes code.*allow_pickle=True"):
+    with pytest.raises(SourceError, match=r"unpickling executes code.*allow_pickle=True"):
         convert("pathvqa", tmp_path, "val")
     [s] = convert("pathvqa", tmp_path, "val", allow_pickle=True)
     assert s.id == "pathvqa-val-0" and s.answer_type == "closed"
@@ -287,7 +289,7 @@ def test_omnimedvqa_gold_not_in_options(tmp_path):
     qa.mkdir(parents=True)
     (qa / "Bad.json").write_text(json.dumps([_omni("Bad_0007", "Cataract", n_options=2)]))
     with pytest.raises(
-        SourceError, match="Bad.json question_id Bad_0007: gold answer 'Cataract' is not among"
+        SourceError, match=r"Bad.json question_id Bad_0007: gold answer 'Cataract' is not among"
     ):
         convert("omnimedvqa", tmp_path)
 
@@ -492,7 +494,7 @@ def test_mmmu_med_errors(mmmu_root, tmp_path):
         convert("mmmu-med", mmmu_root, "dev", image_dir=tmp_path / "imgs")
     (mmmu_root / "Public_Health" / "validation-00000-of-00001.parquet").unlink()
     (mmmu_root / "Public_Health").rmdir()
-    with pytest.raises(SourceError, match="subject folder.*Public_Health"):
+    with pytest.raises(SourceError, match=r"subject folder.*Public_Health"):
         convert("mmmu-med", mmmu_root, "validation")
 
 

@@ -251,7 +251,7 @@ def _check_chain(r, at: dict[str, dict]) -> None:
     )
 
 
-def _check_answer(r) -> None:  # noqa: C901 - one branch per question type, read top to bottom
+def _check_answer(r) -> None:  # one branch per question type, read top to bottom
     meta, q, qtype = r.meta, r.question, r.question_type
     lesions, at = meta["lesions"], _by_region(meta)
     boxes = [tuple(roi.box) for roi in r.rois]

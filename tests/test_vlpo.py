@@ -19,9 +19,9 @@ from medlvr.train.rollout import (
     answer_tensors,
     flat_groups,
     group_advantages,
+    pad_id,
     repeat_rows,
     sample_rollouts,
-    pad_id,
     trajectory_logprobs,
     unit_mask,
 )
@@ -99,7 +99,7 @@ def test_latent_units_have_their_own_clip_range():
     )
     assert torch.allclose(per_seq[0], -(2 * 1.05 + 2 * math.exp(0.1)) * torch.ones(()))
     # Without a latent range the token range applies to every unit (the old behaviour).
-    same, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, latent_steps=2)
+    _, st = policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28, latent_steps=2)
     assert st["clipped"] == 0 and st["latent_units"] == 4
     # The KL term covers the latent units too: beta * k3 on every unit of the mask.
     ref = torch.randn(2, 5)
@@ -614,7 +614,7 @@ def test_roi_evidence_chain_scores_each_hop_in_training_and_held_out(
     assert (
         len(seen) == 2 * 2 + 2 * 4
     )  # the step's 2 prompts x 2 rollouts, then 2 held-out prompts x eval_samples 4
-    for sample, z, ctx in seen:
+    for sample, _z, ctx in seen:
         assert ctx.assign == "chain" and len(ctx.roi_hop_index) == 2, sample.id
         assert torch.equal(torch.cat(ctx.roi_hop_index).unique(), ctx.roi_index)
     chain = [rewards.roi_evidence(s, "", z, c) for s, z, c in seen]
@@ -623,7 +623,7 @@ def test_roi_evidence_chain_scores_each_hop_in_training_and_held_out(
     ]
     assert chain != pytest.approx(raster)
     bad = _two_hop(synth, tmp_path / "bad_hops.jsonl", [1, 3])
-    with pytest.raises(MedlvrError, match="must lie in 1..2"):
+    with pytest.raises(MedlvrError, match=r"must lie in 1..2"):
         check_config(
             _cfg(
                 tmp_path,

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.table import Table
 from typer.core import TyperGroup
@@ -21,12 +20,13 @@ class _EvalGroup(TyperGroup):
     into repeated `--data X` before parsing (a subcommand name ends the list).
     """
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    # Any: typer >= 0.2x passes its vendored click's Context, older typer click's own.
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         out: list[str] = []
         i = 0
         while i < len(args):
             arg = args[i]
-            if arg in self.commands and not out[-1:] == ["--data"]:
+            if arg in self.commands and out[-1:] != ["--data"]:
                 out += args[i:]  # a subcommand: its own arguments follow untouched
                 break
             out.append(arg)
@@ -123,18 +123,19 @@ def eval_run(
     ]
     if missing:
         raise ValueError(f"medlvr eval needs {', '.join(missing)}")
+    assert out is not None  # else in `missing`
 
     import torch
 
-    from medlvr.eval.harness import evaluate, parse_latent_steps
+    from medlvr.eval.harness import evaluate, parse_latent_steps, parse_reasoning
 
     _init_distributed()
     result = evaluate(
         data,
         out,
         model=model,
-        reasoning=reasoning,
-        latent_steps=parse_latent_steps(latent_steps),  # type: ignore[arg-type]
+        reasoning=parse_reasoning(reasoning),
+        latent_steps=parse_latent_steps(latent_steps),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         limit=limit,

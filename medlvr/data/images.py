@@ -137,8 +137,7 @@ def _load_pil(path: Path, max_pixels: int) -> Image.Image:
         with im:
             _check_size(path, im.width, im.height, max_pixels)
             im.load()  # decode now so truncation surfaces here, inside the error handler
-            im = ImageOps.exif_transpose(im)
-            return _pil_to_rgb(im)
+            return _pil_to_rgb(ImageOps.exif_transpose(im))
 
 
 def _pil_to_rgb(im: Image.Image) -> Image.Image:
@@ -217,12 +216,15 @@ def _load_dicom(
 
 def _load_nifti(path: Path, axis: int, index: int | None, max_pixels: int) -> Image.Image:
     import nibabel as nib
+    from nibabel.dataobj_images import DataobjImage
     from nibabel.filebasedimages import ImageFileError
 
     try:
         img = nib.load(str(path))
     except (ImageFileError, gzip.BadGzipFile) as err:
         raise ImageError(f"not a valid NIfTI file: {path} ({_one_line(err)})") from None
+    if not isinstance(img, DataobjImage):  # nibabel reads other formats too
+        raise ImageError(f"not a NIfTI volume: {path} ({type(img).__name__})")
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 2:
         raise ImageError(f"NIfTI volume {path} has shape {shape}: need at least 2 dimensions")

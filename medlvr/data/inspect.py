@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ class Coverage:
         return self.boxes / self.with_roi if self.with_roi else 0.0
 
 
-def roi_coverage(files: dict[str, Sequence[VQASample]]) -> list[Coverage]:
+def roi_coverage(files: Mapping[str, Sequence[VQASample]]) -> list[Coverage]:
     """ROI coverage per source: every file, and every dataset inside a file that mixes several."""
     out = []
     for name, samples in files.items():

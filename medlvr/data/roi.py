@@ -66,10 +66,10 @@ def box_to_tokens(box: Sequence[float], grid: TokenGrid, width: int, height: int
 def _cells(box: tuple[float, float, float, float], grid: TokenGrid) -> list[int]:
     """Raster indices of the cells of one grid a box (in the grid's own coordinates) overlaps."""
     x0, y0, x1, y1 = box
-    c0 = min(int(math.floor(x0 / grid.cell_w)), grid.cols - 1)
-    r0 = min(int(math.floor(y0 / grid.cell_h)), grid.rows - 1)
-    c1 = max(int(math.ceil(x1 / grid.cell_w)) - 1, c0)
-    r1 = max(int(math.ceil(y1 / grid.cell_h)) - 1, r0)
+    c0 = min(math.floor(x0 / grid.cell_w), grid.cols - 1)
+    r0 = min(math.floor(y0 / grid.cell_h), grid.rows - 1)
+    c1 = max(math.ceil(x1 / grid.cell_w) - 1, c0)
+    r1 = max(math.ceil(y1 / grid.cell_h) - 1, r0)
     c1, r1 = min(c1, grid.cols - 1), min(r1, grid.rows - 1)
     return [r * grid.cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
 

@@ -9,7 +9,7 @@ they live under the file's folder.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -92,12 +92,13 @@ class VQASample(BaseModel):
     @property
     def gold(self) -> str:
         """What the scorer compares against: the letter for choice questions, else the answer text."""
-        return self.answer_letter if self.answer_type == "choice" else self.answer
+        if self.answer_type == "choice":
+            assert self.answer_letter is not None  # the validator requires it
+            return self.answer_letter
+        return self.answer
 
 
-def box_outside(
-    box: tuple[float, float, float, float] | list[float], width: int, height: int
-) -> str | None:
+def box_outside(box: Sequence[float], width: int, height: int) -> str | None:
     """Why a box covers no pixel of a `width` x `height` image, or None if it covers some.
 
     The one rule for every reader, `medlvr data validate` and training (`medlvr.data.roi.clip_box`):

@@ -367,7 +367,7 @@ class SynthConfig:
         Every row and column of the grid holds out different shapes, so every
         shape and every region still appears in training.
         """
-        pairs = []
+        pairs: list[tuple[str, int]] = []
         for region in range(self.grid**2):
             r, c = divmod(region, self.grid)
             pairs.extend(
@@ -519,6 +519,13 @@ class _SceneBuilder:
         self.lesions.append(lesion)
         return lesion
 
+    def place(self, **constraints: Any) -> Lesion:
+        """`add` where the scene leaves room by construction (a near-empty image)."""
+        lesion = self.add(**constraints)
+        if lesion is None:  # pragma: no cover - every region admits several shapes
+            raise RuntimeError(f"no lesion fits {constraints}")
+        return lesion
+
     def fill(self, n: int, prefer_shape: str | None) -> None:
         """Add distractors until the image holds `n` lesions (fewer when the constraints run out)."""
         while len(self.lesions) < n:
@@ -605,11 +612,13 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
     def in_region(les: Lesion) -> str:
         return f"the {names[les.region]} region"
 
+    primary: Lesion | None
+
     if qtype == "presence":
         yes = comp or rng.random() < 0.5
         if not yes:
             n = min(n, cells - 1)
-        primary = b.add(held=comp)
+        primary = b.place(held=comp)
         b.fill(n, primary.shape)
         if yes:
             q = _Question(
@@ -628,7 +637,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
             q.meta["region"] = names[region]
             primary = None
     elif qtype == "attribute":
-        primary = b.add(held=comp)
+        primary = b.place(held=comp)
         b.fill(n, primary.shape)
         attrs = ["size", "intensity"]
         if cfg.shape_questions == "all" or (
@@ -651,7 +660,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         )
         q.meta["attribute"] = attr
     elif qtype == "location":
-        primary = b.add(held=comp)
+        primary = b.place(held=comp)
         b.fill(n, primary.shape)
         for keys in (
             ("shape",),
@@ -663,9 +672,9 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
                 break
         gold = names[primary.region]
         others = [names[les.region] for les in b.lesions if les is not primary]
-        empty = [names[r] for r in range(cells) if r not in b.occupied()]
+        free = [names[r] for r in range(cells) if r not in b.occupied()]
         others = [others[i] for i in rng.permutation(len(others))] + [
-            empty[i] for i in rng.permutation(len(empty))
+            free[i] for i in rng.permutation(len(free))
         ]
         q = _ask(
             cfg,
@@ -678,12 +687,12 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         q.meta["descriptor"] = list(keys)
     elif qtype == "comparison":
         attr = ("size", "intensity")[int(rng.integers(2))]
-        primary = b.add(held=comp)
+        primary = b.place(held=comp)
         opposite = {
             "size": dict(zip(SIZES, SIZES[::-1])),
             "intensity": dict(zip(INTENSITIES, INTENSITIES[::-1])),
         }[attr]
-        partner = b.add(**{attr: opposite[getattr(primary, attr)]})
+        partner = b.place(**{attr: opposite[getattr(primary, attr)]})
         b.fill(n, primary.shape)
         word = {"size": ("larger", "smaller"), "intensity": ("brighter", "darker")}[attr][
             int(rng.integers(2))
@@ -707,7 +716,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         )
         q.meta["attribute"] = attr
     elif qtype == "count":
-        primary = b.add(held=comp)
+        primary = b.place(held=comp)
         b.fill(n, primary.shape)
         rois = [_lesion_roi(les) for les in sorted(b.lesions, key=lambda les: les.region)]
         q = _Question("How many lesions are there?", str(len(b.lesions)), "open", rois)
@@ -766,13 +775,13 @@ def _chain(
     free = b.free_regions()
     for region, intensity in zip((free[i] for i in rng.permutation(len(free))), spare):
         _add_named(b, region=region, size=other_size, intensity=intensity)
-    if (
-        any(les is None for les in chain) or len(b.lesions) != n
-    ):  # pragma: no cover - every region admits 3 shapes
+    placed = [les for les in chain if les is not None]
+    if len(placed) != h or len(b.lesions) != n:  # pragma: no cover - every region admits 3 shapes
         raise RuntimeError("chain scene did not fit")
-    target = chain[-1]
+    target = placed[-1]
     subject, steps = f"the {kind} lesion", [f"{kind} lesion: {names[path[0][0]]}"]
     for region, direction in path[1:]:
+        assert direction is not None  # only the path's first region has none
         phrase = _DIRECTIONS[direction][1]
         subject = f"the lesion {phrase} {subject}"
         steps.append(f"{phrase} it: {names[region]}")
@@ -780,7 +789,7 @@ def _chain(
         f"What is the intensity of {subject}?",
         target.intensity,
         "open",
-        [_lesion_roi(les) for les in chain],
+        [_lesion_roi(les) for les in placed],
     )
     q.meta.update(
         attribute="intensity", hops=h, roi_hops=list(range(1, h + 1)), anchor=kind,
@@ -825,10 +834,10 @@ def _relational(
 ) -> tuple[Lesion, _Question]:
     g = cfg.grid
     if rng.random() < 0.4:  # "Are the lesions in X and Y the same shape?"
-        primary = b.add(held=comp)
+        primary = b.place(held=comp)
         same = rng.random() < 0.5
         shapes = [primary.shape] if same else [s for s in SHAPES if s != primary.shape]
-        partner = b.add(shapes=shapes)
+        partner = b.place(shapes=shapes)
         b.fill(n, primary.shape)
         first, second = sorted((primary, partner), key=lambda les: les.region)
         text = f"Are the lesions in the {names[first.region]} and {names[second.region]} regions the same shape?"
@@ -843,7 +852,7 @@ def _relational(
     if kind != "shape":
         attr, _, rest = _SUPERLATIVES[kind]
         b.defaults[attr] = rest
-    primary = b.add(held=comp)
+    primary = b.place(held=comp)
     r, c = divmod(primary.region, g)
     directions = [
         d for d, ((dr, dc), _) in _DIRECTIONS.items() if 0 <= r - dr < g and 0 <= c - dc < g
@@ -869,7 +878,8 @@ def _relational(
                     region=anchor_region, shapes=[s for s in SHAPES if s != primary.shape]
                 )
             else:
-                anchor = b.add(region=anchor_region, **{attr: mine})
+                superlative: dict[str, Any] = {attr: mine}
+                anchor = b.add(region=anchor_region, **superlative)
             if anchor is not None:
                 break
         if anchor is not None:
@@ -941,7 +951,7 @@ def stage0_samples(cfg: SynthConfig, scene: Scene) -> list[VQASample]:
     """The stage-0 `describe`, `ground` and `inspect` records of a (train) scene, sharing its image."""
     names = cfg.region_names()
     rng = _rng(cfg, scene.split, scene.index, 2)
-    common = dict(
+    common: dict[str, Any] = dict(
         dataset=DATASET, split="describe", images=[image_name(scene.split, scene.index)],
         modality=scene.modality, organ=MODALITIES[scene.modality],
     )  # fmt: skip

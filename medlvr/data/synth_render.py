@@ -121,7 +121,7 @@ def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Band-limited noise, about `cells` blobs across, roughly in [-1, 1]. [size, size]"""
     coarse = rng.standard_normal((cells + 3, cells + 3)).astype(np.float32)
     img = Image.fromarray(coarse).resize(
-        (size + 2 * size // cells, size + 2 * size // cells), Image.BICUBIC
+        (size + 2 * size // cells, size + 2 * size // cells), Image.Resampling.BICUBIC
     )
     off = size // cells
     return np.asarray(img, dtype=np.float32)[off : off + size, off : off + size] / 1.5
@@ -142,7 +142,9 @@ def _dicom_layer(name: str, size: int) -> np.ndarray | None:
         return None
     lo, hi = np.percentile(arr, [1, 99])
     arr = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1).astype(np.float32)
-    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    return np.asarray(
+        Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+    )
 
 
 def _anatomy(rng: np.random.Generator, name: str, size: int) -> np.ndarray | None:
@@ -163,7 +165,7 @@ def _chest_xray(rng: np.random.Generator, size: int) -> np.ndarray:
             _ellipse(size, 0.5 + side * (0.2 + j[0]), 0.47 + j[1], 0.17, 0.34, side * 0.12), 0.4
         )
     img += 0.25 * _soft(_ellipse(size, 0.55 + j[2], 0.66 + j[3], 0.13, 0.17), 0.5)  # heart
-    x, y = _grid(size)
+    x, _ = _grid(size)
     img += 0.15 * np.exp(-(((x - 0.5) / 0.05) ** 2))  # spine
     ribs = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(ribs)
@@ -271,7 +273,9 @@ def _draw_anatomy(rng: np.random.Generator, modality: str, size: int) -> np.ndar
     style, _, half = _STYLES[modality]
     if half:  # smooth anatomy: shade 4x fewer pixels, then upsample
         img = style(rng, max(size // 2, 16)).astype(np.float32)
-        return np.array(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32)
+        return np.array(
+            Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+        )
     return style(rng, size).astype(np.float32)
 
 
@@ -337,7 +341,9 @@ def paint_lesion(
     scale = np.ones((h, w), dtype=np.float32)
     if mottled:
         blotch = rng.random((max(h // 3, 2), max(w // 3, 2))).astype(np.float32)
-        up = np.asarray(Image.fromarray(blotch).resize((w, h), Image.NEAREST), dtype=np.float32)
+        up = np.asarray(
+            Image.fromarray(blotch).resize((w, h), Image.Resampling.NEAREST), dtype=np.float32
+        )
         scale = 0.55 + 0.45 * (up > 0.5)
     region = img[geom.y0 : geom.y0 + h, geom.x0 : geom.x0 + w]
     region += np.where(geom.mask, offset * scale, 0.0).astype(np.float32)

@@ -59,9 +59,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from decimal import Decimal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from medlvr.data.schema import VQASample
@@ -259,9 +259,8 @@ def _extract_span(response: str) -> tuple[str, str]:
     """(source, span) following rule 1 of the module docstring."""
     text = _SPECIAL.sub(" ", response or "")
     tags = _TAG.findall(text)
-    last_open = None
-    for last_open in _OPEN_TAG.finditer(text):
-        pass
+    opens = list(_OPEN_TAG.finditer(text))
+    last_open = opens[-1] if opens else None
     if last_open is not None:
         closed_after = re.search(r"</answer>", text[last_open.end() :], re.IGNORECASE)
         if closed_after is None:  # truncated generation inside the final tag

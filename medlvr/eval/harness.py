@@ -54,7 +54,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 from PIL import Image
 
@@ -73,6 +73,9 @@ from medlvr.eval.controls import (
 from medlvr.eval.metrics import prediction_row
 from medlvr.eval.report import PREDICTIONS_FILE, write_report
 from medlvr.rundir import holds_run_folder
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 __all__ = [
     "Generated",
@@ -122,6 +125,12 @@ def default_max_new_tokens(reasoning: str) -> int:
 def _check_reasoning(reasoning: str) -> None:
     if reasoning not in REASONING:
         raise MedlvrError(f"reasoning must be one of {', '.join(REASONING)}, got {reasoning!r}")
+
+
+def parse_reasoning(reasoning: str) -> Reasoning:
+    """A --reasoning value as a `Reasoning` (a user error names the choices)."""
+    _check_reasoning(reasoning)
+    return cast(Reasoning, reasoning)  # checked just above
 
 
 def _parse_list(text: Any, convert: Callable[[Any], Any], what: str) -> list[Any]:
@@ -468,12 +477,15 @@ def evaluate(
         latent_steps = [0]
     rank, world_size, synced = _dist_info(rank, world_size)
 
+    # `data` is one form of its union or the other: its first item tells which.
     if data and isinstance(data[0], VQASample):
-        samples = list(data)[:limit] if limit is not None else list(data)  # type: ignore[arg-type]
+        given = cast("Sequence[VQASample]", data)
+        samples = list(given)[:limit] if limit is not None else list(given)
         data_names = sorted({s.dataset for s in samples})
     else:
-        samples = load_samples(data, limit)  # type: ignore[arg-type]
-        data_names = [str(Path(p).resolve()) for p in data]  # type: ignore[arg-type]
+        paths = cast("Sequence[str | Path]", data)
+        samples = load_samples(paths, limit)
+        data_names = [str(Path(p).resolve()) for p in paths]
 
     if model is not None:
         from medlvr.model.latent import LatentVLM
@@ -706,7 +718,7 @@ class _Bar:
     def __init__(self, total: int, enabled: bool, label: str):
         self.enabled = enabled and total > 0
         self.total, self.label = total, label
-        self.progress = None
+        self.progress: Progress | None = None
 
     def __enter__(self) -> _Bar:
         if self.enabled:

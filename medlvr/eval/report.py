@@ -588,7 +588,7 @@ def compare(
     controls = (conds_a | conds_b) - {REAL}
     keys = [k for k in common if k[2] == conds[0]] if conds else common  # the main condition
 
-    def paired(selected: list[tuple[str, Any]]) -> dict[str, Any]:
+    def paired(selected: list[tuple[str, Any, Any]]) -> dict[str, Any]:
         a = [_ok(ia[k]) for k in selected]
         b = [_ok(ib[k]) for k in selected]
         wins = sum(1 for x, y in zip(a, b) if y and not x)

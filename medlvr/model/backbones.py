@@ -158,7 +158,7 @@ class BackboneAdapter(ABC):
     @abstractmethod
     def tiny_config(self, spec: Any, tokenizer: PreTrainedTokenizerBase) -> Any: ...
 
-    def init_tiny_weights(self, model: PreTrainedModel) -> None:
+    def init_tiny_weights(self, model: PreTrainedModel) -> None:  # noqa: B027 - an optional hook
         """Make a random tiny model usable (e.g. projections that start at zero)."""
 
     # ---- loading ----
@@ -301,7 +301,7 @@ class QwenVLAdapter(BackboneAdapter):
     model_types = ("qwen2_5_vl",)
 
     @property
-    def model_class(self):  # type: ignore[override]
+    def model_class(self):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration
@@ -365,9 +365,7 @@ class QwenVLAdapter(BackboneAdapter):
         # The three mRoPE sections (time, height, width) must sum to head_dim / 2.
         half = head_dim // 2
         sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-        ids = {
-            t: tokenizer.convert_tokens_to_ids(t) for t in self.tiny_special_tokens()["additional"]
-        }
+        ids = {t: _token_id(tokenizer, t) for t in self.tiny_special_tokens()["additional"]}
         text = {
             "vocab_size": len(tokenizer),
             "hidden_size": spec.hidden,
@@ -465,7 +463,7 @@ class Qwen2VLAdapter(QwenVLAdapter):
     model_types = ("qwen2_vl",)
 
     @property
-    def model_class(self):  # type: ignore[override]
+    def model_class(self):
         from transformers import Qwen2VLForConditionalGeneration
 
         return Qwen2VLForConditionalGeneration
@@ -499,7 +497,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl",)
 
     @property
-    def model_class(self):  # type: ignore[override]
+    def model_class(self):
         from transformers import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration
@@ -637,7 +635,7 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
     tokens_per_side = 8  # tiny models: 64 tokens, 28-px cells; MedGemma 16 (256 tokens)
 
     @property
-    def model_class(self):  # type: ignore[override]
+    def model_class(self):
         from transformers import Gemma3ForConditionalGeneration
 
         return Gemma3ForConditionalGeneration
@@ -680,9 +678,7 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
         from transformers import Gemma3Config
 
         head_dim = spec.hidden // spec.heads
-        ids = {
-            t: tokenizer.convert_tokens_to_ids(t) for t in self.tiny_special_tokens()["additional"]
-        }
+        ids = {t: _token_id(tokenizer, t) for t in self.tiny_special_tokens()["additional"]}
         text = {
             "vocab_size": len(tokenizer),
             "hidden_size": spec.hidden,
@@ -721,7 +717,9 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
             image_token_index=ids["<image_soft_token>"],
             initializer_range=0.1,
             tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
+            # transformers' configs take the base config's kwargs at run time; their
+            # dataclass_transform types the fields only.
+            eos_token_id=tokenizer.eos_token_id,  # type: ignore[call-arg]
             pad_token_id=tokenizer.pad_token_id,
         )
 
@@ -752,12 +750,15 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
         return float(model.config.get_text_config().hidden_size) ** 0.5
 
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
+        from transformers import Gemma3Processor
+
+        assert isinstance(processor, Gemma3Processor)  # load_processor's
         ip = processor.image_processor
         if getattr(ip, "do_pan_and_scan", False):
             raise MedlvrError(
                 "ROI mapping for Gemma 3 assumes pan-and-scan is off (its crops add token blocks)"
             )
-        side = int(round(processor.image_seq_length**0.5))
+        side = round(processor.image_seq_length**0.5)
         if side * side != processor.image_seq_length:
             raise MedlvrError(
                 f"Gemma 3 image_seq_length {processor.image_seq_length} is not a square"
@@ -858,7 +859,7 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
     tile_rc = 6  # <row_r_col_c> tokens for r, c <= 6, as in the released tokenizers
 
     @property
-    def model_class(self):  # type: ignore[override]
+    def model_class(self):
         from transformers import SmolVLMForConditionalGeneration
 
         return SmolVLMForConditionalGeneration
@@ -933,19 +934,21 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
             text_config=text,
             vision_config=vision,
             scale_factor=self.scale_factor,
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_token_id=_token_id(tokenizer, "<image>"),
             tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
+            # transformers' configs take the base config's kwargs at run time (see Gemma 3).
+            pad_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]
         )
 
     def load_processor(self, path: Path) -> ProcessorMixin:
         # The cell size comes from the model config: released processor configs do not hold it.
-        vision, scale = {}, None
+        vision: dict[str, Any] = {}
+        scale = None
         cfg = Path(path) / "config.json"
         if cfg.is_file():
             data = json.loads(cfg.read_text())
             vision, scale = data.get("vision_config") or {}, data.get("scale_factor")
-        extra = (
+        extra: dict[str, Any] = (
             {"token_pixels": int(vision["patch_size"]) * int(scale)}
             if "patch_size" in vision and scale
             else {}
@@ -992,18 +995,21 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
         return sorted(ids)
 
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
+        from transformers import SmolVLMProcessor
         from transformers.models.smolvlm.image_processing_pil_smolvlm import (
             MAX_IMAGE_SIZE,
             _resize_output_size_rescale_to_max_len,
             _resize_output_size_scale_below_upper_bound,
         )
 
+        assert isinstance(processor, SmolVLMProcessor)  # load_processor's subclass of it
         ip = processor.image_processor
         m = int(ip.max_image_size["longest_edge"])
-        side = int(round(processor.image_seq_len**0.5))
+        side = round(processor.image_seq_len**0.5)
         if side * side != processor.image_seq_len:
             raise MedlvrError(f"SmolVLM image_seq_len {processor.image_seq_len} is not a square")
-        cell = float(processor.token_pixels or m / side)  # tile pixels per token cell
+        # Tile pixels per token cell (a stock SmolVLMProcessor has no token_pixels: M / side).
+        cell = float(getattr(processor, "token_pixels", None) or m / side)
         if not ip.do_image_splitting:
             # One view: the image squashed to M x M.
             return TokenGrid(side, side, width * cell / m, height * cell / m)
@@ -1011,7 +1017,8 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
         h, w = height, width
         if ip.do_resize:
             h, w = _resize_output_size_rescale_to_max_len(h, w, max_len=ip.size["longest_edge"])
-            h, w = _resize_output_size_scale_below_upper_bound(h, w, max_len=MAX_IMAGE_SIZE)
+            # transformers annotates max_len as a dict; the function compares it with an int.
+            h, w = _resize_output_size_scale_below_upper_bound(h, w, max_len=MAX_IMAGE_SIZE)  # type: ignore[arg-type]
         aspect = w / h
         if w >= h:
             w = math.ceil(w / m) * m
@@ -1099,12 +1106,12 @@ def ensure_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if not missing:
         return False
     n_vocab = min(
-        len(tokenizer), model.get_input_embeddings().weight.shape[0]
+        len(tokenizer), weight_matrix(model.get_input_embeddings()).shape[0]
     )  # rows of the tokens there before
     tokenizer.add_special_tokens(
         {"additional_special_tokens": missing}, replace_extra_special_tokens=False
     )
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > weight_matrix(model.get_input_embeddings()).shape[0]:
         model.resize_token_embeddings(
             len(tokenizer), mean_resizing=False
         )  # the new rows are set just below
@@ -1116,7 +1123,23 @@ def ensure_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     }
     with torch.no_grad():
         for layer in layers.values():  # a tied head shares the input matrix: set once
-            layer.weight[new] = layer.weight[:n_vocab].float().mean(0).to(layer.weight.dtype)
-            if getattr(layer, "bias", None) is not None:
-                layer.bias[new] = layer.bias[:n_vocab].float().mean().to(layer.bias.dtype)
+            w = weight_matrix(layer)
+            w[new] = w[:n_vocab].float().mean(0).to(w.dtype)
+            bias = getattr(layer, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias[new] = bias[:n_vocab].float().mean().to(bias.dtype)
     return True
+
+
+def weight_matrix(layer: torch.nn.Module) -> torch.Tensor:
+    """An embedding's or a head's weight matrix (torch types `Module.weight` loosely)."""
+    w = layer.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of one token (`convert_tokens_to_ids` is typed for a list of tokens too)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(tid, int)
+    return tid

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from medlvr.config import LatentConfig
@@ -43,6 +43,7 @@ from medlvr.model.backbones import (
     detect_family,
     ensure_latent_tokens,
     get_adapter,
+    weight_matrix,
 )
 
 LATENT_CONFIG_FILE = "medlvr_latent.json"
@@ -216,7 +217,7 @@ class LatentVLM(nn.Module):
         if (
             self.latent.input == "pause"
         ):  # seeded by the global seed (e.g. run_sft's), without drawing from it
-            mean = self.backbone.get_input_embeddings().weight.float().mean(0)
+            mean = weight_matrix(self.backbone.get_input_embeddings()).float().mean(0)
             self.pause = PauseInputs(
                 max(1, self.latent.steps), mean, self._embed_rms(), torch.initial_seed()
             )
@@ -318,11 +319,11 @@ class LatentVLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.get_input_embeddings().weight.device
+        return weight_matrix(self.backbone.get_input_embeddings()).device
 
     @property
     def hidden_size(self) -> int:
-        return int(self.backbone.get_input_embeddings().weight.shape[1])
+        return int(weight_matrix(self.backbone.get_input_embeddings()).shape[1])
 
     def _token_id(self, token: str) -> int:
         tid = self.tokenizer.convert_tokens_to_ids(token)
@@ -332,7 +333,7 @@ class LatentVLM(nn.Module):
 
     @torch.no_grad()
     def _embed_rms(self) -> float:
-        w = self.backbone.get_input_embeddings().weight.float()
+        w = weight_matrix(self.backbone.get_input_embeddings()).float()
         # What the decoder sees is the embedding module's output (Gemma scales rows by sqrt(d)).
         return float(w.pow(2).mean(-1).sqrt().mean()) * self.adapter.embedding_scale(
             self.base_model
@@ -539,6 +540,7 @@ class LatentVLM(nn.Module):
         tick = _Clock(self.device)
         pre = self._prefill(batch, with_latent_start=latent_steps > 0)
         if group_size > 1:
+            assert pre.cache is not None  # _prefill keeps a cache unless told not to
             pre.cache.batch_repeat_interleave(group_size)
             pre.attention_mask = pre.attention_mask.repeat_interleave(group_size, 0)
             pre.state = PositionState(

@@ -11,10 +11,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medlvr.data.schema import VQASample, read_jsonl, write_jsonl
 from medlvr.recipes.demo_config import WRITTEN_ARMS, ArmResult, DemoConfig, DemoData
+
+if TYPE_CHECKING:
+    from medlvr.data.prompts import Reasoning
 
 CONTROLS = ("blank", "question-only")
 """Grounding controls every arm is scored under (`medlvr.eval.controls`): mean-grey images, no image."""
@@ -42,7 +45,9 @@ def prepare_data(cfg: DemoConfig, folder: Path, progress: bool = False) -> DemoD
         files = generate(demo_synth(cfg), folder, progress=progress)
         train_reasoning = folder / "train_reasoning.jsonl"
         write_jsonl([written_reasoning(s) for s in read_jsonl(files["train"])], train_reasoning)
-        tests = {cfg.split: _head(read_jsonl(files[cfg.split]), cfg.spec.eval_test)}
+        tests: dict[str, list[VQASample]] = {
+            cfg.split: _head(read_jsonl(files[cfg.split]), cfg.spec.eval_test)
+        }
         return DemoData(Path(files["train"]), Path(files["val"]), tests, True, train_reasoning)
 
     from medlvr.data.sources import convert
@@ -164,7 +169,7 @@ def evaluate_arm(
     from medlvr.model.latent import LatentVLM
 
     vlm = LatentVLM.from_pretrained(model_dir)
-    reasoning = "latent" if any(k > 0 for k in latent_steps) else "direct"
+    reasoning: Reasoning = "latent" if any(k > 0 for k in latent_steps) else "direct"
     tokens = REASONING_TOKENS if arm in WRITTEN_ARMS else 8
     rows: dict[str, list[dict[str, Any]]] = {}
     for split, samples in tests.items():

@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from medlvr.recipes.demo_arms import accuracy
 from medlvr.recipes.demo_config import ARMS, ArmResult, DemoConfig, DemoData
 
 COMPARISONS = (
@@ -46,7 +45,7 @@ class Numbers:
 
     def __init__(self, cfg: DemoConfig, data: DemoData, results: dict[str, dict[int, ArmResult]]):
         self.cfg, self.data, self.results = cfg, data, results
-        self.arms = [a for a in cfg.arm_list if a in results and results[a]]
+        self.arms = [a for a in cfg.arm_list if results.get(a)]
         self.split = cfg.split
         self.hop_of = {s.id: int(s.meta.get("hops", 1)) for s in data.tests[self.split]}
         self.depths = sorted(set(self.hop_of.values()))
@@ -179,7 +178,7 @@ def verdict(n: Numbers, pairs: dict[tuple[str, str, int], dict[str, Any]]) -> li
                 else "seed spreads overlap"
             )
         else:
-            shown = bool(p) and delta >= 100 * margin and p["p"] < 0.05 and p["ci"][0] > 0
+            shown = bool(p and delta >= 100 * margin and p["p"] < 0.05 and p["ci"][0] > 0)
             how = "one seed: judged by the paired test"
         test = (
             f"McNemar p = {p['p']:.3g}, 95% CI [{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}]"
@@ -369,7 +368,7 @@ def write_demo_report(
     ]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    payload = {"table": table, "pairs": [p for p in pairs.values()], "chance": n.chance(),
+    payload = {"table": table, "pairs": list(pairs.values()), "chance": n.chance(),
                "controls": {c: {a: n.per_seed(a, control=c) for a in n.arms} for c in ("blank", "question-only")},
                "explain": explain.get("metrics", {}),
                "verdict": said, "minutes": seconds / 60}  # fmt: skip

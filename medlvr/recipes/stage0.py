@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.config import SFTConfig, load_config
-from medlvr.data.schema import VQASample, read_jsonl
+from medlvr.data.schema import VQASample
 
 ASSET = Path(__file__).resolve().parent.parent / "assets" / "stage0"
 
@@ -182,9 +182,9 @@ def parse_description(text: str) -> dict[str, tuple[str, str, str]]:
 
 def score_stage0(model_dir: Path, samples: list[VQASample], batch_size: int = 32) -> dict[str, Any]:
     """Per-lesion description accuracy (region found; shape/size/intensity right) and grounding and inspection accuracy."""
+    from medlvr.data.collate import VQACollator
     from medlvr.eval.metrics import score
     from medlvr.model.latent import LatentVLM
-    from medlvr.data.collate import VQACollator
 
     vlm = LatentVLM.from_pretrained(model_dir)
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)

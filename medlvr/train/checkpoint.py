@@ -119,6 +119,7 @@ def rng_to_files(folder: Path, rank: int) -> None:
             tensors[f"cuda.{i}"] = s
     save_file(tensors, str(folder / f"rng-rank{rank}.safetensors"))
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy MT19937 state of the global generator
     py_state = random.getstate()
     meta = {
         "numpy": [
@@ -420,7 +421,8 @@ def config_changes(cfg: Any, saved: Path) -> tuple[list[str], list[str]]:
         return [], []
     old = _flat(OmegaConf.to_container(OmegaConf.load(saved)))
     new = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
-    applied, fixed = [], []
+    applied: list[str] = []
+    fixed: list[str] = []
     for key in sorted(set(old) & set(new)):  # a setting newer than the checkpoint has no old value
         if old[key] == new[key] or key.startswith(NOT_SETTINGS):
             continue

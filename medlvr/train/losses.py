@@ -104,7 +104,7 @@ def alignment_mask(
     """
     counts = [int(idx.numel()) for idx in roi_index]
     return torch.tensor(
-        [0 < c and (kind != "infonce" or c < n) for c, n in zip(counts, n_tokens)], dtype=torch.bool
+        [c > 0 and (kind != "infonce" or c < n) for c, n in zip(counts, n_tokens)], dtype=torch.bool
     )
 
 

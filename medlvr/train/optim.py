@@ -34,7 +34,9 @@ def build_optimizer(
         param_groups.append(
             {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": lr}
         )
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(
+        param_groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps
+    )
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

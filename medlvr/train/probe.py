@@ -11,7 +11,7 @@ docs/results.md).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -159,8 +159,8 @@ class ProbeLoss:
             cfg.labels or probe_labels(samples, cfg.question_types), cfg.question_types
         )
         self.weight = cfg.weight
-        self.module = TokenProbe(hidden_size, labeler.classes, cfg.position_weight)
-        self.sample_fields = {"token_labels": labeler}
+        self.module: nn.Module = TokenProbe(hidden_size, labeler.classes, cfg.position_weight)
+        self.sample_fields: Mapping[str, Callable[..., Any]] = {"token_labels": labeler}
 
     def loss(
         self, module: nn.Module, fwd: Any, batch: dict[str, Any]

@@ -19,7 +19,7 @@ evaluation reports, so RL optimises what is measured (as nanochat's `Task`).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -140,14 +140,14 @@ def resolve_reward(name: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise MedlvrError(f"reward {name!r}: cannot import {module_name!r} ({err})") from None
-    fn = module
+    fn: Any = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
             raise MedlvrError(f"reward {name!r}: {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise MedlvrError(f"reward {name!r} is not callable")
-    return fn  # type: ignore[return-value]
+    return fn
 
 
 class RewardSet:

@@ -20,11 +20,14 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 from medlvr.config import LatentConfig, LogConfig, SFTConfig, VLPOConfig
 from medlvr.data.collate import VQACollator
@@ -110,7 +113,7 @@ def build_model(
     a parameter that trains but is unused would also break DDP's gradient reduction.
     """
     full_resume = resume_dir is not None and cfg.model.finetune == "full"
-    src = resume_dir / "model" if full_resume else Path(cfg.model.path)
+    src = resume_dir / "model" if full_resume and resume_dir is not None else Path(cfg.model.path)
     # Trained weights stay fp32 (master copies; autocast computes in bf16). A LoRA run keeps
     # the frozen base in bf16 when autocasting to bf16 anyway: half the weight memory.
     lora_bf16 = cfg.model.finetune == "lora" and precision(cfg.model.precision) == "bf16"
@@ -170,7 +173,8 @@ def _add_lora(vlm: LatentVLM, cfg: TrainConfig, resume_dir: Path | None) -> None
                 FutureWarning,
                 r"transformers\.modeling_utils",
             )
-            vlm.backbone = get_peft_model(vlm.backbone, peft_cfg)
+            # A PeftModel forwards the model's attributes; peft does not type it as the model.
+            vlm.backbone = get_peft_model(vlm.backbone, peft_cfg)  # type: ignore[assignment]
     except ValueError as err:
         raise MedlvrError(f"LoRA: {err}") from None
     if resume_dir is not None:
@@ -250,8 +254,8 @@ class Logger:
         self.main = accelerator.is_main_process
         self.log, self.label, self.info = log, label, info
         self.path = out_dir / "metrics.jsonl"
-        self.bar = None
-        self.task = None
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
         self.tb = None
         if not self.main:
             return
@@ -299,7 +303,7 @@ class Logger:
         self.bar.start()
 
     def advance(self, row: dict[str, Any]) -> None:
-        if self.bar is not None:
+        if self.bar is not None and self.task is not None:
             self.bar.update(self.task, completed=row["step"], info=self.info(row))
 
     def write(self, row: dict[str, Any]) -> None:

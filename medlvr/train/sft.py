@@ -239,12 +239,14 @@ def run_sft(
             k = _steps_at(cfg, step, total_steps)
             batches = [next(loader) for _ in range(cfg.grad_accum)]
             # [B] per micro-batch: the samples whose alignment term counts, and R, their count over the step
-            aligned = (
+            aligned: list[torch.Tensor | None] = (
                 [_aligned(b, vlm.image_token_id, cfg.align.kind) for b in batches]
                 if lam
                 else [None] * len(batches)
             )
-            n_roi = _aligned_samples(aligned, accelerator) if lam else 0
+            n_roi = (
+                _aligned_samples([a for a in aligned if a is not None], accelerator) if lam else 0
+            )
             sums = {
                 "ce": 0.0,
                 "align": 0.0,
@@ -390,6 +392,7 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
     latents = fwd.latent_means
     if cfg.align.assign == "first":
         latents, targets = latents[:, :1], targets[:, :1]
+    assert aligned is not None  # the ROI modes pass it
     mask = mask & aligned.to(mask.device)  # the ones R counts
     neg, neg_mask = (
         pad_tokens(negatives, latents.shape[-1], latents.device)

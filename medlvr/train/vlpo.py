@@ -129,7 +129,8 @@ def disable_dropout(module: nn.Module) -> None:
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
+            # torch types Module.__setattr__ for tensors and modules; a float attribute is fine.
+            m.attention_dropout = 0.0  # type: ignore[assignment]
 
 
 def _reference_projector(cfg: VLPOConfig, vlm: Any) -> nn.Module:
@@ -344,8 +345,8 @@ def run_vlpo(
                     old.append(lp.logp.detach())
                     entropy_sum += float(lp.entropy.sum())
                     if rewards.needs_visual:
-                        for row, v in zip(mb.rows, lp.visual_tokens):
-                            visual[row] = v.detach()
+                        for i, v in zip(mb.rows, lp.visual_tokens):
+                            visual[i] = v.detach()
                     if reference is not None:
                         with reference.active() as ref_model, accelerator.autocast():
                             ref.append(logprobs(ref_model, mb.batch, mb.latents).logp.detach())

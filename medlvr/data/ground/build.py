@@ -201,9 +201,10 @@ def _questions(
         for label, regions in countable.items():
             if len(regions) != 1:
                 continue
+            assert im.width and im.height  # an image with regions has its size
             choice = q.position_choice(
                 [regions[0].box], im.width, im.height, cfg.sides, q.named_axes(cfg.name(label))
-            )  # type: ignore[arg-type]
+            )
             if choice is None:
                 skipped["location: the name states the position"] += 1
                 continue
@@ -275,9 +276,10 @@ def _grounding_questions(im: AnnotatedImage, cfg: GroundConfig, skipped: Counter
             by_phrase[r.phrase, r.label].append(r)
     out: list[Question] = []
     for (phrase, label), regions in sorted(by_phrase.items()):
+        assert im.width and im.height  # an image with regions has its size
         choice = q.position_choice(
             [r.box for r in regions], im.width, im.height, cfg.sides, q.named_axes(phrase)
-        )  # type: ignore[arg-type]
+        )
         if choice is None:
             skipped["grounding: the phrase states the position, or its boxes are apart"] += 1
             continue
@@ -320,7 +322,7 @@ def _sample(
             "labels": labels,
             "image_size": [im.width, im.height],
             **im.meta,
-        },  # fmt: skip
+        },
     )
 
 

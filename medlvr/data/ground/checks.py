@@ -16,13 +16,17 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from medlvr.data.ground.annotations import image_size
 from medlvr.data.schema import VQASample
 
+if TYPE_CHECKING:
+    from medlvr.model.backbones import TokenGrid
+
 
 def roi_problems(
-    samples: Sequence[VQASample], token_grid: Callable[[int, int], object] | None = None
+    samples: Sequence[VQASample], token_grid: Callable[[int, int], TokenGrid] | None = None
 ) -> list[str]:
     """One line per ROI outside its image or (given `token_grid(width, height) -> TokenGrid`) reaching no token."""
     from medlvr.data.roi import box_to_tokens

@@ -25,11 +25,11 @@ GENERIC = ("coco", "csv", "masks", "nifti")
 
 def parse_annotation_files(specs: Sequence[str]) -> list[tuple[Path, str | None]]:
     """`["train=a.json", "b.json"]` -> `[(a.json, "train"), (b.json, None)]`: the official split of each file."""
-    out = []
+    out: list[tuple[Path, str | None]] = []
     for spec in specs:
-        split, sep, file = spec.partition("=")
+        name, sep, file = spec.partition("=")
         path, split = (
-            (Path(file), split.strip()) if sep and not Path(spec).is_file() else (Path(spec), None)
+            (Path(file), name.strip()) if sep and not Path(spec).is_file() else (Path(spec), None)
         )
         if not path.is_file():
             raise SourceError(f"annotation file not found: {path}")

@@ -90,6 +90,7 @@ def position_choice(
         return None
     cells = {cell(b, width, height, sides) for b in boxes}
     rows, cols = {r for r, _ in cells}, {c for _, c in cells}
+    choices: tuple[str, ...]
     if names_side:
         choices, answer = ROWS, rows
     elif names_height:

@@ -7,6 +7,7 @@ release presets in `medlvr.data.ground.releases` are thin adapters over these.
 from __future__ import annotations
 
 import csv
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -288,7 +289,7 @@ def components(mask: np.ndarray, min_area: int) -> list[Box]:
 
 def label_regions(label_map: np.ndarray, labels: dict[int, str], min_area: int) -> list[Region]:
     """Regions of a 2-D label map: each named value's connected components of at least `min_area` pixels."""
-    regions = []
+    regions: list[Region] = []
     for value, name in sorted(labels.items()):
         regions.extend(Region(name, box) for box in components(label_map == value, min_area))
     return regions
@@ -299,9 +300,8 @@ def read_mask_array(path: Path, threshold: int | None = None) -> np.ndarray:
     with `threshold`, 1 where the grey level is >= threshold (JPEG masks carry compression noise)."""
     try:
         with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I", "I;16", "1"):
-                im = im.convert("L")
-            arr = np.asarray(im)
+            keep = im.mode in ("P", "L", "I", "I;16", "1")
+            arr = np.asarray(im if keep else im.convert("L"))
     except OSError as err:
         raise SourceError(f"cannot read mask {path}: {err}") from None
     if threshold is not None:
@@ -379,6 +379,7 @@ def read_nifti_folder(
     in the PNG's pixels. The volume is the group: slices of one patient never straddle splits.
     """
     import nibabel as nib
+    from nibabel.dataobj_images import DataobjImage
 
     from medlvr.data.images import load_image
 
@@ -405,8 +406,10 @@ def read_nifti_folder(
             raise SourceError(
                 f"label volume {label_path.name} has no image volume {case}.nii[.gz] in {images_dir}"
             )
-        volume = np.asanyarray(nib.load(str(label_path)).dataobj).astype(np.int64)
-        image_shape = tuple(nib.load(str(image_path)).shape[:3])
+        label_img, image_img = nib.load(str(label_path)), nib.load(str(image_path))
+        assert isinstance(label_img, DataobjImage) and isinstance(image_img, DataobjImage)  # .nii
+        volume = np.asanyarray(label_img.dataobj).astype(np.int64)
+        image_shape = tuple(image_img.shape[:3])
         if volume.shape[:3] != image_shape:
             raise SourceError(
                 f"{label_path.name}: label volume {volume.shape[:3]} and image volume {image_shape} differ"
@@ -427,6 +430,6 @@ def read_nifti_folder(
                 key=f"{case}_axis{axis}_{k:04d}", path=str((Path(export_dir) / f"{case}_axis{axis}_{k:04d}.png").resolve()),
                 width=width, height=height, regions=label_regions(plane, labels, min_area), group=case,
                 modality=modality, organ=organ, meta={"volume": str(image_path), "axis": axis, "slice": k},
-                render=lambda p=image_path, k=k: load_image(p, nifti_axis=axis, nifti_slice=k),
+                render=functools.partial(load_image, image_path, nifti_axis=axis, nifti_slice=k),
             ))  # fmt: skip
     return out

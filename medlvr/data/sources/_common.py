@@ -7,12 +7,14 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from medlvr.data.schema import LETTERS
 from medlvr.errors import MedlvrError
 
 YES_NO = frozenset({"yes", "no"})
+# A release's own answer type, lower-cased -> medlvr's (releases that state one).
+ANSWER_KINDS: dict[str, Literal["open", "closed"]] = {"open": "open", "closed": "closed"}
 _PREFIX = re.compile(r"^\s*\(?([A-J])\s*[:.)]\s*")
 
 
@@ -75,7 +77,7 @@ def is_yes_no(answer: str) -> bool:
     return answer.strip().lower() in YES_NO
 
 
-def open_or_closed(answer: str) -> str:
+def open_or_closed(answer: str) -> Literal["closed", "open"]:
     """For releases without an answer type: yes/no answers are closed, the rest open."""
     return "closed" if is_yes_no(answer) else "open"
 
@@ -140,5 +142,5 @@ def read_parquet_rows(path: Path) -> list[dict[str, Any]]:
 
     try:
         return pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several unrelated types for a bad file
         raise SourceError(f"cannot read parquet file {path}: {err}") from None

@@ -47,6 +47,7 @@ def convert_pathvqa(
     out_dir = Path(image_dir) if image_dir is not None else root / "images_extracted"
     samples: list[VQASample] = []
     for name in pick_splits(split, SPLITS, NAME, ALIASES):
+        rows: list[tuple[dict[str, Any], Path | None]]
         parquets = sorted(root.glob(f"**/{PARQUET_PREFIX[name]}-*.parquet"))
         if parquets:
             rows = [(r, None) for p in parquets for r in read_parquet_rows(p)]
@@ -91,5 +92,5 @@ def _pickle_rows(root: Path, split: str, allow_pickle: bool) -> list[dict[str, A
     rows: list[dict[str, Any]] = []
     for path in found:
         with path.open("rb") as fh:
-            rows.extend(pickle.load(fh))  # noqa: S301 - explicitly allowed by the caller
+            rows.extend(pickle.load(fh))  # unpickling explicitly allowed by the caller
     return rows

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import ROI, VQASample
-from medlvr.data.sources._common import SourceError, pick_splits, read_json, release_file, text
+from medlvr.data.sources._common import (
+    ANSWER_KINDS,
+    SourceError,
+    pick_splits,
+    read_json,
+    release_file,
+    text,
+)
 
 NAME = "slake"
 SPLIT_FILES = {"train": "train.json", "val": "validate.json", "test": "test.json"}
@@ -60,8 +67,8 @@ def convert_slake(root: Path, split: str | None = None, **opts: Any) -> list[VQA
                 )
             if rec["q_lang"] != "en":
                 continue
-            kind = text(rec.get("answer_type")).lower()
-            if kind not in ("open", "closed"):
+            kind = ANSWER_KINDS.get(text(rec.get("answer_type")).lower())
+            if kind is None:
                 raise SourceError(
                     f"{NAME}: {path.name} qid {rec.get('qid')}: unknown answer_type {rec.get('answer_type')!r}"
                 )

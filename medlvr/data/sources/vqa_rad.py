@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.data.schema import VQASample
-from medlvr.data.sources._common import SourceError, pick_splits, read_json, release_file, text
+from medlvr.data.sources._common import (
+    ANSWER_KINDS,
+    SourceError,
+    pick_splits,
+    read_json,
+    release_file,
+    text,
+)
 
 NAME = "vqa-rad"
 RELEASE_FILE = "VQA_RAD Dataset Public.json"
@@ -41,8 +48,8 @@ def convert_vqa_rad(root: Path, split: str | None = None, **opts: Any) -> list[V
         rec_split = "test" if phrase in TEST_PHRASES else "train"
         if rec_split not in wanted:
             continue
-        kind = text(rec.get("answer_type")).lower()
-        if kind not in ("open", "closed"):
+        kind = ANSWER_KINDS.get(text(rec.get("answer_type")).lower())
+        if kind is None:
             raise SourceError(
                 f"{NAME}: qid {rec.get('qid')}: unknown answer_type {rec.get('answer_type')!r}"
             )

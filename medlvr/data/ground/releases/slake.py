@@ -63,7 +63,7 @@ def read_slake(
 
 def _image_info(root: Path) -> dict[str, tuple[str, str | None, str | None]]:
     """img_name -> (split, modality, body region) from the question files present."""
-    info = {}
+    info: dict[str, tuple[str, str | None, str | None]] = {}
     for file, split in SPLIT_FILES.items():
         path = root / file
         if not path.is_file():
@@ -88,7 +88,7 @@ def _mask_regions(
         raise SourceError(
             f"{NAME}: {path} is {label_map.shape[1]}x{label_map.shape[0]}, its image {width}x{height}"
         )
-    out = []
+    out: list[Region] = []
     for value in np.unique(label_map[label_map > 0]).tolist():
         ys, xs = np.nonzero(label_map == value)
         extent = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))

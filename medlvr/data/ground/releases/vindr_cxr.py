@@ -25,6 +25,7 @@ radiologists, one box set, kept as released. Both thresholds are options (`min_i
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,10 @@ COLUMNS = CsvColumns(
 DEFAULTS: dict[str, Any] = {"sides": "patient", "modality": "X-Ray", "organ": "Chest"}
 
 
+def _dicom_path(folder: Path, key: str) -> Path:
+    return folder / f"{key}.dicom"
+
+
 def read_vindr_cxr(
     root: Path, split: str | None = None, *, min_iou: float = 0.4, min_readers: int = 2
 ) -> list[AnnotatedImage]:
@@ -61,6 +66,6 @@ def read_vindr_cxr(
             COLUMNS,
             split=name,
             fusion=fusion,
-            resolve=lambda key, n=name: root / n / f"{key}.dicom",
+            resolve=functools.partial(_dicom_path, root / name),
         )
     return out
