@@ -9,7 +9,7 @@ MIN_STAMP := $(MIN_VENV)/.installed
 # The browser tests drive Debian's chromium (tests/test_browser.py).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install test test-min demo clean
+.PHONY: install lint test test-min demo clean
 
 # $(call venv,DIR,PIP-OPTIONS): a venv with a CPU build of torch first, so no multi-GB
 # CUDA build is pulled in, then medlvr with its extras.
@@ -35,7 +35,13 @@ $(MIN_STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(CHROMIUM) $(STAMP)
+# The lint and type gate first: a finding fails the run before the tests start.
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	$(BIN)/python -m mypy medlvr
+
+test: lint $(CHROMIUM) $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # The fast tests (no `slow` marker) on the floor versions.
