@@ -11,6 +11,13 @@ that already holds a folder's lock takes it again freely (nested calls).
 Under torchrun / accelerate launch only rank 0 takes the lock, and where a process group
 is already initialised every rank learns rank 0's verdict, so the whole launch stops
 with the same line.
+
+`claim_output` is the one rule of every command that writes (eval, training, explain, data
+synth/convert/ground/inspect, model init-tiny, the demo): it writes into a folder that is new
+or holds its own earlier output (a marker file it wrote, `.medlvr-output.json`, or the files
+it recognises as its own), never onto one of its inputs; an existing file or a folder of
+other files is replaced only with `--overwrite`. Otherwise one line names the path and the
+flag, and nothing is changed.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from inspect import signature
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +38,7 @@ from typing import Any, TypeVar
 from medlvr.errors import MedlvrError
 
 LOCK_FILE = ".medlvr.lock"
+OUTPUT_MARKER = ".medlvr-output.json"  # names the command whose output a folder holds
 F = TypeVar("F", bound=Callable[..., Any])
 
 _held: dict[Path, list[Any]] = {}  # folder -> [open lock file, depth]: the locks this process holds
@@ -54,6 +62,94 @@ def writable_folder(folder: str | Path, what: str = "output folder") -> Path:
     except OSError as err:
         raise MedlvrError(f"cannot write the {what} {folder}: {err.strerror or err}") from None
     return folder
+
+
+def claim_output(
+    path: str | Path,
+    command: str,
+    *,
+    overwrite: bool = False,
+    file: bool = False,
+    inputs: Iterable[str | Path | None] = (),
+    writes: Iterable[str] = (),
+    own: Callable[[Path], bool] | None = None,
+    flag: str = "--out",
+    overwrite_flag: str = "--overwrite",
+    mark: bool = False,
+) -> Path:
+    """May `command` write `path`? The one rule of every command that writes (module docstring).
+
+    `file`: `path` is a file the command writes (with its siblings named in `writes`, e.g. a
+    figure's JSON); else a folder, inside which it writes the names (fnmatch patterns) in
+    `writes`. A folder is the command's own when its marker names `command` or `own(folder)`
+    holds; hidden lock and marker files alone leave it new. No written path may be (or hold) one
+    of `inputs`, even with `overwrite`. Raises a one-line `MedlvrError` (nothing written);
+    with `mark`, creates the folder and writes the marker.
+    """
+    path = Path(path)
+    targets = [path, *(path.with_name(n) for n in writes)] if file else [path]
+    for p in (Path(i) for i in inputs if i not in (None, "")):
+        hit = next((t for t in targets if _same_or_inside(p, t, None if file else writes)), None)
+        if hit is not None:
+            raise MedlvrError(
+                f"{flag} {path} would write onto the input {p}: choose another {flag}"
+            )
+    if file:
+        if path.is_dir():
+            raise MedlvrError(f"{flag} {path} is a folder; give a file name")
+        existing = [t for t in targets if t.exists() or t.is_symlink()]
+        if existing and not overwrite:
+            shown = " and ".join(str(t) for t in existing)
+            verb, it = ("exist", "them") if len(existing) > 1 else ("exists", "it")
+            raise MedlvrError(
+                f"{shown} {verb}: pass {overwrite_flag} to replace {it}, or choose another {flag}"
+            )
+        return path
+    if path.exists() and not path.is_dir():
+        raise MedlvrError(f"cannot write the folder of {flag} {path}: it is a file, not a folder")
+    others = _foreign(path, command, own)
+    if others and not overwrite:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise MedlvrError(
+            f"{flag} {path} holds files that are not {command}'s output ({shown}): pass {overwrite_flag} "
+            f"to write over them, or choose another {flag}"
+        )
+    if mark:
+        mark_output(path, command)
+    return path
+
+
+def mark_output(folder: str | Path, command: str) -> None:
+    """Create `folder` if needed and record that it holds `command`'s output."""
+    folder = writable_folder(folder)
+    (folder / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
+
+
+def _foreign(folder: Path, command: str, own: Callable[[Path], bool] | None) -> list[str]:
+    """Names in `folder` that are not `command`'s output ([] for a new, empty or own folder)."""
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, OUTPUT_MARKER))
+    if not names or (own is not None and own(folder)):
+        return []
+    try:
+        marked = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        marked = None
+    return [] if marked == command else names
+
+
+def _same_or_inside(p: Path, target: Path, names: Iterable[str] | None) -> bool:
+    """Whether input `p` is `target` or lies inside it (for a folder: is or lies in one of `names` there)."""
+    import fnmatch
+
+    p, target = p.resolve(), target.resolve()
+    if names is None:  # a file: the input, inside it, or a file of an input folder
+        return p == target or target in p.parents or (target.exists() and p in target.parents)
+    if target not in p.parents:
+        return False
+    first = p.relative_to(target).parts[0]
+    return any(fnmatch.fnmatch(first, n) for n in names)
 
 
 @contextlib.contextmanager
@@ -238,6 +334,9 @@ def _agree(error: Any) -> Any:
 
 __all__ = [
     "LOCK_FILE",
+    "OUTPUT_MARKER",
+    "claim_output",
+    "mark_output",
     "FolderBusy",
     "run_folder",
     "holds_run_folder",

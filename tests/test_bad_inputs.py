@@ -372,6 +372,7 @@ def ws(tiny_dir, data, broken_models, tmp_path_factory) -> dict[str, Path]:
     (w["pathvqa"] / "qas" / "test" / "test_qa.pkl").write_bytes(
         pickle.dumps([{"image": "x", "question": "q", "answer": "no"}])
     )
+    _user_files(w)  # issue 24's inputs
     # A finished evaluation (mode direct) and a training run with a checkpoint.
     w["evalrun"] = root / "evalrun"
     evaluate([w["test"]], w["evalrun"], model=w["model"], limit=2, progress=False)
@@ -393,6 +394,28 @@ def ws(tiny_dir, data, broken_models, tmp_path_factory) -> dict[str, Path]:
     yield w
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
+
+
+def _user_files(w: dict[str, Path]) -> None:
+    """Issue 24's files: a manuscript folder, a recipe beside its output_dir, an old figure, broken files."""
+    import json
+
+    root = w["root"]
+    w["manuscript"] = root / "manuscript"
+    w["manuscript"].mkdir()
+    (w["manuscript"] / "report.md").write_text("# My paper's results\n")
+    (w["manuscript"] / "summary.json").write_text('{"mine": true}\n')
+    w["recipe_dir"] = root / "recipe"
+    w["recipe_dir"].mkdir()
+    w["recipe"] = w["recipe_dir"] / "config.yaml"
+    w["recipe"].write_text(f"# my commented recipe\nmode: plain\noutput_dir: {w['recipe_dir']}\n")
+    (root / "old.png").write_bytes(w["img"].read_bytes())
+    (root / "old.json").write_text("{}\n")
+    rec = json.loads(w["test"].read_text().splitlines()[0])
+    good = dict(rec, images=[str((w["data"] / rec["images"][0]).resolve())])
+    w["inspected"] = root / "inspected.jsonl"
+    w["inspected"].write_text(json.dumps(good) + "\n")
+    (root / "inspected.jsonl.png").write_bytes(w["img"].read_bytes())
 
 
 def _q(w: dict[str, Path]) -> list[str]:
@@ -1047,6 +1070,24 @@ CASES: list[tuple[str, object, str]] = [
         "--port: expected an integer, got 'http'",
     ),
     ("serve pickle model", lambda w: ["serve", "--model", str(w["pickle"])], "pickle weights only"),
+    # issue 24, part 1: nothing of the user's is overwritten
+    ("eval into a manuscript", lambda w: _eval(w, out="manuscript"), "manuscript holds files that are not eval's output (report.md, summary.json): pass --overwrite"),
+    ("eval into a dataset", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["test"]), "--limit", "2", "--out", str(w["data"])], "pass --overwrite"),
+    ("sft onto its recipe", lambda w: [*_sft(w), "--config", str(w["recipe"]), f"output_dir={w['recipe_dir']}"], "would write onto the input"),
+    ("sft onto its recipe with --overwrite", lambda w: [*_sft(w), "--config", str(w["recipe"]), f"output_dir={w['recipe_dir']}", "--overwrite"], "would write onto the input"),
+    ("sft into a manuscript", lambda w: _sft(w, f"output_dir={w['manuscript']}"), "pass --overwrite (checkpoint.overwrite=true)"),
+    ("vlpo over its own init", lambda w: [*_vlpo(w, f"output_dir={w['run']}"), "--overwrite"], "would write onto the input"),
+    ("explain onto its image", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["img"])], "would write onto the input"),
+    ("explain over a figure", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["root"] / "old.png")], "old.png and"),
+    ("synth into a dataset", lambda w: ["data", "synth", "--out", str(w["data"]), "--n", "4"], "pass --overwrite"),
+    ("init-tiny over a model", lambda w: ["model", "init-tiny", "--out", str(w["model"])], "holds files that are not model init-tiny's output"),
+    ("inspect over its figure", lambda w: ["data", "inspect", str(w["inspected"])], "inspected.jsonl.png exists: pass --overwrite"),
+    ("convert over a file", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["file"])], "a-file exists: pass --overwrite"),
+    ("convert onto the release", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["rad"] / "VQA_RAD Dataset Public.json"), "--overwrite"], "would write onto the input"),
+    ("ground into a manuscript", lambda w: ["data", "ground", "coco", "--out", str(w["manuscript"]), "--images", str(w["root"])], "pass --overwrite"),
+    ("compare into a manuscript", lambda w: ["eval", "compare", str(w["evalrun"]), str(w["evalrun"]), "--out", str(w["manuscript"])], "pass --overwrite"),
+    ("demo into a manuscript", lambda w: ["demo", "--quick", "--out", str(w["manuscript"])], "pass --overwrite"),
+    ("backbone into a manuscript", lambda w: ["demo", "backbone", "--out", str(w["manuscript"])], "pass --overwrite"),
     # demo
     (
         "demo budgets",

@@ -30,12 +30,17 @@ def synth(
         help="Output folder: images/, train/val/test/compositional/describe .jsonl, manifest.json.",
     ),
     workers: int = typer.Option(0, "--workers", help="Processes (0 = auto, up to 2)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an --out folder that holds something else."
+    ),
 ) -> None:
     """Generate the embedded synthetic benchmark (no download) with exact lesion ROIs; every other
     option is a field of `SynthConfig` (medlvr/data/synth.py)."""
     from medlvr.data.synth import generate
+    from medlvr.rundir import claim_output
 
     cfg = knobs.build()
+    claim_output(out, "data synth", overwrite=overwrite, mark=True)
     paths = generate(cfg, out, workers=workers or None, progress=cfg.n >= 1000)
     manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
     for split, c in manifest["counts"].items():
@@ -64,6 +69,9 @@ def convert(
         "--allow-pickle",
         help="PathVQA: read the .pkl release (unpickling executes code: only for trusted files).",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out file (and its images folder)."
+    ),
 ) -> None:
     """Convert a benchmark release to VQASample JSONL and print counts by split and answer type."""
     from collections import Counter
@@ -72,12 +80,18 @@ def convert(
     from medlvr.data.schema import write_jsonl
     from medlvr.data.sources import EMBEDS_IMAGES
     from medlvr.data.sources import convert as run_converter
+    from medlvr.rundir import claim_output, mark_output
 
     out_path = Path(out)
+    claim_output(out_path, "data convert", file=True, inputs=[root], overwrite=overwrite)
     opts: dict[str, object] = {"allow_pickle": allow_pickle}
     if source in EMBEDS_IMAGES:  # embedded images land beside the output, never inside the release
-        opts["image_dir"] = out_path.parent / "images" / source
+        image_dir = out_path.parent / "images" / source
+        claim_output(image_dir, "data convert", overwrite=overwrite, inputs=[root])
+        opts["image_dir"] = image_dir
     samples = run_converter(source, Path(root), split, **opts)
+    if source in EMBEDS_IMAGES:
+        mark_output(opts["image_dir"], "data convert")  # type: ignore[arg-type]
     n = write_jsonl(samples, out_path)
     counts = Counter((s.split, s.answer_type) for s in samples)
     for split_name in sorted({s for s, _ in counts}):
@@ -202,9 +216,13 @@ def ground(
         "--sides",
         help="Left/right in answers: 'image' (viewer) or 'patient' (radiological convention).",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an --out folder that holds something else."
+    ),
 ) -> None:
     """Build grounded VQA (presence, location, count, size, phrase grounding) with exact ROIs from boxes or masks."""
-    opts = {k: v for k, v in locals().items() if k not in ("source", "out") and v not in (None, [])}
+    opts = {k: v for k, v in locals().items()
+            if k not in ("source", "out", "overwrite") and v not in (None, [])}  # fmt: skip
     from pathlib import Path
 
     from medlvr.data.ground import GENERIC
@@ -220,7 +238,12 @@ def ground(
         opts["export_dir"] = str(Path(out) / "images")
     if source in GENERIC:
         opts["annotations"] = list(annotations)
+    from medlvr.rundir import claim_output, mark_output
+
+    claim_output(out, "data ground", overwrite=overwrite, writes=("*.jsonl", "images"),
+                 inputs=[root, images, masks, *annotations])  # fmt: skip
     result = build(source, **opts)
+    mark_output(out, "data ground")
     for line in result.summary():
         console.print(line, highlight=False, soft_wrap=True)
     for split_name in sorted({s.split for s in result.samples}):
@@ -259,14 +282,20 @@ def inspect(
         "", help="Where to draw a few samples with their ROI boxes (default: FIRST_FILE.png)."
     ),
     n: int = typer.Option(6, help="Samples drawn."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing PNG."),
 ) -> None:
     """Counts by dataset, split, type and modality, ROI coverage per source, and a PNG of a few samples with their boxes."""
     from pathlib import Path
 
     from medlvr.data.inspect import dataset_stats, render_samples, roi_coverage
     from medlvr.data.schema import read_jsonl
+    from medlvr.rundir import claim_output
 
     per_file = {file: read_jsonl(file) for file in files}
+    figure = Path(png or f"{files[0]}.png")
+    if n > 0:
+        claim_output(figure, "data inspect", file=True, inputs=files, overwrite=overwrite,
+                     flag="--png")  # fmt: skip
     samples = [s for part in per_file.values() for s in part]
     stats = dataset_stats(samples)
     name = files[0] if len(files) == 1 else f"{len(files)} files"
@@ -293,5 +322,5 @@ def inspect(
         console.print(f"  {c.source}: {c.with_roi}/{c.n} samples with ROIs ({c.fraction:.1%}, {c.boxes_per_sample:.2f} boxes each)",
                       highlight=False, soft_wrap=True)  # fmt: skip
     if n > 0 and samples:
-        out = render_samples(samples, Path(png or f"{files[0]}.png"), n)
+        out = render_samples(samples, figure, n)
         console.print(f"drew {min(n, len(samples))} samples to {out}", soft_wrap=True)

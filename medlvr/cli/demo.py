@@ -33,6 +33,9 @@ def demo(
         "--full",
         help="Every arm, 3 seeds, longer runs: the numbers in README (--budget full).",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an --out folder that holds files of something else."
+    ),
 ) -> None:
     """MedLVR against honest controls on the depth ladder: (a) direct, (t) text reasoning, (p) pause,
     (b) latent, (c) ROI-SFT, (d) ROI-SFT + VLPO; trained, scored and compared in report.md. Every
@@ -46,6 +49,10 @@ def demo(
     from medlvr.recipes.demo import run_demo
 
     cfg = knobs.build(**({"budget": "quick" if quick else "full"} if quick or full else {}))
+    from medlvr.rundir import claim_output
+
+    claim_output(cfg.out, "demo", overwrite=overwrite, inputs=[cfg.backbone],
+                 own=lambda f: (f / "demo_config.json").is_file())  # fmt: skip
     result = run_demo(cfg, log=lambda m: console.print(f"[bold cyan]{m}[/]"))
     from rich.table import Table
 
@@ -72,13 +79,18 @@ def demo(
 @demo_app.command("backbone")
 @config_options(Stage0Config)
 @user_errors
-def backbone(knobs: Knobs) -> None:
+def backbone(
+    knobs: Knobs,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an --out folder that holds something else."
+    ),
+) -> None:
     """Stage 0: pretrain the demo's tiny backbone to see the synthetic scans (dense descriptions);
     every option is a field of `Stage0Config` (medlvr/recipes/stage0.py)."""
     from medlvr.recipes.stage0 import build_stage0
 
     cfg = knobs.build()
-    scores = build_stage0(cfg)
+    scores = build_stage0(cfg, overwrite=overwrite)
     for k, v in scores.items():
         console.print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {v}")
     console.print(f"wrote {cfg.out}")

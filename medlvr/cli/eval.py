@@ -104,6 +104,9 @@ def eval_run(
         "--control-seed",
         help="Seed of the shuffled permutation (a resumed run must keep its seed).",
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an --out folder that holds files of something else."
+    ),
 ) -> None:
     """Answer every question, score it with the one scorer, and write the run's reports.
 
@@ -143,6 +146,7 @@ def eval_run(
         image_control=image_control,
         control_seed=control_seed,
         allow_pickle=allow_pickle,
+        overwrite=overwrite,
     )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -211,10 +215,18 @@ def compare_cmd(
         10_000, "--n-boot", help="Bootstrap resamples for the CI of the delta."
     ),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an --out folder that holds something else."
+    ),
 ) -> None:
     """B against A: metrics side by side with deltas, per-question wins and losses, McNemar and bootstrap CI."""
     from medlvr.eval.report import compare, pair_label
 
+    if out is not None:
+        from medlvr.rundir import claim_output
+
+        claim_output(out, "eval compare", overwrite=overwrite,
+                     own=lambda f: (f / "compare.json").is_file() or (f / "run.json").is_file())  # fmt: skip
     c = compare(run_a, run_b, out_dir=out, n_boot=n_boot, seed=seed)
     m = c["metrics"]
     table = Table(title=f"B = {run_b}  vs  A = {run_a}  (in %)")

@@ -42,6 +42,9 @@ def explain(
     ),
     top_k: int = typer.Option(5, help="Token cells listed per image in the JSON."),
     max_new_tokens: int = typer.Option(32, help="Answer token limit."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out figure and its JSON."
+    ),
 ) -> None:
     """Evidence maps of the latent steps: cosine to the visual tokens and attention to the image."""
     if latent_steps is not None and latent_steps < 1:
@@ -54,6 +57,10 @@ def explain(
         raise ValueError(f"--out must be a .png file, got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the figure's file name")
+    from medlvr.rundir import claim_output
+
+    claim_output(out, "explain", file=True, writes=[out.with_suffix(".json").name],
+                 inputs=[*image, model], overwrite=overwrite)  # fmt: skip
     from medlvr.inference import parse_options
 
     options = parse_options(option)

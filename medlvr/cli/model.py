@@ -21,6 +21,9 @@ def init_tiny(
         help="tiny (~0.2M), mini (~1.2M, the demo), small (~3.6M) or medium (~24M parameters).",
     ),
     seed: int = typer.Option(0, help="Seed of the random initialisation."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an --out folder that holds something else (a model)."
+    ),
 ) -> None:
     """Write a randomly initialised backbone of the real class, with an offline tokenizer and processor."""
     from medlvr.model.backbones import get_adapter
@@ -29,6 +32,9 @@ def init_tiny(
     get_adapter(family)  # a clear error for an unknown family, before any work
     if size not in SPECS:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SPECS)}")
+    from medlvr.rundir import claim_output
+
+    claim_output(out, "model init-tiny", overwrite=overwrite, mark=True)
     path = build_tiny(out, family=family, size=size, seed=seed)  # type: ignore[arg-type]
     n = count_parameters(path)
     console.print(f"wrote {family} ({size}, {n / 1e6:.2f}M parameters) to {path}")

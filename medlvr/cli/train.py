@@ -39,7 +39,10 @@ def sft(
     if print_config:
         console.print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), highlight=False)
         return
+    from medlvr.train.checkpoint import claim_run_dir
     from medlvr.train.sft import run_sft
+
+    claim_run_dir(cfg, config)  # never onto the recipe (run_sft checks the rest)
 
     result = run_sft(cfg)
     shown = {
@@ -88,7 +91,10 @@ def vlpo(
     if print_config:
         console.print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), highlight=False)
         return
+    from medlvr.train.checkpoint import claim_run_dir
     from medlvr.train.vlpo import run_vlpo
+
+    claim_run_dir(cfg, config)  # never onto the recipe (run_vlpo checks the rest)
 
     result = run_vlpo(cfg)
     shown = {

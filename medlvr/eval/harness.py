@@ -72,7 +72,7 @@ from medlvr.eval.controls import (
 )
 from medlvr.eval.metrics import prediction_row
 from medlvr.eval.report import PREDICTIONS_FILE, write_report
-from medlvr.rundir import holds_run_folder
+from medlvr.rundir import claim_output, holds_run_folder
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -94,6 +94,16 @@ __all__ = [
 ]
 
 RUN_FILE = "run.json"
+# What an evaluation writes in its folder (no input may be there).
+EVAL_WRITES = (
+    RUN_FILE,
+    "predictions*.jsonl",
+    "summary.json",
+    "report.md",
+    "explain.json*",
+    "plots",
+    "*.tmp",
+)
 REASONING: tuple[str, ...] = get_args(Reasoning)
 # Token budgets: a short answer fits in 32 tokens; written reasoning needs room before its tag.
 DEFAULT_MAX_NEW_TOKENS = {"direct": 32, "latent": 32, "cot": 256}
@@ -441,6 +451,7 @@ def evaluate(
     image_control: str | Sequence[str] = REAL,
     control_seed: int = 0,
     allow_pickle: bool = False,
+    overwrite: bool = False,
 ) -> EvalResult:
     """Answer, score and report; see the module docstring.
 
@@ -458,6 +469,7 @@ def evaluate(
     `image_control` is one condition or several ("none,blank,shuffled,question-only",
     see `medlvr.eval.controls`), each answered like each K; `control_seed`
     fixes the `shuffled` permutation. `allow_pickle` lets a `model` folder with pickle weights only load.
+    `out_dir` must be new or hold an evaluation (`run.json`); `overwrite` lets it hold other files.
     """
     _check_reasoning(reasoning)
     if sum(x is not None for x in (model, vlm, predictor)) != 1:
@@ -476,6 +488,9 @@ def evaluate(
             )
         latent_steps = [0]
     rank, world_size, synced = _dist_info(rank, world_size)
+    inputs = [] if data and isinstance(data[0], VQASample) else [*data, model]
+    claim_output(out_dir, "eval", overwrite=overwrite, own=lambda f: (f / RUN_FILE).is_file(),
+                 inputs=inputs, writes=EVAL_WRITES)  # fmt: skip
 
     # `data` is one form of its union or the other: its first item tells which.
     if data and isinstance(data[0], VQASample):

@@ -93,12 +93,19 @@ def default_stage0() -> Path:
     return ASSET
 
 
-def build_stage0(cfg: Stage0Config, work: Path | None = None) -> dict[str, Any]:
+def build_stage0(
+    cfg: Stage0Config, work: Path | None = None, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Pretrain, score description and grounding on test images, and write the model folder.
 
     Data, the initial model and the run go to `work` (kept), else to a temporary folder
-    removed at the end (a default run writes ~150-300 MB there).
+    removed at the end (a default run writes ~150-300 MB there). `cfg.out` is replaced: it
+    must be new or an earlier stage-0 model (`STAGE0.md`) unless `overwrite`.
     """
+    from medlvr.rundir import claim_output
+
+    claim_output(cfg.out, "demo backbone", overwrite=overwrite, inputs=[cfg.init, work], writes=("*",),
+                 own=lambda f: (f / "STAGE0.md").is_file())  # fmt: skip
     if work is None:
         with tempfile.TemporaryDirectory(prefix="medlvr-stage0-") as tmp:
             return _build_stage0(cfg, Path(tmp))

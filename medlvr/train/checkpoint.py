@@ -340,6 +340,21 @@ NOT_SETTINGS = (
 )  # where and how, not what, the run trains
 
 
+TRAIN_WRITES = (*RUN_FILES, "step-*", ".tmp-*", ".old-*")  # no input may be there
+
+
+def claim_run_dir(cfg: Any, recipe: str | Path | None = None) -> None:
+    """`rundir.claim_output` for a training run: `cfg.output_dir` is new, holds a run (see
+    `start_or_resume`) or `checkpoint.overwrite` is set, and never holds the model, data or `recipe`."""
+    from medlvr.rundir import claim_output
+
+    data = cfg.data
+    inputs = [cfg.model.path, recipe, *data.train, data.val]
+    claim_output(cfg.output_dir, "train", overwrite=cfg.checkpoint.overwrite, inputs=inputs,
+                 writes=TRAIN_WRITES, own=lambda f: any(n != "config.yaml" for n in run_files(f)),
+                 flag="output_dir", overwrite_flag="--overwrite (checkpoint.overwrite=true)")  # fmt: skip
+
+
 def run_files(output_dir: str | Path) -> list[str]:
     """Names in `output_dir` that a training run wrote (checkpoints, leftovers, metrics, export), sorted."""
     out = Path(output_dir)
@@ -371,6 +386,7 @@ def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
     import warnings
 
     out, ck = Path(cfg.output_dir), cfg.checkpoint
+    claim_run_dir(cfg)
     found = run_files(out)
     trained = _trained(out, found)
     if trained and not (ck.resume or ck.overwrite):
@@ -548,6 +564,7 @@ def _sharded(accelerator: Any) -> bool:
 
 __all__ = [
     "start_or_resume",
+    "claim_run_dir",
     "config_changes",
     "run_files",
     "save_checkpoint",
