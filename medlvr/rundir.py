@@ -80,13 +80,14 @@ def claim_output(
     """May `command` write `path`? The one rule of every command that writes (module docstring).
 
     `file`: `path` is a file the command writes (with its siblings named in `writes`, e.g. a
-    figure's JSON); else a folder, inside which it writes the names (fnmatch patterns) in
-    `writes`. A folder is the command's own when its marker names `command` or `own(folder)`
-    holds; hidden lock and marker files alone leave it new. No written path may be (or hold) one
-    of `inputs`, even with `overwrite`. Raises a one-line `MedlvrError` (nothing written);
-    with `mark`, creates the folder and writes the marker.
+    figure's JSON), its own when the marker of its folder lists it under `command` (the
+    command calls `mark_output(folder, command, files)` once written); else a folder, inside
+    which it writes the names (fnmatch patterns) in `writes`, its own when its marker names
+    `command` or `own(folder)` holds (hidden lock and marker files alone leave it new). No
+    written path may be (or hold) one of `inputs`, even with `overwrite`. Raises a one-line
+    `MedlvrError` (nothing written); with `mark`, creates the folder and writes its marker.
     """
-    path = Path(path)
+    path, writes = Path(path), tuple(writes)
     targets = [path, *(path.with_name(n) for n in writes)] if file else [path]
     for p in (Path(i) for i in inputs if i not in (None, "")):
         hit = next((t for t in targets if _same_or_inside(p, t, None if file else writes)), None)
@@ -97,7 +98,10 @@ def claim_output(
     if file:
         if path.is_dir():
             raise MedlvrError(f"{flag} {path} is a folder; give a file name")
-        existing = [t for t in targets if t.exists() or t.is_symlink()]
+        marked = _marker(path.parent).get("files", {})
+        existing = [
+            t for t in targets if (t.exists() or t.is_symlink()) and marked.get(t.name) != command
+        ]
         if existing and not overwrite:
             shown = " and ".join(str(t) for t in existing)
             verb, it = ("exist", "them") if len(existing) > 1 else ("exists", "it")
@@ -119,10 +123,24 @@ def claim_output(
     return path
 
 
-def mark_output(folder: str | Path, command: str) -> None:
-    """Create `folder` if needed and record that it holds `command`'s output."""
+def mark_output(folder: str | Path, command: str, files: Iterable[str | Path] = ()) -> None:
+    """Record in `folder` (created if needed) that it holds `command`'s output, or with `files`,
+    that those files of it are `command`'s."""
     folder = writable_folder(folder)
-    (folder / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
+    marker = _marker(folder)
+    if files:
+        marker["files"] = {**marker.get("files", {}), **{Path(f).name: command for f in files}}
+    else:
+        marker["command"] = command
+    (folder / OUTPUT_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+
+
+def _marker(folder: Path) -> dict[str, Any]:
+    try:
+        marker = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files", {}), dict) else {}
 
 
 def _foreign(folder: Path, command: str, own: Callable[[Path], bool] | None) -> list[str]:
@@ -130,13 +148,9 @@ def _foreign(folder: Path, command: str, own: Callable[[Path], bool] | None) -> 
     if not folder.is_dir():
         return []
     names = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, OUTPUT_MARKER))
-    if not names or (own is not None and own(folder)):
+    if not names or (own is not None and own(folder)) or _marker(folder).get("command") == command:
         return []
-    try:
-        marked = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
-    except (OSError, ValueError, AttributeError):
-        marked = None
-    return [] if marked == command else names
+    return names
 
 
 def _same_or_inside(p: Path, target: Path, names: Iterable[str] | None) -> bool:

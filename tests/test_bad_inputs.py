@@ -399,6 +399,7 @@ def ws(tiny_dir, data, broken_models, tmp_path_factory) -> dict[str, Path]:
 def _user_files(w: dict[str, Path]) -> None:
     """Issue 24's files: a manuscript folder, a recipe beside its output_dir, an old figure, broken files."""
     import json
+    import shutil
 
     root = w["root"]
     w["manuscript"] = root / "manuscript"
@@ -416,6 +417,47 @@ def _user_files(w: dict[str, Path]) -> None:
     w["inspected"] = root / "inspected.jsonl"
     w["inspected"].write_text(json.dumps(good) + "\n")
     (root / "inspected.jsonl.png").write_bytes(w["img"].read_bytes())
+    # Part 2: files that broke with a traceback.
+    deep = "[" * 100_000 + "]" * 100_000
+    w["deep_jsonl"] = root / "deep.jsonl"
+    w["deep_jsonl"].write_text(json.dumps(dict(good, id="deep"))[:-1] + f', "meta": {{"x": {deep}}}}}\n')
+    w["roi_no_image_jsonl"] = root / "roi_no_image.jsonl"
+    w["roi_no_image_jsonl"].write_text(json.dumps(dict(good, images=[], rois=[{"box": [1, 1, 9, 9], "image": 0}])) + "\n")
+    for name, change in (("jinja", ("chat_template.jinja", "{{ ''.__class__.__mro__[1].__subclasses__() }}")),
+                         ("cfg_list", ("config.json", "[1, 2]")),
+                         ("latent_types", ("medlvr_latent.json", '{"steps": "lots"}'))):  # fmt: skip
+        w[name] = Path(shutil.copytree(w["model"], root / name))
+        (w[name] / change[0]).write_text(change[1])
+    w["sizes"] = Path(shutil.copytree(w["model"], root / "sizes"))
+    cfg = json.loads((w["sizes"] / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] *= 2
+    (w["sizes"] / "config.json").write_text(json.dumps(cfg))
+    w["mxq_bad"] = root / "mxq"
+    (w["mxq_bad"] / "MM").mkdir(parents=True)
+    (w["mxq_bad"] / "MM" / "test.jsonl").write_text(json.dumps({"id": "MM-1", "question": "Q?", "label": "A", "options": "A) x B) y"}) + "\n")
+    # Part 3: wrong or silent results.
+    w["no_image_jsonl"] = root / "no_image.jsonl"
+    w["no_image_jsonl"].write_text(json.dumps(dict(good, images=[], rois=[])) + "\n")
+    w["bad_utf8_jsonl"] = root / "bad_utf8.jsonl"
+    w["bad_utf8_jsonl"].write_bytes((json.dumps(good) + "\n").encode() + b'{"id": "caf\xe9"}\n')
+    w["nan_box_jsonl"] = root / "nan_box.jsonl"
+    w["nan_box_jsonl"].write_text(json.dumps(dict(good, rois=[{"box": [float("nan"), 1, 9, 9], "image": 0}])) + "\n")
+    import numpy as np
+    from PIL import Image
+
+    w["nan_tiff"] = root / "nan.tiff"
+    Image.fromarray(np.full((32, 32), np.nan, dtype=np.float32), mode="F").save(w["nan_tiff"])
+    import nibabel as nib
+
+    w["nan_nifti"] = root / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 4), np.nan, dtype=np.float32), np.eye(4)), str(w["nan_nifti"]))
+    w["fifo"] = root / "fifo.png"
+    os.mkfifo(w["fifo"])
+    w["folder_png"] = root / "folder.png"
+    w["folder_png"].mkdir()
+    w["chr_weights"] = Path(shutil.copytree(w["model"], root / "chr_weights"))
+    (w["chr_weights"] / "model.safetensors").unlink()
+    (w["chr_weights"] / "model.safetensors").symlink_to("/dev/zero")
 
 
 def _q(w: dict[str, Path]) -> list[str]:
@@ -434,13 +476,15 @@ def _vlpo(w: dict[str, Path], *overrides: str, init: Path | None = None) -> list
             "log.progress=false", "log.tensorboard=false", *overrides]  # fmt: skip
 
 
-def _eval(w: dict[str, Path], *args: str, model: str = "model", out: str = "new_eval") -> list[str]:
+def _eval(
+    w: dict[str, Path], *args: str, model: str = "model", out: str = "new_eval", data: str = "test"
+) -> list[str]:
     return [
         "eval",
         "--model",
         str(w[model]),
         "--data",
-        str(w["test"]),
+        str(w[data]),
         "--limit",
         "2",
         "--out",
@@ -1088,6 +1132,26 @@ CASES: list[tuple[str, object, str]] = [
     ("compare into a manuscript", lambda w: ["eval", "compare", str(w["evalrun"]), str(w["evalrun"]), "--out", str(w["manuscript"])], "pass --overwrite"),
     ("demo into a manuscript", lambda w: ["demo", "--quick", "--out", str(w["manuscript"])], "pass --overwrite"),
     ("backbone into a manuscript", lambda w: ["demo", "backbone", "--out", str(w["manuscript"])], "pass --overwrite"),
+    # issue 24, part 2: one line, not a traceback
+    ("eval deep json", lambda w: _eval(w, data="deep_jsonl"), "deep.jsonl:1: JSON nested too deeply to be a record"),
+    ("train deep json", lambda w: _sft(w, f"data.train=[{w['deep_jsonl']}]"), "JSON nested too deeply"),
+    ("eval roi without image", lambda w: _eval(w, data="roi_no_image_jsonl"), "ROI refers to image 0 but the sample has 0 image(s)"),
+    ("predict jinja sandbox", lambda w: ["predict", "--model", str(w["jinja"]), *_q(w)], "chat template (chat_template.jinja) is refused by jinja's sandbox"),
+    ("predict config not an object", lambda w: ["predict", "--model", str(w["cfg_list"]), *_q(w)], "config.json is not a transformers config (not a JSON object"),
+    ("predict config sizes", lambda w: ["predict", "--model", str(w["sizes"]), *_q(w)], "the weights do not fit config.json"),
+    ("eval config sizes", lambda w: _eval(w, model="sizes"), "the weights do not fit config.json"),
+    ("predict latent config types", lambda w: ["predict", "--model", str(w["latent_types"]), *_q(w)], "medlvr_latent.json is not a latent config (steps: Value 'lots'"),
+    ("convert medxpertqa layout", lambda w: ["data", "convert", "medxpertqa-mm", "--root", str(w["mxq_bad"]), "--out", str(w["root"] / "o.jsonl")], "MM/test.jsonl:1: options must be"),
+    # issue 24, part 3: wrong or silent results
+    ("eval record without image", lambda w: _eval(w, data="no_image_jsonl"), "images: no image: a visual question needs its image"),
+    ("eval invalid utf-8", lambda w: _eval(w, data="bad_utf8_jsonl"), "bad_utf8.jsonl:2: not valid UTF-8 (byte 0xe9 at column 12)"),
+    ("eval nan box", lambda w: _eval(w, data="nan_box_jsonl"), "has a coordinate that is not a finite number"),  # the box shows once Rich markup is escaped
+    ("predict nan tiff", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["nan_tiff"]), "--question", "Why?"], "nan.tiff: 1,024 of its 1,024 pixel values are NaN or infinite"),
+    ("predict nan nifti", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["nan_nifti"]), "--question", "Why?"], "nan.nii.gz: 256 of its 256 pixel values are NaN or infinite"),
+    ("predict fifo image", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["fifo"]), "--question", "Why?"], "fifo.png is a named pipe (FIFO), not an image file"),
+    ("predict folder image", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["folder_png"]), "--question", "Why?"], "folder.png is a folder, not an image file"),
+    ("predict device image", lambda w: ["predict", "--model", str(w["model"]), "--image", "/dev/null", "--question", "Why?"], "/dev/null is a character device, not an image file"),
+    ("predict device weights", lambda w: ["predict", "--model", str(w["chr_weights"]), *_q(w)], "model.safetensors is a character device, not a weights file"),
     # demo
     (
         "demo budgets",

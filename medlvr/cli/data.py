@@ -93,6 +93,9 @@ def convert(
     if source in EMBEDS_IMAGES:
         mark_output(opts["image_dir"], "data convert")  # type: ignore[arg-type]
     n = write_jsonl(samples, out_path)
+    mark_output(
+        out_path.parent, "data convert", [out_path]
+    )  # its own output: a rerun may replace it
     counts = Counter((s.split, s.answer_type) for s in samples)
     for split_name in sorted({s for s, _ in counts}):
         per_type = "  ".join(
@@ -289,7 +292,7 @@ def inspect(
 
     from medlvr.data.inspect import dataset_stats, render_samples, roi_coverage
     from medlvr.data.schema import read_jsonl
-    from medlvr.rundir import claim_output
+    from medlvr.rundir import claim_output, mark_output
 
     per_file = {file: read_jsonl(file) for file in files}
     figure = Path(png or f"{files[0]}.png")
@@ -323,4 +326,5 @@ def inspect(
                       highlight=False, soft_wrap=True)  # fmt: skip
     if n > 0 and samples:
         out = render_samples(samples, figure, n)
+        mark_output(out.parent, "data inspect", [out])
         console.print(f"drew {min(n, len(samples))} samples to {out}", soft_wrap=True)

@@ -57,7 +57,7 @@ def explain(
         raise ValueError(f"--out must be a .png file, got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the figure's file name")
-    from medlvr.rundir import claim_output
+    from medlvr.rundir import claim_output, mark_output
 
     claim_output(out, "explain", file=True, writes=[out.with_suffix(".json").name],
                  inputs=[*image, model], overwrite=overwrite)  # fmt: skip
@@ -87,6 +87,7 @@ def explain(
         config=cfg,
     )
     png, js = ex.save(out)
+    mark_output(out.parent, "explain", [png, js])  # its own output: a rerun may replace it
     console.print(f"[bold]answer:[/] {ex.answer}", highlight=False)
     console.print(
         f"latent steps: {ex.latent_steps}   time: {ex.seconds * 1000:.1f} ms", highlight=False

@@ -65,12 +65,21 @@ class VQACollator:
         )
 
     def prompts(self, samples: Sequence[VQASample]) -> list[str]:
-        return [
-            self.processor.apply_chat_template(
-                chat_messages(s, self.reasoning), add_generation_prompt=True, tokenize=False
-            )
-            for s in samples
-        ]
+        from jinja2 import TemplateError
+        from jinja2.exceptions import SecurityError
+
+        try:
+            return [
+                self.processor.apply_chat_template(
+                    chat_messages(s, self.reasoning), add_generation_prompt=True, tokenize=False
+                )
+                for s in samples
+            ]
+        except TemplateError as err:  # the template runs in jinja's sandbox: it is refused, not run
+            what = "refused by jinja's sandbox" if isinstance(err, SecurityError) else "broken"
+            raise MedlvrError(
+                f"the model's chat template (chat_template.jinja) is {what}: {err}"
+            ) from None
 
     def __call__(
         self, samples: Sequence[VQASample], images: Sequence[Sequence[Image.Image]] | None = None

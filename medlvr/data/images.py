@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medlvr.errors import ImageError
+from medlvr.errors import ImageError, not_a_file
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Largest image (width x height of the decoded 2-D plane) accepted before decoding."""
@@ -50,7 +50,7 @@ def load_image(
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageError(f"image not found: {path}")
+        raise ImageError(not_a_file(path))
     kind = _sniff(path)
     try:
         if kind == "dicom":
@@ -115,6 +115,22 @@ def _to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
+def _finite(arr: np.ndarray, path: Path, *, some: bool = False) -> np.ndarray:
+    """`arr` if its values are finite (with `some`, if any is: the others become its minimum),
+    else an `ImageError` naming the file: a NaN or infinite pixel has no grey level."""
+    if arr.dtype.kind != "f":
+        return arr
+    ok = np.isfinite(arr)
+    if ok.all():
+        return arr
+    n = int(arr.size - ok.sum())
+    if some and ok.any():
+        return np.where(ok, arr, arr[ok].min())
+    raise ImageError(
+        f"cannot read image {path}: {n:,} of its {arr.size:,} pixel values are NaN or infinite"
+    )
+
+
 def _gray_to_rgb(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), mode="L").convert("RGB")
 
@@ -137,6 +153,8 @@ def _load_pil(path: Path, max_pixels: int) -> Image.Image:
         with im:
             _check_size(path, im.width, im.height, max_pixels)
             im.load()  # decode now so truncation surfaces here, inside the error handler
+            if im.mode == "F":
+                _finite(np.asarray(im), path)
             return _pil_to_rgb(ImageOps.exif_transpose(im))
 
 
@@ -190,13 +208,14 @@ def _load_dicom(
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
     if arr.ndim == 3:  # colour (pydicom already converted YBR to RGB)
+        arr = _finite(arr, path)
         if arr.dtype != np.uint8:
             arr = _to_uint8(arr, float(arr.min()), float(arr.max()))
         return Image.fromarray(np.ascontiguousarray(arr[..., :3]), mode="RGB")
 
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    values = arr.astype(np.float64) * slope + intercept
+    values = _finite(arr.astype(np.float64) * slope + intercept, path)
     if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
         window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
     if window is not None:
@@ -246,6 +265,6 @@ def _load_nifti(path: Path, axis: int, index: int | None, max_pixels: int) -> Im
         )  # first volume of a 4-D series
         slicer[axis] = k
         plane = np.asanyarray(img.dataobj[tuple(slicer)])  # the proxy applies scl_slope/scl_inter
-    plane = np.nan_to_num(plane.astype(np.float64))
+    plane = _finite(plane.astype(np.float64), path, some=True)  # masked volumes hold NaN voxels
     lo, hi = np.percentile(plane, NIFTI_PERCENTILES)
     return _gray_to_rgb(np.rot90(_to_uint8(plane, float(lo), float(hi))))

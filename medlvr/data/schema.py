@@ -9,12 +9,15 @@ they live under the file's folder.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medlvr.errors import not_a_file
 
 AnswerType = Literal["closed", "open", "choice"]
 LETTERS = "ABCDEFGHIJ"
@@ -33,6 +36,8 @@ class ROI(BaseModel):
     @classmethod
     def _ordered(cls, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         x0, y0, x1, y1 = box
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError(f"box {list(box)} has a coordinate that is not a finite number")
         if not (x1 > x0 and y1 > y0):
             raise ValueError(f"empty or inverted box {list(box)}: need x1 > x0 and y1 > y0")
         return box
@@ -83,7 +88,7 @@ class VQASample(BaseModel):
             if letter not in LETTERS:
                 raise ValueError(f"option key {letter!r} is not a capital letter A-J")
         for roi in self.rois:
-            if roi.image >= max(len(self.images), 1):
+            if roi.image >= len(self.images):
                 raise ValueError(
                     f"ROI refers to image {roi.image} but the sample has {len(self.images)} image(s)"
                 )
@@ -158,10 +163,14 @@ def _parse_line(
         return None, [
             RecordProblem(path, lineno, "", f"malformed JSON: {err.msg} at column {err.colno}")
         ]
+    except RecursionError:
+        return None, [RecordProblem(path, lineno, "", "JSON nested too deeply to be a record")]
     if not isinstance(raw, dict):
         return None, [RecordProblem(path, lineno, "", "a record must be a JSON object")]
     try:
         sample = VQASample.model_validate(raw)
+    except RecursionError:
+        return None, [RecordProblem(path, lineno, "", "JSON nested too deeply to be a record")]
     except ValidationError as err:
         problems = []
         for e in err.errors():
@@ -180,8 +189,14 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, VQASample | None, list[R
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     base = path.parent
-    with path.open(encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:  # a byte-order mark (as Windows editors save UTF-8) is read, not refused
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                why = f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                yield lineno, None, [RecordProblem(str(path), lineno, "", why)]
+                continue
             if text.strip():
                 yield (lineno, *_parse_line(text, str(path), lineno, base))
 
@@ -206,19 +221,23 @@ def check_samples(
             )
         else:
             seen[sample.id] = lineno
+        if not sample.images:
+            problems.append(
+                RecordProblem(path, lineno, "images", "no image: a visual question needs its image")
+            )
         if check_images:
             bad = set()
             for i, img in enumerate(sample.images):
                 p = Path(img)
                 why = (
-                    "image not found"
+                    not_a_file(p)
                     if not p.is_file()
-                    else "image file is empty"
+                    else f"image file is empty: {img}"
                     if p.stat().st_size == 0
                     else None
                 )
                 if why is not None:
-                    problems.append(RecordProblem(path, lineno, f"images.{i}", f"{why}: {img}"))
+                    problems.append(RecordProblem(path, lineno, f"images.{i}", why))
                     bad.add(i)
             for j, roi in enumerate(sample.rois):
                 size = None if roi.image in bad else _image_size(sample.images[roi.image], sizes)

@@ -60,7 +60,7 @@ from PIL import Image
 
 from medlvr.data.prompts import Reasoning, question_text
 from medlvr.data.schema import VQASample, load_jsonl
-from medlvr.errors import MedlvrError
+from medlvr.errors import MedlvrError, not_a_file
 from medlvr.eval.controls import (
     IMAGE_CONTROLS,
     REAL,
@@ -275,11 +275,13 @@ def _default_loader(path: str) -> Image.Image:
 def _load_images(
     sample: VQASample, loader: Callable[[str], Image.Image]
 ) -> tuple[list[Image.Image], str | None]:
-    """(images, None), or ([], reason) when one is missing or unreadable."""
+    """(images, None), or ([], reason) when one is missing or unreadable, or the record has none."""
+    if not sample.images:  # a visual question without its image is a data problem, never scored
+        return [], "the record has no image"
     images = []
     for path in sample.images:
         if not Path(path).is_file():
-            return [], f"image not found: {path}"
+            return [], not_a_file(path)
         try:
             images.append(loader(path))
         except Exception as err:  # noqa: BLE001 - any decoder failure is a property of the file

@@ -1077,9 +1077,10 @@ def detect_family(path: str | Path) -> str:
     if not cfg.is_file():
         raise MedlvrError(f"{path} is not a model folder: no config.json")
     try:
-        model_type = json.loads(cfg.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise MedlvrError(f"{cfg} is not a transformers config ({err})") from None
+        model_type = json.loads(cfg.read_text(encoding="utf-8-sig"))["model_type"]
+    except (ValueError, KeyError, TypeError) as err:  # TypeError: not a JSON object
+        why = err if not isinstance(err, TypeError) else "not a JSON object of settings"
+        raise MedlvrError(f"{cfg} is not a transformers config ({why})") from None
     for adapter in _ADAPTERS.values():
         if model_type in adapter.model_types:
             return adapter.family

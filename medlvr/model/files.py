@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medlvr.errors import MedlvrError
+from medlvr.errors import MedlvrError, not_a_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = (
@@ -35,6 +35,8 @@ def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
     from safetensors import SafetensorError, safe_open
 
     for f in sorted(path.glob("*.safetensors")):
+        if not f.is_file():  # e.g. a link to a character device: not "empty"
+            raise MedlvrError(not_a_file(f, "weights"))
         try:
             with safe_open(str(f), "pt"):
                 pass

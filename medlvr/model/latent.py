@@ -251,9 +251,10 @@ class LatentVLM(nn.Module):
         latent = latent or saved or LatentConfig()
         try:
             processor = adapter.load_processor(path)
-            backbone = adapter.model_class.from_pretrained(
-                str(path), dtype=dtype or "auto", use_safetensors=safetensors
-            )
+            with _load_report(path):
+                backbone = adapter.model_class.from_pretrained(
+                    str(path), dtype=dtype or "auto", use_safetensors=safetensors
+                )
         except (OSError, SafetensorError) as err:
             raise MedlvrError(f"cannot load a model from {path}: {err}") from None
         model = cls(backbone, processor, family, latent)
@@ -829,10 +830,60 @@ def _until_stop(row: list[int], stop_ids: list[int]) -> list[int]:
 
 def read_latent_config(path: Path) -> LatentConfig | None:
     """The latent settings a model folder was saved with (`medlvr_latent.json`), or None (a plain backbone)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     f = path / LATENT_CONFIG_FILE
     if not f.is_file():
         return None
-    return LatentConfig(**json.loads(f.read_text()))
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8-sig"))
+        if not isinstance(raw, dict):
+            raise ValueError(f"a JSON object of settings, not a {type(raw).__name__}")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LatentConfig), raw))  # type: ignore[return-value]
+    except (ValueError, OmegaConfBaseException) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        key = getattr(err, "full_key", None)
+        raise MedlvrError(
+            f"{f} is not a latent config ({f'{key}: ' if key else ''}{why}); copy or export the model again"
+        ) from None
+
+
+@contextmanager
+def _load_report(path: Path) -> Iterator[None]:
+    """transformers' load report held back while the weights load: shown as it is when the load
+    succeeds, one line naming the first mismatch when the weights do not fit `config.json`."""
+    import logging
+
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "LOAD REPORT" in record.getMessage():
+                held.append(record)
+                return False
+            return True
+
+    handlers = logging.getLogger("transformers").handlers
+    hold = Hold()
+    for h in handlers:
+        h.addFilter(hold)
+    try:
+        yield
+    except RuntimeError as err:
+        report = "\n".join(r.getMessage() for r in held)
+        first = next((ln for ln in report.splitlines() if "MISMATCH" in ln and "|" in ln), "")
+        example = " ".join(part.strip() for part in first.split("|") if part.strip())
+        raise MedlvrError(
+            f"{path}: the weights do not fit config.json"
+            + (f" ({example})" if example else f" ({str(err).splitlines()[0]})")
+            + "; copy or export the model again"
+        ) from None
+    finally:
+        for h in handlers:
+            h.removeFilter(hold)
+    for record in held:
+        logging.getLogger(record.name).handle(record)
 
 
 class _Clock:
