@@ -313,6 +313,136 @@ def test_an_unwritable_output_is_found_before_the_model_loads(tmp_path, image, d
     assert blocker.read_text() == "mine"
 
 
+# ---------------------------------------------------------------------------- issue 24
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_ends_where_an_uninterrupted_run_ends(
+    tiny_dir, data, tmp_path
+):
+    import json
+
+    args = ["train", "sft", f"model.path={tiny_dir}", f"data.train=[{data / 'train.jsonl'}]", "mode=latent",
+            "latent.steps=1", "batch_size=2", "checkpoint.every=1", "log.every=1", "log.progress=false",
+            "log.tensorboard=false", "optim.schedule=constant", "max_steps=3"]  # fmt: skip
+    assert runner.invoke(app, [*args, f"output_dir={tmp_path / 'full'}"]).exit_code == 0
+    cut = tmp_path / "cut"
+    assert runner.invoke(app, [*args[:-1], "max_steps=2", f"output_dir={cut}"]).exit_code == 0
+    weights = cut / "step-0000002" / "model" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # a torn newest checkpoint
+    metrics = cut / "metrics.jsonl"
+    metrics.write_text(
+        "\n".join(metrics.read_text().splitlines()[:1]) + "\n"
+    )  # rows after step 1 lost
+    with pytest.warns(
+        UserWarning,
+        match=r"--resume skips step-0000002: model/model.safetensors is damaged .*resuming from step-0000001",
+    ):
+        res = runner.invoke(app, [*args, f"output_dir={cut}", "--resume"])
+    assert res.exit_code == 0, res.output
+
+    def rows(folder):
+        return [
+            (r["step"], r["loss"])
+            for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        ]
+
+    assert rows(cut) == rows(tmp_path / "full")
+
+
+def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(
+    tiny_dir, data, tmp_path, monkeypatch
+):
+    import medlvr.train.checkpoint as ckpt
+
+    synced: set[str] = set()
+    published: list[tuple[str, bool]] = []
+    real_fsync, real_replace = os.fsync, ckpt._replace_dir
+
+    def fsync(fd):
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        files = [str(f) for f in [src, *src.rglob("*")]]
+        published.append((dst.name, all(f in synced for f in files)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(ckpt, "_replace_dir", replace)
+    args = ["train", "sft", f"model.path={tiny_dir}", f"data.train=[{data / 'train.jsonl'}]", "mode=plain",
+            "batch_size=2", "max_steps=1", "checkpoint.every=1", "log.progress=false", "log.tensorboard=false",
+            f"output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    assert published == [("step-0000001", True), ("final", True)]
+
+
+def test_validate_lists_a_deeply_nested_record_and_reads_a_bom(data, tmp_path):
+    import json
+
+    rec = json.loads((data / "test.jsonl").read_text().splitlines()[0])
+    rec["images"] = [str((data / rec["images"][0]).resolve())]
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps(rec) + "\n" + '{"meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    res = runner.invoke(app, ["data", "validate", str(deep)])
+    assert res.exit_code == 1 and f"{deep}:2: JSON nested too deeply to be a record" in res.output
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(rec) + "\n").encode())
+    res = runner.invoke(app, ["data", "validate", str(bom)])
+    assert res.exit_code == 0 and "no problems" in res.output, res.output
+    from medlvr.data.sources._common import read_json
+
+    release = tmp_path / "release.json"
+    release.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"qid": 1}]).encode())
+    assert read_json(release, "vqa-rad") == [{"qid": 1}]
+
+
+def test_medxpertqa_authors_file_reads_like_the_release(tmp_path):
+    import json
+
+    from medlvr.data.sources import convert
+
+    release = {"id": "MM-7", "question": "Which finding?", "options": {L: f"option {L}" for L in "ABCDE"},
+               "label": "C", "images": ["MM-7-a.jpeg"], "medical_task": "Diagnosis", "body_system": "Skeletal",
+               "question_type": "Reasoning"}  # fmt: skip
+    choices = " ".join(f"({L}) option {L}" for L in "ABCDE")
+    authors = dict(release, question=f"Which finding?\nAnswer Choices: {choices}", label=["C"],
+                   options=[{"letter": L, "content": f"option {L}"} for L in "ABCDE"],
+                   images=[{"image_path": "images/MM-7-a.jpeg"}])  # fmt: skip
+    (tmp_path / "hf" / "MM").mkdir(parents=True)
+    (tmp_path / "hf" / "MM" / "test.jsonl").write_text(json.dumps(release) + "\n")
+    (tmp_path / "authors").mkdir()
+    (tmp_path / "authors" / "medxpertqa_mm_input.jsonl").write_text(json.dumps(authors) + "\n")
+    [a] = convert("medxpertqa-mm", tmp_path / "hf")
+    [b] = convert("medxpertqa-mm", tmp_path / "authors")
+    same = (
+        "id",
+        "question",
+        "options",
+        "answer",
+        "answer_letter",
+        "organ",
+        "question_type",
+        "meta",
+    )
+    assert [getattr(a, f) for f in same] == [getattr(b, f) for f in same]
+    assert b.question == "Which finding?" and b.answer_letter == "C"
+    assert b.images == [str((tmp_path / "authors" / "images" / "MM-7-a.jpeg").resolve())]
+
+
+def test_eval_counts_a_record_without_its_image_as_an_error_row(tiny_dir, data, tmp_path):
+    import json
+
+    from medlvr.data.schema import read_jsonl
+    from medlvr.eval.harness import evaluate
+
+    samples = read_jsonl(data / "test.jsonl")[:2]
+    samples[1] = samples[1].model_copy(update={"images": [], "rois": []})
+    result = evaluate(samples, tmp_path / "R", model=tiny_dir, progress=False, report=False)
+    rows = [json.loads(x) for x in (tmp_path / "R" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["error"] for r in rows if r["id"] == samples[1].id] == ["the record has no image"]
+    assert result.n_new == 2
+
+
 # ---------------------------------------------------------------------------- the table
 
 
@@ -420,9 +550,13 @@ def _user_files(w: dict[str, Path]) -> None:
     # Part 2: files that broke with a traceback.
     deep = "[" * 100_000 + "]" * 100_000
     w["deep_jsonl"] = root / "deep.jsonl"
-    w["deep_jsonl"].write_text(json.dumps(dict(good, id="deep"))[:-1] + f', "meta": {{"x": {deep}}}}}\n')
+    w["deep_jsonl"].write_text(
+        json.dumps(dict(good, id="deep"))[:-1] + f', "meta": {{"x": {deep}}}}}\n'
+    )
     w["roi_no_image_jsonl"] = root / "roi_no_image.jsonl"
-    w["roi_no_image_jsonl"].write_text(json.dumps(dict(good, images=[], rois=[{"box": [1, 1, 9, 9], "image": 0}])) + "\n")
+    w["roi_no_image_jsonl"].write_text(
+        json.dumps(dict(good, images=[], rois=[{"box": [1, 1, 9, 9], "image": 0}])) + "\n"
+    )
     for name, change in (("jinja", ("chat_template.jinja", "{{ ''.__class__.__mro__[1].__subclasses__() }}")),
                          ("cfg_list", ("config.json", "[1, 2]")),
                          ("latent_types", ("medlvr_latent.json", '{"steps": "lots"}'))):  # fmt: skip
@@ -434,14 +568,18 @@ def _user_files(w: dict[str, Path]) -> None:
     (w["sizes"] / "config.json").write_text(json.dumps(cfg))
     w["mxq_bad"] = root / "mxq"
     (w["mxq_bad"] / "MM").mkdir(parents=True)
-    (w["mxq_bad"] / "MM" / "test.jsonl").write_text(json.dumps({"id": "MM-1", "question": "Q?", "label": "A", "options": "A) x B) y"}) + "\n")
+    (w["mxq_bad"] / "MM" / "test.jsonl").write_text(
+        json.dumps({"id": "MM-1", "question": "Q?", "label": "A", "options": "A) x B) y"}) + "\n"
+    )
     # Part 3: wrong or silent results.
     w["no_image_jsonl"] = root / "no_image.jsonl"
     w["no_image_jsonl"].write_text(json.dumps(dict(good, images=[], rois=[])) + "\n")
     w["bad_utf8_jsonl"] = root / "bad_utf8.jsonl"
     w["bad_utf8_jsonl"].write_bytes((json.dumps(good) + "\n").encode() + b'{"id": "caf\xe9"}\n')
     w["nan_box_jsonl"] = root / "nan_box.jsonl"
-    w["nan_box_jsonl"].write_text(json.dumps(dict(good, rois=[{"box": [float("nan"), 1, 9, 9], "image": 0}])) + "\n")
+    w["nan_box_jsonl"].write_text(
+        json.dumps(dict(good, rois=[{"box": [float("nan"), 1, 9, 9], "image": 0}])) + "\n"
+    )
     import numpy as np
     from PIL import Image
 
@@ -450,7 +588,10 @@ def _user_files(w: dict[str, Path]) -> None:
     import nibabel as nib
 
     w["nan_nifti"] = root / "nan.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((16, 16, 4), np.nan, dtype=np.float32), np.eye(4)), str(w["nan_nifti"]))
+    nib.save(
+        nib.Nifti1Image(np.full((16, 16, 4), np.nan, dtype=np.float32), np.eye(4)),
+        str(w["nan_nifti"]),
+    )
     w["fifo"] = root / "fifo.png"
     os.mkfifo(w["fifo"])
     w["folder_png"] = root / "folder.png"
@@ -1115,43 +1256,274 @@ CASES: list[tuple[str, object, str]] = [
     ),
     ("serve pickle model", lambda w: ["serve", "--model", str(w["pickle"])], "pickle weights only"),
     # issue 24, part 1: nothing of the user's is overwritten
-    ("eval into a manuscript", lambda w: _eval(w, out="manuscript"), "manuscript holds files that are not eval's output (report.md, summary.json): pass --overwrite"),
-    ("eval into a dataset", lambda w: ["eval", "--model", str(w["model"]), "--data", str(w["test"]), "--limit", "2", "--out", str(w["data"])], "pass --overwrite"),
-    ("sft onto its recipe", lambda w: [*_sft(w), "--config", str(w["recipe"]), f"output_dir={w['recipe_dir']}"], "would write onto the input"),
-    ("sft onto its recipe with --overwrite", lambda w: [*_sft(w), "--config", str(w["recipe"]), f"output_dir={w['recipe_dir']}", "--overwrite"], "would write onto the input"),
-    ("sft into a manuscript", lambda w: _sft(w, f"output_dir={w['manuscript']}"), "pass --overwrite (checkpoint.overwrite=true)"),
-    ("vlpo over its own init", lambda w: [*_vlpo(w, f"output_dir={w['run']}"), "--overwrite"], "would write onto the input"),
-    ("explain onto its image", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["img"])], "would write onto the input"),
-    ("explain over a figure", lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["root"] / "old.png")], "old.png and"),
-    ("synth into a dataset", lambda w: ["data", "synth", "--out", str(w["data"]), "--n", "4"], "pass --overwrite"),
-    ("init-tiny over a model", lambda w: ["model", "init-tiny", "--out", str(w["model"])], "holds files that are not model init-tiny's output"),
-    ("inspect over its figure", lambda w: ["data", "inspect", str(w["inspected"])], "inspected.jsonl.png exists: pass --overwrite"),
-    ("convert over a file", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["file"])], "a-file exists: pass --overwrite"),
-    ("convert onto the release", lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["rad"] / "VQA_RAD Dataset Public.json"), "--overwrite"], "would write onto the input"),
-    ("ground into a manuscript", lambda w: ["data", "ground", "coco", "--out", str(w["manuscript"]), "--images", str(w["root"])], "pass --overwrite"),
-    ("compare into a manuscript", lambda w: ["eval", "compare", str(w["evalrun"]), str(w["evalrun"]), "--out", str(w["manuscript"])], "pass --overwrite"),
-    ("demo into a manuscript", lambda w: ["demo", "--quick", "--out", str(w["manuscript"])], "pass --overwrite"),
-    ("backbone into a manuscript", lambda w: ["demo", "backbone", "--out", str(w["manuscript"])], "pass --overwrite"),
+    (
+        "eval into a manuscript",
+        lambda w: _eval(w, out="manuscript"),
+        "manuscript holds files that are not eval's output (report.md, summary.json): pass --overwrite",
+    ),
+    (
+        "eval into a dataset",
+        lambda w: [
+            "eval",
+            "--model",
+            str(w["model"]),
+            "--data",
+            str(w["test"]),
+            "--limit",
+            "2",
+            "--out",
+            str(w["data"]),
+        ],
+        "pass --overwrite",
+    ),
+    (
+        "sft onto its recipe",
+        lambda w: [*_sft(w), "--config", str(w["recipe"]), f"output_dir={w['recipe_dir']}"],
+        "would write onto the input",
+    ),
+    (
+        "sft onto its recipe with --overwrite",
+        lambda w: [
+            *_sft(w),
+            "--config",
+            str(w["recipe"]),
+            f"output_dir={w['recipe_dir']}",
+            "--overwrite",
+        ],
+        "would write onto the input",
+    ),
+    (
+        "sft into a manuscript",
+        lambda w: _sft(w, f"output_dir={w['manuscript']}"),
+        "pass --overwrite (checkpoint.overwrite=true)",
+    ),
+    (
+        "vlpo over its own init",
+        lambda w: [*_vlpo(w, f"output_dir={w['run']}"), "--overwrite"],
+        "would write onto the input",
+    ),
+    (
+        "explain onto its image",
+        lambda w: ["explain", "--model", str(w["model"]), *_q(w), "--out", str(w["img"])],
+        "would write onto the input",
+    ),
+    (
+        "explain over a figure",
+        lambda w: [
+            "explain",
+            "--model",
+            str(w["model"]),
+            *_q(w),
+            "--out",
+            str(w["root"] / "old.png"),
+        ],
+        "old.png and",
+    ),
+    (
+        "synth into a dataset",
+        lambda w: ["data", "synth", "--out", str(w["data"]), "--n", "4"],
+        "pass --overwrite",
+    ),
+    (
+        "init-tiny over a model",
+        lambda w: ["model", "init-tiny", "--out", str(w["model"])],
+        "holds files that are not model init-tiny's output",
+    ),
+    (
+        "inspect over its figure",
+        lambda w: ["data", "inspect", str(w["inspected"])],
+        "inspected.jsonl.png exists: pass --overwrite",
+    ),
+    (
+        "convert over a file",
+        lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["file"])],
+        "a-file exists: pass --overwrite",
+    ),
+    (
+        "convert onto the release",
+        lambda w: [
+            "data",
+            "convert",
+            "vqa-rad",
+            "--root",
+            str(w["rad"]),
+            "--out",
+            str(w["rad"] / "VQA_RAD Dataset Public.json"),
+            "--overwrite",
+        ],
+        "would write onto the input",
+    ),
+    (
+        "ground into a manuscript",
+        lambda w: [
+            "data",
+            "ground",
+            "coco",
+            "--out",
+            str(w["manuscript"]),
+            "--images",
+            str(w["root"]),
+        ],
+        "pass --overwrite",
+    ),
+    (
+        "compare into a manuscript",
+        lambda w: [
+            "eval",
+            "compare",
+            str(w["evalrun"]),
+            str(w["evalrun"]),
+            "--out",
+            str(w["manuscript"]),
+        ],
+        "pass --overwrite",
+    ),
+    (
+        "demo into a manuscript",
+        lambda w: ["demo", "--quick", "--out", str(w["manuscript"])],
+        "pass --overwrite",
+    ),
+    (
+        "backbone into a manuscript",
+        lambda w: ["demo", "backbone", "--out", str(w["manuscript"])],
+        "pass --overwrite",
+    ),
     # issue 24, part 2: one line, not a traceback
-    ("eval deep json", lambda w: _eval(w, data="deep_jsonl"), "deep.jsonl:1: JSON nested too deeply to be a record"),
-    ("train deep json", lambda w: _sft(w, f"data.train=[{w['deep_jsonl']}]"), "JSON nested too deeply"),
-    ("eval roi without image", lambda w: _eval(w, data="roi_no_image_jsonl"), "ROI refers to image 0 but the sample has 0 image(s)"),
-    ("predict jinja sandbox", lambda w: ["predict", "--model", str(w["jinja"]), *_q(w)], "chat template (chat_template.jinja) is refused by jinja's sandbox"),
-    ("predict config not an object", lambda w: ["predict", "--model", str(w["cfg_list"]), *_q(w)], "config.json is not a transformers config (not a JSON object"),
-    ("predict config sizes", lambda w: ["predict", "--model", str(w["sizes"]), *_q(w)], "the weights do not fit config.json"),
+    (
+        "eval deep json",
+        lambda w: _eval(w, data="deep_jsonl"),
+        "deep.jsonl:1: JSON nested too deeply to be a record",
+    ),
+    (
+        "train deep json",
+        lambda w: _sft(w, f"data.train=[{w['deep_jsonl']}]"),
+        "JSON nested too deeply",
+    ),
+    (
+        "eval roi without image",
+        lambda w: _eval(w, data="roi_no_image_jsonl"),
+        "ROI refers to image 0 but the sample has 0 image(s)",
+    ),
+    (
+        "predict jinja sandbox",
+        lambda w: ["predict", "--model", str(w["jinja"]), *_q(w)],
+        "chat template (chat_template.jinja) is refused by jinja's sandbox",
+    ),
+    (
+        "predict config not an object",
+        lambda w: ["predict", "--model", str(w["cfg_list"]), *_q(w)],
+        "config.json is not a transformers config (not a JSON object",
+    ),
+    (
+        "predict config sizes",
+        lambda w: ["predict", "--model", str(w["sizes"]), *_q(w)],
+        "the weights do not fit config.json",
+    ),
     ("eval config sizes", lambda w: _eval(w, model="sizes"), "the weights do not fit config.json"),
-    ("predict latent config types", lambda w: ["predict", "--model", str(w["latent_types"]), *_q(w)], "medlvr_latent.json is not a latent config (steps: Value 'lots'"),
-    ("convert medxpertqa layout", lambda w: ["data", "convert", "medxpertqa-mm", "--root", str(w["mxq_bad"]), "--out", str(w["root"] / "o.jsonl")], "MM/test.jsonl:1: options must be"),
+    (
+        "predict latent config types",
+        lambda w: ["predict", "--model", str(w["latent_types"]), *_q(w)],
+        "medlvr_latent.json is not a latent config (steps: Value 'lots'",
+    ),
+    (
+        "convert medxpertqa layout",
+        lambda w: [
+            "data",
+            "convert",
+            "medxpertqa-mm",
+            "--root",
+            str(w["mxq_bad"]),
+            "--out",
+            str(w["root"] / "o.jsonl"),
+        ],
+        "MM/test.jsonl:1: options must be",
+    ),
     # issue 24, part 3: wrong or silent results
-    ("eval record without image", lambda w: _eval(w, data="no_image_jsonl"), "images: no image: a visual question needs its image"),
-    ("eval invalid utf-8", lambda w: _eval(w, data="bad_utf8_jsonl"), "bad_utf8.jsonl:2: not valid UTF-8 (byte 0xe9 at column 12)"),
-    ("eval nan box", lambda w: _eval(w, data="nan_box_jsonl"), "has a coordinate that is not a finite number"),  # the box shows once Rich markup is escaped
-    ("predict nan tiff", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["nan_tiff"]), "--question", "Why?"], "nan.tiff: 1,024 of its 1,024 pixel values are NaN or infinite"),
-    ("predict nan nifti", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["nan_nifti"]), "--question", "Why?"], "nan.nii.gz: 256 of its 256 pixel values are NaN or infinite"),
-    ("predict fifo image", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["fifo"]), "--question", "Why?"], "fifo.png is a named pipe (FIFO), not an image file"),
-    ("predict folder image", lambda w: ["predict", "--model", str(w["model"]), "--image", str(w["folder_png"]), "--question", "Why?"], "folder.png is a folder, not an image file"),
-    ("predict device image", lambda w: ["predict", "--model", str(w["model"]), "--image", "/dev/null", "--question", "Why?"], "/dev/null is a character device, not an image file"),
-    ("predict device weights", lambda w: ["predict", "--model", str(w["chr_weights"]), *_q(w)], "model.safetensors is a character device, not a weights file"),
+    (
+        "eval record without image",
+        lambda w: _eval(w, data="no_image_jsonl"),
+        "images: no image: a visual question needs its image",
+    ),
+    (
+        "eval invalid utf-8",
+        lambda w: _eval(w, data="bad_utf8_jsonl"),
+        "bad_utf8.jsonl:2: not valid UTF-8 (byte 0xe9 at column 12)",
+    ),
+    (
+        "eval nan box",
+        lambda w: _eval(w, data="nan_box_jsonl"),
+        "has a coordinate that is not a finite number",
+    ),  # the box shows once Rich markup is escaped
+    (
+        "predict nan tiff",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["nan_tiff"]),
+            "--question",
+            "Why?",
+        ],
+        "nan.tiff: 1,024 of its 1,024 pixel values are NaN or infinite",
+    ),
+    (
+        "predict nan nifti",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["nan_nifti"]),
+            "--question",
+            "Why?",
+        ],
+        "nan.nii.gz: 256 of its 256 pixel values are NaN or infinite",
+    ),
+    (
+        "predict fifo image",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["fifo"]),
+            "--question",
+            "Why?",
+        ],
+        "fifo.png is a named pipe (FIFO), not an image file",
+    ),
+    (
+        "predict folder image",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["folder_png"]),
+            "--question",
+            "Why?",
+        ],
+        "folder.png is a folder, not an image file",
+    ),
+    (
+        "predict device image",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            "/dev/null",
+            "--question",
+            "Why?",
+        ],
+        "/dev/null is a character device, not an image file",
+    ),
+    (
+        "predict device weights",
+        lambda w: ["predict", "--model", str(w["chr_weights"]), *_q(w)],
+        "model.safetensors is a character device, not a weights file",
+    ),
     # demo
     (
         "demo budgets",

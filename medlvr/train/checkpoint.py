@@ -71,6 +71,60 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def intact_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files all read (JSON parses, safetensors open), and why
+    each newer one was skipped (`step-0000120: <reason>`): a resume continues from there."""
+    skipped = []
+    for folder in reversed(list_checkpoints(output_dir)):
+        why = damage(folder)
+        if why is None:
+            return folder, skipped
+        skipped.append(f"{folder.name}: {why}")
+    return None, skipped
+
+
+def damage(folder: Path) -> str | None:
+    """Why checkpoint `folder` cannot be resumed (a file that does not read), or None."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.rglob("*")):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt"):
+                    pass
+        except (OSError, ValueError, SafetensorError) as err:
+            size = f.stat().st_size if f.is_file() else 0
+            return f"{f.relative_to(folder)} is {'empty' if size == 0 else 'damaged'} ({_first_line(err)})"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of `folder`, and the folders themselves, to the disk: the rename that
+    publishes a checkpoint then cannot outlive its contents in a power loss."""
+    for f in [*folder.rglob("*"), folder]:
+        if f.is_dir():
+            _fsync_dir(f)
+        elif f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform opens folders (Windows)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` step checkpoints; returns what was deleted."""
     old = list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []
@@ -269,7 +323,9 @@ def save_checkpoint(
             (tmp / TRAINER_STATE).write_text(
                 json.dumps(state, indent=2)
             )  # written last: marks completeness
+            _fsync_tree(tmp)  # on the disk before the rename publishes it
             _replace_dir(tmp, final)
+            _fsync_dir(final.parent)
             if keep_last:
                 prune_checkpoints(output_dir, keep_last)
     accelerator.wait_for_everyone()
@@ -395,7 +451,7 @@ def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
             f"{out} holds a run ({shown}): pass --resume (checkpoint.resume=true) to continue it, or "
             "--overwrite (checkpoint.overwrite=true) to delete it and start over"
         )
-    resume_dir = latest_checkpoint(out) if ck.resume else None
+    resume_dir, skipped = intact_checkpoint(out) if ck.resume else (None, [])
     applied: list[str] = []
     if resume_dir is not None:
         applied, fixed = config_changes(cfg, resume_dir / "config.yaml")
@@ -413,6 +469,12 @@ def start_or_resume(accelerator: Any, cfg: Any) -> Path | None:
         ):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for why in skipped:
+            warnings.warn(
+                f"--resume skips {why}; "
+                + (f"resuming from {resume_dir.name}" if resume_dir else "no intact checkpoint"),
+                stacklevel=2,
+            )
         if ck.resume and resume_dir is None and found:
             warnings.warn(
                 f"checkpoint.resume is set but {out} has no complete checkpoint: starting over",
@@ -540,6 +602,7 @@ def export_final(vlm: Any, out: str | Path, *, lora: bool, merge_lora: bool) -> 
             save_model_files(vlm, tmp, lora=True)
         else:
             vlm.save_pretrained(tmp)
+        _fsync_tree(tmp)
         _replace_dir(tmp, out)
     return out
 

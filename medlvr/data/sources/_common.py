@@ -35,7 +35,7 @@ def release_file(root: Path, rel: str, dataset: str) -> Path:
 def read_json(path: Path, dataset: str) -> Any:
     """A release's JSON file, or a `SourceError` that names the file and where it breaks."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise SourceError(
             f"{dataset}: {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"

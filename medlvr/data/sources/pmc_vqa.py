@@ -54,7 +54,7 @@ def convert_pmc_vqa(
         raise SourceError(f"{NAME}: unknown version {version!r}; known: {', '.join(FILES)}")
     path = release_file(root, FILES[version], NAME)
     samples: list[VQASample] = []
-    with path.open(encoding="utf-8", newline="") as fh:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
         for i, rec in enumerate(csv.DictReader(fh)):
             row = text(rec.get("index")) or str(i)
             options = lettered(rec.get(f"Choice {L}", "") for L in "ABCD")

@@ -88,7 +88,7 @@ def _split_lists(root: Path) -> dict[str, str]:
             out.update(
                 {
                     line.strip(): split
-                    for line in path.read_text(encoding="utf-8").splitlines()
+                    for line in path.read_text(encoding="utf-8-sig").splitlines()
                     if line.strip()
                 }
             )
