@@ -8,6 +8,7 @@ key's full name in the message. `__post_init__` checks values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -658,10 +659,30 @@ def load_config(
             base = OmegaConf.merge(
                 base, OmegaConf.from_dotlist([_empty_value(base, o) for o in overrides])
             )
+        _refuse_env(OmegaConf.to_container(base, resolve=False))
         obj = OmegaConf.to_object(base)
     except OmegaConfBaseException as err:
         raise MedlvrError(f"bad configuration: {_first_line(err)}") from None
     return obj  # type: ignore[return-value]
+
+
+_ENV = re.compile(r"\$\{\s*oc\.env\s*:")
+
+
+def _refuse_env(tree: Any, key: str = "") -> None:
+    """`${oc.env:VAR}` anywhere is refused: a shared recipe would copy the variable (a token, a
+    password) into the config.yaml saved with every run."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _refuse_env(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _refuse_env(v, f"{key}[{i}]")
+    elif isinstance(tree, str) and _ENV.search(tree):
+        raise MedlvrError(
+            f"{key}: {tree} reads an environment variable, which the config.yaml saved with the run "
+            "would then hold: write the value itself"
+        )
 
 
 def _load_yaml(path: Path) -> Any:

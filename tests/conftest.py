@@ -19,6 +19,19 @@ SHARED = REPO.parent / "shared"
 VQA_RAD = SHARED / "datasets" / "vqa-rad"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_roots(tmp_path_factory):
+    """Data files may name images anywhere under the session's temporary folder (fixtures share
+    images across folders) and in the shared datasets: the explicit allowance `MEDLVR_IMAGE_ROOTS`
+    a user gives (tests of the confinement itself unset it)."""
+    from medlvr.data.schema import IMAGE_ROOTS_ENV
+
+    roots = [str(tmp_path_factory.getbasetemp().resolve()), str(SHARED)]
+    os.environ[IMAGE_ROOTS_ENV] = os.pathsep.join(roots)
+    yield
+    os.environ.pop(IMAGE_ROOTS_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def vqa_rad_root() -> Path:
     if not VQA_RAD.is_dir():

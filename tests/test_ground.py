@@ -363,6 +363,7 @@ def test_nifti_label_volume_sliced_rendered_and_boxes_match_the_png(tmp_path):
                               "--labels", "1=kidney", "--empty-slices", "2", "--min-area", "4", "--out", str(out), "--dataset", "msd"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == [
+        ".medlvr-output.json",  # the marker: a rerun may write here again (issue 24)
         "images",
         "train.jsonl",
     ]  # one volume, one patient: one split
@@ -441,9 +442,9 @@ def test_cli_coco_and_inspect_per_source(tmp_path, vqa_rad_root):
                               "--out", str(out), "--dataset", "toy", "--question-types", "presence,count"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "train:     12 questions on 5 images  presence=8  count=4" in res.output
-    assert f"wrote 12 samples to {out / 'train.jsonl'}" in res.output and [
+    assert f"wrote 12 samples to {out / 'train.jsonl'}" in res.output and sorted(
         p.name for p in out.iterdir()
-    ] == ["train.jsonl"]
+    ) == [".medlvr-output.json", "train.jsonl"]  # and the marker (issue 24)
     rad = tmp_path / "out" / "rad.jsonl"
     assert (
         runner.invoke(

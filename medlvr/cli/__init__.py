@@ -26,11 +26,20 @@ def options(
         "--verbose",
         help="Also show transformers' own progress bars (loading and saving weights).",
     ),
+    image_root: list[str] = typer.Option(
+        [],
+        "--image-root",
+        help="A folder data files may name images in besides their own (repeat; also MEDLVR_IMAGE_ROOTS).",
+    ),
 ) -> None:
     # medlvr shows its own progress; a bar per load and save would drown it. huggingface_hub's
     # variable, read by transformers when it is imported (after this: commands import it lazily),
     # sets its bars on or off here and in worker processes (the demo trains arms in parallel).
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
+    from medlvr.data.schema import allow_image_roots
+
+    # Data files are untrusted: their images stay in their own folder unless allowed here.
+    allow_image_roots(*image_root, replace=True)
     hf_logging = sys.modules.get("transformers.utils.logging")
     if hf_logging is not None:  # imported already (e.g. the CLI called from Python): switch it too
         (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()

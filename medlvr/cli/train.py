@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
-from medlvr.cli._common import console, user_errors
+from medlvr.cli._common import console, err_console, user_errors
 
 app = typer.Typer(no_args_is_help=True, help="train commands.")
 
@@ -44,7 +46,8 @@ def sft(
 
     claim_run_dir(cfg, config)  # never onto the recipe (run_sft checks the rest)
 
-    result = run_sft(cfg)
+    with _stop_exit():
+        result = run_sft(cfg)
     shown = {
         k: v
         for k, v in result.metrics.items()
@@ -96,7 +99,8 @@ def vlpo(
 
     claim_run_dir(cfg, config)  # never onto the recipe (run_vlpo checks the rest)
 
-    result = run_vlpo(cfg)
+    with _stop_exit():
+        result = run_vlpo(cfg)
     shown = {
         k: v
         for k, v in result.metrics.items()
@@ -107,6 +111,18 @@ def vlpo(
         highlight=False,
     )
     console.print(f"model: {result.final_model}", highlight=False)
+
+
+@contextlib.contextmanager
+def _stop_exit() -> Iterator[None]:
+    """A run stopped by SIGTERM/SIGINT (checkpoint saved): one line, exit code 128 + the signal."""
+    from medlvr.train.stop import Stopped
+
+    try:
+        yield
+    except Stopped as err:
+        err_console.print(str(err), highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(code=128 + err.signum) from None
 
 
 def _run_choice(resume: bool, overwrite: bool) -> list[str]:

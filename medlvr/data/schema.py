@@ -4,12 +4,18 @@ Image paths in a JSONL file are absolute or relative to the file's folder;
 `read_jsonl` resolves them to absolute paths so a loaded sample never depends
 on the working directory, and `write_jsonl` writes them back relative where
 they live under the file's folder.
+
+A data file is untrusted input: its image paths must lead into its own folder
+(after `..` and links are resolved). Other folders are allowed explicitly, with
+`medlvr --image-root DIR ...`, `MEDLVR_IMAGE_ROOTS` (folders separated by the
+path separator) or `allow_image_roots`; anything else is a problem of the record.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +27,30 @@ from medlvr.errors import not_a_file
 
 AnswerType = Literal["closed", "open", "choice"]
 LETTERS = "ABCDEFGHIJ"
+IMAGE_ROOTS_ENV = "MEDLVR_IMAGE_ROOTS"
+_allowed_roots: list[Path] = []  # allow_image_roots (the CLI's --image-root)
+
+
+def allow_image_roots(*roots: str | Path, replace: bool = False) -> None:
+    """Let data files of this process name images under `roots` too (beside their own folder);
+    `replace`: instead of the folders allowed so far."""
+    if replace:
+        _allowed_roots.clear()
+    _allowed_roots.extend(Path(r).resolve() for r in roots)
+
+
+def image_roots() -> list[Path]:
+    """The folders every data file may name images in, beyond its own (see the module docstring)."""
+    env = [Path(p).resolve() for p in os.environ.get(IMAGE_ROOTS_ENV, "").split(os.pathsep) if p]
+    return [*_allowed_roots, *env]
+
+
+def outside(image: str | Path, roots: Iterable[str | Path]) -> bool:
+    """Whether `image` (resolved) lies outside every folder of `roots` and `image_roots()`."""
+    p = Path(image).resolve()
+    return not any(
+        p == r or r in p.parents for r in [*(Path(x).resolve() for x in roots), *image_roots()]
+    )
 
 
 class ROI(BaseModel):
@@ -180,7 +210,12 @@ def _parse_line(
     sample.images = [
         str((base / p).resolve()) if not Path(p).is_absolute() else p for p in sample.images
     ]
-    return sample, []
+    escaped = [
+        RecordProblem(path, lineno, f"images.{i}", f"image path {raw['images'][i]!r} leads outside the data "
+                      f"file's folder {base}: pass --image-root FOLDER to allow images there")
+        for i, p in enumerate(sample.images) if outside(p, [base])
+    ]  # fmt: skip
+    return (None, escaped) if escaped else (sample, [])
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, VQASample | None, list[RecordProblem]]]:

@@ -6,6 +6,7 @@ prediction rows) so the runner can gather arms trained in parallel.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import defaultdict
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medlvr.data.schema import VQASample, read_jsonl, write_jsonl
+from medlvr.data.schema import IMAGE_ROOTS_ENV, VQASample, read_jsonl, write_jsonl
 from medlvr.recipes.demo_config import WRITTEN_ARMS, ArmResult, DemoConfig, DemoData
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ def prepare_data(cfg: DemoConfig, folder: Path, progress: bool = False) -> DemoD
     from medlvr.data.sources import convert
 
     root = Path(cfg.data_root)
+    # The converted files name the release's images: allowed here and in the arms' workers.
+    os.environ[IMAGE_ROOTS_ENV] = os.pathsep.join(
+        [*filter(None, [os.environ.get(IMAGE_ROOTS_ENV)]), str(root.resolve())]
+    )
     train = convert("vqa-rad", root, split="train")
     test = convert("vqa-rad", root, split="test")
     # VQA-RAD has no validation split: a seeded tenth of train, so nothing is tuned on test.

@@ -53,6 +53,7 @@ from medlvr.train.data import SampleStream, TrainSet, load_image, load_train_set
 from medlvr.train.losses import alignment_loss, alignment_mask, pad_tokens, sample_mean_ce
 from medlvr.train.optim import build_optimizer, build_scheduler
 from medlvr.train.setup import TrainResult, validation_accuracy
+from medlvr.train.stop import StopSignals
 
 SFTResult = TrainResult  # what `run_sft` returns
 
@@ -234,6 +235,7 @@ def run_sft(
 
     t_window, n_window = time.perf_counter(), 0
     log.start(total_steps, step)
+    signals = StopSignals()  # SIGTERM/SIGINT: a checkpoint at the next step boundary, then stop
     try:
         while step < total_steps:
             k = _steps_at(cfg, step, total_steps)
@@ -316,11 +318,19 @@ def run_sft(
                 history.append(row)
                 log.write(row)
             log.advance(row)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
+            stop = step < total_steps and signals.requested(accelerator)
+            if stop or (
+                cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps
+            ):
                 save(row)
+            if stop:
+                raise signals.stopped(
+                    f"checkpoint {ckpt.step_dir(out_dir, step)} saved; continue with --resume"
+                )
             if on_step is not None:
                 on_step(row)
     finally:
+        signals.restore()
         log.stop()
 
     # The last step is a checkpoint too (so `--resume` of a finished run is a no-op) ...

@@ -72,6 +72,7 @@ from medlvr.train.rollout import (
     unit_mask,
 )
 from medlvr.train.setup import TrainResult, validation_accuracy
+from medlvr.train.stop import StopSignals
 
 VLPOResult = TrainResult  # what `run_vlpo` returns
 
@@ -304,6 +305,7 @@ def run_vlpo(
 
     history: list[dict[str, Any]] = []
     log.start(cfg.max_steps, step)
+    signals = StopSignals()  # SIGTERM/SIGINT: a checkpoint at the next step boundary, then stop
     try:
         while step < cfg.max_steps:
             times: dict[str, float] = {}
@@ -485,11 +487,19 @@ def run_vlpo(
                 history.append(row)
                 log.write(row)
             log.advance(row)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.max_steps:
+            stop = step < cfg.max_steps and signals.requested(accelerator)
+            if stop or (
+                cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.max_steps
+            ):
                 _save(cfg, accelerator, model, vlm, optimizer, scheduler, step, pos, row)
+            if stop:
+                raise signals.stopped(
+                    f"checkpoint {ckpt.step_dir(out_dir, step)} saved; continue with --resume"
+                )
             if on_step is not None:
                 on_step(row)
     finally:
+        signals.restore()
         log.stop()
 
     if step > start_step:  # else the resumed checkpoint is this step's (do not overwrite it)

@@ -33,6 +33,7 @@ from medlvr.data.ground.readers import (
     read_nifti_folder,
 )
 from medlvr.data.ground.releases import RELEASES
+from medlvr.data.schema import outside
 from medlvr.data.sources._common import SourceError
 
 CONFIG_FIELDS = frozenset(f.name for f in fields(GroundConfig))
@@ -67,7 +68,18 @@ def ground(source: str, **opts: Any) -> GroundResult:
     if unknown := sorted(set(reader_opts) - set(accepted)):
         raise SourceError(f"{source}: option(s) not used by this source: {', '.join(unknown)}")
     cfg = GroundConfig(**{**defaults, **config})  # checked before any file is read
-    return build_grounded(read(**reader_opts), cfg)
+    result = build_grounded(read(**reader_opts), cfg)
+    # Annotation files are untrusted: their image paths stay in the folders the user gave.
+    roots = [opts.get(k) for k in ("root", "images", "masks", "export_dir")]
+    roots = [r for r in roots if r]
+    for s in result.samples:
+        escaped = next((p for p in s.images if outside(p, roots)), None)
+        if escaped is not None:
+            raise SourceError(
+                f"{source}: {s.id} names an image outside the folders given ({', '.join(map(str, roots))}): "
+                f"{escaped}; pass --image-root FOLDER to allow it"
+            )
+    return result
 
 
 __all__ = [

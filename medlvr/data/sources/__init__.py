@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from medlvr.data.schema import VQASample
+from medlvr.data.schema import VQASample, outside
 from medlvr.data.sources._common import SourceError
 from medlvr.data.sources.medframeqa import convert_medframeqa
 from medlvr.data.sources.medxpertqa_mm import convert_medxpertqa_mm
@@ -57,6 +57,13 @@ def convert(name: str, root: str | Path, split: str | None = None, **opts: Any) 
         raise SourceError(
             f"{name}: a record under {root} does not convert: {where}: {first['msg']}"
         ) from None
+    roots = [root, *([opts["image_dir"]] if opts.get("image_dir") else [])]
+    for s in samples:  # a release file is untrusted: its image paths stay in the release
+        escaped = next((p for p in s.images if outside(p, roots)), None)
+        if escaped is not None:
+            raise SourceError(
+                f"{name}: {s.id} names an image outside the release folder {root}: {escaped}"
+            )
     if not samples:  # empty input is an error: never a file of 0 samples and exit code 0
         which = f"split {split!r} of " if split else ""
         raise SourceError(f"{name}: no question converted from {which}{root}")
