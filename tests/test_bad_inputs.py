@@ -376,6 +376,79 @@ def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(
     assert published == [("step-0000001", True), ("final", True)]
 
 
+def _medlvr(*args: str):
+    """`medlvr ARGS` as its own process (signals reach it as they reach a scheduler's job)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "medlvr", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for_rows(path: Path, n: int, proc, timeout: float = 120) -> None:
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not reach {n} rows: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+def test_sigterm_ends_training_with_a_checkpoint_that_resumes_exactly(tiny_dir, data, tmp_path):
+    import json
+    import re
+    import signal
+
+    args = ["train", "sft", f"model.path={tiny_dir}", f"data.train=[{data / 'train.jsonl'}]", "mode=latent",
+            "latent.steps=1", "batch_size=2", "checkpoint.every=0", "log.every=1", "log.progress=false",
+            "log.tensorboard=false", "optim.schedule=constant"]  # fmt: skip
+    run = tmp_path / "run"
+    proc = _medlvr(*args, "max_steps=500", f"output_dir={run}")
+    _wait_for_rows(run / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    m = re.search(r"stopped by SIGTERM: checkpoint (\S+step-(\d{7})) saved; continue with --resume", err)
+    assert m and Path(m.group(1)).is_dir(), err
+    n = int(m.group(2))
+    assert [p.name for p in run.glob("step-*")] == [f"step-{n:07d}"]
+    resumed = runner.invoke(app, [*args, f"max_steps={n + 1}", f"output_dir={run}", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert runner.invoke(app, [*args, f"max_steps={n + 1}", f"output_dir={tmp_path / 'whole'}"]).exit_code == 0
+
+    def rows(folder):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+    assert rows(run)[-1] == rows(tmp_path / "whole")[-1] and rows(run)[-1][0] == n + 1
+
+
+def test_sigterm_ends_an_evaluation_after_its_batch_and_the_rerun_completes_it(tiny_dir, data, tmp_path):
+    import json
+    import signal
+
+    out = tmp_path / "R"
+    args = ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"), "--batch-size", "1",
+            "--out", str(out)]  # fmt: skip
+    proc = _medlvr(*args)
+    _wait_for_rows(out / "predictions.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    done = len((out / "predictions.jsonl").read_text().splitlines())
+    assert f"stopped by SIGTERM: {done} new rows are in {out / 'predictions.jsonl'}" in err
+    n = len((data / "test.jsonl").read_text().splitlines())
+    assert done < n
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and f"{n - done} new rows ({done} already done)" in res.output, res.output
+    ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == n
+
+
 def test_validate_lists_a_deeply_nested_record_and_reads_a_bom(data, tmp_path):
     import json
 

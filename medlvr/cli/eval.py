@@ -130,24 +130,26 @@ def eval_run(
 
     import torch
 
+    from medlvr.cli.train import stop_exit
     from medlvr.eval.harness import evaluate, parse_latent_steps, parse_reasoning
 
     _init_distributed()
-    result = evaluate(
-        data,
-        out,
-        model=model,
-        reasoning=parse_reasoning(reasoning),
-        latent_steps=parse_latent_steps(latent_steps),
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        limit=limit,
-        explain=explain_metrics,
-        image_control=image_control,
-        control_seed=control_seed,
-        allow_pickle=allow_pickle,
-        overwrite=overwrite,
-    )
+    with stop_exit():  # SIGTERM/SIGINT: the finished rows are on disk; one line, exit 128 + signal
+        result = evaluate(
+            data,
+            out,
+            model=model,
+            reasoning=parse_reasoning(reasoning),
+            latent_steps=parse_latent_steps(latent_steps),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            explain=explain_metrics,
+            image_control=image_control,
+            control_seed=control_seed,
+            allow_pickle=allow_pickle,
+            overwrite=overwrite,
+        )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if result.summary is None:

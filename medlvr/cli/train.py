@@ -46,7 +46,7 @@ def sft(
 
     claim_run_dir(cfg, config)  # never onto the recipe (run_sft checks the rest)
 
-    with _stop_exit():
+    with stop_exit():
         result = run_sft(cfg)
     shown = {
         k: v
@@ -99,7 +99,7 @@ def vlpo(
 
     claim_run_dir(cfg, config)  # never onto the recipe (run_vlpo checks the rest)
 
-    with _stop_exit():
+    with stop_exit():
         result = run_vlpo(cfg)
     shown = {
         k: v
@@ -114,9 +114,9 @@ def vlpo(
 
 
 @contextlib.contextmanager
-def _stop_exit() -> Iterator[None]:
+def stop_exit() -> Iterator[None]:
     """A run stopped by SIGTERM/SIGINT (checkpoint saved): one line, exit code 128 + the signal."""
-    from medlvr.train.stop import Stopped
+    from medlvr.stop import Stopped
 
     try:
         yield

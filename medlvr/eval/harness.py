@@ -47,11 +47,12 @@ crash, not a property of the sample); the rows already flushed survive it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, get_args
@@ -73,6 +74,7 @@ from medlvr.eval.controls import (
 from medlvr.eval.metrics import prediction_row
 from medlvr.eval.report import PREDICTIONS_FILE, write_report
 from medlvr.rundir import claim_output, holds_run_folder
+from medlvr.stop import StopSignals
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -270,6 +272,15 @@ def _default_loader(path: str) -> Image.Image:
     from medlvr.data.images import load_image
 
     return load_image(path)
+
+
+@contextlib.contextmanager
+def _restoring(signals: StopSignals | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if signals is not None:
+            signals.restore()
 
 
 def _load_images(
@@ -563,7 +574,9 @@ def evaluate(
         "" if conds == [REAL] else f" images={','.join(conds)}"
     )
     bar = _Bar(n_todo, enabled=progress and rank == 0, label=label)
-    with shard.open("a", encoding="utf-8") as fh, bar:
+    # SIGTERM/SIGINT stop after the batch (its rows flushed); a process group's ranks are just ended.
+    signals = StopSignals() if not synced else None
+    with shard.open("a", encoding="utf-8") as fh, bar, _restoring(signals):
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             for c, k in runs:
@@ -609,6 +622,10 @@ def evaluate(
                 n_err += sum(1 for r in rows if r.get("error"))
                 bar.advance(len(rows))
             shown.forget()
+            if signals is not None and signals.requested():
+                raise signals.stopped(
+                    f"{n_new} new rows are in {shard}; the same command continues from there"
+                )
     seconds = time.perf_counter() - t0
 
     result = EvalResult(

@@ -46,6 +46,7 @@ from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
 from medlvr.rundir import holds_run_folder
+from medlvr.stop import StopSignals
 from medlvr.train import checkpoint as ckpt
 from medlvr.train import setup
 from medlvr.train.auxiliary import AuxiliaryLoss, auxiliary_losses
@@ -53,7 +54,6 @@ from medlvr.train.data import SampleStream, TrainSet, load_image, load_train_set
 from medlvr.train.losses import alignment_loss, alignment_mask, pad_tokens, sample_mean_ce
 from medlvr.train.optim import build_optimizer, build_scheduler
 from medlvr.train.setup import TrainResult, validation_accuracy
-from medlvr.train.stop import StopSignals
 
 SFTResult = TrainResult  # what `run_sft` returns
 

@@ -53,6 +53,7 @@ from medlvr.errors import MedlvrError
 from medlvr.eval.metrics import accuracy_reward
 from medlvr.model.latent import PROJECTOR_FILE, LatentProjector, LatentVLM, read_latent_config
 from medlvr.rundir import holds_run_folder
+from medlvr.stop import StopSignals
 from medlvr.train import checkpoint as ckpt
 from medlvr.train import setup
 from medlvr.train.data import SampleStream, TrainSet, load_image, load_train_set
@@ -72,7 +73,6 @@ from medlvr.train.rollout import (
     unit_mask,
 )
 from medlvr.train.setup import TrainResult, validation_accuracy
-from medlvr.train.stop import StopSignals
 
 VLPOResult = TrainResult  # what `run_vlpo` returns
 
