@@ -5,7 +5,10 @@ evidence maps, the example gallery) so it is testable without a browser;
 `build_app` lays it out with Gradio (`pip install medlvr[web]`) and `serve`
 launches it, on the loopback interface unless told otherwise. Every handler
 turns a failure into a message on the page: a bad upload never takes the server
-down, and no message shows a path on the server.
+down, and no message shows a path on the server. Gradio itself names files by their
+server path (the page's config, the upload API, file URLs): `HidePaths` replaces the
+server's folder with a name of the same length in every response and back in every
+request, and server errors never reach the browser (`show_error=False`).
 
 Uploads are scans of patients: Gradio refuses a file over the limit while it is being
 uploaded, the server keeps uploads in a folder of its own, deletes each one when its
@@ -379,6 +382,44 @@ def theme() -> Any:
     return gr.themes.Default(font=sans, font_mono=["ui-monospace", "Consolas", "monospace"])
 
 
+class HidePaths:
+    """ASGI middleware: `folder` (the server's absolute folder) becomes `alias` in responses and
+    `alias` becomes `folder` again in requests. Same length: Content-Length stays right."""
+
+    def __init__(self, app: Any, folder: str, alias: str):
+        assert len(folder) == len(alias)
+        self.app, self.folder, self.alias = app, folder.encode(), alias.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope = dict(scope)
+        for key in ("raw_path", "query_string"):
+            if isinstance(scope.get(key), bytes):
+                scope[key] = scope[key].replace(self.alias, self.folder)
+        scope["path"] = scope["path"].replace(self.alias.decode(), self.folder.decode())
+
+        async def receive_real() -> dict[str, Any]:
+            message = await receive()
+            if message.get("type") == "http.request" and message.get("body"):
+                message["body"] = message["body"].replace(self.alias, self.folder)
+            return message
+
+        async def send_hidden(message: dict[str, Any]) -> None:
+            if message.get("type") == "http.response.body" and message.get("body"):
+                message["body"] = message["body"].replace(self.folder, self.alias)
+            await send(message)
+
+        await self.app(scope, receive_real, send_hidden)
+
+
+def path_alias(folder: str | Path) -> str:
+    """A relative name as long as `folder`, naming nothing on the server (see `HidePaths`)."""
+    n = len(str(folder))
+    return ("medlvr-demo" + "-" * n)[:n]
+
+
 @dataclass
 class Server:
     """A running demo: `close()` stops it and deletes its upload folder and gallery."""
@@ -387,6 +428,12 @@ class Server:
     service: DemoService
     folder: Path  # uploads (Gradio's temporary folder for this server) and the gallery's scans
     _env: str | None = None
+
+    def real_path(self, path: str | Path) -> Path:
+        """The server path behind a path the page or the upload API gave (`HidePaths`)."""
+        alias = path_alias(self.folder)
+        text = str(path)
+        return Path(str(self.folder) + text[len(alias) :] if text.startswith(alias) else text)
 
     def close(self) -> None:
         self.page.close()
@@ -407,6 +454,8 @@ def serve(
     vlm: LatentVLM, config: ServeConfig | None = None, *, block: bool = True, quiet: bool = False
 ) -> Server:
     """Build the page and launch it; with `block=False` returns the running `Server` (`.close()` stops it)."""
+    from starlette.middleware import Middleware
+
     cfg = config or ServeConfig()
     folder = Path(tempfile.mkdtemp(prefix="medlvr-demo-"))
     uploads = folder / "uploads"
@@ -432,7 +481,10 @@ def serve(
             max_file_size=int(cfg.max_upload_mb * 1e6),  # refused while uploading, not after
             allowed_paths=[str(folder / "examples")],
             ssr_mode=False,
-            show_error=True,
+            show_error=False,  # a server exception is a message on the page, never a traceback
+            app_kwargs={
+                "middleware": [Middleware(HidePaths, folder=str(folder), alias=path_alias(folder))]
+            },
             inbrowser=False,
         )
     except BaseException:

@@ -227,6 +227,7 @@ def test_an_upload_is_deleted_when_its_request_ends(service, png, tmp_path):
 
 def test_the_server_refuses_an_upload_over_the_limit_and_deletes_its_files_on_close(tiny_dir, png):
     import socket
+    import tempfile
 
     import httpx
 
@@ -257,7 +258,12 @@ def test_the_server_refuses_an_upload_over_the_limit_and_deletes_its_files_on_cl
             url, files={"files": ("scan.png", png.read_bytes(), "image/png")}, timeout=60
         )
         assert ok.status_code == 200, ok.text
-        [received] = ok.json()
+        [shown] = ok.json()  # the upload's name for the page: no server path (issue 24) ...
+        pages = [httpx.get(f"http://127.0.0.1:{port}{p}", timeout=60).text for p in ("/", "/config")]
+        for text in [ok.text, *pages]:
+            assert str(server.folder) not in text and tempfile.gettempdir() + "/" not in text
+        assert '"show_error":false' in pages[1].replace(" ", "")
+        received = str(server.real_path(shown))  # ... which the server maps back to the file
         assert Path(received).is_file() and uploads in Path(received).parents
         r = server.service.answer(received, "What is shown?", "", 1)
         assert r.ok and not Path(received).exists()

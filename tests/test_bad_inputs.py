@@ -396,7 +396,9 @@ def _wait_for_rows(path: Path, n: int, proc, timeout: float = 120) -> None:
         if path.is_file() and len(path.read_text().splitlines()) >= n:
             return
         time.sleep(0.2)
-    raise AssertionError(f"{path} did not reach {n} rows: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}")
+    raise AssertionError(
+        f"{path} did not reach {n} rows: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}"
+    )
 
 
 def test_sigterm_ends_training_with_a_checkpoint_that_resumes_exactly(tiny_dir, data, tmp_path):
@@ -413,21 +415,33 @@ def test_sigterm_ends_training_with_a_checkpoint_that_resumes_exactly(tiny_dir, 
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    m = re.search(r"stopped by SIGTERM: checkpoint (\S+step-(\d{7})) saved; continue with --resume", err)
+    m = re.search(
+        r"stopped by SIGTERM: checkpoint (\S+step-(\d{7})) saved; continue with --resume", err
+    )
     assert m and Path(m.group(1)).is_dir(), err
     n = int(m.group(2))
     assert [p.name for p in run.glob("step-*")] == [f"step-{n:07d}"]
     resumed = runner.invoke(app, [*args, f"max_steps={n + 1}", f"output_dir={run}", "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert runner.invoke(app, [*args, f"max_steps={n + 1}", f"output_dir={tmp_path / 'whole'}"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, [*args, f"max_steps={n + 1}", f"output_dir={tmp_path / 'whole'}"]
+        ).exit_code
+        == 0
+    )
 
     def rows(folder):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+        return [
+            (r["step"], r["loss"])
+            for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+        ]
 
     assert rows(run)[-1] == rows(tmp_path / "whole")[-1] and rows(run)[-1][0] == n + 1
 
 
-def test_sigterm_ends_an_evaluation_after_its_batch_and_the_rerun_completes_it(tiny_dir, data, tmp_path):
+def test_sigterm_ends_an_evaluation_after_its_batch_and_the_rerun_completes_it(
+    tiny_dir, data, tmp_path
+):
     import json
     import signal
 
@@ -444,9 +458,53 @@ def test_sigterm_ends_an_evaluation_after_its_batch_and_the_rerun_completes_it(t
     n = len((data / "test.jsonl").read_text().splitlines())
     assert done < n
     res = runner.invoke(app, args)
-    assert res.exit_code == 0 and f"{n - done} new rows ({done} already done)" in res.output, res.output
+    assert res.exit_code == 0 and f"{n - done} new rows ({done} already done)" in res.output, (
+        res.output
+    )
     ids = [json.loads(x)["id"] for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == n
+
+
+def test_image_paths_of_a_data_file_stay_in_its_folder_unless_another_root_is_allowed(
+    tiny_dir, data, tmp_path, monkeypatch
+):
+    import json
+
+    from medlvr.data.schema import IMAGE_ROOTS_ENV
+
+    monkeypatch.delenv(IMAGE_ROOTS_ENV)
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    random_image(32, 32).save(secret)
+    rec = json.loads((data / "test.jsonl").read_text().splitlines()[0])
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, image in (("dots.jsonl", "../elsewhere/secret.png"), ("absolute.jsonl", str(secret))):
+        (folder / name).write_text(json.dumps(dict(rec, images=[image], rois=[])) + "\n")
+        res = runner.invoke(app, ["data", "validate", str(folder / name)])
+        assert (
+            res.exit_code == 1
+            and (
+                f"{folder / name}:1: images.0: image path {image!r} leads outside the data file's folder {folder}: "
+                "pass --image-root FOLDER to allow images there"
+            )
+            in res.output
+        ), res.output
+        line = one_error_line(runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(folder / name),
+                                                  "--out", str(tmp_path / "R")]))  # fmt: skip
+        assert "leads outside the data file's folder" in line and not (tmp_path / "R").exists()
+        res = runner.invoke(
+            app, ["--image-root", str(secret.parent), "data", "validate", str(folder / name)]
+        )
+        assert res.exit_code == 0 and "no problems" in res.output, res.output
+    res = runner.invoke(app, ["data", "validate", str(folder / "dots.jsonl")])
+    assert res.exit_code == 1, "an allowance lasts one command"
+    # A release file is confined to its release folder.
+    root = _slake_root(tmp_path / "slake", [{"img_name": "../../elsewhere/secret.png", "question": "q?", "answer": "Yes",
+                                             "q_lang": "en", "qid": 1, "answer_type": "CLOSED"}])  # fmt: skip
+    line = one_error_line(runner.invoke(app, ["data", "convert", "slake", "--root", str(root), "--out",
+                                              str(tmp_path / "s.jsonl")]))  # fmt: skip
+    assert f"names an image outside the release folder {root}" in line
 
 
 def test_validate_lists_a_deeply_nested_record_and_reads_a_bom(data, tmp_path):
@@ -644,6 +702,8 @@ def _user_files(w: dict[str, Path]) -> None:
     (w["mxq_bad"] / "MM" / "test.jsonl").write_text(
         json.dumps({"id": "MM-1", "question": "Q?", "label": "A", "options": "A) x B) y"}) + "\n"
     )
+    w["env_recipe"] = root / "env.yaml"
+    w["env_recipe"].write_text("model:\n  path: ${oc.env:HF_TOKEN}\n")
     # Part 3: wrong or silent results.
     w["no_image_jsonl"] = root / "no_image.jsonl"
     w["no_image_jsonl"].write_text(json.dumps(dict(good, images=[], rois=[])) + "\n")
@@ -1460,6 +1520,35 @@ CASES: list[tuple[str, object, str]] = [
         "backbone into a manuscript",
         lambda w: ["demo", "backbone", "--out", str(w["manuscript"])],
         "pass --overwrite",
+    ),
+    # issue 24, part 4: no environment variable is copied into a saved config
+    (
+        "sft env override",
+        lambda w: _sft(w, "output_dir=${oc.env:HOME}/run"),
+        "output_dir: ${oc.env:HOME}/run reads an environment variable",
+    ),
+    (
+        "sft env recipe",
+        lambda w: ["train", "sft", "--config", str(w["env_recipe"])],
+        "model.path: ${oc.env:HF_TOKEN} reads an environment variable",
+    ),
+    (
+        "vlpo env override",
+        lambda w: _vlpo(w, "output_dir=${oc.env:HOME}"),
+        "reads an environment variable",
+    ),
+    (
+        "predict 2M-character question",
+        lambda w: [
+            "predict",
+            "--model",
+            str(w["model"]),
+            "--image",
+            str(w["img"]),
+            "--question",
+            "is " * 700_000,
+        ],
+        "the question has 2,100,000 characters",
     ),
     # issue 24, part 2: one line, not a traceback
     (

@@ -27,6 +27,11 @@ def _default_loader(path: str) -> Image.Image:
     return load_image(path)
 
 
+CHARS_PER_POSITION = 16
+"""A question longer than this many characters per model position cannot fit (tokens this long
+are rare): refused before tokenising it."""
+
+
 class VQACollator:
     """Builds batches for `LatentVLM.forward` (with answers) or `LatentVLM.generate` (without)."""
 
@@ -67,6 +72,15 @@ class VQACollator:
     def prompts(self, samples: Sequence[VQASample]) -> list[str]:
         from jinja2 import TemplateError
         from jinja2.exceptions import SecurityError
+
+        limit = self.tokenizer.model_max_length  # the model's positions (set by LatentVLM)
+        for s in samples:  # tokenising millions of characters takes minutes: refuse them first
+            n = len(s.question) + sum(len(o) for o in s.options.values())
+            if limit and n > CHARS_PER_POSITION * limit:
+                raise MedlvrError(
+                    f"the question has {n:,} characters, more than {CHARS_PER_POSITION} for each of the "
+                    f"{limit:,} positions the model holds: shorten the question"
+                )
 
         try:
             return [

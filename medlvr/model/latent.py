@@ -210,6 +210,11 @@ class LatentVLM(nn.Module):
         self.image_token_id = self.adapter.image_token_id(backbone)
         self.cache_argument = cache_argument(self.base_model)
         self.stop_ids = self.adapter.stop_token_ids(self.tokenizer)
+        limit = (
+            self.max_positions
+        )  # the collator bounds a question's characters by it, before tokenising
+        if limit and (self.tokenizer.model_max_length or 0) > limit:
+            self.tokenizer.model_max_length = limit
         d = self.hidden_size
         self.projector = LatentProjector(self.latent.projector, d, embed_rms=self._embed_rms())
         self.projector.to(device=self.device, dtype=self.backbone.dtype)
