@@ -147,7 +147,7 @@ def _foreign(folder: Path, command: str, own: Callable[[Path], bool] | None) -> 
     """Names in `folder` that are not `command`'s output ([] for a new, empty or own folder)."""
     if not folder.is_dir():
         return []
-    names = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, OUTPUT_MARKER))
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".medlvr"))
     if not names or (own is not None and own(folder)) or _marker(folder).get("command") == command:
         return []
     return names
@@ -167,11 +167,18 @@ def _same_or_inside(p: Path, target: Path, names: Iterable[str] | None) -> bool:
 
 
 @contextlib.contextmanager
-def run_folder(folder: str | Path, flag: str, *, main: bool | None = None) -> Iterator[Path]:
+def run_folder(
+    folder: str | Path,
+    flag: str,
+    *,
+    main: bool | None = None,
+    check: Callable[[], Any] | None = None,
+) -> Iterator[Path]:
     """Hold `folder`'s lock for the duration (see the module docstring); creates the folder.
 
     `flag` names the setting that chooses the folder (`--out`, `output_dir`) in the message.
-    `main` (default: rank 0 of the launch) is whether this process takes the lock. A folder
+    `main` (default: rank 0 of the launch) is whether this process takes the lock, and runs
+    `check` (e.g. a `claim_output`) once it holds it; every rank learns its verdict. A folder
     this call created is removed again if the run leaves nothing in it.
     """
     folder = Path(folder)
@@ -182,10 +189,19 @@ def run_folder(folder: str | Path, flag: str, *, main: bool | None = None) -> It
         try:
             writable_folder(folder, f"folder of {flag}")
             _acquire(folder.resolve(), flag)
+            try:
+                if check is not None:
+                    check()
+            except MedlvrError:
+                _release(folder.resolve())
+                raise
         except MedlvrError as err:
             error = (isinstance(err, FolderBusy), str(err))
     error = _agree(error)
     if error is not None:
+        with contextlib.suppress(OSError):
+            if takes and created and not any(folder.iterdir()):
+                folder.rmdir()
         raise (FolderBusy if error[0] else MedlvrError)(error[1])
     try:
         yield folder
@@ -198,9 +214,12 @@ def run_folder(folder: str | Path, flag: str, *, main: bool | None = None) -> It
 
 
 def holds_run_folder(
-    folder_of: Callable[[dict[str, Any]], str | Path], flag: str
+    folder_of: Callable[[dict[str, Any]], str | Path],
+    flag: str,
+    check: Callable[[dict[str, Any]], Any] | None = None,
 ) -> Callable[[F], F]:
-    """Decorate a function that writes a run folder: `folder_of(arguments by name)` names the folder.
+    """Decorate a function that writes a run folder: `folder_of(arguments by name)` names the folder,
+    `check(arguments by name)` runs on the main process once it holds the lock (`run_folder`).
 
     An explicit `rank` argument other than 0 (an unsynchronised shard) does not take the lock.
     """
@@ -213,9 +232,9 @@ def holds_run_folder(
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             rank = bound.arguments.get("rank")
-            with run_folder(
-                folder_of(bound.arguments), flag, main=None if rank is None else rank == 0
-            ):
+            named = bound.arguments
+            with run_folder(folder_of(named), flag, main=None if rank is None else rank == 0,
+                            check=None if check is None else functools.partial(check, named)):  # fmt: skip
                 return fn(*args, **kwargs)
 
         return inner  # type: ignore[return-value]

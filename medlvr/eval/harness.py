@@ -284,10 +284,10 @@ def _restoring(signals: StopSignals | None) -> Iterator[None]:
 
 
 def _load_images(
-    sample: VQASample, loader: Callable[[str], Image.Image]
+    sample: VQASample, loader: Callable[[str], Image.Image], need: bool = False
 ) -> tuple[list[Image.Image], str | None]:
-    """(images, None), or ([], reason) when one is missing or unreadable, or the record has none."""
-    if not sample.images:  # a visual question without its image is a data problem, never scored
+    """(images, None), or ([], reason) when one is missing or unreadable, or (`need`) there is none."""
+    if need and not sample.images:  # a model's visual question without its image: never scored
         return [], "the record has no image"
     images = []
     for path in sample.images:
@@ -439,9 +439,16 @@ def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
         tmp.replace(path)
 
 
-@holds_run_folder(
-    lambda args: args["out_dir"], "--out"
-)  # a second run into the same folder is refused
+def _claim(args: dict[str, Any]) -> None:
+    """The folder of an evaluation: new, an evaluation's (its run.json or rank shards) or `overwrite`."""
+    data = args["data"]
+    inputs = [] if data and isinstance(data[0], VQASample) else [*data, args["model"]]
+    claim_output(args["out_dir"], "eval", overwrite=args["overwrite"], inputs=inputs, writes=EVAL_WRITES,
+                 own=lambda f: (f / RUN_FILE).is_file() or any(f.glob("predictions.rank*.jsonl")))  # fmt: skip
+
+
+# A second run into the same folder is refused, and a folder of other files unless `overwrite`.
+@holds_run_folder(lambda args: args["out_dir"], "--out", check=_claim)
 def evaluate(
     data: Sequence[str | Path] | Sequence[VQASample],
     out_dir: str | Path,
@@ -501,9 +508,6 @@ def evaluate(
             )
         latent_steps = [0]
     rank, world_size, synced = _dist_info(rank, world_size)
-    inputs = [] if data and isinstance(data[0], VQASample) else [*data, model]
-    claim_output(out_dir, "eval", overwrite=overwrite, own=lambda f: (f / RUN_FILE).is_file(),
-                 inputs=inputs, writes=EVAL_WRITES)  # fmt: skip
 
     # `data` is one form of its union or the other: its first item tells which.
     if data and isinstance(data[0], VQASample):
@@ -566,7 +570,8 @@ def evaluate(
     n_todo = sum((s.id, k, c) not in done for s in pending for c, k in runs)
     n_skipped = len(mine) * len(runs) - n_todo
     load = image_loader or _default_loader
-    shown = _Shown(samples, control_seed if "shuffled" in conds else None, load, warn=rank == 0)
+    shown = _Shown(samples, control_seed if "shuffled" in conds else None, load, warn=rank == 0,
+                   need_images=vlm is not None)  # a custom predictor may answer from text  # fmt: skip
 
     n_new = n_err = 0
     t0 = time.perf_counter()
@@ -665,8 +670,10 @@ class _Shown:
         seed: int | None,
         load: Callable[[str], Image.Image],
         warn: bool,
+        need_images: bool = False,
     ):
         self.load = load
+        self.need_images = need_images
         self.by_id = {s.id: s for s in samples}
         self.donors = shuffle_donors(samples, seed) if seed is not None else {}
         kept = kept_own(samples, self.donors)
@@ -683,7 +690,7 @@ class _Shown:
 
     def _images(self, s: VQASample) -> tuple[list[Image.Image], str | None]:
         if s.id not in self.cache:
-            self.cache[s.id] = _load_images(s, self.load)
+            self.cache[s.id] = _load_images(s, self.load, self.need_images)
         return self.cache[s.id]
 
     def forget(self) -> None:
