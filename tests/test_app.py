@@ -259,7 +259,9 @@ def test_the_server_refuses_an_upload_over_the_limit_and_deletes_its_files_on_cl
         )
         assert ok.status_code == 200, ok.text
         [shown] = ok.json()  # the upload's name for the page: no server path (issue 24) ...
-        pages = [httpx.get(f"http://127.0.0.1:{port}{p}", timeout=60).text for p in ("/", "/config")]
+        pages = [
+            httpx.get(f"http://127.0.0.1:{port}{p}", timeout=60).text for p in ("/", "/config")
+        ]
         for text in [ok.text, *pages]:
             assert str(server.folder) not in text and tempfile.gettempdir() + "/" not in text
         assert '"show_error":false' in pages[1].replace(" ", "")

@@ -74,7 +74,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def intact_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint whose files all read (JSON parses, safetensors open), and why
     each newer one was skipped (`step-0000120: <reason>`): a resume continues from there."""
-    skipped = []
+    skipped: list[str] = []
     for folder in reversed(list_checkpoints(output_dir)):
         why = damage(folder)
         if why is None:

@@ -70,8 +70,9 @@ def ground(source: str, **opts: Any) -> GroundResult:
     cfg = GroundConfig(**{**defaults, **config})  # checked before any file is read
     result = build_grounded(read(**reader_opts), cfg)
     # Annotation files are untrusted: their image paths stay in the folders the user gave.
-    roots = [opts.get(k) for k in ("root", "images", "masks", "export_dir")]
-    roots = [r for r in roots if r]
+    roots: list[str | Path] = [
+        opts[k] for k in ("root", "images", "masks", "export_dir") if opts.get(k)
+    ]
     for s in result.samples:
         escaped = next((p for p in s.images if outside(p, roots)), None)
         if escaped is not None:
