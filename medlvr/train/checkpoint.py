@@ -404,6 +404,9 @@ def claim_run_dir(cfg: Any, recipe: str | Path | None = None) -> None:
     `start_or_resume`) or `checkpoint.overwrite` is set, and never holds the model, data or `recipe`."""
     from medlvr.rundir import claim_output
 
+    out, ck = Path(cfg.output_dir), cfg.checkpoint
+    if _trained(out, run_files(out)) and not (ck.resume or ck.overwrite):
+        return  # start_or_resume refuses it: it holds a run, and --resume or --overwrite says what to do
     data = cfg.data
     inputs = [cfg.model.path, recipe, *data.train, data.val]
     claim_output(cfg.output_dir, "train", overwrite=cfg.checkpoint.overwrite, inputs=inputs,
