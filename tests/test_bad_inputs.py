@@ -702,8 +702,21 @@ def _user_files(w: dict[str, Path]) -> None:
     (w["mxq_bad"] / "MM" / "test.jsonl").write_text(
         json.dumps({"id": "MM-1", "question": "Q?", "label": "A", "options": "A) x B) y"}) + "\n"
     )
+    # A variable that could hold a secret (here: a folder, so that old code wrote inside the test).
+    os.environ.setdefault("MEDLVR_TEST_SECRET", str(root))
     w["env_recipe"] = root / "env.yaml"
-    w["env_recipe"].write_text("model:\n  path: ${oc.env:HF_TOKEN}\n")
+    w["env_recipe"].write_text("output_dir: ${oc.env:MEDLVR_TEST_SECRET}/env_recipe_run\n")
+    w["rad_ok"] = root / "rad_ok"
+    (w["rad_ok"] / "images").mkdir(parents=True)
+    random_image(32, 32).save(w["rad_ok"] / "images" / "synpic1.jpg")
+    (w["rad_ok"] / "VQA_RAD Dataset Public.json").write_text(json.dumps([
+        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is it?", "answer": "yes", "answer_type": "CLOSED",
+         "question_type": "PRES", "phrase_type": "freeform"}]))  # fmt: skip
+    from tests.test_ground import write_coco
+
+    w["coco"] = root / "coco"
+    w["coco"].mkdir()
+    write_coco(w["coco"])
     # Part 3: wrong or silent results.
     w["no_image_jsonl"] = root / "no_image.jsonl"
     w["no_image_jsonl"].write_text(json.dumps(dict(good, images=[], rois=[])) + "\n")
@@ -1469,7 +1482,15 @@ CASES: list[tuple[str, object, str]] = [
     ),
     (
         "convert over a file",
-        lambda w: ["data", "convert", "vqa-rad", "--root", str(w["rad"]), "--out", str(w["file"])],
+        lambda w: [
+            "data",
+            "convert",
+            "vqa-rad",
+            "--root",
+            str(w["rad_ok"]),
+            "--out",
+            str(w["file"]),
+        ],
         "a-file exists: pass --overwrite",
     ),
     (
@@ -1479,10 +1500,9 @@ CASES: list[tuple[str, object, str]] = [
             "convert",
             "vqa-rad",
             "--root",
-            str(w["rad"]),
+            str(w["rad_ok"]),
             "--out",
-            str(w["rad"] / "VQA_RAD Dataset Public.json"),
-            "--overwrite",
+            str(w["rad_ok"] / "VQA_RAD Dataset Public.json"),
         ],
         "would write onto the input",
     ),
@@ -1492,10 +1512,12 @@ CASES: list[tuple[str, object, str]] = [
             "data",
             "ground",
             "coco",
+            "--annotations",
+            f"train={w['coco'] / 'instances.json'}",
+            "--images",
+            str(w["coco"]),
             "--out",
             str(w["manuscript"]),
-            "--images",
-            str(w["root"]),
         ],
         "pass --overwrite",
     ),
@@ -1524,17 +1546,21 @@ CASES: list[tuple[str, object, str]] = [
     # issue 24, part 4: no environment variable is copied into a saved config
     (
         "sft env override",
-        lambda w: _sft(w, "output_dir=${oc.env:HOME}/run"),
-        "output_dir: ${oc.env:HOME}/run reads an environment variable",
+        lambda w: _sft(w, "output_dir=${oc.env:MEDLVR_TEST_SECRET}/env_run"),
+        "output_dir: ${oc.env:MEDLVR_TEST_SECRET}/env_run reads an environment variable",
     ),
     (
         "sft env recipe",
-        lambda w: ["train", "sft", "--config", str(w["env_recipe"])],
-        "model.path: ${oc.env:HF_TOKEN} reads an environment variable",
+        lambda w: [
+            *[a for a in _sft(w) if not a.startswith("output_dir=")],
+            "--config",
+            str(w["env_recipe"]),
+        ],
+        "output_dir: ${oc.env:MEDLVR_TEST_SECRET}/env_recipe_run reads an environment variable",
     ),
     (
         "vlpo env override",
-        lambda w: _vlpo(w, "output_dir=${oc.env:HOME}"),
+        lambda w: _vlpo(w, "output_dir=${oc.env:MEDLVR_TEST_SECRET}/env_vlpo"),
         "reads an environment variable",
     ),
     (
