@@ -644,7 +644,11 @@ T = TypeVar("T")
 def load_config(
     schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
-    """Build a `schema` instance from an optional YAML file and `key.sub=value` overrides."""
+    """Build a `schema` instance from an optional YAML file and `key.sub=value` overrides.
+
+    `${oc.env:VAR}` is refused in both: the resolved config is saved with every run, so a
+    shared recipe would copy the variable (a token, a password) into each run folder.
+    """
     base = OmegaConf.structured(schema)
     try:
         if path is not None:
