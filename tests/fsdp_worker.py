@@ -67,17 +67,28 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, str(out / "params.safetensors"))
     (out / f"history-rank{rank}.json").write_text(json.dumps(result.history))
     questions = os.environ.get("MEDLVR_TEST_ANSWERS")
-    if (
-        questions
-    ):  # as `medlvr predict --image IMAGE --question QUESTION --max-new-tokens 8` answers
-        from medlvr.data.images import load_image
-        from medlvr.inference import answer_one
+    if questions:
+        (out / f"answers-rank{rank}.json").write_text(json.dumps(answers(vlm, Path(questions))))
 
-        vlm.eval()
-        with torch.no_grad(), sharding.gathered(vlm):
-            texts = [answer_one(vlm, [load_image(q["image"])], q["question"], {}, max_new_tokens=8).text
-                     for q in json.loads(Path(questions).read_text())]  # fmt: skip
-        (out / f"answers-rank{rank}.json").write_text(json.dumps(texts))
+
+def answers(vlm, questions: Path) -> dict:
+    """`texts`: the answers `medlvr predict --image IMAGE --question QUESTION --max-new-tokens 8`
+    gives; `forced`: 8 tokens forced per question (an untrained model may stop at once), with
+    the `latents` fed before them."""
+    from medlvr.data.images import load_image
+    from medlvr.inference import answer_one
+    from medlvr.train import sharding
+
+    vlm.eval()
+    got: dict = {"texts": [], "forced": [], "latents": []}
+    with torch.no_grad(), sharding.gathered(vlm):
+        for q in json.loads(questions.read_text()):
+            a = answer_one(vlm, [load_image(q["image"])], q["question"], {}, max_new_tokens=8)
+            forced = vlm.generate(a.batch, None, max_new_tokens=8, min_new_tokens=8)
+            got["texts"].append(a.text)
+            got["forced"].append(forced.token_ids[0])
+            got["latents"].append(forced.latents[0].tolist())
+    return got
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ loops scale the loss by the process count), and gradient clipping sums the shard
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -213,10 +214,11 @@ class ShardedState:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-        dcp.save(
-            self._tensors(),
-            storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
-        )
+        with _one_process_quiet():
+            dcp.save(
+                self._tensors(),
+                storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
+            )
 
     def load(self, folder: Path) -> None:
         """Load `folder` into the model's parameters and the optimizer's state, in place, on any number of processes."""
@@ -225,7 +227,16 @@ class ShardedState:
 
         _init_optimizer_state(self.optimizer)
         state = self._tensors()
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+        with _one_process_quiet():
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+
+
+@contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """Without a process group (one process) DCP warns that it saves or loads in one process: intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
 
 
 @torch.no_grad()
