@@ -218,3 +218,51 @@ def test_sharding_is_fixed_on_resume(sharded_sft, tiny_dir, synth, tmp_path):
     ]
     with pytest.raises(MedlvrError, match=r"cannot resume .* model.sharding 'fsdp2' -> 'none'"):
         run_sft(load_config(SFTConfig, None, [*args, "checkpoint.resume=true"]))
+
+
+# ---------------------------------------------------------------------------- VLPO
+
+
+def test_vlpo_two_sharded_processes_match_one_process_on_the_same_trajectories(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """VLPO with LoRA (adapters, the latent token rows, the projector) and a KL reference
+    (the adapter disabled): FSDP2 x2 at 2 prompts each vs one process at 4 prompts drawing the
+    ranks' rollout streams (tests/test_vlpo.py explains the stream wrapper). Rollouts run on
+    the gathered model, so the processes may stop their answers at different lengths."""
+    from medlvr.config import VLPOConfig
+    from medlvr.data.synth import SynthConfig, generate
+    from medlvr.train import vlpo
+    from tests.test_vlpo import _SMALL, _cfg_overrides, _rollouts_of_ranks
+
+    synth = generate(SynthConfig(n=120, seed=3, level=1, question_types={"presence": 1.0}, describe=False),
+                     tmp_path / "synth")  # fmt: skip
+    common = [*_SMALL, "max_steps=2", "vlpo.update_epochs=2", "vlpo.beta=0.05", "checkpoint.every=0",
+              "vlpo.mini_batches=2", "model.finetune=lora", "vlpo.max_new_tokens=4", "checkpoint.merge_lora=false"]  # fmt: skip
+    two, one = tmp_path / "two", tmp_path / "one"
+    two.mkdir()
+    one.mkdir()
+    proc = torchrun(WORKER, "vlpo", str(two), *_cfg_overrides(two, tiny_dir, synth, *common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setattr(vlpo, "sample_rollouts", _rollouts_of_ranks(world=2, per_rank=2, seed=0))
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "vlpo.yaml"
+    single = vlpo.run_vlpo(load_config(VLPOConfig, recipe, _cfg_overrides(
+        one, tiny_dir, synth, *common, "batch_size=4", "model.sharding=fsdp2")))  # fmt: skip
+
+    shards = json.loads((two / "shards-rank1.json").read_text())
+    assert shards["sharded"] and any("lora_A" in n and local for n, local in shards["local"].items())
+    two_params = load_file(str(two / "params.safetensors"))
+    ref = single.model.state_dict()
+    trained = [n for n, p in single.model.named_parameters() if p.requires_grad]
+    assert any("trainable_tokens" in n for n in trained) and any("projector" in n for n in trained)
+    diff = max((two_params[n] - ref[n]).abs().max().item() for n in trained)
+    moved = max(ref[n].abs().max().item() for n in trained if "lora_B" in n)  # lora_B starts at 0
+    assert diff < PARAM_TOL < moved, (diff, moved)
+    hist = json.loads((two / "history-rank0.json").read_text())
+    assert [r["step"] for r in hist] == [r["step"] for r in single.history] == [1, 2]
+    for a, b in zip(hist, single.history):
+        assert a["samples_seen"] == b["samples_seen"] and a["optimizer_steps"] == b["optimizer_steps"]
+        for key in ("reward_mean", "accuracy", "loss", "clip_fraction", "ratio_mean", "kl", "entropy", "latent_norm",
+                    "response_tokens", "grad_norm"):  # fmt: skip
+            assert abs(a[key] - b[key]) < LOSS_TOL, (a["step"], key, a[key], b[key])
+    assert any(r["kl"] > 0 for r in hist[1:]) and any(abs(r["loss"]) > 1e-3 for r in hist)

@@ -326,7 +326,9 @@ class LatentVLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return weight_matrix(self.backbone.get_input_embeddings()).device
+        # A parameter's, not the embedding's `.weight`: under peft's trainable tokens that is
+        # computed (base rows + deltas), which a sharded model cannot do outside its forward.
+        return next(self.backbone.parameters()).device
 
     @property
     def hidden_size(self) -> int:
