@@ -6,6 +6,7 @@ shards (`params.safetensors`, main process), every rank's shard sizes and loss h
 (with `MEDLVR_TEST_ANSWERS=FILE.json`, a list of {image, question}) the sharded model's
 answers to them as `medlvr predict` gives them.
 
+`MEDLVR_TEST_MODELS=DIR,DIR,...` trains once per model folder, into OUT/0/, OUT/1/, ...
 `MEDLVR_TEST_KILL=STEP:RANK` kills rank RANK with SIGKILL right after optimizer step STEP
 (after any checkpoint due at that step): a crash of one process mid-run.
 """
@@ -25,6 +26,21 @@ torch.set_flush_denormal(True)  # as tests/conftest.py, so both sides compute al
 
 
 def main() -> None:
+    stage, out, overrides = sys.argv[1], Path(sys.argv[2]), [*sys.argv[3:], "model.sharding=fsdp2"]
+    models = os.environ.get("MEDLVR_TEST_MODELS")
+    if models:  # one run per model folder, into OUT/<i>/
+        for i, path in enumerate(models.split(",")):
+            (out / str(i)).mkdir(exist_ok=True)
+            train(
+                stage,
+                out / str(i),
+                [*overrides, f"model.path={path}", f"output_dir={out / str(i) / 'run'}"],
+            )
+    else:
+        train(stage, out, overrides)
+
+
+def train(stage: str, out: Path, overrides: list[str]) -> None:
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.tensor import DTensor
@@ -32,7 +48,6 @@ def main() -> None:
     from medlvr.config import SFTConfig, VLPOConfig, load_config
     from medlvr.train import sharding
 
-    stage, out, overrides = sys.argv[1], Path(sys.argv[2]), [*sys.argv[3:], "model.sharding=fsdp2"]
     rank = int(os.environ.get("RANK", "0"))
     kill = os.environ.get("MEDLVR_TEST_KILL")
     hook = None

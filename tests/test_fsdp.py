@@ -250,7 +250,9 @@ def test_vlpo_two_sharded_processes_match_one_process_on_the_same_trajectories(
         one, tiny_dir, synth, *common, "batch_size=4", "model.sharding=fsdp2")))  # fmt: skip
 
     shards = json.loads((two / "shards-rank1.json").read_text())
-    assert shards["sharded"] and any("lora_A" in n and local for n, local in shards["local"].items())
+    assert shards["sharded"] and any(
+        "lora_A" in n and local for n, local in shards["local"].items()
+    )
     two_params = load_file(str(two / "params.safetensors"))
     ref = single.model.state_dict()
     trained = [n for n, p in single.model.named_parameters() if p.requires_grad]
@@ -261,8 +263,48 @@ def test_vlpo_two_sharded_processes_match_one_process_on_the_same_trajectories(
     hist = json.loads((two / "history-rank0.json").read_text())
     assert [r["step"] for r in hist] == [r["step"] for r in single.history] == [1, 2]
     for a, b in zip(hist, single.history):
-        assert a["samples_seen"] == b["samples_seen"] and a["optimizer_steps"] == b["optimizer_steps"]
+        assert (
+            a["samples_seen"] == b["samples_seen"] and a["optimizer_steps"] == b["optimizer_steps"]
+        )
         for key in ("reward_mean", "accuracy", "loss", "clip_fraction", "ratio_mean", "kl", "entropy", "latent_norm",
                     "response_tokens", "grad_norm"):  # fmt: skip
             assert abs(a[key] - b[key]) < LOSS_TOL, (a["step"], key, a[key], b[key])
     assert any(r["kl"] > 0 for r in hist[1:]) and any(abs(r["loss"]) > 1e-3 for r in hist)
+
+
+# ---------------------------------------------------------------------------- every backbone family
+
+OTHER_FAMILIES = ("qwen2_vl", "qwen3_vl", "gemma3", "smolvlm")
+
+
+@pytest.mark.slow  # ~40 s: four runs in one launch
+def test_every_family_shards_its_decoder_layers_and_vision_blocks(tiny_factory, synth, tmp_path):
+    """Each family's `shard_layers` (medlvr/model/backbones.py) are FSDP units: 2 sharded steps
+    (mode=roi, K=2) match one process, and every trained parameter is split over the processes."""
+    from medlvr.model.backbones import get_adapter
+
+    dirs = [tiny_factory(family=f) for f in OTHER_FAMILIES]
+    common = ["mode=roi", "latent.steps=2", "max_steps=2", f"data.train=[{synth / 'train.jsonl'}]", "optim.lr=3e-3",
+              "log.every=1", "log.progress=false", "log.tensorboard=false", "seed=0", "model.sharding=fsdp2"]  # fmt: skip
+    proc = torchrun(WORKER, "sft", str(tmp_path), *common, "batch_size=2",
+                    env={"MEDLVR_TEST_MODELS": ",".join(map(str, dirs))})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i, (family, model) in enumerate(zip(OTHER_FAMILIES, dirs)):
+        single = run_sft(load_config(SFTConfig, None, [*common, "batch_size=4", f"model.path={model}",
+                                                      f"output_dir={tmp_path / family}"]))  # fmt: skip
+        ref = single.model.state_dict()
+        two = load_file(str(tmp_path / str(i) / "params.safetensors"))
+        diff = max((two[n] - ref[n]).abs().max().item() for n in ref)
+        assert diff < PARAM_TOL, (family, diff)
+        local = [
+            json.loads((tmp_path / str(i) / f"shards-rank{r}.json").read_text())["local"]
+            for r in (0, 1)
+        ]
+        assert all(
+            local[0][n] is not None and local[0][n][0] + local[1][n][0] == ref[n].shape[0]
+            for n in local[0]
+        )
+        for path in get_adapter(
+            family
+        ).shard_layers:  # decoder layers and vision blocks, with their shards
+            assert any(f".{path}.1." in f".{n}" for n in local[0]), (family, path)
