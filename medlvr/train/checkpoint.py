@@ -9,7 +9,10 @@ A checkpoint `output_dir/step-0000120/` holds:
                  inputs), the processor and latent config (the base model is `model.path` of the config);
 - `optimizer.safetensors` + `optimizer.json`: AdamW moments (tensors) and param groups;
 - `scheduler.json`, `rng-rank{r}.safetensors` + `rng-rank{r}.json` (torch, CUDA, numpy,
-  python), `trainer_state.json` (step, data position, metrics), `config.yaml` (resolved).
+  python), `trainer_state.json` (step, data position, metrics), `config.yaml` (resolved);
+- `sharded/`     under `model.sharding=fsdp2`, in place of `model/` (`adapter/`) and `optimizer.*`:
+                 each process's shards of the trained parameters and AdamW moments
+                 (`medlvr.train.sharding.ShardedState`, safetensors).
 
 Everything is written into `.tmp-step-.../` first and renamed when complete, so a crash
 never leaves a half checkpoint that `latest_checkpoint` would pick up (a run that resumes

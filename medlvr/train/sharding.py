@@ -65,20 +65,31 @@ def shard(vlm: Any, accelerator: Any, plain: Callable[[], Any] | None = None) ->
     if accelerator.num_processes == 1:
         return vlm
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     vlm.to(accelerator.device)
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    # Under bf16 autocast the layers are gathered (and compute) in bf16, gradients reduced in fp32.
+    bf16 = accelerator.mixed_precision == "bf16"
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
     decoder = set(vlm.adapter.decoder_layers(vlm.base_model))
     for unit in vlm.adapter.shard_units(vlm.base_model):
         # Decoder layers stay gathered from forward to the optimizer step (`release`): the latent
         # loop calls each layer K + 2 times on one KV cache, and backward reaches an earlier
         # call's key/value projections through the cache, before FSDP would gather them again.
-        fully_shard(unit, mesh=mesh, reshard_after_forward=unit not in decoder)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=unit not in decoder, mp_policy=policy)
         if unit in decoder:
             unit.set_reshard_after_backward(False)
             _kept[unit] = None
-    fully_shard(vlm, mesh=mesh)
+    fully_shard(vlm, mesh=mesh, mp_policy=policy)
     # Entered without forward (rollouts, teacher forcing's targets): the root's parameters gather
     # for them too, and the root is the first unit to run (FSDP finds its root that way).
     for method in ("generate", "visual_tokens"):
