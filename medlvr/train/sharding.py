@@ -56,13 +56,13 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard(vlm: Any, accelerator: Any, plain: Callable[[], Any] | None = None) -> Any:
-    """Shard `vlm` in place over the launch's processes (before the optimizer is built).
+def shard(vlm: Any, cfg: Any, accelerator: Any, plain: Callable[[], Any] | None = None) -> Any:
+    """Under `model.sharding=fsdp2`, shard `vlm` in place over the launch's processes (before
+    the optimizer is built); otherwise, or with one process, leave it as it is.
 
-    `plain()` builds the same model unsharded (the export loads the gathered weights into
-    it). With one process nothing is sharded and `vlm` trains as usual.
+    `plain()` builds the same model unsharded (the export loads the gathered weights into it).
     """
-    if accelerator.num_processes == 1:
+    if not configured(cfg) or accelerator.num_processes == 1:
         return vlm
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
