@@ -69,6 +69,7 @@ def sharded_sft(tiny_dir, synth, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.xdist_group("fsdp_sft")  # one worker runs the shared 2-process run once
 def test_two_sharded_processes_match_one_process_with_the_same_global_batch(
     sharded_sft, tiny_dir, synth, tmp_path
 ):
@@ -116,6 +117,7 @@ def test_two_sharded_processes_match_one_process_with_the_same_global_batch(
         assert any(part in n for n in ref), part
 
 
+@pytest.mark.xdist_group("fsdp_sft")  # one worker runs the shared 2-process run once
 def test_a_sharded_checkpoint_is_safetensors_shards_and_json(sharded_sft):
     """Each process writes its own shards (torch.distributed.checkpoint's safetensors writer,
     offsets in the header); nothing is pickled, nothing gathered."""
@@ -141,6 +143,7 @@ def test_a_sharded_checkpoint_is_safetensors_shards_and_json(sharded_sft):
     assert any(k.startswith("optim/") and k.endswith("exp_avg_sq") for k in shard_rows[2])
 
 
+@pytest.mark.xdist_group("fsdp_sft")  # one worker runs the shared 2-process run once
 def test_the_export_of_a_sharded_run_answers_as_the_sharded_model(sharded_sft):
     """`final/` is an ordinary model folder (gathered safetensors); `medlvr predict` in one
     process gives the answers the trained sharded model gave."""
@@ -176,6 +179,8 @@ def test_the_export_of_a_sharded_run_answers_as_the_sharded_model(sharded_sft):
     )
 
 
+@pytest.mark.xdist_group("fsdp_sft")  # one worker runs the shared 2-process run once
+@pytest.mark.slow  # ~45 s: two launches
 def test_resume_after_killing_one_rank_gives_the_uninterrupted_weights(
     sharded_sft, tiny_dir, synth, tmp_path
 ):
@@ -204,6 +209,7 @@ def test_resume_after_killing_one_rank_gives_the_uninterrupted_weights(
     assert diff < PARAM_TOL, diff
 
 
+@pytest.mark.xdist_group("fsdp_sft")  # one worker runs the shared 2-process run once
 def test_sharding_is_fixed_on_resume(sharded_sft, tiny_dir, synth, tmp_path):
     """A sharded checkpoint holds no model folder or optimizer files: resuming it unsharded is refused in one line."""
     from medlvr.errors import MedlvrError
@@ -223,6 +229,7 @@ def test_sharding_is_fixed_on_resume(sharded_sft, tiny_dir, synth, tmp_path):
 # ---------------------------------------------------------------------------- VLPO
 
 
+@pytest.mark.slow  # ~30 s: a 2-process launch
 def test_vlpo_two_sharded_processes_match_one_process_on_the_same_trajectories(
     tiny_dir, tmp_path, monkeypatch
 ):
