@@ -21,25 +21,15 @@ from safetensors.torch import load_file
 from medlvr.config import SFTConfig, load_config
 from medlvr.model.latent import LatentVLM
 from medlvr.train.sft import run_sft
+from tests import test_sft
 from tests.conftest import torchrun
 
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+synth = test_sft.synth  # the fixture: 84-px images (3x3 visual tokens), questions with ROIs
 LOSS_TOL, PARAM_TOL = 1e-4, 5e-4
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    """As tests/test_sft.py: 84-px images (3x3 visual tokens), presence and shape questions with ROIs."""
-    from medlvr.data.synth import SynthConfig, generate
-
-    out = tmp_path_factory.mktemp("synth84")
-    cfg = SynthConfig(n=120, seed=0, image_size=84, grid=2, level=2, large_size=1.0, small_size=0.5,
-                      question_types={"presence": 1, "attribute": 1})  # fmt: skip
-    generate(cfg, out)
-    return out
 
 
 def sft_overrides(tiny_dir: Path, synth: Path, out: Path, *extra: str) -> list[str]:
@@ -135,7 +125,7 @@ def test_a_sharded_checkpoint_is_safetensors_shards_and_json(sharded_sft):
             offsets = json.loads(f.metadata()["DCP_SHARDING_INFO"])
             shard_rows[r] = {
                 k: (offsets[k]["saved_offsets"][:1], f.get_slice(k).get_shape()[:1])
-                for k in f.keys()
+                for k in f.keys()  # noqa: SIM118 (safetensors' handle)
             }
     name = "model/backbone.model.language_model.layers.0.mlp.up_proj.weight"
     (o1, n1), (o2, n2) = shard_rows[1][name], shard_rows[2][name]
