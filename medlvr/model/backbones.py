@@ -238,11 +238,11 @@ class BackboneAdapter(ABC):
 
     def shard_units(self, model: PreTrainedModel) -> list[torch.nn.Module]:
         """The decoder layers and vision blocks of `model` (`shard_layers`), each its own FSDP unit."""
-        return [unit for path in self.shard_layers for unit in model.get_submodule(path)]
+        return [unit for path in self.shard_layers for unit in _module_list(model, path)]
 
     def decoder_layers(self, model: PreTrainedModel) -> list[torch.nn.Module]:
         """The language model's layers (the first of `shard_layers`)."""
-        return list(model.get_submodule(self.shard_layers[0]))
+        return list(_module_list(model, self.shard_layers[0]))
 
     # ---- generation config ----
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -1143,6 +1143,12 @@ def ensure_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             if isinstance(bias, torch.Tensor):
                 bias[new] = bias[:n_vocab].float().mean().to(bias.dtype)
     return True
+
+
+def _module_list(model: torch.nn.Module, path: str) -> torch.nn.ModuleList:
+    layers = model.get_submodule(path)
+    assert isinstance(layers, torch.nn.ModuleList), f"{path} is not a module list"
+    return layers
 
 
 def weight_matrix(layer: torch.nn.Module) -> torch.Tensor:

@@ -83,7 +83,7 @@ class LatentProjector(nn.Module):
         elif kind != "none":
             raise MedlvrError(f"unknown projector {kind!r}")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = f"{prefix}scale"
         if self.kind == "norm" and key in state_dict and state_dict[key].dim() == 0:
             state_dict[key] = state_dict[key].reshape(1)  # saved before the scale was [1]

@@ -184,7 +184,9 @@ def run_sft(
     set_seed(cfg.seed)
     vlm = build_model(cfg, resume_dir)
     aux = auxiliary_losses(cfg, data.samples, vlm.hidden_size, resume_dir)
-    sharding.shard(vlm, cfg, accelerator, plain=lambda: build_model(cfg, None))  # model.sharding=fsdp2
+    sharding.shard(
+        vlm, cfg, accelerator, plain=lambda: build_model(cfg, None)
+    )  # model.sharding=fsdp2
     named = [
         *vlm.named_parameters(),
         *(p for a in aux for p in a.module.named_parameters(prefix=f"{a.name}.")),

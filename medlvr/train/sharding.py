@@ -30,10 +30,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 SHARDED_DIR = "sharded"  # inside a checkpoint: the DCP files, one per process
 
@@ -125,9 +128,10 @@ def release(vlm: nn.Module) -> None:
     A gradient that reached a kept unit only after its last reduction would be lost here:
     that is refused (it happens when a layer's first call has inputs that need no gradient).
     """
-    for unit in vlm.modules():
-        if unit in _kept and is_sharded(unit):
-            if any(p.grad is not None and not _is_dtensor(p) for p in unit.parameters()):
+    for unit in _units(vlm):
+        if unit in _kept:
+            params = cast(nn.Module, unit).parameters()
+            if any(p.grad is not None and not _is_dtensor(p) for p in params):
                 raise RuntimeError(f"FSDP left a gradient of {type(unit).__name__} unreduced")
             unit.reshard()
 
@@ -137,6 +141,13 @@ def clip_grad_norm_(accelerator: Any, model: nn.Module, max_norm: float) -> torc
     if is_sharded(model):
         release(model)
     return full_value(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+
+
+def _units(vlm: nn.Module) -> list[FSDPModule]:
+    """The FSDP units in `vlm` (itself included)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in vlm.modules() if isinstance(m, FSDPModule)]
 
 
 def _is_dtensor(x: Any) -> bool:
@@ -155,7 +166,7 @@ def gathered(vlm: nn.Module) -> Iterator[None]:
     if not is_sharded(vlm):
         yield
         return
-    units = [m for m in vlm.modules() if is_sharded(m)]
+    units = _units(vlm)
     for m in units:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()

@@ -268,7 +268,9 @@ def run_vlpo(
     vlm = build_model(cfg, resume_dir)
     trains_latents = latents_are_actions(latent_steps, p.latent_policy, p.latent_sigma)
     reference = Reference(cfg, vlm) if p.beta > 0 else None
-    sharding.shard(vlm, cfg, accelerator, plain=lambda: build_model(cfg, None))  # model.sharding=fsdp2
+    sharding.shard(
+        vlm, cfg, accelerator, plain=lambda: build_model(cfg, None)
+    )  # model.sharding=fsdp2
     if reference is not None and reference.copy is not None:
         sharding.shard(reference.copy, cfg, accelerator)
     optimizer = build_optimizer(vlm.named_parameters(), cfg.optim)
