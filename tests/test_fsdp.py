@@ -191,8 +191,9 @@ def test_resume_after_killing_one_rank_gives_the_uninterrupted_weights(
     assert all(torch.equal(after[n], uninterrupted[n]) for n in uninterrupted)
     assert [r["step"] for r in json.loads((tmp_path / "history-rank0.json").read_text())] == [3, 4]
 
-    one = run_sft(load_config(SFTConfig, None, sft_overrides(
-        tiny_dir, synth, tmp_path / "copy", "batch_size=4", "checkpoint.resume=true")))  # fmt: skip
+    with pytest.warns(UserWarning, match="batch_size 2 -> 4"):  # the global batch stays 4
+        one = run_sft(load_config(SFTConfig, None, sft_overrides(
+            tiny_dir, synth, tmp_path / "copy", "batch_size=4", "checkpoint.resume=true")))  # fmt: skip
     assert [r["step"] for r in one.history] == [3, 4]
     ref = one.model.state_dict()
     diff = max((uninterrupted[n] - ref[n]).abs().max().item() for n in uninterrupted)
