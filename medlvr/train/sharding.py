@@ -125,8 +125,9 @@ def prepare(accelerator: Any, vlm: nn.Module, *rest: Any) -> tuple[Any, ...]:
 def release(vlm: nn.Module) -> None:
     """Reshard the units kept gathered through backward (before clipping and the optimizer step).
 
-    A gradient that reached a kept unit only after its last reduction would be lost here:
-    that is refused (it happens when a layer's first call has inputs that need no gradient).
+    A gradient still on a gathered parameter (one FSDP did not reduce) would be dropped by
+    resharding: that stops the run instead. (A layer's first call on inputs that need no
+    gradient, e.g. LoRA with frozen embeddings, is reduced: checked against one process.)
     """
     for unit in _units(vlm):
         if unit in _kept:
