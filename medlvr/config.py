@@ -94,8 +94,8 @@ class ModelConfig:
     """`fsdp2` shards parameters, gradients and optimizer state over the launch's processes with
     torch's FSDP2 (`medlvr.train.sharding`: decoder layers and vision blocks as units; CPU
     processes over gloo or GPUs); checkpoints are then torch.distributed.checkpoint shards
-    (safetensors) that resume on any process count. `none`: one full copy per process (DDP),
-    or the sharding of accelerate's own FSDP/ZeRO-3 configs on GPUs."""
+    (safetensors) that resume on any process count. `none`: one full copy per process (DDP).
+    accelerate's own FSDP and ZeRO-3 configs have never run (docs/gpu.md)."""
 
     def __post_init__(self) -> None:
         if self.finetune not in ("full", "lora"):
