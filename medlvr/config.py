@@ -58,6 +58,7 @@ class LatentConfig:
 
 Precision = Literal["auto", "no", "bf16", "fp16"]
 Finetune = Literal["full", "lora"]
+Sharding = Literal["none", "fsdp2"]
 AlignKind = Literal["cosine", "mse", "infonce"]
 AlignAssign = Literal["raster", "first", "chain"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -90,10 +91,18 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% slower; the latent chain is
     then recomputed with full passes, since checkpointed layers drop the KV cache)."""
+    sharding: Sharding = "none"
+    """`fsdp2` shards parameters, gradients and optimizer state over the launch's processes with
+    torch's FSDP2 (`medlvr.train.sharding`: decoder layers and vision blocks as units; CPU
+    processes over gloo or GPUs); checkpoints are then torch.distributed.checkpoint shards
+    (safetensors) that resume on any process count. `none`: one full copy per process (DDP).
+    accelerate's own FSDP and ZeRO-3 configs have never run (docs/gpu.md)."""
 
     def __post_init__(self) -> None:
         if self.finetune not in ("full", "lora"):
             raise MedlvrError(f"model.finetune must be full or lora, got {self.finetune!r}")
+        if self.sharding not in ("none", "fsdp2"):
+            raise MedlvrError(f"model.sharding must be none or fsdp2, got {self.sharding!r}")
 
 
 @dataclass

@@ -65,7 +65,9 @@ def tiny_dir(tiny_factory) -> Path:
     return tiny_factory()
 
 
-def torchrun(worker: Path, *args: str, nproc: int = 2, timeout: float = 120):
+def torchrun(
+    worker: Path, *args: str, nproc: int = 2, timeout: float = 120, env: dict | None = None
+):
     """`torchrun --nproc_per_node nproc worker args...` on a free port (gloo on CPU, one thread per process).
 
     Returns the completed process; the repository is on PYTHONPATH so the worker imports medlvr from here.
@@ -77,7 +79,7 @@ def torchrun(worker: Path, *args: str, nproc: int = 2, timeout: float = 120):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            str(worker), *args]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -144,6 +144,9 @@ class BackboneAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     text_only: ClassVar[bool] = True
     """Whether the family answers a prompt with no image at all (the question-only control needs it)."""
+    shard_layers: ClassVar[tuple[str, ...]] = ()
+    """The module lists whose entries are FSDP units under `model.sharding=fsdp2` (decoder layers
+    first, then vision blocks), as attribute paths in the transformers model."""
 
     # ---- offline building (tiny models) ----
     @abstractmethod
@@ -233,6 +236,14 @@ class BackboneAdapter(ABC):
         """The visual-token grid of an image of `width x height` original pixels."""
         raise NotImplementedError
 
+    def shard_units(self, model: PreTrainedModel) -> list[torch.nn.Module]:
+        """The decoder layers and vision blocks of `model` (`shard_layers`), each its own FSDP unit."""
+        return [unit for path in self.shard_layers for unit in _module_list(model, path)]
+
+    def decoder_layers(self, model: PreTrainedModel) -> list[torch.nn.Module]:
+        """The language model's layers (the first of `shard_layers`)."""
+        return list(_module_list(model, self.shard_layers[0]))
+
     # ---- generation config ----
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         ids = {tokenizer.eos_token_id}
@@ -298,6 +309,7 @@ class QwenVLAdapter(BackboneAdapter):
     """Qwen2.5-VL: 3-axis multimodal RoPE, 14-px patches merged 2x2 into 28-px token cells."""
 
     family = "qwen2_5_vl"
+    shard_layers = ("model.language_model.layers", "model.visual.blocks")
     model_types = ("qwen2_5_vl",)
 
     @property
@@ -630,6 +642,7 @@ class Gemma3Adapter(_NestedImages, _TextPositions, BackboneAdapter):
     """
 
     family = "gemma3"
+    shard_layers = ("model.language_model.layers", "model.vision_tower.encoder.layers")
     model_types = ("gemma3",)
     image_size = 224  # tiny models; MedGemma uses 896
     tokens_per_side = 8  # tiny models: 64 tokens, 28-px cells; MedGemma 16 (256 tokens)
@@ -850,6 +863,7 @@ class SmolVLMAdapter(_NestedImages, _TextPositions, BackboneAdapter):
     """
 
     family = "smolvlm"
+    shard_layers = ("model.text_model.layers", "model.vision_model.encoder.layers")
     model_types = ("smolvlm",)
     # Tiny models: 96-px tiles of 16-px patches shuffled by 2 (3 x 3 tokens, 32-px cells),
     # a 192-px longest edge (at most 2 x 2 tiles plus the global image: 45 tokens).
@@ -1130,6 +1144,12 @@ def ensure_latent_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             if isinstance(bias, torch.Tensor):
                 bias[new] = bias[:n_vocab].float().mean().to(bias.dtype)
     return True
+
+
+def _module_list(model: torch.nn.Module, path: str) -> torch.nn.ModuleList:
+    layers = model.get_submodule(path)
+    assert isinstance(layers, torch.nn.ModuleList), f"{path} is not a module list"
+    return layers
 
 
 def weight_matrix(layer: torch.nn.Module) -> torch.Tensor:

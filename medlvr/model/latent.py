@@ -77,10 +77,17 @@ class LatentProjector(nn.Module):
             nn.init.zeros_(self.down.weight)
             nn.init.zeros_(self.down.bias)
         elif kind == "norm":
-            # RMS-normalise, then scale to the typical token-embedding RMS (learned).
-            self.scale = nn.Parameter(torch.tensor(float(embed_rms)))
+            # RMS-normalise, then scale to the typical token-embedding RMS (learned). Shape [1],
+            # not a scalar: FSDP2 shards no 0-d parameter (files of 0-d scales still load).
+            self.scale = nn.Parameter(torch.tensor([float(embed_rms)]))
         elif kind != "none":
             raise MedlvrError(f"unknown projector {kind!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = f"{prefix}scale"
+        if self.kind == "norm" and key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)  # saved before the scale was [1]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
@@ -325,7 +332,9 @@ class LatentVLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return weight_matrix(self.backbone.get_input_embeddings()).device
+        # A parameter's, not the embedding's `.weight`: under peft's trainable tokens that is
+        # computed (base rows + deltas), which a sharded model cannot do outside its forward.
+        return next(self.backbone.parameters()).device
 
     @property
     def hidden_size(self) -> int:

@@ -9,7 +9,10 @@ A checkpoint `output_dir/step-0000120/` holds:
                  inputs), the processor and latent config (the base model is `model.path` of the config);
 - `optimizer.safetensors` + `optimizer.json`: AdamW moments (tensors) and param groups;
 - `scheduler.json`, `rng-rank{r}.safetensors` + `rng-rank{r}.json` (torch, CUDA, numpy,
-  python), `trainer_state.json` (step, data position, metrics), `config.yaml` (resolved).
+  python), `trainer_state.json` (step, data position, metrics), `config.yaml` (resolved);
+- `sharded/`     under `model.sharding=fsdp2`, in place of `model/` (`adapter/`) and `optimizer.*`:
+                 each process's shards of the trained parameters and AdamW moments
+                 (`medlvr.train.sharding.ShardedState`, safetensors).
 
 Everything is written into `.tmp-step-.../` first and renamed when complete, so a crash
 never leaves a half checkpoint that `latest_checkpoint` would pick up (a run that resumes
@@ -273,12 +276,15 @@ def save_checkpoint(
     save_optimizer: bool = True,
     keep_last: int | None = None,
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
+    sharded_state: Any = None,
 ) -> Path:
     """Write checkpoint `step` atomically (every process must call this; the main one writes the model).
 
     `model` is what `accelerator.prepare` returned, `vlm` the unwrapped `LatentVLM`;
     `extra` maps a file stem to the tensors of a training-only module (e.g. the
-    `probe`), written as `<stem>.safetensors` inside the checkpoint.
+    `probe`), written as `<stem>.safetensors` inside the checkpoint. `sharded_state`
+    (`medlvr.train.sharding.ShardedState`, under `model.sharding=fsdp2`) writes the trained
+    parameters and the optimizer state in place of `model/` (`adapter/`) and `optimizer.*`.
     """
     final = step_dir(output_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
@@ -289,6 +295,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with _write_errors(f"checkpoint {final}"):
+        if sharded_state is not None:  # every process writes its shards
+            sharded_state.save(tmp / "sharded")
         if save_optimizer:
             rng_to_files(tmp, accelerator.process_index)
             if sharded:
@@ -298,14 +306,15 @@ def save_checkpoint(
                 )
                 accelerator.wait_for_everyone()  # every rank's RNG pickle is gone before the listing below
         if accelerator.is_main_process:
-            save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
+            if sharded_state is None:
+                save_model_files(vlm, tmp, lora=lora, state_dict=state_dict)
             for stem, tensors in (extra or {}).items():
                 save_file(
                     {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                     tmp / f"{stem}.safetensors",
                 )
             if save_optimizer:
-                if not sharded:
+                if not sharded and sharded_state is None:
                     optimizer_to_files(optimizer, tmp)
                 (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
             save_config(config, tmp / "config.yaml")
@@ -387,7 +396,7 @@ LEFTOVERS = re.compile(r"^\.(tmp|old)-(step-\d{7}|final)$")  # a save or an expo
 # and data position were made under the old values. Every other setting applies from the
 # resumed step on (optimizer hyperparameters included: `load_training_state` re-applies them).
 FIXED_ON_RESUME = ("mode", "seed", "model.path", "model.finetune", "model.freeze_vision", "model.freeze_merger",
-                   "model.freeze_language", "latent.projector", "latent.input", "lora.", "probe.", "data.train",
+                   "model.freeze_language", "model.sharding", "latent.projector", "latent.input", "lora.", "probe.", "data.train",
                    "data.weights", "data.max_samples")  # fmt: skip
 NOT_SETTINGS = (
     "output_dir",
@@ -526,13 +535,18 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_training_state(
-    accelerator: Any, folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+    accelerator: Any,
+    folder: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sharded_state: Any = None,
 ) -> dict[str, Any]:
     """Restore optimizer, scheduler and this rank's RNG from `folder`; returns the trainer state.
 
     The optimizer's moments and the schedule's position come from the checkpoint; its
     hyperparameters (learning rates, betas, eps, weight decay) stay those `optimizer` and
     `scheduler` were built with, so a changed `optim.*` applies from the resumed step on.
+    `sharded_state` loads the trained parameters too (see `save_checkpoint`).
     """
     if not (folder / "scheduler.json").is_file():
         raise MedlvrError(
@@ -541,7 +555,9 @@ def load_training_state(
     built = [
         {k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups
     ]
-    if _sharded(accelerator):
+    if sharded_state is not None:
+        sharded_state.load(folder / "sharded")
+    elif _sharded(accelerator):
         accelerator.load_state(str(folder / "engine_state"))
     else:
         optimizer_from_files(optimizer, folder)
@@ -569,6 +585,7 @@ def resume_training(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     expected: dict[str, int],
+    sharded_state: Any = None,
 ) -> tuple[int, int, dict[str, Any]]:
     """`load_training_state`, then (step, samples seen, last logged metrics).
 
@@ -577,7 +594,7 @@ def resume_training(
     """
     import warnings
 
-    state = load_training_state(accelerator, folder, optimizer, scheduler)
+    state = load_training_state(accelerator, folder, optimizer, scheduler, sharded_state)
     if accelerator.is_main_process:
         for key, value in expected.items():
             if key in state and state[key] != value:

@@ -39,6 +39,7 @@ from medlvr.model.backbones import TokenGrid
 from medlvr.model.latent import LatentVLM
 from medlvr.rundir import check_launch
 from medlvr.train import checkpoint as ckpt
+from medlvr.train import sharding
 from medlvr.train.data import check_files, load_image
 
 TrainConfig = SFTConfig | VLPOConfig
@@ -112,6 +113,8 @@ def build_model(
     say whether the latent projector and the pause inputs train (where the model has them):
     a parameter that trains but is unused would also break DDP's gradient reduction.
     """
+    if sharding.configured(cfg):  # the trained weights come from the checkpoint's shards
+        resume_dir = None
     full_resume = resume_dir is not None and cfg.model.finetune == "full"
     src = resume_dir / "model" if full_resume and resume_dir is not None else Path(cfg.model.path)
     # Trained weights stay fp32 (master copies; autocast computes in bf16). A LoRA run keeps
@@ -230,12 +233,13 @@ def validation_accuracy(
     was_training = vlm.training
     vlm.eval()
     correct = 0
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i : i + batch_size]
-        batch = collate(chunk, images=[[load_image(p) for p in s.images] for s in chunk])
-        with accelerator.autocast() if accelerator is not None else nullcontext():
-            out = vlm.generate(batch, latent_steps, max_new_tokens=max_new_tokens)
-        correct += sum(score(s, text).correct for s, text in zip(chunk, out.texts))
+    with sharding.gathered(vlm):  # once: processes may hold different numbers of chunks
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i : i + batch_size]
+            batch = collate(chunk, images=[[load_image(p) for p in s.images] for s in chunk])
+            with accelerator.autocast() if accelerator is not None else nullcontext():
+                out = vlm.generate(batch, latent_steps, max_new_tokens=max_new_tokens)
+            correct += sum(score(s, text).correct for s, text in zip(chunk, out.texts))
     vlm.train(was_training)
     counts = torch.tensor([correct, len(mine)], dtype=torch.float64, device=vlm.device)
     if accelerator is not None and world > 1:
@@ -347,6 +351,7 @@ def save(cfg: TrainConfig, accelerator: Accelerator, model: Any, vlm: LatentVLM,
         accelerator, model, vlm, optimizer, scheduler, output_dir=Path(cfg.output_dir), step=step,
         trainer_state=trainer_state, config=cfg, lora=cfg.model.finetune == "lora",
         save_optimizer=cfg.checkpoint.save_optimizer, keep_last=cfg.checkpoint.keep_last, extra=extra,
+        sharded_state=sharding.state_of(cfg, vlm, optimizer),
     )  # fmt: skip
 
 
@@ -360,13 +365,14 @@ def export(
 ) -> Path:
     """The run's tail: `output_dir/final` and `result.json` (main process), then the logger closes.
 
-    Goes last: merging LoRA changes the model in place.
+    Goes last: merging LoRA changes the model in place (a sharded model is gathered into a copy).
     """
     out_dir = Path(cfg.output_dir)
     final = out_dir / "final"
+    plain = sharding.plain_copy(vlm, accelerator.is_main_process)  # every process takes part
     if accelerator.is_main_process:
         ckpt.export_final(
-            vlm, final, lora=cfg.model.finetune == "lora", merge_lora=cfg.checkpoint.merge_lora
+            plain, final, lora=cfg.model.finetune == "lora", merge_lora=cfg.checkpoint.merge_lora
         )
         (out_dir / "result.json").write_text(
             json.dumps({"steps": step, "metrics": metrics, "final_model": str(final)}, indent=2)

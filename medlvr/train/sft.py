@@ -48,7 +48,7 @@ from medlvr.model.latent import LatentVLM
 from medlvr.rundir import holds_run_folder
 from medlvr.stop import StopSignals
 from medlvr.train import checkpoint as ckpt
-from medlvr.train import setup
+from medlvr.train import setup, sharding
 from medlvr.train.auxiliary import AuxiliaryLoss, auxiliary_losses
 from medlvr.train.data import SampleStream, TrainSet, load_image, load_train_set, roi_targets
 from medlvr.train.losses import alignment_loss, alignment_mask, pad_tokens, sample_mean_ce
@@ -185,20 +185,30 @@ def run_sft(
     set_seed(cfg.seed)
     vlm = build_model(cfg, resume_dir)
     aux = auxiliary_losses(cfg, data.samples, vlm.hidden_size, resume_dir)
+    sharding.shard(
+        vlm, cfg, accelerator, plain=lambda: build_model(cfg, None)
+    )  # model.sharding=fsdp2
     named = [
         *vlm.named_parameters(),
         *(p for a in aux for p in a.module.named_parameters(prefix=f"{a.name}.")),
     ]
     optimizer = build_optimizer(named, cfg.optim)
     scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
-    model, *aux_modules, optimizer = accelerator.prepare(vlm, *(a.module for a in aux), optimizer)
+    model, *aux_modules, optimizer = sharding.prepare(
+        accelerator, vlm, *(a.module for a in aux), optimizer
+    )
     vlm = accelerator.unwrap_model(model)
 
     step, pos = 0, 0  # optimizer steps done; samples consumed by all processes together
     last_row: dict[str, Any] = {}
     if resume_dir is not None:  # last_row: what the export reports if no step is left to run
         step, pos, last_row = ckpt.resume_training(
-            accelerator, resume_dir, optimizer, scheduler, {"global_batch": global_batch}
+            accelerator,
+            resume_dir,
+            optimizer,
+            scheduler,
+            {"global_batch": global_batch},
+            sharding.state_of(cfg, vlm, optimizer),
         )
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per process
@@ -277,7 +287,7 @@ def run_sft(
                     for key, val in named_sums.items():
                         sums[key] = sums.get(key, 0.0) + val
             grad_norm = (
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                sharding.clip_grad_norm_(accelerator, model, cfg.optim.max_grad_norm)
                 if cfg.optim.max_grad_norm > 0
                 else None
             )

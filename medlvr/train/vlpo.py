@@ -55,7 +55,7 @@ from medlvr.model.latent import PROJECTOR_FILE, LatentProjector, LatentVLM, read
 from medlvr.rundir import holds_run_folder
 from medlvr.stop import StopSignals
 from medlvr.train import checkpoint as ckpt
-from medlvr.train import setup
+from medlvr.train import setup, sharding
 from medlvr.train.data import SampleStream, TrainSet, load_image, load_train_set
 from medlvr.train.losses import kl_k3, policy_loss, policy_normaliser
 from medlvr.train.optim import build_optimizer, build_scheduler
@@ -216,25 +216,26 @@ def held_out_reward(
     vlm.eval()
     gen = torch.Generator(device=vlm.device).manual_seed(_rollout_seed(seed, rank, 0))
     sums = torch.zeros(3, dtype=torch.float64)  # reward sum, accuracy sum, count
-    for i in range(0, len(mine), batch_size):
-        chunk = mine[i : i + batch_size]
-        images = [[load_image(p) for p in s.images] for s in chunk]
-        ro = sample_rollouts(
-            vlm, collate, chunk, images, group_size=n_samples, latent_steps=latent_steps, temperature=temperature,
-            latent_sigma=latent_sigma, max_new_tokens=max_new_tokens, generator=gen,
-        )  # fmt: skip
-        rois = (
-            collate(chunk, images=images) if rewards.needs_visual else {}
-        )  # the ROI indices (no model pass)
-        roi_index, hops = (
-            repeat_rows(rois.get(key, [None] * len(chunk)), n_samples)
-            for key in ("roi_index", "roi_hop_index")
-        )
-        visual = ro.visual_tokens if rewards.needs_visual else [None] * len(ro.texts)
-        ctxs = _reward_contexts(ro, rewards, 0, visual, roi_index, hops)
-        total, _ = rewards(ro.samples, ro.texts, ro.latents.cpu(), ctxs)
-        acc = sum(accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts))
-        sums += torch.tensor([float(total.sum()), acc, len(ro.texts)], dtype=torch.float64)
+    with sharding.gathered(vlm):  # once: processes may hold different numbers of chunks
+        for i in range(0, len(mine), batch_size):
+            chunk = mine[i : i + batch_size]
+            images = [[load_image(p) for p in s.images] for s in chunk]
+            ro = sample_rollouts(
+                vlm, collate, chunk, images, group_size=n_samples, latent_steps=latent_steps, temperature=temperature,
+                latent_sigma=latent_sigma, max_new_tokens=max_new_tokens, generator=gen,
+            )  # fmt: skip
+            rois = (
+                collate(chunk, images=images) if rewards.needs_visual else {}
+            )  # the ROI indices (no model pass)
+            roi_index, hops = (
+                repeat_rows(rois.get(key, [None] * len(chunk)), n_samples)
+                for key in ("roi_index", "roi_hop_index")
+            )
+            visual = ro.visual_tokens if rewards.needs_visual else [None] * len(ro.texts)
+            ctxs = _reward_contexts(ro, rewards, 0, visual, roi_index, hops)
+            total, _ = rewards(ro.samples, ro.texts, ro.latents.cpu(), ctxs)
+            acc = sum(accuracy_reward(s, t) for s, t in zip(ro.samples, ro.texts))
+            sums += torch.tensor([float(total.sum()), acc, len(ro.texts)], dtype=torch.float64)
     vlm.train(was_training)
     if accelerator is not None and world > 1:
         sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
@@ -268,10 +269,15 @@ def run_vlpo(
     vlm = build_model(cfg, resume_dir)
     trains_latents = latents_are_actions(latent_steps, p.latent_policy, p.latent_sigma)
     reference = Reference(cfg, vlm) if p.beta > 0 else None
+    sharding.shard(
+        vlm, cfg, accelerator, plain=lambda: build_model(cfg, None)
+    )  # model.sharding=fsdp2
+    if reference is not None and reference.copy is not None:
+        sharding.shard(reference.copy, cfg, accelerator)
     optimizer = build_optimizer(vlm.named_parameters(), cfg.optim)
     total_opt_steps = cfg.optimizer_steps
     scheduler = build_scheduler(optimizer, total_opt_steps, cfg.optim)
-    model, optimizer = accelerator.prepare(vlm, optimizer)
+    model, optimizer = sharding.prepare(accelerator, vlm, optimizer)
     vlm = accelerator.unwrap_model(model)
 
     step, pos = 0, 0  # rollout steps done; prompts consumed by all processes together
@@ -279,7 +285,12 @@ def run_vlpo(
     if resume_dir is not None:  # last_row: what the export reports if no step is left to run
         expected = {"group_size": p.group_size, "prompts_per_step": cfg.batch_size * world}
         step, pos, last_row = ckpt.resume_training(
-            accelerator, resume_dir, optimizer, scheduler, expected
+            accelerator,
+            resume_dir,
+            optimizer,
+            scheduler,
+            expected,
+            sharding.state_of(cfg, vlm, optimizer),
         )
     start_step = step
 
@@ -318,11 +329,12 @@ def run_vlpo(
                 _rollout_seed(cfg.seed, rank, step)
             )
             vlm.eval()
-            ro = sample_rollouts(
-                vlm, prompt_collate, samples, images, group_size=p.group_size, latent_steps=latent_steps,
-                temperature=p.temperature, latent_sigma=p.latent_sigma, max_new_tokens=p.max_new_tokens,
-                top_p=p.top_p, generator=gen,
-            )  # fmt: skip
+            with sharding.gathered(vlm):  # processes decode answers of different lengths
+                ro = sample_rollouts(
+                    vlm, prompt_collate, samples, images, group_size=p.group_size, latent_steps=latent_steps,
+                    temperature=p.temperature, latent_sigma=p.latent_sigma, max_new_tokens=p.max_new_tokens,
+                    top_p=p.top_p, generator=gen,
+                )  # fmt: skip
             vlm.train()
             times["rollout_s"] = time.perf_counter() - t0
 
@@ -403,8 +415,8 @@ def run_vlpo(
                     if cfg.optim.max_grad_norm > 0:
                         grad_norms.append(
                             float(
-                                accelerator.clip_grad_norm_(
-                                    model.parameters(), cfg.optim.max_grad_norm
+                                sharding.clip_grad_norm_(
+                                    accelerator, model, cfg.optim.max_grad_norm
                                 )
                             )
                         )
