@@ -107,6 +107,19 @@ def eval_run(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Write into an --out folder that holds files of something else."
     ),
+    latents: str = typer.Option(
+        "own",
+        "--latents",
+        help="Latent inputs (reasoning latent): own (the model's), gold (each hop's pooled ROI tokens, the "
+        "chain alignment's targets), gold-prefix (gold for the hops before the last, own for the last), "
+        "shuffled-gold (gold pooled at another question's boxes).",
+    ),
+    probes: list[Path] = typer.Option(
+        [],
+        "--probes",
+        help="JSONL file(s) to fit linear probes of the latent states on (region per hop, answer by depth), "
+        "scored on --data: probes.json.",
+    ),
 ) -> None:
     """Answer every question, score it with the one scorer, and write the run's reports.
 
@@ -149,6 +162,8 @@ def eval_run(
             control_seed=control_seed,
             allow_pickle=allow_pickle,
             overwrite=overwrite,
+            latents=latents,
+            probes=probes or None,
         )
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -103,6 +103,7 @@ EVAL_WRITES = (
     "summary.json",
     "report.md",
     "explain.json*",
+    "probes.json",
     "plots",
     "*.tmp",
 )
@@ -412,7 +413,8 @@ def _check_run_file(out: Path, settings: dict[str, Any], rank: int) -> None:
         if "mode" in old:  # run.json of releases before `reasoning` had one name
             old["reasoning"] = old.pop("mode")
         old_controls = old.get("image_controls", [REAL])
-        for key in ("model", "reasoning", "control_seed"):
+        old.setdefault("latents", "own")  # runs before `--latents` answered with their own
+        for key in ("model", "reasoning", "control_seed", "latents"):
             if key == "model" and (old.get(key) is None or settings.get(key) is None):
                 continue  # an in-memory model or a predictor has no identity to check
             if key == "control_seed" and not (
@@ -472,6 +474,8 @@ def evaluate(
     control_seed: int = 0,
     allow_pickle: bool = False,
     overwrite: bool = False,
+    latents: str = "own",
+    probes: Sequence[str | Path] | Sequence[VQASample] | None = None,
 ) -> EvalResult:
     """Answer, score and report; see the module docstring.
 
@@ -490,6 +494,12 @@ def evaluate(
     see `medlvr.eval.controls`), each answered like each K; `control_seed`
     fixes the `shuffled` permutation. `allow_pickle` lets a `model` folder with pickle weights only load.
     `out_dir` must be new or hold an evaluation (`run.json`); `overwrite` lets it hold other files.
+    `latents` (a model, reasoning latent) replaces the latent inputs: `gold`, `gold-prefix` or
+    `shuffled-gold` (`medlvr.eval.diagnostics`); recorded in run.json, the rows and the summary.
+    With `explain`, multi-hop questions also get next-hop pointing under a gold prefix.
+    `probes` (JSONL files or samples, a model, K >= 1) fits linear probes of the latent states on
+    those questions and scores them on `data` (`diagnostics.latent_probes`), per K: probes.json
+    and the summary's `probes`.
     """
     _check_reasoning(reasoning)
     if sum(x is not None for x in (model, vlm, predictor)) != 1:
@@ -523,10 +533,22 @@ def evaluate(
         from medlvr.model.latent import LatentVLM
 
         vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
+    if latents != "own":
+        from medlvr.eval.diagnostics import check_source
+
+        check_source(latents)
+    if latents != "own" and (vlm is None or reasoning != "latent"):
+        raise MedlvrError(
+            f"--latents {latents} replaces a model's latent inputs: use reasoning latent"
+        )
     if vlm is not None:
         if latent_steps is None:
             latent_steps = [vlm.resolve_steps(None)]
         predictor = ModelPredictor(vlm, reasoning, max_new_tokens)
+        if latents != "own":
+            from medlvr.eval.diagnostics import LatentSourcePredictor
+
+            predictor = LatentSourcePredictor(vlm, latents, samples, max_new_tokens, control_seed)
     if latent_steps is None:
         raise MedlvrError("reasoning latent with a predictor needs latent_steps")
     if (
@@ -536,6 +558,8 @@ def evaluate(
     assert predictor is not None
     if explain and (vlm is None or max(latent_steps) < 1):
         raise MedlvrError("explanation metrics need a model and reasoning latent with K >= 1")
+    if probes is not None and (vlm is None or max(latent_steps) < 1):
+        raise MedlvrError("latent probes need a model and reasoning latent with K >= 1")
     if "question-only" in conds and vlm is not None and not vlm.adapter.text_only:
         raise MedlvrError(
             f"backbone family {vlm.adapter.family} cannot answer without an image: "
@@ -557,6 +581,7 @@ def evaluate(
             "world_size": world_size,
             "image_controls": conds,
             "control_seed": control_seed,
+            "latents": latents,
         },
         rank,
     )
@@ -620,6 +645,8 @@ def evaluate(
                             )
                         )
                 for row in rows:
+                    if latents != "own":
+                        row["latents"] = latents
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 fh.flush()  # one batch on disk: a crash after this loses nothing of it
                 os.fsync(fh.fileno())
@@ -643,10 +670,45 @@ def evaluate(
         merge_shards(out)
         if explain:
             _explain(vlm, samples, [k for k in latent_steps if k >= 1], out, batch_size, load)
+        fitted: dict[str, Any] = {}
+        if probes is not None:
+            fitted = _probes(
+                vlm, probes, samples, [k for k in latent_steps if k >= 1], out, batch_size, load
+            )
         if report:
             result.report = write_report(out, title=title)
             result.summary = result.report["data"]
+            if isinstance(result.summary, dict) and (latents != "own" or probes is not None):
+                extra = {"latents": latents} if latents != "own" else {}
+                _record(
+                    out, result.summary, extra | ({"probes": fitted} if probes is not None else {})
+                )
     _barrier(synced)  # the other ranks return once the merged files exist
+    return result
+
+
+def _record(out: Path, summary: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Add the latent source and the probes to the summary and summary.json."""
+    from medlvr.eval.report import SUMMARY_FILE
+
+    summary.update(extra)
+    path = out / SUMMARY_FILE
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps(data | extra, indent=2) + "\n", encoding="utf-8")
+
+
+def _probes(vlm: Any, fit: Any, samples: Sequence[VQASample], latent_steps: Sequence[int], out: Path,
+            batch_size: int, load: Callable[[str], Image.Image]) -> dict[str, Any]:  # fmt: skip
+    """Latent probes fitted on `fit`, scored on `samples`, per K; saved as probes.json."""
+    from medlvr.eval.diagnostics import latent_probes
+
+    fit = list(fit) if fit and isinstance(fit[0], VQASample) else load_samples(fit)
+    result = {
+        str(k): latent_probes(vlm, fit, samples, k, batch_size=batch_size, image_loader=load)
+        for k in latent_steps
+    }
+    (out / "probes.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -747,6 +809,13 @@ def _explain(
         str(k): explain_metrics(vlm, kept, k, images=images, batch_size=batch_size)
         for k in latent_steps
     }
+    from medlvr.eval.diagnostics import n_hops, next_hop_pointing
+
+    if any(n_hops(s) > 1 for s in kept):  # multi-hop: does hop j's own step follow a gold prefix?
+        for k in latent_steps:
+            result[str(k)]["next_hop_pointing"] = next_hop_pointing(
+                vlm, kept, k, images=images, batch_size=batch_size
+            )
     tmp = out / (EXPLAIN_FILE + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmp.replace(out / EXPLAIN_FILE)

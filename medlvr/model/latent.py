@@ -530,6 +530,8 @@ class LatentVLM(nn.Module):
         group_size: int = 1,
         generator: torch.Generator | None = None,
         output_attentions: bool = False,
+        latent_inputs: torch.Tensor | None = None,
+        latent_given: torch.Tensor | None = None,
     ) -> GenerationOutput:
         """Prefill, K latent steps, `<|latent_end|>`, then greedy or sampled decoding on one KV cache.
 
@@ -539,9 +541,15 @@ class LatentVLM(nn.Module):
         which are constants). `output_attentions` also returns the latent steps' attention
         rows (`latent_attentions`), computed under eager attention (the only implementation
         that returns weights), switched on for the latent steps and restored afterwards.
+        `latent_inputs [B, K, d]` with `latent_given [B, K]` (bool) feeds the given input at the
+        steps marked and the model's own elsewhere (gold latents, a gold prefix: the
+        diagnostics of `medlvr.eval.diagnostics`); `latent_means` stay the model's own states.
         """
         self._check_batch(batch)
         latent_steps = self.resolve_steps(latent_steps)
+        given = _given(latent_inputs, latent_given, batch["input_ids"].shape[0], latent_steps)
+        if given is not None and group_size > 1:
+            raise MedlvrError("given latent inputs are for one rollout per prompt (group_size 1)")
         self.check_length(batch["input_ids"].shape[1], latent_steps, max_new_tokens)
         if latent_sigma > 0 and self.pause is not None:
             raise MedlvrError(
@@ -582,6 +590,7 @@ class LatentVLM(nn.Module):
                         mu.shape, generator=generator, device=mu.device, dtype=torch.float32
                     )
                     z = mu + latent_sigma * noise.to(mu.dtype)
+                z = _feed(given, k, z)
                 means[:, k], latents[:, k] = mu, z
                 h = self._latent_step(pre, z, rows if output_attentions else None)
         attentions = (
@@ -642,6 +651,7 @@ class LatentVLM(nn.Module):
         latent_steps: int | None = None,
         *,
         latent_inputs: torch.Tensor | None = None,
+        latent_given: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Teacher-forced answer loss through the latent chain.
 
@@ -650,7 +660,9 @@ class LatentVLM(nn.Module):
         latents are fed in one parallel pass (teacher-forced latents, and VLPO's
         log-probability recomputation); otherwise the latents come from the
         recurrence, on the cache, or by recomputing full passes when gradient
-        checkpointing is on (it drops the cache).
+        checkpointing is on (it drops the cache). With `latent_given [B, K]` (bool) as well, the
+        recurrence runs and feeds `latent_inputs` only at the steps marked, its own states elsewhere
+        (scheduled sampling between gold and own latents, `SFTConfig.gold_latents`).
         """
         self._check_batch(batch)
         if batch.get("answer_ids") is None or batch.get("answer_mask") is None:
@@ -658,6 +670,9 @@ class LatentVLM(nn.Module):
         latent_steps = (
             self.resolve_steps(latent_steps) if latent_inputs is None else latent_inputs.shape[1]
         )
+        given = _given(latent_inputs, latent_given, batch["input_ids"].shape[0], latent_steps)
+        if given is not None:
+            latent_inputs = None  # mixed with the model's own: the recurrence below
         answer = batch["answer_ids"].to(self.device)
         amask = batch["answer_mask"].to(self.device)
         if answer.shape[0] != batch["input_ids"].shape[0]:
@@ -672,7 +687,7 @@ class LatentVLM(nn.Module):
             and self.training
         )
         if latent_inputs is not None or recompute:
-            return self._parallel_forward(batch, latent_steps, answer, amask, latent_inputs)
+            return self._parallel_forward(batch, latent_steps, answer, amask, latent_inputs, given)
 
         pre = self._prefill(batch, with_latent_start=latent_steps > 0)
         zs, mus = [], []
@@ -682,7 +697,7 @@ class LatentVLM(nn.Module):
         )  # [B, K, d]
         for k in range(latent_steps):
             mu = self.projector(h)
-            z = mu if pause is None else pause[:, k].to(mu.dtype)
+            z = _feed(given, k, mu if pause is None else pause[:, k].to(mu.dtype))
             zs.append(z)
             mus.append(mu)
             h = self._latent_step(pre, z)
@@ -704,7 +719,9 @@ class LatentVLM(nn.Module):
         end = torch.full_like(answer[:, :1], self.latent_end_id)
         return torch.cat([end, answer], 1), torch.cat([torch.ones_like(amask[:, :1]), amask], 1)
 
-    def _parallel_forward(self, batch, latent_steps, answer, amask, latent_inputs) -> ForwardOutput:
+    def _parallel_forward(
+        self, batch, latent_steps, answer, amask, latent_inputs, given=None
+    ) -> ForwardOutput:
         """One pass over prefix + given latents + tail; with no latents given, K+1 passes (recompute)."""
         pre = self._prefill(batch, with_latent_start=latent_steps > 0, use_cache=False)
         b, d = pre.last_hidden.shape
@@ -726,14 +743,16 @@ class LatentVLM(nn.Module):
             return self._forward(torch.cat(parts, 1), torch.cat(masks, 1), pos, None, **extra)
 
         if (
-            latent_inputs is None and self.pause is not None
+            latent_inputs is None and self.pause is not None and given is None
         ):  # pause inputs are known up front: one pass
             latents = self.pause(latent_steps, b)
         elif latent_inputs is None:  # recompute the chain: pass k sees z_1..z_{k-1}
             zs: list[torch.Tensor] = []
             h = pre.last_hidden
-            for _ in range(latent_steps):
-                zs.append(self.projector(h))
+            pause = self.pause(latent_steps, b) if self.pause is not None else None
+            for k in range(latent_steps):
+                own = self.projector(h) if pause is None else pause[:, k]
+                zs.append(_feed(given, k, own))
                 _, hidden = full(torch.stack(zs, 1), with_tail=False)
                 h = hidden[:, -1]
             latents = torch.stack(zs, 1) if zs else pre.embeds.new_zeros(b, 0, d)
@@ -760,6 +779,32 @@ class LatentVLM(nn.Module):
 
 
 # ---------------------------------------------------------------------------- utilities
+
+
+def _given(
+    inputs: torch.Tensor | None, mask: torch.Tensor | None, b: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Checked `(inputs [B, K, d], mask [B, K] bool)` of given latent inputs, or None without a mask."""
+    if mask is None:
+        return None
+    if inputs is None or tuple(inputs.shape[:2]) != (b, k) or tuple(mask.shape) != (b, k):
+        raise MedlvrError(
+            f"latent_given needs latent_inputs [B={b}, K={k}, d] and a mask [B, K]: got "
+            f"{None if inputs is None else tuple(inputs.shape)} and {tuple(mask.shape)}"
+        )
+    return inputs, mask.bool()
+
+
+def _feed(
+    given: tuple[torch.Tensor, torch.Tensor] | None, k: int, own: torch.Tensor
+) -> torch.Tensor:
+    """Step k's input: the given one where the mask marks it, the model's own `[B, d]` elsewhere."""
+    if given is None:
+        return own
+    inputs, mask = given
+    return torch.where(
+        mask[:, k, None].to(own.device), inputs[:, k].to(device=own.device, dtype=own.dtype), own
+    )
 
 
 def _checkpointing(model: PreTrainedModel) -> bool:
