@@ -61,6 +61,7 @@ Finetune = Literal["full", "lora"]
 Sharding = Literal["none", "fsdp2"]
 AlignKind = Literal["cosine", "mse", "infonce"]
 AlignAssign = Literal["raster", "first", "chain"]
+AlignNegatives = Literal["background", "other_hops"]
 Schedule = Literal["cosine", "linear", "constant"]
 SFTMode = Literal["plain", "latent", "roi", "teacher_forced"]
 
@@ -240,9 +241,29 @@ class AlignConfig:
     spread evenly (K=2, h=3: hops 2 and 3; the first hop gets none). A hop's s steps pool
     that hop's ROI tokens into s raster chunks. A record without `roi_hops` is one hop
     (chain = raster). The InfoNCE negatives are the image's non-ROI tokens (all hops' ROIs
-    excluded) under every assignment."""
+    excluded) under every assignment, unless `negatives=other_hops`."""
+    negatives: AlignNegatives = "background"
+    """InfoNCE negatives. `background`: the image's tokens outside every ROI. `other_hops` (with
+    `assign=chain`): also the ROI tokens of the *other* hops, so a step aligned to hop j is
+    pushed off the lesions of hops != j (staying on the anchor is contrasted with moving on)."""
+    region_weight: float = 0.0
+    """Weight of a linear head on every latent state that classifies the cell of an n x n grid
+    (`region_grid`) holding its hop's ROI centre (the step's hop as `assign=chain` gives it):
+    a target that says *where*, which the visual tokens carry only as far as their content does
+    (0 = off; training only, the head is not exported)."""
+    region_grid: int = 3
+    """n of the region head's n x n grid (3: the synthetic benchmark's nine named regions)."""
 
     def __post_init__(self) -> None:
+        if self.negatives not in ("background", "other_hops"):
+            raise MedlvrError(
+                f"align.negatives must be background or other_hops, got {self.negatives!r}"
+            )
+        if self.region_weight < 0 or self.region_grid < 1:
+            raise MedlvrError(
+                f"align.region_weight must be >= 0 and align.region_grid >= 1, got "
+                f"{self.region_weight}, {self.region_grid}"
+            )
         if self.assign not in ("raster", "first", "chain"):
             raise MedlvrError(f"align.assign must be raster, first or chain, got {self.assign!r}")
         if self.weight < 0:
@@ -378,6 +399,12 @@ class SFTConfig:
     s steps to the stage's K latent steps, so latents replace written steps one at a time (e.g.
     curriculum [0, 2, 4, 6] for 3-step chains, 2 latent steps per step; K = 0 allowed here).
     Records without written reasoning keep their plain answer."""
+    gold_latents: float = 0.0
+    """Scheduled sampling between gold and own latents (mode `roi`): at optimizer step t each hop
+    of each sample with ROIs is fed its gold latents (the chain alignment's pooled ROI targets,
+    as `medlvr eval --latents gold`) with probability `gold_latents x (1 - t / steps)`, its own
+    elsewhere, so the answer learns to read latents while the producer, behind gold prefixes,
+    is trained through the answer loss. 0 = own latents throughout."""
     model: ModelConfig = field(default_factory=ModelConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -429,6 +456,19 @@ class SFTConfig:
         ):
             raise MedlvrError(
                 f"mode {self.mode!r} needs latent.steps >= 1 (use mode=plain for K = 0)"
+            )
+        if not 0 <= self.gold_latents <= 1:
+            raise MedlvrError(f"gold_latents must be in [0, 1], got {self.gold_latents}")
+        if self.gold_latents and self.mode != "roi":
+            raise MedlvrError(
+                f"gold_latents mixes gold and own latents in the recurrence of mode roi, not {self.mode!r}"
+            )
+        if (
+            self.gold_latents or self.align.negatives == "other_hops" or self.align.region_weight
+        ) and (self.align.assign != "chain"):
+            raise MedlvrError(
+                "gold_latents, align.negatives=other_hops and align.region_weight work per hop: "
+                "set align.assign=chain"
             )
         if self.mode in ("roi", "teacher_forced") and self.align.weight == 0:
             raise MedlvrError(

@@ -60,6 +60,10 @@ def auxiliary_losses(
     losses: list[AuxiliaryLoss] = []
     if cfg.probe.weight:
         losses.append(ProbeLoss(cfg.probe, samples, hidden_size))
+    if cfg.align.region_weight and cfg.mode != "plain":
+        from medlvr.train.latent_region import RegionLoss
+
+        losses.append(RegionLoss(cfg.align, hidden_size))
     if resume_dir is not None:
         for aux in losses:
             aux.module.load_state_dict(load_file(resume_dir / f"{aux.name}.safetensors"))

@@ -51,7 +51,7 @@ def infonce_alignment(
     """InfoNCE: each latent must pick its ROI target out of the image's other visual tokens.
 
     `negatives [B, N, d]` are the sample's non-ROI visual tokens (padded; `negatives_mask
-    [B, N]` marks real ones). Logits are cosine similarities over `temperature`; the
+    [B, N]` marks real ones, or `[B, K, N]` the ones of each step: `align.negatives=other_hops`). Logits are cosine similarities over `temperature`; the
     positive sits at index 0. Distractor lesions are among the negatives, so, unlike
     plain cosine, the loss cannot be met by the direction every visual token shares
     or by "any lesion" (NOTES-synthetic.md). Returns `[B]`, zero where masked.
@@ -61,7 +61,8 @@ def infonce_alignment(
     neg = F.normalize(negatives.detach().float(), dim=-1, eps=1e-6)  # [B, N, d]
     pos_logit = (z * pos).sum(-1, keepdim=True)  # [B, K, 1]
     neg_logit = torch.einsum("bkd,bnd->bkn", z, neg)  # [B, K, N]
-    neg_logit = neg_logit.masked_fill(~negatives_mask[:, None, :].bool(), float("-inf"))
+    step_mask = negatives_mask if negatives_mask.dim() == 3 else negatives_mask[:, None, :]
+    neg_logit = neg_logit.masked_fill(~step_mask.bool(), float("-inf"))
     logits = torch.cat([pos_logit, neg_logit], -1) / temperature  # [B, K, 1 + N]
     nll = -torch.log_softmax(logits, -1)[..., 0]  # [B, K]
     return nll.mean(-1) * mask.to(nll.dtype)

@@ -41,7 +41,7 @@ from accelerate.utils import DistributedType, set_seed
 from medlvr.config import SFTConfig, save_config
 from medlvr.data.collate import VQACollator
 from medlvr.data.prompts import written_reasoning
-from medlvr.data.roi import pool_targets, roi_hops
+from medlvr.data.roi import hop_of_steps, pool_targets, roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
@@ -264,11 +264,12 @@ def run_sft(
                 "align": 0.0,
                 "samples": 0.0,
             }  # this process's sums over the step's micro-batches
+            gold = cfg.gold_latents * (1 - step / total_steps)  # scheduled sampling, decaying
             for m, (batch, align_mask) in enumerate(zip(batches, aligned)):
                 sync = m == cfg.grad_accum - 1
                 with accelerator.no_sync(model) if not sync else nullcontext():
                     with accelerator.autocast():
-                        ce, al, fwd = _losses(cfg, model, vlm, batch, k, align_mask)
+                        ce, al, fwd = _losses(cfg, model, vlm, batch, k, align_mask, gold)
                         terms = [
                             a.loss(module, fwd, batch) for a, module in zip(aux, aux_modules)
                         ]  # ([B], named sums)
@@ -388,10 +389,11 @@ def _steps_at(cfg: SFTConfig, step: int, total: int) -> int:
 
 
 def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
-            aligned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
+            aligned: torch.Tensor | None, gold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
     """Per-sample answer CE `[B]`, alignment loss `[B]` (zero without ROI) and the forward.
 
     `aligned [B]`: the samples whose alignment term counts (`_aligned`; None in the modes without ROI).
+    `gold`: the probability that a hop's latent steps are fed their gold targets (`gold_latents`).
     """
     if cfg.mode == "teacher_forced":
         # Targets first (no grad: they are detached anyway), then one parallel pass with them as latents.
@@ -401,6 +403,10 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
         fill = torch.stack([_pool_all(v.detach().float(), k) for v in per_sample])
         inputs = torch.where(mask[:, None, None], targets, fill)
         fwd = model(batch, latent_inputs=inputs)
+    elif gold > 0 and k > 0:
+        given = _gold_given(cfg, vlm, batch, k, gold)
+        fwd = model(batch, latent_inputs=given[0], latent_given=given[1])
+        targets, mask, negatives = _roi_targets(cfg, fwd.visual_tokens, batch, k)
     else:
         fwd = model(batch, latent_steps=k)
         if cfg.mode == "roi":
@@ -419,6 +425,8 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
         if cfg.align.kind == "infonce"
         else (None, None)
     )
+    if cfg.align.kind == "infonce" and cfg.align.negatives == "other_hops":
+        neg, neg_mask = _other_hop_negatives(fwd.visual_tokens, batch, latents.shape[1])
     al = alignment_loss(cfg.align.kind, latents, targets, mask, negatives=neg, negatives_mask=neg_mask,
                         temperature=cfg.align.temperature)  # fmt: skip
     return ce, al, fwd
@@ -453,6 +461,37 @@ def _roi_targets(
     return roi_targets(
         visual, batch["roi_index"], k, assign=assign, hop_index=batch.get("roi_hop_index")
     )
+
+
+def _gold_given(
+    cfg: SFTConfig, vlm: Any, batch: dict[str, Any], k: int, p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scheduled sampling: the gold chain targets `[B, K, d]` and the steps fed them `[B, K]`,
+    each hop of each sample with ROIs drawn with probability `p`."""
+    visual = vlm.visual_tokens(batch)  # no grad: the targets are detached anyway
+    targets, mask, _ = _roi_targets(cfg, visual, batch, k, fed=True)
+    given = torch.zeros(len(visual), k, dtype=torch.bool)
+    for i, hops in enumerate(batch["roi_hop_index"]):
+        if bool(mask[i]) and hops:
+            coin = torch.rand(len(hops)) < p
+            given[i] = coin[torch.tensor(hop_of_steps(k, len(hops)))]
+    return targets, given
+
+
+def _other_hop_negatives(
+    visual: list[torch.Tensor], batch: dict[str, Any], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every visual token as a negative `[B, N, d]`, masked per step `[B, K, N]`: all but the
+    ROI tokens of the step's own hop (`align.negatives=other_hops`)."""
+    d, dev = visual[0].shape[-1], visual[0].device
+    neg, real = pad_tokens([v.detach() for v in visual], d, dev)
+    mask = real[:, None, :].repeat(1, k, 1)
+    for i, hops in enumerate(batch["roi_hop_index"]):
+        if not hops:  # no ROI: every token stays a negative (the sample is not aligned anyway)
+            continue
+        for step, j in enumerate(hop_of_steps(k, len(hops))):
+            mask[i, step, hops[j].to(dev)] = False
+    return neg, mask
 
 
 def _pool_all(tokens: torch.Tensor, k: int) -> torch.Tensor:
