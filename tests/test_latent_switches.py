@@ -16,7 +16,7 @@ from medlvr.errors import MedlvrError
 from medlvr.model.latent import LatentVLM
 from medlvr.train import sft
 from medlvr.train.latent_region import IGNORE, RegionLoss, hop_regions
-from medlvr.train.losses import infonce_alignment, pad_tokens
+from medlvr.train.losses import infonce_alignment
 from medlvr.train.setup import hop_fields
 
 
