@@ -402,9 +402,12 @@ class SFTConfig:
     gold_latents: float = 0.0
     """Scheduled sampling between gold and own latents (mode `roi`): at optimizer step t each hop
     of each sample with ROIs is fed its gold latents (the chain alignment's pooled ROI targets,
-    as `medlvr eval --latents gold`) with probability `gold_latents x (1 - t / steps)`, its own
-    elsewhere, so the answer learns to read latents while the producer, behind gold prefixes,
-    is trained through the answer loss. 0 = own latents throughout."""
+    as `medlvr eval --latents gold`) with a probability going linearly from `gold_latents` at the
+    first step to `gold_latents_end` at the last, its own elsewhere, so the answer learns to read
+    latents while the producer, behind gold prefixes, is trained through the answer loss.
+    0 = own latents throughout."""
+    gold_latents_end: float = 0.0
+    """The scheduled-sampling probability at the last optimizer step (see `gold_latents`)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -457,8 +460,13 @@ class SFTConfig:
             raise MedlvrError(
                 f"mode {self.mode!r} needs latent.steps >= 1 (use mode=plain for K = 0)"
             )
-        if not 0 <= self.gold_latents <= 1:
-            raise MedlvrError(f"gold_latents must be in [0, 1], got {self.gold_latents}")
+        if not (0 <= self.gold_latents <= 1 and 0 <= self.gold_latents_end <= 1):
+            raise MedlvrError(
+                f"gold_latents and gold_latents_end must be in [0, 1], got {self.gold_latents}, "
+                f"{self.gold_latents_end}"
+            )
+        if self.gold_latents_end and not self.gold_latents:
+            raise MedlvrError("gold_latents_end ends the schedule gold_latents starts: set both")
         if self.gold_latents and self.mode != "roi":
             raise MedlvrError(
                 f"gold_latents mixes gold and own latents in the recurrence of mode roi, not {self.mode!r}"

@@ -43,7 +43,8 @@ def _cfg(tiny_dir: Path, chains: Path, out: Path, *overrides: str) -> SFTConfig:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["gold_latents=1.5"], r"gold_latents must be in \[0, 1\]"),
+        (["gold_latents=1.5"], r"gold_latents and gold_latents_end must be in \[0, 1\]"),
+        (["gold_latents_end=0.5"], "set both"),
         (["gold_latents=0.5", "mode=latent"], "mode roi"),
         (["gold_latents=0.5", "align.assign=raster"], "align.assign=chain"),
         (["align.negatives=other_hops", "align.assign=raster"], "align.assign=chain"),
@@ -95,6 +96,15 @@ def test_other_hop_negatives_leave_out_only_the_steps_own_hop(tiny_dir, chains):
             assert out == set(hops[j].tolist())  # the own hop's ROI tokens, and nothing else
         other = sorted(set(hops[1].tolist()) - set(hops[0].tolist()))
         assert other and mask[i, 0, other].all()  # hop 2's lesion is a negative of hop 1's steps
+
+
+def test_gold_schedule_goes_linearly_from_start_to_end(tiny_dir, chains, tmp_path):
+    cfg = _cfg(tiny_dir, chains, tmp_path / "r", "gold_latents=0.8", "gold_latents_end=0.2")
+    assert [round(sft._gold_at(cfg, t, 4), 6) for t in range(4)] == [0.8, 0.6, 0.4, 0.2]
+    off = _cfg(tiny_dir, chains, tmp_path / "r")
+    assert sft._gold_at(off, 0, 4) == 0.0
+    decay = _cfg(tiny_dir, chains, tmp_path / "r", "gold_latents=1.0")
+    assert sft._gold_at(decay, 3, 4) == 0.0 and sft._gold_at(decay, 0, 4) == 1.0
 
 
 def test_gold_given_marks_whole_hops_with_the_scheduled_probability(tiny_dir, chains, tmp_path):

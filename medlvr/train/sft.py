@@ -264,7 +264,7 @@ def run_sft(
                 "align": 0.0,
                 "samples": 0.0,
             }  # this process's sums over the step's micro-batches
-            gold = cfg.gold_latents * (1 - step / total_steps)  # scheduled sampling, decaying
+            gold = _gold_at(cfg, step, total_steps)
             for m, (batch, align_mask) in enumerate(zip(batches, aligned)):
                 sync = m == cfg.grad_accum - 1
                 with accelerator.no_sync(model) if not sync else nullcontext():
@@ -461,6 +461,14 @@ def _roi_targets(
     return roi_targets(
         visual, batch["roi_index"], k, assign=assign, hop_index=batch.get("roi_hop_index")
     )
+
+
+def _gold_at(cfg: SFTConfig, step: int, total: int) -> float:
+    """Scheduled sampling's probability at optimizer step `step` (0-based): linear from
+    `gold_latents` to `gold_latents_end` at the last step."""
+    if not cfg.gold_latents:
+        return 0.0
+    return cfg.gold_latents + (cfg.gold_latents_end - cfg.gold_latents) * step / max(total - 1, 1)
 
 
 def _gold_given(
