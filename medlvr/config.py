@@ -41,6 +41,13 @@ class LatentConfig:
     fed-back state, so any gain of `hidden` over `pause` comes from the recurrence, not from
     extra positions. ROI alignment still trains `proj(h_{k-1})`, the outputs at the latent
     positions; VLPO (Gaussian exploration of the fed state) refuses `pause`."""
+    lookup_grid: int = 0
+    """n > 0: a latent step addresses the visual tokens by position. A learned head on the
+    state `proj(h_{k-1})` scores the n x n cells of the image grid, and step k is fed the
+    softmax-weighted mean of each cell's visual tokens (what chain alignment's gold targets are
+    made of: pooled ROI tokens) instead of the state itself; `latent_means` are these inputs.
+    The head starts at zero (every cell alike) and trains through the answer loss, the ROI
+    alignment and `align.region_weight` (which then supervises the head itself). 0 = off."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -51,6 +58,11 @@ class LatentConfig:
             )
         if self.input not in ("hidden", "pause"):
             raise MedlvrError(f"latent.input must be hidden or pause, got {self.input!r}")
+        if self.lookup_grid < 0 or (self.lookup_grid and self.input == "pause"):
+            raise MedlvrError(
+                f"latent.lookup_grid must be >= 0 and needs latent.input=hidden, got "
+                f"{self.lookup_grid} with input {self.input!r}"
+            )
 
 
 # ---------------------------------------------------------------------------- training groups
@@ -477,6 +489,15 @@ class SFTConfig:
             raise MedlvrError(
                 "gold_latents, align.negatives=other_hops and align.region_weight work per hop: "
                 "set align.assign=chain"
+            )
+        if (
+            self.latent.lookup_grid
+            and self.align.region_weight
+            and self.align.region_grid != self.latent.lookup_grid
+        ):
+            raise MedlvrError(
+                f"align.region_grid ({self.align.region_grid}) must equal latent.lookup_grid "
+                f"({self.latent.lookup_grid}): the region labels supervise the lookup head"
             )
         if self.mode in ("roi", "teacher_forced") and self.align.weight == 0:
             raise MedlvrError(

@@ -4,6 +4,7 @@ gold and own latents, other hops' ROI tokens among the InfoNCE negatives, a regi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,53 @@ def test_sft_with_every_switch_trains_the_region_head_and_exports_without_it(
     assert rows[-1]["region"] < rows[0]["region"]  # the head learns
     assert not any("region" in p.name for p in Path(res.final_model).iterdir())
     LatentVLM.from_pretrained(res.final_model)
+
+
+def test_lookup_feeds_cell_means_trains_its_head_and_round_trips(tiny_dir, chains, tmp_path):
+    from medlvr.config import LatentConfig
+
+    vlm = LatentVLM.from_pretrained(tiny_dir, LatentConfig(steps=3, lookup_grid=2))
+    samples = [
+        s.model_copy(update={"images": [str(chains / p) for p in s.images]})
+        for s in read_jsonl(chains / "train.jsonl")[:3]
+    ]
+    batch = _batch(vlm, samples)
+    out = vlm.generate(batch, 3, max_new_tokens=2)
+    visual = vlm.visual_tokens(batch)
+    (rows, cols) = vlm.adapter.visual_grid_shapes(vlm.base_model, batch)[0]
+    cell = (
+        torch.arange(rows)[:, None] * 2 // rows * 2 + torch.arange(cols)[None] * 2 // cols
+    ).flatten()
+    for i, v in enumerate(
+        visual
+    ):  # a zero head weighs the four cells alike: the mean of their means
+        means = torch.stack([v[cell == c].float().mean(0) for c in range(4)])
+        for k in range(3):
+            assert torch.allclose(out.latent_means[i, k].float(), means.mean(0), atol=1e-5)
+    assert torch.equal(out.latents, out.latent_means)
+    fwd = vlm(_batch(vlm, samples), latent_steps=3)
+    assert fwd.lookup_logits.shape == (3, 3, 4)
+    fwd.loss.backward()
+    assert vlm.lookup.weight.grad is not None and vlm.lookup.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        vlm.lookup.weight.normal_()
+    vlm.save_pretrained(tmp_path / "m")
+    again = LatentVLM.from_pretrained(tmp_path / "m")
+    assert again.latent.lookup_grid == 2 and torch.equal(again.lookup.weight, vlm.lookup.weight)
+    with pytest.raises(MedlvrError, match="lookup_grid"):
+        LatentConfig(lookup_grid=2, input="pause")
+
+
+def test_sft_with_lookup_supervises_the_lookup_head(tiny_dir, chains, tmp_path):
+    with pytest.raises(MedlvrError, match="must equal latent.lookup_grid"):
+        _cfg(tiny_dir, chains, tmp_path / "x", "latent.lookup_grid=2", "align.region_weight=1.0")
+    cfg = _cfg(tiny_dir, chains, tmp_path / "run", "latent.lookup_grid=3", "align.region_weight=1.0",
+               "align.negatives=other_hops", "max_steps=10")  # fmt: skip
+    res = sft.run_sft(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "region" in r]
+    # the zero-started lookup head is what the labels score (uniform: ln 9), then it moves
+    assert rows[0]["region"] == pytest.approx(math.log(9), abs=1e-4)
+    assert len({round(r["region"], 4) for r in rows}) > 5
+    model = LatentVLM.from_pretrained(res.final_model)
+    assert model.lookup is not None and model.lookup.weight.abs().sum() > 0

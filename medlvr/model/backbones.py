@@ -232,6 +232,13 @@ class BackboneAdapter(ABC):
             return "vision"
         return "language"
 
+    def visual_grid_shapes(
+        self, model: PreTrainedModel, batch: dict[str, Any]
+    ) -> list[tuple[int, int]] | None:
+        """(rows, cols) of each image's visual tokens in raster order, read from the batch; None
+        where the family's tokens are not one grid per image (tiles), so `latent.lookup_grid` is refused."""
+        return None
+
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
         """The visual-token grid of an image of `width x height` original pixels."""
         raise NotImplementedError
@@ -450,6 +457,15 @@ class QwenVLAdapter(BackboneAdapter):
         return torch.cat(
             [t[None], (t + state.delta[:, None])[None].expand(3, -1, -1)], dim=0
         )  # [4, B, T]
+
+    def visual_grid_shapes(
+        self, model: PreTrainedModel, batch: dict[str, Any]
+    ) -> list[tuple[int, int]] | None:
+        """(rows, cols) of each image's post-merger tokens, from `image_grid_thw` (patches, merged m x m)."""
+        if batch.get("image_grid_thw") is None:
+            return []
+        m = int(model.config.vision_config.spatial_merge_size)
+        return [(h // m, w // m) for _, h, w in batch["image_grid_thw"].tolist()]
 
     def token_grid(self, processor: ProcessorMixin, width: int, height: int) -> TokenGrid:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize

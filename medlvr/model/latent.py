@@ -49,6 +49,7 @@ from medlvr.model.backbones import (
 LATENT_CONFIG_FILE = "medlvr_latent.json"
 PROJECTOR_FILE = "latent_projector.safetensors"
 PAUSE_FILE = "latent_pause.safetensors"
+LOOKUP_FILE = "latent_lookup.safetensors"
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -170,6 +171,9 @@ class ForwardOutput:
         torch.Tensor
     ]  # per sample [N_i, d], all its images' visual tokens, prompt order
     token_logprobs: torch.Tensor | None = None  # [B, T] log p(answer_ids[:, t]) (0 on padding)
+    lookup_logits: torch.Tensor | None = (
+        None  # [B, K, n*n] the lookup head's cell scores (`latent.lookup_grid`)
+    )
 
 
 @dataclass
@@ -225,6 +229,12 @@ class LatentVLM(nn.Module):
         d = self.hidden_size
         self.projector = LatentProjector(self.latent.projector, d, embed_rms=self._embed_rms())
         self.projector.to(device=self.device, dtype=self.backbone.dtype)
+        self.lookup: nn.Linear | None = None
+        if self.latent.lookup_grid:  # zero start: every cell alike, the image's mean token
+            self.lookup = nn.Linear(d, self.latent.lookup_grid**2)
+            nn.init.zeros_(self.lookup.weight)
+            nn.init.zeros_(self.lookup.bias)
+            self.lookup.to(device=self.device)
         self.pause: PauseInputs | None = None
         if (
             self.latent.input == "pause"
@@ -296,6 +306,7 @@ class LatentVLM(nn.Module):
         for prefix, name, module in (
             ("projector.", PROJECTOR_FILE, self.projector),
             ("pause.", PAUSE_FILE, self.pause),
+            ("lookup.", LOOKUP_FILE, self.lookup),
         ):
             if module is None:
                 continue
@@ -322,6 +333,12 @@ class LatentVLM(nn.Module):
             self.projector.load_state_dict(load_file(str(path / PROJECTOR_FILE)))
         if (path / PAUSE_FILE).is_file() and saved.input == "pause" and self.pause is not None:
             self.pause.load_weight(load_file(str(path / PAUSE_FILE))["weight"])
+        if (
+            (path / LOOKUP_FILE).is_file()
+            and self.lookup is not None
+            and saved.lookup_grid == self.latent.lookup_grid
+        ):
+            self.lookup.load_state_dict(load_file(str(path / LOOKUP_FILE)))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -580,10 +597,11 @@ class LatentVLM(nn.Module):
         means = pre.last_hidden.new_zeros(b, latent_steps, d)
         h, logits = pre.last_hidden, pre.last_logits
         pause = self.pause(latent_steps, b) if self.pause is not None else None  # [B, K, d]
+        look = self._lookup_cells(pre, group_size) if latent_steps else None
         rows: list[tuple[torch.Tensor, ...]] = []  # per step, per layer [B, H, 1, P + k]
         with eager_attention(self.base_model) if output_attentions else nullcontext():
             for k in range(latent_steps):
-                mu = self.projector(h)  # [B, d]
+                mu, _ = self._state(h, look)  # [B, d]
                 z = mu if pause is None else pause[:, k].to(mu.dtype)
                 if latent_sigma > 0:
                     noise = torch.randn(
@@ -690,13 +708,15 @@ class LatentVLM(nn.Module):
             return self._parallel_forward(batch, latent_steps, answer, amask, latent_inputs, given)
 
         pre = self._prefill(batch, with_latent_start=latent_steps > 0)
-        zs, mus = [], []
+        zs, mus, logits_k = [], [], []
+        look = self._lookup_cells(pre) if latent_steps else None
         h = pre.last_hidden
         pause = (
             self.pause(latent_steps, h.shape[0]) if self.pause is not None else None
         )  # [B, K, d]
         for k in range(latent_steps):
-            mu = self.projector(h)
+            mu, lg = self._state(h, look)
+            logits_k.append(lg)
             z = _feed(given, k, mu if pause is None else pause[:, k].to(mu.dtype))
             zs.append(z)
             mus.append(mu)
@@ -709,7 +729,7 @@ class LatentVLM(nn.Module):
             if latent_steps > 0
             else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
         )
-        return self._finish(pred, answer, amask, zs, mus, pre.visual, batch)
+        return self._finish(pred, answer, amask, zs, mus, pre.visual, batch, logits_k)
 
     def _tail(
         self, answer: torch.Tensor, amask: torch.Tensor, latent_steps: int
@@ -728,6 +748,7 @@ class LatentVLM(nn.Module):
         tail, tmask = self._tail(answer, amask, latent_steps)
         tail_emb = self.embed(tail)
         L = pre.embeds.shape[1]
+        look = self._lookup_cells(pre) if latent_steps else None
 
         def full(latents: torch.Tensor, with_tail: bool):
             k = latents.shape[1]
@@ -751,7 +772,7 @@ class LatentVLM(nn.Module):
             h = pre.last_hidden
             pause = self.pause(latent_steps, b) if self.pause is not None else None
             for k in range(latent_steps):
-                own = self.projector(h) if pause is None else pause[:, k]
+                own = self._state(h, look)[0] if pause is None else pause[:, k]
                 zs.append(_feed(given, k, own))
                 _, hidden = full(torch.stack(zs, 1), with_tail=False)
                 h = hidden[:, -1]
@@ -760,14 +781,63 @@ class LatentVLM(nn.Module):
             latents = latent_inputs.to(self.device)
         logits, hidden = full(latents, with_tail=True)
         # mu_k = proj(h at the position before z_k): positions L-1 .. L+K-2
-        mus = [self.projector(hidden[:, L - 1 + k]) for k in range(latent_steps)]
+        states = [self._state(hidden[:, L - 1 + k], look) for k in range(latent_steps)]
+        mus = [mu for mu, _ in states]
         t = answer.shape[1]
         pred = (
             logits[:, -t - 1 : -1] if latent_steps > 0 else logits[:, L - 1 : L - 1 + t]
         )  # <|latent_end|> predicts answer_ids[:, 0]
-        return self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch)
+        return self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch,
+                            [lg for _, lg in states])  # fmt: skip
 
-    def _finish(self, pred, answer, amask, zs, mus, visual, batch) -> ForwardOutput:
+    def _state(
+        self, h: torch.Tensor, look: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's own latent state for the next step `[B, d]` from the hidden state `h`:
+        `proj(h)`, or with `latent.lookup_grid` the cells' mean tokens weighted by the lookup
+        head's softmax over the cells; and the head's logits `[B, C]` (None without lookup)."""
+        mu = self.projector(h)
+        if look is None or self.lookup is None:
+            return mu, None
+        cells, valid = look
+        logits = self.lookup(mu.float()).masked_fill(~valid, float("-inf"))
+        z = torch.einsum("bc,bcd->bd", torch.softmax(logits, -1), cells.float())
+        return z.to(mu.dtype), logits
+
+    def _lookup_cells(
+        self, pre: _Prefix, group_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`latent.lookup_grid`: per sample the mean visual token of each of the n x n cells `[B, C, d]`
+        (all its images) and the cells holding a token `[B, C]`; None when the lookup is off."""
+        if self.lookup is None:
+            return None
+        shapes = self.adapter.visual_grid_shapes(self.base_model, pre.batch)
+        if shapes is None:
+            raise MedlvrError(
+                f"latent.lookup_grid: family {self.family} has no one-grid image tokens"
+            )
+        n, d = self.latent.lookup_grid, self.hidden_size
+        b = pre.batch["input_ids"].shape[0]
+        per = pre.batch.get("images_per_sample") or ([1] * b if len(shapes) == b else [0] * b)
+        owner = [i for i, c in enumerate(per) for _ in range(c)]
+        cells = pre.last_hidden.new_zeros(b, n * n, d, dtype=torch.float32)
+        count = cells.new_zeros(b, n * n)
+        for tokens, (rows, cols), i in zip(pre.visual, shapes, owner):
+            r = torch.arange(rows, device=cells.device) * n // rows
+            c = torch.arange(cols, device=cells.device) * n // cols
+            idx = (r[:, None] * n + c[None, :]).flatten()
+            cells[i] = cells[i].index_add(0, idx, tokens.float())
+            count[i] = count[i].index_add(0, idx, torch.ones_like(idx, dtype=count.dtype))
+        cells, valid = cells / count.clamp_min(1)[..., None], count > 0
+        valid[~valid.any(-1)] = True  # no image: a uniform mix of zeros, the step is fed 0
+        if group_size > 1:
+            cells, valid = (
+                cells.repeat_interleave(group_size, 0),
+                valid.repeat_interleave(group_size, 0),
+            )
+        return cells, valid
+
+    def _finish(self, pred, answer, amask, zs, mus, visual, batch, lookup=None) -> ForwardOutput:
         logp = torch.log_softmax(pred.float(), -1)
         tok_lp = logp.gather(-1, answer.unsqueeze(-1)).squeeze(-1) * amask  # [B, T]
         loss = -tok_lp.sum() / amask.sum().clamp_min(1)
@@ -775,7 +845,10 @@ class LatentVLM(nn.Module):
         d = self.hidden_size
         latents = torch.stack(zs, 1) if zs else pred.new_zeros(b, 0, d)
         means = torch.stack(mus, 1) if mus else pred.new_zeros(b, 0, d)
-        return ForwardOutput(loss, pred, latents, means, _per_sample(visual, batch, b), tok_lp)
+        logits = torch.stack(lookup, 1) if lookup and lookup[0] is not None else None
+        return ForwardOutput(
+            loss, pred, latents, means, _per_sample(visual, batch, b), tok_lp, logits
+        )
 
 
 # ---------------------------------------------------------------------------- utilities

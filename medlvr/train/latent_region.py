@@ -5,7 +5,9 @@ chains the anchor is the one lesion of its size, so a step can satisfy it withou
 where the anchor is, and nothing tells the next hop's steps where to move (docs/results.md,
 "Latent steps that step"). This head makes each latent state `proj(h_{k-1})` name the cell of
 an n x n grid holding the ROI centre of the hop chain alignment assigns step k to. It trains
-with the model and is dropped at export, like stage 0's probe (`medlvr.train.probe`).
+with the model and is dropped at export, like stage 0's probe (`medlvr.train.probe`). With
+`latent.lookup_grid` the labels supervise the model's lookup head instead (exported: it is
+what addresses the cells at inference).
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ class RegionLoss:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         states = fwd.latent_means  # [B, K, d]
         labels = self.labels(batch, states.shape[1]).to(states.device)
-        logits = module(states.float())  # [B, K, C]
+        # With `latent.lookup_grid` the lookup head's own cell scores are what it supervises.
+        lookup = getattr(fwd, "lookup_logits", None)
+        logits = lookup if lookup is not None else module(states.float())  # [B, K, C]
         ce = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
         valid = labels != IGNORE
         n = valid.sum(-1)
