@@ -196,7 +196,7 @@ def test_lookup_feeds_cell_means_trains_its_head_and_round_trips(tiny_dir, chain
 
 
 def test_sft_with_lookup_supervises_the_lookup_head(tiny_dir, chains, tmp_path):
-    with pytest.raises(MedlvrError, match="must equal latent.lookup_grid"):
+    with pytest.raises(MedlvrError, match=r"must equal latent\.lookup_grid"):
         _cfg(tiny_dir, chains, tmp_path / "x", "latent.lookup_grid=2", "align.region_weight=1.0")
     cfg = _cfg(tiny_dir, chains, tmp_path / "run", "latent.lookup_grid=3", "align.region_weight=1.0",
                "align.negatives=other_hops", "max_steps=10")  # fmt: skip

@@ -231,17 +231,22 @@ def _batches(
 ):
     if images is not None and len(images) != len(samples):
         raise MedlvrError(f"{len(samples)} samples but {len(images)} image lists")
-    if loader is None:
-        from medlvr.data.images import load_image as loader
+    read: Callable[[str], Image.Image] = loader or _default_loader()
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start : start + batch_size])
         imgs = [
             [im.convert("RGB") for im in images[start + i]]
             if images is not None
-            else [loader(p).convert("RGB") for p in s.images]
+            else [read(p).convert("RGB") for p in s.images]
             for i, s in enumerate(chunk)
         ]
         yield chunk, imgs
+
+
+def _default_loader() -> Callable[[str], Image.Image]:
+    from medlvr.data.images import load_image
+
+    return load_image
 
 
 def _with_rois(samples: Sequence[VQASample]) -> list[VQASample]:
@@ -426,7 +431,11 @@ def fit_probe(
     w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
     b = torch.zeros(len(classes), requires_grad=True)
     opt = torch.optim.LBFGS(
-        [w, b], max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+        [w, b],
+        max_iter=iters,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
@@ -513,12 +522,10 @@ def latent_probes(
         raise MedlvrError(f"latent probes need latent steps >= 1, got {k}")
     fit, score = _with_rois(fit), _with_rois(score)
     sizes: dict[str, tuple[int, int]] = {}
-    loader = image_loader
-    if loader is None:
-        from medlvr.data.images import load_image as loader
+    read: Callable[[str], Image.Image] = image_loader or _default_loader()
 
     def load(path: str) -> Image.Image:
-        im = loader(path)
+        im = read(path)
         sizes[path] = im.size
         return im
 

@@ -12,7 +12,7 @@ what addresses the cells at inference).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -53,8 +53,8 @@ class RegionLoss:
     def __init__(self, cfg: AlignConfig, hidden_size: int):
         self.weight = cfg.region_weight
         self.grid = cfg.region_grid
-        self.module = nn.Linear(hidden_size, self.grid * self.grid)
-        self.sample_fields = {"hop_regions": self._field}
+        self.module: nn.Module = nn.Linear(hidden_size, self.grid * self.grid)
+        self.sample_fields: Mapping[str, Callable[..., Any]] = {"hop_regions": self._field}
 
     def _field(
         self, sample: VQASample, grids: list[TokenGrid], sizes: list[tuple[int, int]]
