@@ -67,7 +67,7 @@ CASES = [
     (CHOICE, "", None, "full:empty"),
     (CHOICE, "   \n ", None, "full:empty"),
     (CHOICE, "None of the above", None, "full:no_match"),
-    (CHOICE, "Pneumonia or effusion", None, "full:no_match"),  # similar text is never guessed
+    (CHOICE, "Pneumonia or effusion", None, "full:several_options"),  # names two options
     # --- choice: option text instead of a letter
     (CHOICE, "Pleural effusion", "B", "full:option_text"),
     (CHOICE, "pleural effusion.", "B", "full:option_text"),
@@ -76,7 +76,7 @@ CASES = [
     (HEP, "Hepatitis B", "A", "full:option_text"),
     (HEP, "A. Hepatitis B", "A", "full:letter"),
     (HEP, "Vitamin D deficiency", "B", "full:option_text"),
-    (HEP, "It is Type A dissection.", None, "full:no_match"),
+    (HEP, "It is Type A dissection.", "C", "full:option_text"),  # names option C
     (NOTA, "None of the above", "D", "full:option_text"),
     (NOTA, "CT", "A", "full:option_text"),
     # --- choice: tags, boxed, reasoning
@@ -101,8 +101,8 @@ CASES = [
     (YES, "YES, there is a fracture", "yes", "full:yes_no"),
     (NO, "No", "no", "full:yes_no"),
     (NO, "no evidence", "no", "full:yes_no"),
-    (YES, "Yes, there is no fracture.", None, "full:both_yes_no"),
-    (YES, "Not sure", None, "full:no_match"),
+    (YES, "Yes, there is no fracture.", "yes", "full:yes_no"),  # "no fracture": a negation
+    (YES, "Not sure", None, "full:hedge"),
     (YES, "Yesterday", None, "full:no_match"),
     (NO, "Nodule present", None, "full:no_match"),
     (YES, "No wait. Let me think: yes or no? <answer>Yes</answer>", "yes", "tag:yes_no"),

@@ -1,26 +1,30 @@
-"""Deterministic answer extraction and normalisation, shared by every dataset and mode.
+"""The judge: deterministic answer extraction and reading, shared by every dataset and mode.
 
-One documented parser is the whole point (BENCHMARKS.md, "Scoring
-conventions"): the same model's numbers swing by many points between public
-kits because each parses differently, and several kits map an unparseable
-answer to the most similar or a random option. Here an answer that does not
-parse is *invalid* (scored wrong and counted), never guessed.
+One documented judge is the whole point (`docs/scoring.md`): the same model's
+numbers swing by many points between public kits because each parses
+differently, and several kits map an unparseable answer to the most similar or
+a random option. Here an answer is read as a careful reader would, but by fixed
+rules: an answer that does not parse is *invalid* (scored wrong and counted),
+never guessed, and no rule rewards a response for naming several answers, so
+the RL reward (`medlvr.eval.metrics.accuracy_reward`) cannot be gamed by
+hedging or by listing every option.
 
-Rules, applied in this order by `parse_answer`:
+Rules, applied in this order by `parse_answer` (`judge` then says right or wrong):
 
 1. **Extract a span** from the response (`_extract_span`):
    a. special tokens `<|...|>` are dropped;
    b. the content of the last complete `<answer>...</answer>` tag; if the last
       tag is opened but never closed (a truncated generation), the text after it;
    c. otherwise, reasoning is skipped: only the text after the last `</think>`
-      counts for the rules below;
+      counts for the rules below; a `<think>` that is never closed holds no
+      answer (`think:unfinished`, invalid), whatever it says along the way;
    d. the content of the last `\\boxed{...}` (braces balanced; `\\text{}`-style
       wrappers removed);
    e. the text after the last answer marker ("Answer:", "The answer is",
       "Final answer:", "The correct answer is", ...), up to the end of its line;
    f. the whole (remaining) response.
    An empty span is invalid (`how="...:empty"`).
-2. **Interpret the span** by question kind:
+2. **Read the span** by question kind:
    - *choice* (`answer_type == "choice"`), value = an option letter:
      i.   the span is a bare letter: "B", "(b)", "B.", "[C]", "**D**";
      ii.  a letter followed by an option's text ("B. Pleural effusion",
@@ -29,23 +33,50 @@ Rules, applied in this order by `parse_answer`:
      iii. the normalised span equals the normalised text of exactly one option
           ("Pneumonia" -> the letter of that option; an option text such as
           "Vitamin D" is read as text, not as the letter D);
-     iv.  otherwise the span is scanned for standalone option letters, after
-          masking the options' texts: an upper-case letter standing alone
-          ("B", "(B)", "B.", "B)"), a parenthesised lower-case one "(c)", or
-          any letter after "option"/"choice". A letter inside a word or joined
-          by a hyphen, digit, apostrophe or dot ("CT", "Bone", "B-mode",
-          "B12", "A's", "U.S.") does not count, nor does the article "A" before
-          a lower-case word or a number ("A mass is seen", "A 45-year-old").
-          Letters that are not options are ignored. Exactly one distinct
-          letter -> that letter; several ("A and B") -> invalid; none ->
-          invalid (a similar-looking text is never mapped to an option).
+     iv.  standalone option letters in the span, after masking the options'
+          texts: an upper-case letter standing alone ("B", "(B)", "B.", "B)"),
+          a parenthesised lower-case one "(c)", or any letter after
+          "option"/"choice". A letter inside a word or joined by a hyphen,
+          digit, apostrophe or dot ("CT", "Bone", "B-mode", "B12", "A's",
+          "U.S.") does not count, nor does the article "A" before a lower-case
+          word or a number ("A mass is seen"). Letters that are not options are
+          ignored. Exactly one distinct letter -> that letter; several ("A and
+          B") -> invalid;
+     v.   no letter: the option the span *names* (`_named_option`): an option
+          whose canonical words (`medlvr.eval.equivalence`: "Computed
+          tomography" is "CT", "effusions" is "effusion") all occur in the span
+          ("The left lung is involved." names "Left lung"), or else the one
+          option holding every word of a short span ("Effusion"). Exactly one
+          option, and no word that belongs only to another option ("Pneumonia
+          or effusion" names two) -> that letter; otherwise invalid (a
+          similar-looking text is never mapped to an option).
    - *yes/no* (`answer_type == "closed"` and the gold normalises to yes or no,
      whatever its case and punctuation: "Yes", "Yes."; `yes_no_question`, the
-     one definition the prompt uses too), value = "yes"/"no": the words "yes"
-     and "no" are looked for in the span only; one of them -> it; both or
-     neither -> invalid.
-   - *open and other closed questions* ("MRI or CT?" -> "MRI"), value = the
-     normalised span (`normalize_text`); empty after normalisation -> invalid.
+     one definition the prompt uses too), value = "yes"/"no" (`_read_yes_no`):
+     a hedge ("I cannot tell", "possibly", "maybe", "might") -> invalid; the
+     words "yes" and "no" as answers (a leading "No ...", or a "no" ending a
+     clause: "Yes, there is no fracture" answers yes) -> that one, both ->
+     invalid; without them, each clause's polarity: a negation ("not seen",
+     "absent", "negative for effusion", "none") or an affirmation ("present",
+     "there is a left pleural effusion", "The heart is enlarged." to "Is the
+     heart enlarged?"), where a clause counts only if it is bare ("Absent") or
+     about the question (it names every word the question asks about, or only
+     words of the question); "normal" answers "abnormal?" with no. Clauses of
+     both polarities ("present or absent") -> invalid; none -> invalid.
+   - *a question naming its alternatives* ("Is this a CT or an MRI?", "Is the
+     lesion on the left or right?", "... T1, T2, or FLAIR?"), whose gold is one
+     of them, value = the alternative picked (`_alternatives`): the one
+     alternative the span names, skipping one named after "not" ("It is an MRI,
+     not a CT"); several, or "both" when both is no alternative -> invalid.
+   - *open and other closed questions*, value = the normalised span
+     (`normalize_text`); empty after normalisation -> invalid.
+3. **Judge** (`judge`): choice and yes/no by value; alternatives by the gold's
+   alternative; open answers when their canonical content words are equal
+   (`medlvr.eval.equivalence`: "4mm" == "0.4 cm", "kidneys" == "kidney",
+   "oedema" == "edema", "X-ray" == "radiograph", "The right lung" == "Right
+   lung"), first with the question's own words set aside ("Right" answers
+   "Which lung is abnormal?" with gold "Right lung"), then without. Never by
+   containment: "liver, spleen, kidney" is not "liver".
 
 `normalize_text` follows the SQuAD/VQA answer normalisation (lower-case,
 punctuation stripped, articles removed, whitespace folded) and adds number
@@ -58,21 +89,22 @@ a wrong "5 cm" never matches a gold ".5 cm".
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from medlvr.data.schema import VQASample
+from medlvr.eval.equivalence import FILLER, canonical_tokens, content, normalize_text, same_content
 
 __all__ = [
-    "Parsed",
     "AnswerKey",
+    "Parsed",
     "answer_key",
-    "parse_answer",
-    "normalize_text",
     "is_yes_no",
+    "judge",
+    "normalize_text",
+    "parse_answer",
+    "same_answer",
     "yes_no_question",
 ]
 
@@ -81,13 +113,16 @@ __all__ = [
 class Parsed:
     """The parser's reading of one response.
 
-    `value` is an option letter (choice), "yes"/"no" (yes/no questions) or the
-    normalised answer text (open), and None when `invalid`. `how` names the
-    span source and the rule, `"<source>:<rule>"`: source in tag, boxed,
-    marker, full; rule in letter, option_text, yes_no, text, or for invalid
-    answers empty, several_letters, no_match, not_an_option,
-    letter_text_conflict, ambiguous_option_text, both_yes_no. `span` is the
-    extracted text the rule looked at (for debugging reports).
+    `value` is an option letter (choice), "yes"/"no" (yes/no questions), the
+    alternative picked (questions naming their alternatives, in canonical form:
+    "mri") or the normalised answer text (open), and None when `invalid`. `how`
+    names the span source and the rule, `"<source>:<rule>"`: source in tag,
+    think, boxed, marker, full; rule in letter, option_text, yes_no,
+    alternative, text, or for invalid answers empty, unfinished,
+    several_letters, several_options, no_match, not_an_option,
+    letter_text_conflict, ambiguous_option_text, both_yes_no, hedge,
+    several_alternatives. `span` is the extracted text the rule looked at (for
+    debugging reports).
     """
 
     value: str | None
@@ -98,26 +133,31 @@ class Parsed:
 
 @dataclass(frozen=True)
 class AnswerKey:
-    """What the parser needs to know about a question: its kind, options and gold."""
+    """What the judge needs to know about a question: its kind, gold, options and wording.
+
+    `question` is optional; without it yes/no answers must use the words and
+    alternatives named by the question are not recognised.
+    """
 
     answer_type: str
     gold: str
     options: dict[str, str] = field(default_factory=dict)
+    question: str = ""
 
 
 def answer_key(sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey) -> AnswerKey:
     """An `AnswerKey` from a `VQASample`, an `AnswerKey` or a mapping.
 
     A mapping needs `answer_type` and either `gold` or (`answer`, and
-    `answer_letter` for choice questions); `options` is optional (without it
-    choice answers can only be read as letters). This lets prediction rows be
-    re-scored without the dataset.
+    `answer_letter` for choice questions); `options` and `question` are
+    optional (without options choice answers can only be read as letters). This
+    lets prediction rows be re-scored without the dataset.
     """
     if isinstance(sample_or_fields, AnswerKey):
         return sample_or_fields
     if isinstance(sample_or_fields, VQASample):
         s = sample_or_fields
-        return AnswerKey(s.answer_type, s.gold, dict(s.options))
+        return AnswerKey(s.answer_type, s.gold, dict(s.options), s.question)
     f = sample_or_fields
     answer_type = str(f["answer_type"]).strip().lower()
     if answer_type not in ("closed", "open", "choice"):
@@ -133,78 +173,7 @@ def answer_key(sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey) -> A
             "the fields need `gold`, or `answer` (and `answer_letter` for choice questions)"
         )
     options = {str(k).strip().upper(): str(v) for k, v in (f.get("options") or {}).items()}
-    return AnswerKey(answer_type, str(gold).strip(), options)
-
-
-# --------------------------------------------------------------------------- normalisation
-
-_UNITS = [
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-]
-_TENS = {
-    "twenty": 20,
-    "thirty": 30,
-    "forty": 40,
-    "fifty": 50,
-    "sixty": 60,
-    "seventy": 70,
-    "eighty": 80,
-    "ninety": 90,
-}
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(_UNITS)} | {w: str(v) for w, v in _TENS.items()}
-_COMPOUND = re.compile(r"\b(" + "|".join(_TENS) + r")[\s-]+(" + "|".join(_UNITS[1:10]) + r")\b")
-_ARTICLES = {"a", "an", "the"}
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, strip punctuation, drop articles, fold whitespace, number words -> digits.
-
-    >>> normalize_text("The  Left-sided, TWO lesions.")
-    'left sided 2 lesions'
-    >>> normalize_text("twenty-one") == normalize_text("21")
-    True
-
-    Decimal points and thousands separators inside numbers are kept ("2.5",
-    "1,000" -> "1000"); every other punctuation mark becomes a space, so
-    "x-ray" == "x ray". Numbers take one canonical form (`_canonical_number`).
-    """
-    s = unicodedata.normalize("NFKC", str(text)).casefold()
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
-    s = _COMPOUND.sub(lambda m: str(_TENS[m.group(1)] + _UNITS.index(m.group(2))), s)
-    s = re.sub(r"(?<![\w.])\.(?=\d)", "0.", s)  # ".5 cm" is 0.5 cm, not 5 cm
-    s = re.sub(r"\.(?!\d)|(?<!\d)\.", " ", s)  # keep only decimal points
-    s = re.sub(r"[^\w\s.]|_", " ", s)
-    tokens = [_canonical_number(_NUMBER_WORDS.get(t, t)) for t in s.split() if t not in _ARTICLES]
-    return " ".join(tokens)
-
-
-_DECIMAL = re.compile(r"\d+(?:\.\d+)?")
-
-
-def _canonical_number(token: str) -> str:
-    """A number's one spelling: no leading or trailing zeros ("02" -> "2", "2.50" -> "2.5", "2.0" -> "2")."""
-    if not _DECIMAL.fullmatch(token):
-        return token
-    return format(Decimal(token).normalize(), "f")
+    return AnswerKey(answer_type, str(gold).strip(), options, str(f.get("question") or ""))
 
 
 def is_yes_no(gold: str) -> bool:
@@ -227,6 +196,7 @@ def yes_no_question(sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey)
 _SPECIAL = re.compile(r"<\|[^|<>]*\|>")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 _OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
+_THINK_START = re.compile(r"<think>", re.IGNORECASE)
 _THINK_END = re.compile(r"</think>", re.IGNORECASE)
 _MARKER = re.compile(
     r"(?:\bfinal\s+answer|\b(?:the\s+)?(?:correct\s+|best\s+|right\s+)?answer)"
@@ -267,8 +237,10 @@ def _extract_span(response: str) -> tuple[str, str]:
             return "tag", text[last_open.end() :].strip()
     if tags:
         return "tag", tags[-1].strip()
-    parts = _THINK_END.split(text)
-    text = parts[-1]
+    opened = list(_THINK_START.finditer(text))
+    if opened and not _THINK_END.search(text, opened[-1].end()):
+        return "think", ""  # reasoning cut off before its end: no answer was given
+    text = _THINK_END.split(text)[-1]
     boxed = _last_boxed(text)
     if boxed is not None:
         return "boxed", boxed.strip()
@@ -377,13 +349,174 @@ def _parse_choice(span: str, options: Mapping[str, str]) -> tuple[str | None, st
         return letters.pop(), "letter"
     if len(letters) > 1:
         return None, "several_letters"
+    return _named_option(span, options)
+
+
+def _named_option(span: str, options: Mapping[str, str]) -> tuple[str | None, str]:
+    """Rule 2.v: the one option whose words the span names, with no word of another option."""
+    said = content(canonical_tokens(span))
+    words = {k: content(canonical_tokens(v)) or canonical_tokens(v) for k, v in options.items()}
+    named = [k for k, w in words.items() if w and set(w) <= set(said)]
+    named = [k for k in named if not any(set(words[k]) < set(words[o]) for o in named)]
+    if not named and said and len(said) <= 3:  # a short span inside one option: "Effusion"
+        named = [k for k, w in words.items() if set(said) <= set(w)]
+    if len(named) > 1:
+        return None, "several_options"
+    if not named:
+        return None, "no_match"
+    others = set().union(*(words[o] for o in words if o != named[0])) - set(words[named[0]])
+    if others & set(said):  # "Pneumonia or effusion": a word only another option has
+        return None, "several_options"
+    return named[0], "option_text"
+
+
+# --------------------------------------------------------------------------- yes/no
+
+_HEDGE = re.compile(
+    r"\b(?:can ?not|can't|unable to|not able to|hard to|difficult to)\s+(?:\w+\s+)?"
+    r"(?:tell|say|determine|assess|evaluate|be determined|be assessed|be sure|decide|know)\b"
+    r"|\b(?:not sure|unsure|uncertain|unclear|equivocal|indeterminate|inconclusive|possibly|"
+    r"possible|maybe|perhaps|probably|might|may or may not|could be|cannot exclude|"
+    r"can't exclude|not certain)\b",
+    re.IGNORECASE,
+)
+_YES_WORD = re.compile(r"\byes\b", re.IGNORECASE)
+# "no" as an answer: at the start of the span, or ending a clause ("Yes, no", "yes/no").
+# A "no" before a noun inside a sentence ("there is no fracture") is a negation, not an answer.
+_NO_WORD = re.compile(r"^\W*no\b|\bno\b(?=\s*(?:[.,;:!?/)\]]|$|or\b|and\b))", re.IGNORECASE)
+_CLAUSE = re.compile(r"[.;,/]|\b(?:or|and|but|however|although|whereas)\b", re.IGNORECASE)
+_NEGATORS = {"no", "not", "without", "never", "nor", "none", "nil", "absent", "absence", "negative"}
+_NEGATION_PHRASE = re.compile(r"\bfree of\b|n't\b|\bruled out\b|\brule out\b", re.IGNORECASE)
+_AFFIRM = {
+    "present", "presence", "seen", "visible", "positive", "identified", "noted", "evident",
+    "contain", "shows", "show", "demonstrated", "demonstrates", "there", "true", "correct",
+    "affirmative", "indeed", "detected", "observed", "depicted", "included",
+}  # fmt: skip
+# Question words that only frame the question ("Is there any evidence of ..."), never its subject.
+_QUESTION_FRAME = FILLER | {
+    "do", "doe", "does", "did", "can", "could", "should", "would", "will", "has", "have", "had",
+    "any", "evidence", "patient", "present", "presence", "visible", "seen", "contain", "include",
+    "what", "which", "where", "how", "there", "identified", "noted", "evident", "see", "you",
+    "appear", "appears", "look", "looks", "like", "finding", "findings", "study",
+}  # fmt: skip
+_ANTONYM_PREFIXES = ("ab", "un", "non", "in", "im", "dis", "a")
+
+
+def _negated(a: str, b: str) -> bool:
+    """`a` and `b` are a word and its negation ("normal"/"abnormal", "enhancing"/"nonenhancing")."""
+    short, long_ = sorted((a, b), key=len)
+    return any(long_ == p + short for p in _ANTONYM_PREFIXES) and len(short) > 3
+
+
+def _clause_polarity(clause: str, question: list[str], focus: set[str]) -> str | None:
+    """yes, no or None (the clause says nothing about the question) for a clause without yes/no."""
+    tokens = canonical_tokens(clause)
+    if not tokens:
+        return None
+    negative = bool(_NEGATORS & set(tokens)) or bool(_NEGATION_PHRASE.search(clause))
+    affirm = bool(_AFFIRM & set(tokens))
+    words = [t for t in content(tokens) if t not in _NEGATORS and t not in _AFFIRM]
+    flipped = [w for w in words if any(_negated(w, q) for q in question)]
+    rest = [w for w in words if w not in flipped]
+    about = (
+        (not words and (negative or affirm))  # "Absent", "Not seen", "Present"
+        or (bool(words) and set(rest) <= set(question))  # "Enlarged", "The lung appears normal."
+        or (bool(focus) and focus <= set(words))  # names every word asked about
+    )
+    if not about or not (negative or affirm or words):
+        return None
+    if words and not (negative or affirm) and not set(words) <= set(question) | set(flipped):
+        return None
+    yes = not negative
+    if len(flipped) % 2:
+        yes = not yes
+    return "yes" if yes else "no"
+
+
+def _read_yes_no(span: str, question: str) -> tuple[str | None, str]:
+    if _HEDGE.search(span):
+        return None, "hedge"
+    yes, no = bool(_YES_WORD.search(span)), bool(_NO_WORD.search(span))
+    if yes and no:
+        return None, "both_yes_no"
+    if yes or no:
+        return ("yes" if yes else "no"), "yes_no"
+    q_tokens = canonical_tokens(question)
+    focus = {t for t in q_tokens if t not in _QUESTION_FRAME}
+    polarities = {_clause_polarity(c, q_tokens, focus) for c in _CLAUSE.split(span) if c.strip()}
+    polarities.discard(None)
+    if len(polarities) > 1:
+        return None, "both_yes_no"
+    if polarities:
+        return polarities.pop(), "yes_no"
     return None, "no_match"
 
 
-# --------------------------------------------------------------------------- entry point
+# --------------------------------------------------------------------------- named alternatives
 
-_YES = re.compile(r"\byes\b", re.IGNORECASE)
-_NO = re.compile(r"\bno\b", re.IGNORECASE)
+_OR = re.compile(r"\s+or\s+", re.IGNORECASE)
+_ALT_SKIP = FILLER | {"just", "either", "more", "less", "most", "least"}
+
+
+def _alt_words(text: str) -> list[str]:
+    return [t for t in canonical_tokens(text) if t not in _ALT_SKIP]
+
+
+def _alternatives(question: str) -> list[str]:
+    """The alternatives a question names, one canonical word each ("CT or MRI?" -> [ct, mri]).
+
+    The words either side of the first "or"; a shared head noun is skipped ("left lung or
+    right lung" -> left, right); an Oxford list adds its earlier items ("T1, T2, or FLAIR").
+    """
+    parts = _OR.split(question.split("?")[0], maxsplit=1)
+    if len(parts) != 2:
+        return []
+    left_text, right_text = parts
+    right = _alt_words(right_text)
+    segments = left_text.split(",")
+    oxford = not segments[-1].strip()  # "A, B, or C"
+    if oxford:
+        segments.pop()
+    last = _alt_words(segments[-1]) if segments else []
+    if not right or not last:
+        return []
+    shared_head = len(last) >= 2 and last[-1] in right[1:]  # "left lung or right lung"
+    alts = [last[-2] if shared_head else last[-1], right[0]]
+    if oxford or len(segments) > 2:  # a list: each earlier item's last word
+        earlier = [_alt_words(s) for s in segments[:-1]]
+        alts = [w[-1] for w in earlier if w] + alts
+    return list(dict.fromkeys(alts))
+
+
+def _gold_alternative(key: AnswerKey) -> tuple[list[str], str] | None:
+    """(alternatives, the gold's) when the question names alternatives and the gold is one of them."""
+    if not key.question or " or " not in f" {key.question.lower()} ":
+        return None
+    alts = _alternatives(key.question)
+    gold = set(canonical_tokens(key.gold))
+    hits = [a for a in alts if a in gold]
+    if len(alts) < 2 or len(hits) != 1:
+        return None
+    return alts, hits[0]
+
+
+def _read_alternative(span: str, alts: list[str]) -> tuple[str | None, str]:
+    tokens = canonical_tokens(span)
+    picked = [
+        a
+        for a in alts
+        if any(
+            t == a and (i == 0 or tokens[i - 1] not in ("not", "no")) for i, t in enumerate(tokens)
+        )
+    ]
+    if len(set(picked)) > 1 or ("both" in tokens and "both" not in alts):
+        return None, "several_alternatives"
+    if picked:
+        return picked[0], "alternative"
+    return None, "no_match"
+
+
+# --------------------------------------------------------------------------- entry points
 
 
 def parse_answer(
@@ -397,19 +530,46 @@ def parse_answer(
     """
     key = answer_key(sample_or_fields)
     source, span = _extract_span(response)
+    if source == "think":
+        return Parsed(None, True, "think:unfinished", span)
     if not span.strip(_DECOR):
         return Parsed(None, True, f"{source}:empty", span)
+    alternatives = _gold_alternative(key) if key.answer_type != "choice" else None
     if key.answer_type == "choice":
         value, rule = _parse_choice(span, key.options)
     elif yes_no_question(key):
-        yes, no = bool(_YES.search(span)), bool(_NO.search(span))
-        if yes and no:
-            value, rule = None, "both_yes_no"
-        elif yes or no:
-            value, rule = ("yes" if yes else "no"), "yes_no"
-        else:
-            value, rule = None, "no_match"
+        value, rule = _read_yes_no(span, key.question)
+    elif alternatives is not None:
+        value, rule = _read_alternative(span, alternatives[0])
+        if rule == "no_match":  # names no alternative: read as text, judged as an open answer
+            value = normalize_text(span) or None
+            rule = "text" if value else "empty"
     else:
         value = normalize_text(span) or None
         rule = "text" if value else "empty"
     return Parsed(value, value is None, f"{source}:{rule}", span)
+
+
+def judge(parsed: Parsed, sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey) -> bool:
+    """Whether the reading `parsed` (from `parse_answer`) is the gold answer (rule 3)."""
+    key = answer_key(sample_or_fields)
+    if parsed.invalid or parsed.value is None:
+        return False
+    if key.answer_type == "choice":
+        return parsed.value == key.gold.strip().upper()
+    if yes_no_question(key):
+        return parsed.value == normalize_text(key.gold)
+    if parsed.how.endswith(":alternative"):
+        alternatives = _gold_alternative(key)
+        return alternatives is not None and parsed.value == alternatives[1]
+    return same_answer(parsed.value, key.gold, key.question)
+
+
+def same_answer(answer: str, gold: str, question: str = "") -> bool:
+    """Open answers: equal canonical content, with the question's own words set aside, then without."""
+    a, g = canonical_tokens(answer), canonical_tokens(gold)
+    asked = set(canonical_tokens(question))
+    a_rest, g_rest = content(a, asked), content(g, asked)
+    if a_rest and g_rest:
+        return same_content(a_rest, g_rest)
+    return same_content(content(a), content(g)) or (bool(a) and a == g)

@@ -8,8 +8,12 @@ Per question kind (see `medlvr.eval.answers` for the parser):
 
 - choice: correct iff the parsed letter is the gold letter;
 - closed yes/no: correct iff the parsed yes/no equals the gold (any case);
-- open and other closed questions: correct iff the normalised answer equals
-  the normalised gold (exact match). Open questions also get token
+- questions naming their alternatives ("CT or MRI?"): correct iff the answer
+  picks the gold's alternative;
+- open and other closed questions: correct iff the answer's canonical content
+  words equal the gold's (`medlvr.eval.answers.judge`; "4mm" == "0.4 cm",
+  "kidneys" == "kidney"). Open questions also get the strict exact match
+  (normalised answer == normalised gold, `exact_match`) and token
   precision/recall/F1 against the gold's normalised tokens, counted as
   multisets as in the SQuAD evaluation script:
   recall = |pred ∩ gold| / |gold|, precision = |pred ∩ gold| / |pred|.
@@ -30,17 +34,17 @@ from typing import Any
 import numpy as np
 
 from medlvr.data.schema import VQASample
-from medlvr.eval.answers import AnswerKey, Parsed, answer_key, normalize_text, parse_answer
+from medlvr.eval.answers import AnswerKey, Parsed, answer_key, judge, normalize_text, parse_answer
 from medlvr.eval.controls import REAL, condition_of, order_conditions
 
 __all__ = [
-    "Score",
-    "score",
-    "accuracy_reward",
-    "token_scores",
-    "prediction_row",
-    "summarize",
     "GROUP_FIELDS",
+    "Score",
+    "accuracy_reward",
+    "prediction_row",
+    "score",
+    "summarize",
+    "token_scores",
 ]
 
 UNKNOWN = "unknown"
@@ -54,7 +58,7 @@ _OPTIONAL_FIELDS = ("content_type", "hops")
 
 @dataclass(frozen=True)
 class Score:
-    """The verdict on one response. Token fields are set for open questions only."""
+    """The verdict on one response. `exact_match` and the token fields are set for open questions only."""
 
     correct: bool
     invalid: bool
@@ -82,14 +86,6 @@ def token_scores(pred: str, gold: str) -> tuple[float, float, float]:
     return precision, recall, 2 * precision * recall / (precision + recall)
 
 
-def _is_correct(key: AnswerKey, parsed: Parsed) -> bool:
-    if parsed.invalid or parsed.value is None:
-        return False
-    if key.answer_type == "choice":
-        return parsed.value == key.gold.strip().upper()
-    return parsed.value == normalize_text(key.gold)  # yes/no golds normalise to "yes"/"no" too
-
-
 def score(sample: VQASample | Mapping[str, Any] | AnswerKey, response: str) -> Score:
     """Parse `response` and score it against the sample's gold answer.
 
@@ -98,13 +94,14 @@ def score(sample: VQASample | Mapping[str, Any] | AnswerKey, response: str) -> S
     """
     key = answer_key(sample)
     parsed = parse_answer(response, key)
-    correct = _is_correct(key, parsed)
+    correct = judge(parsed, key)
     if key.answer_type != "open":
         return Score(correct, parsed.invalid, parsed)
     if parsed.invalid:
         return Score(False, True, parsed, 0.0, 0.0, 0.0, 0.0)
     precision, recall, f1 = token_scores(parsed.value or "", key.gold)
-    return Score(correct, False, parsed, float(correct), precision, recall, f1)
+    exact = float(parsed.value == normalize_text(key.gold))  # strict, beside the judge's verdict
+    return Score(correct, False, parsed, exact, precision, recall, f1)
 
 
 def accuracy_reward(sample: VQASample | Mapping[str, Any] | AnswerKey, response: str) -> float:
@@ -131,6 +128,7 @@ def prediction_row(
         "id": sample.id,
         "dataset": sample.dataset,
         "split": sample.split,
+        "question": sample.question,
         "question_type": sample.question_type,
         "answer_type": sample.answer_type,
         "modality": sample.modality,
