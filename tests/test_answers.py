@@ -12,6 +12,7 @@ from medlvr.eval.answers import (
     is_yes_no,
     normalize_text,
     parse_answer,
+    same_answer,
 )
 
 OPTS = {"A": "Pneumonia", "B": "Pleural effusion", "C": "Pneumothorax", "D": "Normal"}
@@ -27,6 +28,9 @@ OPEN = AnswerKey("open", "Left lung")
 COUNT = AnswerKey("open", "2")
 SIZE = AnswerKey("open", ".5 cm")
 YES_DOT = AnswerKey("closed", "Yes.")
+CT_OR_MRI = AnswerKey("closed", "MRI", question="Is this a CT or an MRI?")
+SIDE = AnswerKey("closed", "Right", question="Is the lesion on the left, right, or both sides?")
+EFFUSION = AnswerKey("closed", "yes", question="Is there a pleural effusion?")
 
 LONG_REASONING = (
     "Let me look at the image carefully. A large opacity is seen in the right lower lobe. Option A "
@@ -124,6 +128,27 @@ CASES = [
     (COUNT, "02", "2", "full:text"),
     (YES_DOT, "yes", "yes", "full:yes_no"),  # a gold "Yes." is a yes/no question
     (YES_DOT, "No.", "no", "full:yes_no"),
+    # --- yes/no without the words, hedges, an unfinished think
+    (EFFUSION, "There is a left pleural effusion.", "yes", "full:yes_no"),
+    (EFFUSION, "Negative for effusion", "no", "full:yes_no"),
+    (EFFUSION, "Not seen.", "no", "full:yes_no"),
+    (EFFUSION, "Present or absent", None, "full:hedge"),
+    (EFFUSION, "Possibly a small effusion.", None, "full:hedge"),
+    (EFFUSION, "Nodule present", None, "full:no_match"),  # about something else
+    (EFFUSION, "<think>There is an effusion, so yes", None, "think:unfinished"),
+    # --- questions naming their alternatives
+    (CT_OR_MRI, "It's an MRI", "mri", "full:alternative"),
+    (CT_OR_MRI, "Magnetic resonance imaging", "mri", "full:alternative"),
+    (CT_OR_MRI, "CT scan", "ct", "full:alternative"),
+    (CT_OR_MRI, "An MRI, not a CT.", "mri", "full:alternative"),
+    (CT_OR_MRI, "CT or MRI", None, "full:several_alternatives"),
+    (CT_OR_MRI, "Ultrasound", "ultrasound", "full:text"),
+    (SIDE, "On the right side", "right", "full:alternative"),
+    (SIDE, "both", "both", "full:alternative"),
+    # --- options named by text
+    (CHOICE, "There is a pleural effusion.", "B", "full:option_text"),
+    (NOTA, "Computed tomography", "A", "full:option_text"),
+    (NOTA, "Radiograph", "C", "full:option_text"),
 ]
 
 
@@ -232,3 +257,38 @@ def test_parsed_is_a_plain_value() -> None:
 def test_letter_with_option_text(response: str, value: str | None, how: str) -> None:
     parsed = parse_answer(response, CHOICE)
     assert (parsed.value, parsed.how) == (value, how)
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold", "same"),
+    [
+        ("4mm", "4 mm", True),
+        ("0.4 cm", "4 mm", True),
+        ("34 mm", "3.4cm", True),
+        ("five millimeters", "5mm", True),
+        ("4 cm", "4 mm", False),
+        ("0.4 mm", "4 mm", False),
+        ("kidneys", "kidney", True),
+        ("masses", "mass", True),
+        ("arteries", "artery", True),
+        ("pelvis", "pelvi", False),
+        ("oedema", "edema", True),
+        ("grey matter", "gray matter", True),
+        ("haemorrhage", "hemorrhage", True),
+        ("tumour", "tumor", True),
+        ("X-ray", "radiograph", True),
+        ("xray", "plain film", True),
+        ("computed tomography", "CT", True),
+        ("MR", "MRI", True),
+        ("magnetic resonance imaging", "MRI", True),
+        ("T2-weighted", "T2", True),
+        ("upper right lobe", "right upper lobe", True),
+        ("Fourth ventricle", "4th ventricle", True),
+        ("liver, spleen, kidney", "liver", False),
+        ("left lung", "right lung", False),
+        ("no effusion", "effusion", False),
+    ],
+)
+def test_same_answer(answer: str, gold: str, same: bool) -> None:
+    assert same_answer(answer, gold) is same
+    assert same_answer(gold, answer) is same

@@ -384,6 +384,7 @@ _YES_WORD = re.compile(r"\byes\b", re.IGNORECASE)
 # "no" as an answer: at the start of the span, or ending a clause ("Yes, no", "yes/no").
 # A "no" before a noun inside a sentence ("there is no fracture") is a negation, not an answer.
 _NO_WORD = re.compile(r"^\W*no\b|\bno\b(?=\s*(?:[.,;:!?/)\]]|$|or\b|and\b))", re.IGNORECASE)
+_OR_WORD = re.compile(r"\bor\b|/", re.IGNORECASE)
 _CLAUSE = re.compile(r"[.;,/]|\b(?:or|and|but|however|although|whereas)\b", re.IGNORECASE)
 _NEGATORS = {"no", "not", "without", "never", "nor", "none", "nil", "absent", "absence", "negative"}
 _NEGATION_PHRASE = re.compile(r"\bfree of\b|n't\b|\bruled out\b|\brule out\b", re.IGNORECASE)
@@ -425,7 +426,8 @@ def _clause_polarity(clause: str, question: list[str], focus: set[str]) -> str |
     )
     if not about or not (negative or affirm or words):
         return None
-    if words and not (negative or affirm) and not set(words) <= set(question) | set(flipped):
+    named_all = bool(focus) and focus <= set(words)  # "Extensive fibrosis" to "Is there fibrosis?"
+    if words and not (negative or affirm or named_all) and not set(rest) <= set(question):
         return None
     yes = not negative
     if len(flipped) % 2:
@@ -441,6 +443,8 @@ def _read_yes_no(span: str, question: str) -> tuple[str | None, str]:
         return None, "both_yes_no"
     if yes or no:
         return ("yes" if yes else "no"), "yes_no"
+    if _OR_WORD.search(span):  # "Fibrosis or necrosis", "present or absent": no committed answer
+        return None, "hedge"
     q_tokens = canonical_tokens(question)
     focus = {t for t in q_tokens if t not in _QUESTION_FRAME}
     polarities = {_clause_polarity(c, q_tokens, focus) for c in _CLAUSE.split(span) if c.strip()}
@@ -502,13 +506,13 @@ def _gold_alternative(key: AnswerKey) -> tuple[list[str], str] | None:
 
 def _read_alternative(span: str, alts: list[str]) -> tuple[str | None, str]:
     tokens = canonical_tokens(span)
-    picked = [
-        a
-        for a in alts
-        if any(
-            t == a and (i == 0 or tokens[i - 1] not in ("not", "no")) for i, t in enumerate(tokens)
-        )
-    ]
+    picked = []
+    for i, t in enumerate(tokens):
+        negated = i > 0 and tokens[i - 1] in ("not", "no")
+        if negated and f"non{t}" in alts:  # "not displaced" picks "non-displaced"
+            picked.append(f"non{t}")
+        elif t in alts and not negated:
+            picked.append(t)
     if len(set(picked)) > 1 or ("both" in tokens and "both" not in alts):
         return None, "several_alternatives"
     if picked:

@@ -372,6 +372,7 @@ def canonical_tokens(text: str) -> list[str]:
     s = _GLUED.sub(
         lambda m: f"{m.group(1)} {m.group(2)}" if m.group(2) in _UNITS else m.group(0), s
     )
+    s = re.sub(r"(?<!\S)non (?=[a-z])", "non", s)  # "non-displaced" == "nondisplaced"
     words = [_american(_singular(w)) for w in s.split()]
     s = _PHRASE_RE.sub(lambda m: PHRASES[m.group(1)], " ".join(words))
     s = _PHRASE_RE.sub(lambda m: PHRASES[m.group(1)], s)  # "x rays" -> "x ray" -> "xray"
