@@ -220,6 +220,57 @@ def report_cmd(
     )
 
 
+@app.command("rescore")
+@user_errors
+def rescore_cmd(
+    file: Path = typer.Argument(..., help="Another kit's per-question predictions."),
+    fmt: str = typer.Option(
+        ...,
+        "--format",
+        help="lmms-eval (its --log_samples JSONL), medevalkit (its results JSON) or jsonl "
+        "(a JSONL or CSV of id, question, answer, prediction).",
+    ),
+    data: list[Path] = typer.Option(
+        [],
+        "--data",
+        help="medlvr's converted records the predictions were made on (repeat for several "
+        "files): question kinds and options come from them.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (as medlvr eval writes)."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="Dataset name of rows without --data (default: the file's name)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into an --out folder that holds other files."
+    ),
+    title: str | None = typer.Option(None, "--title", help="Heading of report.md."),
+) -> None:
+    """Score another kit's predictions with medlvr's judge, beside the kits' own rules."""
+    from medlvr.eval.rescore import rescore
+
+    written = rescore(file, fmt, out, data=data, dataset=dataset, overwrite=overwrite, title=title)
+    _print_summary(written["data"])
+    _print_kits(written["data"])
+    matched = ", ".join(f"{n} {how}" for how, n in written["matched"].items())
+    console.print(
+        f"{written['n']} predictions ({matched}); wrote {written['report']}", highlight=False
+    )
+
+
+def _print_kits(summary: dict[str, Any]) -> None:
+    from medlvr.eval.kit_rules import rule_table
+
+    if not summary.get("kit_rules"):
+        return
+    table = Table(title="The same predictions under other kits' rules (%)")
+    for col in ("rule", "n", "acc", "closed", "open", "crashes"):
+        table.add_column(col, justify="left" if col == "rule" else "right")
+    for name, m in rule_table(summary).items():
+        table.add_row(name, str(m["n"]), _pct(m["accuracy"]), _pct(m["closed_accuracy"]),
+                      _pct(m["open_score"]), str(m["n_crash"]))  # fmt: skip
+    console.print(table)
+
+
 @app.command("compare")
 @user_errors
 def compare_cmd(

@@ -373,7 +373,7 @@ def _named_option(span: str, options: Mapping[str, str]) -> tuple[str | None, st
 # --------------------------------------------------------------------------- yes/no
 
 _HEDGE = re.compile(
-    r"\b(?:can ?not|can't|unable to|not able to|hard to|difficult to)\s+(?:\w+\s+)?"
+    r"\b(?:can ?not|can't|don't|do not|unable to|not able to|hard to|difficult to)\s+(?:\w+\s+)?"
     r"(?:tell|say|determine|assess|evaluate|be determined|be assessed|be sure|decide|know)\b"
     r"|\b(?:not sure|unsure|uncertain|unclear|equivocal|indeterminate|inconclusive|possibly|"
     r"possible|maybe|perhaps|probably|might|may or may not|could be|cannot exclude|"

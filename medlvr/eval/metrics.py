@@ -29,18 +29,22 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medlvr.data.schema import VQASample
+from medlvr.errors import MedlvrError
 from medlvr.eval.answers import AnswerKey, Parsed, answer_key, judge, normalize_text, parse_answer
 from medlvr.eval.controls import REAL, condition_of, order_conditions
+from medlvr.eval.kit_rules import summarize_kits
 
 __all__ = [
     "GROUP_FIELDS",
     "Score",
     "accuracy_reward",
+    "ensure_scored",
     "prediction_row",
     "score",
     "summarize",
@@ -157,6 +161,43 @@ def prediction_row(
             )
     row.update(extra)
     return row
+
+
+def ensure_scored(rows: list[dict[str, Any]], where: str | Path) -> list[dict[str, Any]]:
+    """Rows that all carry `correct`: a row without it is scored again from its own fields
+    (`answer_type`, `gold` or `answer`, `response`, `question`, `options`), or one line says why it
+    cannot be (never a silent accuracy of 0)."""
+    out = []
+    for r in rows:
+        if "correct" in r or r.get("error"):
+            out.append(r)
+            continue
+        response = r.get("response", r.get("prediction"))
+        lacks = "a `response`" if response is None else None
+        if lacks is None and r.get("answer_type") is None:
+            lacks = "an `answer_type`"
+        if lacks is None and r.get("gold") is None and r.get("answer") is None:
+            lacks = "a `gold` answer"
+        if lacks is not None:
+            raise MedlvrError(
+                f"{where}: row {r.get('id')!r} has no `correct` and cannot be scored again (it lacks "
+                f"{lacks}): score the predictions with medlvr eval rescore"
+            )
+        try:
+            s = score(r, str(response))
+        except ValueError as err:
+            raise MedlvrError(f"{where}: row {r.get('id')!r}: {err}") from None
+        fresh = {**r, "response": str(response), "parsed": s.parsed.value}
+        fresh.update(parse_how=s.parsed.how, correct=s.correct, invalid=s.invalid)
+        if s.token_recall is not None:
+            fresh.update(
+                exact_match=s.exact_match,
+                token_precision=s.token_precision,
+                token_recall=s.token_recall,
+                token_f1=s.token_f1,
+            )
+        out.append(fresh)
+    return out
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -307,6 +348,8 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     latency_p50, latency_p95 (seconds, from `latency_s`), mean_tokens (from
     `n_tokens`); None where a group has no row of that kind.
     When one run holds several K, `overall` pools them; read `by_latent_steps`.
+    Rows carrying `kit_scores` (a run of `medlvr eval rescore`) add `kit_rules`
+    (kit -> n, accuracy, closed_accuracy, open_score, n_crash; `medlvr.eval.kit_rules`).
 
     Image controls (`medlvr.eval.controls`; a row's `image_control`, `none`
     when absent) are never pooled: every key above covers the rows of the
@@ -355,6 +398,9 @@ def _summary(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         summary[f"by_{name}"] = _grouped(rows, name)
     datasets = [m["accuracy"] for m in summary["by_dataset"].values() if m["accuracy"] is not None]
     summary["dataset_macro_accuracy"] = _mean(datasets)
+    kits = summarize_kits(rows)
+    if kits:  # a rescored run: the common kits' rules on the same predictions
+        summary["kit_rules"] = kits
     if any(_latent_steps(r) is not None for r in rows):
         by_k = _split(rows, _latent_steps)
         summary["by_latent_steps"] = {k: _metrics(g) for k, g in by_k.items()}

@@ -39,7 +39,8 @@ from scipy.stats import binomtest
 
 from medlvr.errors import MedlvrError
 from medlvr.eval.controls import GREY, IMAGE_CONTROLS, REAL, condition_of, order_conditions
-from medlvr.eval.metrics import summarize
+from medlvr.eval.kit_rules import rule_table
+from medlvr.eval.metrics import ensure_scored, summarize
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -99,7 +100,9 @@ _CONTROL_LEGEND = (
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a predictions JSONL file (a run directory or the file itself).
 
-    Fails with a `MedlvrError` naming the file and line on malformed JSON.
+    Fails with a `MedlvrError` naming the file and line on malformed JSON. Rows without
+    `correct` (written by hand or another tool) are scored again from their own fields, or
+    refused in one line (`medlvr.eval.metrics.ensure_scored`): never read as wrong.
     """
     path = Path(path)
     if path.is_dir():
@@ -120,7 +123,7 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
                     f"{path}:{lineno}: a prediction row must be an object with an `id`"
                 )
             rows.append(row)
-    return rows
+    return ensure_scored(rows, path)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -253,6 +256,31 @@ def _hops_markdown(summary: Mapping[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _kits_markdown(summary: Mapping[str, Any]) -> list[str]:
+    """medlvr's accuracy beside the common kits' rules on the same predictions (a rescored run)."""
+    if not summary.get("kit_rules"):
+        return []
+    out = [
+        "## The same predictions under other kits' rules",
+        "",
+        (
+            "medlvr's judge beside medlvr's implementation of each kit's documented rule "
+            "(docs/scoring.md). Closed = closed and multiple-choice questions; open = accuracy, or "
+            "mean word recall for llava-med; crashes = rows on which the kit would stop (scored 0 "
+            "here)."
+        ),
+        "",
+        "| rule | n | acc | closed | open | crashes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, m in rule_table(summary).items():
+        out.append(
+            f"| {name} | {m['n']} | {_fmt(m['accuracy'], 'pct')} | {_fmt(m['closed_accuracy'], 'pct')} | "
+            f"{_fmt(m['open_score'], 'pct')} | {m['n_crash']} |"
+        )
+    return out + [""]
+
+
 def _markdown(
     summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], title: str, plots: Sequence[Path]
 ) -> str:
@@ -270,6 +298,7 @@ def _markdown(
         if summary.get(key):
             out += [f"## By {label}", ""] + _table(summary[key], label) + [""]
     out += _hops_markdown(summary)
+    out += _kits_markdown(summary)
     if summary.get("by_image_control"):
         out += _controls_markdown(summary)
     if summary.get("explain"):
