@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from medlvr.data.schema import VQASample
+from medlvr.eval.kit_rules import KIT_RULES
 from medlvr.eval.metrics import accuracy_reward, score
 from medlvr.train.rewards import RewardContext, accuracy, format_reward
 
@@ -200,3 +201,21 @@ def test_the_vlpo_reward_is_the_judge() -> None:
         assert format_reward(_sample(row), row["response"], latents, RewardContext()) == float(
             not s.invalid
         )
+
+
+def test_the_judge_agrees_with_the_labels_more_than_any_kit_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The kits' rules (medlvr's implementation, `medlvr.eval.kit_rules`) on the same labelled rows;
+    a kit's fractional score (LLaVA-Med's open recall) counts as right only when it is 1."""
+    ours = TABLE["ALL"]["agree"] / TABLE["ALL"]["n"]
+    with capsys.disabled():
+        print(
+            f"\n{'rule':12s} {'agree %':>8s} {'false acc':>9s}\n{'medlvr':12s} {100 * ours:8.1f} 0"
+        )
+        for name, rule in KIT_RULES.items():
+            right = [(s is not None and s >= 1.0, r["label"]) for r in ROWS for s in [rule(r)]]
+            agree = sum(a == b for a, b in right) / len(right)
+            false_accepts = sum(a and not b for a, b in right)
+            print(f"{name:12s} {100 * agree:8.1f} {false_accepts:9d}")
+            assert agree < ours - 0.2, name

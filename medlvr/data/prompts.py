@@ -1,7 +1,7 @@
 """The prompts, in one place: how a question, its options and the instruction are shown to a model.
 
 Instructions follow the conventions of the public medical VQA kits
-(see BENCHMARKS.md, "Prompts commonly used"), so numbers stay comparable:
+(docs/scoring.md, "Prompts"), so numbers stay comparable:
 - choice: "Answer with the option's letter from the given choices directly."
 - yes/no: "Please answer 'yes' or 'no'."
 - other: "Answer the question using a single word or phrase."
