@@ -292,3 +292,12 @@ def test_letter_with_option_text(response: str, value: str | None, how: str) -> 
 def test_same_answer(answer: str, gold: str, same: bool) -> None:
     assert same_answer(answer, gold) is same
     assert same_answer(gold, answer) is same
+
+
+def test_word_order_is_kept_outside_known_phrases() -> None:
+    assert same_answer("right upper lobe", "upper right lobe")  # one phrase, one spelling
+    assert not same_answer("right to left", "left to right")
+    assert not same_answer(
+        "upper left: large dark cross; center: small bright round",
+        "upper left: small bright round; center: large dark cross",
+    )

@@ -39,8 +39,8 @@ def test_token_scores_hand_computed() -> None:
 
 def test_score_open_fields() -> None:
     s = score(_sample(1, "open", "Left lung"), "Answer: the lung, left side")
-    assert s.correct and not s.invalid  # the judge: same words ("side" carries no answer)
-    # strict exact match is 0; pred [lung, left, side] vs gold [left, lung]
+    assert not s.correct and not s.invalid  # the judge keeps word order ("left to right")
+    # pred [lung, left, side] vs gold [left, lung]
     assert (s.exact_match, s.token_precision, s.token_recall) == (0.0, 2 / 3, 1.0)
     assert s.token_f1 == pytest.approx(0.8)
     s = score(_sample(1, "open", "Left lung"), "LEFT LUNG.")

@@ -24,10 +24,9 @@ dropped, number words as digits, numbers in one form), then:
 
 `content(tokens)` drops the words that carry no answer (`FILLER`: "it is", "the
 image shows", "side", "seen", prepositions); negations ("no", "not", "without")
-stay. Two answers are the same when their content tokens are equal as sets
-(`same_content`): "upper right lobe" == "right upper lobe", "The lesion is on the
-right side." == "right" once the question's own words are set aside (see
-`medlvr.eval.answers`).
+stay. Two answers are the same when their content tokens are equal, in order
+(`same_content`): "The lesion is on the right side." == "right" once the question's
+own words are set aside (see `medlvr.eval.answers`).
 """
 
 from __future__ import annotations
@@ -399,6 +398,12 @@ def content(tokens: Iterable[str], drop: Iterable[str] = ()) -> list[str]:
 
 
 def same_content(a: Sequence[str], b: Sequence[str]) -> bool:
-    """Equal as sets of words, both non-empty: word order is free ("upper right lobe" == "right
-    upper lobe") and a word said twice counts once ("computed tomography (CT)" == "CT")."""
-    return bool(a) and set(a) == set(b)
+    """The same words in the same order, both non-empty; a word repeated at once counts once
+    ("computed tomography (CT)" == "CT"). Order matters: "upper left: round; center: cross" is
+    not "upper left: cross; center: round" (word order is folded only inside `PHRASES`:
+    "upper right lobe" == "right upper lobe")."""
+    return bool(a) and _once(a) == _once(b)
+
+
+def _once(words: Sequence[str]) -> list[str]:
+    return [w for i, w in enumerate(words) if i == 0 or w != words[i - 1]]

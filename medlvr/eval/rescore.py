@@ -141,7 +141,7 @@ def _lmms_eval(path: Path) -> list[KitRow]:
             raise MedlvrError(
                 f"{path}:{lineno}: no `filtered_resps` or `resps`: not an lmms-eval --log_samples file"
             )
-        doc = obj.get("doc") if isinstance(obj.get("doc"), Mapping) else {}
+        doc: Mapping[str, Any] = obj["doc"] if isinstance(obj.get("doc"), Mapping) else {}
         answer = _first(obj, ("filtered_resps",))
         row = _row(doc, f"{path.name}:{lineno}", answer if answer is not None else obj.get("resps"))
         if obj.get("target") is not None:
@@ -313,13 +313,13 @@ def _pairs(
             )
         return pairs, how
     records = _Records(samples)
-    unmatched = []
+    unmatched: list[KitRow] = []
     for row in rows:
-        sample, by = records.match(row)
-        if sample is None:
+        found, by = records.match(row)
+        if found is None:
             unmatched.append(row)
         else:
-            pairs.append((row, sample))
+            pairs.append((row, found))
             how[f"by {by}"] += 1
     if unmatched:
         r = unmatched[0]
