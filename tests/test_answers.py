@@ -234,6 +234,8 @@ def test_mapping_without_gold_is_rejected() -> None:
         answer_key({"answer_type": "choice"})
     with pytest.raises(ValueError, match="answer_type"):
         answer_key({"answer_type": "essay", "gold": "x"})
+    with pytest.raises(ValueError, match="eval rescore"):  # a kit's row: was a bare KeyError
+        answer_key({"question": "Is there a mass?", "answer": "yes", "response": "yes"})
 
 
 def test_parsed_is_a_plain_value() -> None:

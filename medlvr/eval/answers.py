@@ -159,6 +159,11 @@ def answer_key(sample_or_fields: VQASample | Mapping[str, Any] | AnswerKey) -> A
         s = sample_or_fields
         return AnswerKey(s.answer_type, s.gold, dict(s.options), s.question)
     f = sample_or_fields
+    if f.get("answer_type") is None:  # e.g. another kit's rows: the kind is the dataset's
+        raise ValueError(
+            "the fields need `answer_type` (closed, open or choice); for another kit's "
+            "predictions use medlvr eval rescore with --data"
+        )
     answer_type = str(f["answer_type"]).strip().lower()
     if answer_type not in ("closed", "open", "choice"):
         raise ValueError(f"answer_type must be closed, open or choice, got {f['answer_type']!r}")
