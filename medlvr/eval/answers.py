@@ -400,7 +400,7 @@ _AFFIRM = {
 }  # fmt: skip
 # Question words that only frame the question ("Is there any evidence of ..."), never its subject.
 _QUESTION_FRAME = FILLER | {
-    "do", "doe", "does", "did", "can", "could", "should", "would", "will", "has", "have", "had",
+    "do", "does", "did", "can", "could", "should", "would", "will", "has", "have", "had",
     "any", "evidence", "patient", "present", "presence", "visible", "seen", "contain", "include",
     "what", "which", "where", "how", "there", "identified", "noted", "evident", "see", "you",
     "appear", "appears", "look", "looks", "like", "finding", "findings", "study",
@@ -417,27 +417,17 @@ def _negated(a: str, b: str) -> bool:
 def _clause_polarity(clause: str, question: list[str], focus: set[str]) -> str | None:
     """yes, no or None (the clause says nothing about the question) for a clause without yes/no."""
     tokens = canonical_tokens(clause)
-    if not tokens:
-        return None
     negative = bool(_NEGATORS & set(tokens)) or bool(_NEGATION_PHRASE.search(clause))
     affirm = bool(_AFFIRM & set(tokens))
     words = [t for t in content(tokens) if t not in _NEGATORS and t not in _AFFIRM]
-    flipped = [w for w in words if any(_negated(w, q) for q in question)]
+    flipped = [w for w in words if any(_negated(w, q) for q in question)]  # "normal" to "abnormal?"
     rest = [w for w in words if w not in flipped]
-    about = (
-        (not words and (negative or affirm))  # "Absent", "Not seen", "Present"
-        or (bool(words) and set(rest) <= set(question))  # "Enlarged", "The lung appears normal."
-        or (bool(focus) and focus <= set(words))  # names every word asked about
-    )
-    if not about or not (negative or affirm or words):
+    bare = not words and (negative or affirm)  # "Absent", "Not seen", "Present"
+    restates = bool(words) and set(rest) <= set(question)  # "Enlarged", "The lung appears normal."
+    names_all = bool(focus) and focus <= set(words)  # "Extensive fibrosis" to "Is there fibrosis?"
+    if not (bare or restates or names_all):
         return None
-    named_all = bool(focus) and focus <= set(words)  # "Extensive fibrosis" to "Is there fibrosis?"
-    if words and not (negative or affirm or named_all) and not set(rest) <= set(question):
-        return None
-    yes = not negative
-    if len(flipped) % 2:
-        yes = not yes
-    return "yes" if yes else "no"
+    return "yes" if negative == (len(flipped) % 2 == 1) else "no"
 
 
 def _read_yes_no(span: str, question: str) -> tuple[str | None, str]:

@@ -305,6 +305,7 @@ _SINGULAR_S = {
     "axis",
     "this",
     "its",
+    "does",
     "is",
     "was",
     "has",
