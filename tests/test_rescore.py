@@ -206,3 +206,13 @@ def test_rescore_keeps_what_the_kit_file_says(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (tmp_path / "o" / "predictions.jsonl").read_text().splitlines()]
     assert rows[2]["source"] == "results.json[2]"
     assert rows[2]["response"] == "It's an MRI" and rows[2]["parsed"] == "mri"
+
+
+def test_data_takes_several_files_after_one_flag(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["eval", "rescore", str(DATA / "lmms_eval_slake_samples.jsonl"), "--format",
+                              "lmms-eval", "--data", str(DATA / "vqa_rad_records.jsonl"),
+                              str(DATA / "slake_records.jsonl"), "--out", str(tmp_path / "s")])  # fmt: skip
+    _ok(res)
+    assert "6 by qid" in res.output
+    data = json.loads((tmp_path / "s" / "run.json").read_text())["rescore"]["data"]
+    assert [Path(p).name for p in data] == ["vqa_rad_records.jsonl", "slake_records.jsonl"]

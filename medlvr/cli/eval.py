@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -13,36 +14,42 @@ from typer.core import TyperGroup
 from medlvr.cli._common import ALLOW_PICKLE, console, user_errors
 
 
+def _spread_data(args: list[str], stop: Container[str] = ()) -> tuple[list[str], int]:
+    """`--data A B` -> `--data A --data B`, up to the next option or a word in `stop`; returns
+    the rewritten words and how many of `args` they cover (they end before a `stop` word)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in stop and out[-1:] != ["--data"]:
+            break
+        out.append(arg)
+        if arg == "--data":
+            if i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+            while i + 1 < len(args) and not args[i + 1].startswith("-") and args[i + 1] not in stop:
+                out += ["--data", args[i + 1]]
+                i += 1
+        i += 1
+    return out, i
+
+
 class _EvalGroup(TyperGroup):
     """`--data A.jsonl B.jsonl` takes every following word up to the next option, as the docs show.
 
     click options take one value each; the words after `--data` are rewritten
-    into repeated `--data X` before parsing (a subcommand name ends the list).
+    into repeated `--data X` before parsing (a subcommand name ends the list), for
+    `medlvr eval` and for `medlvr eval rescore`.
     """
 
     # Any: typer >= 0.2x passes its vendored click's Context, older typer click's own.
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        out: list[str] = []
-        i = 0
-        while i < len(args):
-            arg = args[i]
-            if arg in self.commands and out[-1:] != ["--data"]:
-                out += args[i:]  # a subcommand: its own arguments follow untouched
-                break
-            out.append(arg)
-            if arg == "--data":
-                if i + 1 < len(args):
-                    out.append(args[i + 1])
-                    i += 1
-                while (
-                    i + 1 < len(args)
-                    and not args[i + 1].startswith("-")
-                    and args[i + 1] not in self.commands
-                ):
-                    out += ["--data", args[i + 1]]
-                    i += 1
-            i += 1
-        return super().parse_args(ctx, out)
+        out, n = _spread_data(args, self.commands)
+        rest = args[n:]
+        if rest[:1] == ["rescore"]:
+            rest = rest[:1] + _spread_data(rest[1:])[0]
+        return super().parse_args(ctx, out + rest)
 
 
 app = typer.Typer(
@@ -233,8 +240,8 @@ def rescore_cmd(
     data: list[Path] = typer.Option(
         [],
         "--data",
-        help="medlvr's converted records the predictions were made on (repeat for several "
-        "files): question kinds and options come from them.",
+        help="medlvr's converted records the predictions were made on (--data A.jsonl "
+        "B.jsonl): question kinds and options come from them.",
     ),
     out: Path = typer.Option(..., "--out", help="Run folder to write (as medlvr eval writes)."),
     dataset: str | None = typer.Option(
