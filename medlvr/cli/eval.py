@@ -317,6 +317,7 @@ def compare_cmd(
             "accuracy",
             "closed_accuracy",
             "choice_accuracy",
+            "open_accuracy",
             "open_token_f1",
             "invalid_rate",
         ):
@@ -381,7 +382,18 @@ def _pct(v: Any, signed: bool = False) -> str:
 def _print_summary(summary: dict[str, Any]) -> None:
     main = summary.get("image_control_main")
     table = Table(title="Accuracy (%)" + (f", images={main}" if main else ""))
-    for col in ("scope", "n", "acc", "closed", "choice", "open EM", "tok F1", "invalid", "errors"):
+    for col in (
+        "scope",
+        "n",
+        "acc",
+        "closed",
+        "choice",
+        "open",
+        "open EM",
+        "tok F1",
+        "invalid",
+        "errors",
+    ):
         table.add_column(col, justify="left" if col == "scope" else "right")
     scopes = [("all", summary["overall"])] + [
         (f"dataset {k}", v) for k, v in summary["by_dataset"].items()
@@ -395,6 +407,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             _pct(m["accuracy"]),
             _pct(m["closed_accuracy"]),
             _pct(m["choice_accuracy"]),
+            _pct(m["open_accuracy"]),
             _pct(m["open_exact_match"]),
             _pct(m["open_token_f1"]),
             _pct(m["invalid_rate"]),

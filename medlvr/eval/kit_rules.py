@@ -157,7 +157,7 @@ def rule_table(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         "closed_accuracy": (
             sum(m["accuracy"] * m["n"] for m in closed) / n_closed if n_closed else None
         ),
-        "open_score": by_type.get("open", {}).get("accuracy"),
+        "open_score": summary["overall"].get("open_accuracy"),
         "n_crash": 0,
     }
     return {"medlvr": ours, **summary.get("kit_rules", {})}

@@ -261,6 +261,7 @@ def _metrics(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         "n_choice": len(by_type["choice"]),
         "choice_accuracy": _mean([float(c) for c in by_type["choice"]]),
         "n_open": len(opens),
+        "open_accuracy": _mean([float(c) for c in by_type["open"]]),
         "open_exact_match": _mean([o[0] for o in opens]),
         "open_token_precision": _mean([o[1] for o in opens]),
         "open_token_recall": _mean([o[2] for o in opens]),
@@ -343,8 +344,8 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     `dataset_macro_accuracy` (the unweighted mean of the per-dataset
     accuracies, the average that papers report).
     Metrics of a group: n, accuracy, n_closed, closed_accuracy, n_choice,
-    choice_accuracy, n_open, open_exact_match, open_token_precision,
-    open_token_recall, open_token_f1, n_invalid, invalid_rate, n_errors,
+    choice_accuracy, n_open, open_accuracy (the judge's), open_exact_match (strict),
+    open_token_precision, open_token_recall, open_token_f1, n_invalid, invalid_rate, n_errors,
     latency_p50, latency_p95 (seconds, from `latency_s`), mean_tokens (from
     `n_tokens`); None where a group has no row of that kind.
     When one run holds several K, `overall` pools them; read `by_latent_steps`.

@@ -69,6 +69,7 @@ _COLUMNS = [
     ("accuracy", "acc", "pct"),
     ("closed_accuracy", "closed acc", "pct"),
     ("choice_accuracy", "choice acc", "pct"),
+    ("open_accuracy", "open acc", "pct"),
     ("open_exact_match", "open EM", "pct"),
     ("open_token_recall", "tok recall", "pct"),
     ("open_token_f1", "tok F1", "pct"),
