@@ -341,12 +341,11 @@ def _claim(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
             raise MedlvrError(f"--out {out} would write onto the input {p}: choose another --out")
     if not out.is_dir() or not any(out.iterdir()) or overwrite:
         return
-    settings = (
-        json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        if (out / RUN_FILE).is_file()
-        else {}
-    )
-    if "rescore" not in settings:
+    try:
+        settings = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        settings = None
+    if not isinstance(settings, dict) or "rescore" not in settings:
         raise MedlvrError(
             f"--out {out} holds files that are not a rescore's output: pass --overwrite to write "
             "over them, or choose another --out"
