@@ -2,8 +2,9 @@
 
 `tests/data/scoring_labels.jsonl` holds 657 responses in the style of real model outputs on
 VQA-RAD, SLAKE and PathVQA (and multiple-choice sets), each labelled right or wrong by a reader
-before the judge scored it; `class` names the kind of answer; `scoring_labels_heldout.jsonl` (102 more) was labelled
-after the judge was written. The tables in docs/scoring.md are `agreement_table(...)` of these files (`python -m pytest tests/test_scoring_labels.py -s` prints it).
+before the judge scored it; `class` names the kind of answer. `scoring_labels_heldout.jsonl`
+(102 more) was labelled after the judge was written. The tables of docs/scoring.md are
+`agreement_table` of these files (`python -m pytest tests/test_scoring_labels.py -s` prints them).
 """
 
 from __future__ import annotations
