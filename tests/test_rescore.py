@@ -175,8 +175,14 @@ def test_unmatched_predictions_and_foreign_folders_are_refused_in_one_line(tmp_p
     _ok(runner.invoke(app, [*args, "--overwrite"]))
     _ok(runner.invoke(app, args))  # its own earlier output: rewritten without --overwrite
     assert (foreign / "notes.txt").read_text() == "keep"
+    with pytest.raises(MedlvrError, match="not eval rescore's output"):
+        rescore(MEK, "medevalkit", DATA)  # the fixtures' folder
+    inside = tmp_path / "run" / "predictions.jsonl"  # the input is a file the rescore writes
+    inside.parent.mkdir()
+    shutil.copy(MEK, inside)
     with pytest.raises(MedlvrError, match="onto the input"):
-        rescore(MEK, "medevalkit", DATA)
+        rescore(inside, "medevalkit", inside.parent, overwrite=True)
+    assert inside.read_bytes() == MEK.read_bytes()
 
 
 def test_eval_report_rescores_rows_without_correct(tmp_path: Path) -> None:

@@ -25,12 +25,15 @@ The run folder holds what `medlvr eval` writes: `predictions.jsonl` (scored by
 `medlvr.eval.metrics.prediction_row`, each row also carrying `kit_scores`, see
 `medlvr.eval.kit_rules`), `run.json` (under `rescore`: the file, its format, the data,
 how rows were matched) and the reports (`summary.json` with `kit_rules`, `report.md`,
-plots), so `medlvr eval compare` pairs a rescored run with any other run.
+plots), so `medlvr eval compare` pairs a rescored run with any other run. The folder follows
+the one overwrite rule of `medlvr.rundir.claim_output`: new, an earlier rescore's output, or
+`overwrite`; never onto the input file or the data.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,11 +44,11 @@ from typing import Any
 from medlvr.data.schema import LETTERS, VQASample
 from medlvr.errors import MedlvrError
 from medlvr.eval.answers import is_yes_no, normalize_text
-from medlvr.eval.harness import RUN_FILE, load_samples
+from medlvr.eval.harness import EVAL_WRITES, RUN_FILE, load_samples
 from medlvr.eval.kit_rules import kit_scores
 from medlvr.eval.metrics import prediction_row
 from medlvr.eval.report import PREDICTIONS_FILE, write_report
-from medlvr.rundir import run_folder
+from medlvr.rundir import claim_output, run_folder
 
 __all__ = ["FORMATS", "KitRow", "read_kit_file", "rescore"]
 
@@ -334,22 +337,13 @@ def _pairs(
 # --------------------------------------------------------------------------- writing
 
 
-def _claim(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
-    """Write only into a new folder or a rescore's own earlier output, never onto an input."""
-    for p in inputs:
-        if p.resolve() == out.resolve() or out.resolve() in p.resolve().parents:
-            raise MedlvrError(f"--out {out} would write onto the input {p}: choose another --out")
-    if not out.is_dir() or not any(out.iterdir()) or overwrite:
-        return
+def _is_rescore(folder: Path) -> bool:
+    """Whether `folder` holds an earlier rescore's output (its run.json says so)."""
     try:
-        settings = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        settings = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        settings = None
-    if not isinstance(settings, dict) or "rescore" not in settings:
-        raise MedlvrError(
-            f"--out {out} holds files that are not a rescore's output: pass --overwrite to write "
-            "over them, or choose another --out"
-        )
+        return False
+    return isinstance(settings, dict) and "rescore" in settings
 
 
 def rescore(
@@ -370,8 +364,11 @@ def rescore(
     rows = read_kit_file(path, fmt)
     samples = load_samples(data) if data else None
     pairs, how = _pairs(rows, samples, dataset or path.stem, path)
-    _claim(out, overwrite, [path, *map(Path, data)])
-    with run_folder(out, "--out"):
+    claim = functools.partial(
+        claim_output, out, "eval rescore", overwrite=overwrite, inputs=[path, *data],
+        writes=EVAL_WRITES, own=_is_rescore,
+    )  # fmt: skip
+    with run_folder(out, "--out", check=claim):  # new, an earlier rescore's, or --overwrite
         scored = []
         for row, sample in pairs:
             line = prediction_row(sample, row.prediction, source=row.where)
