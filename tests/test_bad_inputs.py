@@ -1534,6 +1534,19 @@ CASES: list[tuple[str, object, str]] = [
         "pass --overwrite",
     ),
     (
+        "rescore into a manuscript",
+        lambda w: [
+            "eval",
+            "rescore",
+            str(Path(__file__).parent / "data" / "rescore" / "medevalkit_vqa_rad_results.json"),
+            "--format",
+            "medevalkit",
+            "--out",
+            str(w["manuscript"]),
+        ],
+        "pass --overwrite",
+    ),
+    (
         "demo into a manuscript",
         lambda w: ["demo", "--quick", "--out", str(w["manuscript"])],
         "pass --overwrite",
