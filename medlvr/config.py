@@ -724,15 +724,15 @@ def load_config(
 ) -> T:
     """Build a `schema` instance from an optional YAML file and `key.sub=value` overrides.
 
+    `path` is a YAML file or the name of a shipped recipe (`tiny/sft`, `medlvr recipes`).
+
     `${oc.env:VAR}` is refused in both: the resolved config is saved with every run, so a
     shared recipe would copy the variable (a token, a password) into each run folder.
     """
     base = OmegaConf.structured(schema)
     try:
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise MedlvrError(f"config file not found: {path}")
+            path = _recipe_file(path)
             base = OmegaConf.merge(base, _load_yaml(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
@@ -765,6 +765,20 @@ def _refuse_env(tree: Any, key: str = "") -> None:
             f"{key}: {tree} reads an environment variable, which the config.yaml saved with the run "
             "would then hold: write the value itself"
         )
+
+
+def _recipe_file(path: str | Path) -> Path:
+    """A YAML file that exists, else the shipped recipe of that name; a `MedlvrError` if neither."""
+    from medlvr.shipped import recipe_path
+
+    if Path(path).is_file():
+        return Path(path)
+    shipped = recipe_path(path)
+    if shipped is None:
+        raise MedlvrError(
+            f"config file not found: {path} (nor a shipped recipe: `medlvr recipes` lists them)"
+        )
+    return shipped
 
 
 def _load_yaml(path: Path) -> Any:

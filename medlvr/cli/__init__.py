@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from medlvr.cli import data, demo, explain, model, predict, serve, train
+from medlvr.cli import data, demo, explain, model, predict, recipes, serve, train
 from medlvr.cli import eval as eval_cmd
 
 app = typer.Typer(
@@ -19,8 +19,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medlvr import __version__
+
+        print(f"medlvr {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_print_version,
+        help="Print medlvr's version and exit.",
+    ),
     verbose: bool = typer.Option(
         False,
         "--verbose",
@@ -49,7 +64,7 @@ app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.add_typer(eval_cmd.app, name="eval")
-for command in (predict, demo, explain, serve):
+for command in (predict, demo, explain, serve, recipes):
     command.register(app)
 
 

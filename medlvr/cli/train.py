@@ -17,7 +17,7 @@ app = typer.Typer(no_args_is_help=True, help="train commands.")
 @user_errors
 def sft(
     config: Path | None = typer.Option(
-        None, "--config", help="YAML recipe (e.g. configs/tiny/sft.yaml)."
+        None, "--config", help="YAML file or shipped recipe (e.g. tiny/sft; see `medlvr recipes`)."
     ),
     overrides: list[str] = typer.Argument(
         None, help="Dotted overrides, e.g. mode=latent latent.steps=8 optim.lr=1e-4."
@@ -64,12 +64,12 @@ def sft(
 @user_errors
 def vlpo(
     config: Path | None = typer.Option(
-        None, "--config", help="YAML recipe (e.g. configs/tiny/vlpo.yaml)."
+        None, "--config", help="YAML file or shipped recipe (e.g. tiny/vlpo; see `medlvr recipes`)."
     ),
     init: Path | None = typer.Option(
         None,
         "--init",
-        help="Starting checkpoint (the SFT export, e.g. runs/sft/final); sets model.path.",
+        help="Starting model (the SFT export, e.g. runs/sft/final, or a Hub id org/name[@revision]); sets model.path.",
     ),
     overrides: list[str] = typer.Argument(
         None, help="Dotted overrides, e.g. vlpo.group_size=8 vlpo.beta=0.04."

@@ -1,4 +1,9 @@
-"""The weight files of a model folder, checked before anything loads them.
+"""Where a model's files are, and its weight files checked before anything loads them.
+
+A model is named by a folder, by a name the package ships (`stage0`) or by a Hugging Face
+Hub id with an optional revision (`Qwen/Qwen2.5-VL-7B-Instruct`, `org/name@v1.0`), which
+`model_folder` resolves to a snapshot in huggingface_hub's cache (downloading it unless
+`HF_HUB_OFFLINE=1`; the cache is `HF_HUB_CACHE`, by default `$HF_HOME/hub`).
 
 medlvr reads and writes safetensors only: a damaged file (truncated by a copy cut short,
 or empty) is reported in one line naming it, and a folder whose weights are pickle only
@@ -10,9 +15,11 @@ the PathVQA release).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from medlvr.errors import MedlvrError, not_a_file
+from medlvr.shipped import MODELS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = (
@@ -22,6 +29,96 @@ PICKLE_WEIGHTS = (
     "model.pth",
     "model.ckpt",
 )
+
+
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+"""`org/name` or `org/name@revision` (a branch, tag or commit)."""
+OTHER_FORMATS = [
+    "*.msgpack",
+    "*.h5",
+    "*.onnx",
+    "*.onnx_data",
+    "*.ot",
+    "*.gguf",
+    "*.tflite",
+    "*.mlmodel",
+]
+"""Weights for other frameworks, never downloaded."""
+PICKLE_PATTERNS = [*PICKLE_WEIGHTS, "pytorch_model-*.bin"]
+
+
+def is_hub_id(ref: str | Path) -> bool:
+    """True when `ref` names no local file or folder and reads as `org/name[@revision]`."""
+    return not Path(ref).exists() and str(ref) not in MODELS and HUB_ID.match(str(ref)) is not None
+
+
+def model_folder(ref: str | Path, *, allow_pickle: bool = False) -> Path:
+    """The local folder holding model `ref`: a folder, a shipped name (`stage0`) or a Hub id.
+
+    A folder of that name wins over a shipped name and a Hub id. A Hub snapshot is fetched
+    without pickle weights (and without other frameworks' weights); pickle weights are
+    fetched only with `allow_pickle` when the snapshot has no safetensors. The folder's
+    weights are checked by `check_weights` when the model loads.
+    """
+    path = Path(ref)
+    if path.is_dir():
+        return path
+    if str(ref) in MODELS:
+        return MODELS[str(ref)]
+    if not is_hub_id(ref):
+        raise MedlvrError(
+            f"model folder not found: {ref} (give a folder, `stage0`, or a Hugging Face Hub id "
+            "such as Qwen/Qwen2.5-VL-7B-Instruct or org/name@revision)"
+        )
+    match = HUB_ID.match(str(ref))
+    assert match is not None
+    return _hub_snapshot(str(ref), match["repo"], match["revision"], allow_pickle)
+
+
+def _hub_snapshot(ref: str, repo: str, revision: str | None, allow_pickle: bool) -> Path:
+    """The snapshot folder of `repo` at `revision` in huggingface_hub's cache; one-line errors."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = Path(
+            snapshot_download(
+                repo, revision=revision, ignore_patterns=[*PICKLE_PATTERNS, *OTHER_FORMATS]
+            )
+        )
+        if allow_pickle and not any(folder.glob("*.safetensors")):
+            folder = Path(
+                snapshot_download(repo, revision=revision, allow_patterns=PICKLE_PATTERNS)
+            )
+    except GatedRepoError:
+        raise MedlvrError(
+            f"{ref} is gated on the Hugging Face Hub: accept its terms on its page, then `hf auth login`"
+        ) from None
+    except RevisionNotFoundError:
+        raise MedlvrError(f"{ref}: the Hub has no revision {revision!r} of {repo}") from None
+    except RepositoryNotFoundError:
+        raise MedlvrError(
+            f"model folder not found: {ref}, and no model {repo} on the Hugging Face Hub "
+            "(a private one needs `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+
+        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise MedlvrError(
+            f"model folder not found: {ref}; as a Hub id it is not in the cache {HF_HUB_CACHE} and {why}"
+        ) from None
+    except HfHubHTTPError as err:
+        raise MedlvrError(
+            f"cannot fetch {ref} from the Hugging Face Hub: {str(err).splitlines()[0]}"
+        ) from None
+    return folder
 
 
 def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
@@ -75,4 +172,4 @@ def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
     return False
 
 
-__all__ = ["check_weights", "PICKLE_WEIGHTS"]
+__all__ = ["check_weights", "model_folder", "is_hub_id", "PICKLE_WEIGHTS"]

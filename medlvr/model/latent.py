@@ -256,16 +256,17 @@ class LatentVLM(nn.Module):
         device: str | torch.device | None = None,
         allow_pickle: bool = False,
     ) -> LatentVLM:
-        """Load a model folder: a tiny one from `medlvr model init-tiny`, a medlvr checkpoint or a real one.
+        """Load a model: a tiny one from `medlvr model init-tiny`, a medlvr checkpoint or a real one.
 
-        Its weights are checked first (`medlvr.model.files.check_weights`): safetensors that
+        `path` is a folder, `stage0` (the shipped backbone) or a Hugging Face Hub id with an
+        optional revision (`Qwen/Qwen2.5-VL-7B-Instruct`, `org/name@rev`; `model_folder`). Its weights are checked first (`medlvr.model.files.check_weights`): safetensors that
         open, or pickle weights only with `allow_pickle` (unpickling runs code in the file).
         """
         from safetensors import SafetensorError
 
-        from medlvr.model.files import check_weights
+        from medlvr.model.files import check_weights, model_folder
 
-        path = Path(path)
+        path = model_folder(path, allow_pickle=allow_pickle)
         family = detect_family(path)
         safetensors = check_weights(path, allow_pickle=allow_pickle)
         adapter = get_adapter(family)

@@ -116,7 +116,9 @@ def build_model(
     if sharding.configured(cfg):  # the trained weights come from the checkpoint's shards
         resume_dir = None
     full_resume = resume_dir is not None and cfg.model.finetune == "full"
-    src = resume_dir / "model" if full_resume and resume_dir is not None else Path(cfg.model.path)
+    src: str | Path = (
+        resume_dir / "model" if full_resume and resume_dir is not None else cfg.model.path
+    )
     # Trained weights stay fp32 (master copies; autocast computes in bf16). A LoRA run keeps
     # the frozen base in bf16 when autocasting to bf16 anyway: half the weight memory.
     lora_bf16 = cfg.model.finetune == "lora" and precision(cfg.model.precision) == "bf16"

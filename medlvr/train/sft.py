@@ -44,6 +44,7 @@ from medlvr.data.prompts import written_reasoning
 from medlvr.data.roi import hop_of_steps, pool_targets, roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
+from medlvr.model.files import model_folder
 from medlvr.model.latent import LatentVLM
 from medlvr.rundir import holds_run_folder
 from medlvr.stop import StopSignals
@@ -67,8 +68,7 @@ def check_config(cfg: SFTConfig) -> TrainSet:
         raise MedlvrError(
             "model.path is not set (a model folder, e.g. from `medlvr model init-tiny`)"
         )
-    if not Path(cfg.model.path).is_dir():
-        raise MedlvrError(f"model.path is not a folder: {cfg.model.path}")
+    model_folder(cfg.model.path, allow_pickle=cfg.model.allow_pickle)  # a Hub id is fetched here
     setup.check_data_files(cfg, "training JSONL files")
     if cfg.model.finetune == "lora" and cfg.model.freeze_language:
         warnings.warn(

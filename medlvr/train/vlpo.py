@@ -51,6 +51,7 @@ from medlvr.data.roi import roi_hops
 from medlvr.data.schema import VQASample, read_jsonl
 from medlvr.errors import MedlvrError
 from medlvr.eval.metrics import accuracy_reward
+from medlvr.model.files import model_folder
 from medlvr.model.latent import PROJECTOR_FILE, LatentProjector, LatentVLM, read_latent_config
 from medlvr.rundir import holds_run_folder
 from medlvr.stop import StopSignals
@@ -86,9 +87,7 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
         raise MedlvrError(
             "model.path is not set: give the SFT checkpoint with --init (e.g. runs/sft/final)"
         )
-    path = Path(cfg.model.path)
-    if not path.is_dir():
-        raise MedlvrError(f"model.path is not a folder: {cfg.model.path}")
+    path = model_folder(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
     recorded = read_latent_config(path)
     if recorded is not None:
         proj = recorded.projector
@@ -137,7 +136,7 @@ def disable_dropout(module: nn.Module) -> None:
 def _reference_projector(cfg: VLPOConfig, vlm: Any) -> nn.Module:
     """The starting checkpoint's latent projector (LoRA's reference keeps it; the adapter does not hold it)."""
     proj = LatentProjector(cfg.latent.projector, vlm.hidden_size, embed_rms=vlm._embed_rms())
-    f = Path(cfg.model.path) / PROJECTOR_FILE
+    f = model_folder(cfg.model.path) / PROJECTOR_FILE
     if f.is_file():
         proj.load_state_dict(load_file(str(f)))
     proj.to(device=vlm.device, dtype=vlm.backbone.dtype).requires_grad_(False)
