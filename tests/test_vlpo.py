@@ -26,8 +26,6 @@ from medlvr.train.rollout import (
     unit_mask,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 # ---------------------------------------------------------------------------- pure functions
 
@@ -287,7 +285,7 @@ def test_vlpo_latent_options_are_validated():
 
 
 def test_gpu_vlpo_recipe_parses_and_trains_the_latent_token_rows():
-    cfg = load_config(VLPOConfig, REPO / "configs" / "qwen2_5_vl_7b" / "vlpo.yaml")
+    cfg = load_config(VLPOConfig, "qwen2_5_vl_7b/vlpo")
     assert (
         cfg.model.finetune == "lora"
         and cfg.lora.train_latent_tokens
@@ -388,7 +386,7 @@ def _cfg_overrides(tmp_path: Path, model_path: Path, synth, *extra: str) -> list
 def _cfg(tmp_path: Path, model_path: Path, synth, *extra: str) -> VLPOConfig:
     return load_config(
         VLPOConfig,
-        REPO / "configs" / "tiny" / "vlpo.yaml",
+        "tiny/vlpo",
         _cfg_overrides(tmp_path, model_path, synth, *extra),
     )
 
@@ -455,7 +453,7 @@ def test_cli_runs_vlpo_and_rejects_bad_input(tmp_path, tiny_dir, synth):
     from medlvr.cli import app
 
     runner = CliRunner()
-    args = ["train", "vlpo", "--config", str(REPO / "configs/tiny/vlpo.yaml"), "--init", str(tiny_dir),
+    args = ["train", "vlpo", "--config", "tiny/vlpo", "--init", str(tiny_dir),
             f"data.train=[{synth['train']}]", f"data.val={synth['val']}", "data.val_samples=4", "max_steps=2",
             "batch_size=2", "vlpo.group_size=2", "vlpo.max_new_tokens=3", "vlpo.micro_batch_size=2", "vlpo.beta=0.05",
             "vlpo.mini_batches=2", "checkpoint.every=1", f"output_dir={tmp_path / 'run'}", "log.progress=false"]  # fmt: skip

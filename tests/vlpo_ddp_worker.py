@@ -24,8 +24,7 @@ def main() -> None:
     from medlvr.train.vlpo import run_vlpo
 
     out = Path(sys.argv[1])
-    recipe = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "vlpo.yaml"
-    result = run_vlpo(load_config(VLPOConfig, recipe, sys.argv[2:]))
+    result = run_vlpo(load_config(VLPOConfig, "tiny/vlpo", sys.argv[2:]))
     rank = int(os.environ.get("RANK", "0"))
     save_file(
         {n: p.detach().contiguous() for n, p in result.model.named_parameters()},

@@ -8,8 +8,10 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err_console = Console(stderr=True)
+"""Console for errors and warnings: pass text from messages, files or models through `escape`."""
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,7 +35,10 @@ def user_errors(fn: F) -> F:
         except typer.Exit:
             raise
         except USER_ERRORS as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # The message is text, not markup: `medlvr[web]` or a file `scan[web].jsonl` print as is.
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

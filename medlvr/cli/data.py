@@ -268,11 +268,13 @@ def validate(
 
     problems = validate_file(file, check_images=images, decode_images=images)
     for problem in problems:
-        console.print(str(problem), highlight=False, soft_wrap=True)
+        console.print(str(problem), highlight=False, markup=False, soft_wrap=True)
     if problems:
-        console.print(f"{len(problems)} problem(s) in {file}", highlight=False, soft_wrap=True)
+        console.print(
+            f"{len(problems)} problem(s) in {file}", highlight=False, markup=False, soft_wrap=True
+        )
         raise typer.Exit(code=1)
-    console.print(f"{file}: no problems", highlight=False, soft_wrap=True)
+    console.print(f"{file}: no problems", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("inspect")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from medlvr.cli._common import ALLOW_PICKLE, console, user_errors
 
@@ -88,7 +89,7 @@ def explain(
     )
     png, js = ex.save(out)
     mark_output(out.parent, "explain", [png, js])  # its own output: a rerun may replace it
-    console.print(f"[bold]answer:[/] {ex.answer}", highlight=False)
+    console.print(f"[bold]answer:[/] {escape(ex.answer)}", highlight=False)
     console.print(
         f"latent steps: {ex.latent_steps}   time: {ex.seconds * 1000:.1f} ms", highlight=False
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from medlvr.cli._common import ALLOW_PICKLE, console, user_errors
 
@@ -47,7 +48,7 @@ def predict(
     result = answer_one(
         vlm, images, question, options, latent_steps=latent_steps, max_new_tokens=max_new_tokens
     )
-    console.print(f"[bold]answer:[/] {result.text}", highlight=False)
+    console.print(f"[bold]answer:[/] {escape(result.text)}", highlight=False)
     console.print(
         f"latent steps: {result.latent_steps}   time: {result.seconds * 1000:.1f} ms",
         highlight=False,

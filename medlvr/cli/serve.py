@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from medlvr.cli._common import ALLOW_PICKLE, console, err_console, user_errors
 from medlvr.cli._options import Knobs, config_options
@@ -40,7 +41,7 @@ def serve(
 
     if cfg.host not in LOOPBACK:
         err_console.print(
-            f"[yellow]warning:[/] binding {cfg.host}: the demo is reachable from other machines",
+            f"[yellow]warning:[/] binding {escape(cfg.host)}: the demo is reachable from other machines",
             highlight=False,
         )
     vlm = LatentVLM.from_pretrained(model, allow_pickle=allow_pickle)
