@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,5 +84,13 @@ def answer_one(
     collate = VQACollator(vlm.processor, vlm.adapter, with_answers=False, with_rois=False)
     batch = collate([sample], images=[list(images)])
     k = vlm.resolve_steps(latent_steps)
+    if k > 0 and vlm.trained_steps == 0:
+        # Its latent steps feed it states it never learned to read: often an empty answer.
+        warnings.warn(
+            f"this model was trained without latent steps (K=0), so its answer with K={k} may be "
+            "empty or wrong: answer with latent_steps=0 (--latent-steps 0), or use a model "
+            "trained with latent steps (e.g. `medlvr train sft --config tiny/sft`)",
+            stacklevel=2,
+        )
     out = vlm.generate(batch, k, max_new_tokens=max_new_tokens, output_attentions=output_attentions)
     return Answer(out.texts[0], k, out.timings["total_s"], out, batch)

@@ -214,6 +214,9 @@ class LatentVLM(nn.Module):
         self.family = family
         self.adapter: BackboneAdapter = get_adapter(family)
         self.latent = latent or LatentConfig()
+        self.trained_steps: int | None = None
+        """K the loaded weights were trained with (their saved latent config; 0 for a folder
+        without one, as a downloaded VLM); None for a model built in memory."""
         ensure_latent_tokens(backbone, self.tokenizer)
         self.latent_start_id = self._token_id(LATENT_START)
         self.latent_pad_id = self._token_id(LATENT_PAD)
@@ -281,6 +284,7 @@ class LatentVLM(nn.Module):
         except (OSError, SafetensorError) as err:
             raise MedlvrError(f"cannot load a model from {path}: {err}") from None
         model = cls(backbone, processor, family, latent)
+        model.trained_steps = saved.steps if saved is not None else 0
         model.load_latent_files(path)
         if device is not None:
             model.to(device)
