@@ -236,7 +236,7 @@ class AlignConfig:
     """`cosine` (1 - cos), `mse`, or `infonce` (the pooled ROI token against the other visual
     tokens of the same image as negatives). On the synthetic scans plain cosine collapsed
     onto the direction every visual token shares and only InfoNCE carried the queried
-    location (NOTES-synthetic.md), hence the default."""
+    location (docs/synthetic.md), hence the default."""
     weight: float = 0.5
     """lambda: weight of the alignment term next to the answer cross-entropy."""
     temperature: float = 0.1
@@ -291,7 +291,7 @@ class ProbeConfig:
     Each visual token is classified as the label of the ROI covering it, or as
     background. Stage 0 of the laptop demo uses it: a tiny backbone trained only
     through the answer text learned where lesions are but not their shapes, while
-    a per-token head taught the visual tokens shapes within minutes (NOTES-synthetic.md).
+    a per-token head taught the visual tokens shapes within minutes (docs/synthetic.md).
     """
 
     weight: float = 0.0

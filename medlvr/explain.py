@@ -24,7 +24,7 @@ nearest-upsampled map that falls inside the boxes, pixel-exact). A seeded random
 map and the uniform-map expectation are reported beside them as the floor; on
 the synthetic benchmark also the rate at which the peak hits *any* lesion, since
 a map that finds lesions but not the queried one should not count as pointing
-(see NOTES-synthetic.md).
+(see docs/synthetic.md).
 
 Figures, regions and metrics work on each image's cells (`TokenGrid.raster`): the
 token grid itself for one-grid families; for a tiled image (SmolVLM: tiles plus a
@@ -66,7 +66,7 @@ class ExplainConfig:
     """Softmax temperature turning cosines into a similarity distribution (0.1 = the InfoNCE alignment's)."""
     centre: bool = False
     """Subtract the sample's mean visual token from the tokens and the latent before the cosine.
-    Raw cosines share one direction common to all visual tokens (NOTES-synthetic.md); centring removes it."""
+    Raw cosines share one direction common to all visual tokens (docs/synthetic.md); centring removes it."""
     layers: tuple[int, ...] | None = None
     """Decoder layers whose attention is averaged (negative counts from the top); None = all layers."""
     top_k: int = 5

@@ -267,7 +267,7 @@ def _align_loss(
     roi_index: list[torch.Tensor],
     tau: float = 0.1,
 ) -> torch.Tensor:
-    """InfoNCE of each latent z_k: its pooled ROI target against the image's non-ROI tokens (NOTES-synthetic.md)."""
+    """InfoNCE of each latent z_k: its pooled ROI target against the image's non-ROI tokens (docs/synthetic.md)."""
     losses = []
     for z, v, idx in zip(latents, visual, roi_index):  # z [K, d], v [N, d]
         k = z.shape[0]

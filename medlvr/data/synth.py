@@ -173,7 +173,7 @@ class SynthConfig:
     large_size: float = 1.6
     """Extent of a large lesion in token cells (1.6 x 28 px ~ 45 px); must fit in a region.
     The tiny stage-0 backbone reads shape at 0.59 on 1.6-cell lesions and at chance on
-    1-cell ones (NOTES-synthetic.md), hence `shape_questions`."""
+    1-cell ones (docs/synthetic.md), hence `shape_questions`."""
     shape_questions: Literal["large", "all", "none"] = "large"
     """Which lesions `attribute` questions may ask the shape of: only `large` ones (the
     calibrated default: shape is not read below ~1.5 token cells), `all`, or `none`."""
@@ -182,7 +182,7 @@ class SynthConfig:
     (open questions, gold = the word, e.g. "bright", "upper left") or `letters` (multiple
     choice, options shuffled onto A-D). The tiny backbone reads intensity at a named region
     at 0.97 with word answers but does not learn to map it to a shuffled letter in 600 steps
-    (NOTES-synthetic.md, third trial): letters add a hop of their own."""
+    (docs/synthetic.md, section 3): letters add a hop of their own."""
     hops: tuple[int, int] = (1, 3)
     """Inclusive range of chain depths h (drawn uniformly): 1 = "the largest lesion", each
     further hop a step to an adjacent region ("the lesion below the largest lesion"); at most 4."""

@@ -59,7 +59,7 @@ SPECS: dict[str, TinySpec] = {
     # ~0.2M parameters: unit tests, seconds.
     "tiny": TinySpec(64, 2, 4, 2, 128, 2, 32, 2, 1024),
     # ~1.2M: the laptop demo's backbone (the size that learned to see synthetic
-    # lesions within minutes in NOTES-synthetic.md).
+    # lesions within minutes, docs/synthetic.md).
     "mini": TinySpec(128, 4, 4, 2, 256, 3, 64, 2, 1024),
     # a few M.
     "small": TinySpec(256, 4, 4, 2, 512, 3, 128, 4, 2048),

@@ -1,7 +1,7 @@
 """Stage 0 of the laptop demo: pretrain a tiny backbone to *see* the synthetic scans.
 
 The real method starts from a pretrained VLM. A tiny backbone trained from
-scratch for minutes does not learn to see small lesions (NOTES-synthetic.md:
+scratch for minutes does not learn to see small lesions (docs/synthetic.md:
 every variant sat on the language prior), so the demo's variants fine-tune from
 a backbone first pretrained on the synthetic benchmark's dense description
 samples: "Describe the lesions." -> every lesion's region, size, intensity and

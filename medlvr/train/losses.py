@@ -54,7 +54,7 @@ def infonce_alignment(
     [B, N]` marks real ones, or `[B, K, N]` the ones of each step: `align.negatives=other_hops`). Logits are cosine similarities over `temperature`; the
     positive sits at index 0. Distractor lesions are among the negatives, so, unlike
     plain cosine, the loss cannot be met by the direction every visual token shares
-    or by "any lesion" (NOTES-synthetic.md). Returns `[B]`, zero where masked.
+    or by "any lesion" (docs/synthetic.md). Returns `[B]`, zero where masked.
     """
     z = F.normalize(latents.float(), dim=-1, eps=1e-6)  # [B, K, d]
     pos = F.normalize(targets.detach().float(), dim=-1, eps=1e-6)  # [B, K, d]

@@ -73,7 +73,7 @@ def precision(name: str) -> str:
 
 def open_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's accelerator; refuses N lone copies that would share `output_dir`."""
-    torch.set_flush_denormal(True)  # denormals made early CPU steps ~7x slower (NOTES-synthetic.md)
+    torch.set_flush_denormal(True)  # denormals made early CPU steps ~7x slower (docs/synthetic.md)
     accelerator = Accelerator(
         mixed_precision=precision(cfg.model.precision), cpu=not torch.cuda.is_available()
     )
