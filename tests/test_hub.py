@@ -141,3 +141,41 @@ def test_cli_honours_hf_home_and_hf_hub_offline(hf_home, tmp_path):
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert str(hf_home / "hub") in done.stderr.replace("\n", "")
+
+
+def test_sft_then_vlpo_from_a_hub_id_export_model_cards(offline_cache, tmp_path):
+    """model.path and --init take Hub ids; each export's README.md carries the card metadata."""
+    from huggingface_hub import ModelCard
+    from typer.testing import CliRunner
+
+    from medlvr.cli import app
+    from medlvr.data.synth import SynthConfig, generate
+
+    data = generate(SynthConfig(n=40, seed=0, image_size=84, grid=2, level=1, large_size=1.0, small_size=0.5, question_types={"presence": 1.0},
+                                describe=False), tmp_path / "synth")  # fmt: skip
+    common = [f"data.train=[{data['train']}]", "data.val=", "max_steps=1", "batch_size=2", "log.progress=false",
+              "log.tensorboard=false"]  # fmt: skip
+    runner = CliRunner()
+    sft = ["train", "sft", "--config", "tiny/sft", f"model.path={REPO}@v1", "mode=latent", "latent.steps=2",
+           f"output_dir={tmp_path / 'sft'}", *common]  # fmt: skip
+    res = runner.invoke(app, sft)
+    assert res.exit_code == 0, res.output
+    card = ModelCard.load(tmp_path / "sft" / "final" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["base_model"] == REPO and meta["datasets"] == ["synth"]
+    assert meta["medlvr"]["latent"] == {"steps": 2, "projector": "norm", "input": "hidden"}
+    assert (
+        meta["medlvr"]["training"]["stage"] == "sft"
+        and meta["medlvr"]["training"]["mode"] == "latent"
+    )
+    assert meta["medlvr"]["training"]["started_from"] == f"{REPO}@v1"
+    vlpo = ["train", "vlpo", "--config", "tiny/vlpo", "--init", REPO, "vlpo.group_size=2", "vlpo.max_new_tokens=2",
+            "vlpo.micro_batch_size=4", f"output_dir={tmp_path / 'vlpo'}", *common]  # fmt: skip
+    res = runner.invoke(app, vlpo)
+    assert res.exit_code == 0, res.output
+    meta = ModelCard.load(tmp_path / "vlpo" / "final" / "README.md").data.to_dict()
+    assert meta["base_model"] == REPO and meta["medlvr"]["training"]["stage"] == "vlpo"
+    # A run from a local export inherits the export's base model.
+    from medlvr.train.card import base_model
+
+    assert base_model(str(tmp_path / "sft" / "final")) == REPO

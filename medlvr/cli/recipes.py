@@ -28,8 +28,8 @@ def recipes(
 
     if name is None:
         table = Table("name", "what it is", box=None, show_edge=False)
-        for key, file in shipped().items():
-            table.add_row(key, escape(recipe_summary(file)))
+        for key, yaml_file in shipped().items():
+            table.add_row(key, escape(recipe_summary(yaml_file)))
         console.print(table)
         return
     file = recipe_path(name)

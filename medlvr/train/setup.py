@@ -40,6 +40,7 @@ from medlvr.model.latent import LatentVLM
 from medlvr.rundir import check_launch
 from medlvr.train import checkpoint as ckpt
 from medlvr.train import sharding
+from medlvr.train.card import write_model_card
 from medlvr.train.data import check_files, load_image
 
 TrainConfig = SFTConfig | VLPOConfig
@@ -365,7 +366,7 @@ def export(
     step: int,
     metrics: dict[str, Any],
 ) -> Path:
-    """The run's tail: `output_dir/final` and `result.json` (main process), then the logger closes.
+    """The run's tail: `output_dir/final` with its model card and `result.json` (main process), then the logger closes.
 
     Goes last: merging LoRA changes the model in place (a sharded model is gathered into a copy).
     """
@@ -376,6 +377,7 @@ def export(
         ckpt.export_final(
             plain, final, lora=cfg.model.finetune == "lora", merge_lora=cfg.checkpoint.merge_lora
         )
+        write_model_card(final, cfg, vlm.latent, step, metrics)  # README.md: ready to upload
         (out_dir / "result.json").write_text(
             json.dumps({"steps": step, "metrics": metrics, "final_model": str(final)}, indent=2)
         )
