@@ -83,8 +83,9 @@ class ModelConfig:
     """Which backbone to start from and how much of it trains."""
 
     path: str = ""
-    """Model folder: `medlvr model init-tiny` output, a medlvr checkpoint export, or a real
-    Qwen2.5-VL folder. Relative paths are relative to the working directory."""
+    """The model to start from: a folder (`medlvr model init-tiny` output, a medlvr export, a
+    downloaded VLM; relative to the working directory), `stage0` (the shipped backbone), or a
+    Hugging Face Hub id `org/name` or `org/name@revision` (fetched into huggingface_hub's cache)."""
     allow_pickle: bool = False
     """Let a `path` whose weights are pickle only (`pytorch_model.bin`) load: unpickling runs code
     stored in the file, so only for files you trust (medlvr itself writes safetensors only)."""

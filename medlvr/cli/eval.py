@@ -65,7 +65,9 @@ app = typer.Typer(
 def eval_run(
     ctx: typer.Context,
     model: Path | None = typer.Option(
-        None, "--model", help="Model folder (tiny, medlvr checkpoint or Qwen-VL)."
+        None,
+        "--model",
+        help="Model folder, stage0 (the shipped backbone) or Hub id (org/name or org/name@revision).",
     ),
     allow_pickle: bool = ALLOW_PICKLE,
     data: list[Path] = typer.Option(

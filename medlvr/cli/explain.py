@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
 @user_errors
 def explain(
     model: Path = typer.Option(
-        ..., "--model", help="Model folder (tiny, medlvr checkpoint or a real Qwen2.5-VL)."
+        ...,
+        "--model",
+        help="Model folder, stage0 (the shipped backbone) or Hub id (org/name or org/name@revision).",
     ),
     allow_pickle: bool = ALLOW_PICKLE,
     image: list[Path] = typer.Option(

@@ -69,7 +69,7 @@ def vlpo(
     init: Path | None = typer.Option(
         None,
         "--init",
-        help="Starting model (the SFT export, e.g. runs/sft/final, or a Hub id org/name[@revision]); sets model.path.",
+        help="Starting model (the SFT export, e.g. runs/sft/final, or a Hub id, org/name or org/name@revision); sets model.path.",
     ),
     overrides: list[str] = typer.Argument(
         None, help="Dotted overrides, e.g. vlpo.group_size=8 vlpo.beta=0.04."

@@ -571,7 +571,10 @@ def evaluate(
     _check_run_file(
         out,
         {
-            "model": str(Path(model).resolve()) if model is not None else None,
+            # A folder by its absolute path; a shipped name or a Hub id as given.
+            "model": (str(Path(model).resolve()) if Path(model).exists() else str(model))
+            if model is not None
+            else None,
             "reasoning": reasoning,
             "latent_steps": latent_steps,
             "data": data_names,
