@@ -13,9 +13,6 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from medlvr.errors import MedlvrError
 
 ProjectorKind = Literal["none", "linear", "mlp", "norm"]
@@ -730,6 +727,10 @@ def load_config(
     `${oc.env:VAR}` is refused in both: the resolved config is saved with every run, so a
     shared recipe would copy the variable (a token, a password) into each run folder.
     """
+    # Imported here: the command line imports this module to declare its options (start-up time).
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     base = OmegaConf.structured(schema)
     try:
         if path is not None:
@@ -785,6 +786,7 @@ def _recipe_file(path: str | Path) -> Path:
 def _load_yaml(path: Path) -> Any:
     """A YAML recipe as an OmegaConf mapping; a syntax error or a top-level list is a `MedlvrError`."""
     import yaml
+    from omegaconf import OmegaConf
 
     try:
         loaded = OmegaConf.load(path)
@@ -806,6 +808,8 @@ def _empty_value(base: Any, override: str) -> str:
     key, _, value = override.partition("=")
     if value.strip():
         return override
+    from omegaconf import OmegaConf
+
     current = OmegaConf.select(base, key.strip(), default=None)
     if isinstance(current, str):
         return f"{key}=''"
@@ -820,6 +824,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    from omegaconf import OmegaConf
+
     OmegaConf.save(OmegaConf.structured(cfg), Path(path))
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
-import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -127,14 +127,21 @@ def grammar_for(tp: Any) -> Grammar:
     raise TypeError(f"no command-line grammar for {tp!r}: give the field one in `grammars`")
 
 
+@functools.cache
+def _class_nodes(source_file: str) -> dict[str, ast.ClassDef]:
+    """The top-level classes of a module's source, parsed once (`inspect.getsource` parses the
+    whole module again per class: most of the command line's start-up)."""
+    tree = ast.parse(Path(source_file).read_text(encoding="utf-8"))
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
 def field_docs(schema: type) -> dict[str, str]:
     """Field name -> its attribute docstring on one line (base classes first, so a subclass's wins)."""
     docs: dict[str, str] = {}
     for cls in reversed(schema.__mro__):
         if not dataclasses.is_dataclass(cls):
             continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
+        body = _class_nodes(inspect.getsourcefile(cls) or "")[cls.__name__].body
         for node, after in itertools.pairwise(body):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):  # fmt: skip
