@@ -11,12 +11,18 @@ CHROMIUM := /usr/bin/chromium
 
 .PHONY: install lint test test-min demo clean
 
-# $(call venv,DIR,PIP-OPTIONS): a venv with a CPU build of torch first, so no multi-GB
-# CUDA build is pulled in, then medlvr with its extras.
+# Where torch comes from. On Linux, PyPI's `torch` is the CUDA build (several GB with its
+# nvidia-* wheels); PyTorch's own CPU index serves the CPU build (~200 MB), which is all the
+# suite and the demo use. A GPU machine: `make TORCH_INDEX=https://download.pytorch.org/whl/cu128`
+# (your CUDA's index), or install that torch into $(VENV) first: pip keeps a torch it finds there.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+# $(call venv,DIR,PIP-OPTIONS): a venv with torch 2.13.0 from TORCH_INDEX first (pip's own
+# configuration, e.g. a local wheel folder, still applies), then medlvr with its extras.
 define venv
 	test -x $(1)/bin/python || $(PY) -m venv $(1)
 	$(1)/bin/pip install -q --upgrade pip
-	$(1)/bin/pip install -q torch==2.13.0
+	$(1)/bin/pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
 	$(1)/bin/pip install -q $(2) -e ".[web,test]"
 	touch $(1)/.installed
 endef
