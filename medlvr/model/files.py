@@ -52,13 +52,16 @@ def is_hub_id(ref: str | Path) -> bool:
     return not Path(ref).exists() and str(ref) not in MODELS and HUB_ID.match(str(ref)) is not None
 
 
-def model_folder(ref: str | Path, *, allow_pickle: bool = False) -> Path:
+def model_folder(
+    ref: str | Path, *, allow_pickle: bool = False, setting: str | None = None
+) -> Path:
     """The local folder holding model `ref`: a folder, a shipped name (`stage0`) or a Hub id.
 
     A folder of that name wins over a shipped name and a Hub id. A Hub snapshot is fetched
     without pickle weights (and without other frameworks' weights); pickle weights are
     fetched only with `allow_pickle` when the snapshot has no safetensors. The folder's
-    weights are checked by `check_weights` when the model loads.
+    weights are checked by `check_weights` when the model loads. `setting` names where `ref`
+    came from (`model.path`) in the error for a missing folder.
     """
     path = Path(ref)
     if path.is_dir():
@@ -66,8 +69,9 @@ def model_folder(ref: str | Path, *, allow_pickle: bool = False) -> Path:
     if str(ref) in MODELS:
         return MODELS[str(ref)]
     if not is_hub_id(ref):
+        what = f"{setting} is not a folder" if setting else "model folder not found"
         raise MedlvrError(
-            f"model folder not found: {ref} (give a folder, `stage0`, or a Hugging Face Hub id "
+            f"{what}: {ref} (give a folder, `stage0`, or a Hugging Face Hub id "
             "such as Qwen/Qwen2.5-VL-7B-Instruct or org/name@revision)"
         )
     match = HUB_ID.match(str(ref))

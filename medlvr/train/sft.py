@@ -68,7 +68,8 @@ def check_config(cfg: SFTConfig) -> TrainSet:
         raise MedlvrError(
             "model.path is not set (a model folder, e.g. from `medlvr model init-tiny`)"
         )
-    model_folder(cfg.model.path, allow_pickle=cfg.model.allow_pickle)  # a Hub id is fetched here
+    # A Hub id is fetched here, before the data are read.
+    model_folder(cfg.model.path, allow_pickle=cfg.model.allow_pickle, setting="model.path")
     setup.check_data_files(cfg, "training JSONL files")
     if cfg.model.finetune == "lora" and cfg.model.freeze_language:
         warnings.warn(

@@ -87,7 +87,7 @@ def check_config(cfg: VLPOConfig) -> TrainSet:
         raise MedlvrError(
             "model.path is not set: give the SFT checkpoint with --init (e.g. runs/sft/final)"
         )
-    path = model_folder(cfg.model.path, allow_pickle=cfg.model.allow_pickle)
+    path = model_folder(cfg.model.path, allow_pickle=cfg.model.allow_pickle, setting="model.path")
     recorded = read_latent_config(path)
     if recorded is not None:
         proj = recorded.projector
