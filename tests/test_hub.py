@@ -179,3 +179,35 @@ def test_sft_then_vlpo_from_a_hub_id_export_model_cards(offline_cache, tmp_path)
     from medlvr.train.card import base_model
 
     assert base_model(str(tmp_path / "sft" / "final")) == REPO
+
+
+def test_online_a_pickle_only_repo_is_named_as_such(tiny_dir, tmp_path, monkeypatch):
+    """Pickle files are not fetched: the Hub's file list says why the snapshot holds no weights.
+
+    The network is stood in for: the download returns a snapshot without weights (the pickle
+    file skipped) and the Hub's listing names a `pytorch_model.bin`.
+    """
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    from medlvr.model.files import model_folder
+
+    folder = _lay_out(
+        tmp_path, "medlvr-test/online", MAIN, {"config.json": tiny_dir / "config.json"}, ["main"]
+    )
+    asked: list[dict] = []
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo, **kw: asked.append(kw) or str(folder)
+    )
+    monkeypatch.setattr(
+        huggingface_hub,
+        "list_repo_files",
+        lambda repo, revision=None: ["config.json", "pytorch_model.bin"],
+    )
+    with pytest.raises(
+        MedlvrError,
+        match=r"online@v2 holds pickle weights only \(pytorch_model.bin\).*--allow-pickle",
+    ):
+        model_folder("medlvr-test/online@v2")
+    assert asked[0]["revision"] == "v2" and "pytorch_model.bin" in asked[0]["ignore_patterns"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from fnmatch import fnmatch
 from pathlib import Path
 
 from medlvr.errors import MedlvrError, not_a_file
@@ -96,10 +97,16 @@ def _hub_snapshot(ref: str, repo: str, revision: str | None, allow_pickle: bool)
                 repo, revision=revision, ignore_patterns=[*PICKLE_PATTERNS, *OTHER_FORMATS]
             )
         )
-        if allow_pickle and not any(folder.glob("*.safetensors")):
-            folder = Path(
-                snapshot_download(repo, revision=revision, allow_patterns=PICKLE_PATTERNS)
-            )
+        if not any(folder.glob("*.safetensors")):
+            if allow_pickle:
+                folder = Path(
+                    snapshot_download(repo, revision=revision, allow_patterns=PICKLE_PATTERNS)
+                )
+            elif pickled := _listed_pickle(repo, revision):  # not fetched: say why
+                raise MedlvrError(
+                    f"{ref} holds pickle weights only ({pickled}): loading them runs code stored in "
+                    "the file; pass --allow-pickle (model.allow_pickle=true) if you trust them"
+                )
     except GatedRepoError:
         raise MedlvrError(
             f"{ref} is gated on the Hugging Face Hub: accept its terms on its page, then `hf auth login`"
@@ -123,6 +130,21 @@ def _hub_snapshot(ref: str, repo: str, revision: str | None, allow_pickle: bool)
             f"cannot fetch {ref} from the Hugging Face Hub: {str(err).splitlines()[0]}"
         ) from None
     return folder
+
+
+def _listed_pickle(repo: str, revision: str | None) -> str | None:
+    """A pickle weight file the Hub lists in `repo` (None offline, or if the Hub cannot be asked)."""
+    import huggingface_hub
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if HF_HUB_OFFLINE:
+        return None
+    try:
+        names = huggingface_hub.list_repo_files(repo, revision=revision)
+    except (OSError, HfHubHTTPError):
+        return None
+    return next((n for n in names if any(fnmatch(n, p) for p in PICKLE_PATTERNS)), None)
 
 
 def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
