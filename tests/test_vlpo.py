@@ -26,7 +26,6 @@ from medlvr.train.rollout import (
     unit_mask,
 )
 
-
 # ---------------------------------------------------------------------------- pure functions
 
 
