@@ -56,6 +56,24 @@ def test_readme_links_are_absolute_and_point_at_files_of_the_project():
                 assert (REPO / link[len(prefix) :]).exists(), f"{link}: no such file in the project"
 
 
+def test_code_and_recipes_cite_docs_of_the_project_not_the_design_notes():
+    """A user has the package and its docs/, not the notes it was designed from."""
+    cited: dict[str, set[str]] = {}
+    files = [
+        *REPO.glob("medlvr/**/*.py"),
+        *REPO.glob("medlvr/configs/**/*.yaml"),
+        *REPO.glob("tests/*.py"),
+    ]
+    for f in (f for f in files if f.name != Path(__file__).name):
+        for doc in re.findall(r"\b((?:docs/)?[\w./-]*\.md)\b", f.read_text()):
+            cited.setdefault(doc, set()).add(str(f.relative_to(REPO)))
+    docs = {d: where for d, where in cited.items() if d.startswith("docs/")}
+    assert docs, "the code cites docs/"
+    for doc, where in docs.items():
+        assert (REPO / doc).is_file(), f"{sorted(where)} cite {doc}, not in the project"
+    assert "NOTES-synthetic.md" not in cited, sorted(cited["NOTES-synthetic.md"])
+
+
 def _copy_project(dst: Path) -> Path:
     """The project's files without venvs, run folders and caches (what a clean checkout holds)."""
     skip = shutil.ignore_patterns(
