@@ -120,6 +120,7 @@ def test_a_local_folder_wins_over_a_hub_id_and_stage0_is_the_shipped_backbone(
     assert (MODELS["stage0"] / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # two fresh processes importing torch: ~25 s on a busy 2-core machine
 def test_cli_honours_hf_home_and_hf_hub_offline(hf_home, tmp_path):
     """A fresh process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE from the environment."""
     image = tmp_path / "scan.png"

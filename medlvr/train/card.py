@@ -103,7 +103,9 @@ def model_card(
         'print(answer_one(vlm, [load_image("scan.png")], "Is there a lesion?").text)',
         "```",
         "",
-        "The folder also loads in plain transformers (the latent steps then need medlvr).",
+        "The folder also loads in plain transformers (the latent steps then need medlvr)."
+        if cfg.model.finetune == "full" or cfg.checkpoint.merge_lora
+        else "The folder holds the LoRA adapter only (`adapter/`): apply it to the base model with peft.",
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
