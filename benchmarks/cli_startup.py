@@ -4,7 +4,7 @@ Each run is a fresh process (`python -m medlvr --help`, `python -m medlvr --vers
 `python -c "import medlvr"`), the wall time of the whole process, as a user waits for it.
 `--source DIR` times the medlvr in DIR (put first on PYTHONPATH), e.g. two checkouts to
 compare a change: `--source /path/to/main --source .`. Prints the median and the minimum wall time of
-`--runs` runs per command (the minimum is the least disturbed by other jobs) and the median
+`--runs` runs per command, the checkouts taking turns (the minimum is the least disturbed by other jobs) and the median
 CPU time (user + system), which other jobs on the machine disturb much less.
 """
 
@@ -52,16 +52,27 @@ def main() -> None:
     parser.add_argument("--source", action="append", default=None, help="a checkout (repeatable)")
     args = parser.parse_args()
     sources = args.source or [str(Path(__file__).resolve().parent.parent)]
-    for source in sources:
-        env = {**os.environ, "PYTHONPATH": str(Path(source).resolve()), "OMP_NUM_THREADS": "1"}
-        for name, cmd in COMMANDS.items():
-            if timed(cmd, env) is None:  # also warms the file cache
-                print(f"{source}: {name:<17} fails (not in this version?)")
+    envs = {
+        s: {**os.environ, "PYTHONPATH": str(Path(s).resolve()), "OMP_NUM_THREADS": "1"}
+        for s in sources
+    }
+    for name, cmd in COMMANDS.items():
+        # Also warms the file cache; a command a version lacks is left out.
+        runnable = [s for s in sources if timed(cmd, envs[s]) is not None]
+        times: dict[str, list[tuple[float, float]]] = {s: [] for s in runnable}
+        for _ in range(args.runs):  # the checkouts take turns: the machine's load hits both alike
+            for s in runnable:
+                measured = timed(cmd, envs[s])
+                if measured is not None:
+                    times[s].append(measured)
+        for s in sources:
+            if s not in times:
+                print(f"{s}: {name:<17} fails (not in this version?)")
                 continue
-            wall, cpu = zip(*(t for t in (timed(cmd, env) for _ in range(args.runs)) if t))
+            wall, cpu = zip(*times[s])
             print(
-                f"{source}: {name:<17} wall median {statistics.median(wall):.3f} s, "
-                f"min {min(wall):.3f} s; CPU median {statistics.median(cpu):.3f} s ({args.runs} runs)"
+                f"{s}: {name:<17} wall median {statistics.median(wall):.3f} s, "
+                f"min {min(wall):.3f} s; CPU median {statistics.median(cpu):.3f} s ({len(wall)} runs)"
             )
 
 
