@@ -31,7 +31,6 @@ PICKLE_WEIGHTS = (
     "model.ckpt",
 )
 
-
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 """`org/name` or `org/name@revision` (a branch, tag or commit)."""
 OTHER_FORMATS = [
@@ -45,7 +44,8 @@ OTHER_FORMATS = [
     "*.mlmodel",
 ]
 """Weights for other frameworks, never downloaded."""
-PICKLE_PATTERNS = [*PICKLE_WEIGHTS, "pytorch_model-*.bin"]
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
+"""Pickle files of a Hub repo (weights, and e.g. `training_args.bin`), fetched only with `allow_pickle`."""
 
 
 def is_hub_id(ref: str | Path) -> bool:
@@ -144,7 +144,10 @@ def _listed_pickle(repo: str, revision: str | None) -> str | None:
         names = huggingface_hub.list_repo_files(repo, revision=revision)
     except (OSError, HfHubHTTPError):
         return None
-    return next((n for n in names if any(fnmatch(n, p) for p in PICKLE_PATTERNS)), None)
+    weights = (
+        n for n in names if Path(n).name in PICKLE_WEIGHTS or fnmatch(n, "*pytorch_model-*.bin")
+    )
+    return next(weights, None)
 
 
 def check_weights(path: str | Path, *, allow_pickle: bool = False) -> bool:
