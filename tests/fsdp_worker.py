@@ -1,6 +1,6 @@
 """Worker for the FSDP2 tests: `torchrun --nproc_per_node N tests/fsdp_worker.py sft|vlpo OUT overrides...`.
 
-Trains with `run_sft` / `run_vlpo` (VLPO on top of configs/tiny/vlpo.yaml) under
+Trains with `run_sft` / `run_vlpo` (VLPO on top of the shipped recipe tiny/vlpo) under
 `model.sharding=fsdp2`, then writes under OUT: the trained parameters gathered from the
 shards (`params.safetensors`, main process), every rank's shard sizes and loss history, and
 (with `MEDLVR_TEST_ANSWERS=FILE.json`, a list of {image, question}) the sharded model's
@@ -65,7 +65,7 @@ def train(stage: str, out: Path, overrides: list[str]) -> None:
     else:
         from medlvr.train.vlpo import run_vlpo
 
-        recipe = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "vlpo.yaml"
+        recipe = "tiny/vlpo"  # the shipped recipe
         result = run_vlpo(load_config(VLPOConfig, recipe, overrides), on_step=hook)
     vlm = result.model
     local = {

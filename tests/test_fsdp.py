@@ -243,7 +243,7 @@ def test_vlpo_two_sharded_processes_match_one_process_on_the_same_trajectories(
     proc = torchrun(WORKER, "vlpo", str(two), *_cfg_overrides(two, tiny_dir, synth, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
     monkeypatch.setattr(vlpo, "sample_rollouts", _rollouts_of_ranks(world=2, per_rank=2, seed=0))
-    recipe = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "vlpo.yaml"
+    recipe = "tiny/vlpo"  # the shipped recipe
     single = vlpo.run_vlpo(load_config(VLPOConfig, recipe, _cfg_overrides(
         one, tiny_dir, synth, *common, "batch_size=4", "model.sharding=fsdp2")))  # fmt: skip
 

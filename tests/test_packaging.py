@@ -53,7 +53,8 @@ def test_readme_links_are_absolute_and_point_at_files_of_the_project():
         assert link.startswith(("http://", "https://")), f"relative link {link}"
         for prefix in (f"{base}/blob/main/", f"{base}/tree/main/", raw):
             if link.startswith(prefix):
-                assert (REPO / link[len(prefix) :]).exists(), f"{link}: no such file in the project"
+                path = link[len(prefix) :].split("#")[0]
+                assert (REPO / path).exists(), f"{link}: no such file in the project"
 
 
 def test_code_and_recipes_cite_docs_of_the_project_not_the_design_notes():

@@ -1,6 +1,6 @@
 """Worker for the distributed VLPO test: `torchrun --nproc_per_node 2 tests/vlpo_ddp_worker.py OUT overrides...`.
 
-Trains with `run_vlpo` (overrides on top of configs/tiny/vlpo.yaml), then every rank
+Trains with `run_vlpo` (overrides on top of the shipped recipe tiny/vlpo), then every rank
 writes its parameters and logged rows under OUT.
 """
 
