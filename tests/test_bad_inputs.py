@@ -446,7 +446,16 @@ def test_sigterm_ends_an_evaluation_after_its_batch_and_the_rerun_completes_it(
     import signal
 
     out = tmp_path / "R"
-    args = ["eval", "--model", str(tiny_dir), "--data", str(data / "test.jsonl"), "--batch-size", "1",
+    # Long enough that the run cannot finish before the signal lands, however busy the machine:
+    # the test's few records repeated 100 times under new ids (images shared, same folder).
+    records = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()]
+    many = data / "sigterm_many.jsonl"
+    many.write_text(
+        "".join(
+            json.dumps({**r, "id": f"{r['id']}-{i}"}) + "\n" for i in range(100) for r in records
+        )
+    )
+    args = ["eval", "--model", str(tiny_dir), "--data", str(many), "--batch-size", "1",
             "--out", str(out)]  # fmt: skip
     proc = _medlvr(*args)
     _wait_for_rows(out / "predictions.jsonl", 1, proc)
@@ -455,7 +464,7 @@ def test_sigterm_ends_an_evaluation_after_its_batch_and_the_rerun_completes_it(
     assert proc.returncode == 128 + signal.SIGTERM, err
     done = len((out / "predictions.jsonl").read_text().splitlines())
     assert f"stopped by SIGTERM: {done} new rows are in {out / 'predictions.jsonl'}" in err
-    n = len((data / "test.jsonl").read_text().splitlines())
+    n = len(many.read_text().splitlines())
     assert done < n
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and f"{n - done} new rows ({done} already done)" in res.output, (
