@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -19,9 +20,58 @@ def _run(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory):
+def both(tmp_path_factory):
+    """One quick run of both ladders (the default), as `make demo` runs them."""
     out = tmp_path_factory.mktemp("demo") / "a"
     return out, _run(out)
+
+
+@pytest.fixture(scope="module")
+def first(both):
+    out, results = both
+    return out / "depth", results["ladders"]["depth"]
+
+
+def test_quick_demo_runs_both_ladders_into_one_report(both):
+    out, results = both
+    assert set(results["ladders"]) == {"depth", "subtlety"}
+    report = (out / "report.md").read_text()
+    assert report.index("the depth ladder") < report.index("the subtlety ladder")
+    assert report.count("## Verdict") == 0 and report.count("### Verdict") == 2
+    for ladder in ("depth", "subtlety"):
+        assert f"[{ladder}/report.md]({ladder}/report.md)" in report
+    # images of each ladder's report are linked into its folder, and exist
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert links and all((out / link).is_file() for link in links), links
+
+
+def test_quick_demo_reports_every_arm_by_subtlety_rung(both):
+    out, results = both
+    sub = results["ladders"]["subtlety"]
+    table = sub["table"]
+    assert [r["variant"] for r in table if r["rung"] is None] == list("atpbcdr")
+    for arm in "atpbcdr":
+        rows = [r for r in table if r["variant"] == arm]
+        rungs = [r["rung"] for r in rows[1:]]
+        assert rungs == sorted(rungs) and set(rungs) <= set(range(8))
+        assert sum(r["n"] for r in rows[1:]) == rows[0]["n"] == 24  # every question has a rung
+    assert {r["variant"]: r["K"] for r in table}["r"] == 0
+    assert {(p["arm"], p["against"]) for p in sub["pairs"]} >= {("c", "r"), ("c", "a"), ("r", "a")}
+    report = (out / "subtlety" / "report.md").read_text()
+    for text in (
+        "## The rungs",
+        "Calibration: direct (a)",
+        "## Accuracy by subtlety rung",
+        "rung 0",
+    ):
+        assert text in report, text
+    assert (out / "subtlety" / "plots" / "accuracy_by_rung.png").stat().st_size > 1000
+    # (r) trained with the ROI alignment at the answer position and no latent steps
+    r_config = (out / "subtlety" / "runs" / "r_seed1" / "config.yaml").read_text()
+    assert "mode: roi_direct" in r_config and "weight: 0.5" in r_config
+    # (t) wrote where the evidence is and what it looks like before the answer
+    t_train = (out / "subtlety" / "data" / "train_reasoning.jsonl").read_text()
+    assert " lesion; answer: " in t_train and ": nothing; answer: no" in t_train
 
 
 def test_quick_demo_reports_every_arm_by_depth(first):
@@ -92,13 +142,35 @@ def test_quick_demo_reports_every_arm_by_depth(first):
     assert [r["latent_steps"] for r in e_rows if "latent_steps" in r][-1] == 6
 
 
-def test_quick_demo_is_reproducible_in_parallel(first, tmp_path):
-    _, results = first
-    again = _run(tmp_path / "b", "--arms", "ac", "--workers", "2")
+def test_quick_demo_is_reproducible_in_parallel_and_resumes(both, tmp_path):
+    _, results = both
+    again = _run(tmp_path / "b", "--arms", "ac", "--workers", "2", "--ladder", "subtlety")
     key = lambda r: (r["variant"], r["split"], r["per_seed"], r["n"])  # noqa: E731
     assert [key(r) for r in again["table"]] == [
-        key(r) for r in results["table"] if r["variant"] in "ac"
+        key(r) for r in results["ladders"]["subtlety"]["table"] if r["variant"] in "ac"
     ]
+    # --resume reuses the finished arms: the same numbers, and no arm trained again
+    saved = tmp_path / "b" / "runs" / "a_seed1" / "arm_result.json"
+    stamp = saved.stat().st_mtime_ns
+    resumed = _run(
+        tmp_path / "b", "--arms", "ac", "--workers", "1", "--ladder", "subtlety", "--resume"
+    )
+    assert [key(r) for r in resumed["table"]] == [key(r) for r in again["table"]]
+    assert saved.stat().st_mtime_ns == stamp
+    # a different setting is not a finished arm of this run: trained afresh
+    _run(
+        tmp_path / "b",
+        "--arms",
+        "a",
+        "--workers",
+        "1",
+        "--ladder",
+        "subtlety",
+        "--resume",
+        "--lr",
+        "0.001",
+    )
+    assert saved.stat().st_mtime_ns != stamp
 
 
 def test_demo_rejects_bad_arguments(tmp_path):

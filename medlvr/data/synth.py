@@ -793,11 +793,26 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         primary, q = _chain(cfg, rng, b, comp, names)
     else:  # pragma: no cover - guarded by SynthConfig
         raise ValueError(f"unknown question type {qtype!r}")
+    if cfg.subtlety is not None and qtype in ("presence", "attribute", "chain"):
+        # The evidence written out before the answer, for the text-reasoning arm of the
+        # subtlety ladder: where the lesion is and what it looks like ("center: small bright lesion").
+        q.meta["reasoning"] = _evidence_text(q, primary, names)
     # Reasoning depth of every record: lookups in sequence, each ROI tagged with its hop.
     two_hop = q.meta.get("variant") == "neighbor"
     q.meta.setdefault("hops", 2 if two_hop else 1)
     q.meta.setdefault("roi_hops", [1, 2] if two_hop else [1] * len(q.rois))
     return b.scene(modality, index, primary), qtype, q
+
+
+def _evidence_text(q: _Question, lesion: Lesion | None, names: Sequence[str]) -> str:
+    """One lookup's evidence as text: "center: small bright lesion", "largest lesion: center, large
+    dark lesion" (anchored), or "upper left: nothing" (a presence "no")."""
+    if lesion is None:
+        return f"{q.meta['region']}: nothing"
+    looks = f"{lesion.size} {lesion.intensity} lesion"
+    if "anchor" in q.meta:
+        return f"{q.meta['anchor']} lesion: {names[lesion.region]}, {looks}"
+    return f"{names[lesion.region]}: {looks}"
 
 
 def _chain(

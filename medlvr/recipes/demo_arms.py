@@ -6,6 +6,8 @@ prediction rows) so the runner can gather arms trained in parallel.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import time
@@ -28,13 +30,26 @@ REASONING_TOKENS = 64
 
 
 def demo_synth(cfg: DemoConfig):
-    """The demo's synthetic world: chain questions at depths 1..max_hops, word answers."""
+    """The demo's synthetic world. Depth: chain questions at depths 1..max_hops. Subtlety: one
+    lookup (presence, or the intensity of a named or anchored lesion) at rungs
+    0..subtlety_rungs-1 of `SUBTLETY_RUNGS`. Word answers in both."""
     from medlvr.data.synth import SynthConfig
 
-    return SynthConfig(
-        n=cfg.spec.n, seed=cfg.data_seed, question_types={"chain": 1.0}, hops=(1, cfg.max_hops), describe=False,
+    common = dict(
+        n=cfg.spec.n,
+        seed=cfg.data_seed,
+        describe=False,
         splits={"train": 0.8, "val": 0.1, "test": 0.1},
-    )  # fmt: skip
+    )
+    if cfg.ladder == "subtlety":
+        return SynthConfig(
+            **common,
+            question_types={"presence": 1.0, "attribute": 1.0, "chain": 1.0},
+            hops=(1, 1),
+            attributes=("intensity",),
+            subtlety=(0, cfg.subtlety_rungs - 1),
+        )  # type: ignore[arg-type]
+    return SynthConfig(**common, question_types={"chain": 1.0}, hops=(1, cfg.max_hops))  # type: ignore[arg-type]  # fmt: skip
 
 
 def prepare_data(cfg: DemoConfig, folder: Path, progress: bool = False) -> DemoData:
@@ -135,6 +150,7 @@ def train_arm(
         "b": "latent",
         "c": "roi" if data.has_rois else "latent",
         "e": "latent",
+        "r": "roi_direct" if data.has_rois else "plain",
     }[arm]
     train = data.train_reasoning if arm == "t" and data.train_reasoning else data.train
     sft = load_config(SFTConfig, overrides=[
@@ -150,7 +166,7 @@ def train_arm(
         f"optim.warmup_steps={max(1, spec.sft_steps // 10)}",
         "optim.min_lr_ratio=0.1",
         f"align.kind={cfg.align_kind}",
-        f"align.weight={cfg.align_weight if mode == 'roi' else 0.0}",
+        f"align.weight={cfg.align_weight if mode in ('roi', 'roi_direct') else 0.0}",
         f"align.assign={cfg.align_assign}",
         *([f"data.max_answer_tokens={REASONING_TOKENS}"] if arm in WRITTEN_ARMS else []),
         *(["replace_reasoning=true", f"curriculum=[{','.join(map(str, cfg.curriculum()))}]"] if arm == "e" else []),
@@ -208,13 +224,35 @@ def run_arm(
 
     torch.set_flush_denormal(True)
     run_dir = out / "runs" / f"{arm}_seed{seed}"
+    saved = run_dir / "arm_result.json"
+    if cfg.resume and saved.is_file():
+        found = json.loads(saved.read_text())
+        if found.get("settings") == arm_settings(cfg):
+            return ArmResult(**found["result"])
     init = out / "runs" / f"c_seed{seed}" / "final" if arm == "d" else None
     started = time.time()
     model, history = train_arm(cfg, arm, seed, backbone, data, run_dir, init, on_step)
     seconds = time.time() - started
     scored = arm_latent_steps(cfg, arm, data)
     rows, controls = evaluate_arm(cfg, arm, Path(model), data.tests, run_dir / "eval", scored)
-    return ArmResult(arm, seed, str(model), history, rows, controls, scored, seconds)
+    result = ArmResult(arm, seed, str(model), history, rows, controls, scored, seconds)
+    # Written last, so an interrupted run leaves no result behind; `--resume` reuses it.
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {"settings": arm_settings(cfg), "result": dataclasses.asdict(result)}, default=str
+        )
+    )
+    tmp.replace(saved)
+    return result
+
+
+def arm_settings(cfg: DemoConfig) -> dict[str, Any]:
+    """What decides an arm's result: every setting but where it runs and how it is shown."""
+    keep = dataclasses.asdict(cfg)
+    for name in ("out", "resume", "workers", "progress", "arms", "seeds"):
+        keep.pop(name)
+    return json.loads(json.dumps(keep))
 
 
 def accuracy(
