@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -612,7 +612,7 @@ def test_subtlety_rungs_are_uniform_and_change_only_how_the_evidence_looks() -> 
         assert "rung" not in p.meta and scene.rung == s.meta["rung"]
     # measured on the pixels: lesions shrink and fade, noise grows, rung by rung
     contrast, noise, extent = {}, {}, {}
-    for (s, scene), _ in pairs[:400]:
+    for (_, scene), _ in pairs[:400]:
         with_lesions = render(cfg, scene).astype(float) / 255
         without = render(cfg, scene, lesions=False).astype(float) / 255
         box = scene.lesions[0].box
@@ -627,7 +627,7 @@ def test_subtlety_rungs_are_uniform_and_change_only_how_the_evidence_looks() -> 
         noise.setdefault(scene.rung, []).append(float(np.std(middle - gaussian_filter(middle, 2))))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     for r in range(8):
-        scale, c, sigma = SUBTLETY_RUNGS[r]
+        _, c, sigma = SUBTLETY_RUNGS[r]
         assert abs(mean(contrast[r]) - c) < 0.02 + 2.5 * sigma, (r, mean(contrast[r]))
     assert all(mean(noise[r]) < mean(noise[r + 1]) for r in range(7)), noise
     assert (

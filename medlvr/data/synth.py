@@ -701,7 +701,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
     elif qtype == "attribute":
         primary = b.place(held=comp)
         b.fill(n, primary.shape)
-        attrs = [a for a in ("size", "intensity") if a in cfg.attributes]
+        attrs: list[str] = [a for a in ("size", "intensity") if a in cfg.attributes]
         if "shape" in cfg.attributes and (
             cfg.shape_questions == "all"
             or (cfg.shape_questions == "large" and primary.size == "large")

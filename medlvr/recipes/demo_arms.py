@@ -35,21 +35,19 @@ def demo_synth(cfg: DemoConfig):
     0..subtlety_rungs-1 of `SUBTLETY_RUNGS`. Word answers in both."""
     from medlvr.data.synth import SynthConfig
 
-    common = dict(
-        n=cfg.spec.n,
-        seed=cfg.data_seed,
-        describe=False,
-        splits={"train": 0.8, "val": 0.1, "test": 0.1},
-    )
+    common = SynthConfig(
+        n=cfg.spec.n, seed=cfg.data_seed, describe=False, splits={"train": 0.8, "val": 0.1, "test": 0.1},
+        question_types={"chain": 1.0}, hops=(1, cfg.max_hops),
+    )  # fmt: skip
     if cfg.ladder == "subtlety":
-        return SynthConfig(
-            **common,
+        return dataclasses.replace(
+            common,
             question_types={"presence": 1.0, "attribute": 1.0, "chain": 1.0},
             hops=(1, 1),
             attributes=("intensity",),
             subtlety=(0, cfg.subtlety_rungs - 1),
-        )  # type: ignore[arg-type]
-    return SynthConfig(**common, question_types={"chain": 1.0}, hops=(1, cfg.max_hops))  # type: ignore[arg-type]  # fmt: skip
+        )
+    return common
 
 
 def prepare_data(cfg: DemoConfig, folder: Path, progress: bool = False) -> DemoData:

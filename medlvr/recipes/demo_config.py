@@ -208,7 +208,7 @@ class DemoConfig:
     @property
     def ladder_key(self) -> str:
         """The record field (`meta`) this ladder's rungs are read from: hops or rung."""
-        return LADDER_KEY[self.ladder] if self.ladder in LADDER_KEY else "hops"
+        return LADDER_KEY.get(self.ladder, "hops")
 
     def latent_steps_of(self, arm: str) -> int:
         """The latent budget an arm trains and is scored at."""

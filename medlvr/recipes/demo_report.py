@@ -471,12 +471,12 @@ def write_both_report(cfg: DemoConfig, reports: dict[str, Path], out: Path, seco
              "sequence (does a latent segment chain lookups?). **Subtlety**: one lookup whose evidence is ever harder "
              "to see (do latent steps aligned with the ROI preserve subtle, localized evidence, the method's claim, "
              "beyond the same ROI supervision without latent steps, arm (r)?).", ""]  # fmt: skip
-    for ladder, path in reports.items():
+    for path in reports.values():
         text = path.read_text()
         rel = path.parent.relative_to(out)
         # Demote the headings one level and keep links and images pointing into the ladder's folder.
         body = re.sub(r"^#", "##", text, flags=re.M)
-        body = re.sub(r"\]\((?!http)([^)]+)\)", lambda m: f"]({rel}/{m.group(1)})", body)
+        body = re.sub(r"\]\((?!http)([^)]+)\)", rf"]({rel}/\1)", body)
         keep = body.split("\n## Paired comparisons")[0]
         lines += [keep.rstrip(), "", f"Full report: [{rel}/report.md]({rel}/report.md)", ""]
     report = out / "report.md"
