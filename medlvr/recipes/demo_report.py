@@ -491,7 +491,7 @@ def _ladder_lines(n: Numbers) -> list[str]:
     from medlvr.data.synth import SUBTLETY_RUNGS
 
     return ["## The rungs", "",
-            "One lookup per question (presence in a named region, or the intensity of a named or anchored lesion); "
+            "One lookup per question (the intensity of the largest or smallest lesion); "
             "each rung makes the evidence harder to see: lesions smaller (a smaller share of the image, more visual "
             "tokens competing), fainter against their surrounding tissue, in more pixel noise.", "",
             "| rung | lesion scale | contrast | noise |", "|---|---|---|---|",
