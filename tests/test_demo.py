@@ -71,7 +71,9 @@ def test_quick_demo_reports_every_arm_by_subtlety_rung(both):
     assert "mode: roi_direct" in r_config and "weight: 0.5" in r_config
     # (t) wrote where the evidence is and what it looks like before the answer
     t_train = (out / "subtlety" / "data" / "train_reasoning.jsonl").read_text()
-    assert re.search(r"(largest|smallest) lesion: [a-z ]+, (large|small) (bright|dark) lesion; answer: ", t_train)
+    assert re.search(
+        r"(largest|smallest) lesion: [a-z ]+, (large|small) (bright|dark) lesion; answer: ", t_train
+    )
 
 
 def test_quick_demo_reports_every_arm_by_depth(first):
