@@ -112,6 +112,8 @@ def test_quick_demo_reports_every_arm_by_depth(first):
         == set("atpbcde")
     )
     assert 0 < results["chance"] <= 1
+    assert {"p", "b", "c", "d", "e"} == set(results["diagnostics"])
+    assert all(set(d) == {"next_hop_pointing", "probes"} for d in results["diagnostics"].values())
     assert {"p", "b", "c", "d", "e"} == set(results["explain"]) and all(
         "hop_pointing" in m for m in results["explain"].values()
     )
@@ -125,6 +127,8 @@ def test_quick_demo_reports_every_arm_by_depth(first):
         "## Paired comparisons by depth",
         "per-hop pointing",
         "ms / question",
+        "## Latent diagnostics (the producer's gates)",
+        "| next hop 2 | next hop 3 | answer probe |",
     ):
         assert text in report, text
     for name in ("accuracy_by_hops.png", "accuracy_vs_k.png", "training_curves.png"):

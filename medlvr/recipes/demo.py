@@ -251,19 +251,29 @@ class _Progress:
 
 
 def _explanations(cfg: DemoConfig, data: DemoData, results: Results, out: Path) -> dict[str, Any]:
-    """Per-hop pointing of the latent arms' evidence maps (first seed), and explanation images of (c)."""
+    """Per-hop and per-step pointing of the latent arms' evidence maps, their latent diagnostics
+    (first seed), and explanation images of (c)."""
     if not data.has_rois:
         return {}
     from medlvr.data.images import load_image
+    from medlvr.data.schema import read_jsonl
+    from medlvr.eval.diagnostics import latent_diagnostics
     from medlvr.explain import explain, explain_metrics
     from medlvr.model.latent import LatentVLM
 
     seed = cfg.seeds[0]
     samples = [s for s in data.tests[cfg.split] if s.rois][: cfg.spec.explain_samples]
-    found: dict[str, Any] = {"metrics": {}, "images": []}
+    # The probes are fitted on training questions the arms saw, and scored on the scored split.
+    fit = [s for s in read_jsonl(data.train) if s.rois][: max(cfg.spec.explain_samples, 16)]
+    found: dict[str, Any] = {"metrics": {}, "images": [], "diagnostics": {}}
     for arm in (a for a in cfg.arm_list if a in LATENT_ARMS):
         vlm = LatentVLM.from_pretrained(results[arm][seed].model)
         found["metrics"][arm] = explain_metrics(vlm, samples, cfg.latent_steps, seed=seed)
+        # The producer's gates (docs/results.md section 11): next-hop pointing after a gold
+        # prefix (multi-hop questions) and what linear probes read from the latent states.
+        found["diagnostics"][arm] = latent_diagnostics(
+            vlm, fit, samples, cfg.latent_steps, seed=seed
+        )
         if arm == "c":
             deepest = sorted(samples, key=lambda s: -int(s.meta.get("hops", 1)))[:3]
             for s in deepest:

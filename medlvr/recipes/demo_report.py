@@ -444,6 +444,20 @@ def write_demo_report(
                     for j in hops
                 ]
                 lines.append(f"| ({arm}) | " + " | ".join(cells) + " |")
+        steps = {arm: m.get("similarity", {}).get("per_step", {}).get("pointing") or []
+                 for arm, m in explain["metrics"].items()}  # fmt: skip
+        k = max((len(v) for v in steps.values()), default=0)
+        if k:
+            lines += ["", "Per latent step: the share of questions whose step-k similarity map peaks inside the "
+                      "ROI (`random`: the seeded random map; `any lesion`: the peak on some lesion, of the aggregate map):", "",
+                      "| arm | " + " | ".join(f"z{j + 1}" for j in range(k)) + " | all steps | random | any lesion |",
+                      "|---|" + "---|" * (k + 3)]  # fmt: skip
+            for arm, m in explain["metrics"].items():
+                sim = m.get("similarity", {})
+                lines.append(f"| ({arm}) | " + " | ".join(f"{x:.3f}" for x in steps[arm])
+                             + f" | {sim.get('pointing', float('nan')):.3f} | {m.get('random', {}).get('pointing', float('nan')):.3f} | "
+                             f"{sim.get('any_lesion_pointing', float('nan')):.3f} |")  # fmt: skip
+        lines += _diagnostics_lines(explain.get("diagnostics", {}))
         for img in explain.get("images", []):
             lines.append(f"\n![explanation]({Path(img).relative_to(out)})")
 
@@ -455,7 +469,7 @@ def write_demo_report(
     report.write_text("\n".join(lines) + "\n")
     payload = {"table": table, "pairs": list(pairs.values()), "chance": n.chance(),
                "controls": {c: {a: n.per_seed(a, control=c) for a in n.arms} for c in ("blank", "question-only")},
-               "explain": explain.get("metrics", {}),
+               "explain": explain.get("metrics", {}), "diagnostics": explain.get("diagnostics", {}),
                "verdict": said, "minutes": seconds / 60}  # fmt: skip
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
     return report, table
@@ -482,6 +496,36 @@ def write_both_report(cfg: DemoConfig, reports: dict[str, Path], out: Path, seco
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def _diagnostics_lines(diagnostics: dict[str, Any]) -> list[str]:
+    """The latent arms' gates (issue 23): next-hop pointing after a gold prefix, and linear probes."""
+    if not diagnostics:
+        return []
+
+    def cell(x: Any, floor: Any = None) -> str:
+        if x is None:
+            return "–"
+        return f"{x:.3f}" + (f" ({floor:.3f})" if floor is not None else "")
+
+    hops = sorted(
+        {int(j) for d in diagnostics.values() for j in d["next_hop_pointing"].get("by_hop", {})}
+    )
+    lines = ["", "## Latent diagnostics (the producer's gates)", "",
+             "Next-hop pointing: given the gold latents of the hops before it, does the model's own state for hop j "
+             "peak on hop j's ROI (random floor in brackets; gate: >= 0.5). Answer probe: a linear probe fitted on "
+             "training questions reads the answer from the last latent state (majority floor in brackets; gate: "
+             ">= 0.8 at 2-3 hops). Region probe: the region of the first hop's ROI from its latent steps.", "",
+             "| arm | " + "".join(f"next hop {j} | " for j in hops) + "answer probe | region probe |",
+             "|---|" + "---|" * (len(hops) + 2)]  # fmt: skip
+    for arm, d in diagnostics.items():
+        nh = d["next_hop_pointing"].get("by_hop", {})
+        probes = d["probes"]
+        region = probes.get("region", {}).get("1", {})
+        lines.append(f"| ({arm}) | " + "".join(f"{cell(nh.get(str(j), {}).get('pointing'), nh.get(str(j), {}).get('random'))} | " for j in hops)
+                     + f"{cell(probes['answer'].get('accuracy'), probes['answer'].get('chance'))} | "
+                     f"{cell(region.get('accuracy'), region.get('chance'))} |")  # fmt: skip
+    return lines
 
 
 def _ladder_lines(n: Numbers) -> list[str]:
