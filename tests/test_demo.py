@@ -135,9 +135,9 @@ def test_quick_demo_reports_every_arm_by_depth(first):
         assert (out / "plots" / name).stat().st_size > 1000
     # the text-reasoning arm was trained on the chain written out, the others on the bare answer
     t_train = (out / "data" / "train_reasoning.jsonl").read_text()
-    assert (
-        "; answer: " in t_train and "largest lesion: " in t_train
-    ) or "smallest lesion: " in t_train
+    assert "; answer: " in t_train and (
+        "largest lesion: " in t_train or "smallest lesion: " in t_train
+    )
     # the curriculum arm handed one hop per stage to K / hops = 2 latent steps, ending at K = 6
     e_rows = [
         json.loads(line)
