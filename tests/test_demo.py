@@ -163,6 +163,17 @@ def test_quick_demo_is_reproducible_in_parallel_and_resumes(both, tmp_path):
     )
     assert [key(r) for r in resumed["table"]] == [key(r) for r in again["table"]]
     assert saved.stat().st_mtime_ns == stamp
+    # an arm trained but interrupted while being scored: its training run is taken as it is
+    saved.unlink()
+    weights = tmp_path / "b" / "runs" / "a_seed1" / "final" / "model.safetensors"
+    trained = weights.stat().st_mtime_ns
+    again_a = _run(
+        tmp_path / "b", "--arms", "a", "--workers", "1", "--ladder", "subtlety", "--resume"
+    )
+    assert weights.stat().st_mtime_ns == trained and saved.is_file()
+    assert [key(r) for r in again_a["table"]] == [
+        key(r) for r in again["table"] if r["variant"] == "a"
+    ]
     # a different setting is not a finished arm of this run: trained afresh
     _run(
         tmp_path / "b",

@@ -109,7 +109,11 @@ def train_arm(
     common = [
         f"seed={seed}",
         f"output_dir={run_dir}",
-        "checkpoint.overwrite=true",  # a rerun of the demo trains its arms afresh
+        # A rerun trains its arms afresh; `--resume` takes a finished training run as it is
+        # (interrupted while being scored, it has its export but no arm_result.json).
+        "checkpoint.resume=true"
+        if cfg.resume and (run_dir / "result.json").is_file()
+        else "checkpoint.overwrite=true",
         f"data.val={data.val}",
         "data.val_samples=32",
         "log.tensorboard=false",
