@@ -111,9 +111,7 @@ def train_arm(
         f"output_dir={run_dir}",
         # A rerun trains its arms afresh; `--resume` takes a finished training run as it is
         # (interrupted while being scored, it has its export but no arm_result.json).
-        "checkpoint.resume=true"
-        if cfg.resume and (run_dir / "result.json").is_file()
-        else "checkpoint.overwrite=true",
+        "checkpoint.resume=true" if _trained_alike(cfg, run_dir) else "checkpoint.overwrite=true",
         f"data.val={data.val}",
         "data.val_samples=32",
         "log.tensorboard=false",
@@ -231,6 +229,7 @@ def run_arm(
     init = out / "runs" / f"c_seed{seed}" / "final" if arm == "d" else None
     started = time.time()
     model, history = train_arm(cfg, arm, seed, backbone, data, run_dir, init, on_step)
+    (run_dir / "arm_settings.json").write_text(json.dumps(arm_settings(cfg)))
     seconds = time.time() - started
     scored = arm_latent_steps(cfg, arm, data)
     rows, controls = evaluate_arm(cfg, arm, Path(model), data.tests, run_dir / "eval", scored)
@@ -244,6 +243,17 @@ def run_arm(
     )
     tmp.replace(saved)
     return result
+
+
+def _trained_alike(cfg: DemoConfig, run_dir: Path) -> bool:
+    """`--resume`: the arm's training run finished under these settings (`arm_settings.json`)."""
+    settings = run_dir / "arm_settings.json"
+    return (
+        cfg.resume
+        and (run_dir / "result.json").is_file()
+        and settings.is_file()
+        and json.loads(settings.read_text()) == arm_settings(cfg)
+    )
 
 
 def arm_settings(cfg: DemoConfig) -> dict[str, Any]:
