@@ -72,7 +72,7 @@ AlignKind = Literal["cosine", "mse", "infonce"]
 AlignAssign = Literal["raster", "first", "chain"]
 AlignNegatives = Literal["background", "other_hops"]
 Schedule = Literal["cosine", "linear", "constant"]
-SFTMode = Literal["plain", "latent", "roi", "teacher_forced"]
+SFTMode = Literal["plain", "latent", "roi", "teacher_forced", "roi_direct"]
 
 
 @dataclass
@@ -387,7 +387,10 @@ class SFTConfig:
     `latent`: K latent steps, no ROI loss; `roi`: K latent steps plus lambda * alignment
     (ROI-SFT); `teacher_forced`: the ROI targets are fed as the latent inputs in one
     parallel pass and the alignment trains the predicted latents (faster, but training
-    differs from inference). `latent.steps` is K (ignored by `plain`)."""
+    differs from inference); `roi_direct`: K = 0 and the same alignment applied without
+    latent steps, to proj(h) at the last prompt position, from which the answer is read (the
+    control that separates ROI supervision from latent reasoning). `latent.steps` is K
+    (ignored by `plain`, 0 for `roi_direct`)."""
     output_dir: str = "runs/sft"
     """Checkpoints, metrics.jsonl, tb/ and the final export (`final/`)."""
     seed: int = 0
@@ -429,9 +432,9 @@ class SFTConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("plain", "latent", "roi", "teacher_forced"):
+        if self.mode not in ("plain", "latent", "roi", "teacher_forced", "roi_direct"):
             raise MedlvrError(
-                f"mode must be plain, latent, roi or teacher_forced, got {self.mode!r}"
+                f"mode must be plain, latent, roi, teacher_forced or roi_direct, got {self.mode!r}"
             )
         if self.batch_size < 1 or self.grad_accum < 1:
             raise MedlvrError(
@@ -497,7 +500,12 @@ class SFTConfig:
                 f"align.region_grid ({self.align.region_grid}) must equal latent.lookup_grid "
                 f"({self.latent.lookup_grid}): the region labels supervise the lookup head"
             )
-        if self.mode in ("roi", "teacher_forced") and self.align.weight == 0:
+        if self.mode == "roi_direct" and (self.latent.steps or self.curriculum):
+            raise MedlvrError(
+                f"mode roi_direct answers with no latent steps (K = 0), got latent.steps={self.latent.steps}"
+                + (f", curriculum {self.curriculum}" if self.curriculum else "")
+            )
+        if self.mode in ("roi", "teacher_forced", "roi_direct") and self.align.weight == 0:
             raise MedlvrError(
                 f"mode {self.mode!r} with align.weight=0 trains no alignment: use mode=latent"
             )
@@ -505,12 +513,12 @@ class SFTConfig:
     @property
     def uses_rois(self) -> bool:
         """Whether the run needs ROI targets."""
-        return self.mode in ("roi", "teacher_forced")
+        return self.mode in ("roi", "teacher_forced", "roi_direct")
 
     @property
     def latent_steps(self) -> int:
         """The final K (0 in plain mode; the last curriculum stage if there is one)."""
-        if self.mode == "plain":
+        if self.mode in ("plain", "roi_direct"):
             return 0
         return self.curriculum[-1] if self.curriculum else self.latent.steps
 

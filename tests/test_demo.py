@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -19,9 +20,60 @@ def _run(out, *extra):
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory):
+def both(tmp_path_factory):
+    """One quick run of both ladders (the default), as `make demo` runs them."""
     out = tmp_path_factory.mktemp("demo") / "a"
     return out, _run(out)
+
+
+@pytest.fixture(scope="module")
+def first(both):
+    out, results = both
+    return out / "depth", results["ladders"]["depth"]
+
+
+def test_quick_demo_runs_both_ladders_into_one_report(both):
+    out, results = both
+    assert set(results["ladders"]) == {"depth", "subtlety"}
+    report = (out / "report.md").read_text()
+    assert report.index("the depth ladder") < report.index("the subtlety ladder")
+    assert report.count("## Verdict") == 0 and report.count("### Verdict") == 2
+    for ladder in ("depth", "subtlety"):
+        assert f"[{ladder}/report.md]({ladder}/report.md)" in report
+    # images of each ladder's report are linked into its folder, and exist
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert links and all((out / link).is_file() for link in links), links
+
+
+def test_quick_demo_reports_every_arm_by_subtlety_rung(both):
+    out, results = both
+    sub = results["ladders"]["subtlety"]
+    table = sub["table"]
+    assert [r["variant"] for r in table if r["rung"] is None] == list("atpbcdr")
+    for arm in "atpbcdr":
+        rows = [r for r in table if r["variant"] == arm]
+        rungs = [r["rung"] for r in rows[1:]]
+        assert rungs == sorted(rungs) and set(rungs) <= set(range(8))
+        assert sum(r["n"] for r in rows[1:]) == rows[0]["n"] == 24  # every question has a rung
+    assert {r["variant"]: r["K"] for r in table}["r"] == 0
+    assert {(p["arm"], p["against"]) for p in sub["pairs"]} >= {("c", "r"), ("c", "a"), ("r", "a")}
+    report = (out / "subtlety" / "report.md").read_text()
+    for text in (
+        "## The rungs",
+        "Calibration: direct (a)",
+        "## Accuracy by subtlety rung",
+        "rung 0",
+    ):
+        assert text in report, text
+    assert (out / "subtlety" / "plots" / "accuracy_by_rung.png").stat().st_size > 1000
+    # (r) trained with the ROI alignment at the answer position and no latent steps
+    r_config = (out / "subtlety" / "runs" / "r_seed1" / "config.yaml").read_text()
+    assert "mode: roi_direct" in r_config and "weight: 0.5" in r_config
+    # (t) wrote where the evidence is and what it looks like before the answer
+    t_train = (out / "subtlety" / "data" / "train_reasoning.jsonl").read_text()
+    assert re.search(
+        r"(largest|smallest) lesion: [a-z ]+, (large|small) (bright|dark) lesion; answer: ", t_train
+    )
 
 
 def test_quick_demo_reports_every_arm_by_depth(first):
@@ -60,6 +112,8 @@ def test_quick_demo_reports_every_arm_by_depth(first):
         == set("atpbcde")
     )
     assert 0 < results["chance"] <= 1
+    assert {"p", "b", "c", "d", "e"} == set(results["diagnostics"])
+    assert all(set(d) == {"next_hop_pointing", "probes"} for d in results["diagnostics"].values())
     assert {"p", "b", "c", "d", "e"} == set(results["explain"]) and all(
         "hop_pointing" in m for m in results["explain"].values()
     )
@@ -73,15 +127,17 @@ def test_quick_demo_reports_every_arm_by_depth(first):
         "## Paired comparisons by depth",
         "per-hop pointing",
         "ms / question",
+        "## Latent diagnostics (the producer's gates)",
+        "| next hop 2 | next hop 3 | answer probe |",
     ):
         assert text in report, text
     for name in ("accuracy_by_hops.png", "accuracy_vs_k.png", "training_curves.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     # the text-reasoning arm was trained on the chain written out, the others on the bare answer
     t_train = (out / "data" / "train_reasoning.jsonl").read_text()
-    assert (
-        "; answer: " in t_train and "largest lesion: " in t_train
-    ) or "smallest lesion: " in t_train
+    assert "; answer: " in t_train and (
+        "largest lesion: " in t_train or "smallest lesion: " in t_train
+    )
     # the curriculum arm handed one hop per stage to K / hops = 2 latent steps, ending at K = 6
     e_rows = [
         json.loads(line)
@@ -92,13 +148,46 @@ def test_quick_demo_reports_every_arm_by_depth(first):
     assert [r["latent_steps"] for r in e_rows if "latent_steps" in r][-1] == 6
 
 
-def test_quick_demo_is_reproducible_in_parallel(first, tmp_path):
-    _, results = first
-    again = _run(tmp_path / "b", "--arms", "ac", "--workers", "2")
+def test_quick_demo_is_reproducible_in_parallel_and_resumes(both, tmp_path):
+    _, results = both
+    again = _run(tmp_path / "b", "--arms", "ac", "--workers", "2", "--ladder", "subtlety")
     key = lambda r: (r["variant"], r["split"], r["per_seed"], r["n"])  # noqa: E731
     assert [key(r) for r in again["table"]] == [
-        key(r) for r in results["table"] if r["variant"] in "ac"
+        key(r) for r in results["ladders"]["subtlety"]["table"] if r["variant"] in "ac"
     ]
+    # --resume reuses the finished arms: the same numbers, and no arm trained again
+    saved = tmp_path / "b" / "runs" / "a_seed1" / "arm_result.json"
+    stamp = saved.stat().st_mtime_ns
+    resumed = _run(
+        tmp_path / "b", "--arms", "ac", "--workers", "1", "--ladder", "subtlety", "--resume"
+    )
+    assert [key(r) for r in resumed["table"]] == [key(r) for r in again["table"]]
+    assert saved.stat().st_mtime_ns == stamp
+    # an arm trained but interrupted while being scored: its training run is taken as it is
+    saved.unlink()
+    weights = tmp_path / "b" / "runs" / "a_seed1" / "final" / "model.safetensors"
+    trained = weights.stat().st_mtime_ns
+    again_a = _run(
+        tmp_path / "b", "--arms", "a", "--workers", "1", "--ladder", "subtlety", "--resume"
+    )
+    assert weights.stat().st_mtime_ns == trained and saved.is_file()
+    assert [key(r) for r in again_a["table"]] == [
+        key(r) for r in again["table"] if r["variant"] == "a"
+    ]
+    # a different setting is not a finished arm of this run: trained afresh
+    _run(
+        tmp_path / "b",
+        "--arms",
+        "a",
+        "--workers",
+        "1",
+        "--ladder",
+        "subtlety",
+        "--resume",
+        "--lr",
+        "0.001",
+    )
+    assert saved.stat().st_mtime_ns != stamp
 
 
 def test_demo_rejects_bad_arguments(tmp_path):

@@ -252,6 +252,22 @@ def test_every_mode_trains_a_few_steps(tiny_dir, synth, tmp_path, overrides):
     assert k == {"plain": 0}.get(overrides[0].split("=")[1], 2)
 
 
+def test_roi_direct_aligns_the_answer_position_without_latent_steps(tiny_dir, synth, tmp_path):
+    """The ROI control without latents: K = 0, and the alignment term trains the state the
+    answer is read from (it falls), while the exported model answers with no latent steps."""
+    from medlvr.model.latent import LatentVLM
+
+    cfg = make_cfg(tiny_dir, synth, tmp_path / "run", "mode=roi_direct", "latent.steps=0", "latent.projector=norm",
+                   "max_steps=20", "batch_size=8", "checkpoint.every=0")  # fmt: skip
+    result = run_sft(cfg)
+    al = [r["align"] for r in result.history if r.get("align") is not None]
+    assert len(al) == 20 and all(r["latent_steps"] == 0 for r in result.history)
+    assert sum(al[-5:]) / 5 < sum(al[:5]) / 5 - 0.05, al
+    assert LatentVLM.from_pretrained(result.final_model).latent.steps == 0
+    with pytest.raises(MedlvrError, match="roi_direct answers with no latent steps"):
+        make_cfg(tiny_dir, synth, tmp_path / "bad", "mode=roi_direct", "latent.steps=2")
+
+
 # ---------------------------------------------------------------------------- resume
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -584,3 +585,92 @@ def test_written_reasoning_spells_out_the_chain_and_parses_to_the_answer() -> No
         SynthConfig(hops=(0, 2))
     with pytest.raises(ValueError, match="hops"):
         SynthConfig(hops=(1, 5))
+
+
+def _subtle(n: int = 4000, seed: int = 13, **knobs) -> SynthConfig:
+    """The demo's subtlety world: one lookup (presence, a named or anchored lesion's intensity) at 8 rungs."""
+    knobs = {"subtlety": (0, 7), **knobs}
+    return SynthConfig(n=n, seed=seed, question_types={"presence": 1.0, "attribute": 1.0, "chain": 1.0},
+                       hops=(1, 1), attributes=("intensity",), describe=False, **knobs)  # fmt: skip
+
+
+def test_subtlety_rungs_are_uniform_and_change_only_how_the_evidence_looks() -> None:
+    from medlvr.data.synth import SUBTLETY_RUNGS, render
+    from medlvr.data.synth_render import gaussian_filter
+
+    cfg, plain = _subtle(), _subtle(subtlety=None)
+    pairs = [(make_sample(cfg, "train", i), make_sample(plain, "train", i)) for i in range(800)]
+    rungs = Counter(s.meta["rung"] for (s, _), _ in pairs)
+    assert sorted(rungs) == list(range(8)) and min(rungs.values()) >= 70
+    for (s, scene), (p, _) in pairs:
+        _check_answer(s)
+        # the same question, answer and places; only size, contrast and noise follow the rung
+        assert (s.question, s.answer, s.question_type) == (p.question, p.answer, p.question_type)
+        assert [les["region"] for les in s.meta["lesions"]] == [
+            les["region"] for les in p.meta["lesions"]
+        ]
+        assert "rung" not in p.meta and scene.rung == s.meta["rung"]
+    # measured on the pixels: lesions shrink and fade, noise grows, rung by rung
+    contrast, noise, extent = {}, {}, {}
+    for (_, scene), _ in pairs[:400]:
+        with_lesions = render(cfg, scene).astype(float) / 255
+        without = render(cfg, scene, lesions=False).astype(float) / 255
+        box = scene.lesions[0].box
+        diff = (
+            with_lesions[box[1] : box[3], box[0] : box[2]]
+            - without[box[1] : box[3], box[0] : box[2]]
+        )
+        contrast.setdefault(scene.rung, []).append(float(np.abs(diff).max()))
+        les = scene.lesions[
+            0
+        ]  # its extent over its size's nominal one: the rung's scale, jittered +-10%
+        nominal = (cfg.large_size if les.size == "large" else cfg.small_size) * 28
+        extent.setdefault(scene.rung, []).append(les.extent / nominal)
+        # pixel noise: what a 2-px blur removes from the middle of the image (lesions and anatomy are smoother)
+        middle = with_lesions[40:130, 40:130]
+        noise.setdefault(scene.rung, []).append(float(np.std(middle - gaussian_filter(middle, 2))))
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    for r in range(8):
+        _, c, sigma = SUBTLETY_RUNGS[r]
+        assert abs(mean(contrast[r]) - c) < 0.02 + 2.5 * sigma, (r, mean(contrast[r]))
+    assert all(mean(noise[r]) < mean(noise[r + 1]) for r in range(7)), noise
+    assert mean(noise[7]) > 2 * mean(noise[0]) and abs(mean(noise[7]) - SUBTLETY_RUNGS[7][2]) < 0.01
+    assert all(abs(mean(extent[r]) - SUBTLETY_RUNGS[r][0]) < 0.03 for r in range(8)), extent
+    assert mean(contrast[0]) > 3 * mean(contrast[7])
+
+
+def test_subtlety_world_has_no_shortcut_to_the_answer() -> None:
+    """What a model could use instead of the lesion: the answer prior, the question text, the image's
+    statistics. Each sits at chance (0.5) on 4,000 questions / 1,600 rendered images."""
+    from medlvr.data.synth import render
+
+    samples = [make_sample(_subtle(), "train", i) for i in range(4000)]
+
+    def rate(xs) -> float:
+        xs = list(xs)
+        return sum(xs) / len(xs)
+
+    # the answer prior per question type: both answers equally likely
+    for qtype, word in (("presence", "yes"), ("attribute", "bright"), ("chain", "bright")):
+        of_type = [s for s, _ in samples if s.question_type == qtype]
+        assert len(of_type) > 1100 and 0.45 < rate(s.answer == word for s in of_type) < 0.55
+    # the question text alone: each text's most frequent answer, fitted on these same questions
+    by_text: dict[str, Counter] = {}
+    for s, _ in samples:
+        by_text.setdefault(s.question, Counter())[s.answer] += 1
+    assert len(by_text) == 20  # 9 regions x (presence, intensity) + largest / smallest
+    assert sum(c.most_common(1)[0][1] for c in by_text.values()) / len(samples) < 0.54
+    # image statistics: the image's mean grey level, thresholded at its median per question type
+    stats = {}
+    for s, scene in samples[:1600]:
+        img = render(_subtle(), scene).astype(float)
+        stats.setdefault(s.question_type, []).append((img.mean(), s.answer))
+    for qtype, rows in stats.items():
+        cut = float(np.median([m for m, _ in rows]))
+        high = Counter(a for m, a in rows if m > cut).most_common(1)[0][0]
+        agree = rate((m > cut) == (a == high) for m, a in rows)
+        assert agree < 0.56, (qtype, agree)
+    # and the majority intensity of the image's lesions says nothing about an anchored lesion's
+    chains = [s for s, _ in samples if s.question_type == "chain"]
+    assert all(sum(les["intensity"] == "bright" for les in s.meta["lesions"]) * 2 == s.meta["n_lesions"]
+               for s in chains)  # fmt: skip

@@ -10,7 +10,7 @@ from medlvr.recipes.demo_config import DemoConfig
 from medlvr.recipes.stage0 import Stage0Config
 
 demo_app = typer.Typer(
-    help="MedLVR against honest controls on the depth ladder: seven arms trained, scored by hop count and compared, with a verdict.",
+    help="MedLVR against honest controls on two ladders (depth and subtlety): the arms trained, scored by rung and compared, with verdicts.",
     invoke_without_command=True,
 )
 
@@ -26,7 +26,9 @@ def demo(
     ctx: typer.Context,
     knobs: Knobs,
     quick: bool = typer.Option(
-        False, "--quick", help="About a minute: one tiny pass through everything (--budget quick)."
+        False,
+        "--quick",
+        help="A few minutes on 2 cores: one tiny pass through everything (--budget quick).",
     ),
     full: bool = typer.Option(
         False,
@@ -37,9 +39,11 @@ def demo(
         False, "--overwrite", help="Write into an --out folder that holds files of something else."
     ),
 ) -> None:
-    """MedLVR against honest controls on the depth ladder: (a) direct, (t) text reasoning, (p) pause,
-    (b) latent, (c) ROI-SFT, (d) ROI-SFT + VLPO; trained, scored and compared in report.md. Every
-    other option is a field of `DemoConfig` (medlvr/recipes/demo_config.py)."""
+    """MedLVR against honest controls on two ladders: depth (1..3 lookups in sequence) and
+    subtlety (one lookup, evidence ever harder to see). Arms (a) direct, (t) text reasoning,
+    (p) pause, (b) latent, (c) ROI-SFT, (d) ROI-SFT + VLPO, (e) latent curriculum (depth) and
+    (r) ROI supervision without latents (subtlety); trained, scored and compared in report.md.
+    Every other option is a field of `DemoConfig` (medlvr/recipes/demo_config.py)."""
     if ctx.invoked_subcommand is not None:
         return
     if quick and full:

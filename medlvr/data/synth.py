@@ -133,6 +133,23 @@ MAX_HOPS = 4
 _CHAIN_ANCHORS = {"largest": ("large", "small"), "smallest": ("small", "large")}
 """Chain anchor -> (its size, every other lesion's size): the anchor is the one lesion of its size."""
 
+SUBTLETY_RUNGS: tuple[tuple[float, float, float], ...] = (
+    (1.00, 0.300, 0.020),
+    (0.95, 0.240, 0.025),
+    (0.90, 0.200, 0.030),
+    (0.85, 0.160, 0.035),
+    (0.80, 0.130, 0.040),
+    (0.75, 0.100, 0.050),
+    (0.65, 0.070, 0.060),
+    (0.55, 0.040, 0.080),
+)
+"""The subtlety ladder (`SynthConfig.subtlety`), easiest rung first: (lesion scale, contrast, noise).
+The scale multiplies both lesion sizes (so a lesion covers less of the image and more visual
+tokens compete with it), the contrast is the lesion's offset from its surrounding tissue and
+the noise the pixel noise's standard deviation, all in fractions of full scale. Calibrated on
+val (docs/results.md): a first, coarser table fell from the easiest rung to chance within four
+rungs, so the steps are finer where the fine-tuned backbone loses the lesion."""
+
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3, "compositional": 4}
 _MARGIN_PX = 2  # a lesion keeps this far from its region's border
 _MAX_LESIONS = (
@@ -186,6 +203,15 @@ class SynthConfig:
     hops: tuple[int, int] = (1, 3)
     """Inclusive range of chain depths h (drawn uniformly): 1 = "the largest lesion", each
     further hop a step to an adjacent region ("the lesion below the largest lesion"); at most 4."""
+    subtlety: tuple[int, int] | None = None
+    """Inclusive range of subtlety rungs (indices into `SUBTLETY_RUNGS`, drawn uniformly per
+    record, `meta.rung`): each rung sets the lesions' scale, contrast and the pixel noise of its
+    image, in place of `small_size`/`large_size`, `contrast` and `noise`. None = no ladder.
+    Under a ladder "bright" and "dark" are relative to a lesion's surrounding tissue, so
+    questions that compare lesions (comparison, relational) are not asked."""
+    attributes: tuple[str, ...] = ("size", "intensity", "shape", "texture")
+    """Attributes `attribute` questions may ask (shape and texture further gated by
+    `shape_questions` and `texture`)."""
     contrast: float = 0.3
     """Lesion offset from the local background (fraction of full scale, jittered +-10%)."""
     window: float = 0.4
@@ -300,6 +326,28 @@ class SynthConfig:
                 f"hops must be a range (lo, hi) with 1 <= lo <= hi <= {MAX_HOPS}, got {self.hops}"
             )
         self.hops = (lo, hi)
+        if self.subtlety is not None:
+            lo, hi = (int(v) for v in self.subtlety)
+            if not 0 <= lo <= hi < len(SUBTLETY_RUNGS):
+                raise bad(
+                    f"subtlety must be a range (lo, hi) with 0 <= lo <= hi <= {len(SUBTLETY_RUNGS) - 1}, got {self.subtlety}"
+                )
+            self.subtlety = (lo, hi)
+            comparing = [q for q in ("comparison", "relational") if self.question_mix.get(q)]
+            if comparing:
+                raise bad(
+                    f"a subtlety ladder has no {' or '.join(comparing)} questions (intensity is relative to the lesion's surroundings); set question_types"
+                )
+        self.attributes = tuple(self.attributes)
+        if not self.attributes or not set(self.attributes) <= {
+            "size",
+            "intensity",
+            "shape",
+            "texture",
+        }:
+            raise bad(
+                f"attributes must be some of size, intensity, shape, texture, got {self.attributes}"
+            )
         if self.grid != 3 and self.question_mix.get("chain"):
             raise bad(f"chain questions are laid out on the 3x3 grid, got grid {self.grid}")
         if self.answers not in ("words", "letters"):
@@ -424,6 +472,8 @@ class Scene:
     modality: str
     lesions: tuple[Lesion, ...]
     target: int | None
+    rung: int | None = None
+    """Subtlety rung of the image (`SUBTLETY_RUNGS`), None outside a ladder."""
 
     def at(self, region: int) -> Lesion | None:
         return next((les for les in self.lesions if les.region == region), None)
@@ -445,7 +495,7 @@ class SynthItem:
 class _SceneBuilder:
     """Places lesions one at a time under the split's held-pair rule and the question type's constraints."""
 
-    def __init__(self, cfg: SynthConfig, rng: np.random.Generator, split: str):
+    def __init__(self, cfg: SynthConfig, rng: np.random.Generator, split: str, index: int):
         self.cfg, self.rng, self.split = cfg, rng, split
         self.held = set(cfg.held_pairs())
         self.lesions: list[Lesion] = []
@@ -454,6 +504,12 @@ class _SceneBuilder:
         self.defaults: dict[
             str, str
         ] = {}  # attribute -> value forced on lesions that do not set it
+        # A subtlety rung rescales every lesion and sets its contrast (own stream: the scenes of
+        # a run without a ladder are unchanged).
+        self.rung = rung_of(cfg, split, index)
+        self.scale, self.contrast = (
+            (1.0, cfg.contrast) if self.rung is None else SUBTLETY_RUNGS[self.rung][:2]
+        )
 
     def occupied(self) -> set[int]:
         return {les.region for les in self.lesions}
@@ -508,12 +564,12 @@ class _SceneBuilder:
         shape, region, size, intensity = cands[int(self.rng.integers(len(cands)))]
         texture = "mottled" if self.rng.random() < self.cfg.texture else "smooth"
         base = self.cfg.large_size if size == "large" else self.cfg.small_size
-        extent = base * TOKEN_PX * float(self.rng.uniform(0.9, 1.1))
+        extent = self.scale * base * TOKEN_PX * float(self.rng.uniform(0.9, 1.1))
         x0, y0, x1, y1 = self.cfg.region_box(region)
         pad = extent / 2 + _MARGIN_PX
         cx = float(self.rng.uniform(x0 + pad, x1 - pad))
         cy = float(self.rng.uniform(y0 + pad, y1 - pad))
-        contrast = self.cfg.contrast * float(self.rng.uniform(0.9, 1.1))
+        contrast = self.contrast * float(self.rng.uniform(0.9, 1.1))
         geom = lesion_geometry(shape, cx, cy, extent, self.cfg.image_size)
         lesion = Lesion(shape, size, intensity, texture, region, cx, cy, extent, contrast, geom.box)
         self.lesions.append(lesion)
@@ -535,11 +591,19 @@ class _SceneBuilder:
     def scene(self, modality: str, index: int, primary: Lesion | None) -> Scene:
         ordered = tuple(sorted(self.lesions, key=lambda les: les.region))
         target = None if primary is None else ordered.index(primary)
-        return Scene(self.split, index, modality, ordered, target)
+        return Scene(self.split, index, modality, ordered, target, self.rung)
 
 
 def _rng(cfg: SynthConfig, split: str, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, _SPLIT_CODE.get(split, 9), index, stream])
+
+
+def rung_of(cfg: SynthConfig, split: str, index: int) -> int | None:
+    """The subtlety rung of record `index` of `split` (its own rng stream), None without a ladder."""
+    if cfg.subtlety is None:
+        return None
+    lo, hi = cfg.subtlety
+    return int(_rng(cfg, split, index, 5).integers(lo, hi + 1))
 
 
 def _choice(
@@ -606,7 +670,7 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
     lo, hi = cfg.distractor_range
     cells = cfg.grid**2
     n = min(max(int(rng.integers(lo, hi + 1)) + 1, MIN_LESIONS[qtype]), cells)
-    b = _SceneBuilder(cfg, rng, split)
+    b = _SceneBuilder(cfg, rng, split, index)
     names = cfg.region_names()
 
     def in_region(les: Lesion) -> str:
@@ -639,13 +703,18 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
     elif qtype == "attribute":
         primary = b.place(held=comp)
         b.fill(n, primary.shape)
-        attrs = ["size", "intensity"]
-        if cfg.shape_questions == "all" or (
-            cfg.shape_questions == "large" and primary.size == "large"
+        attrs: list[str] = [a for a in ("size", "intensity") if a in cfg.attributes]
+        if "shape" in cfg.attributes and (
+            cfg.shape_questions == "all"
+            or (cfg.shape_questions == "large" and primary.size == "large")
         ):
             attrs.append("shape")
-        if 0 < cfg.texture < 1:
+        if "texture" in cfg.attributes and 0 < cfg.texture < 1:
             attrs.append("texture")
+        if not attrs:
+            raise ValueError(
+                f"synth config: no attribute of {cfg.attributes} can be asked of this lesion; add size or intensity"
+            )
         attr = attrs[int(rng.integers(len(attrs)))]
         values = {"shape": SHAPES, "size": SIZES, "intensity": INTENSITIES, "texture": TEXTURES}[
             attr
@@ -726,11 +795,26 @@ def _build(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, str, _Quest
         primary, q = _chain(cfg, rng, b, comp, names)
     else:  # pragma: no cover - guarded by SynthConfig
         raise ValueError(f"unknown question type {qtype!r}")
+    if cfg.subtlety is not None and qtype in ("presence", "attribute", "chain"):
+        # The evidence written out before the answer, for the text-reasoning arm of the
+        # subtlety ladder: where the lesion is and what it looks like ("center: small bright lesion").
+        q.meta["reasoning"] = _evidence_text(q, primary, names)
     # Reasoning depth of every record: lookups in sequence, each ROI tagged with its hop.
     two_hop = q.meta.get("variant") == "neighbor"
     q.meta.setdefault("hops", 2 if two_hop else 1)
     q.meta.setdefault("roi_hops", [1, 2] if two_hop else [1] * len(q.rois))
     return b.scene(modality, index, primary), qtype, q
+
+
+def _evidence_text(q: _Question, lesion: Lesion | None, names: Sequence[str]) -> str:
+    """One lookup's evidence as text: "center: small bright lesion", "largest lesion: center, large
+    dark lesion" (anchored), or "upper left: nothing" (a presence "no")."""
+    if lesion is None:
+        return f"{q.meta['region']}: nothing"
+    looks = f"{lesion.size} {lesion.intensity} lesion"
+    if "anchor" in q.meta:
+        return f"{q.meta['anchor']} lesion: {names[lesion.region]}, {looks}"
+    return f"{names[lesion.region]}: {looks}"
 
 
 def _chain(
@@ -913,8 +997,10 @@ def _meta(cfg: SynthConfig, scene: Scene, q: _Question) -> dict[str, Any]:
     names = cfg.region_names()
     held = set(cfg.held_pairs())
     target = None if scene.target is None else scene.lesions[scene.target]
+    ladder = {} if scene.rung is None else {"rung": scene.rung}
     return {
         **q.meta,
+        **ladder,
         "level": cfg.level,
         "n_lesions": len(scene.lesions),
         "target": scene.target,
@@ -1031,8 +1117,9 @@ def render(cfg: SynthConfig, scene: Scene, *, lesions: bool = True) -> np.ndarra
         sign = 1.0 if les.intensity == "bright" else -1.0
         if lesions:
             paint_lesion(img, geom, sign * les.contrast, les.texture == "mottled", paint_rng)
-    if cfg.noise > 0:
-        img += cfg.noise * _rng(cfg, scene.split, scene.index, 4).standard_normal(
+    noise = cfg.noise if scene.rung is None else SUBTLETY_RUNGS[scene.rung][2]
+    if noise > 0:
+        img += noise * _rng(cfg, scene.split, scene.index, 4).standard_normal(
             img.shape, dtype=np.float32
         )
     return to_uint8(img)

@@ -174,6 +174,9 @@ class ForwardOutput:
     lookup_logits: torch.Tensor | None = (
         None  # [B, K, n*n] the lookup head's cell scores (`latent.lookup_grid`)
     )
+    # [B, d] proj(h) at the last prefix position: with K = 0, the state the first answer token is
+    # read from (what ROI supervision without latent steps, `mode=roi_direct`, aligns).
+    prompt_state: torch.Tensor | None = None
 
 
 @dataclass
@@ -734,7 +737,9 @@ class LatentVLM(nn.Module):
             if latent_steps > 0
             else torch.cat([pre.last_logits[:, None], logits[:, :-1]], 1)
         )
-        return self._finish(pred, answer, amask, zs, mus, pre.visual, batch, logits_k)
+        out = self._finish(pred, answer, amask, zs, mus, pre.visual, batch, logits_k)
+        out.prompt_state = self.projector(pre.last_hidden)
+        return out
 
     def _tail(
         self, answer: torch.Tensor, amask: torch.Tensor, latent_steps: int
@@ -792,8 +797,10 @@ class LatentVLM(nn.Module):
         pred = (
             logits[:, -t - 1 : -1] if latent_steps > 0 else logits[:, L - 1 : L - 1 + t]
         )  # <|latent_end|> predicts answer_ids[:, 0]
-        return self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch,
-                            [lg for _, lg in states])  # fmt: skip
+        out = self._finish(pred, answer, amask, list(latents.unbind(1)), mus, pre.visual, batch,
+                           [lg for _, lg in states])  # fmt: skip
+        out.prompt_state = self.projector(pre.last_hidden)
+        return out
 
     def _state(
         self, h: torch.Tensor, look: tuple[torch.Tensor, torch.Tensor] | None

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from medlvr.recipes.demo_arms import accuracy, prepare_data, run_arm
-from medlvr.recipes.demo_config import ARMS, BUDGETS, LATENT_ARMS, ArmResult, DemoConfig, DemoData
+from medlvr.recipes.demo_config import (
+    ARMS,
+    BUDGETS,
+    LADDERS,
+    LATENT_ARMS,
+    ArmResult,
+    DemoConfig,
+    DemoData,
+)
 
 __all__ = ["ARMS", "BUDGETS", "DemoConfig", "DemoResult", "accuracy", "prepare_data", "run_demo"]
 
@@ -45,7 +53,10 @@ class DemoResult:
 
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
-    """Data, every arm per seed (two at a time), evaluation, explanations, report."""
+    """Data, every arm per seed (two at a time), evaluation, explanations, report; with
+    `ladder=both`, the depth ladder and then the subtlety ladder, and one report of both."""
+    if cfg.ladder == "both":
+        return _run_both(cfg, log)
     from medlvr.recipes.stage0 import default_stage0
 
     started = time.time()
@@ -71,6 +82,29 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
     return DemoResult(out, report, table, time.time() - started)
 
 
+def _run_both(cfg: DemoConfig, log: Callable[[str], None]) -> DemoResult:
+    """Both ladders into `out/depth` and `out/subtlety`, then `out/report.md`: the two verdicts
+    and accuracy tables as one story (each ladder's full report stays in its folder)."""
+    from medlvr.recipes.demo_report import write_both_report
+
+    started = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    done = {}
+    for i, ladder in enumerate(LADDERS, 1):
+        log(f"== ladder {i}/{len(LADDERS)}: {ladder}")
+        done[ladder] = run_demo(cfg.of_ladder(ladder), log)
+    seconds = time.time() - started
+    report = write_both_report(cfg, {k: r.report for k, r in done.items()}, out, seconds)
+    ladders = {k: json.loads((r.out / "results.json").read_text()) for k, r in done.items()}
+    (out / "results.json").write_text(
+        json.dumps({"ladders": ladders, "minutes": seconds / 60}, indent=2)
+    )
+    table = [{**row, "ladder": k} for k, r in done.items() for row in r.table]
+    return DemoResult(out, report, table, seconds)
+
+
 Results = dict[str, dict[int, ArmResult]]
 
 
@@ -93,7 +127,7 @@ def _run_all(cfg: DemoConfig, jobs: list[tuple[str, int]], backbone: Path, data:
     # cores, which slowed several-fold whenever anything else ran (DESIGN.md).
     os.environ["OMP_NUM_THREADS"] = "1"
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, _Progress(cfg.progress) as bar:
+    with ctx.Manager() as manager, _Progress(cfg.progress, log) as bar:
         steps = manager.Queue()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_single_thread) as pool:
             waiting = list(jobs)
@@ -139,16 +173,21 @@ def _worker(
         backbone,
         data,
         out,
-        on_step=lambda row: steps.put(((arm, seed), row["step"])),
+        on_step=lambda row: steps.put(((arm, seed), row["step"], row.get("loss"))),
     )
 
 
 class _Progress:
-    """One bar per running arm, fed with the step numbers the workers report."""
+    """One bar per running arm, fed with the step numbers the workers report, and a line per
+    arm at every quarter of its steps (step, loss, time left), which shows where no bar can
+    (a log file, `make demo` piped through `tee`)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, log: Callable[[str], None] = print):
+        self.enabled, self.log = enabled, log
         self.tasks: dict[tuple[str, int], Any] = {}
+        self.plan: dict[
+            tuple[str, int], tuple[str, int, float, int]
+        ] = {}  # label, total, start, quarters said
 
     def __enter__(self) -> _Progress:
         if self.enabled:
@@ -174,17 +213,37 @@ class _Progress:
             self.progress.stop()
 
     def add(self, job: tuple[str, int], label: str, total: int) -> None:
+        self.plan[job] = (label, total, time.time(), 0)
         if self.enabled:
             self.tasks[job] = self.progress.add_task(f"train {label}", total=total)
 
     def drain(self, steps: Any) -> None:
         while True:
             try:
-                job, step = steps.get_nowait()
+                job, step, loss = steps.get_nowait()
             except queue.Empty:
                 return
             if self.enabled and job in self.tasks:
                 self.progress.update(self.tasks[job], completed=step)
+            self._say(job, step, loss)
+
+    def _say(self, job: tuple[str, int], step: int, loss: float | None) -> None:
+        if job not in self.plan:
+            return
+        label, total, start, said = self.plan[job]
+        quarter = 4 * step // max(total, 1)
+        if quarter <= said or step >= total:
+            return
+        self.plan[job] = (label, total, start, quarter)
+        left = (time.time() - start) / step * (total - step)
+        text = f"      train {label}: step {step}/{total}" + (
+            f", loss {loss:.3f}" if loss is not None else ""
+        )
+        text += f", ~{left / 60:.1f} min left"
+        if self.enabled:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            self.log(text)
 
     def finish(self, job: tuple[str, int]) -> None:
         if self.enabled and job in self.tasks:
@@ -192,19 +251,29 @@ class _Progress:
 
 
 def _explanations(cfg: DemoConfig, data: DemoData, results: Results, out: Path) -> dict[str, Any]:
-    """Per-hop pointing of the latent arms' evidence maps (first seed), and explanation images of (c)."""
+    """Per-hop and per-step pointing of the latent arms' evidence maps, their latent diagnostics
+    (first seed), and explanation images of (c)."""
     if not data.has_rois:
         return {}
     from medlvr.data.images import load_image
+    from medlvr.data.schema import read_jsonl
+    from medlvr.eval.diagnostics import latent_diagnostics
     from medlvr.explain import explain, explain_metrics
     from medlvr.model.latent import LatentVLM
 
     seed = cfg.seeds[0]
     samples = [s for s in data.tests[cfg.split] if s.rois][: cfg.spec.explain_samples]
-    found: dict[str, Any] = {"metrics": {}, "images": []}
+    # The probes are fitted on training questions the arms saw, and scored on the scored split.
+    fit = [s for s in read_jsonl(data.train) if s.rois][: max(cfg.spec.explain_samples, 16)]
+    found: dict[str, Any] = {"metrics": {}, "images": [], "diagnostics": {}}
     for arm in (a for a in cfg.arm_list if a in LATENT_ARMS):
         vlm = LatentVLM.from_pretrained(results[arm][seed].model)
         found["metrics"][arm] = explain_metrics(vlm, samples, cfg.latent_steps, seed=seed)
+        # The producer's gates (docs/results.md section 11): next-hop pointing after a gold
+        # prefix (multi-hop questions) and what linear probes read from the latent states.
+        found["diagnostics"][arm] = latent_diagnostics(
+            vlm, fit, samples, cfg.latent_steps, seed=seed
+        )
         if arm == "c":
             deepest = sorted(samples, key=lambda s: -int(s.meta.get("hops", 1)))[:3]
             for s in deepest:

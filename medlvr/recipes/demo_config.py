@@ -20,13 +20,22 @@ ARMS = {
     "c": "ROI-SFT (per-hop alignment)",
     "d": "ROI-SFT + VLPO",
     "e": "latent curriculum (Coconut)",
+    "r": "ROI supervision, no latents",
 }
 """The arms, same data, budget and seeds. (t) writes the evidence chain before the answer
 ("largest lesion: center; below it: lower middle; answer: dark"); (p) has the same K extra
 positions as (b)-(d) but a learned constant input at each instead of the fed-back state
 (the pause-token control); (c) aligns latent step group k with the ROI of hop k; (e) starts
 from (t)'s written chain and hands one written hop at a time to K / hops latent steps
-(`SFTConfig.replace_reasoning`), so at the end it answers after K latent steps like (b)."""
+(`SFTConfig.replace_reasoning`), so at the end it answers after K latent steps like (b);
+(r) answers directly (K = 0) with the same ROI alignment applied to the state the answer is
+read from (`mode=roi_direct`): if (c) beats (a) but not (r), the gain is ROI supervision's,
+not latent reasoning's."""
+
+Ladder = Literal["depth", "subtlety", "both"]
+LADDERS = ("depth", "subtlety")
+LADDER_KEY = {"depth": "hops", "subtlety": "rung"}
+"""The record field (`meta`) each ladder's rungs are read from."""
 
 LATENT_ARMS = "pbcde"
 """Arms that run K latent steps."""
@@ -51,18 +60,23 @@ class BudgetSpec:
     explain_samples: int
     """Test questions whose evidence maps are scored per hop."""
     arms: str
+    """Arms of the depth ladder."""
+    subtlety_arms: str
+    """Arms of the subtlety ladder."""
     seeds: tuple[int, ...]
 
 
 BUDGETS: dict[str, BudgetSpec] = {
     "quick": BudgetSpec(n=400, sft_steps=6, vlpo_steps=2, batch_size=8, eval_test=24, sweep=(0, 4),
-                        explain_samples=8, arms="atpbcde", seeds=(1,)),
+                        explain_samples=8, arms="atpbcde", subtlety_arms="atpbcdr", seeds=(1,)),
     # The default and --full train every arm alike (400 steps of 32, about 2.7 epochs of the
-    # 4,800 training questions); --full adds arms (b) and (e), three seeds and the full K sweep.
-    "default": BudgetSpec(n=6000, sft_steps=400, vlpo_steps=15, batch_size=32, eval_test=0, sweep=(0, 2, 6),
-                          explain_samples=96, arms="atpcd", seeds=(1,)),
+    # 4,800 training questions). The default tells one story in three arms per ladder: depth,
+    # where written reasoning pays and latents do not; subtlety, whether latent steps beat the
+    # same ROI supervision without them. --full runs every arm, three seeds, the full K sweep.
+    "default": BudgetSpec(n=6000, sft_steps=400, vlpo_steps=15, batch_size=32, eval_test=0, sweep=(0, 6),
+                          explain_samples=96, arms="atc", subtlety_arms="arc", seeds=(1,)),
     "full": BudgetSpec(n=6000, sft_steps=400, vlpo_steps=15, batch_size=32, eval_test=0, sweep=(0, 2, 4, 6, 8),
-                       explain_samples=200, arms="atpbcde", seeds=(1, 2, 3)),
+                       explain_samples=200, arms="atpbcde", subtlety_arms="atpbcdr", seeds=(1, 2, 3)),
 }  # fmt: skip
 
 
@@ -85,6 +99,13 @@ class DemoConfig:
     """Release folder of a real dataset (VQA-RAD: the folder with `VQA_RAD Dataset Public.json`)."""
     backbone: str = ""
     """Starting model folder (empty = the shipped stage-0 backbone)."""
+    ladder: Ladder = "both"
+    """Which ladder: `depth` (chain questions of 1..max_hops lookups in sequence), `subtlety`
+    (one lookup, evidence ever harder to see: smaller, fainter lesions in more noise, rungs
+    0..subtlety_rungs-1 of `medlvr.data.synth.SUBTLETY_RUNGS`), or `both`, one after the
+    other into `out/depth` and `out/subtlety` (the synthetic benchmark only)."""
+    subtlety_rungs: int = 8
+    """Rungs of the subtlety ladder (the easiest `subtlety_rungs` of SUBTLETY_RUNGS)."""
     max_hops: int = 3
     """Deepest chain of the synthetic benchmark (questions of 1..max_hops hops, uniformly)."""
     sft_steps: int = 0
@@ -113,6 +134,9 @@ class DemoConfig:
     workers: int = 2
     """Arms trained at once, each in its own single-threaded process (2 uses both cores of a laptop;
     1 runs everything in this process)."""
+    resume: bool = False
+    """Reuse the arm runs an interrupted run of the same settings finished (each arm's
+    `arm_result.json`); the others are trained afresh."""
     progress: bool = True
     """Show progress bars (one per running arm)."""
 
@@ -136,6 +160,18 @@ class DemoConfig:
             )
         if "d" in self.arm_list and "c" not in self.arm_list:
             raise MedlvrError("arm d (VLPO) starts from arm c: add c")
+        if self.ladder not in (*LADDERS, "both"):
+            raise MedlvrError(f"ladder must be depth, subtlety or both, got {self.ladder!r}")
+        if self.ladder != "depth" and self.dataset != "synth":
+            raise MedlvrError(
+                f"the {self.ladder} ladder needs the synthetic benchmark; use --ladder depth with {self.dataset}"
+            )
+        from medlvr.data.synth import SUBTLETY_RUNGS
+
+        if not 2 <= self.subtlety_rungs <= len(SUBTLETY_RUNGS):
+            raise MedlvrError(
+                f"subtlety_rungs must be 2-{len(SUBTLETY_RUNGS)}, got {self.subtlety_rungs}"
+            )
         if self.split not in ("test", "val"):
             raise MedlvrError(f"split must be test or val, got {self.split!r}")
         if self.workers < 1:
@@ -153,11 +189,26 @@ class DemoConfig:
 
     @property
     def arm_list(self) -> list[str]:
-        """The arms of this run in `ARMS` order; (t) and (e) only where records have a written chain."""
-        chosen = self.arms or self.spec.arms
+        """The arms of this run in `ARMS` order; (t) and (e) only where records have a written
+        chain, (e) (one written hop per stage) on the depth ladder, (r) on the subtlety ladder."""
+        chosen = self.arms or (
+            self.spec.subtlety_arms if self.ladder == "subtlety" else self.spec.arms
+        )
+        skip = "r" if self.ladder == "depth" else "e" if self.ladder == "subtlety" else ""
         return [
-            a for a in ARMS if a in chosen and not (a in WRITTEN_ARMS and self.dataset != "synth")
-        ]
+            a for a in ARMS
+            if a in chosen and a not in skip and not (a in WRITTEN_ARMS and self.dataset != "synth")
+        ]  # fmt: skip
+
+    def of_ladder(self, ladder: str) -> DemoConfig:
+        """This run restricted to one ladder, into its own folder under `out` when running both."""
+        out = str(Path(self.out) / ladder) if self.ladder == "both" else self.out
+        return dataclasses.replace(self, ladder=ladder, out=out)  # type: ignore[arg-type]
+
+    @property
+    def ladder_key(self) -> str:
+        """The record field (`meta`) this ladder's rungs are read from: hops or rung."""
+        return LADDER_KEY.get(self.ladder, "hops")
 
     def latent_steps_of(self, arm: str) -> int:
         """The latent budget an arm trains and is scored at."""

@@ -115,8 +115,8 @@ def build_model(cfg: SFTConfig, resume_dir: Path | None) -> LatentVLM:
     latent = dataclasses.replace(cfg.latent, steps=cfg.latent_steps)
     pause = cfg.latent.input == "pause"
     return setup.build_model(cfg, latent, resume_dir, answer_tokens=cfg.data.max_answer_tokens,
-                             train_projector=cfg.mode != "plain" and (not pause or cfg.mode == "roi"),
-                             train_pause=cfg.mode != "plain")  # fmt: skip
+                             train_projector=cfg.mode != "plain" and (not pause or cfg.mode in ("roi", "roi_direct")),
+                             train_pause=cfg.mode not in ("plain", "roi_direct"))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- batches
@@ -412,11 +412,13 @@ def _losses(cfg: SFTConfig, model: Any, vlm: Any, batch: dict[str, Any], k: int,
         fwd = model(batch, latent_steps=k)
         if cfg.mode == "roi":
             targets, mask, negatives = _roi_targets(cfg, fwd.visual_tokens, batch, k)
+        elif cfg.mode == "roi_direct":  # one target: the ROI tokens pooled, for the answer position
+            targets, mask, negatives = _roi_targets(cfg, fwd.visual_tokens, batch, 1)
     ce = sample_mean_ce(fwd.token_logprobs, batch["answer_mask"].to(fwd.token_logprobs.device))
-    if cfg.mode not in ("roi", "teacher_forced"):
+    if not cfg.uses_rois:
         return ce, torch.zeros_like(ce), fwd
     # proj(h_{k-1}), the outputs at the latent positions: the fed latents, except when teacher-forced or with pause inputs
-    latents = fwd.latent_means
+    latents = fwd.latent_means if cfg.mode != "roi_direct" else fwd.prompt_state[:, None]
     if cfg.align.assign == "first":
         latents, targets = latents[:, :1], targets[:, :1]
     assert aligned is not None  # the ROI modes pass it
