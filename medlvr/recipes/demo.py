@@ -124,7 +124,7 @@ def _run_all(cfg: DemoConfig, jobs: list[tuple[str, int]], backbone: Path, data:
         return results
 
     # Single-threaded workers: two one-thread processes beat one two-thread process on 2
-    # cores, which slowed several-fold whenever anything else ran (DESIGN.md).
+    # cores, which slowed several-fold whenever anything else ran.
     os.environ["OMP_NUM_THREADS"] = "1"
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, _Progress(cfg.progress, log) as bar:
