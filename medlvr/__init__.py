@@ -29,7 +29,8 @@ _EXPORTS: dict[str, str] = {
     "Answer": "medlvr.inference",
     "answer_one": "medlvr.inference",
     "load_image": "medlvr.data.images",
-    "explain": "medlvr.explain",
+    # (`explain` itself stays in `medlvr.explain`: a package attribute named like a submodule is
+    # replaced by the module as soon as anything imports the submodule)
     "Explanation": "medlvr.explain",
     "ExplainConfig": "medlvr.explain",
     # data and evaluation
@@ -58,7 +59,6 @@ __all__ = [
     "Answer",
     "answer_one",
     "load_image",
-    "explain",
     "Explanation",
     "ExplainConfig",
     "VQASample",
@@ -95,7 +95,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from medlvr.data.schema import VQASample, read_jsonl, write_jsonl
     from medlvr.errors import MedlvrError
     from medlvr.eval.harness import EvalResult, evaluate
-    from medlvr.explain import ExplainConfig, Explanation, explain
+    from medlvr.explain import ExplainConfig, Explanation
     from medlvr.inference import Answer, answer_one
     from medlvr.model.files import model_folder
     from medlvr.model.latent import LatentVLM

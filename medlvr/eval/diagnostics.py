@@ -564,10 +564,14 @@ def latent_diagnostics(
 ) -> dict[str, Any]:
     """The producer's gates for one model: next-hop pointing with a gold prefix on `score`, and
     the latent probes fitted on `fit` and scored on `score` (what the demo reports per latent arm)."""
+    deep = any(n_hops(s) >= 2 for s in score)
     return {
+        # One-hop questions (the subtlety ladder) have no next hop: nothing to point at.
         "next_hop_pointing": next_hop_pointing(
             vlm, score, latent_steps, batch_size=batch_size, seed=seed, image_loader=image_loader
-        ),
+        )
+        if deep
+        else {"latent_steps": vlm.resolve_steps(latent_steps), "questions": 0, "by_hop": {}},
         "probes": latent_probes(
             vlm, fit, score, latent_steps, batch_size=batch_size, image_loader=image_loader
         ),
