@@ -564,7 +564,7 @@ def latent_diagnostics(
 ) -> dict[str, Any]:
     """The producer's gates for one model: next-hop pointing with a gold prefix on `score`, and
     the latent probes fitted on `fit` and scored on `score` (what the demo reports per latent arm)."""
-    deep = any(n_hops(s) >= 2 for s in score)
+    deep = any(len(set(roi_hops(s) or [])) >= 2 for s in score)
     return {
         # One-hop questions (the subtlety ladder) have no next hop: nothing to point at.
         "next_hop_pointing": next_hop_pointing(
