@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -48,16 +49,7 @@ def sft(
 
     with stop_exit():
         result = run_sft(cfg)
-    shown = {
-        k: v
-        for k, v in result.metrics.items()
-        if k in ("loss", "ce", "align", "val_accuracy") and v is not None
-    }
-    console.print(
-        f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
-        highlight=False,
-    )
-    console.print(f"model: {result.final_model}", highlight=False)
+    _print_done(result, ("loss", "ce", "align", "val_accuracy"))
 
 
 @app.command("vlpo", context_settings={"allow_extra_args": False})
@@ -101,16 +93,7 @@ def vlpo(
 
     with stop_exit():
         result = run_vlpo(cfg)
-    shown = {
-        k: v
-        for k, v in result.metrics.items()
-        if k in ("reward_mean", "accuracy", "val_reward", "val_accuracy") and v is not None
-    }
-    console.print(
-        f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
-        highlight=False,
-    )
-    console.print(f"model: {result.final_model}", highlight=False)
+    _print_done(result, ("reward_mean", "accuracy", "val_reward", "val_accuracy"))
 
 
 @contextlib.contextmanager
@@ -131,3 +114,13 @@ def _run_choice(resume: bool, overwrite: bool) -> list[str]:
         *(["checkpoint.resume=true"] if resume else []),
         *(["checkpoint.overwrite=true"] if overwrite else []),
     ]
+
+
+def _print_done(result: Any, keys: tuple[str, ...]) -> None:
+    """The last lines of a training command: steps, the final values of `keys`, the export."""
+    shown = {k: v for k, v in result.metrics.items() if k in keys and v is not None}
+    console.print(
+        f"done: {result.steps} steps, " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()),
+        highlight=False,
+    )
+    console.print(f"model: {result.final_model}", highlight=False)
